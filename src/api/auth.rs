@@ -1,0 +1,174 @@
+//! Authentication of every RPC, deny by default: a method answers only a caller whose connection
+//! presented a verified, unexpired client certificate, unless it is on the short list of public
+//! methods. The caller's identity is handed to handlers as a [`Caller`] request extension.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tonic::Status;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::ready_or;
+use crate::clock::Clock;
+use crate::identity::PeerIdentity;
+use crate::tls::ConnInfo;
+
+/// Methods any caller may use without a client certificate.
+pub const PUBLIC_METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
+
+/// The authenticated caller of an RPC.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Arc<PeerIdentity>);
+
+/// The caller of `request`, or `UNAUTHENTICATED`.
+///
+/// # Errors
+/// `UNAUTHENTICATED` when the request carries no verified identity.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<&PeerIdentity, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.0.as_ref())
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))
+}
+
+/// Adds [`Auth`] to a service stack.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    clock: Arc<dyn Clock>,
+}
+
+impl AuthLayer {
+    /// Checks certificate expiry against `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self { clock }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            clock: self.clock.clone(),
+        }
+    }
+}
+
+/// Refuses unauthenticated calls to non-public methods; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Auth<S> {
+    inner: S,
+    clock: Arc<dyn Clock>,
+}
+
+/// Decides whether a request may proceed, and as whom.
+fn authenticate(
+    path: &str,
+    conn: Option<&ConnInfo>,
+    clock: &dyn Clock,
+) -> Result<Option<Caller>, Status> {
+    let peer = conn.and_then(|c| c.peer.clone());
+    let public = PUBLIC_METHODS.contains(&path);
+    match peer {
+        // A certificate that expired while its connection stayed open proves nothing anymore.
+        Some(p) if p.expired_at(clock.now()) => Err(Status::unauthenticated(
+            "the client certificate has expired",
+        )),
+        Some(p) => Ok(Some(Caller(p))),
+        None if public => Ok(None),
+        None => Err(Status::unauthenticated(
+            "this method requires a client certificate (mutual TLS)",
+        )),
+    }
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ready_or::ReadyOr<S::Future, S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let decision = authenticate(
+            req.uri().path(),
+            req.extensions().get::<ConnInfo>(),
+            self.clock.as_ref(),
+        );
+        match decision {
+            Ok(caller) => {
+                // Never trust a Caller that did not come from this layer.
+                req.extensions_mut().remove::<Caller>();
+                if let Some(c) = caller {
+                    req.extensions_mut().insert(c);
+                }
+                ready_or::ReadyOr::inner(self.inner.call(req))
+            }
+            Err(status) => ready_or::ReadyOr::ready(Ok(status.into_http())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::identity::WorkloadId;
+
+    fn conn(not_after: SystemTime) -> ConnInfo {
+        ConnInfo {
+            remote: ([127, 0, 0, 1], 1).into(),
+            peer: Some(Arc::new(PeerIdentity {
+                id: WorkloadId::parse("spiffe://taskcred.dev/agent/demo").unwrap(),
+                not_after,
+                cert_sha256: "x".into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn no_certificate_reaches_only_public_methods() {
+        let clock = ManualClock::new(SystemTime::now());
+        let anon = ConnInfo {
+            remote: ([127, 0, 0, 1], 1).into(),
+            peer: None,
+        };
+        let err =
+            authenticate("/taskcred.v1.IdentityService/WhoAmI", Some(&anon), &clock).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(authenticate("/grpc.health.v1.Health/Check", Some(&anon), &clock).is_ok());
+        // No connection info at all (never expected) is refused, not waved through.
+        assert!(authenticate("/taskcred.v1.IdentityService/WhoAmI", None, &clock).is_err());
+        assert!(authenticate("/unknown/Method", Some(&anon), &clock).is_err());
+    }
+
+    #[test]
+    fn certificate_expiring_on_an_open_connection_stops_authenticating() {
+        let start = SystemTime::now();
+        let clock = ManualClock::new(start);
+        let c = conn(start + Duration::from_secs(60));
+        assert!(
+            authenticate("/taskcred.v1.IdentityService/WhoAmI", Some(&c), &clock)
+                .unwrap()
+                .is_some()
+        );
+        clock.advance(Duration::from_secs(61));
+        let err =
+            authenticate("/taskcred.v1.IdentityService/WhoAmI", Some(&c), &clock).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+}

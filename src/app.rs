@@ -1,0 +1,205 @@
+//! The composition root: builds everything fallible (TLS) before any port is bound, then runs
+//! the gRPC server, the HTTP server and their housekeeping until shutdown, and drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, GrpcOptions};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, ServerConfig};
+use crate::http::{self, HttpState};
+use crate::telemetry;
+use crate::tls::{self, AcceptLimits, TlsSetupError};
+
+/// Why the broker could not start or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which port.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A server stopped with an error before shutdown was asked.
+    #[error("{what} server failed: {message}")]
+    Server {
+        /// Which server.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The bound listeners: bind them first (tests bind port 0), then [`App::run`].
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC (mTLS) listener.
+    pub grpc: TcpListener,
+    /// The HTTP listener.
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    ///
+    /// # Errors
+    /// [`AppError::Bind`] naming the address that could not be bound.
+    pub async fn bind(server: &ServerConfig) -> Result<Self, AppError> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind { what, addr, source })
+        };
+        Ok(Self {
+            grpc: bind("gRPC", server.grpc_addr).await?,
+            http: bind("HTTP", server.http_addr).await?,
+        })
+    }
+
+    /// The gRPC listener's address.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.local_addr().ok()
+    }
+
+    /// The HTTP listener's address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.local_addr().ok()
+    }
+}
+
+/// A broker ready to run: configuration checked, TLS built.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    tls: Arc<rustls::ServerConfig>,
+    clock: Arc<dyn Clock>,
+}
+
+impl App {
+    /// Builds the broker from a checked configuration.
+    ///
+    /// # Errors
+    /// [`AppError::Tls`] when the certificate, key or trust bundle is unusable.
+    pub fn build(config: Config) -> Result<Self, AppError> {
+        let tls = tls::server_config(&config.tls, &config.identity.allowed_trust_domains)?;
+        Ok(Self {
+            config,
+            tls,
+            clock: Arc::new(SystemClock),
+        })
+    }
+
+    /// Uses `clock` instead of the system clock (tests).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains in-flight RPCs for at most
+    /// `server.shutdown_grace`.
+    ///
+    /// # Errors
+    /// [`AppError::Server`] when a server stops on its own.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> Result<(), AppError> {
+        let server = &self.config.server;
+        let metrics = telemetry::metrics_handle();
+        let ready = Arc::new(AtomicBool::new(false));
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<api::pb::identity_service_server::IdentityServiceServer<api::IdentityApi>>()
+            .await;
+
+        let incoming = tls::incoming(
+            listeners.grpc,
+            self.tls.clone(),
+            self.config.identity.allowed_trust_domains.clone(),
+            AcceptLimits {
+                max_connections: server.max_connections,
+                handshake_timeout: server.handshake_timeout,
+            },
+            shutdown.clone(),
+        );
+        let options = GrpcOptions {
+            max_message_bytes: server.max_message_bytes,
+            max_concurrent_rpcs_per_connection: server.max_concurrent_rpcs_per_connection,
+            request_timeout: server.request_timeout,
+        };
+        let health_service = health_service
+            .max_decoding_message_size(server.max_message_bytes)
+            .max_encoding_message_size(server.max_message_bytes);
+        let mut grpc = tokio::spawn(api::serve(
+            options,
+            self.clock.clone(),
+            health_service,
+            incoming,
+            shutdown.clone().cancelled_owned(),
+        ));
+        let http_router = http::router(HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+        let mut http = tokio::spawn(
+            axum::serve(listeners.http, http_router)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .into_future(),
+        );
+        ready.store(true, Ordering::Release);
+        tracing::info!("broker ready");
+
+        // Histograms are aggregated lazily; upkeep keeps the recorder's memory bounded.
+        let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+        let early = loop {
+            tokio::select! {
+                // Shutdown first: a server that ends because shutdown was asked is no failure.
+                biased;
+                () = shutdown.cancelled() => break None,
+                _ = upkeep.tick() => metrics.run_upkeep(),
+                r = &mut grpc => break Some(("gRPC", r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())))),
+                r = &mut http => break Some(("HTTP", r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())))),
+            }
+        };
+        ready.store(false, Ordering::Release);
+        health_reporter
+            .set_not_serving::<api::pb::identity_service_server::IdentityServiceServer<api::IdentityApi>>()
+            .await;
+        if let Some((what, result)) = early.filter(|_| !shutdown.is_cancelled()) {
+            shutdown.cancel();
+            grpc.abort();
+            http.abort();
+            let message = result.err().unwrap_or_else(|| "stopped".into());
+            return Err(AppError::Server { what, message });
+        }
+
+        tracing::info!(grace = ?server.shutdown_grace, "shutting down: draining in-flight RPCs");
+        let drained = tokio::time::timeout(server.shutdown_grace, async {
+            let _ = (&mut grpc).await;
+            let _ = (&mut http).await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+            grpc.abort();
+            http.abort();
+        }
+        tracing::info!("broker stopped");
+        Ok(())
+    }
+}

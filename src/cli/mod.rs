@@ -1,0 +1,177 @@
+//! The command line of the one `taskcred` binary: flags, and the client subcommands that talk to
+//! a broker over the generated gRPC client. Exit codes: 0 success, 1 the broker refused or could
+//! not be reached, 2 bad usage (flags, missing files), 64 a configuration the server refuses.
+
+mod client;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use client::{ClientError, connect};
+
+use crate::api::pb::WhoAmIRequest;
+use crate::api::pb::identity_service_client::IdentityServiceClient;
+use crate::devpki;
+
+/// taskcred: credentials that live exactly as long as one approved task.
+#[derive(Debug, Parser)]
+#[command(name = "taskcred", version, about, propagate_version = true)]
+pub struct Cli {
+    /// How to reach the broker and who to be.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Global client flags; each also reads its `TASKCRED_*` variable.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The broker's gRPC URL.
+    #[arg(
+        long,
+        global = true,
+        env = "TASKCRED_BROKER",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub broker: String,
+    /// CA bundle (PEM) that signed the broker's certificate [default: <dev-dir>/ca.pem].
+    #[arg(long, global = true, env = "TASKCRED_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) presenting your SPIFFE ID.
+    #[arg(long, global = true, env = "TASKCRED_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, global = true, env = "TASKCRED_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Use dev identity NAME from the dev dir (agent, requester, approver, approver2, operator).
+    #[arg(long = "as", global = true, value_name = "NAME", conflicts_with_all = ["cert", "key"])]
+    pub as_name: Option<String>,
+    /// The dev directory of `dev init` and `serve --dev`.
+    #[arg(long, global = true, env = "TASKCRED_DEV_DIR", default_value = devpki::DEFAULT_DIR)]
+    pub dev_dir: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Development helpers.
+    Dev {
+        /// Which helper.
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+    /// Print the identity the broker sees in your client certificate.
+    Whoami,
+}
+
+/// `taskcred serve`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("mode").required(true).args(["config", "dev"]))]
+pub struct ServeArgs {
+    /// The configuration file (see config/taskcred.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Development mode: create the dev PKI in --dev-dir if needed and serve it on loopback.
+    #[arg(long)]
+    pub dev: bool,
+    /// Override server.grpc_addr.
+    #[arg(long, value_name = "ADDR")]
+    pub grpc_addr: Option<String>,
+    /// Override server.http_addr.
+    #[arg(long, value_name = "ADDR")]
+    pub http_addr: Option<String>,
+    /// Override log.format: human or json.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// `taskcred dev ...`.
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Create the dev PKI: root CA, broker certificate, JWT key, identity certificates.
+    Init {
+        /// Where [default: --dev-dir].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Runs `dev init`.
+pub fn dev_init(args: &ClientArgs, dir: Option<PathBuf>) -> ExitCode {
+    let dir = dir.unwrap_or_else(|| args.dev_dir.clone());
+    match devpki::init(&dir) {
+        Ok(report) => {
+            if args.json {
+                let json = serde_json::json!({
+                    "dir": dir,
+                    "created": report.created,
+                    "kept": report.kept,
+                });
+                println!("{json}");
+            } else {
+                for f in &report.created {
+                    println!("created {}", f.display());
+                }
+                println!(
+                    "dev PKI ready in {} ({} created, {} kept)",
+                    dir.display(),
+                    report.created.len(),
+                    report.kept.len()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: dev init: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs `whoami`.
+pub async fn whoami(args: &ClientArgs) -> ExitCode {
+    let result = async {
+        let channel = connect(args).await?;
+        let response = IdentityServiceClient::new(channel)
+            .who_am_i(WhoAmIRequest {})
+            .await
+            .map_err(ClientError::Refused)?;
+        Ok::<_, ClientError>(response.into_inner())
+    }
+    .await;
+    let me = match result {
+        Ok(me) => me,
+        Err(e) => return e.report(),
+    };
+    let expires = me
+        .cert_not_after
+        .and_then(|t| std::time::SystemTime::try_from(t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_default();
+    if args.json {
+        let json = serde_json::json!({
+            "spiffe_id": me.spiffe_id,
+            "trust_domain": me.trust_domain,
+            "path": me.path,
+            "cert_not_after": expires,
+            "cert_sha256": me.cert_sha256,
+        });
+        println!("{json}");
+    } else {
+        println!("{}", me.spiffe_id);
+        println!("  trust domain:        {}", me.trust_domain);
+        println!("  path:                {}", me.path);
+        println!("  certificate expires: {expires}");
+        println!("  certificate sha256:  {}", me.cert_sha256);
+    }
+    ExitCode::SUCCESS
+}

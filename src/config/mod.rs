@@ -1,0 +1,422 @@
+//! Configuration: the TOML file (or the built-in dev defaults), overlaid with `TASKCRED_*`
+//! environment variables and command-line flags, parsed into typed per-module configs and fully
+//! checked (values, key files and their permissions) before any port is bound.
+//!
+//! Precedence, lowest first: the file (or `--dev` defaults), environment variables, flags.
+//! An environment variable names a key as `TASKCRED_<SECTION>__<KEY>` (two underscores between
+//! section and key), e.g. `TASKCRED_SERVER__GRPC_ADDR=0.0.0.0:7443`. Variables without `__`
+//! (`TASKCRED_BROKER`, `TASKCRED_CA`, ...) belong to the client and are not read here.
+//!
+//! Every error names the key and where its value came from, never the value of a secret.
+
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::identity::TrustDomains;
+
+pub use raw::{JwtAlgorithm, LogFormat, StoreBackend, TlsVersion};
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "TASKCRED_";
+
+/// The whole, checked configuration of a broker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listeners and per-connection limits.
+    pub server: ServerConfig,
+    /// The gRPC port's TLS material.
+    pub tls: TlsConfig,
+    /// Which workload identities are accepted.
+    pub identity: IdentityConfig,
+    /// The token issuer: `iss` and the signing key.
+    pub issuer: IssuerConfig,
+    /// Where tasks and leases live.
+    pub store: StoreConfig,
+    /// Credential and task lifetimes.
+    pub ttl: TtlConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Listeners and limits of the gRPC and HTTP ports.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// gRPC (mTLS) listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP (health, metrics, JWKS) listen address.
+    pub http_addr: SocketAddr,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// RPCs in flight on one connection (HTTP/2 streams and the tower concurrency limit).
+    pub max_concurrent_rpcs_per_connection: u32,
+    /// Open gRPC connections at once; further connections wait in the accept queue.
+    pub max_connections: usize,
+    /// Time a client has to finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time one RPC may take before it answers `DEADLINE_EXCEEDED`-like cancellation.
+    pub request_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long in-flight RPCs may take to finish before the broker exits.
+    pub shutdown_grace: Duration,
+}
+
+/// TLS material of the gRPC port.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// The broker's certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// The broker's private key (PEM, PKCS#8/SEC1/PKCS#1), not readable by group or others.
+    pub key: PathBuf,
+    /// The trust bundle for client certificates: one or more CA PEM files.
+    pub client_ca: Vec<PathBuf>,
+    /// Lowest TLS version offered.
+    pub min_version: TlsVersion,
+}
+
+/// Accepted identities.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// SPIFFE trust domains whose IDs are accepted.
+    pub allowed_trust_domains: TrustDomains,
+}
+
+/// The issuer of the broker's tokens.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// The `iss` of every token, exact (no trailing slash).
+    pub url: String,
+    /// The JWT signing key (PKCS#8 PEM), not readable by group or others.
+    pub jwt_key: PathBuf,
+    /// The one algorithm of that key.
+    pub jwt_algorithm: JwtAlgorithm,
+}
+
+/// The lease store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Which backend.
+    pub backend: StoreBackend,
+    /// The embedded store's file.
+    pub path: PathBuf,
+    /// The Redis URL (`redis://` or `rediss://`), when the backend is Redis.
+    pub redis_url: Option<String>,
+}
+
+/// Lifetimes.
+#[derive(Debug, Clone)]
+pub struct TtlConfig {
+    /// Credential lifetime when the caller asks for none.
+    pub credential_default: Duration,
+    /// Longest credential lifetime, whatever is asked.
+    pub credential_max: Duration,
+    /// Longest a lease may be renewed for, from its first issue.
+    pub lease_renewal_max: Duration,
+    /// Latest deadline a task may ask for, from its request.
+    pub task_deadline_max: Duration,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Human-readable lines or JSON lines.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `taskcred=debug,info`.
+    pub level: String,
+}
+
+/// Why a configuration was refused. Each names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("config file {path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key is unknown, missing or has a bad value.
+    #[error("{origin}: key `{key}`: {message}")]
+    Key {
+        /// Where the value came from: the file, an environment variable or a flag.
+        origin: String,
+        /// The key, e.g. `server.grpc_addr`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file named by a key is missing, unreadable or too widely readable.
+    #[error("key `{key}`: file {path}: {problem}")]
+    File {
+        /// The key naming the file.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// An environment variable cannot be applied.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where the base layer of the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A TOML file.
+    File(PathBuf),
+    /// The built-in development configuration over the files of `taskcred dev init` in this dir.
+    Dev(PathBuf),
+}
+
+/// Command-line flags that override keys (highest precedence).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--grpc-addr`.
+    pub grpc_addr: Option<String>,
+    /// `--http-addr`.
+    pub http_addr: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+}
+
+/// Loads and checks the configuration.
+///
+/// # Errors
+/// [`ConfigError`] naming the file, key or variable at fault.
+pub fn load(
+    source: &Source,
+    env: impl IntoIterator<Item = (String, String)>,
+    flags: &Overrides,
+) -> Result<Config, ConfigError> {
+    let (mut table, base_origin) = match source {
+        Source::File(path) => {
+            let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let table = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax {
+                    path: path.clone(),
+                    message: e.to_string().trim_end().replace('\n', " "),
+                })?;
+            (table, format!("config file {}", path.display()))
+        }
+        Source::Dev(dir) => (
+            dev_defaults(dir),
+            format!("dev configuration ({})", dir.display()),
+        ),
+    };
+
+    let mut origins = BTreeMap::new();
+    apply_env(&mut table, env, &mut origins)?;
+    apply_flags(&mut table, flags, &mut origins)?;
+
+    let origin_of = |key: &str| -> String {
+        origins
+            .iter()
+            .find(|(k, _)| key == k.as_str() || key.starts_with(&format!("{k}.")))
+            .map_or_else(|| base_origin.clone(), |(_, o)| o.clone())
+    };
+    let raw: raw::Raw =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Key {
+                origin: origin_of(&key),
+                key,
+                message: e.inner().to_string(),
+            }
+        })?;
+    raw.check()
+        .map_err(|(key, message)| ConfigError::Key {
+            origin: origin_of(key),
+            key: key.to_owned(),
+            message,
+        })
+        .and_then(check_files)
+}
+
+/// The `serve --dev` configuration, over the files `taskcred dev init` writes into `dir`.
+fn dev_defaults(dir: &Path) -> toml::Table {
+    let p = |name: &str| toml::Value::String(dir.join(name).to_string_lossy().into_owned());
+    let mut t = toml::Table::new();
+    let mut tls = toml::Table::new();
+    tls.insert("cert".into(), p("server.pem"));
+    tls.insert("key".into(), p("server-key.pem"));
+    tls.insert("client_ca".into(), toml::Value::Array(vec![p("ca.pem")]));
+    t.insert("tls".into(), tls.into());
+    let mut identity = toml::Table::new();
+    identity.insert(
+        "allowed_trust_domains".into(),
+        toml::Value::Array(vec![crate::devpki::TRUST_DOMAIN.into()]),
+    );
+    t.insert("identity".into(), identity.into());
+    let mut issuer = toml::Table::new();
+    issuer.insert(
+        "url".into(),
+        format!("http://{}", raw::DEFAULT_HTTP_ADDR).into(),
+    );
+    issuer.insert("jwt_key".into(), p("jwt-key.pem"));
+    t.insert("issuer".into(), issuer.into());
+    let mut store = toml::Table::new();
+    store.insert("backend".into(), "embedded".into());
+    store.insert("path".into(), p("taskcred.db"));
+    t.insert("store".into(), store.into());
+    t
+}
+
+/// Applies `TASKCRED_<SECTION>__<KEY>` variables.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    origins: &mut BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (var, value) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::Env {
+                var,
+                message: "expected TASKCRED_<SECTION>__<KEY>".into(),
+            });
+        }
+        set_path(table, &path, env_value(&value)).map_err(|message| ConfigError::Env {
+            var: var.clone(),
+            message,
+        })?;
+        origins.insert(path.join("."), format!("environment variable {var}"));
+    }
+    Ok(())
+}
+
+/// Reads an environment value as a TOML value where it is one (`8080`, `true`, `["a", "b"]`),
+/// else as a string (`127.0.0.1:7443`, `30s`, `json`).
+fn env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !matches!(v, toml::Value::Datetime(_) | toml::Value::Table(_)))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn apply_flags(
+    table: &mut toml::Table,
+    flags: &Overrides,
+    origins: &mut BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    let pairs = [
+        ("server.grpc_addr", "--grpc-addr", &flags.grpc_addr),
+        ("server.http_addr", "--http-addr", &flags.http_addr),
+        ("log.format", "--log-format", &flags.log_format),
+    ];
+    for (key, flag, value) in pairs {
+        if let Some(v) = value {
+            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            set_path(table, &path, toml::Value::String(v.clone())).map_err(|message| {
+                ConfigError::Key {
+                    origin: format!("flag {flag}"),
+                    key: key.into(),
+                    message,
+                }
+            })?;
+            origins.insert(key.into(), format!("flag {flag}"));
+        }
+    }
+    Ok(())
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("empty key".into());
+    };
+    let mut t = table;
+    for (i, part) in parents.iter().enumerate() {
+        let entry = t
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{}` is not a section", path[..=i].join(".")))?;
+    }
+    t.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Checks the files the configuration names: readable, and key files not readable by others.
+fn check_files(config: Config) -> Result<Config, ConfigError> {
+    check_readable("tls.cert", &config.tls.cert)?;
+    check_key_file("tls.key", &config.tls.key)?;
+    for ca in &config.tls.client_ca {
+        check_readable("tls.client_ca", ca)?;
+    }
+    check_key_file("issuer.jwt_key", &config.issuer.jwt_key)?;
+    Ok(config)
+}
+
+fn file_error(key: &str, path: &Path, problem: impl Into<String>) -> ConfigError {
+    ConfigError::File {
+        key: key.into(),
+        path: path.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+fn check_readable(key: &str, path: &Path) -> Result<fs::Metadata, ConfigError> {
+    let meta = fs::metadata(path).map_err(|e| file_error(key, path, e.to_string()))?;
+    if !meta.is_file() {
+        return Err(file_error(key, path, "not a regular file"));
+    }
+    fs::File::open(path).map_err(|e| file_error(key, path, format!("cannot open: {e}")))?;
+    Ok(meta)
+}
+
+/// A private key file must be readable by us and by nobody in its group or beyond (0600 or
+/// 0400): a key readable by others is already a leaked key.
+///
+/// # Errors
+/// [`ConfigError::File`] naming the key and file.
+pub fn check_key_file(key: &str, path: &Path) -> Result<(), ConfigError> {
+    let meta = check_readable(key, path)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(file_error(
+            key,
+            path,
+            format!(
+                "private key is accessible by group or others (mode {mode:o}); run chmod 600 on it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,392 @@
+//! The configuration as written: serde structs mirroring `config/taskcred.toml` key for key, with
+//! their defaults, and the checks that turn them into the typed [`Config`](super::Config).
+//! Unknown keys are refused (`deny_unknown_fields`) so that a typo never silently leaves a
+//! default in force.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::{
+    Config, IdentityConfig, IssuerConfig, LogConfig, ServerConfig, StoreConfig, TlsConfig,
+    TtlConfig,
+};
+use crate::identity::TrustDomains;
+
+pub(super) const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:7443";
+pub(super) const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7480";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Raw {
+    #[serde(default)]
+    server: RawServer,
+    tls: RawTls,
+    identity: RawIdentity,
+    issuer: RawIssuer,
+    store: RawStore,
+    #[serde(default)]
+    ttl: RawTtl,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    max_message_bytes: usize,
+    max_concurrent_rpcs_per_connection: u32,
+    max_connections: usize,
+    #[serde(deserialize_with = "duration")]
+    handshake_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    request_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    shutdown_grace: Duration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            grpc_addr: parse_default(DEFAULT_GRPC_ADDR),
+            http_addr: parse_default(DEFAULT_HTTP_ADDR),
+            max_message_bytes: 256 * 1024,
+            max_concurrent_rpcs_per_connection: 128,
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+fn parse_default(addr: &str) -> SocketAddr {
+    // The constants above are valid socket addresses; the fallback is never taken.
+    addr.parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(deserialize_with = "one_or_many")]
+    client_ca: Vec<String>,
+    #[serde(default)]
+    min_version: TlsVersion,
+}
+
+/// Lowest TLS version the gRPC port offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "tls1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "tls1.3")]
+    Tls13,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    #[serde(deserialize_with = "one_or_many")]
+    allowed_trust_domains: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    url: String,
+    jwt_key: PathBuf,
+    #[serde(default)]
+    jwt_algorithm: JwtAlgorithm,
+}
+
+/// The signing algorithm of the JWT key (one algorithm per key).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    /// ECDSA P-256 with SHA-256, the default: widely supported and fast with ring.
+    #[default]
+    ES256,
+    /// Ed25519.
+    EdDSA,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default)]
+    backend: StoreBackend,
+    #[serde(default = "default_store_path")]
+    path: PathBuf,
+    redis_url: Option<String>,
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from("/var/lib/taskcred/taskcred.db")
+}
+
+/// Which lease store backs the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// A file on local disk: one broker process.
+    #[default]
+    Embedded,
+    /// A Redis server shared by any number of broker replicas.
+    Redis,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTtl {
+    #[serde(deserialize_with = "duration")]
+    credential_default: Duration,
+    #[serde(deserialize_with = "duration")]
+    credential_max: Duration,
+    #[serde(deserialize_with = "duration")]
+    lease_renewal_max: Duration,
+    #[serde(deserialize_with = "duration")]
+    task_deadline_max: Duration,
+}
+
+impl Default for RawTtl {
+    fn default() -> Self {
+        Self {
+            credential_default: Duration::from_secs(5 * 60),
+            credential_max: Duration::from_secs(60 * 60),
+            lease_renewal_max: Duration::from_secs(8 * 60 * 60),
+            task_deadline_max: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: LogFormat,
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A failed check: the key and what is wrong with its value.
+type CheckError = (&'static str, String);
+
+fn range<T: PartialOrd + std::fmt::Debug>(
+    key: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, CheckError> {
+    if value < min || value > max {
+        return Err((key, format!("{value:?} is outside {min:?}..={max:?}")));
+    }
+    Ok(value)
+}
+
+impl Raw {
+    /// Checks every value and builds the typed configuration. File checks come after.
+    pub(super) fn check(self) -> Result<Config, CheckError> {
+        let s = self.server;
+        let server = ServerConfig {
+            grpc_addr: s.grpc_addr,
+            http_addr: s.http_addr,
+            max_message_bytes: range(
+                "server.max_message_bytes",
+                s.max_message_bytes,
+                4096,
+                16 << 20,
+            )?,
+            max_concurrent_rpcs_per_connection: range(
+                "server.max_concurrent_rpcs_per_connection",
+                s.max_concurrent_rpcs_per_connection,
+                1,
+                10_000,
+            )?,
+            max_connections: range("server.max_connections", s.max_connections, 1, 1_000_000)?,
+            handshake_timeout: range(
+                "server.handshake_timeout",
+                s.handshake_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(120),
+            )?,
+            request_timeout: range(
+                "server.request_timeout",
+                s.request_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(600),
+            )?,
+            shutdown_grace: range(
+                "server.shutdown_grace",
+                s.shutdown_grace,
+                Duration::ZERO,
+                Duration::from_secs(600),
+            )?,
+        };
+        if server.grpc_addr == server.http_addr && server.grpc_addr.port() != 0 {
+            return Err((
+                "server.http_addr",
+                "is the same address as server.grpc_addr".into(),
+            ));
+        }
+
+        if self.tls.client_ca.is_empty() {
+            return Err(("tls.client_ca", "the trust bundle lists no file".into()));
+        }
+        let tls = TlsConfig {
+            cert: self.tls.cert,
+            key: self.tls.key,
+            client_ca: self.tls.client_ca.into_iter().map(PathBuf::from).collect(),
+            min_version: self.tls.min_version,
+        };
+
+        let identity = IdentityConfig {
+            allowed_trust_domains: TrustDomains::parse(&self.identity.allowed_trust_domains)
+                .map_err(|e| ("identity.allowed_trust_domains", e.to_string()))?,
+        };
+
+        check_issuer_url(&self.issuer.url).map_err(|m| ("issuer.url", m))?;
+        let issuer = IssuerConfig {
+            url: self.issuer.url,
+            jwt_key: self.issuer.jwt_key,
+            jwt_algorithm: self.issuer.jwt_algorithm,
+        };
+
+        let redis_url = match (self.store.backend, self.store.redis_url) {
+            (StoreBackend::Redis, None) => {
+                return Err((
+                    "store.redis_url",
+                    "required when store.backend = \"redis\"".into(),
+                ));
+            }
+            (_, Some(url)) if !(url.starts_with("redis://") || url.starts_with("rediss://")) => {
+                // Never echo the URL: it may carry a password.
+                return Err((
+                    "store.redis_url",
+                    "must start with redis:// or rediss://".into(),
+                ));
+            }
+            (_, url) => url,
+        };
+        let store = StoreConfig {
+            backend: self.store.backend,
+            path: self.store.path,
+            redis_url,
+        };
+
+        let t = self.ttl;
+        let second = Duration::from_secs(1);
+        let day = Duration::from_secs(24 * 3600);
+        let ttl = TtlConfig {
+            credential_max: range("ttl.credential_max", t.credential_max, second, day)?,
+            credential_default: range(
+                "ttl.credential_default",
+                t.credential_default,
+                second,
+                t.credential_max,
+            )?,
+            lease_renewal_max: range(
+                "ttl.lease_renewal_max",
+                t.lease_renewal_max,
+                t.credential_max,
+                30 * day,
+            )?,
+            task_deadline_max: range(
+                "ttl.task_deadline_max",
+                t.task_deadline_max,
+                second,
+                30 * day,
+            )?,
+        };
+
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ("log.level", e.to_string()))?;
+        let log = LogConfig {
+            format: self.log.format,
+            level: self.log.level,
+        };
+
+        Ok(Config {
+            server,
+            tls,
+            identity,
+            issuer,
+            store,
+            ttl,
+            log,
+        })
+    }
+}
+
+/// The issuer is the exact `iss` verifiers compare: an absolute `https` URL (plain `http` only on
+/// a loopback host, for development), no trailing slash, query or fragment.
+fn check_issuer_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let host = uri.host().ok_or("not an absolute URL")?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if matches!(host, "localhost" | "127.0.0.1" | "[::1]") => {}
+        _ => return Err("must be an https URL (http only on localhost)".into()),
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err("must not have a query or fragment".into());
+    }
+    if url.ends_with('/') {
+        return Err("must not end with '/': verifiers compare iss exactly".into());
+    }
+    Ok(())
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration like \"30s\" or \"5m\": {e}"
+        ))
+    })
+}
+
+/// A list written either as a TOML array or, from an environment variable, as `a,b,c`.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        One(String),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}

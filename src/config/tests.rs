@@ -1,0 +1,84 @@
+//! Unit tests of the environment overlay; file and key errors are tested end to end in
+//! `tests/config.rs` through the binary.
+
+use super::*;
+
+#[test]
+fn env_values_are_typed_where_they_look_typed() {
+    assert_eq!(env_value("8080"), toml::Value::Integer(8080));
+    assert_eq!(env_value("true"), toml::Value::Boolean(true));
+    assert_eq!(
+        env_value("127.0.0.1:7443"),
+        toml::Value::String("127.0.0.1:7443".into())
+    );
+    assert_eq!(env_value("30s"), toml::Value::String("30s".into()));
+    assert_eq!(env_value("json"), toml::Value::String("json".into()));
+    assert!(matches!(env_value("[\"a\", \"b\"]"), toml::Value::Array(_)));
+    // Something TOML would read as a date stays the text it is.
+    assert_eq!(
+        env_value("2026-01-01"),
+        toml::Value::String("2026-01-01".into())
+    );
+}
+
+#[test]
+fn env_sets_nested_keys_and_names_itself_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::devpki::init(dir.path()).unwrap();
+    let source = Source::Dev(dir.path().to_owned());
+    let env = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+
+    let c = load(
+        &source,
+        env("TASKCRED_SERVER__MAX_CONNECTIONS", "12"),
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.server.max_connections, 12);
+
+    let err = load(
+        &source,
+        env("TASKCRED_SERVER__GRPC_ADDR", "nowhere"),
+        &Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("TASKCRED_SERVER__GRPC_ADDR"), "{err}");
+    assert!(err.contains("server.grpc_addr"), "{err}");
+
+    let err = load(
+        &source,
+        env("TASKCRED_SERVR__GRPC_ADDR", "1"),
+        &Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown field `servr`"), "{err}");
+
+    // Client variables (no `__`) are not configuration keys.
+    assert!(
+        load(
+            &source,
+            env("TASKCRED_BROKER", "https://x"),
+            &Overrides::default()
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn flags_win_over_env() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::devpki::init(dir.path()).unwrap();
+    let flags = Overrides {
+        grpc_addr: Some("127.0.0.1:9000".into()),
+        ..Overrides::default()
+    };
+    let c = load(
+        &Source::Dev(dir.path().to_owned()),
+        vec![("TASKCRED_SERVER__GRPC_ADDR".into(), "127.0.0.1:8000".into())],
+        &flags,
+    )
+    .unwrap();
+    assert_eq!(c.server.grpc_addr.port(), 9000);
+}

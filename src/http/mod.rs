@@ -1,0 +1,52 @@
+//! The HTTP port (axum): `/healthz` (the process answers), `/readyz` (the broker serves RPCs),
+//! `/metrics` (Prometheus text). Later issues add the JWKS, discovery document and CRL here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// What the HTTP handlers read.
+#[derive(Clone)]
+pub struct HttpState {
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Whether the broker is ready to serve RPCs (false while starting and draining).
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The routes of the HTTP port.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}

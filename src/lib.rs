@@ -1,0 +1,32 @@
+//! taskcred: a just-in-time credential broker for AI agents and CI jobs.
+//!
+//! Callers prove who they are with a client certificate carrying a SPIFFE ID (mutual TLS on the
+//! gRPC port); the broker hands out credentials that live exactly as long as one approved task.
+//!
+//! # Layout
+//! Arrows say what a module may use; nothing points back up.
+//!
+//! ```text
+//! main.rs     flags -> config::load -> telemetry -> app (exit 64 on bad config)
+//! app         composition root: TLS, servers, shutdown and drain
+//! config      TOML + TASKCRED_* + flags -> typed, checked Config
+//! telemetry   tracing subscriber, Prometheus recorder, metric names
+//! clock       Clock trait; real and manual clocks
+//! identity    WorkloadId (SPIFFE ID), PeerIdentity from a leaf, the rustls client verifier
+//! tls         gRPC port TLS: server config, accept loop, per-connection identity
+//! api         gRPC: generated code, auth and metrics middleware, thin handlers
+//! http        axum: /healthz, /readyz, /metrics
+//! devpki      the development PKI of `dev init` and `serve --dev`
+//! cli         client subcommands over the generated gRPC client
+//! ```
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod devpki;
+pub mod http;
+pub mod identity;
+pub mod telemetry;
+pub mod tls;

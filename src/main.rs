@@ -1,0 +1,136 @@
+//! The `taskcred` binary: parses flags and hands over to the library. Server: config, logging,
+//! app. Client: one subcommand over gRPC.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use taskcred::app::{App, Listeners};
+use taskcred::cli::{self, Cli, Command, DevCommand, ServeArgs};
+use taskcred::config::{self, Overrides, Source};
+use taskcred::{devpki, telemetry};
+use tokio_util::sync::CancellationToken;
+
+/// sysexits.h EX_USAGE: the configuration is refused.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The only crypto provider this crate builds with; installing it first means every rustls
+    // config (tonic's client included) uses ring. An error means one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(ref serve_args) => serve(&cli, serve_args).await,
+            Command::Dev {
+                command: DevCommand::Init { ref dir },
+            } => cli::dev_init(&cli.client, dir.clone()),
+            Command::Whoami => cli::whoami(&cli.client).await,
+        }
+    })
+}
+
+async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
+    let source = if args.dev {
+        let dir = &cli.client.dev_dir;
+        if !devpki::is_complete(dir) {
+            match devpki::init(dir) {
+                Ok(report) => eprintln!(
+                    "dev PKI: {} files created in {}",
+                    report.created.len(),
+                    dir.display()
+                ),
+                Err(e) => {
+                    eprintln!("error: dev init: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        Source::Dev(dir.clone())
+    } else if let Some(path) = &args.config {
+        Source::File(path.clone())
+    } else {
+        // clap's argument group makes one of the two required.
+        eprintln!("error: serve needs --config FILE or --dev");
+        return ExitCode::from(2);
+    };
+    let overrides = Overrides {
+        grpc_addr: args.grpc_addr.clone(),
+        http_addr: args.http_addr.clone(),
+        log_format: args.log_format.clone(),
+    };
+    let config = match config::load(&source, std::env::vars(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: configuration refused: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    telemetry::init_logging(config.log.format, &config.log.level);
+    let server = config.server.clone();
+    let app = match App::build(config) {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("error: configuration refused: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let listeners = match Listeners::bind(&server).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    print_banner(&listeners, args.dev, cli);
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    match app.run(listeners, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_banner(listeners: &Listeners, dev: bool, cli: &Cli) {
+    let show = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "?".into(), |a| a.to_string());
+    println!("taskcred broker listening");
+    println!("  gRPC (mTLS): {}", show(listeners.grpc_addr()));
+    println!(
+        "  HTTP:        http://{}  (/healthz /readyz /metrics)",
+        show(listeners.http_addr())
+    );
+    if dev {
+        println!("  dev PKI:     {}", cli.client.dev_dir.display());
+        println!("try:  cargo run --release -- --as agent whoami");
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,75 @@
+//! Telemetry: the `tracing` subscriber (human or JSON lines) and the process-wide Prometheus
+//! recorder, with the names of the metrics the broker exports.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// gRPC requests, by `method` and `code`.
+pub const GRPC_REQUESTS: &str = "taskcred_grpc_requests_total";
+/// gRPC request latency in seconds, by `method` and `code`.
+pub const GRPC_DURATION: &str = "taskcred_grpc_request_duration_seconds";
+/// Refused TLS handshakes, by `reason`.
+pub const TLS_HANDSHAKE_FAILURES: &str = "taskcred_tls_handshake_failures_total";
+
+/// Latency buckets in seconds: from 100 us (an in-memory check) to 10 s (a stuck store).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Installs the log subscriber. `RUST_LOG`, when set, overrides `level`. A second call (tests
+/// start several brokers in one process) leaves the first subscriber in place.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// The process-wide Prometheus handle, installing the recorder on first use. One recorder per
+/// process: metrics macros anywhere in the crate report to it.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            let builder = match builder
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            {
+                Ok(b) => b,
+                // Only fails on an empty bucket list, which LATENCY_BUCKETS is not.
+                Err(_) => PrometheusBuilder::new(),
+            };
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(GRPC_REQUESTS, "gRPC requests by method and status code");
+    metrics::describe_histogram!(
+        GRPC_DURATION,
+        metrics::Unit::Seconds,
+        "gRPC request latency by method and status code"
+    );
+    metrics::describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes refused on the gRPC port, by reason"
+    );
+}

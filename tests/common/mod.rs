@@ -1,0 +1,230 @@
+//! Shared test harness: a real broker on ephemeral loopback ports with a real dev PKI, real TLS
+//! clients, and certificates made by rcgen at test time.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use taskcred::app::{App, AppError, Listeners};
+use taskcred::config::{self, Overrides, Source};
+use taskcred::devpki;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A PEM certificate and its PEM private key.
+#[derive(Clone)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+/// A broker running in this process on ephemeral ports, over a fresh dev PKI.
+pub struct Broker {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: TempDir,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), AppError>>,
+}
+
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Broker {
+    /// Starts a broker with the `--dev` configuration and `env` overrides.
+    pub async fn start_with_env(env: Vec<(String, String)>) -> Self {
+        install_provider();
+        let dir = tempfile::tempdir().unwrap();
+        devpki::init(dir.path()).unwrap();
+        let overrides = Overrides {
+            grpc_addr: Some("127.0.0.1:0".into()),
+            http_addr: Some("127.0.0.1:0".into()),
+            log_format: None,
+        };
+        let config = config::load(&Source::Dev(dir.path().to_owned()), env, &overrides).unwrap();
+        let listeners = Listeners::bind(&config.server).await.unwrap();
+        let (grpc, http) = (
+            listeners.grpc_addr().unwrap(),
+            listeners.http_addr().unwrap(),
+        );
+        let app = App::build(config).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app.run(listeners, shutdown.clone()));
+        Self {
+            grpc,
+            http,
+            dir,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn start() -> Self {
+        Self::start_with_env(Vec::new()).await
+    }
+
+    /// Stops the broker and checks it stopped cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The PEM files of dev identity `name`.
+    pub fn dev_identity(&self, name: &str) -> Pem {
+        let (c, k) = devpki::identity_files(self.dir.path(), name);
+        Pem {
+            cert: std::fs::read_to_string(c).unwrap(),
+            key: std::fs::read_to_string(k).unwrap(),
+        }
+    }
+
+    /// The dev root CA, to sign test certificates with.
+    pub fn dev_ca(&self) -> Issuer<'static, KeyPair> {
+        let key =
+            KeyPair::from_pem(&std::fs::read_to_string(self.path("ca-key.pem")).unwrap()).unwrap();
+        Issuer::from_ca_cert_pem(&std::fs::read_to_string(self.path("ca.pem")).unwrap(), key)
+            .unwrap()
+    }
+
+    /// A tonic channel to the broker, presenting `identity` if given.
+    pub async fn channel(&self, identity: Option<&Pem>) -> Channel {
+        let ca = std::fs::read(self.path("ca.pem")).unwrap();
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("localhost");
+        if let Some(id) = identity {
+            tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
+        }
+        Endpoint::from_shared(format!("https://{}", self.grpc))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn channel_as(&self, name: &str) -> Channel {
+        self.channel(Some(&self.dev_identity(name))).await
+    }
+
+    /// `GET path` on the HTTP port: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path).await
+    }
+}
+
+/// A minimal HTTP/1.1 GET, enough for /healthz, /readyz and /metrics.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Parameters of an X509-SVID leaf with the given URI SANs.
+pub fn svid_params(uris: &[&str]) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, "test workload");
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    p.use_authority_key_identifier_extension = true;
+    p
+}
+
+/// Signs `params` with `issuer` for a fresh P-256 key.
+pub fn issue(params: &CertificateParams, issuer: &Issuer<'_, KeyPair>) -> Pem {
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    Pem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+/// Performs a real TLS handshake with the broker presenting `client` and waits for the server's
+/// first bytes (its HTTP/2 SETTINGS) or its alert. With TLS 1.3 the server judges the client
+/// certificate after the client considers the handshake done, so the refusal arrives on read.
+pub async fn handshake(
+    addr: SocketAddr,
+    ca_pem: &Path,
+    client: Option<&Pem>,
+) -> Result<(), rustls::Error> {
+    install_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut config = match client {
+        Some(pem) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(pem.cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect();
+            let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let as_rustls = |e: std::io::Error| {
+        e.get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .cloned()
+            .unwrap_or_else(|| rustls::Error::General(e.to_string()))
+    };
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(as_rustls)?;
+    let mut buf = [0u8; 64];
+    match tls.read(&mut buf).await {
+        Ok(0) => Err(rustls::Error::General("closed without a word".into())),
+        Ok(_) => Ok(()),
+        Err(e) => Err(as_rustls(e)),
+    }
+}
