@@ -26,7 +26,7 @@ pub enum ClientError {
         message: String,
     },
     /// The broker answered with an error status.
-    #[error("broker refused: {}: {}", .0.code(), .0.message())]
+    #[error("broker refused: {}: {}", crate::api::code_name(.0.code()), .0.message())]
     Refused(tonic::Status),
 }
 

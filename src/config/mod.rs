@@ -241,10 +241,13 @@ pub fn load(
     let raw: raw::Raw =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
+            // The toml deserializer appends "\nin `key`"; the key is named already.
+            let message = e.inner().to_string();
+            let message = message.lines().next().unwrap_or_default().to_owned();
             ConfigError::Key {
                 origin: origin_of(&key),
                 key,
-                message: e.inner().to_string(),
+                message,
             }
         })?;
     raw.check()

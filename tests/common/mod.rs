@@ -228,3 +228,105 @@ pub async fn handshake(
         Err(e) => Err(as_rustls(e)),
     }
 }
+
+/// The `taskcred` binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_taskcred");
+
+/// A `taskcred serve` child process, killed on drop if still running.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServeProcess {
+    /// Runs `taskcred ARGS` and waits for its banner; panics with its stderr if it exits first.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(BIN)
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (err_tx, err_rx) = std::sync::mpsc::channel();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let (mut grpc, mut http) = (None, None);
+        let mut lines = stdout.lines();
+        while grpc.is_none() || http.is_none() {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.wait();
+                let err: Vec<String> = err_rx.try_iter().collect();
+                panic!("serve exited before its banner:\n{}", err.join("\n"));
+            };
+            if let Some(a) = line.trim().strip_prefix("gRPC (mTLS): ") {
+                grpc = Some(a.trim().parse().unwrap());
+            }
+            if let Some(a) = line.trim().strip_prefix("HTTP:") {
+                let a = a.trim().trim_start_matches("http://");
+                http = Some(a.split_whitespace().next().unwrap().parse().unwrap());
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            grpc: grpc.unwrap(),
+            http: http.unwrap(),
+            stderr: err_rx,
+        }
+    }
+
+    /// Sends SIGTERM and waits (at most 20 s) for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "serve did not exit on SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `taskcred ARGS` to completion: (exit code, stdout, stderr).
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
