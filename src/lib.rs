@@ -28,5 +28,7 @@ pub mod config;
 pub mod devpki;
 pub mod http;
 pub mod identity;
+pub mod policy;
+pub mod task;
 pub mod telemetry;
 pub mod tls;

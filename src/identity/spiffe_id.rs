@@ -97,6 +97,19 @@ impl FromStr for WorkloadId {
     }
 }
 
+impl serde::Serialize for WorkloadId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WorkloadId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The trust domains whose SPIFFE IDs the broker accepts. Never empty once built by
 /// [`TrustDomains::parse`]: an empty allow-list would reject everyone, which is a configuration
 /// mistake rather than a policy.

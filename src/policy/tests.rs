@@ -1,0 +1,265 @@
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::task::{RawTaskRequest, Task, TaskId, TaskLimits, TaskRequest};
+
+const REQUESTER: &str = "spiffe://taskcred.dev/human/requester";
+const AGENT: &str = "spiffe://taskcred.dev/agent/demo";
+
+fn dev_engine() -> PolicyEngine {
+    PolicyEngine::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies")).unwrap()
+}
+
+fn w(s: &str) -> WorkloadId {
+    WorkloadId::parse(s).unwrap()
+}
+
+fn task(executor: &str, labels: &[(&str, &str)]) -> Task {
+    let limits = TaskLimits {
+        deadline_max: Duration::from_secs(86400),
+        deadline_default: Duration::from_secs(3600),
+        credential_ttl_default: Duration::from_secs(300),
+        credential_ttl_max: Duration::from_secs(3600),
+    };
+    let raw = RawTaskRequest {
+        executor: executor.into(),
+        purpose: "test".into(),
+        grants: vec![("db".into(), vec!["read".into()])],
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
+        ..RawTaskRequest::default()
+    };
+    let req = TaskRequest::parse(raw, &limits).unwrap();
+    Task::new(
+        TaskId::generate(),
+        req,
+        w(REQUESTER),
+        1,
+        vec![],
+        SystemTime::now(),
+    )
+}
+
+fn request(engine: &PolicyEngine, principal: &str, t: &Task) -> Verdict {
+    engine.decide(&w(principal), PolicyAction::RequestTask, &Resource::Task(t))
+}
+
+#[test]
+fn built_in_schema_parses_and_dev_policies_validate() {
+    schema().unwrap();
+    assert!(dev_engine().current().len() >= 8);
+}
+
+#[test]
+fn dev_quorum_by_labels() {
+    let e = dev_engine();
+    let v = request(&e, REQUESTER, &task(AGENT, &[]));
+    assert!(v.allowed, "{v:?}");
+    assert_eq!(v.quorum, 1);
+    assert_eq!(v.policies, vec!["request-default".to_owned()]);
+    assert_eq!(
+        request(&e, REQUESTER, &task(AGENT, &[("env", "production")])).quorum,
+        2
+    );
+    assert_eq!(
+        request(&e, REQUESTER, &task(AGENT, &[("risk", "low")])).quorum,
+        0
+    );
+    assert_eq!(
+        request(
+            &e,
+            REQUESTER,
+            &task(AGENT, &[("risk", "low"), ("env", "production")])
+        )
+        .quorum,
+        2
+    );
+}
+
+#[test]
+fn dev_policy_denies_what_it_does_not_permit() {
+    let e = dev_engine();
+    // The agent may not request tasks.
+    assert!(!request(&e, AGENT, &task(AGENT, &[])).allowed);
+    // Nor may the requester ask for a person to execute one.
+    assert!(
+        !request(
+            &e,
+            REQUESTER,
+            &task("spiffe://taskcred.dev/human/approver", &[])
+        )
+        .allowed
+    );
+    // Nor for an agent of another trust domain.
+    assert!(!request(&e, REQUESTER, &task("spiffe://other.dev/agent/demo", &[])).allowed);
+    let t = task(AGENT, &[]);
+    let approve = |p: &str| {
+        e.decide(&w(p), PolicyAction::ApproveTask, &Resource::Task(&t))
+            .allowed
+    };
+    assert!(approve("spiffe://taskcred.dev/human/approver"));
+    assert!(approve("spiffe://taskcred.dev/human/approver2"));
+    assert!(!approve(REQUESTER));
+    assert!(!approve("spiffe://taskcred.dev/human/operator"));
+    let reload = |p: &str| {
+        e.decide(&w(p), PolicyAction::ReloadPolicy, &Resource::Broker)
+            .allowed
+    };
+    assert!(reload("spiffe://taskcred.dev/human/operator"));
+    assert!(!reload(REQUESTER));
+}
+
+fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(d.path().join(name), text).unwrap();
+    }
+    d
+}
+
+const PERMIT_ALL_REQUESTS: &str =
+    "permit (principal, action == Taskcred::Action::\"RequestTask\", resource);\n";
+
+#[test]
+fn quorum_fails_closed() {
+    let no_annotation = dir_with(&[("a.cedar", PERMIT_ALL_REQUESTS)]);
+    let e = PolicyEngine::load(no_annotation.path()).unwrap();
+    assert_eq!(
+        request(&e, REQUESTER, &task(AGENT, &[])).quorum,
+        1,
+        "no annotation means 1"
+    );
+
+    let mixed = dir_with(&[(
+        "a.cedar",
+        &format!("@quorum(\"0\")\n{PERMIT_ALL_REQUESTS}{PERMIT_ALL_REQUESTS}"),
+    )]);
+    let e = PolicyEngine::load(mixed.path()).unwrap();
+    assert_eq!(
+        request(&e, REQUESTER, &task(AGENT, &[])).quorum,
+        1,
+        "largest wins"
+    );
+
+    let zero = dir_with(&[("a.cedar", &format!("@quorum(\"0\")\n{PERMIT_ALL_REQUESTS}"))]);
+    let e = PolicyEngine::load(zero.path()).unwrap();
+    assert_eq!(
+        request(&e, REQUESTER, &task(AGENT, &[])).quorum,
+        0,
+        "explicit 0"
+    );
+
+    let bad = dir_with(&[(
+        "a.cedar",
+        &format!("@quorum(\"-1\")\n{PERMIT_ALL_REQUESTS}"),
+    )]);
+    assert!(matches!(
+        PolicyEngine::load(bad.path()),
+        Err(PolicyError::BadQuorum { .. })
+    ));
+    let big = dir_with(&[(
+        "a.cedar",
+        &format!("@quorum(\"99\")\n{PERMIT_ALL_REQUESTS}"),
+    )]);
+    assert!(matches!(
+        PolicyEngine::load(big.path()),
+        Err(PolicyError::BadQuorum { .. })
+    ));
+}
+
+#[test]
+fn forbid_overrides_permit() {
+    let d = dir_with(&[(
+        "a.cedar",
+        &format!(
+            "{PERMIT_ALL_REQUESTS}forbid (principal, action, resource) when {{ resource.hasTag(\"env\") }};\n"
+        ),
+    )]);
+    let e = PolicyEngine::load(d.path()).unwrap();
+    assert!(!request(&e, REQUESTER, &task(AGENT, &[("env", "x")])).allowed);
+    assert!(request(&e, REQUESTER, &task(AGENT, &[])).allowed);
+}
+
+#[test]
+fn invalid_policies_are_refused_with_file_and_line() {
+    let parse = dir_with(&[
+        ("good.cedar", PERMIT_ALL_REQUESTS),
+        (
+            "bad.cedar",
+            "\n\npermit (principal, action, resource) when { ;\n",
+        ),
+    ]);
+    let err = PolicyEngine::load(parse.path()).unwrap_err();
+    assert!(matches!(err, PolicyError::Parse { .. }), "{err}");
+    assert!(err.to_string().contains("bad.cedar:3:"), "{err}");
+
+    let invalid = dir_with(&[(
+        "x.cedar",
+        "// comment\npermit (principal, action == Taskcred::Action::\"RequestTask\", resource)\nwhen { resource.no_such_attribute == 1 };\n",
+    )]);
+    let err = PolicyEngine::load(invalid.path()).unwrap_err();
+    assert!(matches!(err, PolicyError::Invalid { .. }), "{err}");
+    assert!(err.to_string().contains("x.cedar:"), "{err}");
+    assert!(err.to_string().contains("x#0"), "{err}");
+
+    let unknown_action = dir_with(&[(
+        "y.cedar",
+        "permit (principal, action == Taskcred::Action::\"Nope\", resource);",
+    )]);
+    assert!(matches!(
+        PolicyEngine::load(unknown_action.path()),
+        Err(PolicyError::Invalid { .. })
+    ));
+
+    let empty = dir_with(&[("notes.txt", "x")]);
+    assert!(matches!(
+        PolicyEngine::load(empty.path()),
+        Err(PolicyError::Empty(_))
+    ));
+
+    let dup = dir_with(&[
+        ("a.cedar", &format!("@id(\"same\")\n{PERMIT_ALL_REQUESTS}")),
+        ("b.cedar", &format!("@id(\"same\")\n{PERMIT_ALL_REQUESTS}")),
+    ]);
+    assert!(matches!(
+        PolicyEngine::load(dup.path()),
+        Err(PolicyError::DuplicateId { .. })
+    ));
+}
+
+#[test]
+fn failed_reload_keeps_the_policies_in_force() {
+    let d = dir_with(&[("a.cedar", PERMIT_ALL_REQUESTS)]);
+    let e = PolicyEngine::load(d.path()).unwrap();
+    std::fs::write(
+        d.path().join("a.cedar"),
+        "permit (principal, action, resource) when {",
+    )
+    .unwrap();
+    assert!(e.reload().is_err());
+    assert!(
+        request(&e, REQUESTER, &task(AGENT, &[])).allowed,
+        "old set still decides"
+    );
+    std::fs::write(
+        d.path().join("a.cedar"),
+        "forbid (principal, action, resource);",
+    )
+    .unwrap();
+    assert_eq!(e.reload().unwrap(), 1);
+    assert!(
+        !request(&e, REQUESTER, &task(AGENT, &[])).allowed,
+        "new set decides"
+    );
+}
+
+#[test]
+fn entity_ids_cannot_be_escaped() {
+    let e = dev_engine();
+    // A quote in a label value or purpose cannot change the request: they are values, not ids.
+    let t = task(AGENT, &[("env", "production")]);
+    assert!(request(&e, REQUESTER, &t).allowed);
+}

@@ -1,0 +1,311 @@
+//! Tasks and approvals: the model, its bounds, the closed state machine and the rules that hold
+//! whatever policy says (separation of duties, quorum, deadlines). Pure: no I/O, time is passed in.
+//!
+//! States: `pending_approval -> approved -> completed | failed | cancelled | expired | revoked`, and
+//! `pending_approval -> denied | expired | cancelled`. Terminal states are final.
+
+mod model;
+
+pub use model::{Action, Audience, Grant, Labels, RawTaskRequest, TaskId, TaskLimits, TaskRequest};
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::WorkloadId;
+
+/// Longest approval or denial note, in bytes.
+pub const MAX_NOTE_BYTES: usize = 1024;
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for the quorum of approvals.
+    PendingApproval,
+    /// Approved: credentials may be issued until the deadline.
+    Approved,
+    /// An approver denied it.
+    Denied,
+    /// Ended by its executor or requester as succeeded.
+    Completed,
+    /// Ended as failed.
+    Failed,
+    /// Cancelled by its requester.
+    Cancelled,
+    /// Its deadline passed.
+    Expired,
+    /// Ended by an operator or by the lock of its agent.
+    Revoked,
+}
+
+impl TaskState {
+    /// Every state, in declaration order.
+    pub const ALL: [Self; 8] = [
+        Self::PendingApproval,
+        Self::Approved,
+        Self::Denied,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+        Self::Expired,
+        Self::Revoked,
+    ];
+
+    /// Whether the state is final.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::PendingApproval | Self::Approved)
+    }
+
+    /// The snake-case name used on the wire, in policy and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PendingApproval => "pending_approval",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    /// Parses [`TaskState::as_str`] names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An approver's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Counts towards the quorum.
+    Approve,
+    /// Ends the task as denied.
+    Deny,
+}
+
+/// One recorded decision on a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Unique id of this record (UUIDv7), carried by credentials issued under the approval.
+    pub id: String,
+    /// Who decided.
+    pub approver: WorkloadId,
+    /// What.
+    pub decision: Decision,
+    /// When.
+    pub at: SystemTime,
+    /// Why, as the approver wrote it (bounded).
+    pub note: String,
+}
+
+/// A task: one piece of work an executor may do, with the grants it was approved for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Its id (UUIDv7: ids sort by creation time).
+    pub id: TaskId,
+    /// The workload that does the work and receives credentials.
+    pub executor: WorkloadId,
+    /// Who asked for it.
+    pub requester: WorkloadId,
+    /// Why, in the requester's words (bounded).
+    pub purpose: String,
+    /// What the executor may do, per audience.
+    pub grants: Vec<Grant>,
+    /// Labels policy decides on (environment, data classification...).
+    pub labels: Labels,
+    /// Longest lifetime of one credential of this task.
+    pub credential_ttl: Duration,
+    /// After this the task expires and no credential outlives it.
+    pub deadline: SystemTime,
+    /// The task this one was derived from, if any.
+    pub parent: Option<TaskId>,
+    /// Where it is.
+    pub state: TaskState,
+    /// Approvals needed, fixed by policy when requested.
+    pub quorum: u32,
+    /// Every decision recorded, in order.
+    pub approvals: Vec<Approval>,
+    /// The policies that permitted the request.
+    pub request_policies: Vec<String>,
+    /// When it was requested.
+    pub created_at: SystemTime,
+    /// Last change.
+    pub updated_at: SystemTime,
+    /// When the first credential was issued: the task is running from then on.
+    pub started_at: Option<SystemTime>,
+    /// When it reached a terminal state.
+    pub ended_at: Option<SystemTime>,
+    /// Why it ended, when it did.
+    pub end_reason: Option<String>,
+}
+
+/// Why a change to a task is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TaskError {
+    /// An input field breaks its bounds.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field, as named in the API.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The caller may not do this, whatever policy says (separation of duties).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The task is not in a state that allows this.
+    #[error("{0}")]
+    Precondition(String),
+}
+
+impl Task {
+    /// A new task from a checked request. With a quorum of 0 it is approved at once.
+    pub fn new(
+        id: TaskId,
+        request: TaskRequest,
+        requester: WorkloadId,
+        quorum: u32,
+        request_policies: Vec<String>,
+        now: SystemTime,
+    ) -> Self {
+        let state = if quorum == 0 {
+            TaskState::Approved
+        } else {
+            TaskState::PendingApproval
+        };
+        Self {
+            id,
+            executor: request.executor,
+            requester,
+            purpose: request.purpose,
+            grants: request.grants,
+            labels: request.labels,
+            credential_ttl: request.credential_ttl,
+            deadline: now + request.deadline_in,
+            parent: request.parent,
+            state,
+            quorum,
+            approvals: Vec::new(),
+            request_policies,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            ended_at: None,
+            end_reason: None,
+        }
+    }
+
+    /// Number of distinct approvals recorded.
+    pub fn approval_count(&self) -> u32 {
+        let n = self
+            .approvals
+            .iter()
+            .filter(|a| a.decision == Decision::Approve)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Records `approval`, enforcing separation of duties: the approver is neither requester nor
+    /// executor and counts once; a denial ends the task; the quorum approves it; nothing is
+    /// decided on a task that is not pending or is past its deadline.
+    ///
+    /// # Errors
+    /// [`TaskError::Forbidden`] or [`TaskError::Precondition`]; the task is then unchanged.
+    pub fn decide(&mut self, approval: Approval, now: SystemTime) -> Result<(), TaskError> {
+        if self.state != TaskState::PendingApproval {
+            return Err(TaskError::Precondition(format!(
+                "task is {}, not pending approval",
+                self.state
+            )));
+        }
+        if now >= self.deadline {
+            return Err(TaskError::Precondition(
+                "the task's deadline has passed".into(),
+            ));
+        }
+        if approval.approver == self.requester {
+            return Err(TaskError::Forbidden(
+                "separation of duties: the requester may not decide on its own task".into(),
+            ));
+        }
+        if approval.approver == self.executor {
+            return Err(TaskError::Forbidden(
+                "separation of duties: the executor may not decide on its own task".into(),
+            ));
+        }
+        if self
+            .approvals
+            .iter()
+            .any(|a| a.approver == approval.approver)
+        {
+            return Err(TaskError::Precondition(
+                "this approver has already decided on the task; an approver counts once".into(),
+            ));
+        }
+        if approval.note.len() > MAX_NOTE_BYTES {
+            return Err(TaskError::Invalid {
+                field: "note",
+                reason: format!("longer than {MAX_NOTE_BYTES} bytes"),
+            });
+        }
+        let decision = approval.decision;
+        self.approvals.push(approval);
+        self.updated_at = now;
+        match decision {
+            Decision::Deny => self.end(TaskState::Denied, "denied by an approver", now),
+            Decision::Approve if self.approval_count() >= self.quorum => {
+                self.state = TaskState::Approved;
+            }
+            Decision::Approve => {}
+        }
+        Ok(())
+    }
+
+    /// Cancels the task on behalf of its requester, before it runs.
+    ///
+    /// # Errors
+    /// [`TaskError::Forbidden`] for anyone but the requester, [`TaskError::Precondition`] once the
+    /// task has ended or started running.
+    pub fn cancel(&mut self, by: &WorkloadId, now: SystemTime) -> Result<(), TaskError> {
+        if by != &self.requester {
+            return Err(TaskError::Forbidden(
+                "only the requester may cancel a task".into(),
+            ));
+        }
+        if self.state.is_terminal() {
+            return Err(TaskError::Precondition(format!(
+                "task is already {}",
+                self.state
+            )));
+        }
+        if self.started_at.is_some() {
+            return Err(TaskError::Precondition(
+                "task is running (credentials were issued); complete or revoke it instead".into(),
+            ));
+        }
+        self.end(TaskState::Cancelled, "cancelled by the requester", now);
+        Ok(())
+    }
+
+    fn end(&mut self, state: TaskState, reason: &str, now: SystemTime) {
+        self.state = state;
+        self.ended_at = Some(now);
+        self.updated_at = now;
+        self.end_reason = Some(reason.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests;
