@@ -29,6 +29,7 @@ pub mod devpki;
 pub mod http;
 pub mod identity;
 pub mod policy;
+pub mod store;
 pub mod task;
 pub mod telemetry;
 pub mod tls;

@@ -1,0 +1,315 @@
+//! The conformance suite every [`Store`] backend must pass: the same cases, run by
+//! `tests/store.rs` against the embedded store and against a real `redis-server`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "a test suite: a failed expectation is a failed test"
+)]
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::{Store, StoreError, TaskQuery, UpdateError};
+use crate::identity::WorkloadId;
+use crate::task::{
+    Approval, Decision, RawTaskRequest, Task, TaskError, TaskId, TaskLimits, TaskRequest, TaskState,
+};
+
+const DAY: Duration = Duration::from_secs(86400);
+
+fn w(s: &str) -> WorkloadId {
+    WorkloadId::parse(s).unwrap()
+}
+
+/// A task for `executor`, requested by `requester`, needing `quorum` approvals.
+pub fn sample_task(executor: &str, requester: &str, quorum: u32) -> Task {
+    let limits = TaskLimits {
+        deadline_max: DAY,
+        deadline_default: Duration::from_secs(3600),
+        credential_ttl_default: Duration::from_secs(300),
+        credential_ttl_max: Duration::from_secs(3600),
+    };
+    let raw = RawTaskRequest {
+        executor: executor.into(),
+        purpose: "conformance".into(),
+        grants: vec![("db".into(), vec!["read".into()])],
+        labels: vec![("env".into(), "test".into())],
+        ..RawTaskRequest::default()
+    };
+    let req = TaskRequest::parse(raw, &limits).unwrap();
+    Task::new(
+        TaskId::generate(),
+        req,
+        w(requester),
+        quorum,
+        vec!["p".into()],
+        SystemTime::now(),
+    )
+}
+
+fn approval(who: &str, decision: Decision) -> Approval {
+    Approval {
+        id: TaskId::generate().to_string(),
+        approver: w(who),
+        decision,
+        at: SystemTime::now(),
+        note: "ok".into(),
+    }
+}
+
+const AGENT: &str = "spiffe://taskcred.dev/agent/demo";
+const REQUESTER: &str = "spiffe://taskcred.dev/human/requester";
+
+fn query() -> TaskQuery {
+    TaskQuery {
+        state: None,
+        executor: None,
+        requester: None,
+        before: None,
+        limit: 100,
+        max_scan: 10_000,
+    }
+}
+
+/// Runs every case.
+pub async fn run_all(store: &dyn Store) {
+    create_get_round_trip(store).await;
+    create_twice_is_refused(store).await;
+    update_applies_atomically_or_not_at_all(store).await;
+    concurrent_updates_lose_nothing(store).await;
+    list_filters_and_pages_newest_first(store).await;
+    ended_tasks_are_pruned_after_retention(store).await;
+    store.ping().await.unwrap();
+}
+
+pub async fn create_get_round_trip(store: &dyn Store) {
+    let t = sample_task(AGENT, REQUESTER, 1);
+    store.create_task(&t).await.unwrap();
+    assert_eq!(store.get_task(&t.id).await.unwrap(), Some(t));
+    assert_eq!(store.get_task(&TaskId::generate()).await.unwrap(), None);
+}
+
+pub async fn create_twice_is_refused(store: &dyn Store) {
+    let t = sample_task(AGENT, REQUESTER, 1);
+    store.create_task(&t).await.unwrap();
+    let mut other = t.clone();
+    other.purpose = "overwrite".into();
+    assert_eq!(
+        store.create_task(&other).await,
+        Err(StoreError::Exists(t.id))
+    );
+    assert_eq!(
+        store.get_task(&t.id).await.unwrap().unwrap().purpose,
+        t.purpose
+    );
+}
+
+pub async fn update_applies_atomically_or_not_at_all(store: &dyn Store) {
+    let t = sample_task(AGENT, REQUESTER, 1);
+    store.create_task(&t).await.unwrap();
+
+    // A change the rules refuse leaves the task as it was.
+    let refused = store
+        .update_task(
+            &t.id,
+            Arc::new(|task: &mut Task| {
+                task.decide(approval(REQUESTER, Decision::Approve), SystemTime::now())
+            }),
+            DAY,
+        )
+        .await;
+    assert!(matches!(
+        refused,
+        Err(UpdateError::Rejected(TaskError::Forbidden(_)))
+    ));
+    assert_eq!(store.get_task(&t.id).await.unwrap().unwrap(), t);
+
+    // A change that fails half-way (mutates, then errors) leaves nothing either.
+    let half = store
+        .update_task(
+            &t.id,
+            Arc::new(|task: &mut Task| {
+                task.purpose = "half-written".into();
+                Err(TaskError::Precondition("no".into()))
+            }),
+            DAY,
+        )
+        .await;
+    assert!(matches!(half, Err(UpdateError::Rejected(_))));
+    assert_eq!(
+        store.get_task(&t.id).await.unwrap().unwrap().purpose,
+        t.purpose
+    );
+
+    let approved = store
+        .update_task(
+            &t.id,
+            Arc::new(|task: &mut Task| {
+                task.decide(
+                    approval("spiffe://taskcred.dev/human/approver", Decision::Approve),
+                    SystemTime::now(),
+                )
+            }),
+            DAY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(approved.state, TaskState::Approved);
+    assert_eq!(store.get_task(&t.id).await.unwrap().unwrap(), approved);
+
+    let missing = store
+        .update_task(&TaskId::generate(), Arc::new(|_: &mut Task| Ok(())), DAY)
+        .await;
+    assert_eq!(missing, Err(UpdateError::NotFound));
+}
+
+pub async fn concurrent_updates_lose_nothing(store: &dyn Store) {
+    let t = sample_task(AGENT, REQUESTER, 8);
+    store.create_task(&t).await.unwrap();
+    let approvers: Vec<String> = (0..8)
+        .map(|i| format!("spiffe://taskcred.dev/human/approver-{i}"))
+        .collect();
+    let results = futures_join(approvers.iter().map(|who| {
+        let who = who.clone();
+        store.update_task(
+            &t.id,
+            Arc::new(move |task: &mut Task| {
+                task.decide(approval(&who, Decision::Approve), SystemTime::now())
+            }),
+            DAY,
+        )
+    }))
+    .await;
+    for r in results {
+        r.unwrap();
+    }
+    let done = store.get_task(&t.id).await.unwrap().unwrap();
+    assert_eq!(done.approvals.len(), 8, "every concurrent approval is kept");
+    assert_eq!(done.state, TaskState::Approved);
+}
+
+/// Polls the futures concurrently on this task.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set: Vec<_> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+pub async fn list_filters_and_pages_newest_first(store: &dyn Store) {
+    // A requester and executors of their own, so that earlier cases do not interfere.
+    let requester = format!("spiffe://list.test/human/r-{}", TaskId::generate());
+    let other_requester = format!("spiffe://list.test/human/o-{}", TaskId::generate());
+    let exec_a = format!("spiffe://list.test/agent/a-{}", TaskId::generate());
+    let exec_b = format!("spiffe://list.test/agent/b-{}", TaskId::generate());
+    let mut created = Vec::new();
+    for i in 0..7 {
+        let executor = if i % 2 == 0 { &exec_a } else { &exec_b };
+        let req = if i == 6 { &other_requester } else { &requester };
+        let t = sample_task(executor, req, if i == 0 { 0 } else { 1 });
+        store.create_task(&t).await.unwrap();
+        created.push(t);
+        // UUIDv7 ids order by millisecond; keep them distinct and ordered.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let by_requester = TaskQuery {
+        requester: Some(w(&requester)),
+        ..query()
+    };
+    let page = store.list_tasks(&by_requester).await.unwrap();
+    let ids: Vec<TaskId> = page.tasks.iter().map(|t| t.id).collect();
+    let expected: Vec<TaskId> = created[..6].iter().rev().map(|t| t.id).collect();
+    assert_eq!(ids, expected, "newest first, only this requester");
+
+    let by_executor = TaskQuery {
+        executor: Some(w(&exec_a)),
+        ..query()
+    };
+    let page = store.list_tasks(&by_executor).await.unwrap();
+    assert_eq!(page.tasks.len(), 4);
+    assert!(page.tasks.iter().all(|t| t.executor.as_str() == exec_a));
+
+    let approved = TaskQuery {
+        state: Some(TaskState::Approved),
+        requester: Some(w(&requester)),
+        ..query()
+    };
+    let page = store.list_tasks(&approved).await.unwrap();
+    assert_eq!(
+        page.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![created[0].id]
+    );
+
+    // Pages of two cover the same tasks, in order, with no repeat.
+    let mut seen = Vec::new();
+    let mut q = TaskQuery {
+        limit: 2,
+        ..by_requester.clone()
+    };
+    loop {
+        let page = store.list_tasks(&q).await.unwrap();
+        assert!(page.tasks.len() <= 2);
+        seen.extend(page.tasks.iter().map(|t| t.id));
+        match page.next {
+            Some(next) => q.before = Some(next),
+            None => break,
+        }
+        assert!(seen.len() <= 6, "paging does not end");
+    }
+    assert_eq!(seen, expected);
+
+    // The unfiltered list holds them too.
+    let all = store.list_tasks(&query()).await.unwrap();
+    for t in &created {
+        assert!(all.tasks.iter().any(|x| x.id == t.id));
+    }
+}
+
+pub async fn ended_tasks_are_pruned_after_retention(store: &dyn Store) {
+    let t = sample_task(AGENT, REQUESTER, 1);
+    store.create_task(&t).await.unwrap();
+    let keep = sample_task(AGENT, REQUESTER, 1);
+    store.create_task(&keep).await.unwrap();
+    let requester = w(REQUESTER);
+    let retention = Duration::from_millis(500);
+    let ended = store
+        .update_task(
+            &t.id,
+            Arc::new(move |task: &mut Task| task.cancel(&requester, SystemTime::now())),
+            retention,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended.state, TaskState::Cancelled);
+    // Readable with its history until the retention passes...
+    assert_eq!(
+        store.get_task(&t.id).await.unwrap().unwrap().state,
+        TaskState::Cancelled
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    store.prune_ended(SystemTime::now()).await.unwrap();
+    // ...then gone; a task that has not ended stays.
+    assert_eq!(store.get_task(&t.id).await.unwrap(), None);
+    assert!(store.get_task(&keep.id).await.unwrap().is_some());
+    let listed = store.list_tasks(&query()).await.unwrap();
+    assert!(listed.tasks.iter().all(|x| x.id != t.id));
+}

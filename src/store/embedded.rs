@@ -1,0 +1,289 @@
+//! The embedded store: one redb file on local disk, for a single broker process and for
+//! `serve --dev`. Every operation is one redb transaction (ACID, crash-safe, durable on commit),
+//! run on tokio's blocking pool.
+//!
+//! Tables: `tasks` (id -> JSON), `tasks_by_executor` and `tasks_by_requester` ((who, id) -> ()),
+//! and `tasks_ended` ((ended ms, id) -> ()) for retention. Task ids are UUIDv7 strings, so key
+//! order is creation order.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+
+use super::{
+    Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode, encode, unix_ms,
+};
+use crate::task::{Task, TaskId};
+
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+const BY_EXECUTOR: TableDefinition<(&str, &str), ()> = TableDefinition::new("tasks_by_executor");
+const BY_REQUESTER: TableDefinition<(&str, &str), ()> = TableDefinition::new("tasks_by_requester");
+const ENDED: TableDefinition<(u64, &str), ()> = TableDefinition::new("tasks_ended");
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("embedded store: {e}"))
+}
+
+/// The embedded store. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file at `path`; its directory must exist.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the file cannot be opened (another process holds it, it
+    /// is not a redb file, permissions).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(backend)?;
+        txn.open_table(TASKS).map_err(backend)?;
+        txn.open_table(BY_EXECUTOR).map_err(backend)?;
+        txn.open_table(BY_REQUESTER).map_err(backend)?;
+        txn.open_table(ENDED).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(Self {
+            db: Arc::new(db),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, UpdateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, UpdateError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| UpdateError::Store(backend(format!("worker: {e}"))))?
+    }
+}
+
+fn store_only(e: UpdateError) -> StoreError {
+    match e {
+        UpdateError::Store(s) => s,
+        other => StoreError::Corrupt(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
+        let task = task.clone();
+        self.blocking(move |db| {
+            let bytes = encode(&task)?;
+            let id = task.id.to_string();
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
+                if tasks.get(id.as_str()).map_err(backend)?.is_some() {
+                    return Err(StoreError::Exists(task.id).into());
+                }
+                tasks
+                    .insert(id.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+                txn.open_table(BY_EXECUTOR)
+                    .map_err(backend)?
+                    .insert((task.executor.as_str(), id.as_str()), ())
+                    .map_err(backend)?;
+                txn.open_table(BY_REQUESTER)
+                    .map_err(backend)?
+                    .insert((task.requester.as_str(), id.as_str()), ())
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)?;
+            Ok(())
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let tasks = txn.open_table(TASKS).map_err(backend)?;
+            let got = tasks.get(id.as_str()).map_err(backend)?;
+            Ok(got.map(|v| decode(v.value())).transpose()?)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn update_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<Task, UpdateError> {
+        // Running the change inside the write transaction (redb has one writer at a time) makes
+        // read-modify-write atomic.
+        let key = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let updated = {
+                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
+                let current = match tasks.get(key.as_str()).map_err(backend)? {
+                    Some(v) => decode(v.value())?,
+                    None => return Err(UpdateError::NotFound),
+                };
+                let mut next = current.clone();
+                change(&mut next)?;
+                tasks
+                    .insert(key.as_str(), encode(&next)?.as_slice())
+                    .map_err(backend)?;
+                if let (None, Some(ended)) = (current.ended_at, next.ended_at) {
+                    // Kept for `retention` after it ends: index by the time it may be pruned.
+                    let prune_at = unix_ms(ended + retention);
+                    txn.open_table(ENDED)
+                        .map_err(backend)?
+                        .insert((prune_at, key.as_str()), ())
+                        .map_err(backend)?;
+                }
+                next
+            };
+            txn.commit().map_err(backend)?;
+            Ok(updated)
+        })
+        .await
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+        let query = query.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let tasks = txn.open_table(TASKS).map_err(backend)?;
+            let before = query.before.map(|b| b.to_string());
+            // Candidate ids, newest first, from the narrowest index available.
+            let ids: Box<dyn Iterator<Item = Result<String, StoreError>>> =
+                match (&query.executor, &query.requester) {
+                    (Some(who), _) | (None, Some(who)) => {
+                        let table = if query.executor.is_some() {
+                            BY_EXECUTOR
+                        } else {
+                            BY_REQUESTER
+                        };
+                        let index = txn.open_table(table).map_err(backend)?;
+                        let who = who.as_str().to_owned();
+                        let end = before.clone().unwrap_or_else(|| "~".into());
+                        let range = index
+                            .range((who.as_str(), "")..(who.as_str(), end.as_str()))
+                            .map_err(backend)?;
+                        Box::new(
+                            range
+                                .rev()
+                                .map(|r| r.map(|(k, _)| k.value().1.to_owned()).map_err(backend))
+                                .collect::<Vec<_>>()
+                                .into_iter(),
+                        )
+                    }
+                    (None, None) => {
+                        let range = match &before {
+                            Some(b) => tasks.range(..b.as_str()),
+                            None => tasks.range::<&str>(..),
+                        }
+                        .map_err(backend)?;
+                        Box::new(
+                            range
+                                .rev()
+                                .map(|r| r.map(|(k, _)| k.value().to_owned()).map_err(backend))
+                                .take(query.max_scan.saturating_add(1))
+                                .collect::<Vec<_>>()
+                                .into_iter(),
+                        )
+                    }
+                };
+            let mut page = TaskPage::default();
+            let mut last = None;
+            for (scanned, id) in ids.enumerate() {
+                let id = id?;
+                if page.tasks.len() >= query.limit || scanned >= query.max_scan {
+                    page.next = last
+                        .map(|l: String| TaskId::parse(&l))
+                        .transpose()
+                        .ok()
+                        .flatten();
+                    break;
+                }
+                if let Some(v) = tasks.get(id.as_str()).map_err(backend)? {
+                    let task = decode(v.value())?;
+                    if query.matches(&task) {
+                        page.tasks.push(task);
+                    }
+                }
+                last = Some(id);
+            }
+            Ok(page)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn prune_ended(&self, ended_before: SystemTime) -> Result<usize, StoreError> {
+        let cutoff = unix_ms(ended_before);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let mut pruned = 0;
+            {
+                let mut ended = txn.open_table(ENDED).map_err(backend)?;
+                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
+                let mut by_executor = txn.open_table(BY_EXECUTOR).map_err(backend)?;
+                let mut by_requester = txn.open_table(BY_REQUESTER).map_err(backend)?;
+                let due: Vec<(u64, String)> = ended
+                    .range((0, "")..(cutoff, ""))
+                    .map_err(backend)?
+                    .map(|r| r.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+                    .collect::<Result<_, _>>()
+                    .map_err(backend)?;
+                for (at, id) in due {
+                    ended.remove((at, id.as_str())).map_err(backend)?;
+                    let Some(task) = tasks
+                        .remove(id.as_str())
+                        .map_err(backend)?
+                        .map(|v| decode(v.value()))
+                        .transpose()?
+                    else {
+                        continue;
+                    };
+                    by_executor
+                        .remove((task.executor.as_str(), id.as_str()))
+                        .map_err(backend)?;
+                    by_requester
+                        .remove((task.requester.as_str(), id.as_str()))
+                        .map_err(backend)?;
+                    pruned += 1;
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(pruned)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.blocking(|db| {
+            db.begin_read().map_err(backend)?;
+            Ok(())
+        })
+        .await
+        .map_err(store_only)
+    }
+}

@@ -1,0 +1,153 @@
+//! The `Store`: where tasks (and, later, leases, locks and revocations) live. One trait of coarse
+//! atomic operations, two backends: [`embedded`] (a redb file, one broker process) and
+//! [`redis`] (any number of stateless replicas). [`conformance`] holds the one test suite both
+//! must pass.
+//!
+//! A change to a task is a pure function of the task (the rules of [`crate::task`]) applied by
+//! [`Store::update_task`] atomically: a redb write transaction, or a compare-and-set on a version
+//! in Redis, retried on conflict. A store that cannot be reached answers
+//! [`StoreError::Unavailable`] and leaves nothing half-written.
+
+pub mod conformance;
+pub mod embedded;
+pub mod redis;
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::identity::WorkloadId;
+use crate::task::{Task, TaskError, TaskId, TaskState};
+
+/// Why the store could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend cannot be reached or failed; nothing was changed. Callers answer `UNAVAILABLE`.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A record does not decode: the data is damaged or from an incompatible version.
+    #[error("store record damaged: {0}")]
+    Corrupt(String),
+    /// A task with this id exists already.
+    #[error("task {0} exists already")]
+    Exists(TaskId),
+    /// Concurrent writers kept changing the record; the change was not applied.
+    #[error("too much contention on task {0}; try again")]
+    Contention(TaskId),
+}
+
+/// Why [`Store::update_task`] did not apply a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateError {
+    /// No such task.
+    #[error("no such task")]
+    NotFound,
+    /// The task's rules refused the change; the task is unchanged.
+    #[error(transparent)]
+    Rejected(#[from] TaskError),
+    /// The store failed; the task is unchanged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A change to one task: applied to the current version, atomically. It may run more than once
+/// (Redis retries on conflict), so it must be a pure function of the task.
+pub type TaskChange = std::sync::Arc<dyn Fn(&mut Task) -> Result<(), TaskError> + Send + Sync>;
+
+/// Which tasks to list, newest first.
+#[derive(Debug, Clone)]
+pub struct TaskQuery {
+    /// Only in this state.
+    pub state: Option<TaskState>,
+    /// Only with this executor.
+    pub executor: Option<WorkloadId>,
+    /// Only with this requester.
+    pub requester: Option<WorkloadId>,
+    /// Only tasks older than this one (the page cursor).
+    pub before: Option<TaskId>,
+    /// Most tasks in the page.
+    pub limit: usize,
+    /// Most tasks examined for one page; bounds the cost of a selective filter. The page then
+    /// ends early with a cursor to continue from.
+    pub max_scan: usize,
+}
+
+/// One page of tasks.
+#[derive(Debug, Clone, Default)]
+pub struct TaskPage {
+    /// The tasks, newest first.
+    pub tasks: Vec<Task>,
+    /// Where the next page starts, if there may be more.
+    pub next: Option<TaskId>,
+}
+
+impl TaskQuery {
+    /// Whether `task` matches the filters (the cursor and limits aside).
+    pub fn matches(&self, task: &Task) -> bool {
+        self.state.is_none_or(|s| task.state == s)
+            && self.executor.as_ref().is_none_or(|e| &task.executor == e)
+            && self.requester.as_ref().is_none_or(|r| &task.requester == r)
+    }
+}
+
+/// Tasks, kept atomically. See the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Writes a new task.
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`] for a known id; [`StoreError::Unavailable`].
+    async fn create_task(&self, task: &Task) -> Result<(), StoreError>;
+
+    /// Reads a task.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
+
+    /// Applies `change` to the current version of the task, atomically, and returns the result.
+    /// A task that reaches a terminal state is kept for `retention` after it ends.
+    ///
+    /// # Errors
+    /// [`UpdateError`]: not found, refused by the rules, or the store failed (task unchanged).
+    async fn update_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<Task, UpdateError>;
+
+    /// Lists tasks, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError>;
+
+    /// Deletes tasks that ended before `ended_before`, with their history. Returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn prune_ended(&self, ended_before: SystemTime) -> Result<usize, StoreError>;
+
+    /// Checks that the store answers.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn encode(task: &Task) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(task).map_err(|e| StoreError::Corrupt(format!("encoding task: {e}")))
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<Task, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("decoding task: {e}")))
+}
