@@ -10,9 +10,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, GrpcOptions};
+use crate::audit::AuditLog;
+use crate::broker::{Broker, BrokerSettings};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, ServerConfig, StoreBackend};
 use crate::http::{self, HttpState};
+use crate::policy::{PolicyEngine, PolicyError};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
+use crate::store::{Store, StoreError};
+use crate::task::TaskLimits;
 use crate::telemetry;
 use crate::tls::{self, AcceptLimits, TlsSetupError};
 
@@ -30,6 +37,20 @@ pub enum AppError {
         what: &'static str,
         /// The address.
         addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The policy directory does not load.
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// The store cannot be opened.
+    #[error("store: {0}")]
+    Store(StoreError),
+    /// The audit log cannot be opened.
+    #[error("key `audit.path`: file {path}: {source}")]
+    Audit {
+        /// The file.
+        path: std::path::PathBuf,
         /// Why.
         source: std::io::Error,
     },
@@ -80,33 +101,72 @@ impl Listeners {
     }
 }
 
-/// A broker ready to run: configuration checked, TLS built.
+/// A broker ready to run: configuration checked, TLS built, policies loaded, store opened.
 #[derive(Debug)]
 pub struct App {
     config: Config,
     tls: Arc<rustls::ServerConfig>,
     clock: Arc<dyn Clock>,
+    broker: Broker,
 }
 
+/// How often ended tasks past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 impl App {
-    /// Builds the broker from a checked configuration.
+    /// Builds the broker from a checked configuration, on the system clock.
     ///
     /// # Errors
-    /// [`AppError::Tls`] when the certificate, key or trust bundle is unusable.
+    /// [`AppError`] naming what is unusable: TLS material, a policy file, the store, the audit log.
     pub fn build(config: Config) -> Result<Self, AppError> {
+        Self::build_with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// Builds the broker on `clock` (tests use a manual clock).
+    ///
+    /// # Errors
+    /// As [`App::build`].
+    pub fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         let tls = tls::server_config(&config.tls, &config.identity.allowed_trust_domains)?;
+        let policy = Arc::new(PolicyEngine::load(&config.policy.dir)?);
+        let store: Arc<dyn Store> = match config.store.backend {
+            StoreBackend::Embedded => {
+                Arc::new(EmbeddedStore::open(&config.store.path).map_err(AppError::Store)?)
+            }
+            StoreBackend::Redis => {
+                let url = config.store.redis_url.as_deref().unwrap_or_default();
+                Arc::new(RedisStore::new(url).map_err(AppError::Store)?)
+            }
+        };
+        let audit =
+            Arc::new(
+                AuditLog::open(&config.audit.path).map_err(|source| AppError::Audit {
+                    path: config.audit.path.clone(),
+                    source,
+                })?,
+            );
+        let ttl = &config.ttl;
+        let settings = BrokerSettings {
+            limits: TaskLimits {
+                deadline_max: ttl.task_deadline_max,
+                deadline_default: ttl.task_deadline_max.min(Duration::from_secs(3600)),
+                credential_ttl_default: ttl.credential_default,
+                credential_ttl_max: ttl.credential_max,
+            },
+            task_retention: ttl.task_retention,
+        };
+        let broker = Broker::new(store, policy, audit, clock.clone(), settings);
         Ok(Self {
             config,
             tls,
-            clock: Arc::new(SystemClock),
+            clock,
+            broker,
         })
     }
 
-    /// Uses `clock` instead of the system clock (tests).
-    #[must_use]
-    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
-        self
+    /// The use cases (for SIGHUP policy reloads).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
     }
 
     /// Serves until `shutdown` is cancelled, then drains in-flight RPCs for at most
@@ -148,6 +208,7 @@ impl App {
         let mut grpc = tokio::spawn(api::serve(
             options,
             self.clock.clone(),
+            self.broker.clone(),
             health_service,
             incoming,
             shutdown.clone().cancelled_owned(),
@@ -155,6 +216,7 @@ impl App {
         let http_router = http::router(HttpState {
             metrics: metrics.clone(),
             ready: ready.clone(),
+            store: self.broker.store().clone(),
         });
         let mut http = tokio::spawn(
             axum::serve(listeners.http, http_router)
@@ -166,12 +228,18 @@ impl App {
 
         // Histograms are aggregated lazily; upkeep keeps the recorder's memory bounded.
         let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
         let early = loop {
             tokio::select! {
                 // Shutdown first: a server that ends because shutdown was asked is no failure.
                 biased;
                 () = shutdown.cancelled() => break None,
                 _ = upkeep.tick() => metrics.run_upkeep(),
+                _ = prune.tick() => match self.broker.prune().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tasks = n, "pruned ended tasks past their retention"),
+                    Err(e) => tracing::warn!(error = %e, "pruning ended tasks failed; will retry"),
+                },
                 r = &mut grpc => break Some(("gRPC", r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())))),
                 r = &mut http => break Some(("HTTP", r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())))),
             }

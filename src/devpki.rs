@@ -1,7 +1,8 @@
-//! The development PKI of `taskcred dev init` and `serve --dev`: a root CA, the broker's server
+//! The development setup of `taskcred dev init` and `serve --dev`: a root CA, the broker's server
 //! certificate, the JWT signing key and a client certificate for each dev identity, all made
-//! with rcgen into one directory. Private keys are written 0600 in a 0700 directory; files that
-//! exist are kept, so running it again changes nothing.
+//! with rcgen into one directory, plus the dev Cedar policies (`policies/`, copied from the
+//! built-in `config/policies`). Private keys are written 0600 in a 0700 directory; files that
+//! exist are kept, so running it again changes nothing (edit the copied policies freely).
 //!
 //! Never for production: the CA key sits next to the certificates it signs.
 
@@ -42,6 +43,8 @@ pub const SERVER_CERT: &str = "server.pem";
 pub const SERVER_KEY: &str = "server-key.pem";
 /// The JWT signing key (ES256, PKCS#8).
 pub const JWT_KEY: &str = "jwt-key.pem";
+/// The dev policy directory.
+pub const POLICY_DIR: &str = "policies";
 
 /// Why the dev PKI could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,21 @@ pub fn init(dir: &Path) -> Result<InitReport, DevPkiError> {
         report.created.push(jwt_key);
     }
 
+    let policies = dir.join(POLICY_DIR);
+    if policies.exists() {
+        report.kept.push(policies);
+    } else {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&policies)
+            .map_err(io(&policies))?;
+        for (name, text) in crate::policy::DEV_POLICIES {
+            let path = policies.join(name);
+            write_new(&path, text, 0o644)?;
+            report.created.push(path);
+        }
+    }
+
     for (name, spiffe_id) in IDENTITIES {
         let (cert_path, key_path) = identity_files(dir, name);
         if pair_exists(&cert_path, &key_path)? {
@@ -179,6 +197,7 @@ pub fn is_complete(dir: &Path) -> bool {
         dir.join(SERVER_CERT),
         dir.join(SERVER_KEY),
         dir.join(JWT_KEY),
+        dir.join(POLICY_DIR),
     ];
     for (name, _) in IDENTITIES {
         let (c, k) = identity_files(dir, name);

@@ -22,6 +22,8 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
+pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use taskcred::app::{App, Listeners};
+use taskcred::app::{App, AppError, Listeners};
+use taskcred::broker::Broker;
 use taskcred::cli::{self, Cli, Command, DevCommand, ServeArgs};
 use taskcred::config::{self, Overrides, Source};
 use taskcred::{devpki, telemetry};
@@ -35,6 +36,8 @@ fn main() -> ExitCode {
                 command: DevCommand::Init { ref dir },
             } => cli::dev_init(&cli.client, dir.clone()),
             Command::Whoami => cli::whoami(&cli.client).await,
+            Command::Task { ref command } => cli::task::run(&cli.client, command).await,
+            Command::Policy { ref command } => cli::policy::run(&cli.client, command).await,
         }
     })
 }
@@ -79,6 +82,11 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
     let server = config.server.clone();
     let app = match App::build(config) {
         Ok(app) => app,
+        // The store is configured right but cannot be opened (another broker holds the file).
+        Err(e @ AppError::Store(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
         Err(e) => {
             eprintln!("error: configuration refused: {e}");
             return ExitCode::from(EXIT_BAD_CONFIG);
@@ -95,6 +103,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
+    tokio::spawn(reload_on_sighup(app.broker().clone(), shutdown.clone()));
     match app.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -115,6 +124,28 @@ fn print_banner(listeners: &Listeners, dev: bool, cli: &Cli) {
     if dev {
         println!("  dev PKI:     {}", cli.client.dev_dir.display());
         println!("try:  cargo run --release -- --as agent whoami");
+    }
+}
+
+/// Reloads the policies on each SIGHUP until shutdown. A refused set is logged and audited; the
+/// policies in force stay.
+async fn reload_on_sighup(broker: Broker, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = hup.recv() => {
+                // The outcome is logged and audited by the broker.
+                let _ = broker.reload_policy_on_signal();
+            }
+        }
     }
 }
 

@@ -33,6 +33,7 @@ impl Setup {
                 .unwrap()
                 .replace("/etc/taskcred/", &format!("{}/", dir.display()))
                 .replace("/var/lib/taskcred/", &format!("{}/", dir.display()))
+                .replace("/var/log/taskcred/", &format!("{}/", dir.display()))
                 .replace("127.0.0.1:7443", "127.0.0.1:0")
                 .replace("127.0.0.1:7480", "127.0.0.1:0");
         Self {

@@ -2,10 +2,13 @@
 //! deny by default), thin handlers and the server assembly with its limits (message size,
 //! RPCs per connection, request timeout). Domain logic lives below this module.
 
+mod admin;
 pub mod auth;
+mod error;
 mod identity;
 mod metrics;
 mod ready_or;
+mod tasks;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -16,9 +19,12 @@ use prost::Message as _;
 use tokio_stream::Stream;
 use tonic::transport::Server;
 
+pub use admin::AdminApi;
 pub use identity::IdentityApi;
 pub use metrics::RpcMetricsLayer;
+pub use tasks::{TaskApi, state_from_pb, state_to_pb, task_to_pb};
 
+use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::tls::TlsConn;
 use auth::AuthLayer;
@@ -112,6 +118,7 @@ pub fn known_methods() -> HashSet<String> {
 pub async fn serve<H, I>(
     options: GrpcOptions,
     clock: Arc<dyn Clock>,
+    broker: Broker,
     health: H,
     incoming: I,
     shutdown: impl Future<Output = ()>,
@@ -145,6 +152,12 @@ where
     let identity = pb::identity_service_server::IdentityServiceServer::new(IdentityApi)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let tasks = pb::task_service_server::TaskServiceServer::new(TaskApi::new(broker.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(broker))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
 
     Server::builder()
         .concurrency_limit_per_connection(options.max_concurrent_rpcs_per_connection as usize)
@@ -158,6 +171,8 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(identity)
+        .add_service(tasks)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

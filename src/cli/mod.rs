@@ -1,8 +1,11 @@
 //! The command line of the one `taskcred` binary: flags, and the client subcommands that talk to
 //! a broker over the generated gRPC client. Exit codes: 0 success, 1 the broker refused or could
-//! not be reached, 2 bad usage (flags, missing files), 64 a configuration the server refuses.
+//! not be reached (or `policy check` found an invalid set), 2 bad usage (flags, missing files),
+//! 64 a configuration the server refuses.
 
 mod client;
+pub mod policy;
+pub mod task;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +74,18 @@ pub enum Command {
     },
     /// Print the identity the broker sees in your client certificate.
     Whoami,
+    /// Request, approve, deny, cancel, show and list tasks.
+    Task {
+        /// Which.
+        #[command(subcommand)]
+        command: task::TaskCommand,
+    },
+    /// Check policies offline, or reload them on a broker.
+    Policy {
+        /// Which.
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
 }
 
 /// `taskcred serve`.

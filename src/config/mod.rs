@@ -40,8 +40,27 @@ pub struct Config {
     pub store: StoreConfig,
     /// Credential and task lifetimes.
     pub ttl: TtlConfig,
+    /// Where the Cedar policies are.
+    pub policy: PolicyConfig,
+    /// Where decisions are recorded.
+    pub audit: AuditConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// The Cedar policies.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// Directory of `*.cedar` files, validated against the built-in schema; reloaded on SIGHUP
+    /// and by the `ReloadPolicy` RPC.
+    pub dir: PathBuf,
+}
+
+/// The audit log.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// File receiving one JSON line per decision (created 0600, appended to).
+    pub path: PathBuf,
 }
 
 /// Listeners and limits of the gRPC and HTTP ports.
@@ -118,6 +137,8 @@ pub struct TtlConfig {
     pub lease_renewal_max: Duration,
     /// Latest deadline a task may ask for, from its request.
     pub task_deadline_max: Duration,
+    /// How long an ended task and its approval history stay readable.
+    pub task_retention: Duration,
 }
 
 /// Logging.
@@ -285,6 +306,12 @@ fn dev_defaults(dir: &Path) -> toml::Table {
     store.insert("backend".into(), "embedded".into());
     store.insert("path".into(), p("taskcred.db"));
     t.insert("store".into(), store.into());
+    let mut policy = toml::Table::new();
+    policy.insert("dir".into(), p("policies"));
+    t.insert("policy".into(), policy.into());
+    let mut audit = toml::Table::new();
+    audit.insert("path".into(), p("audit.jsonl"));
+    t.insert("audit".into(), audit.into());
     t
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    Config, IdentityConfig, IssuerConfig, LogConfig, ServerConfig, StoreConfig, TlsConfig,
-    TtlConfig,
+    AuditConfig, Config, IdentityConfig, IssuerConfig, LogConfig, PolicyConfig, ServerConfig,
+    StoreConfig, TlsConfig, TtlConfig,
 };
 use crate::identity::TrustDomains;
 
@@ -29,8 +29,22 @@ pub(super) struct Raw {
     store: RawStore,
     #[serde(default)]
     ttl: RawTtl,
+    policy: RawPolicy,
+    audit: RawAudit,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +169,8 @@ struct RawTtl {
     lease_renewal_max: Duration,
     #[serde(deserialize_with = "duration")]
     task_deadline_max: Duration,
+    #[serde(deserialize_with = "duration")]
+    task_retention: Duration,
 }
 
 impl Default for RawTtl {
@@ -164,6 +180,7 @@ impl Default for RawTtl {
             credential_max: Duration::from_secs(60 * 60),
             lease_renewal_max: Duration::from_secs(8 * 60 * 60),
             task_deadline_max: Duration::from_secs(24 * 60 * 60),
+            task_retention: Duration::from_secs(30 * 24 * 60 * 60),
         }
     }
 }
@@ -323,6 +340,12 @@ impl Raw {
                 second,
                 30 * day,
             )?,
+            task_retention: range(
+                "ttl.task_retention",
+                t.task_retention,
+                Duration::from_secs(60),
+                3650 * day,
+            )?,
         };
 
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
@@ -339,6 +362,12 @@ impl Raw {
             issuer,
             store,
             ttl,
+            policy: PolicyConfig {
+                dir: self.policy.dir,
+            },
+            audit: AuditConfig {
+                path: self.audit.path,
+            },
             log,
         })
     }

@@ -1,8 +1,10 @@
-//! The HTTP port (axum): `/healthz` (the process answers), `/readyz` (the broker serves RPCs),
+//! The HTTP port (axum): `/healthz` (the process answers), `/readyz` (the broker serves RPCs and
+//! its store answers),
 //! `/metrics` (Prometheus text). Later issues add the JWKS, discovery document and CRL here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -11,6 +13,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::store::Store;
+
 /// What the HTTP handlers read.
 #[derive(Clone)]
 pub struct HttpState {
@@ -18,6 +22,8 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     /// Whether the broker is ready to serve RPCs (false while starting and draining).
     pub ready: Arc<AtomicBool>,
+    /// The store: not ready while it does not answer.
+    pub store: Arc<dyn Store>,
 }
 
 /// The routes of the HTTP port.
@@ -34,10 +40,18 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !state.ready.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting or draining\n",
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the store does not answer\n",
+        ),
     }
 }
 

@@ -1,0 +1,26 @@
+//! The one mapping from domain errors to gRPC statuses. Messages for the caller say what to fix;
+//! internals (store errors, bugs) are logged and answered with a generic message.
+
+use tonic::Status;
+
+use crate::broker::BrokerError;
+
+/// The status for a use-case error.
+pub fn status(e: BrokerError) -> Status {
+    match e {
+        BrokerError::Invalid { field, reason } => {
+            Status::invalid_argument(format!("{field}: {reason}"))
+        }
+        BrokerError::Denied(m) => Status::permission_denied(m),
+        BrokerError::NotFound => Status::not_found("no such task"),
+        BrokerError::Precondition(m) => Status::failed_precondition(m),
+        BrokerError::Unavailable(detail) => {
+            tracing::warn!(%detail, "store unavailable");
+            Status::unavailable("the store is unavailable; nothing was changed, retry later")
+        }
+        BrokerError::Internal(detail) => {
+            tracing::error!(%detail, "internal error");
+            Status::internal("internal error")
+        }
+    }
+}

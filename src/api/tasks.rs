@@ -1,0 +1,240 @@
+//! `taskcred.v1.TaskService`: thin handlers over [`Broker`] with the proto conversions.
+
+use std::time::{Duration, SystemTime};
+
+use tonic::{Request, Response, Status};
+
+use super::auth::caller;
+use super::error::status;
+use super::pb;
+use super::pb::task_service_server::TaskService;
+use crate::broker::{Broker, ListRequest};
+use crate::identity::WorkloadId;
+use crate::task::{Decision, RawTaskRequest, Task, TaskId, TaskState};
+
+/// The task service.
+#[derive(Debug, Clone)]
+pub struct TaskApi {
+    broker: Broker,
+}
+
+impl TaskApi {
+    /// Serves `broker`'s use cases.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+}
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+    d.map(|d| Duration::try_from(d).map_err(|_| invalid(field, "must be a positive duration")))
+        .transpose()
+}
+
+fn task_id(s: &str) -> Result<TaskId, Status> {
+    TaskId::parse(s).map_err(|_| invalid("task_id", "not a task id (a lowercase UUIDv7)"))
+}
+
+fn optional_id(field: &str, s: &str) -> Result<Option<WorkloadId>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    WorkloadId::parse(s)
+        .map(Some)
+        .map_err(|e| invalid(field, e))
+}
+
+/// The proto state of a domain state.
+pub fn state_to_pb(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::PendingApproval => pb::TaskState::PendingApproval,
+        TaskState::Approved => pb::TaskState::Approved,
+        TaskState::Denied => pb::TaskState::Denied,
+        TaskState::Completed => pb::TaskState::Completed,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+        TaskState::Expired => pb::TaskState::Expired,
+        TaskState::Revoked => pb::TaskState::Revoked,
+    }
+}
+
+/// The domain state of a proto state (`None` for unspecified).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` for a value outside the enum.
+pub fn state_from_pb(v: i32) -> Result<Option<TaskState>, Status> {
+    Ok(
+        match pb::TaskState::try_from(v).map_err(|_| invalid("state", "unknown state"))? {
+            pb::TaskState::Unspecified => None,
+            pb::TaskState::PendingApproval => Some(TaskState::PendingApproval),
+            pb::TaskState::Approved => Some(TaskState::Approved),
+            pb::TaskState::Denied => Some(TaskState::Denied),
+            pb::TaskState::Completed => Some(TaskState::Completed),
+            pb::TaskState::Failed => Some(TaskState::Failed),
+            pb::TaskState::Cancelled => Some(TaskState::Cancelled),
+            pb::TaskState::Expired => Some(TaskState::Expired),
+            pb::TaskState::Revoked => Some(TaskState::Revoked),
+        },
+    )
+}
+
+fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
+    Some(t.into())
+}
+
+/// The proto form of a task.
+pub fn task_to_pb(t: Task) -> pb::Task {
+    pb::Task {
+        id: t.id.to_string(),
+        executor: t.executor.to_string(),
+        requester: t.requester.to_string(),
+        purpose: t.purpose,
+        grants: t
+            .grants
+            .iter()
+            .map(|g| pb::Grant {
+                audience: g.audience.to_string(),
+                actions: g.actions.iter().map(ToString::to_string).collect(),
+            })
+            .collect(),
+        labels: t
+            .labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        credential_ttl: prost_types::Duration::try_from(t.credential_ttl).ok(),
+        deadline: ts(t.deadline),
+        parent_id: t.parent.map(|p| p.to_string()).unwrap_or_default(),
+        state: state_to_pb(t.state).into(),
+        quorum: t.quorum,
+        approvals: t
+            .approvals
+            .into_iter()
+            .map(|a| pb::Approval {
+                id: a.id,
+                approver: a.approver.to_string(),
+                decision: match a.decision {
+                    Decision::Approve => pb::Decision::Approve,
+                    Decision::Deny => pb::Decision::Deny,
+                }
+                .into(),
+                decided_at: ts(a.at),
+                note: a.note,
+            })
+            .collect(),
+        request_policies: t.request_policies,
+        created_at: ts(t.created_at),
+        updated_at: ts(t.updated_at),
+        started_at: t.started_at.and_then(ts),
+        ended_at: t.ended_at.and_then(ts),
+        end_reason: t.end_reason.unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl TaskService for TaskApi {
+    async fn request_task(
+        &self,
+        request: Request<pb::RequestTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let who = caller(&request)?.id.clone();
+        let r = request.into_inner();
+        let raw = RawTaskRequest {
+            executor: r.executor,
+            purpose: r.purpose,
+            grants: r
+                .grants
+                .into_iter()
+                .map(|g| (g.audience, g.actions))
+                .collect(),
+            labels: r.labels.into_iter().collect(),
+            deadline_in: duration("deadline", r.deadline)?,
+            credential_ttl: duration("credential_ttl", r.credential_ttl)?,
+            parent: Some(r.parent_id),
+        };
+        let task = self.broker.request_task(&who, raw).await.map_err(status)?;
+        Ok(Response::new(task_to_pb(task)))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let who = caller(&request)?.id.clone();
+        let id = task_id(&request.get_ref().task_id)?;
+        let task = self.broker.get_task(&who, &id).await.map_err(status)?;
+        Ok(Response::new(task_to_pb(task)))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let r = request.into_inner();
+        let list = ListRequest {
+            state: state_from_pb(r.state)?,
+            executor: optional_id("executor", &r.executor)?,
+            requester: optional_id("requester", &r.requester)?,
+            page_size: (r.page_size > 0).then_some(r.page_size as usize),
+            page_token: if r.page_token.is_empty() {
+                None
+            } else {
+                Some(
+                    TaskId::parse(&r.page_token)
+                        .map_err(|_| invalid("page_token", "not a page token"))?,
+                )
+            },
+        };
+        let page = self.broker.list_tasks(&who, list).await.map_err(status)?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: page.tasks.into_iter().map(task_to_pb).collect(),
+            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn approve_task(
+        &self,
+        request: Request<pb::DecideTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        self.decide(request, Decision::Approve).await
+    }
+
+    async fn deny_task(
+        &self,
+        request: Request<pb::DecideTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        self.decide(request, Decision::Deny).await
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let who = caller(&request)?.id.clone();
+        let id = task_id(&request.get_ref().task_id)?;
+        let task = self.broker.cancel_task(&who, &id).await.map_err(status)?;
+        Ok(Response::new(task_to_pb(task)))
+    }
+}
+
+impl TaskApi {
+    async fn decide(
+        &self,
+        request: Request<pb::DecideTaskRequest>,
+        decision: Decision,
+    ) -> Result<Response<pb::Task>, Status> {
+        let who = caller(&request)?.id.clone();
+        let r = request.into_inner();
+        let id = task_id(&r.task_id)?;
+        let task = self
+            .broker
+            .decide(&who, &id, decision, r.note)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(task_to_pb(task)))
+    }
+}

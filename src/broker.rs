@@ -1,0 +1,433 @@
+//! The use cases of the broker: request, read, list, approve, deny and cancel tasks, reload
+//! policy. Each asks Cedar first (nothing is allowed by code alone), applies the task rules
+//! through one atomic store operation, and audits the decision. No tonic types here.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::clock::Clock;
+use crate::identity::WorkloadId;
+use crate::policy::{PolicyAction, PolicyEngine, Resource, Verdict};
+use crate::store::{Store, StoreError, TaskPage, TaskQuery, UpdateError};
+use crate::task::{
+    Approval, Decision, RawTaskRequest, Task, TaskError, TaskId, TaskLimits, TaskRequest,
+};
+
+/// Largest page of `ListTasks`.
+pub const MAX_PAGE_SIZE: usize = 100;
+/// Page size when none is asked.
+pub const DEFAULT_PAGE_SIZE: usize = 20;
+/// Most tasks examined for one page of `ListTasks`.
+const MAX_SCAN: usize = 1000;
+
+/// Why a use case refused or failed. One mapping to gRPC statuses lives in `api`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// An input field is out of bounds (`INVALID_ARGUMENT`).
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Policy or separation of duties refuses (`PERMISSION_DENIED`).
+    #[error("{0}")]
+    Denied(String),
+    /// No such task (`NOT_FOUND`).
+    #[error("no such task")]
+    NotFound,
+    /// The task's state does not allow it (`FAILED_PRECONDITION`).
+    #[error("{0}")]
+    Precondition(String),
+    /// The store cannot be reached (`UNAVAILABLE`); nothing was changed.
+    #[error("store unavailable")]
+    Unavailable(String),
+    /// Something that should not happen (`INTERNAL`); details are logged, not returned.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<TaskError> for BrokerError {
+    fn from(e: TaskError) -> Self {
+        match e {
+            TaskError::Invalid { field, reason } => Self::Invalid { field, reason },
+            TaskError::Forbidden(m) => Self::Denied(m),
+            TaskError::Precondition(m) => Self::Precondition(m),
+        }
+    }
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => Self::Unavailable(m),
+            StoreError::Contention(id) => {
+                Self::Unavailable(format!("contention on task {id}; retry"))
+            }
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<UpdateError> for BrokerError {
+    fn from(e: UpdateError) -> Self {
+        match e {
+            UpdateError::NotFound => Self::NotFound,
+            UpdateError::Rejected(t) => t.into(),
+            UpdateError::Store(s) => s.into(),
+        }
+    }
+}
+
+/// Filters of `ListTasks`, as asked.
+#[derive(Debug, Clone, Default)]
+pub struct ListRequest {
+    /// Only this state.
+    pub state: Option<crate::task::TaskState>,
+    /// Only this executor.
+    pub executor: Option<WorkloadId>,
+    /// Only this requester.
+    pub requester: Option<WorkloadId>,
+    /// Page size (default 20, at most 100).
+    pub page_size: Option<usize>,
+    /// Continue after this task.
+    pub page_token: Option<TaskId>,
+}
+
+/// Settings of the use cases.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerSettings {
+    /// Task request bounds.
+    pub limits: TaskLimits,
+    /// How long ended tasks stay readable.
+    pub task_retention: Duration,
+}
+
+/// The broker's use cases over a store, a policy engine, an audit log and a clock.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    store: Arc<dyn Store>,
+    policy: Arc<PolicyEngine>,
+    audit: Arc<AuditLog>,
+    clock: Arc<dyn Clock>,
+    settings: BrokerSettings,
+}
+
+impl Broker {
+    /// Assembles the use cases.
+    pub fn new(
+        store: Arc<dyn Store>,
+        policy: Arc<PolicyEngine>,
+        audit: Arc<AuditLog>,
+        clock: Arc<dyn Clock>,
+        settings: BrokerSettings,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            audit,
+            clock,
+            settings,
+        }
+    }
+
+    /// The policy engine (for reloads on SIGHUP).
+    pub fn policy(&self) -> &Arc<PolicyEngine> {
+        &self.policy
+    }
+
+    /// The store (for readiness checks and housekeeping).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Asks policy, audits the answer, and refuses unless permitted.
+    fn authorize(
+        &self,
+        caller: &WorkloadId,
+        action: PolicyAction,
+        resource: &Resource<'_>,
+    ) -> Result<Verdict, BrokerError> {
+        let verdict = self.policy.decide(caller, action, resource);
+        let mut event = AuditEvent::new(
+            self.clock.now(),
+            action.name(),
+            caller.as_str(),
+            verdict.allowed,
+        )
+        .policies(&verdict.policies);
+        if let Resource::Task(t) = resource {
+            event = event.task(t.id);
+        }
+        if !verdict.errors.is_empty() {
+            event = event.detail("policy_errors", verdict.errors.clone());
+        }
+        if verdict.allowed {
+            if action == PolicyAction::RequestTask {
+                event = event.detail("quorum", verdict.quorum);
+            }
+            self.audit.record(&event);
+            Ok(verdict)
+        } else {
+            self.audit.record(&event.reason("not permitted by policy"));
+            Err(BrokerError::Denied(format!(
+                "policy does not permit {} here",
+                action.name()
+            )))
+        }
+    }
+
+    fn audit_refusal(
+        &self,
+        action: PolicyAction,
+        caller: &WorkloadId,
+        task: TaskId,
+        e: &BrokerError,
+    ) {
+        if matches!(
+            e,
+            BrokerError::Denied(_) | BrokerError::Precondition(_) | BrokerError::Invalid { .. }
+        ) {
+            self.audit.record(
+                &AuditEvent::new(self.clock.now(), action.name(), caller.as_str(), false)
+                    .task(task)
+                    .reason(e.to_string()),
+            );
+        }
+    }
+
+    /// Requests a task executed by `raw.executor` on behalf of `caller`. Policy decides whether
+    /// it may be asked and how many approvals it needs; with none it is approved at once.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`] naming the field, [`BrokerError::Denied`] by policy,
+    /// [`BrokerError::Unavailable`].
+    pub async fn request_task(
+        &self,
+        caller: &WorkloadId,
+        raw: RawTaskRequest,
+    ) -> Result<Task, BrokerError> {
+        let request = TaskRequest::parse(raw, &self.settings.limits)?;
+        let now = self.clock.now();
+        let id = TaskId::generate();
+        // The quorum is not known before policy answers; the provisional task only informs it.
+        let provisional = Task::new(id, request.clone(), caller.clone(), 1, Vec::new(), now);
+        let verdict = self.authorize(
+            caller,
+            PolicyAction::RequestTask,
+            &Resource::Task(&provisional),
+        )?;
+        let task = Task::new(
+            id,
+            request,
+            caller.clone(),
+            verdict.quorum,
+            verdict.policies,
+            now,
+        );
+        self.store.create_task(&task).await?;
+        tracing::info!(task = %task.id, executor = %task.executor, quorum = task.quorum, state = %task.state, "task requested");
+        Ok(task)
+    }
+
+    async fn load(&self, id: &TaskId) -> Result<Task, BrokerError> {
+        self.store.get_task(id).await?.ok_or(BrokerError::NotFound)
+    }
+
+    /// Reads a task, with its grants, labels and approval history.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotFound`], [`BrokerError::Denied`], [`BrokerError::Unavailable`].
+    pub async fn get_task(&self, caller: &WorkloadId, id: &TaskId) -> Result<Task, BrokerError> {
+        let task = self.load(id).await?;
+        self.authorize(caller, PolicyAction::GetTask, &Resource::Task(&task))?;
+        Ok(task)
+    }
+
+    /// Lists tasks newest first; a page holds only the tasks `GetTask` permits the caller.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`], [`BrokerError::Invalid`] for a bad page size,
+    /// [`BrokerError::Unavailable`].
+    pub async fn list_tasks(
+        &self,
+        caller: &WorkloadId,
+        request: ListRequest,
+    ) -> Result<TaskPage, BrokerError> {
+        let limit = request.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
+        if limit == 0 || limit > MAX_PAGE_SIZE {
+            return Err(BrokerError::Invalid {
+                field: "page_size",
+                reason: format!("must be 1 to {MAX_PAGE_SIZE}"),
+            });
+        }
+        self.authorize(caller, PolicyAction::ListTasks, &Resource::Broker)?;
+        let mut page = self
+            .store
+            .list_tasks(&TaskQuery {
+                state: request.state,
+                executor: request.executor,
+                requester: request.requester,
+                before: request.page_token,
+                limit,
+                max_scan: MAX_SCAN,
+            })
+            .await?;
+        page.tasks.retain(|t| {
+            self.policy
+                .decide(caller, PolicyAction::GetTask, &Resource::Task(t))
+                .allowed
+        });
+        Ok(page)
+    }
+
+    /// Records an approval or denial by `caller`. Separation of duties holds whatever policy
+    /// says: no decision by the requester or the executor, one per approver, none after the
+    /// deadline or on a task that is not pending.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`] (policy or separation of duties), [`BrokerError::Precondition`],
+    /// [`BrokerError::NotFound`], [`BrokerError::Invalid`] (note), [`BrokerError::Unavailable`].
+    pub async fn decide(
+        &self,
+        caller: &WorkloadId,
+        id: &TaskId,
+        decision: Decision,
+        note: String,
+    ) -> Result<Task, BrokerError> {
+        let action = match decision {
+            Decision::Approve => PolicyAction::ApproveTask,
+            Decision::Deny => PolicyAction::DenyTask,
+        };
+        let task = self.load(id).await?;
+        self.authorize(caller, action, &Resource::Task(&task))?;
+        let now = self.clock.now();
+        let approval = Approval {
+            id: TaskId::generate().to_string(),
+            approver: caller.clone(),
+            decision,
+            at: now,
+            note,
+        };
+        let approval_id = approval.id.clone();
+        let result = self
+            .store
+            .update_task(
+                id,
+                Arc::new(move |t: &mut Task| t.decide(approval.clone(), now)),
+                self.settings.task_retention,
+            )
+            .await
+            .map_err(BrokerError::from);
+        match result {
+            Ok(task) => {
+                self.audit.record(
+                    &AuditEvent::new(now, action.name(), caller.as_str(), true)
+                        .task(task.id)
+                        .reason("decision recorded")
+                        .detail("approval_id", approval_id)
+                        .detail("state", task.state.as_str())
+                        .detail("approvals", task.approval_count())
+                        .detail("quorum", task.quorum),
+                );
+                tracing::info!(task = %task.id, approver = %caller, state = %task.state, "decision recorded");
+                Ok(task)
+            }
+            Err(e) => {
+                self.audit_refusal(action, caller, *id, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Cancels a task on behalf of its requester, before it runs.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`], [`BrokerError::Precondition`], [`BrokerError::NotFound`],
+    /// [`BrokerError::Unavailable`].
+    pub async fn cancel_task(&self, caller: &WorkloadId, id: &TaskId) -> Result<Task, BrokerError> {
+        let task = self.load(id).await?;
+        self.authorize(caller, PolicyAction::CancelTask, &Resource::Task(&task))?;
+        let now = self.clock.now();
+        let who = caller.clone();
+        let result = self
+            .store
+            .update_task(
+                id,
+                Arc::new(move |t: &mut Task| t.cancel(&who, now)),
+                self.settings.task_retention,
+            )
+            .await
+            .map_err(BrokerError::from);
+        if let Err(e) = &result {
+            self.audit_refusal(PolicyAction::CancelTask, caller, *id, e);
+        }
+        result
+    }
+
+    /// Reloads the policies if policy permits `caller` to. An invalid set is refused and the
+    /// policies in force stay.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`], or [`BrokerError::Precondition`] with the file and line at fault.
+    pub fn reload_policy(&self, caller: &WorkloadId) -> Result<(usize, Vec<String>), BrokerError> {
+        self.authorize(caller, PolicyAction::ReloadPolicy, &Resource::Broker)?;
+        self.reload_policy_unchecked("ReloadPolicy RPC", Some(caller))
+    }
+
+    /// Reloads the policies for the operator's SIGHUP, which proves itself by having access to
+    /// the process.
+    ///
+    /// # Errors
+    /// [`BrokerError::Precondition`] with the file and line at fault.
+    pub fn reload_policy_on_signal(&self) -> Result<(usize, Vec<String>), BrokerError> {
+        self.reload_policy_unchecked("SIGHUP", None)
+    }
+
+    fn reload_policy_unchecked(
+        &self,
+        trigger: &str,
+        caller: Option<&WorkloadId>,
+    ) -> Result<(usize, Vec<String>), BrokerError> {
+        let principal = caller.map_or("process signal", WorkloadId::as_str);
+        match self.policy.reload() {
+            Ok(n) => {
+                let files = self
+                    .policy
+                    .current()
+                    .files()
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect();
+                tracing::info!(policies = n, trigger, "policies reloaded");
+                self.audit.record(
+                    &AuditEvent::new(self.clock.now(), "ReloadPolicy", principal, true)
+                        .reason(format!("{n} policies loaded ({trigger})")),
+                );
+                Ok((n, files))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, trigger, "policy reload refused; the policies in force stay");
+                self.audit.record(
+                    &AuditEvent::new(self.clock.now(), "ReloadPolicy", principal, false)
+                        .reason(format!("invalid policy set, previous set stays: {e}")),
+                );
+                Err(BrokerError::Precondition(format!(
+                    "policy set refused, the policies in force stay: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Deletes tasks whose retention has passed.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`].
+    pub async fn prune(&self) -> Result<usize, BrokerError> {
+        let now: SystemTime = self.clock.now();
+        Ok(self.store.prune_ended(now).await?)
+    }
+}

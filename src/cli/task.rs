@@ -1,0 +1,348 @@
+//! `taskcred task ...`: request, show, list, approve, deny and cancel tasks.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use super::{ClientArgs, ClientError, connect};
+use crate::api::pb;
+use crate::api::pb::task_service_client::TaskServiceClient;
+use crate::task::TaskState;
+
+/// `taskcred task ...`.
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Ask for a task; prints its id (with --json, the task).
+    Request(RequestArgs),
+    /// Show a task with its grants, labels and approvals.
+    Show {
+        /// The task id.
+        id: String,
+    },
+    /// List tasks, newest first.
+    List(ListArgs),
+    /// Approve a task.
+    Approve {
+        /// The task id.
+        id: String,
+        /// Why (kept with the approval).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Deny a task: it ends as denied.
+    Deny {
+        /// The task id.
+        id: String,
+        /// Why (kept with the denial).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Cancel a task you requested, before it runs.
+    Cancel {
+        /// The task id.
+        id: String,
+    },
+}
+
+/// `taskcred task request`.
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    /// SPIFFE ID of the workload that will do the work.
+    #[arg(long)]
+    pub executor: String,
+    /// AUDIENCE=ACTION[,ACTION...]; repeat for more audiences.
+    #[arg(long = "grant", required = true, value_name = "AUDIENCE=ACTIONS")]
+    pub grants: Vec<String>,
+    /// Why the work is needed.
+    #[arg(long)]
+    pub purpose: String,
+    /// Deadline from now, e.g. 30m, 4h [default: 1h, at most the broker's maximum].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub deadline: Option<Duration>,
+    /// Longest lifetime of one credential of the task, e.g. 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// KEY=VALUE label; repeat for more (e.g. --label env=production).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// The task this one derives from.
+    #[arg(long)]
+    pub parent: Option<String>,
+}
+
+/// `taskcred task list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this state (pending_approval, approved, denied, completed, failed, cancelled,
+    /// expired, revoked).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only this executor (SPIFFE ID).
+    #[arg(long)]
+    pub executor: Option<String>,
+    /// Only this requester (SPIFFE ID).
+    #[arg(long)]
+    pub requester: Option<String>,
+    /// Page size (1 to 100).
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Continue from a previous page's token.
+    #[arg(long)]
+    pub page_token: Option<String>,
+}
+
+fn usage(m: impl Into<String>) -> ClientError {
+    ClientError::Usage(m.into())
+}
+
+fn parse_grant(s: &str) -> Result<pb::Grant, ClientError> {
+    let (audience, actions) = s.split_once('=').ok_or_else(|| {
+        usage(format!(
+            "--grant {s:?}: expected AUDIENCE=ACTION[,ACTION...]"
+        ))
+    })?;
+    Ok(pb::Grant {
+        audience: audience.to_owned(),
+        actions: actions
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+fn state_pb(s: &str) -> Result<pb::TaskState, ClientError> {
+    let state =
+        TaskState::parse(s).ok_or_else(|| usage(format!("--state {s:?}: unknown state")))?;
+    Ok(crate::api::state_to_pb(state))
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> Value {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .map_or(Value::Null, |t| {
+            Value::String(humantime::format_rfc3339_seconds(t).to_string())
+        })
+}
+
+fn state_name(v: i32) -> &'static str {
+    crate::api::state_from_pb(v)
+        .ok()
+        .flatten()
+        .map_or("unspecified", TaskState::as_str)
+}
+
+/// A task as one JSON object.
+pub fn task_json(t: &pb::Task) -> Value {
+    json!({
+        "id": t.id,
+        "state": state_name(t.state),
+        "executor": t.executor,
+        "requester": t.requester,
+        "purpose": t.purpose,
+        "grants": t.grants.iter().map(|g| json!({"audience": g.audience, "actions": g.actions})).collect::<Vec<_>>(),
+        "labels": t.labels,
+        "quorum": t.quorum,
+        "approvals": t.approvals.iter().map(|a| json!({
+            "id": a.id,
+            "approver": a.approver,
+            "decision": if a.decision == pb::Decision::Deny as i32 { "deny" } else { "approve" },
+            "decided_at": time(a.decided_at.as_ref()),
+            "note": a.note,
+        })).collect::<Vec<_>>(),
+        "credential_ttl_secs": t.credential_ttl.map(|d| d.seconds),
+        "deadline": time(t.deadline.as_ref()),
+        "parent_id": (!t.parent_id.is_empty()).then_some(&t.parent_id),
+        "request_policies": t.request_policies,
+        "created_at": time(t.created_at.as_ref()),
+        "started_at": time(t.started_at.as_ref()),
+        "ended_at": time(t.ended_at.as_ref()),
+        "end_reason": (!t.end_reason.is_empty()).then_some(&t.end_reason),
+    })
+}
+
+fn print_task(t: &pb::Task) {
+    let approvals = t
+        .approvals
+        .iter()
+        .filter(|a| a.decision == pb::Decision::Approve as i32)
+        .count();
+    println!("task {}", t.id);
+    println!("  state:      {}", state_name(t.state));
+    println!("  executor:   {}", t.executor);
+    println!("  requester:  {}", t.requester);
+    println!("  purpose:    {}", t.purpose);
+    for g in &t.grants {
+        println!("  grant:      {} = {}", g.audience, g.actions.join(","));
+    }
+    let mut labels: Vec<_> = t.labels.iter().collect();
+    labels.sort();
+    for (k, v) in labels {
+        println!("  label:      {k}={v}");
+    }
+    println!("  approvals:  {approvals} of {} needed", t.quorum);
+    for a in &t.approvals {
+        let d = if a.decision == pb::Decision::Deny as i32 {
+            "denied"
+        } else {
+            "approved"
+        };
+        let note = if a.note.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", a.note)
+        };
+        println!(
+            "    {d} by {} at {}{note}",
+            a.approver,
+            time(a.decided_at.as_ref()).as_str().unwrap_or("?")
+        );
+    }
+    if let Some(d) = t.credential_ttl {
+        println!("  credential ttl: {}s", d.seconds);
+    }
+    println!(
+        "  deadline:   {}",
+        time(t.deadline.as_ref()).as_str().unwrap_or("?")
+    );
+    if !t.end_reason.is_empty() {
+        println!(
+            "  ended:      {} ({})",
+            time(t.ended_at.as_ref()).as_str().unwrap_or("?"),
+            t.end_reason
+        );
+    }
+}
+
+/// Runs a `task` subcommand.
+pub async fn run(args: &ClientArgs, command: &TaskCommand) -> ExitCode {
+    match execute(args, command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
+    }
+}
+
+async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientError> {
+    // Check what can be checked locally before connecting.
+    let request = match command {
+        TaskCommand::Request(r) => Some(pb::RequestTaskRequest {
+            executor: r.executor.clone(),
+            purpose: r.purpose.clone(),
+            grants: r
+                .grants
+                .iter()
+                .map(|g| parse_grant(g))
+                .collect::<Result<_, _>>()?,
+            labels: r
+                .labels
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| usage(format!("--label {l:?}: expected KEY=VALUE")))
+                })
+                .collect::<Result<_, _>>()?,
+            deadline: r
+                .deadline
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            credential_ttl: r.ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+            parent_id: r.parent.clone().unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    let mut client = TaskServiceClient::new(connect(args).await?);
+    let refused = ClientError::Refused;
+    let task = match command {
+        TaskCommand::Request(_) => {
+            let Some(req) = request else {
+                return Err(usage("internal: no request"));
+            };
+            let t = client
+                .request_task(req)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if !args.json {
+                println!("{}", t.id);
+                return Ok(());
+            }
+            t
+        }
+        TaskCommand::Show { id } => client
+            .get_task(pb::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+            .map_err(refused)?
+            .into_inner(),
+        TaskCommand::Approve { id, note } => client
+            .approve_task(pb::DecideTaskRequest {
+                task_id: id.clone(),
+                note: note.clone(),
+            })
+            .await
+            .map_err(refused)?
+            .into_inner(),
+        TaskCommand::Deny { id, note } => client
+            .deny_task(pb::DecideTaskRequest {
+                task_id: id.clone(),
+                note: note.clone(),
+            })
+            .await
+            .map_err(refused)?
+            .into_inner(),
+        TaskCommand::Cancel { id } => client
+            .cancel_task(pb::CancelTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+            .map_err(refused)?
+            .into_inner(),
+        TaskCommand::List(l) => {
+            let list = client
+                .list_tasks(pb::ListTasksRequest {
+                    state: l
+                        .state
+                        .as_deref()
+                        .map(state_pb)
+                        .transpose()?
+                        .map_or(0, Into::into),
+                    executor: l.executor.clone().unwrap_or_default(),
+                    requester: l.requester.clone().unwrap_or_default(),
+                    page_size: l.limit,
+                    page_token: l.page_token.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if args.json {
+                let tasks: Vec<Value> = list.tasks.iter().map(task_json).collect();
+                println!(
+                    "{}",
+                    json!({"tasks": tasks, "next_page_token": list.next_page_token})
+                );
+            } else {
+                for t in &list.tasks {
+                    println!(
+                        "{}  {:<16}  {}  {}",
+                        t.id,
+                        state_name(t.state),
+                        t.executor,
+                        t.purpose
+                    );
+                }
+                if !list.next_page_token.is_empty() {
+                    println!("more: --page-token {}", list.next_page_token);
+                }
+            }
+            return Ok(());
+        }
+    };
+    if args.json {
+        println!("{}", task_json(&task));
+    } else {
+        print_task(&task);
+    }
+    Ok(())
+}
