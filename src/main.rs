@@ -70,6 +70,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
         grpc_addr: args.grpc_addr.clone(),
         http_addr: args.http_addr.clone(),
         log_format: args.log_format.clone(),
+        redis_url: args.redis.clone(),
     };
     let config = match config::load(&source, std::env::vars(), &overrides) {
         Ok(c) => c,

@@ -213,3 +213,216 @@ fn serve_logs_json_lines_with_log_format_json() {
     assert!(event.get("level").is_some(), "{line}");
     assert_eq!(serve.terminate().code(), Some(0));
 }
+
+#[test]
+fn task_commands_and_policy_reload_on_sighup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev");
+    let dev_s = dev.to_str().unwrap();
+    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+    let broker = format!("https://{}", serve.grpc);
+    let as_ = |name: &'static str, args: &[&str]| {
+        let mut all = vec![
+            "--broker",
+            broker.as_str(),
+            "--dev-dir",
+            dev_s,
+            "--as",
+            name,
+        ];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    let request = [
+        "task",
+        "request",
+        "--executor",
+        "spiffe://taskcred.dev/agent/demo",
+        "--grant",
+        "db.staging=read,rotate",
+        "--purpose",
+        "rotate the staging password",
+        "--deadline",
+        "30m",
+    ];
+
+    // Request (prints the bare id), approve, show.
+    let (code, out, err) = as_("requester", &request);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_owned();
+    assert_eq!(id.len(), 36, "{out}");
+    let (code, out, err) = as_("approver", &["task", "approve", &id, "--note", "ok"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("state:      approved"), "{out}");
+    let (code, out, _) = as_("approver2", &["--json", "task", "show", &id]);
+    assert_eq!(code, 0);
+    let t: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(t["state"], "approved");
+    assert_eq!(t["grants"][0]["audience"], "db.staging");
+    assert_eq!(
+        t["approvals"][0]["approver"],
+        "spiffe://taskcred.dev/human/approver"
+    );
+
+    // Production needs two; --json shows state and quorum.
+    let mut prod = request.to_vec();
+    prod.extend(["--label", "env=production"]);
+    let (code, out, _) = as_("requester", &[&["--json"][..], &prod].concat());
+    assert_eq!(code, 0);
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (p["state"].as_str(), p["quorum"].as_u64()),
+        (Some("pending_approval"), Some(2))
+    );
+    let pid = p["id"].as_str().unwrap();
+    let (code, _, err) = as_("requester", &["task", "approve", pid]);
+    assert_eq!(code, 1);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+
+    let (code, out, _) = as_(
+        "requester",
+        &["--json", "task", "list", "--state", "pending_approval"],
+    );
+    assert_eq!(code, 0);
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l["tasks"].as_array().unwrap().len(), 1);
+
+    // Bad usage is caught before anything is sent.
+    let (code, _, _) = as_(
+        "requester",
+        &[
+            "task",
+            "request",
+            "--executor",
+            "x",
+            "--grant",
+            "nope",
+            "--purpose",
+            "p",
+        ],
+    );
+    assert_eq!(code, 2);
+
+    // policy check: the dev policies pass; a broken file is named with its line.
+    let (code, out, err) = run(&["policy", "check", dev.join("policies").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ok:"), "{out}");
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(
+        bad.join("x.cedar"),
+        "\npermit (principal, action, resource) when { resource.nope };\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("x.cedar:2:"), "{err}");
+
+    // SIGHUP loads a new valid set...
+    std::fs::write(
+        dev.join("policies/zz-freeze.cedar"),
+        "forbid (principal, action == Taskcred::Action::\"RequestTask\", resource);\n",
+    )
+    .unwrap();
+    let hup = |pid: u32| {
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    hup(serve.child.id());
+    let (code, _, err) = as_("requester", &request);
+    assert_eq!(code, 1, "the freeze applies");
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    // ...refuses an invalid one, keeping the set in force.
+    std::fs::write(
+        dev.join("policies/zz-freeze.cedar"),
+        "forbid (principal, action, resource) when {",
+    )
+    .unwrap();
+    hup(serve.child.id());
+    let (code, _, _) = as_("requester", &request);
+    assert_eq!(code, 1, "the freeze still applies");
+    let (code, _, err) = as_("operator", &["policy", "reload"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("FAILED_PRECONDITION") && err.contains("zz-freeze.cedar"),
+        "{err}"
+    );
+    std::fs::remove_file(dev.join("policies/zz-freeze.cedar")).unwrap();
+    let (code, out, err) = as_("operator", &["policy", "reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("reloaded"), "{out}");
+    let (code, _, err) = as_("requester", &request);
+    assert_eq!(code, 0, "{err}");
+
+    assert_eq!(serve.terminate().code(), Some(0));
+}
+
+#[test]
+fn serve_dev_with_redis_keeps_tasks_in_redis() {
+    let redis = common::RedisServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev");
+    let dev_s = dev.to_str().unwrap();
+    let url = redis.url();
+    let with_redis = |extra: bool| {
+        let mut a = ephemeral(dev_s);
+        if extra {
+            a.extend(["--redis", url.as_str()]);
+        }
+        ServeProcess::start(&a, &[])
+    };
+    let cli = |serve: &ServeProcess, name: &str, args: &[&str]| {
+        let broker = format!("https://{}", serve.grpc);
+        let mut all = vec![
+            "--broker",
+            broker.as_str(),
+            "--dev-dir",
+            dev_s,
+            "--as",
+            name,
+        ];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+
+    let serve = with_redis(true);
+    let (code, out, err) = cli(
+        &serve,
+        "requester",
+        &[
+            "task",
+            "request",
+            "--executor",
+            "spiffe://taskcred.dev/agent/demo",
+            "--grant",
+            "db=read",
+            "--purpose",
+            "p",
+            "--label",
+            "risk=low",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_owned();
+    assert_eq!(serve.terminate().code(), Some(0));
+
+    // The embedded store of the same dev dir does not have it...
+    let serve = with_redis(false);
+    let (code, _, err) = cli(&serve, "requester", &["task", "show", &id]);
+    assert_eq!(code, 1);
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    assert_eq!(serve.terminate().code(), Some(0));
+
+    // ...Redis does, across broker restarts.
+    let serve = with_redis(true);
+    let (code, out, err) = cli(&serve, "requester", &["--json", "task", "show", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"state\":\"approved\""), "{out}");
+    assert_eq!(serve.terminate().code(), Some(0));
+}

@@ -218,6 +218,8 @@ pub struct Overrides {
     pub http_addr: Option<String>,
     /// `--log-format`.
     pub log_format: Option<String>,
+    /// `--redis URL`: the Redis store at URL.
+    pub redis_url: Option<String>,
 }
 
 /// Loads and checks the configuration.
@@ -362,10 +364,13 @@ fn apply_flags(
     flags: &Overrides,
     origins: &mut BTreeMap<String, String>,
 ) -> Result<(), ConfigError> {
+    let redis_backend = flags.redis_url.as_ref().map(|_| "redis".to_owned());
     let pairs = [
         ("server.grpc_addr", "--grpc-addr", &flags.grpc_addr),
         ("server.http_addr", "--http-addr", &flags.http_addr),
         ("log.format", "--log-format", &flags.log_format),
+        ("store.backend", "--redis", &redis_backend),
+        ("store.redis_url", "--redis", &flags.redis_url),
     ];
     for (key, flag, value) in pairs {
         if let Some(v) = value {

@@ -16,6 +16,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use taskcred::app::{App, AppError, Listeners};
+use taskcred::clock::Clock;
 use taskcred::config::{self, Overrides, Source};
 use taskcred::devpki;
 use tempfile::TempDir;
@@ -37,6 +38,8 @@ pub struct Broker {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub dir: TempDir,
+    env: Vec<(String, String)>,
+    clock: Option<Arc<dyn Clock>>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), AppError>>,
 }
@@ -46,42 +49,69 @@ pub fn install_provider() {
 }
 
 impl Broker {
-    /// Starts a broker with the `--dev` configuration and `env` overrides.
-    pub async fn start_with_env(env: Vec<(String, String)>) -> Self {
+    /// Starts a broker with the `--dev` configuration over `dir`, `env` overrides and `clock`.
+    pub async fn launch(
+        dir: TempDir,
+        env: Vec<(String, String)>,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Self {
         install_provider();
-        let dir = tempfile::tempdir().unwrap();
         devpki::init(dir.path()).unwrap();
         let overrides = Overrides {
             grpc_addr: Some("127.0.0.1:0".into()),
             http_addr: Some("127.0.0.1:0".into()),
             log_format: None,
+            redis_url: None,
         };
-        let config = config::load(&Source::Dev(dir.path().to_owned()), env, &overrides).unwrap();
+        let config =
+            config::load(&Source::Dev(dir.path().to_owned()), env.clone(), &overrides).unwrap();
         let listeners = Listeners::bind(&config.server).await.unwrap();
         let (grpc, http) = (
             listeners.grpc_addr().unwrap(),
             listeners.http_addr().unwrap(),
         );
-        let app = App::build(config).unwrap();
+        let app = match &clock {
+            Some(c) => App::build_with_clock(config, c.clone()).unwrap(),
+            None => App::build(config).unwrap(),
+        };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run(listeners, shutdown.clone()));
         Self {
             grpc,
             http,
             dir,
+            env,
+            clock,
             shutdown,
             task,
         }
+    }
+
+    pub async fn start_with_env(env: Vec<(String, String)>) -> Self {
+        Self::launch(tempfile::tempdir().unwrap(), env, None).await
     }
 
     pub async fn start() -> Self {
         Self::start_with_env(Vec::new()).await
     }
 
-    /// Stops the broker and checks it stopped cleanly.
-    pub async fn stop(self) {
+    /// A broker whose store is the Redis at `url`.
+    pub async fn start_on_redis(url: &str) -> Self {
+        Self::start_with_env(redis_env(url)).await
+    }
+
+    /// Stops the broker and checks it stopped cleanly; returns its directory.
+    pub async fn stop(self) -> TempDir {
         self.shutdown.cancel();
         self.task.await.unwrap().unwrap();
+        self.dir
+    }
+
+    /// Stops it and starts a new broker over the same directory, settings and clock.
+    pub async fn restart(self) -> Self {
+        let (env, clock) = (self.env.clone(), self.clock.clone());
+        let dir = self.stop().await;
+        Self::launch(dir, env, clock).await
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -423,4 +453,12 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Environment overrides that put a broker's store on the Redis at `url`.
+pub fn redis_env(url: &str) -> Vec<(String, String)> {
+    vec![
+        ("TASKCRED_STORE__BACKEND".into(), "redis".into()),
+        ("TASKCRED_STORE__REDIS_URL".into(), url.into()),
+    ]
 }
