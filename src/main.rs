@@ -9,6 +9,7 @@ use taskcred::broker::Broker;
 use taskcred::cli::{self, Cli, Command, DevCommand, ServeArgs};
 use taskcred::config::{self, Overrides, Source};
 use taskcred::{devpki, telemetry};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// sysexits.h EX_USAGE: the configuration is refused.
@@ -100,11 +101,18 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    print_banner(&listeners, args.dev, cli);
-
+    // Signal handlers are installed before the banner: whoever waits for the banner may signal
+    // at once, and the default action of SIGTERM, SIGINT and SIGHUP is to die.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let shutdown = CancellationToken::new();
-    tokio::spawn(on_signal(shutdown.clone()));
-    tokio::spawn(reload_on_sighup(app.broker().clone(), shutdown.clone()));
+    tokio::spawn(signals.run(app.broker().clone(), shutdown.clone()));
+    print_banner(&listeners, args.dev, cli);
     match app.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -128,41 +136,41 @@ fn print_banner(listeners: &Listeners, dev: bool, cli: &Cli) {
     }
 }
 
-/// Reloads the policies on each SIGHUP until shutdown. A refused set is logged and audited; the
-/// policies in force stay.
-async fn reload_on_sighup(broker: Broker, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP");
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = hup.recv() => {
-                // The outcome is logged and audited by the broker.
-                let _ = broker.reload_policy_on_signal();
-            }
-        }
-    }
+/// The signals the broker handles.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
 }
 
-/// Cancels `shutdown` on SIGINT or SIGTERM.
-async fn on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
     }
-    shutdown.cancel();
+
+    /// SIGINT or SIGTERM cancel `shutdown`. SIGHUP reloads the policies; a refused set is logged
+    /// and audited by the broker, and the policies in force stay.
+    async fn run(mut self, broker: Broker, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = self.interrupt.recv() => {
+                    tracing::info!("SIGINT received");
+                    break;
+                }
+                _ = self.terminate.recv() => {
+                    tracing::info!("SIGTERM received");
+                    break;
+                }
+                _ = self.hangup.recv() => {
+                    let _ = broker.reload_policy_on_signal();
+                }
+            }
+        }
+        shutdown.cancel();
+    }
 }

@@ -262,3 +262,21 @@ fn unusable_tls_material_is_refused() {
     std::fs::write(s.dir.join("server-key.pem"), other).unwrap();
     assert_names(&refused(&path, &[]), &["tls.key"]);
 }
+
+#[test]
+fn invalid_policies_refuse_to_start_naming_file_and_line() {
+    let s = Setup::new();
+    let path = s.write(&s.example);
+    std::fs::write(
+        s.dir.join("policies/broken.cedar"),
+        "// first line\npermit (principal, action == Taskcred::Action::\"NoSuchAction\", resource);\n",
+    )
+    .unwrap();
+    assert_names(&refused(&path, &[]), &["policy", "broken.cedar:2:"]);
+
+    std::fs::write(s.dir.join("policies/broken.cedar"), "permit (principal,").unwrap();
+    assert_names(&refused(&path, &[]), &["broken.cedar:1:"]);
+
+    let path = s.edited("dir = \"", "dir = \"/nonexistent");
+    assert_names(&refused(&path, &[]), &["/nonexistent"]);
+}
