@@ -13,10 +13,15 @@
 //! telemetry   tracing subscriber, Prometheus recorder, metric names
 //! clock       Clock trait; real and manual clocks
 //! identity    WorkloadId (SPIFFE ID), PeerIdentity from a leaf, the rustls client verifier
+//! task        Task, Approval, the state machine and its rules (separation of duties, quorum)
+//! policy      Cedar: schema, load and validate, decide, quorum from @quorum
+//! store       Store trait, embedded (redb) and Redis backends, the conformance suite
+//! audit       one JSON line per decision
+//! broker      the use cases: request, read, list, approve, deny, cancel, reload policy
 //! tls         gRPC port TLS: server config, accept loop, per-connection identity
-//! api         gRPC: generated code, auth and metrics middleware, thin handlers
+//! api         gRPC: generated code, auth and metrics middleware, thin handlers, Status map
 //! http        axum: /healthz, /readyz, /metrics
-//! devpki      the development PKI of `dev init` and `serve --dev`
+//! devpki      the development PKI and policies of `dev init` and `serve --dev`
 //! cli         client subcommands over the generated gRPC client
 //! ```
 
