@@ -12,7 +12,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use common::{ServeProcess, http_get, run};
+use common::{ServeProcess, http_get, run, run_as};
 
 fn ephemeral(dev_dir: &str) -> Vec<&str> {
     vec![
@@ -220,19 +220,7 @@ fn task_commands_and_policy_reload_on_sighup() {
     let dev = tmp.path().join("dev");
     let dev_s = dev.to_str().unwrap();
     let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
-    let broker = format!("https://{}", serve.grpc);
-    let as_ = |name: &'static str, args: &[&str]| {
-        let mut all = vec![
-            "--broker",
-            broker.as_str(),
-            "--dev-dir",
-            dev_s,
-            "--as",
-            name,
-        ];
-        all.extend_from_slice(args);
-        run(&all)
-    };
+    let as_ = |name: &'static str, args: &[&str]| run_as(serve.grpc, dev_s, name, args);
     let request = [
         "task",
         "request",
@@ -377,19 +365,8 @@ fn serve_dev_with_redis_keeps_tasks_in_redis() {
         }
         ServeProcess::start(&a, &[])
     };
-    let cli = |serve: &ServeProcess, name: &str, args: &[&str]| {
-        let broker = format!("https://{}", serve.grpc);
-        let mut all = vec![
-            "--broker",
-            broker.as_str(),
-            "--dev-dir",
-            dev_s,
-            "--as",
-            name,
-        ];
-        all.extend_from_slice(args);
-        run(&all)
-    };
+    let cli =
+        |serve: &ServeProcess, name: &str, args: &[&str]| run_as(serve.grpc, dev_s, name, args);
 
     let serve = with_redis(true);
     let (code, out, err) = cli(

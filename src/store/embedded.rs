@@ -190,6 +190,7 @@ impl Store for EmbeddedStore {
                             range
                                 .rev()
                                 .map(|r| r.map(|(k, _)| k.value().1.to_owned()).map_err(backend))
+                                .take(query.max_scan.saturating_add(1))
                                 .collect::<Vec<_>>()
                                 .into_iter(),
                         )

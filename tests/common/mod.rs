@@ -462,3 +462,18 @@ pub fn redis_env(url: &str) -> Vec<(String, String)> {
         ("TASKCRED_STORE__REDIS_URL".into(), url.into()),
     ]
 }
+
+/// Runs `taskcred --broker https://GRPC --dev-dir DEV --as NAME ARGS` to completion.
+pub fn run_as(grpc: SocketAddr, dev_dir: &str, name: &str, args: &[&str]) -> (i32, String, String) {
+    let broker = format!("https://{grpc}");
+    let mut all = vec![
+        "--broker",
+        broker.as_str(),
+        "--dev-dir",
+        dev_dir,
+        "--as",
+        name,
+    ];
+    all.extend_from_slice(args);
+    run(&all)
+}
