@@ -15,6 +15,7 @@ use crate::broker::{Broker, BrokerSettings};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreBackend};
 use crate::http::{self, HttpState};
+use crate::mint::{JwtKey, KeyRing, MintError};
 use crate::policy::{PolicyEngine, PolicyError};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
@@ -46,6 +47,9 @@ pub enum AppError {
     /// The store cannot be opened.
     #[error("store: {0}")]
     Store(StoreError),
+    /// The JWT signing key is unusable.
+    #[error("key `issuer.jwt_key`: {0}")]
+    Key(#[from] MintError),
     /// The audit log cannot be opened.
     #[error("key `audit.path`: file {path}: {source}")]
     Audit {
@@ -108,6 +112,7 @@ pub struct App {
     tls: Arc<rustls::ServerConfig>,
     clock: Arc<dyn Clock>,
     broker: Broker,
+    keys: KeyRing,
 }
 
 /// How often ended tasks past their retention are pruned.
@@ -128,6 +133,10 @@ impl App {
     /// As [`App::build`].
     pub fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         let tls = tls::server_config(&config.tls, &config.identity.allowed_trust_domains)?;
+        let keys = KeyRing::new(
+            config.issuer.url.clone(),
+            JwtKey::load(&config.issuer.jwt_key, config.issuer.jwt_algorithm)?,
+        );
         let policy = Arc::new(PolicyEngine::load(&config.policy.dir)?);
         let store: Arc<dyn Store> = match config.store.backend {
             StoreBackend::Embedded => {
@@ -161,6 +170,7 @@ impl App {
             tls,
             clock,
             broker,
+            keys,
         })
     }
 
@@ -217,6 +227,7 @@ impl App {
             metrics: metrics.clone(),
             ready: ready.clone(),
             store: self.broker.store().clone(),
+            keys: self.keys.clone(),
         });
         let mut http = tokio::spawn(
             axum::serve(listeners.http, http_router)

@@ -20,6 +20,8 @@ fn main() -> ExitCode {
     // The only crypto provider this crate builds with; installing it first means every rustls
     // config (tonic's client included) uses ring. An error means one is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // jsonwebtoken has no ring backend of its own; without this, decoding would panic.
+    taskcred::mint::install_jose_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

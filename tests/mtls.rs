@@ -401,3 +401,33 @@ async fn trust_domain_allow_list_comes_from_config() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn http_port_publishes_the_signing_key_and_discovery() {
+    let broker = Broker::start().await;
+    let key = taskcred::mint::JwtKey::load(
+        &broker.path("jwt-key.pem"),
+        taskcred::config::JwtAlgorithm::ES256,
+    )
+    .unwrap();
+    let (status, body) = broker.http_get("/.well-known/jwks.json").await;
+    assert_eq!(status, 200);
+    let jwks: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["kid"], key.kid());
+    assert_eq!(keys[0]["alg"], "ES256");
+    assert_eq!(keys[0]["kty"], "EC");
+    assert!(keys[0].get("d").is_none(), "no private part");
+    // An ordinary JWT library reads it.
+    let jwk: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&body).unwrap();
+    taskcred::mint::install_jose_provider();
+    jsonwebtoken::DecodingKey::from_jwk(&jwk.keys[0]).unwrap();
+
+    let (status, body) = broker.http_get("/.well-known/openid-configuration").await;
+    assert_eq!(status, 200);
+    let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(d["issuer"], "http://127.0.0.1:7480");
+    assert_eq!(d["jwks_uri"], "http://127.0.0.1:7480/.well-known/jwks.json");
+    broker.stop().await;
+}

@@ -1,6 +1,7 @@
 //! The HTTP port (axum): `/healthz` (the process answers), `/readyz` (the broker serves RPCs and
-//! its store answers),
-//! `/metrics` (Prometheus text). Later issues add the JWKS, discovery document and CRL here.
+//! its store answers), `/.well-known/jwks.json` and `/.well-known/openid-configuration` (the
+//! keys verifiers check tokens with),
+//! `/metrics` (Prometheus text). The CRL comes with the revocation work.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::mint::KeyRing;
 use crate::store::Store;
 
 /// What the HTTP handlers read.
@@ -24,6 +26,8 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     /// The store: not ready while it does not answer.
     pub store: Arc<dyn Store>,
+    /// The signing keys, published as JWKS and discovery.
+    pub keys: KeyRing,
 }
 
 /// The routes of the HTTP port.
@@ -32,6 +36,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/openid-configuration", get(discovery))
         .with_state(state)
 }
 
@@ -53,6 +59,29 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
             "not ready: the store does not answer\n",
         ),
     }
+}
+
+/// Verifiers may cache the key set briefly; a rotated-in key is published before it signs.
+const KEY_CACHE: &str = "public, max-age=60";
+
+async fn jwks(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "application/jwk-set+json"),
+            (header::CACHE_CONTROL, KEY_CACHE),
+        ],
+        state.keys.jwks().to_string(),
+    )
+}
+
+async fn discovery(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, KEY_CACHE),
+        ],
+        state.keys.discovery().to_string(),
+    )
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
