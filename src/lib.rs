@@ -35,6 +35,7 @@ pub mod config;
 pub mod devpki;
 pub mod http;
 pub mod identity;
+pub mod lease;
 pub mod mint;
 pub mod policy;
 pub mod store;

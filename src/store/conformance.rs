@@ -12,8 +12,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{Store, StoreError, TaskQuery, UpdateError};
+use super::{IssueError, Store, StoreError, TaskQuery, UpdateError};
 use crate::identity::WorkloadId;
+use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState};
 use crate::task::{
     Approval, Decision, RawTaskRequest, Task, TaskError, TaskId, TaskLimits, TaskRequest, TaskState,
 };
@@ -82,6 +83,8 @@ pub async fn run_all(store: &dyn Store) {
     concurrent_updates_lose_nothing(store).await;
     list_filters_and_pages_newest_first(store).await;
     ended_tasks_are_pruned_after_retention(store).await;
+    leases_only_for_an_approved_task_of_its_executor(store).await;
+    ending_a_task_revokes_every_lease_even_concurrent_ones(store).await;
     store.ping().await.unwrap();
 }
 
@@ -312,4 +315,176 @@ pub async fn ended_tasks_are_pruned_after_retention(store: &dyn Store) {
     assert!(store.get_task(&keep.id).await.unwrap().is_some());
     let listed = store.list_tasks(&query()).await.unwrap();
     assert!(listed.tasks.iter().all(|x| x.id != t.id));
+}
+
+/// A JWT lease of `task` for `agent`, valid five minutes.
+pub fn sample_lease(task: &Task, agent: &str) -> Lease {
+    let now = SystemTime::now();
+    Lease {
+        id: LeaseId::generate(),
+        task: task.id,
+        agent: w(agent),
+        kind: CredentialKind::Jwt,
+        credential: format!("{:032x}", rand_u128()),
+        audience: Some("db".into()),
+        actions: vec!["read".into()],
+        cnf: "thumb".into(),
+        issued_at: now,
+        expires_at: now + Duration::from_secs(300),
+        renew_until: now + Duration::from_secs(3600),
+        state: LeaseState::Active,
+        ended_at: None,
+        reason: None,
+    }
+}
+
+fn rand_u128() -> u128 {
+    let mut b = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
+    u128::from_be_bytes(b)
+}
+
+async fn approved_task(store: &dyn Store) -> Task {
+    let t = sample_task(AGENT, REQUESTER, 0);
+    store.create_task(&t).await.unwrap();
+    t
+}
+
+pub async fn leases_only_for_an_approved_task_of_its_executor(store: &dyn Store) {
+    let now = SystemTime::now();
+    let t = approved_task(store).await;
+    let lease = sample_lease(&t, AGENT);
+    store.issue_lease(&lease, now).await.unwrap();
+    let found = store
+        .find_lease(&t.id, &lease.credential)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found, lease);
+    assert!(
+        store
+            .get_task(&t.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .started_at
+            .is_some(),
+        "task started"
+    );
+    assert_eq!(
+        store.find_lease(&t.id, "no-such-credential").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .find_lease(&TaskId::generate(), &lease.credential)
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Another agent, a pending task, a task past its deadline, an unknown task: nothing recorded.
+    let other = sample_lease(&t, "spiffe://taskcred.dev/agent/other");
+    assert!(matches!(
+        store.issue_lease(&other, now).await,
+        Err(IssueError::Refused(TaskError::Forbidden(_)))
+    ));
+    let pending = sample_task(AGENT, REQUESTER, 1);
+    store.create_task(&pending).await.unwrap();
+    let l = sample_lease(&pending, AGENT);
+    assert!(matches!(
+        store.issue_lease(&l, now).await,
+        Err(IssueError::Refused(TaskError::Precondition(_)))
+    ));
+    assert_eq!(
+        store.find_lease(&pending.id, &l.credential).await.unwrap(),
+        None
+    );
+    assert!(
+        store
+            .get_task(&pending.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .started_at
+            .is_none()
+    );
+    let late = t.deadline + Duration::from_secs(1);
+    let l = sample_lease(&t, AGENT);
+    assert!(matches!(
+        store.issue_lease(&l, late).await,
+        Err(IssueError::Refused(TaskError::Precondition(_)))
+    ));
+    let mut ghost = sample_task(AGENT, REQUESTER, 0);
+    ghost.id = TaskId::generate();
+    assert_eq!(
+        store.issue_lease(&sample_lease(&ghost, AGENT), now).await,
+        Err(IssueError::NotFound)
+    );
+}
+
+fn complete() -> super::TaskChange {
+    Arc::new(|t: &mut Task| {
+        t.state = TaskState::Completed;
+        t.ended_at = Some(SystemTime::now());
+        t.end_reason = Some("done".into());
+        Ok(())
+    })
+}
+
+pub async fn ending_a_task_revokes_every_lease_even_concurrent_ones(store: &dyn Store) {
+    let now = SystemTime::now();
+    let t = approved_task(store).await;
+    let first = sample_lease(&t, AGENT);
+    store.issue_lease(&first, now).await.unwrap();
+
+    // Issuances race with the end of the task: each either fails or is revoked with the rest.
+    let leases: Vec<Lease> = (0..12).map(|_| sample_lease(&t, AGENT)).collect();
+    let issues = futures_join(leases.iter().map(|l| store.issue_lease(l, now)));
+    let (issued, ended) = tokio::join!(issues, store.end_task(&t.id, complete(), DAY));
+    let (task, revoked) = ended.unwrap();
+    assert_eq!(task.state, TaskState::Completed);
+    assert!(revoked.iter().any(|l| l.id == first.id));
+    for (lease, result) in leases.iter().zip(issued) {
+        let stored = store.find_lease(&t.id, &lease.credential).await.unwrap();
+        match result {
+            Ok(()) => assert_eq!(
+                stored.unwrap().state,
+                LeaseState::Revoked,
+                "an issued lease outlived its task"
+            ),
+            Err(e) => {
+                assert!(matches!(e, IssueError::Refused(_)), "{e:?}");
+                assert_eq!(stored, None);
+            }
+        }
+    }
+    let first_now = store
+        .find_lease(&t.id, &first.credential)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first_now.state, LeaseState::Revoked);
+    assert_eq!(first_now.reason.as_deref(), Some("task completed"));
+    assert!(first_now.ended_at.is_some());
+
+    // Nothing more is issued, and ending it again changes nothing.
+    let after = sample_lease(&t, AGENT);
+    assert!(matches!(
+        store.issue_lease(&after, now).await,
+        Err(IssueError::Refused(TaskError::Precondition(_)))
+    ));
+    let again = store
+        .end_task(
+            &t.id,
+            Arc::new(|t: &mut Task| {
+                Err(TaskError::Precondition(format!(
+                    "task is already {}",
+                    t.state
+                )))
+            }),
+            DAY,
+        )
+        .await;
+    assert!(matches!(again, Err(UpdateError::Rejected(_))));
 }

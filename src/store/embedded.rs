@@ -3,7 +3,8 @@
 //! run on tokio's blocking pool.
 //!
 //! Tables: `tasks` (id -> JSON), `tasks_by_executor` and `tasks_by_requester` ((who, id) -> ()),
-//! and `tasks_ended` ((ended ms, id) -> ()) for retention. Task ids are UUIDv7 strings, so key
+//! `tasks_ended` ((ended ms, id) -> ()) for retention, `leases` ((task, lease) -> JSON),
+//! `credentials` ((task, jti or serial) -> lease) and `locks` (agent -> JSON). Task ids are UUIDv7 strings, so key
 //! order is creation order.
 
 use std::path::{Path, PathBuf};
@@ -14,14 +15,19 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 
 use super::{
-    Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode, encode, unix_ms,
+    IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
+    decode_lease, encode, encode_lease, task_ended_reason, unix_ms,
 };
-use crate::task::{Task, TaskId};
+use crate::lease::{Lease, check_issuable};
+use crate::task::{Task, TaskError, TaskId};
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const BY_EXECUTOR: TableDefinition<(&str, &str), ()> = TableDefinition::new("tasks_by_executor");
 const BY_REQUESTER: TableDefinition<(&str, &str), ()> = TableDefinition::new("tasks_by_requester");
 const ENDED: TableDefinition<(u64, &str), ()> = TableDefinition::new("tasks_ended");
+const LEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("leases");
+const CREDENTIALS: TableDefinition<(&str, &str), &str> = TableDefinition::new("credentials");
+const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded store: {e}"))
@@ -56,6 +62,9 @@ impl EmbeddedStore {
         txn.open_table(BY_EXECUTOR).map_err(backend)?;
         txn.open_table(BY_REQUESTER).map_err(backend)?;
         txn.open_table(ENDED).map_err(backend)?;
+        txn.open_table(LEASES).map_err(backend)?;
+        txn.open_table(CREDENTIALS).map_err(backend)?;
+        txn.open_table(LOCKS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -237,6 +246,142 @@ impl Store for EmbeddedStore {
         .map_err(store_only)
     }
 
+    async fn issue_lease(&self, lease: &Lease, now: SystemTime) -> Result<(), IssueError> {
+        let lease = lease.clone();
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), IssueError> {
+            let task_id = lease.task.to_string();
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
+                let mut task = match tasks.get(task_id.as_str()).map_err(backend)? {
+                    Some(v) => decode(v.value())?,
+                    None => return Err(IssueError::NotFound),
+                };
+                check_issuable(&task, &lease.agent, now)?;
+                let locks = txn.open_table(LOCKS).map_err(backend)?;
+                if let Some(lock) = locks.get(lease.agent.as_str()).map_err(backend)? {
+                    let reason = serde_json::from_slice::<serde_json::Value>(lock.value())
+                        .ok()
+                        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    return Err(IssueError::Locked(reason));
+                }
+                if task.started_at.is_none() {
+                    task.started_at = Some(now);
+                    tasks
+                        .insert(task_id.as_str(), encode(&task)?.as_slice())
+                        .map_err(backend)?;
+                }
+                txn.open_table(LEASES)
+                    .map_err(backend)?
+                    .insert(
+                        (task_id.as_str(), lease.id.as_str()),
+                        encode_lease(&lease)?.as_slice(),
+                    )
+                    .map_err(backend)?;
+                txn.open_table(CREDENTIALS)
+                    .map_err(backend)?
+                    .insert(
+                        (task_id.as_str(), lease.credential.as_str()),
+                        lease.id.as_str(),
+                    )
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| IssueError::Store(backend(format!("worker: {e}"))))?
+    }
+
+    async fn find_lease(
+        &self,
+        task: &TaskId,
+        credential: &str,
+    ) -> Result<Option<Lease>, StoreError> {
+        let (task, credential) = (task.to_string(), credential.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let creds = txn.open_table(CREDENTIALS).map_err(backend)?;
+            let Some(lease_id) = creds
+                .get((task.as_str(), credential.as_str()))
+                .map_err(backend)?
+                .map(|v| v.value().to_owned())
+            else {
+                return Ok(None);
+            };
+            let leases = txn.open_table(LEASES).map_err(backend)?;
+            let got = leases
+                .get((task.as_str(), lease_id.as_str()))
+                .map_err(backend)?;
+            Ok(got.map(|v| decode_lease(v.value())).transpose()?)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn end_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<(Task, Vec<Lease>), UpdateError> {
+        let key = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let result = {
+                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
+                let current = match tasks.get(key.as_str()).map_err(backend)? {
+                    Some(v) => decode(v.value())?,
+                    None => return Err(UpdateError::NotFound),
+                };
+                let mut next = current.clone();
+                change(&mut next)?;
+                let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
+                    return Err(
+                        TaskError::Precondition("the change does not end the task".into()).into(),
+                    );
+                };
+                tasks
+                    .insert(key.as_str(), encode(&next)?.as_slice())
+                    .map_err(backend)?;
+                if current.ended_at.is_none() {
+                    txn.open_table(ENDED)
+                        .map_err(backend)?
+                        .insert((unix_ms(ended + retention), key.as_str()), ())
+                        .map_err(backend)?;
+                }
+                let reason = task_ended_reason(&next);
+                let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                let mut active: Vec<Lease> = Vec::new();
+                for entry in leases
+                    .range((key.as_str(), "")..=(key.as_str(), "~"))
+                    .map_err(backend)?
+                {
+                    let (_, v) = entry.map_err(backend)?;
+                    let lease = decode_lease(v.value())?;
+                    if lease.state == crate::lease::LeaseState::Active {
+                        active.push(lease);
+                    }
+                }
+                for lease in &mut active {
+                    lease.revoke(&reason, ended);
+                    leases
+                        .insert(
+                            (key.as_str(), lease.id.as_str()),
+                            encode_lease(lease)?.as_slice(),
+                        )
+                        .map_err(backend)?;
+                }
+                (next, active)
+            };
+            txn.commit().map_err(backend)?;
+            Ok(result)
+        })
+        .await
+    }
+
     async fn prune_ended(&self, ended_before: SystemTime) -> Result<usize, StoreError> {
         let cutoff = unix_ms(ended_before);
         self.blocking(move |db| {
@@ -247,6 +392,8 @@ impl Store for EmbeddedStore {
                 let mut tasks = txn.open_table(TASKS).map_err(backend)?;
                 let mut by_executor = txn.open_table(BY_EXECUTOR).map_err(backend)?;
                 let mut by_requester = txn.open_table(BY_REQUESTER).map_err(backend)?;
+                let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                let mut credentials = txn.open_table(CREDENTIALS).map_err(backend)?;
                 let due: Vec<(u64, String)> = ended
                     .range((0, "")..(cutoff, ""))
                     .map_err(backend)?
@@ -268,6 +415,13 @@ impl Store for EmbeddedStore {
                         .map_err(backend)?;
                     by_requester
                         .remove((task.requester.as_str(), id.as_str()))
+                        .map_err(backend)?;
+                    let range = (id.as_str(), "")..=(id.as_str(), "~");
+                    leases
+                        .retain_in(range.clone(), |_, _| false)
+                        .map_err(backend)?;
+                    credentials
+                        .retain_in(range, |_, _| false)
                         .map_err(backend)?;
                     pruned += 1;
                 }

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::identity::WorkloadId;
+use crate::lease::Lease;
 use crate::task::{Task, TaskError, TaskId, TaskState};
 
 /// Why the store could not do what was asked.
@@ -55,6 +56,24 @@ pub enum UpdateError {
 /// A change to one task: applied to the current version, atomically. It may run more than once
 /// (Redis retries on conflict), so it must be a pure function of the task.
 pub type TaskChange = std::sync::Arc<dyn Fn(&mut Task) -> Result<(), TaskError> + Send + Sync>;
+
+/// Why [`Store::issue_lease`] did not record a lease.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// No such task.
+    #[error("no such task")]
+    NotFound,
+    /// The task does not allow it now: not approved, past its deadline, another executor.
+    #[error(transparent)]
+    Refused(#[from] TaskError),
+    /// The agent is locked (force-revoked).
+    #[error("agent is locked: {0}")]
+    Locked(String),
+    /// The store failed; nothing was recorded.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Which tasks to list, newest first.
 #[derive(Debug, Clone)]
@@ -125,6 +144,38 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError>;
 
+    /// Records `lease` if, in the same atomic step, its task exists, is approved, is before its
+    /// deadline, is executed by `lease.agent`, and the agent is not locked. Marks the task as
+    /// started. Only after this returns may the credential be signed and handed out.
+    ///
+    /// # Errors
+    /// [`IssueError`]; nothing is recorded.
+    async fn issue_lease(&self, lease: &Lease, now: SystemTime) -> Result<(), IssueError>;
+
+    /// The lease of task `task` whose current credential is `credential` (a `jti` or serial).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn find_lease(
+        &self,
+        task: &TaskId,
+        credential: &str,
+    ) -> Result<Option<Lease>, StoreError>;
+
+    /// Ends a task and revokes every active lease of it, atomically: `change` must move the task
+    /// to a terminal state. A lease recorded concurrently is either refused (the task changed)
+    /// or revoked with the others; never left active on an ended task. Returns the task and the
+    /// leases revoked.
+    ///
+    /// # Errors
+    /// [`UpdateError`]; nothing is changed.
+    async fn end_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<(Task, Vec<Lease>), UpdateError>;
+
     /// Deletes tasks that ended before `ended_before`, with their history. Returns how many.
     ///
     /// # Errors
@@ -150,4 +201,17 @@ pub(crate) fn encode(task: &Task) -> Result<Vec<u8>, StoreError> {
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<Task, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("decoding task: {e}")))
+}
+
+pub(crate) fn encode_lease(lease: &Lease) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(lease).map_err(|e| StoreError::Corrupt(format!("encoding lease: {e}")))
+}
+
+pub(crate) fn decode_lease(bytes: &[u8]) -> Result<Lease, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("decoding lease: {e}")))
+}
+
+/// The reason recorded on leases revoked because their task ended.
+pub fn task_ended_reason(task: &Task) -> String {
+    format!("task {}", task.state)
 }

@@ -4,6 +4,12 @@
 //!
 //! Keys (`{}` is the hash tag, so that everything of one task stays in one Redis Cluster slot):
 //! - `tc:task:{<id>}`: hash `v` (version), `data` (JSON). Updates compare-and-set on `v`.
+//! - `tc:lease:{<task>}:<lease>`: hash `data` (the lease as issued, JSON), `state`, `ended_ms`,
+//!   `reason`, `cred`; `tc:leases:{<task>}`: set of the task's lease ids;
+//!   `tc:cred:{<task>}:<jti or serial>`: the lease holding that credential.
+//! - `tc:lock:<agent>`: the agent's lock (JSON). It is read in the issuance script with the task's
+//!   keys; on Redis Cluster that needs the lock in the task's slot (not yet: one node or a
+//!   replicated primary today).
 //! - `tc:idx:tasks`, `tc:idx:executor:<spiffe id>`, `tc:idx:requester:<spiffe id>`: sorted sets
 //!   of task ids (score 0, ordered by id, which is creation order). Index entries are written
 //!   before the task, so a failure leaves at most an entry that points nowhere; readers skip and
@@ -17,9 +23,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use super::{
-    Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode, encode, unix_ms,
+    IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
+    decode_lease, encode, encode_lease, task_ended_reason, unix_ms,
 };
-use crate::task::{Task, TaskId};
+use crate::identity::WorkloadId;
+use crate::lease::{Lease, LeaseState, check_issuable};
+use crate::task::{Task, TaskError, TaskId};
 
 /// Attempts of one compare-and-set update before giving up with [`StoreError::Contention`].
 const CAS_ATTEMPTS: usize = 16;
@@ -30,6 +39,22 @@ const ALL_TASKS: &str = "tc:idx:tasks";
 
 fn task_key(id: &str) -> String {
     format!("tc:task:{{{id}}}")
+}
+
+fn lease_prefix(task: &str) -> String {
+    format!("tc:lease:{{{task}}}:")
+}
+
+fn leases_key(task: &str) -> String {
+    format!("tc:leases:{{{task}}}")
+}
+
+fn cred_prefix(task: &str) -> String {
+    format!("tc:cred:{{{task}}}:")
+}
+
+fn lock_key(agent: &WorkloadId) -> String {
+    format!("tc:lock:{agent}")
 }
 
 fn executor_key(who: &str) -> String {
@@ -55,6 +80,49 @@ redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3])
 if ARGV[4] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[4]) end
 return 1";
 
+/// Records a lease if the task is unchanged since it was checked and the agent is not locked.
+/// KEYS: task, lock, lease, task's lease set, credential index.
+/// ARGV: version read, new version ('' when the task is unchanged), new task data, lease JSON,
+/// lease id, credential id.
+const ISSUE: &str = r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return -1 end
+if v ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3]) end
+redis.call('HSET', KEYS[3], 'data', ARGV[4], 'state', 'active', 'cred', ARGV[6])
+redis.call('SADD', KEYS[4], ARGV[5])
+redis.call('SET', KEYS[5], ARGV[5])
+return 1";
+
+/// Ends a task and revokes every active lease in its set, atomically.
+/// KEYS: task, task's lease set. ARGV: version read, new version, new task data, expire-at ms
+/// ('' for none), ended ms, reason, lease key prefix, credential key prefix.
+/// Returns `{'missing'}`, `{'conflict'}`, or `{'ok', revoked lease ids...}`.
+const END_TASK: &str = r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return {'missing'} end
+if v ~= ARGV[1] then return {'conflict'} end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3])
+local revoked = {'ok'}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local lk = ARGV[7] .. id
+  if redis.call('HGET', lk, 'state') == 'active' then
+    redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[5], 'reason', ARGV[6])
+    table.insert(revoked, id)
+  end
+  if ARGV[4] ~= '' then
+    redis.call('PEXPIREAT', lk, ARGV[4])
+    local cred = redis.call('HGET', lk, 'cred')
+    if cred then redis.call('PEXPIREAT', ARGV[8] .. cred, ARGV[4]) end
+  end
+end
+if ARGV[4] ~= '' then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+  redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+end
+return revoked";
+
 fn unavailable(e: &redis::RedisError) -> StoreError {
     // The error text names the server and failure, never the URL's password.
     StoreError::Unavailable(format!("redis: {e}"))
@@ -67,6 +135,8 @@ pub struct RedisStore {
     conn: OnceCell<ConnectionManager>,
     create: redis::Script,
     cas: redis::Script,
+    issue: redis::Script,
+    end_task: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -90,6 +160,8 @@ impl RedisStore {
             conn: OnceCell::new(),
             create: redis::Script::new(CREATE),
             cas: redis::Script::new(COMPARE_AND_SET),
+            issue: redis::Script::new(ISSUE),
+            end_task: redis::Script::new(END_TASK),
         })
     }
 
@@ -130,6 +202,50 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// Reads a lease: the JSON as issued, with the fields that change in place laid over it.
+    async fn read_lease(
+        &self,
+        conn: &mut ConnectionManager,
+        task: &str,
+        lease: &str,
+    ) -> Result<Option<Lease>, StoreError> {
+        let (data, state, ended_ms, reason): (
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<u64>,
+            Option<String>,
+        ) = redis::cmd("HMGET")
+            .arg(format!("{}{lease}", lease_prefix(task)))
+            .arg("data")
+            .arg("state")
+            .arg("ended_ms")
+            .arg("reason")
+            .query_async(conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some(data) = data else {
+            return Ok(None);
+        };
+        let mut l = decode_lease(&data)?;
+        l.state = match state.as_deref() {
+            Some("active") => LeaseState::Active,
+            Some("revoked") => LeaseState::Revoked,
+            Some("expired") => LeaseState::Expired,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "lease {lease}: state {other:?}"
+                )));
+            }
+        };
+        if let Some(ms) = ended_ms {
+            l.ended_at = Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        }
+        if reason.is_some() {
+            l.reason = reason;
+        }
+        Ok(Some(l))
+    }
+
     /// Removes index entries whose task no longer exists (pruned, or a create that failed after
     /// writing its index entries). Best effort: a failure leaves them for the next reader.
     async fn drop_dangling(&self, conn: &mut ConnectionManager, key: &str, ids: &[String]) {
@@ -276,6 +392,136 @@ impl Store for RedisStore {
                 return Ok(page);
             }
         }
+    }
+
+    async fn issue_lease(&self, lease: &Lease, now: SystemTime) -> Result<(), IssueError> {
+        let mut conn = self.conn().await?;
+        let task_id = lease.task.to_string();
+        let lease_json = encode_lease(lease)?;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((version, mut task)) = self.read(&mut conn, &task_id).await? else {
+                return Err(IssueError::NotFound);
+            };
+            check_issuable(&task, &lease.agent, now)?;
+            let (next_version, data) = if task.started_at.is_none() {
+                task.started_at = Some(now);
+                let v = version
+                    .parse::<u64>()
+                    .map_err(|_| StoreError::Corrupt(format!("task {task_id}: bad version")))?;
+                ((v + 1).to_string(), encode(&task)?)
+            } else {
+                (String::new(), Vec::new())
+            };
+            let outcome: i64 = self
+                .issue
+                .key(task_key(&task_id))
+                .key(lock_key(&lease.agent))
+                .key(format!("{}{}", lease_prefix(&task_id), lease.id))
+                .key(leases_key(&task_id))
+                .key(format!("{}{}", cred_prefix(&task_id), lease.credential))
+                .arg(&version)
+                .arg(next_version)
+                .arg(data)
+                .arg(lease_json.as_slice())
+                .arg(lease.id.as_str())
+                .arg(&lease.credential)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            match outcome {
+                1 => return Ok(()),
+                -1 => return Err(IssueError::NotFound),
+                -2 => {
+                    let lock: Option<String> = conn
+                        .get(lock_key(&lease.agent))
+                        .await
+                        .map_err(|e| unavailable(&e))?;
+                    let reason = lock
+                        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+                        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    return Err(IssueError::Locked(reason));
+                }
+                _ => continue, // the task changed since it was checked: check again
+            }
+        }
+        Err(StoreError::Contention(lease.task).into())
+    }
+
+    async fn find_lease(
+        &self,
+        task: &TaskId,
+        credential: &str,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut conn = self.conn().await?;
+        let task = task.to_string();
+        let lease: Option<String> = conn
+            .get(format!("{}{credential}", cred_prefix(&task)))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match lease {
+            Some(id) => self.read_lease(&mut conn, &task, &id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn end_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<(Task, Vec<Lease>), UpdateError> {
+        let mut conn = self.conn().await?;
+        let key = id.to_string();
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((version, current)) = self.read(&mut conn, &key).await? else {
+                return Err(UpdateError::NotFound);
+            };
+            let mut next = current.clone();
+            change(&mut next)?;
+            let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
+                return Err(
+                    TaskError::Precondition("the change does not end the task".into()).into(),
+                );
+            };
+            let next_version = version
+                .parse::<u64>()
+                .map_err(|_| StoreError::Corrupt(format!("task {key}: bad version")))?
+                + 1;
+            let expire_at = if current.ended_at.is_none() {
+                unix_ms(ended + retention).to_string()
+            } else {
+                String::new()
+            };
+            let outcome: Vec<String> = self
+                .end_task
+                .key(task_key(&key))
+                .key(leases_key(&key))
+                .arg(&version)
+                .arg(next_version)
+                .arg(encode(&next)?)
+                .arg(expire_at)
+                .arg(unix_ms(ended))
+                .arg(task_ended_reason(&next))
+                .arg(lease_prefix(&key))
+                .arg(cred_prefix(&key))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let revoked = match outcome.split_first() {
+                Some((status, revoked)) if status == "ok" => revoked,
+                Some((status, _)) if status == "missing" => return Err(UpdateError::NotFound),
+                _ => continue, // the task changed since it was read: apply the change again
+            };
+            let mut leases = Vec::with_capacity(revoked.len());
+            for lease in revoked {
+                if let Some(l) = self.read_lease(&mut conn, &key, lease).await? {
+                    leases.push(l);
+                }
+            }
+            return Ok((next, leases));
+        }
+        Err(StoreError::Contention(*id).into())
     }
 
     async fn prune_ended(&self, _ended_before: SystemTime) -> Result<usize, StoreError> {

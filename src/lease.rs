@@ -1,0 +1,149 @@
+//! Leases: the record of a credential issued for a task. A lease is written (durably) before its
+//! credential is signed and returned; it ends when revoked, when its task ends, or when it
+//! expires. Pure: no I/O, time is passed in.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::WorkloadId;
+use crate::task::{Task, TaskError, TaskId, TaskState};
+
+/// A lease id (UUIDv7, lowercase hyphenated).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseId(String);
+
+impl LeaseId {
+    /// A fresh id.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().hyphenated().to_string())
+    }
+
+    /// Parses a canonical lease id.
+    ///
+    /// # Errors
+    /// [`TaskError::Invalid`] (field `lease_id`).
+    pub fn parse(s: &str) -> Result<Self, TaskError> {
+        let bad = || TaskError::Invalid {
+            field: "lease_id",
+            reason: "not a lease id (a lowercase UUIDv7)".into(),
+        };
+        let u = uuid::Uuid::try_parse(s).map_err(|_| bad())?;
+        if u.get_version_num() != 7 || u.hyphenated().to_string() != s {
+            return Err(bad());
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What kind of credential a lease tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialKind {
+    /// An RFC 9068 JWT access token; the credential id is its `jti`.
+    Jwt,
+    /// An X509-SVID; the credential id is its serial, in hex.
+    X509,
+}
+
+/// Where a lease is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseState {
+    /// Its credential may be used until it expires.
+    Active,
+    /// Ended before its time: revoked, or its task ended.
+    Revoked,
+    /// Its time passed.
+    Expired,
+}
+
+/// One issued credential and what it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Its id.
+    pub id: LeaseId,
+    /// The task it serves.
+    pub task: TaskId,
+    /// The executor it was issued to.
+    pub agent: WorkloadId,
+    /// JWT or X.509.
+    pub kind: CredentialKind,
+    /// The `jti` or serial of the current credential.
+    pub credential: String,
+    /// The one audience of a JWT.
+    pub audience: Option<String>,
+    /// The actions granted (the token's `scope`).
+    pub actions: Vec<String>,
+    /// `x5t#S256` of the client certificate the credential is bound to.
+    pub cnf: String,
+    /// When the lease began.
+    pub issued_at: SystemTime,
+    /// When the current credential expires.
+    pub expires_at: SystemTime,
+    /// Renewals may not go past this.
+    pub renew_until: SystemTime,
+    /// Where it is.
+    pub state: LeaseState,
+    /// When it ended.
+    pub ended_at: Option<SystemTime>,
+    /// Why it ended.
+    pub reason: Option<String>,
+}
+
+impl Lease {
+    /// Whether the credential `id` of this lease is usable at `now`.
+    pub fn is_active(&self, credential: &str, now: SystemTime) -> bool {
+        self.state == LeaseState::Active && self.credential == credential && now < self.expires_at
+    }
+
+    /// Ends the lease as revoked, if it is active.
+    pub fn revoke(&mut self, reason: &str, now: SystemTime) -> bool {
+        if self.state != LeaseState::Active {
+            return false;
+        }
+        self.state = LeaseState::Revoked;
+        self.ended_at = Some(now);
+        self.reason = Some(reason.to_owned());
+        true
+    }
+}
+
+/// Why a credential may not be issued for a task at this moment. The store re-checks these in
+/// the same atomic step that writes the lease.
+///
+/// # Errors
+/// [`TaskError::Forbidden`] when `agent` is not the executor; [`TaskError::Precondition`] when
+/// the task is not approved or its deadline has passed.
+pub fn check_issuable(task: &Task, agent: &WorkloadId, now: SystemTime) -> Result<(), TaskError> {
+    if &task.executor != agent {
+        return Err(TaskError::Forbidden(
+            "only the task's executor may get credentials for it".into(),
+        ));
+    }
+    if task.state != TaskState::Approved {
+        return Err(TaskError::Precondition(format!(
+            "task is {}, not approved",
+            task.state
+        )));
+    }
+    if now >= task.deadline {
+        return Err(TaskError::Precondition(
+            "the task's deadline has passed".into(),
+        ));
+    }
+    Ok(())
+}
