@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, GrpcOptions};
 use crate::audit::AuditLog;
-use crate::broker::{Broker, BrokerSettings};
+use crate::broker::{Broker, BrokerParts, BrokerSettings};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreBackend};
 use crate::http::{self, HttpState};
@@ -136,7 +136,7 @@ impl App {
         let keys = KeyRing::new(
             config.issuer.url.clone(),
             JwtKey::load(&config.issuer.jwt_key, config.issuer.jwt_algorithm)?,
-        );
+        )?;
         let policy = Arc::new(PolicyEngine::load(&config.policy.dir)?);
         let store: Arc<dyn Store> = match config.store.backend {
             StoreBackend::Embedded => {
@@ -163,8 +163,18 @@ impl App {
                 credential_ttl_max: ttl.credential_max,
             },
             task_retention: ttl.task_retention,
+            lease_renewal_max: ttl.lease_renewal_max,
         };
-        let broker = Broker::new(store, policy, audit, clock.clone(), settings);
+        let broker = Broker::new(
+            BrokerParts {
+                store,
+                policy,
+                audit,
+                clock: clock.clone(),
+                keys: keys.clone(),
+            },
+            settings,
+        );
         Ok(Self {
             config,
             tls,

@@ -1,17 +1,20 @@
-//! The use cases of the broker: request, read, list, approve, deny and cancel tasks, reload
-//! policy. Each asks Cedar first (nothing is allowed by code alone), applies the task rules
+//! The use cases of the broker: request, read, list, approve, deny, cancel and complete tasks;
+//! issue and introspect task-bound tokens; reload policy. Each asks Cedar first (nothing is allowed by code alone), applies the task rules
 //! through one atomic store operation, and audits the decision. No tonic types here.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::clock::Clock;
-use crate::identity::WorkloadId;
+use crate::identity::{PeerIdentity, WorkloadId};
+use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState, check_issuable};
+use crate::mint::{AccessClaims, Confirmation, KeyRing, random_id};
 use crate::policy::{PolicyAction, PolicyEngine, Resource, Verdict};
-use crate::store::{Store, StoreError, TaskPage, TaskQuery, UpdateError};
+use crate::store::{IssueError, Store, StoreError, TaskPage, TaskQuery, UpdateError};
 use crate::task::{
-    Approval, Decision, RawTaskRequest, Task, TaskError, TaskId, TaskLimits, TaskRequest,
+    Action, Approval, Audience, Decision, Outcome, RawTaskRequest, Task, TaskError, TaskId,
+    TaskLimits, TaskRequest,
 };
 
 /// Largest page of `ListTasks`.
@@ -100,10 +103,43 @@ pub struct ListRequest {
 /// Settings of the use cases.
 #[derive(Debug, Clone, Copy)]
 pub struct BrokerSettings {
-    /// Task request bounds.
+    /// Task request bounds (and the credential lifetime ceiling).
     pub limits: TaskLimits,
     /// How long ended tasks stay readable.
     pub task_retention: Duration,
+    /// Longest a lease may be renewed for, from its first credential.
+    pub lease_renewal_max: Duration,
+}
+
+/// What `IssueToken` asks for.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    /// The task.
+    pub task: TaskId,
+    /// The one audience.
+    pub audience: String,
+    /// A subset of the grant's actions; empty for all of them.
+    pub actions: Vec<String>,
+    /// Lifetime asked; `None` for the task's ceiling.
+    pub ttl: Option<Duration>,
+}
+
+/// A token handed out, with its lease.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// The compact JWS.
+    pub token: String,
+    /// The lease recorded before it was signed.
+    pub lease: Lease,
+}
+
+/// What introspection found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Introspection {
+    /// The token is ours, valid now, and its lease is active.
+    Active(Box<AccessClaims>),
+    /// Anything else: expired, revoked, unknown, foreign, malformed. No reason is given.
+    Inactive,
 }
 
 /// The broker's use cases over a store, a policy engine, an audit log and a clock.
@@ -113,23 +149,34 @@ pub struct Broker {
     policy: Arc<PolicyEngine>,
     audit: Arc<AuditLog>,
     clock: Arc<dyn Clock>,
+    keys: KeyRing,
     settings: BrokerSettings,
+}
+
+/// The parts a broker is made of.
+#[derive(Debug)]
+pub struct BrokerParts {
+    /// Where tasks and leases live.
+    pub store: Arc<dyn Store>,
+    /// Who may do what.
+    pub policy: Arc<PolicyEngine>,
+    /// Where decisions are recorded.
+    pub audit: Arc<AuditLog>,
+    /// What time it is.
+    pub clock: Arc<dyn Clock>,
+    /// What signs tokens.
+    pub keys: KeyRing,
 }
 
 impl Broker {
     /// Assembles the use cases.
-    pub fn new(
-        store: Arc<dyn Store>,
-        policy: Arc<PolicyEngine>,
-        audit: Arc<AuditLog>,
-        clock: Arc<dyn Clock>,
-        settings: BrokerSettings,
-    ) -> Self {
+    pub fn new(parts: BrokerParts, settings: BrokerSettings) -> Self {
         Self {
-            store,
-            policy,
-            audit,
-            clock,
+            store: parts.store,
+            policy: parts.policy,
+            audit: parts.audit,
+            clock: parts.clock,
+            keys: parts.keys,
             settings,
         }
     }
@@ -420,6 +467,268 @@ impl Broker {
                 )))
             }
         }
+    }
+
+    /// Issues a JWT for one audience of an approved task to its executor, bound to the caller's
+    /// certificate. Checks, cheapest first: the request's bounds; the task exists; the caller
+    /// is its executor; it is approved and before its deadline; the audience and actions are
+    /// inside its grants; policy permits (with the request as context). The lease is then
+    /// recorded by the store in the same atomic step that re-checks the task and the agent's
+    /// lock, and only then is the token signed.
+    ///
+    /// The lifetime is the least of: what was asked, the task's ceiling, the configured
+    /// ceiling, and the time left to the deadline (down to 1 s); never more than asked.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`] naming the field, [`BrokerError::NotFound`],
+    /// [`BrokerError::Denied`] (not the executor, outside the grant, policy, locked agent),
+    /// [`BrokerError::Precondition`] (task not approved, deadline), [`BrokerError::Unavailable`].
+    pub async fn issue_token(
+        &self,
+        caller: &PeerIdentity,
+        request: TokenRequest,
+    ) -> Result<IssuedToken, BrokerError> {
+        let audience = Audience::parse(&request.audience).map_err(|_| BrokerError::Invalid {
+            field: "audience",
+            reason: "1 to 256 bytes of A-Z a-z 0-9 . _ : / -".into(),
+        })?;
+        let mut asked: Vec<Action> = Vec::with_capacity(request.actions.len());
+        for a in &request.actions {
+            asked.push(Action::parse(a).map_err(|_| BrokerError::Invalid {
+                field: "actions",
+                reason: format!("{a:?} is not an action"),
+            })?);
+        }
+        if let Some(ttl) = request.ttl
+            && ttl < Duration::from_secs(1)
+        {
+            return Err(BrokerError::Invalid {
+                field: "ttl",
+                reason: "must be at least 1s".into(),
+            });
+        }
+
+        let task = self.load(&request.task).await?;
+        let now = self.clock.now();
+        let refuse = |e: BrokerError| {
+            self.audit_refusal(PolicyAction::IssueToken, &caller.id, task.id, &e);
+            e
+        };
+        check_issuable(&task, &caller.id, now).map_err(|e| refuse(e.into()))?;
+        let grant = task
+            .grants
+            .iter()
+            .find(|g| g.audience == audience)
+            .ok_or_else(|| {
+                refuse(BrokerError::Denied(format!(
+                    "audience {audience} is not granted by the task"
+                )))
+            })?;
+        if let Some(a) = asked.iter().find(|a| !grant.actions.contains(*a)) {
+            return Err(refuse(BrokerError::Denied(format!(
+                "action {a} is not granted for {audience}"
+            ))));
+        }
+        let actions: Vec<String> = if asked.is_empty() {
+            grant.actions.iter().map(ToString::to_string).collect()
+        } else {
+            let mut v: Vec<String> = asked.iter().map(ToString::to_string).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+
+        let to_deadline = task.deadline.duration_since(now).unwrap_or_default();
+        let ttl = request
+            .ttl
+            .unwrap_or(task.credential_ttl)
+            .min(task.credential_ttl)
+            .min(self.settings.limits.credential_ttl_max)
+            .min(to_deadline);
+        let ttl_secs = ttl.as_secs();
+        if ttl_secs < 1 {
+            return Err(refuse(BrokerError::Precondition(
+                "less than a second remains before the task's deadline".into(),
+            )));
+        }
+
+        let context = serde_json::json!({
+            "audience": audience.as_str(),
+            "actions": actions,
+            "ttl_secs": ttl_secs,
+        });
+        let verdict = self.policy.decide_in(
+            &caller.id,
+            PolicyAction::IssueToken,
+            &Resource::Task(&task),
+            Some(context),
+        );
+        if !verdict.allowed {
+            self.audit.record(
+                &AuditEvent::new(now, "IssueToken", caller.id.as_str(), false)
+                    .task(task.id)
+                    .policies(&verdict.policies)
+                    .reason("not permitted by policy")
+                    .detail("audience", audience.as_str())
+                    .detail("ttl_secs", ttl_secs),
+            );
+            return Err(BrokerError::Denied(
+                "policy does not permit IssueToken here".into(),
+            ));
+        }
+
+        let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let exp = now_secs + ttl_secs;
+        let jti = random_id().map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let lease = Lease {
+            id: LeaseId::generate(),
+            task: task.id,
+            agent: caller.id.clone(),
+            kind: CredentialKind::Jwt,
+            credential: jti.clone(),
+            audience: Some(audience.to_string()),
+            actions: actions.clone(),
+            cnf: caller.cert_sha256.clone(),
+            // Whole seconds, as the token's iat and exp say.
+            issued_at: UNIX_EPOCH + Duration::from_secs(now_secs),
+            expires_at: UNIX_EPOCH + Duration::from_secs(exp),
+            renew_until: (now + self.settings.lease_renewal_max).min(task.deadline),
+            state: LeaseState::Active,
+            ended_at: None,
+            reason: None,
+        };
+        // The lease is durable before the token exists.
+        self.store.issue_lease(&lease, now).await.map_err(|e| {
+            refuse(match e {
+                IssueError::NotFound => BrokerError::NotFound,
+                IssueError::Refused(t) => t.into(),
+                IssueError::Locked(reason) => {
+                    BrokerError::Denied(format!("agent is locked: {reason}"))
+                }
+                IssueError::Store(s) => s.into(),
+            })
+        })?;
+        let claims = AccessClaims {
+            iss: self.keys.issuer().to_owned(),
+            sub: caller.id.to_string(),
+            aud: audience.to_string(),
+            exp,
+            nbf: now_secs,
+            iat: now_secs,
+            jti,
+            client_id: caller.id.to_string(),
+            scope: actions.join(" "),
+            task_id: task.id.to_string(),
+            approval_ids: task
+                .approvals
+                .iter()
+                .filter(|a| a.decision == Decision::Approve)
+                .map(|a| a.id.clone())
+                .collect(),
+            cnf: Confirmation {
+                x5t_s256: caller.cert_sha256.clone(),
+            },
+        };
+        let token = self
+            .keys
+            .sign_access_token(&claims)
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        self.audit.record(
+            &AuditEvent::new(now, "IssueToken", caller.id.as_str(), true)
+                .task(task.id)
+                .policies(&verdict.policies)
+                .detail("lease_id", lease.id.as_str())
+                .detail("jti", lease.credential.as_str())
+                .detail("audience", audience.as_str())
+                .detail("scope", claims.scope.as_str())
+                .detail("ttl_secs", ttl_secs)
+                .detail("exp", exp),
+        );
+        Ok(IssuedToken { token, lease })
+    }
+
+    /// Ends a task on behalf of its executor or requester, revoking every credential of it in
+    /// the same atomic step. Returns the task and how many leases were revoked.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotFound`], [`BrokerError::Denied`], [`BrokerError::Precondition`] (not
+    /// approved, or already ended: a replayed completion), [`BrokerError::Unavailable`].
+    pub async fn complete_task(
+        &self,
+        caller: &WorkloadId,
+        id: &TaskId,
+        outcome: Outcome,
+    ) -> Result<(Task, usize), BrokerError> {
+        let task = self.load(id).await?;
+        let verdict = self.authorize(caller, PolicyAction::CompleteTask, &Resource::Task(&task))?;
+        let now = self.clock.now();
+        let who = caller.clone();
+        let result = self
+            .store
+            .end_task(
+                id,
+                Arc::new(move |t: &mut Task| t.complete(&who, outcome, now)),
+                self.settings.task_retention,
+            )
+            .await
+            .map_err(BrokerError::from);
+        match result {
+            Ok((task, revoked)) => {
+                let ids: Vec<&str> = revoked.iter().map(|l| l.credential.as_str()).collect();
+                self.audit.record(
+                    &AuditEvent::new(now, "CompleteTask", caller.as_str(), true)
+                        .task(task.id)
+                        .policies(&verdict.policies)
+                        .detail("state", task.state.as_str())
+                        .detail("revoked_credentials", ids),
+                );
+                tracing::info!(task = %task.id, state = %task.state, revoked = revoked.len(), "task completed");
+                Ok((task, revoked.len()))
+            }
+            Err(e) => {
+                self.audit_refusal(PolicyAction::CompleteTask, caller, *id, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Tells whether `token` is one of ours, valid now, and its lease active. Anything else is
+    /// inactive, without a reason.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`] if policy does not permit the caller to introspect;
+    /// [`BrokerError::Unavailable`] when the store cannot answer (never "inactive" by default).
+    pub async fn introspect(
+        &self,
+        caller: &WorkloadId,
+        token: &str,
+    ) -> Result<Introspection, BrokerError> {
+        let verdict = self
+            .policy
+            .decide(caller, PolicyAction::Introspect, &Resource::Broker);
+        if !verdict.allowed {
+            self.audit.record(
+                &AuditEvent::new(self.clock.now(), "Introspect", caller.as_str(), false)
+                    .reason("not permitted by policy"),
+            );
+            return Err(BrokerError::Denied(
+                "policy does not permit Introspect here".into(),
+            ));
+        }
+        let now = self.clock.now();
+        let Ok(claims) = self.keys.verify_access_token(token, now) else {
+            return Ok(Introspection::Inactive);
+        };
+        let Ok(task) = TaskId::parse(&claims.task_id) else {
+            return Ok(Introspection::Inactive);
+        };
+        let lease = self.store.find_lease(&task, &claims.jti).await?;
+        Ok(match lease {
+            Some(l) if l.is_active(&claims.jti, now) && l.agent.as_str() == claims.sub => {
+                Introspection::Active(Box::new(claims))
+            }
+            _ => Introspection::Inactive,
+        })
     }
 
     /// Deletes tasks whose retention has passed.

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             Command::Whoami => cli::whoami(&cli.client).await,
             Command::Task { ref command } => cli::task::run(&cli.client, command).await,
             Command::Policy { ref command } => cli::policy::run(&cli.client, command).await,
+            Command::Token { ref command } => cli::token::run(&cli.client, command).await,
         }
     })
 }

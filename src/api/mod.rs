@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod auth;
+mod credentials;
 mod error;
 mod identity;
 mod metrics;
@@ -20,6 +21,7 @@ use tokio_stream::Stream;
 use tonic::transport::Server;
 
 pub use admin::AdminApi;
+pub use credentials::CredentialApi;
 pub use identity::IdentityApi;
 pub use metrics::RpcMetricsLayer;
 pub use tasks::{TaskApi, state_from_pb, state_to_pb, task_to_pb};
@@ -155,6 +157,11 @@ where
     let tasks = pb::task_service_server::TaskServiceServer::new(TaskApi::new(broker.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let credentials = pb::credential_service_server::CredentialServiceServer::new(
+        CredentialApi::new(broker.clone()),
+    )
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(broker))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -172,6 +179,7 @@ where
         .add_service(reflection_v1alpha)
         .add_service(identity)
         .add_service(tasks)
+        .add_service(credentials)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

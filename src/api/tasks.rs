@@ -10,7 +10,7 @@ use super::pb;
 use super::pb::task_service_server::TaskService;
 use crate::broker::{Broker, ListRequest};
 use crate::identity::WorkloadId;
-use crate::task::{Decision, RawTaskRequest, Task, TaskId, TaskState};
+use crate::task::{Decision, Outcome, RawTaskRequest, Task, TaskId, TaskState};
 
 /// The task service.
 #[derive(Debug, Clone)]
@@ -210,6 +210,13 @@ impl TaskService for TaskApi {
         self.decide(request, Decision::Deny).await
     }
 
+    async fn complete_task(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        self.complete(request).await
+    }
+
     async fn cancel_task(
         &self,
         request: Request<pb::CancelTaskRequest>,
@@ -222,6 +229,31 @@ impl TaskService for TaskApi {
 }
 
 impl TaskApi {
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let r = request.into_inner();
+        let id = task_id(&r.task_id)?;
+        let outcome = match pb::Outcome::try_from(r.outcome)
+            .map_err(|_| invalid("outcome", "unknown outcome"))?
+        {
+            pb::Outcome::Unspecified | pb::Outcome::Succeeded => Outcome::Succeeded,
+            pb::Outcome::Failed => Outcome::Failed,
+            pb::Outcome::Cancelled => Outcome::Cancelled,
+        };
+        let (task, revoked) = self
+            .broker
+            .complete_task(&who, &id, outcome)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CompleteTaskResponse {
+            task: Some(task_to_pb(task)),
+            revoked_leases: u32::try_from(revoked).unwrap_or(u32::MAX),
+        }))
+    }
+
     async fn decide(
         &self,
         request: Request<pb::DecideTaskRequest>,

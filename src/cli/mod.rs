@@ -6,6 +6,7 @@
 mod client;
 pub mod policy;
 pub mod task;
+pub mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +80,12 @@ pub enum Command {
         /// Which.
         #[command(subcommand)]
         command: task::TaskCommand,
+    },
+    /// Get task-bound tokens, and introspect them.
+    Token {
+        /// Which.
+        #[command(subcommand)]
+        command: token::TokenCommand,
     },
     /// Check policies offline, or reload them on a broker.
     Policy {

@@ -44,6 +44,14 @@ pub enum TaskCommand {
         /// The task id.
         id: String,
     },
+    /// End an approved task (as its executor or requester): every credential of it is revoked.
+    Complete {
+        /// The task id.
+        id: String,
+        /// succeeded, failed or cancelled.
+        #[arg(long, default_value = "succeeded")]
+        outcome: String,
+    },
 }
 
 /// `taskcred task request`.
@@ -299,6 +307,40 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
             .await
             .map_err(refused)?
             .into_inner(),
+        TaskCommand::Complete { id, outcome } => {
+            let outcome = match outcome.as_str() {
+                "succeeded" => pb::Outcome::Succeeded,
+                "failed" => pb::Outcome::Failed,
+                "cancelled" => pb::Outcome::Cancelled,
+                other => {
+                    return Err(usage(format!(
+                        "--outcome {other:?}: one of succeeded, failed, cancelled"
+                    )));
+                }
+            };
+            let r = client
+                .complete_task(pb::CompleteTaskRequest {
+                    task_id: id.clone(),
+                    outcome: outcome.into(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let task = r.task.unwrap_or_default();
+            if args.json {
+                let mut v = task_json(&task);
+                v["revoked_leases"] = json!(r.revoked_leases);
+                println!("{v}");
+            } else {
+                println!(
+                    "task {}: {} ({} credentials revoked)",
+                    task.id,
+                    state_name(task.state),
+                    r.revoked_leases
+                );
+            }
+            return Ok(());
+        }
         TaskCommand::List(l) => {
             let list = client
                 .list_tasks(pb::ListTasksRequest {

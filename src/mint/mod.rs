@@ -5,11 +5,13 @@ mod jose_ring;
 mod jwk;
 mod keyring;
 mod keys;
+mod token;
 
 pub use jose_ring::{RING_PROVIDER, install as install_jose_provider};
 pub use jwk::{PublicKey, jwks};
 pub use keyring::KeyRing;
 pub use keys::JwtKey;
+pub use token::{ACCESS_TOKEN_TYP, AccessClaims, Confirmation, random_id};
 
 /// Why a key could not be loaded or a credential signed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

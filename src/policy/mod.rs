@@ -38,6 +38,10 @@ pub const DEV_POLICIES: &[(&str, &str)] = &[
         "admin.cedar",
         include_str!("../../config/policies/admin.cedar"),
     ),
+    (
+        "credentials.cedar",
+        include_str!("../../config/policies/credentials.cedar"),
+    ),
 ];
 
 /// The actions policy decides. Their names are the Cedar action ids.
@@ -58,6 +62,12 @@ pub enum PolicyAction {
     CancelTask,
     /// Reload the policies.
     ReloadPolicy,
+    /// Get a JWT for a task (context: audience, actions, ttl_secs).
+    IssueToken,
+    /// End a task.
+    CompleteTask,
+    /// Ask whether a credential is active.
+    Introspect,
 }
 
 impl PolicyAction {
@@ -71,6 +81,9 @@ impl PolicyAction {
             Self::DenyTask => "DenyTask",
             Self::CancelTask => "CancelTask",
             Self::ReloadPolicy => "ReloadPolicy",
+            Self::IssueToken => "IssueToken",
+            Self::CompleteTask => "CompleteTask",
+            Self::Introspect => "Introspect",
         }
     }
 }
@@ -331,13 +344,25 @@ impl PolicyEngine {
             .clone()
     }
 
-    /// Decides whether `principal` may do `action` on `resource`. Any failure to build the
-    /// request is a denial.
+    /// Decides whether `principal` may do `action` on `resource`, with an empty context. Any
+    /// failure to build the request is a denial.
     pub fn decide(
         &self,
         principal: &WorkloadId,
         action: PolicyAction,
         resource: &Resource<'_>,
+    ) -> Verdict {
+        self.decide_in(principal, action, resource, None)
+    }
+
+    /// Decides with a request context (a JSON object shaped as the schema declares for
+    /// `action`). Any failure to build the request is a denial.
+    pub fn decide_in(
+        &self,
+        principal: &WorkloadId,
+        action: PolicyAction,
+        resource: &Resource<'_>,
+        context: Option<serde_json::Value>,
     ) -> Verdict {
         let policies = self.current();
         let denied = |why: String| Verdict {
@@ -356,7 +381,12 @@ impl PolicyEngine {
                 let action =
                     EntityUid::from_str(&format!("Taskcred::Action::\"{}\"", action.name()))
                         .map_err(|e| format!("action: {e}"))?;
-                let request = Request::new(p, action, r, Context::empty(), Some(&self.schema))
+                let context = match context {
+                    Some(c) => Context::from_json_value(c, Some((&self.schema, &action)))
+                        .map_err(|e| format!("context: {e}"))?,
+                    None => Context::empty(),
+                };
+                let request = Request::new(p, action, r, context, Some(&self.schema))
                     .map_err(|e| format!("request: {e}"))?;
                 Ok((request, entities))
             });

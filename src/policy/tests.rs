@@ -263,3 +263,54 @@ fn entity_ids_cannot_be_escaped() {
     let t = task(AGENT, &[("env", "production")]);
     assert!(request(&e, REQUESTER, &t).allowed);
 }
+
+#[test]
+fn issue_token_is_decided_with_its_context() {
+    let e = dev_engine();
+    let t = task(AGENT, &[]);
+    let ctx = serde_json::json!({"audience": "db", "actions": ["read"], "ttl_secs": 60});
+    let v = e.decide_in(
+        &w(AGENT),
+        PolicyAction::IssueToken,
+        &Resource::Task(&t),
+        Some(ctx.clone()),
+    );
+    assert!(v.allowed, "{v:?}");
+    assert!(
+        !e.decide_in(
+            &w(REQUESTER),
+            PolicyAction::IssueToken,
+            &Resource::Task(&t),
+            Some(ctx)
+        )
+        .allowed
+    );
+    // Without the context the schema requires, the request is refused (deny by default).
+    assert!(
+        !e.decide(&w(AGENT), PolicyAction::IssueToken, &Resource::Task(&t))
+            .allowed
+    );
+}
+
+#[test]
+fn built_in_dev_policies_are_exactly_the_shipped_files() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies");
+    let mut shipped: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cedar"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    shipped.sort();
+    let mut built_in: Vec<(String, String)> = DEV_POLICIES
+        .iter()
+        .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+        .collect();
+    built_in.sort();
+    assert_eq!(built_in, shipped);
+}

@@ -94,6 +94,17 @@ pub enum Decision {
     Deny,
 }
 
+/// How a task ended, as its executor or requester reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The work is done.
+    Succeeded,
+    /// The work failed.
+    Failed,
+    /// The work was abandoned.
+    Cancelled,
+}
+
 /// One recorded decision on a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
@@ -296,6 +307,38 @@ impl Task {
             ));
         }
         self.end(TaskState::Cancelled, "cancelled by the requester", now);
+        Ok(())
+    }
+
+    /// Ends an approved task on behalf of its executor or requester, with `outcome`. The store
+    /// revokes every lease of the task in the same step.
+    ///
+    /// # Errors
+    /// [`TaskError::Forbidden`] for anyone else; [`TaskError::Precondition`] for a task that is
+    /// not approved (already ended, or never approved: cancel or deny it instead).
+    pub fn complete(
+        &mut self,
+        by: &WorkloadId,
+        outcome: Outcome,
+        now: SystemTime,
+    ) -> Result<(), TaskError> {
+        if by != &self.executor && by != &self.requester {
+            return Err(TaskError::Forbidden(
+                "only the task's executor or requester may complete it".into(),
+            ));
+        }
+        if self.state != TaskState::Approved {
+            return Err(TaskError::Precondition(format!(
+                "task is {}, not approved; nothing to complete",
+                self.state
+            )));
+        }
+        let (state, reason) = match outcome {
+            Outcome::Succeeded => (TaskState::Completed, "completed: succeeded"),
+            Outcome::Failed => (TaskState::Failed, "completed: failed"),
+            Outcome::Cancelled => (TaskState::Cancelled, "completed: cancelled"),
+        };
+        self.end(state, &format!("{reason} (by {by})"), now);
         Ok(())
     }
 

@@ -290,3 +290,29 @@ fn tasks_round_trip_through_json() {
     let json = serde_json::to_string(&t).unwrap();
     assert_eq!(serde_json::from_str::<Task>(&json).unwrap(), t);
 }
+
+#[test]
+fn complete_by_executor_or_requester_once() {
+    let now = SystemTime::now();
+    let mut t = task(0, now);
+    assert!(matches!(
+        t.complete(&id(A1), Outcome::Succeeded, now),
+        Err(TaskError::Forbidden(_))
+    ));
+    let executor = t.executor.clone();
+    t.complete(&executor, Outcome::Failed, now).unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(t.ended_at.is_some());
+    // A replayed completion is refused.
+    let requester = t.requester.clone();
+    assert!(matches!(
+        t.complete(&requester, Outcome::Succeeded, now),
+        Err(TaskError::Precondition(_))
+    ));
+    // A task never approved cannot be completed.
+    let mut pending = task(1, now);
+    assert!(matches!(
+        pending.complete(&requester, Outcome::Succeeded, now),
+        Err(TaskError::Precondition(_))
+    ));
+}

@@ -1,0 +1,128 @@
+//! `taskcred token ...`: get a task-bound JWT, or ask whether one is active.
+
+use std::io::Read as _;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::{ClientArgs, ClientError, connect};
+use crate::api::pb;
+use crate::api::pb::credential_service_client::CredentialServiceClient;
+
+/// `taskcred token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Get a JWT for one audience of an approved task; prints the bare token (with --json,
+    /// {token, lease_id, jti, expires_at}). As the task's executor.
+    Issue {
+        /// The task id.
+        #[arg(long)]
+        task: String,
+        /// The audience (one of the task's grants).
+        #[arg(long)]
+        audience: String,
+        /// An action of the grant; repeat for more [default: all of the grant's].
+        #[arg(long = "action", value_name = "ACTION")]
+        actions: Vec<String>,
+        /// Lifetime asked, e.g. 30s, 5m (at most the task's ceiling and deadline).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Ask the broker whether a token is active; prints the RFC 7662 answer as JSON.
+    Introspect {
+        /// The token, or - to read it from standard input.
+        token: String,
+    },
+}
+
+/// Runs a `token` subcommand.
+pub async fn run(args: &ClientArgs, command: &TokenCommand) -> ExitCode {
+    match execute(args, command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
+    }
+}
+
+fn rfc3339(t: Option<prost_types::Timestamp>) -> String {
+    t.and_then(|t| SystemTime::try_from(t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_default()
+}
+
+async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), ClientError> {
+    match command {
+        TokenCommand::Issue {
+            task,
+            audience,
+            actions,
+            ttl,
+        } => {
+            let request = pb::IssueTokenRequest {
+                task_id: task.clone(),
+                audience: audience.clone(),
+                actions: actions.clone(),
+                ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+            };
+            let r = CredentialServiceClient::new(connect(args).await?)
+                .issue_token(request)
+                .await
+                .map_err(ClientError::Refused)?
+                .into_inner();
+            if args.json {
+                println!(
+                    "{}",
+                    json!({
+                        "token": r.token,
+                        "lease_id": r.lease_id,
+                        "jti": r.jti,
+                        "expires_at": rfc3339(r.expires_at),
+                        "ttl_secs": r.ttl.map(|d| d.seconds),
+                    })
+                );
+            } else {
+                println!("{}", r.token);
+            }
+        }
+        TokenCommand::Introspect { token } => {
+            let token = if token == "-" {
+                let mut s = String::new();
+                std::io::stdin()
+                    .take(64 * 1024)
+                    .read_to_string(&mut s)
+                    .map_err(|e| {
+                        ClientError::Usage(format!("reading the token from stdin: {e}"))
+                    })?;
+                s.trim().to_owned()
+            } else {
+                token.clone()
+            };
+            let r = CredentialServiceClient::new(connect(args).await?)
+                .introspect(pb::IntrospectRequest { token })
+                .await
+                .map_err(ClientError::Refused)?
+                .into_inner();
+            let answer = if r.active {
+                json!({
+                    "active": true,
+                    "sub": r.sub,
+                    "aud": r.aud,
+                    "iss": r.iss,
+                    "exp": r.exp,
+                    "iat": r.iat,
+                    "nbf": r.nbf,
+                    "jti": r.jti,
+                    "scope": r.scope,
+                    "client_id": r.client_id,
+                    "task_id": r.task_id,
+                    "cnf": {"x5t#S256": r.cnf_x5t_s256},
+                })
+            } else {
+                json!({"active": false})
+            };
+            println!("{answer}");
+        }
+    }
+    Ok(())
+}

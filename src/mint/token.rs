@@ -1,0 +1,56 @@
+//! RFC 9068 access tokens: the claims of a task-bound JWT, and a fresh `jti`.
+
+use serde::{Deserialize, Serialize};
+
+use super::MintError;
+
+/// The `typ` header of every access token (RFC 9068 section 2.1).
+pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
+
+/// The confirmation claim binding a token to a client certificate (RFC 8705).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// Unpadded base64url SHA-256 of the certificate's DER.
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: String,
+}
+
+/// The claims of a task-bound access token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// The broker's issuer URL, exact.
+    pub iss: String,
+    /// The executor's SPIFFE ID.
+    pub sub: String,
+    /// Exactly one audience.
+    pub aud: String,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Not before.
+    pub nbf: u64,
+    /// Issued at.
+    pub iat: u64,
+    /// 128 random bits, hex: the credential id of the lease.
+    pub jti: String,
+    /// The OAuth client: the executor's SPIFFE ID.
+    pub client_id: String,
+    /// The granted actions, space separated.
+    pub scope: String,
+    /// The task the token serves.
+    pub task_id: String,
+    /// The approvals the task carries.
+    pub approval_ids: Vec<String>,
+    /// The certificate the token is bound to.
+    pub cnf: Confirmation,
+}
+
+/// 128 bits from the system's CSPRNG, as 32 lowercase hex digits.
+///
+/// # Errors
+/// [`MintError::Sign`] if the random source fails.
+pub fn random_id() -> Result<String, MintError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| MintError::Sign("the system random source failed".into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
