@@ -15,7 +15,7 @@ use crate::broker::{Broker, BrokerParts, BrokerSettings};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreBackend};
 use crate::http::{self, HttpState};
-use crate::mint::{JwtKey, KeyRing, MintError};
+use crate::mint::{IssuingCa, JwtKey, KeyRing, MintError};
 use crate::policy::{PolicyEngine, PolicyError};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
@@ -47,8 +47,8 @@ pub enum AppError {
     /// The store cannot be opened.
     #[error("store: {0}")]
     Store(StoreError),
-    /// The JWT signing key is unusable.
-    #[error("key `issuer.jwt_key`: {0}")]
+    /// The JWT signing key or the issuing CA is unusable.
+    #[error("issuer: {0}")]
     Key(#[from] MintError),
     /// The audit log cannot be opened.
     #[error("key `audit.path`: file {path}: {source}")]
@@ -137,6 +137,10 @@ impl App {
             config.issuer.url.clone(),
             JwtKey::load(&config.issuer.jwt_key, config.issuer.jwt_algorithm)?,
         )?;
+        let ca = match &config.issuer.ca {
+            Some((cert, key)) => Some(Arc::new(IssuingCa::load(cert, key)?)),
+            None => None,
+        };
         let policy = Arc::new(PolicyEngine::load(&config.policy.dir)?);
         let store: Arc<dyn Store> = match config.store.backend {
             StoreBackend::Embedded => {
@@ -172,6 +176,7 @@ impl App {
                 audit,
                 clock: clock.clone(),
                 keys: keys.clone(),
+                ca,
             },
             settings,
         );

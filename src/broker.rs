@@ -9,7 +9,10 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::clock::Clock;
 use crate::identity::{PeerIdentity, WorkloadId};
 use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState, check_issuable};
-use crate::mint::{AccessClaims, Confirmation, KeyRing, random_id};
+use crate::mint::{
+    AccessClaims, Confirmation, IssuedCertInfo, IssuingCa, KeyRing, SvidRequest, random_id,
+    random_serial, serial_hex, verify_csr,
+};
 use crate::policy::{PolicyAction, PolicyEngine, Resource, Verdict};
 use crate::store::{IssueError, Store, StoreError, TaskPage, TaskQuery, UpdateError};
 use crate::task::{
@@ -133,6 +136,32 @@ pub struct IssuedToken {
     pub lease: Lease,
 }
 
+/// A certificate handed out, with its lease.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    /// The X509-SVID (PEM).
+    pub certificate_pem: String,
+    /// The issuing CA's certificate (PEM): the chain up to, not including, the root.
+    pub chain_pem: String,
+    /// The lease recorded before it was signed.
+    pub lease: Lease,
+}
+
+/// The shared state of one issuance once its checks passed.
+#[derive(Debug)]
+struct Issuance {
+    task: Task,
+    now: SystemTime,
+    now_secs: u64,
+    ttl_secs: u64,
+}
+
+impl Issuance {
+    fn exp_secs(&self) -> u64 {
+        self.now_secs + self.ttl_secs
+    }
+}
+
 /// What introspection found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Introspection {
@@ -150,6 +179,7 @@ pub struct Broker {
     audit: Arc<AuditLog>,
     clock: Arc<dyn Clock>,
     keys: KeyRing,
+    ca: Option<Arc<IssuingCa>>,
     settings: BrokerSettings,
 }
 
@@ -166,6 +196,8 @@ pub struct BrokerParts {
     pub clock: Arc<dyn Clock>,
     /// What signs tokens.
     pub keys: KeyRing,
+    /// What signs certificates, if configured.
+    pub ca: Option<Arc<IssuingCa>>,
 }
 
 impl Broker {
@@ -177,6 +209,7 @@ impl Broker {
             audit: parts.audit,
             clock: parts.clock,
             keys: parts.keys,
+            ca: parts.ca,
             settings,
         }
     }
@@ -225,6 +258,18 @@ impl Broker {
                 action.name()
             )))
         }
+    }
+
+    /// Audits a refusal of `caller` (as a peer) and hands the error back.
+    fn refusal(
+        &self,
+        action: PolicyAction,
+        caller: &PeerIdentity,
+        task: TaskId,
+        e: BrokerError,
+    ) -> BrokerError {
+        self.audit_refusal(action, &caller.id, task, &e);
+        e
     }
 
     fn audit_refusal(
@@ -499,125 +544,66 @@ impl Broker {
                 reason: format!("{a:?} is not an action"),
             })?);
         }
-        if let Some(ttl) = request.ttl
-            && ttl < Duration::from_secs(1)
-        {
-            return Err(BrokerError::Invalid {
-                field: "ttl",
-                reason: "must be at least 1s".into(),
-            });
-        }
-
-        let task = self.load(&request.task).await?;
-        let now = self.clock.now();
-        let refuse = |e: BrokerError| {
-            self.audit_refusal(PolicyAction::IssueToken, &caller.id, task.id, &e);
-            e
-        };
-        check_issuable(&task, &caller.id, now).map_err(|e| refuse(e.into()))?;
+        let issuance = self
+            .begin_issuance(caller, &request.task, request.ttl, PolicyAction::IssueToken)
+            .await?;
+        let task = &issuance.task;
         let grant = task
             .grants
             .iter()
             .find(|g| g.audience == audience)
             .ok_or_else(|| {
-                refuse(BrokerError::Denied(format!(
-                    "audience {audience} is not granted by the task"
-                )))
+                self.refusal(
+                    PolicyAction::IssueToken,
+                    caller,
+                    task.id,
+                    BrokerError::Denied(format!("audience {audience} is not granted by the task")),
+                )
             })?;
         if let Some(a) = asked.iter().find(|a| !grant.actions.contains(*a)) {
-            return Err(refuse(BrokerError::Denied(format!(
-                "action {a} is not granted for {audience}"
-            ))));
+            return Err(self.refusal(
+                PolicyAction::IssueToken,
+                caller,
+                task.id,
+                BrokerError::Denied(format!("action {a} is not granted for {audience}")),
+            ));
         }
-        let actions: Vec<String> = if asked.is_empty() {
+        let mut actions: Vec<String> = if asked.is_empty() {
             grant.actions.iter().map(ToString::to_string).collect()
         } else {
-            let mut v: Vec<String> = asked.iter().map(ToString::to_string).collect();
-            v.sort();
-            v.dedup();
-            v
+            asked.iter().map(ToString::to_string).collect()
         };
-
-        let to_deadline = task.deadline.duration_since(now).unwrap_or_default();
-        let ttl = request
-            .ttl
-            .unwrap_or(task.credential_ttl)
-            .min(task.credential_ttl)
-            .min(self.settings.limits.credential_ttl_max)
-            .min(to_deadline);
-        let ttl_secs = ttl.as_secs();
-        if ttl_secs < 1 {
-            return Err(refuse(BrokerError::Precondition(
-                "less than a second remains before the task's deadline".into(),
-            )));
-        }
+        actions.sort();
+        actions.dedup();
 
         let context = serde_json::json!({
             "audience": audience.as_str(),
             "actions": actions,
-            "ttl_secs": ttl_secs,
+            "ttl_secs": issuance.ttl_secs,
         });
-        let verdict = self.policy.decide_in(
-            &caller.id,
-            PolicyAction::IssueToken,
-            &Resource::Task(&task),
-            Some(context),
-        );
-        if !verdict.allowed {
-            self.audit.record(
-                &AuditEvent::new(now, "IssueToken", caller.id.as_str(), false)
-                    .task(task.id)
-                    .policies(&verdict.policies)
-                    .reason("not permitted by policy")
-                    .detail("audience", audience.as_str())
-                    .detail("ttl_secs", ttl_secs),
-            );
-            return Err(BrokerError::Denied(
-                "policy does not permit IssueToken here".into(),
-            ));
-        }
-
-        let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let exp = now_secs + ttl_secs;
+        let verdict =
+            self.authorize_issuance(caller, PolicyAction::IssueToken, &issuance, context)?;
         let jti = random_id().map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let lease = Lease {
-            id: LeaseId::generate(),
-            task: task.id,
-            agent: caller.id.clone(),
-            kind: CredentialKind::Jwt,
-            credential: jti.clone(),
-            audience: Some(audience.to_string()),
-            actions: actions.clone(),
-            cnf: caller.cert_sha256.clone(),
-            // Whole seconds, as the token's iat and exp say.
-            issued_at: UNIX_EPOCH + Duration::from_secs(now_secs),
-            expires_at: UNIX_EPOCH + Duration::from_secs(exp),
-            renew_until: (now + self.settings.lease_renewal_max).min(task.deadline),
-            state: LeaseState::Active,
-            ended_at: None,
-            reason: None,
-        };
-        // The lease is durable before the token exists.
-        self.store.issue_lease(&lease, now).await.map_err(|e| {
-            refuse(match e {
-                IssueError::NotFound => BrokerError::NotFound,
-                IssueError::Refused(t) => t.into(),
-                IssueError::Locked(reason) => {
-                    BrokerError::Denied(format!("agent is locked: {reason}"))
-                }
-                IssueError::Store(s) => s.into(),
-            })
-        })?;
+        let lease = self
+            .record_lease(
+                caller,
+                &issuance,
+                CredentialKind::Jwt,
+                jti,
+                Some(audience.to_string()),
+                actions,
+            )
+            .await?;
         let claims = AccessClaims {
             iss: self.keys.issuer().to_owned(),
             sub: caller.id.to_string(),
             aud: audience.to_string(),
-            exp,
-            nbf: now_secs,
-            iat: now_secs,
-            jti,
+            exp: issuance.exp_secs(),
+            nbf: issuance.now_secs,
+            iat: issuance.now_secs,
+            jti: lease.credential.clone(),
             client_id: caller.id.to_string(),
-            scope: actions.join(" "),
+            scope: lease.actions.join(" "),
             task_id: task.id.to_string(),
             approval_ids: task
                 .approvals
@@ -633,18 +619,215 @@ impl Broker {
             .keys
             .sign_access_token(&claims)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        self.audit.record(
-            &AuditEvent::new(now, "IssueToken", caller.id.as_str(), true)
-                .task(task.id)
-                .policies(&verdict.policies)
-                .detail("lease_id", lease.id.as_str())
-                .detail("jti", lease.credential.as_str())
-                .detail("audience", audience.as_str())
-                .detail("scope", claims.scope.as_str())
-                .detail("ttl_secs", ttl_secs)
-                .detail("exp", exp),
-        );
+        self.audit_issued("IssueToken", caller, &issuance, &verdict, &lease);
         Ok(IssuedToken { token, lease })
+    }
+
+    /// Issues an X509-SVID for the key of `csr` to the executor of an approved task, with the
+    /// same checks and lifetime rule as [`Broker::issue_token`]. The CSR's signature and key are
+    /// checked first; nothing else of it is used.
+    ///
+    /// # Errors
+    /// As [`Broker::issue_token`]; [`BrokerError::Invalid`] (field `csr`) for a bad CSR;
+    /// [`BrokerError::Precondition`] when no issuing CA is configured.
+    pub async fn issue_certificate(
+        &self,
+        caller: &PeerIdentity,
+        task: &TaskId,
+        csr: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<IssuedCertificate, BrokerError> {
+        let csr = verify_csr(csr).map_err(|e| BrokerError::Invalid {
+            field: "csr",
+            reason: e.to_string(),
+        })?;
+        let Some(ca) = &self.ca else {
+            return Err(BrokerError::Precondition(
+                "this broker has no issuing CA configured (issuer.ca_cert)".into(),
+            ));
+        };
+        let issuance = self
+            .begin_issuance(caller, task, ttl, PolicyAction::IssueCertificate)
+            .await?;
+        let context = serde_json::json!({ "ttl_secs": issuance.ttl_secs });
+        let verdict =
+            self.authorize_issuance(caller, PolicyAction::IssueCertificate, &issuance, context)?;
+        let serial = random_serial().map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let lease = self
+            .record_lease(
+                caller,
+                &issuance,
+                CredentialKind::X509,
+                serial_hex(&serial),
+                None,
+                Vec::new(),
+            )
+            .await?;
+        let certificate_pem = ca
+            .issue(
+                &csr,
+                &SvidRequest {
+                    id: &caller.id,
+                    task: &issuance.task.id,
+                    serial,
+                    now: issuance.now,
+                    not_after: lease.expires_at,
+                },
+            )
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        self.audit_issued("IssueCertificate", caller, &issuance, &verdict, &lease);
+        Ok(IssuedCertificate {
+            certificate_pem,
+            chain_pem: ca.chain_pem().to_owned(),
+            lease,
+        })
+    }
+
+    /// The checks every issuance shares, cheapest first, and the lifetime granted.
+    async fn begin_issuance(
+        &self,
+        caller: &PeerIdentity,
+        task: &TaskId,
+        ttl: Option<Duration>,
+        action: PolicyAction,
+    ) -> Result<Issuance, BrokerError> {
+        if let Some(ttl) = ttl
+            && ttl < Duration::from_secs(1)
+        {
+            return Err(BrokerError::Invalid {
+                field: "ttl",
+                reason: "must be at least 1s".into(),
+            });
+        }
+        let task = self.load(task).await?;
+        let now = self.clock.now();
+        check_issuable(&task, &caller.id, now)
+            .map_err(|e| self.refusal(action, caller, task.id, e.into()))?;
+        let to_deadline = task.deadline.duration_since(now).unwrap_or_default();
+        let ttl_secs = ttl
+            .unwrap_or(task.credential_ttl)
+            .min(task.credential_ttl)
+            .min(self.settings.limits.credential_ttl_max)
+            .min(to_deadline)
+            .as_secs();
+        if ttl_secs < 1 {
+            return Err(self.refusal(
+                action,
+                caller,
+                task.id,
+                BrokerError::Precondition(
+                    "less than a second remains before the task's deadline".into(),
+                ),
+            ));
+        }
+        Ok(Issuance {
+            task,
+            now,
+            now_secs: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            ttl_secs,
+        })
+    }
+
+    fn authorize_issuance(
+        &self,
+        caller: &PeerIdentity,
+        action: PolicyAction,
+        issuance: &Issuance,
+        context: serde_json::Value,
+    ) -> Result<Verdict, BrokerError> {
+        let verdict = self.policy.decide_in(
+            &caller.id,
+            action,
+            &Resource::Task(&issuance.task),
+            Some(context),
+        );
+        if verdict.allowed {
+            return Ok(verdict);
+        }
+        self.audit.record(
+            &AuditEvent::new(issuance.now, action.name(), caller.id.as_str(), false)
+                .task(issuance.task.id)
+                .policies(&verdict.policies)
+                .reason("not permitted by policy")
+                .detail("ttl_secs", issuance.ttl_secs),
+        );
+        Err(BrokerError::Denied(format!(
+            "policy does not permit {} here",
+            action.name()
+        )))
+    }
+
+    /// Records the lease durably, in the store's atomic step that re-checks the task and lock.
+    async fn record_lease(
+        &self,
+        caller: &PeerIdentity,
+        issuance: &Issuance,
+        kind: CredentialKind,
+        credential: String,
+        audience: Option<String>,
+        actions: Vec<String>,
+    ) -> Result<Lease, BrokerError> {
+        let lease = Lease {
+            id: LeaseId::generate(),
+            task: issuance.task.id,
+            agent: caller.id.clone(),
+            kind,
+            credential,
+            audience,
+            actions,
+            cnf: caller.cert_sha256.clone(),
+            // Whole seconds, as the credential's iat/notBefore and exp/notAfter say.
+            issued_at: UNIX_EPOCH + Duration::from_secs(issuance.now_secs),
+            expires_at: UNIX_EPOCH + Duration::from_secs(issuance.exp_secs()),
+            renew_until: (issuance.now + self.settings.lease_renewal_max)
+                .min(issuance.task.deadline),
+            state: LeaseState::Active,
+            ended_at: None,
+            reason: None,
+        };
+        let action = match kind {
+            CredentialKind::Jwt => PolicyAction::IssueToken,
+            CredentialKind::X509 => PolicyAction::IssueCertificate,
+        };
+        self.store
+            .issue_lease(&lease, issuance.now)
+            .await
+            .map_err(|e| {
+                let e = match e {
+                    IssueError::NotFound => BrokerError::NotFound,
+                    IssueError::Refused(t) => t.into(),
+                    IssueError::Locked(reason) => {
+                        BrokerError::Denied(format!("agent is locked: {reason}"))
+                    }
+                    IssueError::Store(s) => s.into(),
+                };
+                self.refusal(action, caller, issuance.task.id, e)
+            })?;
+        Ok(lease)
+    }
+
+    fn audit_issued(
+        &self,
+        action: &'static str,
+        caller: &PeerIdentity,
+        issuance: &Issuance,
+        verdict: &Verdict,
+        lease: &Lease,
+    ) {
+        let mut event = AuditEvent::new(issuance.now, action, caller.id.as_str(), true)
+            .task(issuance.task.id)
+            .policies(&verdict.policies)
+            .detail("lease_id", lease.id.as_str())
+            .detail("ttl_secs", issuance.ttl_secs)
+            .detail("exp", issuance.exp_secs());
+        event = match lease.kind {
+            CredentialKind::Jwt => event
+                .detail("jti", lease.credential.as_str())
+                .detail("audience", lease.audience.clone().unwrap_or_default())
+                .detail("scope", lease.actions.join(" ")),
+            CredentialKind::X509 => event.detail("serial", lease.credential.as_str()),
+        };
+        self.audit.record(&event);
     }
 
     /// Ends a task on behalf of its executor or requester, revoking every credential of it in
@@ -729,6 +912,31 @@ impl Broker {
             }
             _ => Introspection::Inactive,
         })
+    }
+
+    /// Tells whether a certificate this broker issued is active: signed by the issuing CA, its
+    /// lease active, now before its notAfter. Anything else is inactive, without a reason.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`] if policy does not permit the caller to introspect;
+    /// [`BrokerError::Unavailable`] when the store cannot answer.
+    pub async fn introspect_certificate(
+        &self,
+        caller: &WorkloadId,
+        certificate: &[u8],
+    ) -> Result<Option<(IssuedCertInfo, Lease)>, BrokerError> {
+        self.authorize(caller, PolicyAction::Introspect, &Resource::Broker)?;
+        let now = self.clock.now();
+        let Some(info) = self.ca.as_ref().and_then(|ca| ca.read_issued(certificate)) else {
+            return Ok(None);
+        };
+        let Ok(task) = TaskId::parse(&info.task) else {
+            return Ok(None);
+        };
+        let lease = self.store.find_lease(&task, &info.serial).await?;
+        Ok(lease
+            .filter(|l| l.is_active(&info.serial, now) && l.agent.as_str() == info.spiffe_id)
+            .map(|l| (info, l)))
     }
 
     /// Deletes tasks whose retention has passed.

@@ -1,5 +1,6 @@
-//! The development setup of `taskcred dev init` and `serve --dev`: a root CA, the broker's server
-//! certificate, the JWT signing key and a client certificate for each dev identity, all made
+//! The development setup of `taskcred dev init` and `serve --dev`: a root CA, the issuing CA of
+//! X509-SVIDs below it, the broker's server certificate, the JWT signing key and a client
+//! certificate for each dev identity, all made
 //! with rcgen into one directory, plus the dev Cedar policies (`policies/`, copied from the
 //! built-in `config/policies`). Private keys are written 0600 in a 0700 directory; files that
 //! exist are kept, so running it again changes nothing (edit the copied policies freely).
@@ -15,7 +16,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SerialNumber,
 };
-use ring::rand::{SecureRandom as _, SystemRandom};
 use time::{Duration, OffsetDateTime};
 
 /// The dev trust domain.
@@ -45,6 +45,10 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const JWT_KEY: &str = "jwt-key.pem";
 /// The dev policy directory.
 pub const POLICY_DIR: &str = "policies";
+/// The issuing CA of X509-SVIDs (an intermediate below the root).
+pub const ISSUING_CA_CERT: &str = "issuing-ca.pem";
+/// Its key.
+pub const ISSUING_CA_KEY: &str = "issuing-ca-key.pem";
 
 /// Why the dev PKI could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +140,23 @@ pub fn init(dir: &Path) -> Result<InitReport, DevPkiError> {
         report.kept.extend([server_cert, server_key]);
     }
 
+    let (issuing_cert, issuing_key) = (dir.join(ISSUING_CA_CERT), dir.join(ISSUING_CA_KEY));
+    if pair_exists(&issuing_cert, &issuing_key)? {
+        report.kept.extend([issuing_cert, issuing_key]);
+    } else {
+        let key = generate_key("the issuing CA key")?;
+        let cert = issuing_ca_params()?
+            .signed_by(&key, &issuer)
+            .map_err(gen_err("the issuing CA certificate"))?;
+        write_pair(
+            &issuing_cert,
+            &cert.pem(),
+            &issuing_key,
+            &key.serialize_pem(),
+            &mut report,
+        )?;
+    }
+
     let jwt_key = dir.join(JWT_KEY);
     if jwt_key.exists() {
         report.kept.push(jwt_key);
@@ -198,6 +219,8 @@ pub fn is_complete(dir: &Path) -> bool {
         dir.join(SERVER_KEY),
         dir.join(JWT_KEY),
         dir.join(POLICY_DIR),
+        dir.join(ISSUING_CA_CERT),
+        dir.join(ISSUING_CA_KEY),
     ];
     for (name, _) in IDENTITIES {
         let (c, k) = identity_files(dir, name);
@@ -274,13 +297,10 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), DevPkiError> 
     f.sync_all().map_err(io)
 }
 
-/// A positive random serial of 128 bits, top bit cleared (STANDARDS.md I).
+/// A positive random serial of 128 bits (STANDARDS.md I).
 fn random_serial() -> Result<SerialNumber, DevPkiError> {
-    let mut bytes = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut bytes)
+    let bytes = crate::mint::random_serial()
         .map_err(|_| gen_err("a serial number")(rcgen::Error::RingUnspecified))?;
-    bytes[0] &= 0x7f;
     Ok(SerialNumber::from_slice(&bytes))
 }
 
@@ -301,6 +321,26 @@ fn ca_params() -> CertificateParams {
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut p, 3650);
     p
+}
+
+fn issuing_ca_params() -> Result<CertificateParams, DevPkiError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, "taskcred dev issuing CA");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "taskcred development");
+    // A signing certificate's SPIFFE ID is the trust domain's, without a path.
+    p.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{TRUST_DOMAIN}")
+            .try_into()
+            .map_err(gen_err("the issuing CA SAN"))?,
+    )];
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.use_authority_key_identifier_extension = true;
+    p.serial_number = Some(random_serial()?);
+    validity(&mut p, 3650);
+    Ok(p)
 }
 
 fn server_params() -> Result<CertificateParams, DevPkiError> {

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
             Command::Task { ref command } => cli::task::run(&cli.client, command).await,
             Command::Policy { ref command } => cli::policy::run(&cli.client, command).await,
             Command::Token { ref command } => cli::token::run(&cli.client, command).await,
+            Command::Cert { ref command } => cli::cert::run(&cli.client, command).await,
         }
     })
 }

@@ -163,6 +163,7 @@ async fn introspect(b: &Broker, token: &str) -> pb::IntrospectResponse {
         .await
         .introspect(pb::IntrospectRequest {
             token: token.into(),
+            certificate: Vec::new(),
         })
         .await
         .unwrap()
@@ -560,5 +561,295 @@ async fn eddsa_keys_are_selectable() {
     assert_eq!(header_of(&token)["alg"], "EdDSA");
     verify_independently(&b, &token, "db.staging").await;
     assert!(introspect(&b, &token).await.active);
+    b.stop().await;
+}
+
+fn csr_with(params: rcgen::CertificateParams) -> (Vec<u8>, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    (csr, key)
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn issue_cert(
+    b: &Broker,
+    task: &str,
+    csr: Vec<u8>,
+) -> Result<pb::IssueCertificateResponse, tonic::Status> {
+    creds_as(b, "agent")
+        .await
+        .issue_certificate(pb::IssueCertificateRequest {
+            task_id: task.into(),
+            csr,
+            ttl: secs(120),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The profile of STANDARDS.md B and I, read back with x509-parser.
+fn check_svid_profile(pem: &str, task: &str, serial: &str, expires: i64) {
+    use x509_parser::prelude::*;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let (_, c) = X509Certificate::from_der(&der).unwrap();
+    assert!(c.subject().iter().next().is_none(), "empty subject");
+    let san = c.subject_alternative_name().unwrap().unwrap();
+    assert!(san.critical, "SAN critical with an empty subject");
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect();
+    assert_eq!(
+        names,
+        vec![format!("URI(\"{AGENT}\")")],
+        "exactly one URI SAN, nothing from the CSR"
+    );
+    let bc = c.basic_constraints().unwrap().unwrap();
+    assert!(bc.critical && !bc.value.ca, "CA:FALSE, critical");
+    let ku = c.key_usage().unwrap().unwrap();
+    assert!(ku.critical);
+    assert!(ku.value.digital_signature() && !ku.value.key_cert_sign() && !ku.value.crl_sign());
+    assert_eq!(ku.value.flags, 1, "digitalSignature only");
+    let eku = c.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth);
+    let oids: Vec<String> = c
+        .extensions()
+        .iter()
+        .map(|e| e.oid.to_id_string())
+        .collect();
+    assert!(oids.contains(&"2.5.29.35".to_owned()), "AKI");
+    assert!(oids.contains(&"2.5.29.14".to_owned()), "SKI");
+    let ext = c
+        .extensions()
+        .iter()
+        .find(|e| e.oid.to_id_string() == "2.25.2308847322465903446.1")
+        .expect("task extension");
+    assert!(!ext.critical);
+    assert_eq!(&ext.value[2..], task.as_bytes());
+    let raw = c.raw_serial();
+    assert_eq!(raw.len(), 16);
+    assert!(raw[0] & 0x80 == 0 && raw[0] != 0, "positive, 128 bits");
+    assert_eq!(
+        raw.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        serial
+    );
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let nb = c.validity().not_before.timestamp();
+    assert!(
+        nb <= now && nb >= now - 62,
+        "backdated at most 60 s: {nb} vs {now}"
+    );
+    assert_eq!(c.validity().not_after.timestamp(), expires);
+}
+
+#[tokio::test]
+async fn certificates_verify_with_openssl_and_die_with_their_task() {
+    let b = Broker::start().await;
+    let task = approved_task(&b, &[], None).await;
+
+    // A CSR asking for another name, CA powers and key usages: all of it is ignored.
+    let mut greedy = rcgen::CertificateParams::new(vec!["evil.example.com".to_owned()]).unwrap();
+    greedy.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    greedy.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    greedy.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://taskcred.dev/agent/admin".try_into().unwrap(),
+    ));
+    let (csr, key) = csr_with(greedy);
+    let r = issue_cert(&b, &task.id, csr).await.unwrap();
+    let expires = r.expires_at.unwrap().seconds;
+    check_svid_profile(&r.certificate_pem, &task.id, &r.serial, expires);
+    assert_eq!(r.ttl.unwrap().seconds, 120);
+
+    // openssl, independently: chains to the root through the issuing CA, good for clientAuth.
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = dir.path().join("leaf.pem");
+    let chain = dir.path().join("chain.pem");
+    std::fs::write(&leaf, &r.certificate_pem).unwrap();
+    std::fs::write(&chain, &r.chain_pem).unwrap();
+    let ca = b.path("ca.pem");
+    let (ok, out) = openssl(&[
+        "verify",
+        "-CAfile",
+        ca.to_str().unwrap(),
+        "-untrusted",
+        chain.to_str().unwrap(),
+        "-purpose",
+        "sslclient",
+        leaf.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains(": OK"), "{out}");
+    // Not by the root alone: the issuing CA is needed (it is a real intermediate).
+    let (ok, _) = openssl(&[
+        "verify",
+        "-CAfile",
+        ca.to_str().unwrap(),
+        leaf.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+
+    // The certificate is an identity the broker itself accepts over mTLS.
+    let id = common::Pem {
+        cert: format!("{}{}", r.certificate_pem, r.chain_pem),
+        key: key.serialize_pem(),
+    };
+    let me = taskcred::api::pb::identity_service_client::IdentityServiceClient::new(
+        b.channel(Some(&id)).await,
+    )
+    .who_am_i(pb::WhoAmIRequest {})
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(me.spiffe_id, AGENT);
+
+    // Introspection by certificate; the task's end revokes it.
+    let mut approver = creds_as(&b, "approver").await;
+    let ask = |pem: String| pb::IntrospectRequest {
+        token: String::new(),
+        certificate: pem.into_bytes(),
+    };
+    let i = approver
+        .introspect(ask(r.certificate_pem.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(i.active);
+    assert_eq!(
+        (i.serial.as_str(), i.sub.as_str(), i.task_id.as_str()),
+        (r.serial.as_str(), AGENT, task.id.as_str())
+    );
+    // A certificate of another CA (the agent's own dev certificate) is not ours to vouch for.
+    let foreign = approver
+        .introspect(ask(b.dev_identity("agent").cert))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(foreign, pb::IntrospectResponse::default());
+    let both = approver
+        .introspect(pb::IntrospectRequest {
+            token: "x".into(),
+            certificate: b"y".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(both.code(), Code::InvalidArgument);
+
+    let done = tasks_as(&b, "requester")
+        .await
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: task.id.clone(),
+            outcome: pb::Outcome::Failed.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.revoked_leases, 1);
+    let i = approver
+        .introspect(ask(r.certificate_pem))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(i, pb::IntrospectResponse::default());
+    let (csr, _) = csr_with(rcgen::CertificateParams::default());
+    assert_eq!(
+        issue_cert(&b, &task.id, csr).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn bad_csrs_are_invalid_arguments() {
+    let b = Broker::start().await;
+    let task = approved_task(&b, &[], None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let openssl_csr = |name: &str, newkey: &[&str]| -> Vec<u8> {
+        let out = dir.path().join(format!("{name}.der"));
+        let key = dir.path().join(format!("{name}.key"));
+        let mut args = vec!["req", "-new", "-nodes", "-subj", "/CN=x", "-outform", "DER"];
+        args.extend_from_slice(newkey);
+        args.extend([
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            out.to_str().unwrap(),
+        ]);
+        let (ok, log) = openssl(&args);
+        assert!(ok, "{log}");
+        std::fs::read(out).unwrap()
+    };
+
+    // What is accepted: P-256 (rcgen), RSA 2048 and Ed25519 (openssl), PEM or DER.
+    let (p256, _) = csr_with(rcgen::CertificateParams::default());
+    issue_cert(&b, &task.id, p256.clone()).await.unwrap();
+    let pem = format!(
+        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&p256)
+    );
+    issue_cert(&b, &task.id, pem.into_bytes()).await.unwrap();
+    issue_cert(
+        &b,
+        &task.id,
+        openssl_csr("rsa2048", &["-newkey", "rsa:2048"]),
+    )
+    .await
+    .unwrap();
+    issue_cert(
+        &b,
+        &task.id,
+        openssl_csr("ed25519", &["-newkey", "ed25519"]),
+    )
+    .await
+    .unwrap();
+
+    let mut wrong_signature = p256.clone();
+    let last = wrong_signature.len() - 1;
+    wrong_signature[last] ^= 0x01;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"not a csr".to_vec()),
+        ("empty", Vec::new()),
+        ("wrong_signature", wrong_signature),
+        ("truncated", p256[..p256.len() / 2].to_vec()),
+        ("rsa_1024", openssl_csr("rsa1024", &["-newkey", "rsa:1024"])),
+        (
+            "secp256k1",
+            openssl_csr(
+                "k1",
+                &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"],
+            ),
+        ),
+        (
+            "sha1_signature",
+            openssl_csr("sha1", &["-newkey", "rsa:2048", "-sha1"]),
+        ),
+        ("oversized", vec![0x30; 9000]),
+    ];
+    for (defect, csr) in cases {
+        let err = issue_cert(&b, &task.id, csr).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{defect}: {err:?}");
+        assert!(
+            err.message().starts_with("csr"),
+            "{defect}: {}",
+            err.message()
+        );
+    }
     b.stop().await;
 }

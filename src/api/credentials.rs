@@ -24,6 +24,23 @@ impl CredentialApi {
     }
 }
 
+fn ttl(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+    d.map(|d| {
+        Duration::try_from(d)
+            .map_err(|_| Status::invalid_argument("ttl: must be a positive duration"))
+    })
+    .transpose()
+}
+
+/// The lifetime granted: the lease's expiry less its issue time.
+fn granted(lease: &crate::lease::Lease) -> Option<prost_types::Duration> {
+    let d = lease
+        .expires_at
+        .duration_since(lease.issued_at)
+        .unwrap_or_default();
+    prost_types::Duration::try_from(d).ok()
+}
+
 #[tonic::async_trait]
 impl CredentialService for CredentialApi {
     async fn issue_token(
@@ -34,13 +51,7 @@ impl CredentialService for CredentialApi {
         let r = request.into_inner();
         let task = TaskId::parse(&r.task_id)
             .map_err(|_| Status::invalid_argument("task_id: not a task id (a lowercase UUIDv7)"))?;
-        let ttl = r
-            .ttl
-            .map(|d| {
-                Duration::try_from(d)
-                    .map_err(|_| Status::invalid_argument("ttl: must be a positive duration"))
-            })
-            .transpose()?;
+        let ttl = ttl(r.ttl)?;
         let issued = self
             .broker
             .issue_token(
@@ -54,17 +65,36 @@ impl CredentialService for CredentialApi {
             )
             .await
             .map_err(status)?;
-        let granted = issued
-            .lease
-            .expires_at
-            .duration_since(issued.lease.issued_at)
-            .unwrap_or_default();
         Ok(Response::new(pb::IssueTokenResponse {
             token: issued.token,
             lease_id: issued.lease.id.to_string(),
-            jti: issued.lease.credential,
+            jti: issued.lease.credential.clone(),
             expires_at: Some(issued.lease.expires_at.into()),
-            ttl: prost_types::Duration::try_from(granted).ok(),
+            ttl: granted(&issued.lease),
+        }))
+    }
+
+    async fn issue_certificate(
+        &self,
+        request: Request<pb::IssueCertificateRequest>,
+    ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
+        let peer = caller(&request)?.clone();
+        let r = request.into_inner();
+        let task = TaskId::parse(&r.task_id)
+            .map_err(|_| Status::invalid_argument("task_id: not a task id (a lowercase UUIDv7)"))?;
+        let ttl = ttl(r.ttl)?;
+        let issued = self
+            .broker
+            .issue_certificate(&peer, &task, &r.csr, ttl)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::IssueCertificateResponse {
+            certificate_pem: issued.certificate_pem,
+            chain_pem: issued.chain_pem,
+            lease_id: issued.lease.id.to_string(),
+            serial: issued.lease.credential.clone(),
+            expires_at: Some(issued.lease.expires_at.into()),
+            ttl: granted(&issued.lease),
         }))
     }
 
@@ -73,9 +103,47 @@ impl CredentialService for CredentialApi {
         request: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
         let who = caller(&request)?.id.clone();
-        let token = request.into_inner().token;
-        let answer = self.broker.introspect(&who, &token).await.map_err(status)?;
+        let r = request.into_inner();
         let secs = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        match (r.token.is_empty(), r.certificate.is_empty()) {
+            // An empty token is simply not active (after policy has been asked).
+            (_, true) => {}
+            (true, false) => {
+                let found = self
+                    .broker
+                    .introspect_certificate(&who, &r.certificate)
+                    .await
+                    .map_err(status)?;
+                return Ok(Response::new(match found {
+                    None => pb::IntrospectResponse::default(),
+                    Some((info, lease)) => pb::IntrospectResponse {
+                        active: true,
+                        sub: info.spiffe_id,
+                        exp: secs(info.not_after),
+                        iat: secs(
+                            lease
+                                .issued_at
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs()),
+                        ),
+                        task_id: info.task,
+                        serial: info.serial,
+                        cnf_x5t_s256: lease.cnf,
+                        ..Default::default()
+                    },
+                }));
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "token, certificate: one or the other, not both",
+                ));
+            }
+        }
+        let answer = self
+            .broker
+            .introspect(&who, &r.token)
+            .await
+            .map_err(status)?;
         Ok(Response::new(match answer {
             Introspection::Inactive => pb::IntrospectResponse::default(),
             Introspection::Active(c) => pb::IntrospectResponse {
@@ -91,6 +159,7 @@ impl CredentialService for CredentialApi {
                 client_id: c.client_id,
                 task_id: c.task_id,
                 cnf_x5t_s256: c.cnf.x5t_s256,
+                serial: String::new(),
             },
         }))
     }

@@ -3,6 +3,7 @@
 //! not be reached (or `policy check` found an invalid set), 2 bad usage (flags, missing files),
 //! 64 a configuration the server refuses.
 
+pub mod cert;
 mod client;
 pub mod policy;
 pub mod task;
@@ -80,6 +81,12 @@ pub enum Command {
         /// Which.
         #[command(subcommand)]
         command: task::TaskCommand,
+    },
+    /// Get task-bound X509-SVIDs, and introspect them.
+    Cert {
+        /// Which.
+        #[command(subcommand)]
+        command: cert::CertCommand,
     },
     /// Get task-bound tokens, and introspect them.
     Token {

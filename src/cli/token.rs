@@ -99,7 +99,10 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
                 token.clone()
             };
             let r = CredentialServiceClient::new(connect(args).await?)
-                .introspect(pb::IntrospectRequest { token })
+                .introspect(pb::IntrospectRequest {
+                    token,
+                    certificate: Vec::new(),
+                })
                 .await
                 .map_err(ClientError::Refused)?
                 .into_inner();

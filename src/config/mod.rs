@@ -113,6 +113,9 @@ pub struct IssuerConfig {
     pub jwt_key: PathBuf,
     /// The one algorithm of that key.
     pub jwt_algorithm: JwtAlgorithm,
+    /// The issuing CA of X509-SVIDs: certificate (PEM) and key (PKCS#8 PEM, not readable by
+    /// others). Without it, IssueCertificate answers `FAILED_PRECONDITION`.
+    pub ca: Option<(PathBuf, PathBuf)>,
 }
 
 /// The lease store.
@@ -303,6 +306,8 @@ fn dev_defaults(dir: &Path) -> toml::Table {
         format!("http://{}", raw::DEFAULT_HTTP_ADDR).into(),
     );
     issuer.insert("jwt_key".into(), p("jwt-key.pem"));
+    issuer.insert("ca_cert".into(), p(crate::devpki::ISSUING_CA_CERT));
+    issuer.insert("ca_key".into(), p(crate::devpki::ISSUING_CA_KEY));
     t.insert("issuer".into(), issuer.into());
     let mut store = toml::Table::new();
     store.insert("backend".into(), "embedded".into());
@@ -413,6 +418,10 @@ fn check_files(config: Config) -> Result<Config, ConfigError> {
         check_readable("tls.client_ca", ca)?;
     }
     check_key_file("issuer.jwt_key", &config.issuer.jwt_key)?;
+    if let Some((cert, key)) = &config.issuer.ca {
+        check_readable("issuer.ca_cert", cert)?;
+        check_key_file("issuer.ca_key", key)?;
+    }
     Ok(config)
 }
 

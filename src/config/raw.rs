@@ -121,6 +121,8 @@ struct RawIssuer {
     jwt_key: PathBuf,
     #[serde(default)]
     jwt_algorithm: JwtAlgorithm,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
 }
 
 /// The signing algorithm of the JWT key (one algorithm per key).
@@ -289,10 +291,21 @@ impl Raw {
         };
 
         check_issuer_url(&self.issuer.url).map_err(|m| ("issuer.url", m))?;
+        let ca = match (self.issuer.ca_cert, self.issuer.ca_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(("issuer.ca_key", "required with issuer.ca_cert".into()));
+            }
+            (None, Some(_)) => {
+                return Err(("issuer.ca_cert", "required with issuer.ca_key".into()));
+            }
+        };
         let issuer = IssuerConfig {
             url: self.issuer.url,
             jwt_key: self.issuer.jwt_key,
             jwt_algorithm: self.issuer.jwt_algorithm,
+            ca,
         };
 
         let redis_url = match (self.store.backend, self.store.redis_url) {

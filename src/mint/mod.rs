@@ -1,17 +1,23 @@
 //! Minting credentials: the broker's JWT signing keys (parsed once, `kid` = RFC 7638
-//! thumbprint), the JWK Set verifiers fetch, and the `jsonwebtoken` crypto provider over ring.
+//! thumbprint), the JWK Set verifiers fetch, the `jsonwebtoken` crypto provider over ring, and
+//! X509-SVIDs from CSRs signed by the issuing CA.
 
 mod jose_ring;
 mod jwk;
 mod keyring;
 mod keys;
 mod token;
+mod x509;
 
 pub use jose_ring::{RING_PROVIDER, install as install_jose_provider};
 pub use jwk::{PublicKey, jwks};
 pub use keyring::KeyRing;
 pub use keys::JwtKey;
 pub use token::{ACCESS_TOKEN_TYP, AccessClaims, Confirmation, random_id};
+pub use x509::{
+    BACKDATE, CsrError, IssuedCertInfo, IssuingCa, MAX_CSR_BYTES, SvidRequest, TASK_ID_OID,
+    VerifiedCsr, random_serial, serial_hex, verify_csr,
+};
 
 /// Why a key could not be loaded or a credential signed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -64,6 +64,8 @@ pub enum PolicyAction {
     ReloadPolicy,
     /// Get a JWT for a task (context: audience, actions, ttl_secs).
     IssueToken,
+    /// Get an X509-SVID for a task (context: ttl_secs).
+    IssueCertificate,
     /// End a task.
     CompleteTask,
     /// Ask whether a credential is active.
@@ -82,6 +84,7 @@ impl PolicyAction {
             Self::CancelTask => "CancelTask",
             Self::ReloadPolicy => "ReloadPolicy",
             Self::IssueToken => "IssueToken",
+            Self::IssueCertificate => "IssueCertificate",
             Self::CompleteTask => "CompleteTask",
             Self::Introspect => "Introspect",
         }

@@ -1,0 +1,173 @@
+//! `taskcred cert ...`: get an X509-SVID for a task, or ask whether one is active.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::{ClientArgs, ClientError, connect};
+use crate::api::pb;
+use crate::api::pb::credential_service_client::CredentialServiceClient;
+
+/// `taskcred cert ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Get an X509-SVID for an approved task, as its executor. Without --csr a P-256 key is
+    /// made locally and written to --out-key (0600); the private key never leaves this machine.
+    Issue {
+        /// The task id.
+        #[arg(long)]
+        task: String,
+        /// Where to write the certificate followed by its chain (PEM).
+        #[arg(long, value_name = "FILE")]
+        out_cert: PathBuf,
+        /// Where to write the new private key (PEM, 0600); not with --csr.
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "csr",
+            conflicts_with = "csr"
+        )]
+        out_key: Option<PathBuf>,
+        /// Use this PKCS#10 request (DER or PEM) instead of making a key.
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
+        /// Lifetime asked, e.g. 5m (at most the task's ceiling and deadline).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Ask the broker whether a certificate it issued is active; prints the answer as JSON.
+    Introspect {
+        /// The certificate (PEM or DER).
+        file: PathBuf,
+    },
+}
+
+/// Runs a `cert` subcommand.
+pub async fn run(args: &ClientArgs, command: &CertCommand) -> ExitCode {
+    match execute(args, command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
+    }
+}
+
+fn read(what: &str, p: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(p)
+        .map_err(|e| ClientError::Usage(format!("cannot read {what} {}: {e}", p.display())))
+}
+
+/// Writes `contents` to `path` readable by its owner only, whatever mode it had.
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), ClientError> {
+    let err =
+        |e: std::io::Error| ClientError::Usage(format!("cannot write {}: {e}", path.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(err)?;
+    f.write_all(contents).map_err(err)
+}
+
+async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientError> {
+    match command {
+        CertCommand::Issue {
+            task,
+            out_cert,
+            out_key,
+            csr,
+            ttl,
+        } => {
+            // The key is made (and the request signed) before anything is sent.
+            let (csr, key_pem) = match (csr, out_key) {
+                (Some(path), _) => (read("CSR", path)?, None),
+                (None, Some(_)) => {
+                    let key = rcgen::KeyPair::generate()
+                        .map_err(|e| ClientError::Usage(format!("generating a key: {e}")))?;
+                    let request = rcgen::CertificateParams::default()
+                        .serialize_request(&key)
+                        .map_err(|e| ClientError::Usage(format!("making the CSR: {e}")))?;
+                    (
+                        request.der().to_vec(),
+                        Some(zeroize::Zeroizing::new(key.serialize_pem())),
+                    )
+                }
+                (None, None) => {
+                    return Err(ClientError::Usage("--out-key or --csr is required".into()));
+                }
+            };
+            let r = CredentialServiceClient::new(connect(args).await?)
+                .issue_certificate(pb::IssueCertificateRequest {
+                    task_id: task.clone(),
+                    csr,
+                    ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                })
+                .await
+                .map_err(ClientError::Refused)?
+                .into_inner();
+            if let (Some(path), Some(pem)) = (out_key, &key_pem) {
+                write_private(path, pem.as_bytes())?;
+            }
+            let full_chain = format!("{}{}", r.certificate_pem, r.chain_pem);
+            std::fs::write(out_cert, full_chain).map_err(|e| {
+                ClientError::Usage(format!("cannot write {}: {e}", out_cert.display()))
+            })?;
+            let expires = r
+                .expires_at
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .unwrap_or_default();
+            if args.json {
+                println!(
+                    "{}",
+                    json!({
+                        "cert": out_cert,
+                        "key": out_key,
+                        "lease_id": r.lease_id,
+                        "serial": r.serial,
+                        "expires_at": expires,
+                        "ttl_secs": r.ttl.map(|d| d.seconds),
+                    })
+                );
+            } else {
+                println!(
+                    "certificate {} (serial {}, lease {}) expires {expires}",
+                    out_cert.display(),
+                    r.serial,
+                    r.lease_id
+                );
+            }
+        }
+        CertCommand::Introspect { file } => {
+            let r = CredentialServiceClient::new(connect(args).await?)
+                .introspect(pb::IntrospectRequest {
+                    token: String::new(),
+                    certificate: read("certificate", file)?,
+                })
+                .await
+                .map_err(ClientError::Refused)?
+                .into_inner();
+            let answer = if r.active {
+                json!({
+                    "active": true,
+                    "sub": r.sub,
+                    "exp": r.exp,
+                    "iat": r.iat,
+                    "serial": r.serial,
+                    "task_id": r.task_id,
+                })
+            } else {
+                json!({"active": false})
+            };
+            println!("{answer}");
+        }
+    }
+    Ok(())
+}
