@@ -14,7 +14,9 @@ use crate::mint::{
     random_serial, serial_hex, verify_csr,
 };
 use crate::policy::{PolicyAction, PolicyEngine, Resource, Verdict};
-use crate::store::{IssueError, Store, StoreError, TaskPage, TaskQuery, UpdateError};
+use crate::store::{
+    IssueError, Store, StoreError, TaskPage, TaskQuery, UpdateError, check_renewable,
+};
 use crate::task::{
     Action, Approval, Audience, Decision, Outcome, RawTaskRequest, Task, TaskError, TaskId,
     TaskLimits, TaskRequest,
@@ -160,6 +162,33 @@ impl Issuance {
     fn exp_secs(&self) -> u64 {
         self.now_secs + self.ttl_secs
     }
+}
+
+/// A renewed credential.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A compact JWS.
+    Token(String),
+    /// An X509-SVID and its chain (PEM).
+    Certificate {
+        /// The certificate.
+        certificate_pem: String,
+        /// The issuing CA's certificate.
+        chain_pem: String,
+    },
+}
+
+/// What `RenewLease` hands back.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    /// The fresh credential.
+    pub credential: Credential,
+    /// The lease, with its new credential id and expiry.
+    pub lease: Lease,
+    /// The lifetime of the fresh credential.
+    pub ttl: Duration,
+    /// How much further the lease may be renewed past the new expiry.
+    pub renewal_left: Duration,
 }
 
 /// What introspection found.
@@ -594,27 +623,7 @@ impl Broker {
                 actions,
             )
             .await?;
-        let claims = AccessClaims {
-            iss: self.keys.issuer().to_owned(),
-            sub: caller.id.to_string(),
-            aud: audience.to_string(),
-            exp: issuance.exp_secs(),
-            nbf: issuance.now_secs,
-            iat: issuance.now_secs,
-            jti: lease.credential.clone(),
-            client_id: caller.id.to_string(),
-            scope: lease.actions.join(" "),
-            task_id: task.id.to_string(),
-            approval_ids: task
-                .approvals
-                .iter()
-                .filter(|a| a.decision == Decision::Approve)
-                .map(|a| a.id.clone())
-                .collect(),
-            cnf: Confirmation {
-                x5t_s256: caller.cert_sha256.clone(),
-            },
-        };
+        let claims = self.access_claims(caller, &issuance, &lease);
         let token = self
             .keys
             .sign_access_token(&claims)
@@ -681,6 +690,235 @@ impl Broker {
             chain_pem: ca.chain_pem().to_owned(),
             lease,
         })
+    }
+
+    /// Gives an active lease a fresh credential (a new `jti` or serial), up to the lease's
+    /// renewal ceiling and the task's deadline; the previous credential stops being active.
+    /// A JWT keeps its audience and scope; a certificate needs a CSR (the key may rotate).
+    /// A lifetime asked past the ceiling is refused with the time left, never silently cut;
+    /// with none asked, the credential lives the least of the task's ceiling and the time left.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotFound`], [`BrokerError::Denied`] (another agent, policy, locked),
+    /// [`BrokerError::Precondition`] (lease or task ended, ceiling reached),
+    /// [`BrokerError::Invalid`], [`BrokerError::Unavailable`].
+    pub async fn renew_lease(
+        &self,
+        caller: &PeerIdentity,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+        csr: Option<&[u8]>,
+    ) -> Result<Renewed, BrokerError> {
+        if let Some(t) = ttl
+            && t < Duration::from_secs(1)
+        {
+            return Err(BrokerError::Invalid {
+                field: "ttl",
+                reason: "must be at least 1s".into(),
+            });
+        }
+        let lease = self
+            .store
+            .get_lease(id)
+            .await?
+            .ok_or(BrokerError::NotFound)?;
+        let csr = match (lease.kind, csr) {
+            (CredentialKind::X509, Some(c)) => {
+                Some(verify_csr(c).map_err(|e| BrokerError::Invalid {
+                    field: "csr",
+                    reason: e.to_string(),
+                })?)
+            }
+            (CredentialKind::X509, None) => {
+                return Err(BrokerError::Invalid {
+                    field: "csr",
+                    reason: "required to renew a certificate lease".into(),
+                });
+            }
+            (CredentialKind::Jwt, _) => None,
+        };
+        let task = self.load(&lease.task).await?;
+        let now = self.clock.now();
+        if lease.agent != caller.id {
+            return Err(self.refusal(
+                PolicyAction::RenewLease,
+                caller,
+                task.id,
+                BrokerError::Denied("only the lease's agent may renew it".into()),
+            ));
+        }
+        let verdict =
+            self.authorize(&caller.id, PolicyAction::RenewLease, &Resource::Task(&task))?;
+        check_issuable(&task, &caller.id, now)
+            .and_then(|()| check_renewable(&lease, now))
+            .map_err(|e| self.refusal(PolicyAction::RenewLease, caller, task.id, e.into()))?;
+        let left = lease.renew_until.duration_since(now).unwrap_or_default();
+        if left.as_secs() < 1 {
+            return Err(self.refusal(
+                PolicyAction::RenewLease,
+                caller,
+                task.id,
+                BrokerError::Precondition("the lease's renewal ceiling is reached".into()),
+            ));
+        }
+        if let Some(asked) = ttl
+            && asked > left
+        {
+            return Err(self.refusal(
+                PolicyAction::RenewLease,
+                caller,
+                task.id,
+                BrokerError::Precondition(format!(
+                    "a {}s credential would pass the lease's renewal ceiling: {}s left",
+                    asked.as_secs(),
+                    left.as_secs()
+                )),
+            ));
+        }
+        let ttl_secs = ttl
+            .unwrap_or(task.credential_ttl)
+            .min(task.credential_ttl)
+            .min(self.settings.limits.credential_ttl_max)
+            .min(left)
+            .as_secs();
+        let issuance = Issuance {
+            now_secs: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            task,
+            now,
+            ttl_secs,
+        };
+        let (credential, serial) = match lease.kind {
+            CredentialKind::Jwt => (
+                random_id().map_err(|e| BrokerError::Internal(e.to_string()))?,
+                None,
+            ),
+            CredentialKind::X509 => {
+                let s = random_serial().map_err(|e| BrokerError::Internal(e.to_string()))?;
+                (serial_hex(&s), Some(s))
+            }
+        };
+        let expires_at = UNIX_EPOCH + Duration::from_secs(issuance.exp_secs());
+        let renewed = self
+            .store
+            .renew_lease(id, &credential, expires_at, now)
+            .await
+            .map_err(|e| {
+                let e = match e {
+                    IssueError::NotFound => BrokerError::NotFound,
+                    IssueError::Refused(t) => t.into(),
+                    IssueError::Locked(r) => BrokerError::Denied(format!("agent is locked: {r}")),
+                    IssueError::Store(s) => s.into(),
+                };
+                self.refusal(PolicyAction::RenewLease, caller, lease.task, e)
+            })?;
+        let credential = match (serial, csr, &self.ca) {
+            (Some(serial), Some(csr), Some(ca)) => Credential::Certificate {
+                certificate_pem: ca
+                    .issue(
+                        &csr,
+                        &SvidRequest {
+                            id: &caller.id,
+                            task: &issuance.task.id,
+                            serial,
+                            now,
+                            not_after: expires_at,
+                        },
+                    )
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?,
+                chain_pem: ca.chain_pem().to_owned(),
+            },
+            (Some(_), _, _) => {
+                return Err(BrokerError::Precondition(
+                    "this broker has no issuing CA configured (issuer.ca_cert)".into(),
+                ));
+            }
+            (None, _, _) => Credential::Token(
+                self.keys
+                    .sign_access_token(&self.access_claims(caller, &issuance, &renewed))
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?,
+            ),
+        };
+        self.audit_issued(
+            PolicyAction::RenewLease.name(),
+            caller,
+            &issuance,
+            &verdict,
+            &renewed,
+        );
+        let renewal_left = renewed
+            .renew_until
+            .duration_since(expires_at)
+            .unwrap_or_default();
+        Ok(Renewed {
+            credential,
+            lease: renewed,
+            ttl: Duration::from_secs(ttl_secs),
+            renewal_left,
+        })
+    }
+
+    /// Ends one lease: its credential stops being active at once.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotFound`], [`BrokerError::Denied`] (policy), [`BrokerError::Precondition`]
+    /// (not active), [`BrokerError::Unavailable`].
+    pub async fn revoke_lease(
+        &self,
+        caller: &WorkloadId,
+        id: &LeaseId,
+    ) -> Result<Lease, BrokerError> {
+        let lease = self
+            .store
+            .get_lease(id)
+            .await?
+            .ok_or(BrokerError::NotFound)?;
+        let task = self.load(&lease.task).await?;
+        let verdict = self.authorize(caller, PolicyAction::RevokeLease, &Resource::Task(&task))?;
+        let now = self.clock.now();
+        let revoked = self
+            .store
+            .revoke_lease(id, &format!("revoked by {caller}"), now)
+            .await
+            .map_err(BrokerError::from)
+            .inspect_err(|e| self.audit_refusal(PolicyAction::RevokeLease, caller, task.id, e))?;
+        self.audit.record(
+            &AuditEvent::new(now, "RevokeLease", caller.as_str(), true)
+                .task(task.id)
+                .policies(&verdict.policies)
+                .detail("lease_id", id.as_str())
+                .detail("credential", revoked.credential.as_str()),
+        );
+        Ok(revoked)
+    }
+
+    fn access_claims(
+        &self,
+        caller: &PeerIdentity,
+        issuance: &Issuance,
+        lease: &Lease,
+    ) -> AccessClaims {
+        AccessClaims {
+            iss: self.keys.issuer().to_owned(),
+            sub: caller.id.to_string(),
+            aud: lease.audience.clone().unwrap_or_default(),
+            exp: issuance.exp_secs(),
+            nbf: issuance.now_secs,
+            iat: issuance.now_secs,
+            jti: lease.credential.clone(),
+            client_id: caller.id.to_string(),
+            scope: lease.actions.join(" "),
+            task_id: issuance.task.id.to_string(),
+            approval_ids: issuance
+                .task
+                .approvals
+                .iter()
+                .filter(|a| a.decision == Decision::Approve)
+                .map(|a| a.id.clone())
+                .collect(),
+            cnf: Confirmation {
+                x5t_s256: caller.cert_sha256.clone(),
+            },
+        }
     }
 
     /// The checks every issuance shares, cheapest first, and the lifetime granted.

@@ -43,6 +43,7 @@ fn main() -> ExitCode {
             Command::Policy { ref command } => cli::policy::run(&cli.client, command).await,
             Command::Token { ref command } => cli::token::run(&cli.client, command).await,
             Command::Cert { ref command } => cli::cert::run(&cli.client, command).await,
+            Command::Lease { ref command } => cli::lease::run(&cli.client, command).await,
         }
     })
 }

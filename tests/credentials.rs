@@ -292,6 +292,7 @@ async fn token_lifecycle_on_the_embedded_store() {
     let b = Broker::start().await;
     token_lifecycle(&b).await;
     refusals(&b).await;
+    renewals(&b).await;
     b.stop().await;
 }
 
@@ -301,6 +302,7 @@ async fn token_lifecycle_on_redis() {
     let b = Broker::start_on_redis(&redis.url()).await;
     token_lifecycle(&b).await;
     refusals(&b).await;
+    renewals(&b).await;
     b.stop().await;
 }
 
@@ -852,4 +854,143 @@ async fn bad_csrs_are_invalid_arguments() {
         );
     }
     b.stop().await;
+}
+
+fn renew(lease: &str, ttl: Option<i64>, csr: Vec<u8>) -> pb::RenewLeaseRequest {
+    pb::RenewLeaseRequest {
+        lease_id: lease.into(),
+        ttl: ttl.and_then(secs),
+        csr,
+    }
+}
+
+/// RenewLease and RevokeLease, for tokens and certificates.
+async fn renewals(b: &Broker) {
+    let task = approved_task(b, &[], None).await;
+    let mut agent = creds_as(b, "agent").await;
+    let first = agent
+        .issue_token(pb::IssueTokenRequest {
+            actions: vec!["read".into()],
+            ..token_request(&task.id, "db.staging")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = agent
+        .renew_lease(renew(&first.lease_id, Some(60), Vec::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.lease_id, first.lease_id);
+    assert_ne!(r.credential_id, first.jti);
+    assert_eq!(r.ttl.unwrap().seconds, 60);
+    let left = r.renewal_left.unwrap().seconds;
+    assert!(
+        left > 3000 && left <= 3600,
+        "the deadline bounds the ceiling: {left}"
+    );
+    let claims = verify_independently(b, &r.token, "db.staging").await;
+    assert_eq!(claims.custom.scope, "read", "same audience and scope");
+    assert_eq!(claims.jwt_id.as_deref(), Some(r.credential_id.as_str()));
+    assert_eq!(
+        introspect(b, &first.token).await,
+        pb::IntrospectResponse::default(),
+        "previous token revoked"
+    );
+    assert!(introspect(b, &r.token).await.active);
+
+    // Past the ceiling: refused, saying what is left; not silently cut.
+    let err = agent
+        .renew_lease(renew(&first.lease_id, Some(7200), Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("left"), "{}", err.message());
+    // Only the lease's agent renews; nobody else revokes it under the dev policy.
+    let err = creds_as(b, "requester")
+        .await
+        .renew_lease(renew(&first.lease_id, None, Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = creds_as(b, "approver")
+        .await
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: first.lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = agent
+        .renew_lease(renew("nope", None, Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Revocation ends it; nothing renews it after.
+    let revoked = agent
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: first.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.credential_id, r.credential_id);
+    assert_eq!(
+        introspect(b, &r.token).await,
+        pb::IntrospectResponse::default()
+    );
+    let err = agent
+        .renew_lease(renew(&first.lease_id, None, Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = agent
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: first.lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // A certificate lease renews with a CSR, to a new serial; the old certificate is revoked.
+    let (csr, _) = csr_with(rcgen::CertificateParams::default());
+    let cert = issue_cert(b, &task.id, csr).await.unwrap();
+    let err = agent
+        .renew_lease(renew(&cert.lease_id, None, Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let (csr, _) = csr_with(rcgen::CertificateParams::default());
+    let again = agent
+        .renew_lease(renew(&cert.lease_id, Some(30), csr))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(again.credential_id, cert.serial);
+    assert!(
+        again
+            .certificate_pem
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    let mut approver = creds_as(b, "approver").await;
+    let ask = |pem: &str| pb::IntrospectRequest {
+        token: String::new(),
+        certificate: pem.as_bytes().to_vec(),
+    };
+    assert!(
+        !approver
+            .introspect(ask(&cert.certificate_pem))
+            .await
+            .unwrap()
+            .into_inner()
+            .active
+    );
+    let now = approver
+        .introspect(ask(&again.certificate_pem))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(now.active);
+    assert_eq!(now.serial, again.credential_id);
 }

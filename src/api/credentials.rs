@@ -8,7 +8,8 @@ use super::auth::caller;
 use super::error::status;
 use super::pb;
 use super::pb::credential_service_server::CredentialService;
-use crate::broker::{Broker, Introspection, TokenRequest};
+use crate::broker::{Broker, Credential, Introspection, TokenRequest};
+use crate::lease::LeaseId;
 use crate::task::TaskId;
 
 /// The credential service.
@@ -30,6 +31,11 @@ fn ttl(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
             .map_err(|_| Status::invalid_argument("ttl: must be a positive duration"))
     })
     .transpose()
+}
+
+fn lease_id(s: &str) -> Result<LeaseId, Status> {
+    LeaseId::parse(s)
+        .map_err(|_| Status::invalid_argument("lease_id: not a lease id (a lowercase UUIDv7)"))
 }
 
 /// The lifetime granted: the lease's expiry less its issue time.
@@ -95,6 +101,51 @@ impl CredentialService for CredentialApi {
             serial: issued.lease.credential.clone(),
             expires_at: Some(issued.lease.expires_at.into()),
             ttl: granted(&issued.lease),
+        }))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let peer = caller(&request)?.clone();
+        let r = request.into_inner();
+        let id = lease_id(&r.lease_id)?;
+        let csr = (!r.csr.is_empty()).then_some(r.csr.as_slice());
+        let renewed = self
+            .broker
+            .renew_lease(&peer, &id, ttl(r.ttl)?, csr)
+            .await
+            .map_err(status)?;
+        let (token, certificate_pem, chain_pem) = match renewed.credential {
+            Credential::Token(t) => (t, String::new(), String::new()),
+            Credential::Certificate {
+                certificate_pem,
+                chain_pem,
+            } => (String::new(), certificate_pem, chain_pem),
+        };
+        Ok(Response::new(pb::RenewLeaseResponse {
+            lease_id: renewed.lease.id.to_string(),
+            credential_id: renewed.lease.credential.clone(),
+            expires_at: Some(renewed.lease.expires_at.into()),
+            ttl: prost_types::Duration::try_from(renewed.ttl).ok(),
+            renewal_left: prost_types::Duration::try_from(renewed.renewal_left).ok(),
+            token,
+            certificate_pem,
+            chain_pem,
+        }))
+    }
+
+    async fn revoke_lease(
+        &self,
+        request: Request<pb::RevokeLeaseRequest>,
+    ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let id = lease_id(&request.get_ref().lease_id)?;
+        let lease = self.broker.revoke_lease(&who, &id).await.map_err(status)?;
+        Ok(Response::new(pb::RevokeLeaseResponse {
+            lease_id: lease.id.to_string(),
+            credential_id: lease.credential,
         }))
     }
 

@@ -5,6 +5,7 @@
 
 pub mod cert;
 mod client;
+pub mod lease;
 pub mod policy;
 pub mod task;
 pub mod token;
@@ -87,6 +88,12 @@ pub enum Command {
         /// Which.
         #[command(subcommand)]
         command: cert::CertCommand,
+    },
+    /// Renew or revoke a lease.
+    Lease {
+        /// Which.
+        #[command(subcommand)]
+        command: lease::LeaseCommand,
     },
     /// Get task-bound tokens, and introspect them.
     Token {

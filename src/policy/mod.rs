@@ -68,6 +68,10 @@ pub enum PolicyAction {
     IssueCertificate,
     /// End a task.
     CompleteTask,
+    /// Renew a lease.
+    RenewLease,
+    /// Revoke a lease.
+    RevokeLease,
     /// Ask whether a credential is active.
     Introspect,
 }
@@ -86,6 +90,8 @@ impl PolicyAction {
             Self::IssueToken => "IssueToken",
             Self::IssueCertificate => "IssueCertificate",
             Self::CompleteTask => "CompleteTask",
+            Self::RenewLease => "RenewLease",
+            Self::RevokeLease => "RevokeLease",
             Self::Introspect => "Introspect",
         }
     }

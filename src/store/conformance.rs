@@ -85,6 +85,7 @@ pub async fn run_all(store: &dyn Store) {
     ended_tasks_are_pruned_after_retention(store).await;
     leases_only_for_an_approved_task_of_its_executor(store).await;
     ending_a_task_revokes_every_lease_even_concurrent_ones(store).await;
+    renewal_replaces_the_credential_and_revocation_ends_one_lease(store).await;
     store.ping().await.unwrap();
 }
 
@@ -487,4 +488,91 @@ pub async fn ending_a_task_revokes_every_lease_even_concurrent_ones(store: &dyn 
         )
         .await;
     assert!(matches!(again, Err(UpdateError::Rejected(_))));
+}
+
+pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store: &dyn Store) {
+    let now = SystemTime::now();
+    let t = approved_task(store).await;
+    let lease = sample_lease(&t, AGENT);
+    store.issue_lease(&lease, now).await.unwrap();
+    assert_eq!(store.get_lease(&lease.id).await.unwrap().unwrap(), lease);
+    assert_eq!(store.get_lease(&LeaseId::generate()).await.unwrap(), None);
+
+    let later = now + Duration::from_secs(600);
+    let renewed = store
+        .renew_lease(&lease.id, "second-credential", later, now)
+        .await
+        .unwrap();
+    assert_eq!(renewed.credential, "second-credential");
+    assert_eq!(renewed.expires_at, later);
+    let by_new = store
+        .find_lease(&t.id, "second-credential")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(by_new.is_active("second-credential", now));
+    // The previous credential still finds its lease, which no longer vouches for it.
+    let by_old = store
+        .find_lease(&t.id, &lease.credential)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!by_old.is_active(&lease.credential, now));
+
+    // An expired lease is not renewed.
+    let expired_at = later + Duration::from_secs(1);
+    let err = store
+        .renew_lease(
+            &lease.id,
+            "third",
+            later + Duration::from_secs(60),
+            expired_at,
+        )
+        .await;
+    assert!(matches!(err, Err(IssueError::Refused(_))), "{err:?}");
+
+    // Revocation ends one lease; the others of the task stay.
+    let other = sample_lease(&t, AGENT);
+    store.issue_lease(&other, now).await.unwrap();
+    let revoked = store
+        .revoke_lease(&lease.id, "revoked by the agent", now)
+        .await
+        .unwrap();
+    assert_eq!(revoked.state, LeaseState::Revoked);
+    assert_eq!(revoked.reason.as_deref(), Some("revoked by the agent"));
+    assert!(
+        !store
+            .find_lease(&t.id, "second-credential")
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active("second-credential", now)
+    );
+    assert!(
+        store
+            .get_lease(&other.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active(&other.credential, now)
+    );
+    assert!(matches!(
+        store.revoke_lease(&lease.id, "again", now).await,
+        Err(UpdateError::Rejected(_))
+    ));
+    assert!(matches!(
+        store.renew_lease(&lease.id, "fourth", later, now).await,
+        Err(IssueError::Refused(_))
+    ));
+    assert_eq!(
+        store.revoke_lease(&LeaseId::generate(), "x", now).await,
+        Err(UpdateError::NotFound)
+    );
+
+    // After the task ends, no renewal.
+    store.end_task(&t.id, complete(), DAY).await.unwrap();
+    assert!(matches!(
+        store.renew_lease(&other.id, "fifth", later, now).await,
+        Err(IssueError::Refused(_))
+    ));
 }

@@ -4,7 +4,8 @@
 //!
 //! Tables: `tasks` (id -> JSON), `tasks_by_executor` and `tasks_by_requester` ((who, id) -> ()),
 //! `tasks_ended` ((ended ms, id) -> ()) for retention, `leases` ((task, lease) -> JSON),
-//! `credentials` ((task, jti or serial) -> lease) and `locks` (agent -> JSON). Task ids are UUIDv7 strings, so key
+//! `credentials` ((task, jti or serial) -> lease), `lease_tasks` (lease -> task) and `locks`
+//! (agent -> JSON). Task ids are UUIDv7 strings, so key
 //! order is creation order.
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use super::{
     IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
     decode_lease, encode, encode_lease, task_ended_reason, unix_ms,
 };
-use crate::lease::{Lease, check_issuable};
+use crate::lease::{Lease, LeaseId, check_issuable};
 use crate::task::{Task, TaskError, TaskId};
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
@@ -28,6 +29,7 @@ const ENDED: TableDefinition<(u64, &str), ()> = TableDefinition::new("tasks_ende
 const LEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("leases");
 const CREDENTIALS: TableDefinition<(&str, &str), &str> = TableDefinition::new("credentials");
 const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
+const LEASE_TASKS: TableDefinition<&str, &str> = TableDefinition::new("lease_tasks");
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded store: {e}"))
@@ -65,6 +67,7 @@ impl EmbeddedStore {
         txn.open_table(LEASES).map_err(backend)?;
         txn.open_table(CREDENTIALS).map_err(backend)?;
         txn.open_table(LOCKS).map_err(backend)?;
+        txn.open_table(LEASE_TASKS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -287,12 +290,151 @@ impl Store for EmbeddedStore {
                         lease.id.as_str(),
                     )
                     .map_err(backend)?;
+                txn.open_table(LEASE_TASKS)
+                    .map_err(backend)?
+                    .insert(lease.id.as_str(), task_id.as_str())
+                    .map_err(backend)?;
             }
             txn.commit().map_err(backend)?;
             Ok(())
         })
         .await
         .map_err(|e| IssueError::Store(backend(format!("worker: {e}"))))?
+    }
+
+    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+        let id = id.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let Some(task) = txn
+                .open_table(LEASE_TASKS)
+                .map_err(backend)?
+                .get(id.as_str())
+                .map_err(backend)?
+                .map(|v| v.value().to_owned())
+            else {
+                return Ok(None);
+            };
+            let leases = txn.open_table(LEASES).map_err(backend)?;
+            let got = leases.get((task.as_str(), id.as_str())).map_err(backend)?;
+            Ok(got.map(|v| decode_lease(v.value())).transpose()?)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn renew_lease(
+        &self,
+        id: &LeaseId,
+        credential: &str,
+        expires_at: SystemTime,
+        now: SystemTime,
+    ) -> Result<Lease, IssueError> {
+        let (id, credential) = (id.as_str().to_owned(), credential.to_owned());
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<Lease, IssueError> {
+            let txn = db.begin_write().map_err(backend)?;
+            let lease = {
+                let Some(task_id) = txn
+                    .open_table(LEASE_TASKS)
+                    .map_err(backend)?
+                    .get(id.as_str())
+                    .map_err(backend)?
+                    .map(|v| v.value().to_owned())
+                else {
+                    return Err(IssueError::NotFound);
+                };
+                let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                let mut lease = match leases
+                    .get((task_id.as_str(), id.as_str()))
+                    .map_err(backend)?
+                {
+                    Some(v) => decode_lease(v.value())?,
+                    None => return Err(IssueError::NotFound),
+                };
+                let task = match txn
+                    .open_table(TASKS)
+                    .map_err(backend)?
+                    .get(task_id.as_str())
+                    .map_err(backend)?
+                {
+                    Some(v) => decode(v.value())?,
+                    None => return Err(IssueError::NotFound),
+                };
+                check_issuable(&task, &lease.agent, now)?;
+                super::check_renewable(&lease, now)?;
+                if txn
+                    .open_table(LOCKS)
+                    .map_err(backend)?
+                    .get(lease.agent.as_str())
+                    .map_err(backend)?
+                    .is_some()
+                {
+                    return Err(IssueError::Locked(String::new()));
+                }
+                lease.credential = credential;
+                lease.expires_at = expires_at;
+                leases
+                    .insert(
+                        (task_id.as_str(), id.as_str()),
+                        encode_lease(&lease)?.as_slice(),
+                    )
+                    .map_err(backend)?;
+                txn.open_table(CREDENTIALS)
+                    .map_err(backend)?
+                    .insert((task_id.as_str(), lease.credential.as_str()), id.as_str())
+                    .map_err(backend)?;
+                lease
+            };
+            txn.commit().map_err(backend)?;
+            Ok(lease)
+        })
+        .await
+        .map_err(|e| IssueError::Store(backend(format!("worker: {e}"))))?
+    }
+
+    async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Lease, UpdateError> {
+        let (id, reason) = (id.as_str().to_owned(), reason.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let lease = {
+                let Some(task_id) = txn
+                    .open_table(LEASE_TASKS)
+                    .map_err(backend)?
+                    .get(id.as_str())
+                    .map_err(backend)?
+                    .map(|v| v.value().to_owned())
+                else {
+                    return Err(UpdateError::NotFound);
+                };
+                let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                let mut lease = match leases
+                    .get((task_id.as_str(), id.as_str()))
+                    .map_err(backend)?
+                {
+                    Some(v) => decode_lease(v.value())?,
+                    None => return Err(UpdateError::NotFound),
+                };
+                if !lease.revoke(&reason, now) {
+                    return Err(TaskError::Precondition("lease is not active".into()).into());
+                }
+                leases
+                    .insert(
+                        (task_id.as_str(), id.as_str()),
+                        encode_lease(&lease)?.as_slice(),
+                    )
+                    .map_err(backend)?;
+                lease
+            };
+            txn.commit().map_err(backend)?;
+            Ok(lease)
+        })
+        .await
     }
 
     async fn find_lease(
@@ -394,6 +536,7 @@ impl Store for EmbeddedStore {
                 let mut by_requester = txn.open_table(BY_REQUESTER).map_err(backend)?;
                 let mut leases = txn.open_table(LEASES).map_err(backend)?;
                 let mut credentials = txn.open_table(CREDENTIALS).map_err(backend)?;
+                let mut lease_tasks = txn.open_table(LEASE_TASKS).map_err(backend)?;
                 let due: Vec<(u64, String)> = ended
                     .range((0, "")..(cutoff, ""))
                     .map_err(backend)?
@@ -417,6 +560,15 @@ impl Store for EmbeddedStore {
                         .remove((task.requester.as_str(), id.as_str()))
                         .map_err(backend)?;
                     let range = (id.as_str(), "")..=(id.as_str(), "~");
+                    let lease_ids: Vec<String> = leases
+                        .range(range.clone())
+                        .map_err(backend)?
+                        .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
+                        .collect::<Result<_, _>>()
+                        .map_err(backend)?;
+                    for lease in &lease_ids {
+                        lease_tasks.remove(lease.as_str()).map_err(backend)?;
+                    }
                     leases
                         .retain_in(range.clone(), |_, _| false)
                         .map_err(backend)?;

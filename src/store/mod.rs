@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::identity::WorkloadId;
-use crate::lease::Lease;
+use crate::lease::{Lease, LeaseId};
 use crate::task::{Task, TaskError, TaskId, TaskState};
 
 /// Why the store could not do what was asked.
@@ -162,6 +162,38 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         credential: &str,
     ) -> Result<Option<Lease>, StoreError>;
 
+    /// The lease with this id.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
+
+    /// Replaces the credential of an active lease (renewal), re-checking in the same atomic
+    /// step its task (approved, before its deadline, executed by the lease's agent), the
+    /// agent's lock, and that the lease is active and unexpired at `now`. The previous
+    /// credential stops being active.
+    ///
+    /// # Errors
+    /// [`IssueError`]: `NotFound` for no such lease; `Refused` when the task or lease forbids.
+    async fn renew_lease(
+        &self,
+        id: &LeaseId,
+        credential: &str,
+        expires_at: SystemTime,
+        now: SystemTime,
+    ) -> Result<Lease, IssueError>;
+
+    /// Ends one lease as revoked.
+    ///
+    /// # Errors
+    /// [`UpdateError`]: `NotFound`, or `Rejected` when the lease is not active.
+    async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Lease, UpdateError>;
+
     /// Ends a task and revokes every active lease of it, atomically: `change` must move the task
     /// to a terminal state. A lease recorded concurrently is either refused (the task changed)
     /// or revoked with the others; never left active on an ended task. Returns the task and the
@@ -209,6 +241,28 @@ pub(crate) fn encode_lease(lease: &Lease) -> Result<Vec<u8>, StoreError> {
 
 pub(crate) fn decode_lease(bytes: &[u8]) -> Result<Lease, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("decoding lease: {e}")))
+}
+
+/// Whether `lease` may get a new credential at `now`.
+///
+/// # Errors
+/// [`TaskError::Precondition`] when it is not active or has expired.
+pub fn check_renewable(lease: &Lease, now: SystemTime) -> Result<(), TaskError> {
+    if lease.state != crate::lease::LeaseState::Active {
+        return Err(TaskError::Precondition(format!(
+            "lease is {}",
+            match lease.state {
+                crate::lease::LeaseState::Revoked => "revoked",
+                _ => "expired",
+            }
+        )));
+    }
+    if now >= lease.expires_at {
+        return Err(TaskError::Precondition(
+            "lease has expired; ask for a new credential".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The reason recorded on leases revoked because their task ended.

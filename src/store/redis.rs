@@ -27,7 +27,7 @@ use super::{
     decode_lease, encode, encode_lease, task_ended_reason, unix_ms,
 };
 use crate::identity::WorkloadId;
-use crate::lease::{Lease, LeaseState, check_issuable};
+use crate::lease::{Lease, LeaseId, LeaseState, check_issuable};
 use crate::task::{Task, TaskError, TaskId};
 
 /// Attempts of one compare-and-set update before giving up with [`StoreError::Contention`].
@@ -51,6 +51,10 @@ fn leases_key(task: &str) -> String {
 
 fn cred_prefix(task: &str) -> String {
     format!("tc:cred:{{{task}}}:")
+}
+
+fn lease_index_key(lease: &str) -> String {
+    format!("tc:leaseidx:{lease}")
 }
 
 fn lock_key(agent: &WorkloadId) -> String {
@@ -81,18 +85,42 @@ if ARGV[4] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[4]) end
 return 1";
 
 /// Records a lease if the task is unchanged since it was checked and the agent is not locked.
-/// KEYS: task, lock, lease, task's lease set, credential index.
+/// KEYS: task, lock, lease, task's lease set, credential index, lease index.
 /// ARGV: version read, new version ('' when the task is unchanged), new task data, lease JSON,
-/// lease id, credential id.
+/// lease id, credential id, expiry (ns since the epoch), task id.
 const ISSUE: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return -1 end
 if v ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3]) end
-redis.call('HSET', KEYS[3], 'data', ARGV[4], 'state', 'active', 'cred', ARGV[6])
+redis.call('HSET', KEYS[3], 'data', ARGV[4], 'state', 'active', 'cred', ARGV[6], 'exp_ns', ARGV[7])
 redis.call('SADD', KEYS[4], ARGV[5])
 redis.call('SET', KEYS[5], ARGV[5])
+redis.call('SET', KEYS[6], ARGV[8])
+return 1";
+
+/// Gives an active, unexpired lease a new credential if its task is unchanged since it was
+/// checked and the agent is not locked. KEYS: task, lock, lease, new credential index.
+/// ARGV: task version read, new credential, new expiry, now (both ns since the epoch), lease id.
+const RENEW: &str = r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return -1 end
+if v ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
+if redis.call('HGET', KEYS[3], 'state') ~= 'active' then return -3 end
+local exp = tonumber(redis.call('HGET', KEYS[3], 'exp_ns'))
+if not exp or exp <= tonumber(ARGV[4]) then return -3 end
+redis.call('HSET', KEYS[3], 'cred', ARGV[2], 'exp_ns', ARGV[3])
+redis.call('SET', KEYS[4], ARGV[5])
+return 1";
+
+/// Revokes one active lease. KEYS: lease. ARGV: ended ms, reason.
+const REVOKE_LEASE: &str = r"
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return -1 end
+if st ~= 'active' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'revoked', 'ended_ms', ARGV[1], 'reason', ARGV[2])
 return 1";
 
 /// Ends a task and revokes every active lease in its set, atomically.
@@ -123,6 +151,23 @@ if ARGV[4] ~= '' then
 end
 return revoked";
 
+/// The hash fields of a lease: `data`, `state`, `ended_ms`, `reason`, `cred`, `exp_ns`.
+type LeaseFields = (
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<u64>,
+    Option<String>,
+    Option<String>,
+    Option<u64>,
+);
+
+/// Nanoseconds since the Unix epoch (0 before it): exact for lease expiries (Lua compares them
+/// as doubles, to within a microsecond, which is all it needs).
+fn unix_ns(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 fn unavailable(e: &redis::RedisError) -> StoreError {
     // The error text names the server and failure, never the URL's password.
     StoreError::Unavailable(format!("redis: {e}"))
@@ -137,6 +182,8 @@ pub struct RedisStore {
     cas: redis::Script,
     issue: redis::Script,
     end_task: redis::Script,
+    renew: redis::Script,
+    revoke_lease: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -162,6 +209,8 @@ impl RedisStore {
             cas: redis::Script::new(COMPARE_AND_SET),
             issue: redis::Script::new(ISSUE),
             end_task: redis::Script::new(END_TASK),
+            renew: redis::Script::new(RENEW),
+            revoke_lease: redis::Script::new(REVOKE_LEASE),
         })
     }
 
@@ -209,17 +258,14 @@ impl RedisStore {
         task: &str,
         lease: &str,
     ) -> Result<Option<Lease>, StoreError> {
-        let (data, state, ended_ms, reason): (
-            Option<Vec<u8>>,
-            Option<String>,
-            Option<u64>,
-            Option<String>,
-        ) = redis::cmd("HMGET")
+        let (data, state, ended_ms, reason, cred, exp_ns): LeaseFields = redis::cmd("HMGET")
             .arg(format!("{}{lease}", lease_prefix(task)))
             .arg("data")
             .arg("state")
             .arg("ended_ms")
             .arg("reason")
+            .arg("cred")
+            .arg("exp_ns")
             .query_async(conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -242,6 +288,12 @@ impl RedisStore {
         }
         if reason.is_some() {
             l.reason = reason;
+        }
+        if let Some(cred) = cred {
+            l.credential = cred;
+        }
+        if let Some(ns) = exp_ns {
+            l.expires_at = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
         }
         Ok(Some(l))
     }
@@ -419,12 +471,15 @@ impl Store for RedisStore {
                 .key(format!("{}{}", lease_prefix(&task_id), lease.id))
                 .key(leases_key(&task_id))
                 .key(format!("{}{}", cred_prefix(&task_id), lease.credential))
+                .key(lease_index_key(lease.id.as_str()))
                 .arg(&version)
                 .arg(next_version)
                 .arg(data)
                 .arg(lease_json.as_slice())
                 .arg(lease.id.as_str())
                 .arg(&lease.credential)
+                .arg(unix_ns(lease.expires_at))
+                .arg(&task_id)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| unavailable(&e))?;
@@ -446,6 +501,100 @@ impl Store for RedisStore {
             }
         }
         Err(StoreError::Contention(lease.task).into())
+    }
+
+    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+        let mut conn = self.conn().await?;
+        let task: Option<String> = conn
+            .get(lease_index_key(id.as_str()))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match task {
+            Some(task) => self.read_lease(&mut conn, &task, id.as_str()).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        id: &LeaseId,
+        credential: &str,
+        expires_at: SystemTime,
+        now: SystemTime,
+    ) -> Result<Lease, IssueError> {
+        let mut conn = self.conn().await?;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(lease) = self.get_lease(id).await? else {
+                return Err(IssueError::NotFound);
+            };
+            let task_id = lease.task.to_string();
+            let Some((version, task)) = self.read(&mut conn, &task_id).await? else {
+                return Err(IssueError::NotFound);
+            };
+            check_issuable(&task, &lease.agent, now)?;
+            super::check_renewable(&lease, now)?;
+            let outcome: i64 = self
+                .renew
+                .key(task_key(&task_id))
+                .key(lock_key(&lease.agent))
+                .key(format!("{}{}", lease_prefix(&task_id), id))
+                .key(format!("{}{credential}", cred_prefix(&task_id)))
+                .arg(&version)
+                .arg(credential)
+                .arg(unix_ns(expires_at))
+                .arg(unix_ns(now))
+                .arg(id.as_str())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            match outcome {
+                1 => {
+                    return self
+                        .read_lease(&mut conn, &task_id, id.as_str())
+                        .await?
+                        .ok_or(IssueError::NotFound);
+                }
+                -1 => return Err(IssueError::NotFound),
+                -2 => return Err(IssueError::Locked(String::new())),
+                -3 => {
+                    return Err(TaskError::Precondition("lease is no longer active".into()).into());
+                }
+                _ => continue, // the task changed since it was checked: check again
+            }
+        }
+        Err(
+            StoreError::Unavailable(format!("too much contention renewing lease {id}; retry"))
+                .into(),
+        )
+    }
+
+    async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Lease, UpdateError> {
+        let mut conn = self.conn().await?;
+        let Some(lease) = self.get_lease(id).await? else {
+            return Err(UpdateError::NotFound);
+        };
+        let task_id = lease.task.to_string();
+        let outcome: i64 = self
+            .revoke_lease
+            .key(format!("{}{}", lease_prefix(&task_id), id))
+            .arg(unix_ms(now))
+            .arg(reason)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match outcome {
+            1 => self
+                .read_lease(&mut conn, &task_id, id.as_str())
+                .await?
+                .ok_or(UpdateError::NotFound),
+            -1 => Err(UpdateError::NotFound),
+            _ => Err(TaskError::Precondition("lease is not active".into()).into()),
+        }
     }
 
     async fn find_lease(
