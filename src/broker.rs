@@ -80,6 +80,17 @@ impl From<StoreError> for BrokerError {
     }
 }
 
+impl From<IssueError> for BrokerError {
+    fn from(e: IssueError) -> Self {
+        match e {
+            IssueError::NotFound => Self::NotFound,
+            IssueError::Refused(t) => t.into(),
+            IssueError::Locked(reason) => Self::Denied(format!("agent is locked: {reason}")),
+            IssueError::Store(s) => s.into(),
+        }
+    }
+}
+
 impl From<UpdateError> for BrokerError {
     fn from(e: UpdateError) -> Self {
         match e {
@@ -802,15 +813,7 @@ impl Broker {
             .store
             .renew_lease(id, &credential, expires_at, now)
             .await
-            .map_err(|e| {
-                let e = match e {
-                    IssueError::NotFound => BrokerError::NotFound,
-                    IssueError::Refused(t) => t.into(),
-                    IssueError::Locked(r) => BrokerError::Denied(format!("agent is locked: {r}")),
-                    IssueError::Store(s) => s.into(),
-                };
-                self.refusal(PolicyAction::RenewLease, caller, lease.task, e)
-            })?;
+            .map_err(|e| self.refusal(PolicyAction::RenewLease, caller, lease.task, e.into()))?;
         let credential = match (serial, csr, &self.ca) {
             (Some(serial), Some(csr), Some(ca)) => Credential::Certificate {
                 certificate_pem: ca
@@ -1030,17 +1033,7 @@ impl Broker {
         self.store
             .issue_lease(&lease, issuance.now)
             .await
-            .map_err(|e| {
-                let e = match e {
-                    IssueError::NotFound => BrokerError::NotFound,
-                    IssueError::Refused(t) => t.into(),
-                    IssueError::Locked(reason) => {
-                        BrokerError::Denied(format!("agent is locked: {reason}"))
-                    }
-                    IssueError::Store(s) => s.into(),
-                };
-                self.refusal(action, caller, issuance.task.id, e)
-            })?;
+            .map_err(|e| self.refusal(action, caller, issuance.task.id, e.into()))?;
         Ok(lease)
     }
 

@@ -88,6 +88,26 @@ impl EmbeddedStore {
     }
 }
 
+/// The task id and the lease `id`, read inside write transaction `txn`.
+fn lease_in(txn: &redb::WriteTransaction, id: &str) -> Result<Option<(String, Lease)>, StoreError> {
+    let Some(task_id) = txn
+        .open_table(LEASE_TASKS)
+        .map_err(backend)?
+        .get(id)
+        .map_err(backend)?
+        .map(|v| v.value().to_owned())
+    else {
+        return Ok(None);
+    };
+    let leases = txn.open_table(LEASES).map_err(backend)?;
+    let lease = leases
+        .get((task_id.as_str(), id))
+        .map_err(backend)?
+        .map(|v| decode_lease(v.value()))
+        .transpose()?;
+    Ok(lease.map(|l| (task_id, l)))
+}
+
 fn store_only(e: UpdateError) -> StoreError {
     match e {
         UpdateError::Store(s) => s,
@@ -335,23 +355,10 @@ impl Store for EmbeddedStore {
         tokio::task::spawn_blocking(move || -> Result<Lease, IssueError> {
             let txn = db.begin_write().map_err(backend)?;
             let lease = {
-                let Some(task_id) = txn
-                    .open_table(LEASE_TASKS)
-                    .map_err(backend)?
-                    .get(id.as_str())
-                    .map_err(backend)?
-                    .map(|v| v.value().to_owned())
-                else {
+                let Some((task_id, mut lease)) = lease_in(&txn, &id)? else {
                     return Err(IssueError::NotFound);
                 };
                 let mut leases = txn.open_table(LEASES).map_err(backend)?;
-                let mut lease = match leases
-                    .get((task_id.as_str(), id.as_str()))
-                    .map_err(backend)?
-                {
-                    Some(v) => decode_lease(v.value())?,
-                    None => return Err(IssueError::NotFound),
-                };
                 let task = match txn
                     .open_table(TASKS)
                     .map_err(backend)?
@@ -403,23 +410,10 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
             let lease = {
-                let Some(task_id) = txn
-                    .open_table(LEASE_TASKS)
-                    .map_err(backend)?
-                    .get(id.as_str())
-                    .map_err(backend)?
-                    .map(|v| v.value().to_owned())
-                else {
+                let Some((task_id, mut lease)) = lease_in(&txn, &id)? else {
                     return Err(UpdateError::NotFound);
                 };
                 let mut leases = txn.open_table(LEASES).map_err(backend)?;
-                let mut lease = match leases
-                    .get((task_id.as_str(), id.as_str()))
-                    .map_err(backend)?
-                {
-                    Some(v) => decode_lease(v.value())?,
-                    None => return Err(UpdateError::NotFound),
-                };
                 if !lease.revoke(&reason, now) {
                     return Err(TaskError::Precondition("lease is not active".into()).into());
                 }
