@@ -8,9 +8,9 @@ use super::auth::caller;
 use super::error::status;
 use super::pb;
 use super::pb::credential_service_server::CredentialService;
+use super::tasks::task_id;
 use crate::broker::{Broker, Credential, Introspection, TokenRequest};
 use crate::lease::LeaseId;
-use crate::task::TaskId;
 
 /// The credential service.
 #[derive(Debug, Clone)]
@@ -55,8 +55,7 @@ impl CredentialService for CredentialApi {
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
         let peer = caller(&request)?.clone();
         let r = request.into_inner();
-        let task = TaskId::parse(&r.task_id)
-            .map_err(|_| Status::invalid_argument("task_id: not a task id (a lowercase UUIDv7)"))?;
+        let task = task_id(&r.task_id)?;
         let ttl = ttl(r.ttl)?;
         let issued = self
             .broker
@@ -86,8 +85,7 @@ impl CredentialService for CredentialApi {
     ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
         let peer = caller(&request)?.clone();
         let r = request.into_inner();
-        let task = TaskId::parse(&r.task_id)
-            .map_err(|_| Status::invalid_argument("task_id: not a task id (a lowercase UUIDv7)"))?;
+        let task = task_id(&r.task_id)?;
         let ttl = ttl(r.ttl)?;
         let issued = self
             .broker

@@ -34,7 +34,7 @@ fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Dura
         .transpose()
 }
 
-fn task_id(s: &str) -> Result<TaskId, Status> {
+pub(super) fn task_id(s: &str) -> Result<TaskId, Status> {
     TaskId::parse(s).map_err(|_| invalid("task_id", "not a task id (a lowercase UUIDv7)"))
 }
 
