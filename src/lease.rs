@@ -122,6 +122,37 @@ impl Lease {
     }
 }
 
+/// A force-revoke: while it holds, nothing is issued or renewed to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    /// The locked agent.
+    pub agent: WorkloadId,
+    /// Why, as the operator wrote it.
+    pub reason: String,
+    /// Who locked it.
+    pub operator: WorkloadId,
+    /// When.
+    pub at: SystemTime,
+    /// When it lifts by itself, if ever.
+    pub until: Option<SystemTime>,
+}
+
+impl Lock {
+    /// Whether the lock holds at `now`.
+    pub fn holds_at(&self, now: SystemTime) -> bool {
+        self.until.is_none_or(|u| now < u)
+    }
+}
+
+/// What locking an agent ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LockOutcome {
+    /// Tasks moved to `revoked`.
+    pub tasks: Vec<TaskId>,
+    /// Leases revoked (with their credential ids).
+    pub leases: Vec<Lease>,
+}
+
 /// Why a credential may not be issued for a task at this moment. The store re-checks these in
 /// the same atomic step that writes the lease.
 ///

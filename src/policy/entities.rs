@@ -16,6 +16,8 @@ pub enum Resource<'a> {
     Task(&'a Task),
     /// The broker itself.
     Broker,
+    /// A workload (the agent of LockAgent and UnlockAgent).
+    Workload(&'a WorkloadId),
 }
 
 type Built = (EntityUid, EntityUid, Vec<Entity>);
@@ -125,6 +127,13 @@ pub(super) fn build(principal: &WorkloadId, resource: &Resource<'_>) -> Result<B
                 u.clone(),
                 std::collections::HashSet::new(),
             ));
+            u
+        }
+        Resource::Workload(w) => {
+            let (u, e) = workload(w)?;
+            if *w != principal {
+                list.push(e);
+            }
             u
         }
         Resource::Task(t) => {

@@ -72,6 +72,12 @@ pub enum PolicyAction {
     RenewLease,
     /// Revoke a lease.
     RevokeLease,
+    /// Force-revoke an agent.
+    LockAgent,
+    /// Lift a lock.
+    UnlockAgent,
+    /// List the locks.
+    ListLocks,
     /// Ask whether a credential is active.
     Introspect,
 }
@@ -92,6 +98,9 @@ impl PolicyAction {
             Self::CompleteTask => "CompleteTask",
             Self::RenewLease => "RenewLease",
             Self::RevokeLease => "RevokeLease",
+            Self::LockAgent => "LockAgent",
+            Self::UnlockAgent => "UnlockAgent",
+            Self::ListLocks => "ListLocks",
             Self::Introspect => "Introspect",
         }
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{IssueError, Store, StoreError, TaskQuery, UpdateError};
 use crate::identity::WorkloadId;
-use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState};
+use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState, Lock};
 use crate::task::{
     Approval, Decision, RawTaskRequest, Task, TaskError, TaskId, TaskLimits, TaskRequest, TaskState,
 };
@@ -86,6 +86,7 @@ pub async fn run_all(store: &dyn Store) {
     leases_only_for_an_approved_task_of_its_executor(store).await;
     ending_a_task_revokes_every_lease_even_concurrent_ones(store).await;
     renewal_replaces_the_credential_and_revocation_ends_one_lease(store).await;
+    locking_an_agent_ends_its_tasks_and_leases_at_once(store).await;
     store.ping().await.unwrap();
 }
 
@@ -575,4 +576,139 @@ pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store
         store.renew_lease(&other.id, "fifth", later, now).await,
         Err(IssueError::Refused(_))
     ));
+}
+
+pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Store) {
+    let now = SystemTime::now();
+    let agent = format!("spiffe://lock.test/agent/a-{}", TaskId::generate());
+    let other = format!("spiffe://lock.test/agent/b-{}", TaskId::generate());
+    let mk = |executor: &str, quorum: u32| sample_task(executor, REQUESTER, quorum);
+
+    let running = mk(&agent, 0);
+    let pending = mk(&agent, 1);
+    let done = mk(&agent, 0);
+    let bystander = mk(&other, 0);
+    for t in [&running, &pending, &done, &bystander] {
+        store.create_task(t).await.unwrap();
+    }
+    let l1 = sample_lease(&running, &agent);
+    let l2 = sample_lease(&running, &agent);
+    let lb = sample_lease(&bystander, &other);
+    for l in [&l1, &l2, &lb] {
+        store.issue_lease(l, now).await.unwrap();
+    }
+    store.end_task(&done.id, complete(), DAY).await.unwrap();
+
+    let lock = Lock {
+        agent: w(&agent),
+        reason: "credential leak".into(),
+        operator: w("spiffe://taskcred.dev/human/operator"),
+        at: now,
+        until: None,
+    };
+    let outcome = store.lock_agent(&lock, DAY).await.unwrap();
+    let mut tasks = outcome.tasks.clone();
+    tasks.sort();
+    let mut expected = vec![running.id, pending.id];
+    expected.sort();
+    assert_eq!(tasks, expected, "open tasks revoked, ended ones untouched");
+    let mut revoked: Vec<LeaseId> = outcome.leases.iter().map(|l| l.id.clone()).collect();
+    revoked.sort();
+    let mut both = vec![l1.id.clone(), l2.id.clone()];
+    both.sort();
+    assert_eq!(revoked, both);
+
+    for id in [running.id, pending.id] {
+        let t = store.get_task(&id).await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Revoked);
+        assert!(t.end_reason.unwrap().contains("credential leak"));
+    }
+    assert_eq!(
+        store.get_task(&done.id).await.unwrap().unwrap().state,
+        TaskState::Completed
+    );
+    for l in [&l1, &l2] {
+        let now_l = store.get_lease(&l.id).await.unwrap().unwrap();
+        assert_eq!(now_l.state, LeaseState::Revoked);
+    }
+    // Listing shows the revoked state too.
+    let listed = store
+        .list_tasks(&TaskQuery {
+            executor: Some(w(&agent)),
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert!(
+        listed
+            .tasks
+            .iter()
+            .filter(|t| t.id == running.id)
+            .all(|t| t.state == TaskState::Revoked)
+    );
+    // The other agent keeps its lease.
+    assert!(
+        store
+            .get_lease(&lb.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active(&lb.credential, now)
+    );
+
+    // Nothing new for the locked agent, even on a task approved after the lock.
+    let fresh = mk(&agent, 0);
+    store.create_task(&fresh).await.unwrap();
+    let l = sample_lease(&fresh, &agent);
+    assert!(
+        matches!(store.issue_lease(&l, now).await, Err(IssueError::Locked(r)) if r == "credential leak")
+    );
+    assert!(
+        store
+            .list_locks(now)
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.agent.as_str() == agent)
+    );
+
+    // Unlocked: issuance works again.
+    assert_eq!(
+        store
+            .unlock_agent(&w(&agent))
+            .await
+            .unwrap()
+            .map(|x| x.reason),
+        Some("credential leak".into())
+    );
+    assert_eq!(store.unlock_agent(&w(&agent)).await.unwrap(), None);
+    store.issue_lease(&l, now).await.unwrap();
+
+    // A lock with an end lifts by itself.
+    let brief = Lock {
+        until: Some(SystemTime::now() + Duration::from_millis(300)),
+        ..lock.clone()
+    };
+    store.lock_agent(&brief, DAY).await.unwrap();
+    assert!(
+        store.get_lease(&l.id).await.unwrap().unwrap().state == LeaseState::Revoked,
+        "swept again"
+    );
+    let later = mk(&agent, 0);
+    store.create_task(&later).await.unwrap();
+    let l = sample_lease(&later, &agent);
+    assert!(matches!(
+        store.issue_lease(&l, SystemTime::now()).await,
+        Err(IssueError::Locked(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    store.issue_lease(&l, SystemTime::now()).await.unwrap();
+    assert!(
+        !store
+            .list_locks(SystemTime::now())
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.agent.as_str() == agent)
+    );
 }

@@ -19,7 +19,8 @@ use super::{
     IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
     decode_lease, encode, encode_lease, task_ended_reason, unix_ms,
 };
-use crate::lease::{Lease, LeaseId, check_issuable};
+use crate::identity::WorkloadId;
+use crate::lease::{Lease, LeaseId, LeaseState, Lock, LockOutcome, check_issuable};
 use crate::task::{Task, TaskError, TaskId};
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
@@ -86,6 +87,21 @@ impl EmbeddedStore {
             .await
             .map_err(|e| UpdateError::Store(backend(format!("worker: {e}"))))?
     }
+}
+
+/// The lock of `agent` that holds at `now`, read inside write transaction `txn`.
+fn lock_in(
+    txn: &redb::WriteTransaction,
+    agent: &WorkloadId,
+    now: SystemTime,
+) -> Result<Option<Lock>, StoreError> {
+    let locks = txn.open_table(LOCKS).map_err(backend)?;
+    let Some(v) = locks.get(agent.as_str()).map_err(backend)? else {
+        return Ok(None);
+    };
+    let lock: Lock = serde_json::from_slice(v.value())
+        .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
+    Ok(lock.holds_at(now).then_some(lock))
 }
 
 /// The task id and the lease `id`, read inside write transaction `txn`.
@@ -282,13 +298,8 @@ impl Store for EmbeddedStore {
                     None => return Err(IssueError::NotFound),
                 };
                 check_issuable(&task, &lease.agent, now)?;
-                let locks = txn.open_table(LOCKS).map_err(backend)?;
-                if let Some(lock) = locks.get(lease.agent.as_str()).map_err(backend)? {
-                    let reason = serde_json::from_slice::<serde_json::Value>(lock.value())
-                        .ok()
-                        .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    return Err(IssueError::Locked(reason));
+                if let Some(lock) = lock_in(&txn, &lease.agent, now)? {
+                    return Err(IssueError::Locked(lock.reason));
                 }
                 if task.started_at.is_none() {
                     task.started_at = Some(now);
@@ -370,14 +381,8 @@ impl Store for EmbeddedStore {
                 };
                 check_issuable(&task, &lease.agent, now)?;
                 super::check_renewable(&lease, now)?;
-                if txn
-                    .open_table(LOCKS)
-                    .map_err(backend)?
-                    .get(lease.agent.as_str())
-                    .map_err(backend)?
-                    .is_some()
-                {
-                    return Err(IssueError::Locked(String::new()));
+                if let Some(lock) = lock_in(&txn, &lease.agent, now)? {
+                    return Err(IssueError::Locked(lock.reason));
                 }
                 lease.credential = credential;
                 lease.expires_at = expires_at;
@@ -516,6 +521,121 @@ impl Store for EmbeddedStore {
             Ok(result)
         })
         .await
+    }
+
+    async fn lock_agent(
+        &self,
+        lock: &Lock,
+        retention: Duration,
+    ) -> Result<LockOutcome, StoreError> {
+        let lock = lock.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let mut outcome = LockOutcome::default();
+            {
+                let agent = lock.agent.as_str();
+                let json = serde_json::to_vec(&lock)
+                    .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
+                txn.open_table(LOCKS)
+                    .map_err(backend)?
+                    .insert(agent, json.as_slice())
+                    .map_err(backend)?;
+                let task_ids: Vec<String> = txn
+                    .open_table(BY_EXECUTOR)
+                    .map_err(backend)?
+                    .range((agent, "")..=(agent, "~"))
+                    .map_err(backend)?
+                    .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
+                    .collect::<Result<_, _>>()
+                    .map_err(backend)?;
+                let reason = format!("agent locked: {}", lock.reason);
+                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
+                let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                let mut ended = txn.open_table(ENDED).map_err(backend)?;
+                for id in task_ids {
+                    let Some(mut task) = tasks
+                        .get(id.as_str())
+                        .map_err(backend)?
+                        .map(|v| decode(v.value()))
+                        .transpose()?
+                    else {
+                        continue;
+                    };
+                    if task.revoke(&reason, lock.at) {
+                        tasks
+                            .insert(id.as_str(), encode(&task)?.as_slice())
+                            .map_err(backend)?;
+                        ended
+                            .insert((unix_ms(lock.at + retention), id.as_str()), ())
+                            .map_err(backend)?;
+                        outcome.tasks.push(task.id);
+                    }
+                    let mut active: Vec<Lease> = Vec::new();
+                    for entry in leases
+                        .range((id.as_str(), "")..=(id.as_str(), "~"))
+                        .map_err(backend)?
+                    {
+                        let (_, v) = entry.map_err(backend)?;
+                        let lease = decode_lease(v.value())?;
+                        if lease.state == LeaseState::Active {
+                            active.push(lease);
+                        }
+                    }
+                    for mut lease in active {
+                        lease.revoke(&reason, lock.at);
+                        leases
+                            .insert(
+                                (id.as_str(), lease.id.as_str()),
+                                encode_lease(&lease)?.as_slice(),
+                            )
+                            .map_err(backend)?;
+                        outcome.leases.push(lease);
+                    }
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(outcome)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
+        let agent = agent.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let removed = txn
+                .open_table(LOCKS)
+                .map_err(backend)?
+                .remove(agent.as_str())
+                .map_err(backend)?
+                .map(|v| serde_json::from_slice::<Lock>(v.value()))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
+            txn.commit().map_err(backend)?;
+            Ok(removed)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let locks = txn.open_table(LOCKS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in locks.iter().map_err(backend)? {
+                let (_, v) = entry.map_err(backend)?;
+                let lock: Lock = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("lock: {e}")))?;
+                if lock.holds_at(now) {
+                    out.push(lock);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(store_only)
     }
 
     async fn prune_ended(&self, ended_before: SystemTime) -> Result<usize, StoreError> {

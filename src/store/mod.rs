@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::identity::WorkloadId;
-use crate::lease::{Lease, LeaseId};
+use crate::lease::{Lease, LeaseId, Lock, LockOutcome};
 use crate::task::{Task, TaskError, TaskId, TaskState};
 
 /// Why the store could not do what was asked.
@@ -207,6 +207,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         change: TaskChange,
         retention: Duration,
     ) -> Result<(Task, Vec<Lease>), UpdateError>;
+
+    /// Locks an agent and, in the same atomic step, revokes every active lease of it and moves
+    /// every open task it executes to `revoked`. A lock with `until` lifts by itself then.
+    /// Locking a locked agent replaces the lock (and sweeps again).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]; nothing is changed.
+    async fn lock_agent(&self, lock: &Lock, retention: Duration)
+    -> Result<LockOutcome, StoreError>;
+
+    /// Lifts the lock of `agent`, returning it if there was one.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError>;
+
+    /// Every lock that holds at `now`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError>;
 
     /// Deletes tasks that ended before `ended_before`, with their history. Returns how many.
     ///

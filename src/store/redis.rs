@@ -27,7 +27,7 @@ use super::{
     decode_lease, encode, encode_lease, task_ended_reason, unix_ms,
 };
 use crate::identity::WorkloadId;
-use crate::lease::{Lease, LeaseId, LeaseState, check_issuable};
+use crate::lease::{Lease, LeaseId, LeaseState, Lock, LockOutcome, check_issuable};
 use crate::task::{Task, TaskError, TaskId};
 
 /// Attempts of one compare-and-set update before giving up with [`StoreError::Contention`].
@@ -36,6 +36,8 @@ const CAS_ATTEMPTS: usize = 16;
 const LIST_BATCH: usize = 64;
 
 const ALL_TASKS: &str = "tc:idx:tasks";
+/// The set of agents with a lock (locks expire by themselves; readers drop stale members).
+const LOCKS: &str = "tc:locks";
 
 fn task_key(id: &str) -> String {
     format!("tc:task:{{{id}}}")
@@ -115,6 +117,41 @@ redis.call('HSET', KEYS[3], 'cred', ARGV[2], 'exp_ns', ARGV[3])
 redis.call('SET', KEYS[4], ARGV[5])
 return 1";
 
+/// Locks an agent, moves its open tasks to revoked and revokes every active lease of its tasks,
+/// in one step. Task state changes are laid over the task's JSON as hash fields (`state`,
+/// `ended_ms`, `end_reason`) and its version is bumped, so that concurrent compare-and-sets
+/// fail and re-read. KEYS: lock, the agent's task index, the set of locked agents.
+/// ARGV: lock JSON, now ms, reason, expire-at ms for ended tasks, lock expiry ms ('' none), agent.
+/// Returns `{revoked task ids..., '|', 'task/lease' of revoked leases...}`.
+const LOCK: &str = r"
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[5] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
+redis.call('SADD', KEYS[3], ARGV[6])
+local tasks, leases = {}, {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local tk = 'tc:task:{' .. id .. '}'
+  local data = redis.call('HGET', tk, 'data')
+  if data then
+    local st = redis.call('HGET', tk, 'state') or cjson.decode(data).state
+    if st == 'pending_approval' or st == 'approved' then
+      redis.call('HSET', tk, 'state', 'revoked', 'ended_ms', ARGV[2], 'end_reason', ARGV[3])
+      redis.call('HINCRBY', tk, 'v', 1)
+      redis.call('PEXPIREAT', tk, ARGV[4])
+      table.insert(tasks, id)
+    end
+    for _, lid in ipairs(redis.call('SMEMBERS', 'tc:leases:{' .. id .. '}')) do
+      local lk = 'tc:lease:{' .. id .. '}:' .. lid
+      if redis.call('HGET', lk, 'state') == 'active' then
+        redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[2], 'reason', ARGV[3])
+        table.insert(leases, id .. '/' .. lid)
+      end
+    end
+  end
+end
+table.insert(tasks, '|')
+for _, l in ipairs(leases) do table.insert(tasks, l) end
+return tasks";
+
 /// Revokes one active lease. KEYS: lease. ARGV: ended ms, reason.
 const REVOKE_LEASE: &str = r"
 local st = redis.call('HGET', KEYS[1], 'state')
@@ -151,6 +188,36 @@ if ARGV[4] ~= '' then
 end
 return revoked";
 
+/// The hash fields of a task as listed: `data`, and the overlay `state`, `ended_ms`,
+/// `end_reason`.
+type TaskFields = (Option<Vec<u8>>, Option<String>, Option<u64>, Option<String>);
+
+/// The hash fields of a task as read for an update: `v` and [`TaskFields`], flat.
+type TaskRecord = (
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<u64>,
+    Option<String>,
+);
+
+/// Lays the state a lock script wrote beside the JSON over the task.
+fn with_overlay(
+    mut task: Task,
+    state: Option<String>,
+    ended_ms: Option<u64>,
+    reason: Option<String>,
+) -> Result<Task, StoreError> {
+    if let Some(s) = state {
+        task.state = crate::task::TaskState::parse(&s)
+            .ok_or_else(|| StoreError::Corrupt(format!("task {}: state {s:?}", task.id)))?;
+        task.ended_at = ended_ms.map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        task.updated_at = task.ended_at.unwrap_or(task.updated_at);
+        task.end_reason = reason;
+    }
+    Ok(task)
+}
+
 /// The hash fields of a lease: `data`, `state`, `ended_ms`, `reason`, `cred`, `exp_ns`.
 type LeaseFields = (
     Option<Vec<u8>>,
@@ -184,6 +251,7 @@ pub struct RedisStore {
     end_task: redis::Script,
     renew: redis::Script,
     revoke_lease: redis::Script,
+    lock: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -211,6 +279,7 @@ impl RedisStore {
             end_task: redis::Script::new(END_TASK),
             renew: redis::Script::new(RENEW),
             revoke_lease: redis::Script::new(REVOKE_LEASE),
+            lock: redis::Script::new(LOCK),
         })
     }
 
@@ -236,15 +305,21 @@ impl RedisStore {
         conn: &mut ConnectionManager,
         id: &str,
     ) -> Result<Option<(String, Task)>, StoreError> {
-        let (v, data): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
+        let (v, data, state, ended_ms, reason): TaskRecord = redis::cmd("HMGET")
             .arg(task_key(id))
             .arg("v")
             .arg("data")
+            .arg("state")
+            .arg("ended_ms")
+            .arg("end_reason")
             .query_async(conn)
             .await
             .map_err(|e| unavailable(&e))?;
         match (v, data) {
-            (Some(v), Some(data)) => Ok(Some((v, decode(&data)?))),
+            (Some(v), Some(data)) => Ok(Some((
+                v,
+                with_overlay(decode(&data)?, state, ended_ms, reason)?,
+            ))),
             _ => Ok(None),
         }
     }
@@ -413,9 +488,14 @@ impl Store for RedisStore {
             }
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.hget(task_key(id), "data");
+                pipe.cmd("HMGET")
+                    .arg(task_key(id))
+                    .arg("data")
+                    .arg("state")
+                    .arg("ended_ms")
+                    .arg("end_reason");
             }
-            let data: Vec<Option<Vec<u8>>> = pipe
+            let data: Vec<TaskFields> = pipe
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| unavailable(&e))?;
@@ -430,13 +510,13 @@ impl Store for RedisStore {
                 scanned += 1;
                 upper = format!("({id}");
                 match data {
-                    Some(d) => {
-                        let task = decode(&d)?;
+                    (Some(d), state, ended_ms, reason) => {
+                        let task = with_overlay(decode(&d)?, state, ended_ms, reason)?;
                         if query.matches(&task) {
                             page.tasks.push(task);
                         }
                     }
-                    None => dangling.push(id.clone()),
+                    (None, ..) => dangling.push(id.clone()),
                 }
             }
             self.drop_dangling(&mut conn, &index, &dangling).await;
@@ -671,6 +751,94 @@ impl Store for RedisStore {
             return Ok((next, leases));
         }
         Err(StoreError::Contention(*id).into())
+    }
+
+    async fn lock_agent(
+        &self,
+        lock: &Lock,
+        retention: Duration,
+    ) -> Result<LockOutcome, StoreError> {
+        let mut conn = self.conn().await?;
+        let json = serde_json::to_vec(lock)
+            .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
+        let outcome: Vec<String> = self
+            .lock
+            .key(lock_key(&lock.agent))
+            .key(executor_key(lock.agent.as_str()))
+            .key(LOCKS)
+            .arg(json)
+            .arg(unix_ms(lock.at))
+            .arg(format!("agent locked: {}", lock.reason))
+            .arg(unix_ms(lock.at + retention))
+            .arg(
+                lock.until
+                    .map(|u| unix_ms(u).to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(lock.agent.as_str())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        // {tasks..., '|', 'task/lease'...}
+        let mut result = LockOutcome::default();
+        let mut after_bar = false;
+        for item in outcome {
+            if item == "|" {
+                after_bar = true;
+            } else if !after_bar {
+                if let Ok(id) = TaskId::parse(&item) {
+                    result.tasks.push(id);
+                }
+            } else if let Some((task, lease)) = item.split_once('/')
+                && let Some(l) = self.read_lease(&mut conn, task, lease).await?
+            {
+                result.leases.push(l);
+            }
+        }
+        Ok(result)
+    }
+
+    async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (lock, _, _): (Option<Vec<u8>>, i64, i64) = redis::pipe()
+            .atomic()
+            .get(lock_key(agent))
+            .del(lock_key(agent))
+            .srem(LOCKS, agent.as_str())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        lock.map(|l| serde_json::from_slice(&l))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))
+    }
+
+    async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
+        let mut conn = self.conn().await?;
+        let agents: Vec<String> = conn.smembers(LOCKS).await.map_err(|e| unavailable(&e))?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for agent in agents {
+            let lock: Option<Vec<u8>> = conn
+                .get(format!("tc:lock:{agent}"))
+                .await
+                .map_err(|e| unavailable(&e))?;
+            match lock {
+                Some(l) => {
+                    let lock: Lock = serde_json::from_slice(&l)
+                        .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
+                    if lock.holds_at(now) {
+                        out.push(lock);
+                    }
+                }
+                // Lifted by its own expiry.
+                None => gone.push(agent),
+            }
+        }
+        if !gone.is_empty() {
+            let _: Result<i64, _> = conn.srem(LOCKS, &gone).await;
+        }
+        Ok(out)
     }
 
     async fn prune_ended(&self, _ended_before: SystemTime) -> Result<usize, StoreError> {

@@ -342,6 +342,16 @@ impl Task {
         Ok(())
     }
 
+    /// Ends a task that has not ended as revoked (an operator's force-revoke, a locked agent).
+    /// Returns whether it changed.
+    pub fn revoke(&mut self, reason: &str, now: SystemTime) -> bool {
+        if self.state.is_terminal() {
+            return false;
+        }
+        self.end(TaskState::Revoked, reason, now);
+        true
+    }
+
     fn end(&mut self, state: TaskState, reason: &str, now: SystemTime) {
         self.state = state;
         self.ended_at = Some(now);
