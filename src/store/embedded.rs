@@ -104,6 +104,31 @@ fn lock_in(
     Ok(lock.holds_at(now).then_some(lock))
 }
 
+/// Revokes every active lease of `task` in `leases` (a table of a write transaction) and
+/// returns them.
+fn revoke_active_leases(
+    leases: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
+    task: &str,
+    reason: &str,
+    at: SystemTime,
+) -> Result<Vec<Lease>, StoreError> {
+    let mut active: Vec<Lease> = Vec::new();
+    for entry in leases.range((task, "")..=(task, "~")).map_err(backend)? {
+        let (_, v) = entry.map_err(backend)?;
+        let lease = decode_lease(v.value())?;
+        if lease.state == LeaseState::Active {
+            active.push(lease);
+        }
+    }
+    for lease in &mut active {
+        lease.revoke(reason, at);
+        leases
+            .insert((task, lease.id.as_str()), encode_lease(lease)?.as_slice())
+            .map_err(backend)?;
+    }
+    Ok(active)
+}
+
 /// The task id and the lease `id`, read inside write transaction `txn`.
 fn lease_in(txn: &redb::WriteTransaction, id: &str) -> Result<Option<(String, Lease)>, StoreError> {
     let Some(task_id) = txn
@@ -495,26 +520,7 @@ impl Store for EmbeddedStore {
                 }
                 let reason = task_ended_reason(&next);
                 let mut leases = txn.open_table(LEASES).map_err(backend)?;
-                let mut active: Vec<Lease> = Vec::new();
-                for entry in leases
-                    .range((key.as_str(), "")..=(key.as_str(), "~"))
-                    .map_err(backend)?
-                {
-                    let (_, v) = entry.map_err(backend)?;
-                    let lease = decode_lease(v.value())?;
-                    if lease.state == crate::lease::LeaseState::Active {
-                        active.push(lease);
-                    }
-                }
-                for lease in &mut active {
-                    lease.revoke(&reason, ended);
-                    leases
-                        .insert(
-                            (key.as_str(), lease.id.as_str()),
-                            encode_lease(lease)?.as_slice(),
-                        )
-                        .map_err(backend)?;
-                }
+                let active = revoke_active_leases(&mut leases, &key, &reason, ended)?;
                 (next, active)
             };
             txn.commit().map_err(backend)?;
@@ -570,27 +576,12 @@ impl Store for EmbeddedStore {
                             .map_err(backend)?;
                         outcome.tasks.push(task.id);
                     }
-                    let mut active: Vec<Lease> = Vec::new();
-                    for entry in leases
-                        .range((id.as_str(), "")..=(id.as_str(), "~"))
-                        .map_err(backend)?
-                    {
-                        let (_, v) = entry.map_err(backend)?;
-                        let lease = decode_lease(v.value())?;
-                        if lease.state == LeaseState::Active {
-                            active.push(lease);
-                        }
-                    }
-                    for mut lease in active {
-                        lease.revoke(&reason, lock.at);
-                        leases
-                            .insert(
-                                (id.as_str(), lease.id.as_str()),
-                                encode_lease(&lease)?.as_slice(),
-                            )
-                            .map_err(backend)?;
-                        outcome.leases.push(lease);
-                    }
+                    outcome.leases.extend(revoke_active_leases(
+                        &mut leases,
+                        &id,
+                        &reason,
+                        lock.at,
+                    )?);
                 }
             }
             txn.commit().map_err(backend)?;
