@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, GrpcOptions};
 use crate::audit::AuditLog;
-use crate::broker::{Broker, BrokerParts, BrokerSettings};
+use crate::broker::{Broker, BrokerParts, BrokerSettings, KEY_REFRESH};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreBackend};
 use crate::http::{self, HttpState};
@@ -177,6 +177,7 @@ impl App {
                 clock: clock.clone(),
                 keys: keys.clone(),
                 ca,
+                key_file: config.issuer.jwt_key.clone(),
             },
             settings,
         );
@@ -194,6 +195,13 @@ impl App {
         &self.broker
     }
 
+    async fn refresh_signing_keys(&self) {
+        match self.broker.refresh_signing_keys().await {
+            Ok(n) => tracing::debug!(keys = n, "signing keys published and refreshed"),
+            Err(e) => tracing::warn!(error = %e, "publishing the signing key failed; will retry"),
+        }
+    }
+
     /// Serves until `shutdown` is cancelled, then drains in-flight RPCs for at most
     /// `server.shutdown_grace`.
     ///
@@ -205,6 +213,9 @@ impl App {
         shutdown: CancellationToken,
     ) -> Result<(), AppError> {
         let server = &self.config.server;
+        // Publish this replica's key and learn the others' before serving: the JWK Set and
+        // introspection know every live key from the first request on.
+        self.refresh_signing_keys().await;
         let metrics = telemetry::metrics_handle();
         let ready = Arc::new(AtomicBool::new(false));
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -255,12 +266,16 @@ impl App {
         // Histograms are aggregated lazily; upkeep keeps the recorder's memory bounded.
         let mut upkeep = tokio::time::interval(Duration::from_secs(5));
         let mut prune = tokio::time::interval(PRUNE_EVERY);
+        let mut key_refresh = tokio::time::interval(KEY_REFRESH);
+        key_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        key_refresh.reset();
         let early = loop {
             tokio::select! {
                 // Shutdown first: a server that ends because shutdown was asked is no failure.
                 biased;
                 () = shutdown.cancelled() => break None,
                 _ = upkeep.tick() => metrics.run_upkeep(),
+                _ = key_refresh.tick() => self.refresh_signing_keys().await,
                 _ = prune.tick() => match self.broker.prune().await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(tasks = n, "pruned ended tasks past their retention"),

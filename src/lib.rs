@@ -15,12 +15,13 @@
 //! identity    WorkloadId (SPIFFE ID), PeerIdentity from a leaf, the rustls client verifier
 //! task        Task, Approval, the state machine and its rules (separation of duties, quorum)
 //! lease       Lease: the record of one issued credential; what may be issued or renewed
-//! mint        JWT signing keys and JWKS, the jsonwebtoken provider over ring, X509-SVIDs
+//! mint        JWT signing keys, the key ring and JWKS, the jsonwebtoken provider over ring, X509-SVIDs
 //! policy      Cedar: schema, load and validate, decide, quorum from @quorum
 //! store       Store trait, embedded (redb) and Redis backends, the conformance suite
 //! audit       one JSON line per decision
 //! broker      the use cases: tasks (request ... complete), credentials (issue, renew, revoke,
-//!             introspect), reload policy
+//!             introspect), reload policy; agents (force-revoke locks); keys (publication,
+//!             rotation)
 //! tls         gRPC port TLS: server config, accept loop, per-connection identity
 //! api         gRPC: generated code, auth and metrics middleware, thin handlers, Status map
 //! http        axum: /healthz, /readyz, /metrics, /.well-known/jwks.json, openid-configuration

@@ -44,6 +44,8 @@ fn main() -> ExitCode {
             Command::Token { ref command } => cli::token::run(&cli.client, command).await,
             Command::Cert { ref command } => cli::cert::run(&cli.client, command).await,
             Command::Lease { ref command } => cli::lease::run(&cli.client, command).await,
+            Command::Agent { ref command } => cli::agent::run(&cli.client, command).await,
+            Command::Key { ref command } => cli::key::run(&cli.client, command).await,
         }
     })
 }

@@ -403,3 +403,74 @@ fn serve_dev_with_redis_keeps_tasks_in_redis() {
     assert!(out.contains("\"state\":\"approved\""), "{out}");
     assert_eq!(serve.terminate().code(), Some(0));
 }
+
+#[test]
+fn operator_commands_lock_agents_and_rotate_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev");
+    let dev_s = dev.to_str().unwrap();
+    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+    let as_ = |name: &'static str, args: &[&str]| run_as(serve.grpc, dev_s, name, args);
+    let agent = "spiffe://taskcred.dev/agent/demo";
+    let request = [
+        "task",
+        "request",
+        "--executor",
+        agent,
+        "--grant",
+        "db=read",
+        "--purpose",
+        "p",
+    ];
+    let (code, out, err) = as_("requester", &request);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_owned();
+    let (code, _, err) = as_("approver", &["task", "approve", &id]);
+    assert_eq!(code, 0, "{err}");
+    let issue = ["token", "issue", "--task", id.as_str(), "--audience", "db"];
+    let (code, token, err) = as_("agent", &issue);
+    assert_eq!(code, 0, "{err}");
+
+    // Only the operator locks; the lock names what it revoked.
+    let lock = ["agent", "lock", agent, "--reason", "leaked token"];
+    let (code, _, err) = as_("requester", &lock);
+    assert_eq!(code, 1);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    let (code, out, err) = as_("operator", &[&["--json"][..], &lock].concat());
+    assert_eq!(code, 0, "{err}");
+    let locked: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(locked["revoked_tasks"][0], id.as_str());
+    assert_eq!(locked["lock"]["reason"], "leaked token");
+    let (_, out, _) = as_("approver", &["token", "introspect", token.trim()]);
+    assert_eq!(out.trim(), r#"{"active":false}"#);
+    let (code, _, err) = as_("agent", &issue);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PERMISSION_DENIED") && err.contains("leaked token"),
+        "{err}"
+    );
+    let (code, out, _) = as_("operator", &["agent", "locks"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(agent) && out.contains("leaked token"), "{out}");
+    let (code, out, _) = as_("operator", &["agent", "unlock", agent]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), format!("unlocked {agent}"));
+    let (_, out, _) = as_("operator", &["agent", "locks"]);
+    assert_eq!(out.trim(), "no agent is locked");
+
+    // Key rotation: new kid, the old one named with its end of publication.
+    let (code, out, err) = as_("operator", &["--json", "key", "rotate"]);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_ne!(r["kid"], r["previous_kid"]);
+    assert!(
+        r["previous_published_until"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    let (code, _, err) = as_("agent", &["key", "rotate"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    assert_eq!(serve.terminate().code(), Some(0));
+}

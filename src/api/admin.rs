@@ -1,4 +1,5 @@
-//! `taskcred.v1.AdminService`: operator actions.
+//! `taskcred.v1.AdminService`: operator actions (policy reload, signing-key rotation,
+//! force-revoke).
 
 use tonic::{Request, Response, Status};
 
@@ -6,7 +7,10 @@ use super::auth::caller;
 use super::error::status;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
+use super::tasks::{duration, ts};
 use crate::broker::Broker;
+use crate::identity::WorkloadId;
+use crate::lease::Lock;
 
 /// The admin service.
 #[derive(Debug, Clone)]
@@ -21,6 +25,20 @@ impl AdminApi {
     }
 }
 
+fn agent(s: &str) -> Result<WorkloadId, Status> {
+    WorkloadId::parse(s).map_err(|e| Status::invalid_argument(format!("agent: {e}")))
+}
+
+fn lock_to_pb(l: Lock) -> pb::Lock {
+    pb::Lock {
+        agent: l.agent.to_string(),
+        reason: l.reason,
+        operator: l.operator.to_string(),
+        locked_at: ts(l.at),
+        until: l.until.and_then(ts),
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn reload_policy(
@@ -32,6 +50,70 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::ReloadPolicyResponse {
             policies: u32::try_from(n).unwrap_or(u32::MAX),
             files,
+        }))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        request: Request<pb::RotateSigningKeyRequest>,
+    ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let r = self.broker.rotate_signing_key(&who).await.map_err(status)?;
+        Ok(Response::new(pb::RotateSigningKeyResponse {
+            previous_kid: r.previous_kid,
+            kid: r.kid,
+            previous_published_until: ts(r.previous_published_until),
+        }))
+    }
+
+    async fn lock_agent(
+        &self,
+        request: Request<pb::LockAgentRequest>,
+    ) -> Result<Response<pb::LockAgentResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let r = request.get_ref();
+        let target = agent(&r.agent)?;
+        let until = duration("duration", r.duration)?;
+        let (lock, outcome) = self
+            .broker
+            .lock_agent(&who, &target, &r.reason, until)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::LockAgentResponse {
+            lock: Some(lock_to_pb(lock)),
+            revoked_tasks: outcome.tasks.iter().map(ToString::to_string).collect(),
+            revoked_leases: outcome
+                .leases
+                .iter()
+                .map(|l| l.id.as_str().to_owned())
+                .collect(),
+        }))
+    }
+
+    async fn unlock_agent(
+        &self,
+        request: Request<pb::UnlockAgentRequest>,
+    ) -> Result<Response<pb::UnlockAgentResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let target = agent(&request.get_ref().agent)?;
+        let lifted = self
+            .broker
+            .unlock_agent(&who, &target)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::UnlockAgentResponse {
+            lock: lifted.map(lock_to_pb),
+        }))
+    }
+
+    async fn list_locks(
+        &self,
+        request: Request<pb::ListLocksRequest>,
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let locks = self.broker.list_locks(&who).await.map_err(status)?;
+        Ok(Response::new(pb::ListLocksResponse {
+            locks: locks.into_iter().map(lock_to_pb).collect(),
         }))
     }
 }

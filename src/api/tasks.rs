@@ -29,7 +29,10 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
 
-fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+pub(super) fn duration(
+    field: &str,
+    d: Option<prost_types::Duration>,
+) -> Result<Option<Duration>, Status> {
     d.map(|d| Duration::try_from(d).map_err(|_| invalid(field, "must be a positive duration")))
         .transpose()
 }
@@ -81,7 +84,7 @@ pub fn state_from_pb(v: i32) -> Result<Option<TaskState>, Status> {
     )
 }
 
-fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
+pub(super) fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
     Some(t.into())
 }
 

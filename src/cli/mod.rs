@@ -3,8 +3,10 @@
 //! not be reached (or `policy check` found an invalid set), 2 bad usage (flags, missing files),
 //! 64 a configuration the server refuses.
 
+pub mod agent;
 pub mod cert;
 mod client;
+pub mod key;
 pub mod lease;
 pub mod policy;
 pub mod task;
@@ -100,6 +102,18 @@ pub enum Command {
         /// Which.
         #[command(subcommand)]
         command: token::TokenCommand,
+    },
+    /// Force-revoke an agent (lock it), lift a lock, list locks.
+    Agent {
+        /// Which.
+        #[command(subcommand)]
+        command: agent::AgentCommand,
+    },
+    /// Rotate the broker's JWT signing key.
+    Key {
+        /// Which.
+        #[command(subcommand)]
+        command: key::KeyCommand,
     },
     /// Check policies offline, or reload them on a broker.
     Policy {

@@ -75,6 +75,44 @@ impl PublicKey {
     }
 }
 
+/// A public signing JWK as the broker publishes it, read back and checked: a P-256 key with
+/// `alg: ES256` or an Ed25519 key with `alg: EdDSA`, whose `kid` is its RFC 7638 thumbprint.
+/// Returns the key and its `alg`, or why it is refused.
+///
+/// # Errors
+/// A one-line reason.
+pub fn parse_signing_jwk(jwk: &Value) -> Result<(PublicKey, &'static str), String> {
+    let member = |name: &str| {
+        jwk.get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("JWK member {name} is missing"))
+    };
+    let coordinate = |name: &str| -> Result<Vec<u8>, String> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(member(name)?)
+            .map_err(|_| format!("JWK member {name} is not base64url"))?;
+        if bytes.len() == 32 {
+            Ok(bytes)
+        } else {
+            Err(format!("JWK member {name} is not 32 bytes"))
+        }
+    };
+    let (key, alg) = match (member("kty")?, member("crv")?, member("alg")?) {
+        ("EC", "P-256", "ES256") => {
+            let mut point = vec![4u8];
+            point.extend(coordinate("x")?);
+            point.extend(coordinate("y")?);
+            (PublicKey::P256(point), "ES256")
+        }
+        ("OKP", "Ed25519", "EdDSA") => (PublicKey::Ed25519(coordinate("x")?), "EdDSA"),
+        (kty, crv, alg) => return Err(format!("unsupported JWK {kty}/{crv}/{alg}")),
+    };
+    if member("kid")? != key.thumbprint() {
+        return Err("JWK kid is not its thumbprint".into());
+    }
+    Ok((key, alg))
+}
+
 /// A JWK Set document of `keys`.
 pub fn jwks(keys: impl IntoIterator<Item = Value>) -> Value {
     json!({ "keys": keys.into_iter().collect::<Vec<_>>() })
@@ -129,5 +167,31 @@ mod tests {
         assert_eq!(d(jwk["y"].as_str().unwrap()), vec![2u8; 32]);
         assert_eq!(jwk["kid"], key.thumbprint().as_str());
         assert_eq!(jwk["use"], "sig");
+    }
+
+    #[test]
+    fn a_published_jwk_reads_back_only_when_consistent() {
+        for alg in [
+            crate::config::JwtAlgorithm::ES256,
+            crate::config::JwtAlgorithm::EdDSA,
+        ] {
+            let key = crate::mint::JwtKey::generate(alg).unwrap();
+            let jwk = key.public_jwk();
+            let (public, parsed_alg) = parse_signing_jwk(&jwk).unwrap();
+            assert_eq!(&public, key.public_key());
+            assert_eq!(parsed_alg, key.alg());
+            // Any other kid, a wrong alg, a truncated coordinate: refused.
+            let mut other = jwk.clone();
+            other["kid"] = "x".into();
+            assert!(parse_signing_jwk(&other).is_err());
+            let mut other = jwk.clone();
+            other["alg"] = "RS256".into();
+            assert!(parse_signing_jwk(&other).is_err());
+            let mut other = jwk.clone();
+            other["x"] = "AAAA".into();
+            assert!(parse_signing_jwk(&other).is_err());
+        }
+        assert!(parse_signing_jwk(&json!({"kty": "RSA", "n": "AQAB", "e": "AQAB"})).is_err());
+        assert!(parse_signing_jwk(&json!("not an object")).is_err());
     }
 }

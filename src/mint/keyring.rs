@@ -1,23 +1,94 @@
-//! [`KeyRing`]: the key that signs now, and what verifiers are told: the JWK Set and the issuer's
-//! discovery document.
+//! [`KeyRing`]: the key that signs now, the keys that verify (this replica's, rotated-out ones and
+//! other replicas', as published through the store), and what verifiers are told: the JWK Set and
+//! the issuer's discovery document.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::SystemTime;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
-use super::{ACCESS_TOKEN_TYP, AccessClaims, JwtKey, MintError, jwks};
+use super::{ACCESS_TOKEN_TYP, AccessClaims, JwtKey, MintError, jwks, parse_signing_jwk};
 
 /// Longest token accepted for verification, in bytes; ours are well under 2 KiB.
 pub const MAX_TOKEN_BYTES: usize = 8192;
 
-/// The broker's signing keys. Every key still able to verify a live token is published.
-#[derive(Debug, Clone)]
-pub struct KeyRing {
-    issuer: String,
+/// A public signing key published through the store, so that every replica's JWK Set and
+/// introspection know it, until `until` (after which no token it signed can still be valid).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PublishedKey {
+    /// The RFC 7638 thumbprint.
+    pub kid: String,
+    /// The public JWK (`kid`, `alg`, `use` included).
+    pub jwk: Value,
+    /// When it stops being published.
+    pub until: SystemTime,
+}
+
+impl PublishedKey {
+    /// Publication of `key` until `until`.
+    pub fn of(key: &JwtKey, until: SystemTime) -> Self {
+        Self {
+            kid: key.kid().to_owned(),
+            jwk: key.public_jwk(),
+            until,
+        }
+    }
+}
+
+/// A key that verifies tokens, built once from its public JWK.
+#[derive(Clone)]
+struct Verifier {
+    key: DecodingKey,
+    alg: Algorithm,
+    jwk: Value,
+}
+
+impl Verifier {
+    fn from_jwk(jwk: &Value) -> Result<Self, MintError> {
+        let bad = |e: String| MintError::Key(format!("public JWK: {e}"));
+        let (_, alg) = parse_signing_jwk(jwk).map_err(bad)?;
+        let parsed: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(jwk.clone()).map_err(|e| bad(e.to_string()))?;
+        let key = DecodingKey::from_jwk(&parsed).map_err(|e| bad(e.to_string()))?;
+        let alg = if alg == "EdDSA" {
+            Algorithm::EdDSA
+        } else {
+            Algorithm::ES256
+        };
+        Ok(Self {
+            key,
+            alg,
+            jwk: jwk.clone(),
+        })
+    }
+}
+
+/// The key that signs now and every key that verifies, by `kid`.
+struct Ring {
     current: Arc<JwtKey>,
-    /// The current key's verifying half, built once.
-    decoding: Arc<(DecodingKey, Algorithm)>,
+    verifiers: BTreeMap<String, Verifier>,
+}
+
+/// The broker's signing keys: the one that signs now, and every key still able to verify a live
+/// token (its own, rotated-out ones, other replicas'), which is what the JWK Set publishes.
+/// Clones share one ring.
+#[derive(Clone)]
+pub struct KeyRing {
+    issuer: Arc<str>,
+    ring: Arc<RwLock<Ring>>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ring = self.read();
+        f.debug_struct("KeyRing")
+            .field("issuer", &self.issuer)
+            .field("current", &ring.current.kid())
+            .field("verifiers", &ring.verifiers.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl KeyRing {
@@ -29,19 +100,58 @@ impl KeyRing {
         // jsonwebtoken panics on decode without a provider; whoever verifies through this ring
         // gets ours, whether or not the binary's main installed it.
         super::install_jose_provider();
-        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(current.public_jwk())
-            .map_err(|e| MintError::Key(format!("public JWK: {e}")))?;
-        let decoding =
-            DecodingKey::from_jwk(&jwk).map_err(|e| MintError::Key(format!("public JWK: {e}")))?;
-        let alg = match current.alg() {
-            "EdDSA" => Algorithm::EdDSA,
-            _ => Algorithm::ES256,
-        };
+        let verifier = Verifier::from_jwk(&current.public_jwk())?;
+        let verifiers = BTreeMap::from([(current.kid().to_owned(), verifier)]);
         Ok(Self {
-            issuer,
-            current: Arc::new(current),
-            decoding: Arc::new((decoding, alg)),
+            issuer: issuer.into(),
+            ring: Arc::new(RwLock::new(Ring {
+                current: Arc::new(current),
+                verifiers,
+            })),
         })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Ring> {
+        self.ring.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Ring> {
+        self.ring.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `next` the signing key; the previous one keeps verifying (until a refresh from
+    /// the store no longer lists it). Returns the previous key.
+    ///
+    /// # Errors
+    /// [`MintError::Key`] if the public JWK cannot be read back (a bug).
+    pub fn rotate(&self, next: JwtKey) -> Result<Arc<JwtKey>, MintError> {
+        let verifier = Verifier::from_jwk(&next.public_jwk())?;
+        let mut ring = self.write();
+        ring.verifiers.insert(next.kid().to_owned(), verifier);
+        Ok(std::mem::replace(&mut ring.current, Arc::new(next)))
+    }
+
+    /// Replaces the verifying keys by the current one and `published` (as read from the
+    /// store). A published key that does not read back as one of ours is skipped with a
+    /// warning. Returns how many keys now verify.
+    pub fn set_published(&self, published: &[PublishedKey]) -> usize {
+        let mut verifiers = BTreeMap::new();
+        for p in published {
+            match Verifier::from_jwk(&p.jwk) {
+                Ok(v) if p.jwk.get("kid").and_then(Value::as_str) == Some(p.kid.as_str()) => {
+                    verifiers.insert(p.kid.clone(), v);
+                }
+                Ok(_) => tracing::warn!(kid = %p.kid, "published key skipped: kid mismatch"),
+                Err(e) => tracing::warn!(kid = %p.kid, error = %e, "published key skipped"),
+            }
+        }
+        let mut ring = self.write();
+        let current = ring.current.kid().to_owned();
+        if let Some(own) = ring.verifiers.remove(&current) {
+            verifiers.insert(current, own);
+        }
+        ring.verifiers = verifiers;
+        ring.verifiers.len()
     }
 
     /// Signs access-token `claims` with the current key.
@@ -49,7 +159,8 @@ impl KeyRing {
     /// # Errors
     /// [`MintError::Sign`].
     pub fn sign_access_token(&self, claims: &AccessClaims) -> Result<String, MintError> {
-        self.current.sign_jws(ACCESS_TOKEN_TYP, claims)
+        let current = Arc::clone(&self.read().current);
+        current.sign_jws(ACCESS_TOKEN_TYP, claims)
     }
 
     /// Verifies one of our access tokens: size, `typ`, `kid`, signature, `alg`, exact `iss`,
@@ -71,18 +182,21 @@ impl KeyRing {
         if header.typ.as_deref() != Some(ACCESS_TOKEN_TYP) {
             return Err(bad("typ is not at+jwt".into()));
         }
-        if header.kid.as_deref() != Some(self.current.kid()) {
+        let Some(verifier) = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.read().verifiers.get(kid).cloned())
+        else {
             return Err(bad("unknown kid".into()));
-        }
-        let (key, alg) = self.decoding.as_ref();
-        let mut v = Validation::new(*alg);
+        };
+        let mut v = Validation::new(verifier.alg);
         v.set_issuer(&[&self.issuer]);
         v.validate_aud = false;
         // Time is checked below against the injected clock, not jsonwebtoken's.
         v.validate_exp = false;
         v.validate_nbf = false;
         v.set_required_spec_claims(&["exp", "nbf", "iss", "sub", "aud"]);
-        let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &v)
+        let claims = jsonwebtoken::decode::<AccessClaims>(token, &verifier.key, &v)
             .map(|d| d.claims)
             .map_err(|e| bad(e.to_string()))?;
         let now = now
@@ -100,23 +214,132 @@ impl KeyRing {
     }
 
     /// The key that signs now.
-    pub fn current(&self) -> &Arc<JwtKey> {
-        &self.current
+    pub fn current(&self) -> Arc<JwtKey> {
+        Arc::clone(&self.read().current)
     }
 
-    /// `/.well-known/jwks.json`.
+    /// The `kid`s of every key that verifies.
+    pub fn kids(&self) -> Vec<String> {
+        self.read().verifiers.keys().cloned().collect()
+    }
+
+    /// `/.well-known/jwks.json`: the signing key first, then every other key that verifies.
     pub fn jwks(&self) -> Value {
-        jwks([self.current.public_jwk()])
+        let ring = self.read();
+        let current = ring.current.kid();
+        let others = ring
+            .verifiers
+            .iter()
+            .filter(|(kid, _)| kid.as_str() != current)
+            .map(|(_, v)| v.jwk.clone());
+        jwks(std::iter::once(ring.current.public_jwk()).chain(others))
     }
 
     /// `/.well-known/openid-configuration`: enough for ordinary JWT libraries to find the keys.
     pub fn discovery(&self) -> Value {
+        let mut algs: Vec<&str> = self
+            .read()
+            .verifiers
+            .values()
+            .map(|v| {
+                if v.alg == Algorithm::EdDSA {
+                    "EdDSA"
+                } else {
+                    "ES256"
+                }
+            })
+            .collect();
+        algs.sort_unstable();
+        algs.dedup();
         json!({
-            "issuer": self.issuer,
+            "issuer": &*self.issuer,
             "jwks_uri": format!("{}/.well-known/jwks.json", self.issuer),
             "token_endpoint_auth_methods_supported": ["tls_client_auth"],
             "tls_client_certificate_bound_access_tokens": true,
-            "access_token_signing_alg_values_supported": [self.current.alg()],
+            "access_token_signing_alg_values_supported": algs,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::config::JwtAlgorithm;
+    use crate::mint::Confirmation;
+
+    fn claims(now: u64) -> AccessClaims {
+        AccessClaims {
+            iss: "https://broker.test".into(),
+            sub: "spiffe://t.test/agent".into(),
+            aud: "db".into(),
+            exp: now + 60,
+            nbf: now,
+            iat: now,
+            jti: "j".into(),
+            client_id: "spiffe://t.test/agent".into(),
+            scope: "read".into(),
+            task_id: "t".into(),
+            approval_ids: vec![],
+            cnf: Confirmation {
+                x5t_s256: "c".into(),
+            },
+        }
+    }
+
+    fn kids(jwks: &Value) -> Vec<String> {
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_rotated_out_key_keeps_verifying_until_the_store_drops_it() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let secs = 1_800_000_000;
+        let first = JwtKey::generate(JwtAlgorithm::ES256).unwrap();
+        let ring = KeyRing::new("https://broker.test".into(), first).unwrap();
+        let old = ring.sign_access_token(&claims(secs)).unwrap();
+        let old_key = ring
+            .rotate(JwtKey::generate(JwtAlgorithm::EdDSA).unwrap())
+            .unwrap();
+        let new = ring.sign_access_token(&claims(secs)).unwrap();
+        assert_ne!(
+            jsonwebtoken::decode_header(&old).unwrap().kid,
+            jsonwebtoken::decode_header(&new).unwrap().kid
+        );
+        // Both verify; the JWK Set lists the new key first, then the old.
+        assert!(ring.verify_access_token(&old, now).is_ok());
+        assert!(ring.verify_access_token(&new, now).is_ok());
+        let current = ring.current();
+        assert_eq!(kids(&ring.jwks()), [current.kid(), old_key.kid()]);
+        let algs = &ring.discovery()["access_token_signing_alg_values_supported"];
+        assert_eq!(algs, &json!(["ES256", "EdDSA"]));
+
+        // The store still publishes the old key: it stays. Once it does not, it is gone.
+        let published = [PublishedKey::of(&old_key, now)];
+        assert_eq!(ring.set_published(&published), 2);
+        assert!(ring.verify_access_token(&old, now).is_ok());
+        assert_eq!(ring.set_published(&[]), 1);
+        assert!(ring.verify_access_token(&old, now).is_err());
+        assert!(ring.verify_access_token(&new, now).is_ok());
+        assert_eq!(kids(&ring.jwks()), [current.kid()]);
+    }
+
+    #[test]
+    fn a_tampered_published_key_is_skipped() {
+        let ring =
+            KeyRing::new("i".into(), JwtKey::generate(JwtAlgorithm::ES256).unwrap()).unwrap();
+        let other = JwtKey::generate(JwtAlgorithm::ES256).unwrap();
+        let mut wrong_kid = PublishedKey::of(&other, UNIX_EPOCH);
+        wrong_kid.kid = "someone-else".into();
+        let mut bad_jwk = PublishedKey::of(&other, UNIX_EPOCH);
+        bad_jwk.jwk["x"] = "AAAA".into();
+        assert_eq!(ring.set_published(&[wrong_kid, bad_jwk]), 1);
     }
 }

@@ -31,6 +31,8 @@ pub struct JwtKey {
     rng: SystemRandom,
     public: PublicKey,
     kid: String,
+    /// Kept to write the key out after a rotation; zeroized on drop.
+    pkcs8: Zeroizing<Vec<u8>>,
 }
 
 impl fmt::Debug for JwtKey {
@@ -85,14 +87,31 @@ impl JwtKey {
             rng,
             public,
             kid,
+            pkcs8: Zeroizing::new(der.to_vec()),
         })
     }
 
-    /// A fresh key of `alg` (key rotation, tests).
+    /// A fresh key of `alg` (tests).
     ///
     /// # Errors
     /// [`MintError::Key`] if the system random source fails.
     pub fn generate(alg: JwtAlgorithm) -> Result<Self, MintError> {
+        let der = Self::generate_pkcs8(alg)?;
+        Self::from_pkcs8(&der, alg)
+    }
+
+    /// Writes the key to `path` (PKCS#8 PEM, mode 0600), replacing the file atomically: a
+    /// temporary file in the same directory, synced, renamed over `path`, and the directory
+    /// synced. A crash leaves the old key or the new one, never a torn file.
+    ///
+    /// # Errors
+    /// [`MintError::Key`] if the file cannot be written.
+    pub fn save(&self, path: &Path) -> Result<(), MintError> {
+        write_pem_atomically(path, &self.pkcs8)
+            .map_err(|e| MintError::Key(format!("writing {}: {e}", path.display())))
+    }
+
+    fn generate_pkcs8(alg: JwtAlgorithm) -> Result<Zeroizing<Vec<u8>>, MintError> {
         let rng = SystemRandom::new();
         let fail = |e: ring::error::Unspecified| MintError::Key(format!("generating a key: {e}"));
         let der = Zeroizing::new(match alg {
@@ -107,7 +126,15 @@ impl JwtKey {
                 .as_ref()
                 .to_vec(),
         });
-        Self::from_pkcs8(&der, alg)
+        Ok(der)
+    }
+
+    /// The algorithm this key signs with.
+    pub fn algorithm(&self) -> JwtAlgorithm {
+        match self.pair {
+            Pair::Es256(_) => JwtAlgorithm::ES256,
+            Pair::EdDsa(_) => JwtAlgorithm::EdDSA,
+        }
     }
 
     /// The JOSE `alg`.
@@ -170,6 +197,48 @@ impl JwtKey {
             Pair::EdDsa(p) => Ok(p.sign(message).as_ref().to_vec()),
         }
     }
+}
+
+/// Writes PKCS#8 `der` as PEM to `path`, replacing it atomically, readable by the owner only.
+fn write_pem_atomically(path: &Path, der: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let mut pem = Zeroizing::new(String::from("-----BEGIN PRIVATE KEY-----\n"));
+    let body = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map_or_else(
+        || std::ffi::OsString::from("key"),
+        std::ffi::OsStr::to_os_string,
+    );
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(&name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]
@@ -239,5 +308,29 @@ mod tests {
         assert_eq!(key.kid().len(), 43);
         assert!(JwtKey::load(&dir.path().join("jwt-key.pem"), JwtAlgorithm::EdDSA).is_err());
         assert!(JwtKey::load(&dir.path().join("ca.pem"), JwtAlgorithm::ES256).is_err());
+    }
+
+    #[test]
+    fn a_generated_key_replaces_the_file_and_loads_back() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt-key.pem");
+        for alg in [
+            JwtAlgorithm::ES256,
+            JwtAlgorithm::EdDSA,
+            JwtAlgorithm::ES256,
+        ] {
+            let key = JwtKey::generate(alg).unwrap();
+            key.save(&path).unwrap();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+            assert_eq!(JwtKey::load(&path, alg).unwrap().kid(), key.kid());
+            assert_eq!(key.algorithm(), alg);
+        }
+        // Nothing but the key is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A directory that cannot be written fails cleanly.
+        let key = JwtKey::generate(JwtAlgorithm::ES256).unwrap();
+        assert!(key.save(&dir.path().join("no/such/dir/k.pem")).is_err());
     }
 }

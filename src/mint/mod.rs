@@ -10,8 +10,8 @@ mod token;
 mod x509;
 
 pub use jose_ring::{RING_PROVIDER, install as install_jose_provider};
-pub use jwk::{PublicKey, jwks};
-pub use keyring::KeyRing;
+pub use jwk::{PublicKey, jwks, parse_signing_jwk};
+pub use keyring::{KeyRing, PublishedKey};
 pub use keys::JwtKey;
 pub use token::{ACCESS_TOKEN_TYP, AccessClaims, Confirmation, random_id};
 pub use x509::{

@@ -78,6 +78,10 @@ pub enum PolicyAction {
     UnlockAgent,
     /// List the locks.
     ListLocks,
+    /// End one task's leases as an operator.
+    RevokeTask,
+    /// Replace the JWT signing key.
+    RotateSigningKey,
     /// Ask whether a credential is active.
     Introspect,
 }
@@ -101,6 +105,8 @@ impl PolicyAction {
             Self::LockAgent => "LockAgent",
             Self::UnlockAgent => "UnlockAgent",
             Self::ListLocks => "ListLocks",
+            Self::RevokeTask => "RevokeTask",
+            Self::RotateSigningKey => "RotateSigningKey",
             Self::Introspect => "Introspect",
         }
     }

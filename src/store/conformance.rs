@@ -87,6 +87,7 @@ pub async fn run_all(store: &dyn Store) {
     ending_a_task_revokes_every_lease_even_concurrent_ones(store).await;
     renewal_replaces_the_credential_and_revocation_ends_one_lease(store).await;
     locking_an_agent_ends_its_tasks_and_leases_at_once(store).await;
+    signing_keys_are_published_until_their_time(store).await;
     store.ping().await.unwrap();
 }
 
@@ -671,6 +672,21 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
             .iter()
             .any(|x| x.agent.as_str() == agent)
     );
+    assert_eq!(
+        store
+            .agent_lock(&w(&agent), now)
+            .await
+            .unwrap()
+            .map(|x| x.reason),
+        Some("credential leak".into())
+    );
+    assert_eq!(
+        store
+            .agent_lock(&w("spiffe://taskcred.dev/agent/never-locked"), now)
+            .await
+            .unwrap(),
+        None
+    );
 
     // Unlocked: issuance works again.
     assert_eq!(
@@ -682,6 +698,7 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
         Some("credential leak".into())
     );
     assert_eq!(store.unlock_agent(&w(&agent)).await.unwrap(), None);
+    assert_eq!(store.agent_lock(&w(&agent), now).await.unwrap(), None);
     store.issue_lease(&l, now).await.unwrap();
 
     // A lock with an end lifts by itself.
@@ -702,6 +719,13 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
         Err(IssueError::Locked(_))
     ));
     tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        store
+            .agent_lock(&w(&agent), SystemTime::now())
+            .await
+            .unwrap(),
+        None
+    );
     store.issue_lease(&l, SystemTime::now()).await.unwrap();
     assert!(
         !store
@@ -711,4 +735,43 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
             .iter()
             .any(|x| x.agent.as_str() == agent)
     );
+}
+
+pub async fn signing_keys_are_published_until_their_time(store: &dyn Store) {
+    use crate::mint::{JwtKey, PublishedKey};
+    let now = SystemTime::now();
+    let a = JwtKey::generate(crate::config::JwtAlgorithm::ES256).unwrap();
+    let b = JwtKey::generate(crate::config::JwtAlgorithm::EdDSA).unwrap();
+    let kids = |keys: &[PublishedKey]| {
+        let mut k: Vec<String> = keys.iter().map(|k| k.kid.clone()).collect();
+        k.sort();
+        k
+    };
+    let mut both = vec![a.kid().to_owned(), b.kid().to_owned()];
+    both.sort();
+
+    let a_long = PublishedKey::of(&a, now + Duration::from_secs(600));
+    store.publish_key(&a_long).await.unwrap();
+    store
+        .publish_key(&PublishedKey::of(&b, now + Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let live = store.published_keys(now).await.unwrap();
+    assert_eq!(kids(&live), both);
+    assert!(
+        live.contains(&a_long),
+        "the JWK and time read back unchanged"
+    );
+
+    // Publishing again moves the time, earlier as well as later.
+    store
+        .publish_key(&PublishedKey::of(&a, now + Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let later = now + Duration::from_secs(45);
+    assert_eq!(kids(&store.published_keys(later).await.unwrap()), [b.kid()]);
+    // Once passed, a key is gone, also for an earlier reader.
+    let after = now + Duration::from_secs(61);
+    assert!(store.published_keys(after).await.unwrap().is_empty());
+    assert!(store.published_keys(now).await.unwrap().is_empty());
 }

@@ -21,6 +21,7 @@ use super::{
 };
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseId, LeaseState, Lock, LockOutcome, check_issuable};
+use crate::mint::PublishedKey;
 use crate::task::{Task, TaskError, TaskId};
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
@@ -31,6 +32,7 @@ const LEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("lease
 const CREDENTIALS: TableDefinition<(&str, &str), &str> = TableDefinition::new("credentials");
 const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
 const LEASE_TASKS: TableDefinition<&str, &str> = TableDefinition::new("lease_tasks");
+const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys");
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded store: {e}"))
@@ -610,6 +612,28 @@ impl Store for EmbeddedStore {
         .map_err(store_only)
     }
 
+    async fn agent_lock(
+        &self,
+        agent: &WorkloadId,
+        now: SystemTime,
+    ) -> Result<Option<Lock>, StoreError> {
+        let agent = agent.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let lock = txn
+                .open_table(LOCKS)
+                .map_err(backend)?
+                .get(agent.as_str())
+                .map_err(backend)?
+                .map(|v| serde_json::from_slice::<Lock>(v.value()))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
+            Ok(lock.filter(|l| l.holds_at(now)))
+        })
+        .await
+        .map_err(store_only)
+    }
+
     async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
@@ -624,6 +648,52 @@ impl Store for EmbeddedStore {
                 }
             }
             Ok(out)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn publish_key(&self, key: &PublishedKey) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(key)
+            .map_err(|e| StoreError::Corrupt(format!("encoding key {}: {e}", key.kid)))?;
+        let kid = key.kid.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(SIGNING_KEYS)
+                .map_err(backend)?
+                .insert(kid.as_str(), bytes.as_slice())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)?;
+            Ok(())
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn published_keys(&self, now: SystemTime) -> Result<Vec<PublishedKey>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let mut live = Vec::new();
+            {
+                let mut table = txn.open_table(SIGNING_KEYS).map_err(backend)?;
+                let mut stale = Vec::new();
+                for entry in table.iter().map_err(backend)? {
+                    let (kid, v) = entry.map_err(backend)?;
+                    let key: PublishedKey = serde_json::from_slice(v.value()).map_err(|e| {
+                        StoreError::Corrupt(format!("signing key {}: {e}", kid.value()))
+                    })?;
+                    if key.until > now {
+                        live.push(key);
+                    } else {
+                        stale.push(key.kid);
+                    }
+                }
+                for kid in stale {
+                    table.remove(kid.as_str()).map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(live)
         })
         .await
         .map_err(store_only)

@@ -1,4 +1,4 @@
-//! The `Store`: where tasks (and, later, leases, locks and revocations) live. One trait of coarse
+//! The `Store`: where tasks, leases, locks and the published signing keys live. One trait of coarse
 //! atomic operations, two backends: [`embedded`] (a redb file, one broker process) and
 //! [`redis`] (any number of stateless replicas). [`conformance`] holds the one test suite both
 //! must pass.
@@ -18,6 +18,7 @@ use async_trait::async_trait;
 
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseId, Lock, LockOutcome};
+use crate::mint::PublishedKey;
 use crate::task::{Task, TaskError, TaskId, TaskState};
 
 /// Why the store could not do what was asked.
@@ -223,11 +224,34 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::Unavailable`].
     async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError>;
 
+    /// The lock of `agent`, if one holds at `now`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn agent_lock(
+        &self,
+        agent: &WorkloadId,
+        now: SystemTime,
+    ) -> Result<Option<Lock>, StoreError>;
+
     /// Every lock that holds at `now`.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError>;
+
+    /// Publishes a public signing key until `key.until`, replacing an earlier publication of
+    /// the same `kid` (so a later `until` extends it and an earlier one shortens it).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn publish_key(&self, key: &PublishedKey) -> Result<(), StoreError>;
+
+    /// Every key published until after `now`. Keys whose time has passed are dropped.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn published_keys(&self, now: SystemTime) -> Result<Vec<PublishedKey>, StoreError>;
 
     /// Deletes tasks that ended before `ended_before`, with their history. Returns how many.
     ///

@@ -1,6 +1,14 @@
 //! The use cases of the broker: request, read, list, approve, deny, cancel and complete tasks;
-//! issue and introspect task-bound tokens; reload policy. Each asks Cedar first (nothing is allowed by code alone), applies the task rules
-//! through one atomic store operation, and audits the decision. No tonic types here.
+//! issue, renew, revoke and introspect task-bound credentials; reload policy. `agents` holds
+//! force-revoke (locks), `keys` the signing keys' publication and rotation. Each use case asks
+//! Cedar first (nothing is allowed by code alone), applies the rules through one atomic store
+//! operation, and audits the decision. No tonic types here.
+
+mod agents;
+mod keys;
+
+pub use agents::{MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
+pub use keys::{KEY_REFRESH, Rotation};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -220,6 +228,9 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     keys: KeyRing,
     ca: Option<Arc<IssuingCa>>,
+    key_file: Arc<std::path::Path>,
+    /// Held while the signing key is replaced.
+    rotation: Arc<tokio::sync::Mutex<()>>,
     settings: BrokerSettings,
 }
 
@@ -238,6 +249,8 @@ pub struct BrokerParts {
     pub keys: KeyRing,
     /// What signs certificates, if configured.
     pub ca: Option<Arc<IssuingCa>>,
+    /// Where the signing key lives (a rotation writes the new key there).
+    pub key_file: std::path::PathBuf,
 }
 
 impl Broker {
@@ -250,6 +263,8 @@ impl Broker {
             clock: parts.clock,
             keys: parts.keys,
             ca: parts.ca,
+            key_file: parts.key_file.into(),
+            rotation: Arc::default(),
             settings,
         }
     }
@@ -760,9 +775,12 @@ impl Broker {
         }
         let verdict =
             self.authorize(&caller.id, PolicyAction::RenewLease, &Resource::Task(&task))?;
-        check_issuable(&task, &caller.id, now)
-            .and_then(|()| check_renewable(&lease, now))
-            .map_err(|e| self.refusal(PolicyAction::RenewLease, caller, task.id, e.into()))?;
+        if let Err(e) =
+            check_issuable(&task, &caller.id, now).and_then(|()| check_renewable(&lease, now))
+        {
+            let e = self.explain_by_lock(&caller.id, e.into()).await;
+            return Err(self.refusal(PolicyAction::RenewLease, caller, task.id, e));
+        }
         let left = lease.renew_until.duration_since(now).unwrap_or_default();
         if left.as_secs() < 1 {
             return Err(self.refusal(
@@ -942,8 +960,10 @@ impl Broker {
         }
         let task = self.load(task).await?;
         let now = self.clock.now();
-        check_issuable(&task, &caller.id, now)
-            .map_err(|e| self.refusal(action, caller, task.id, e.into()))?;
+        if let Err(e) = check_issuable(&task, &caller.id, now) {
+            let e = self.explain_by_lock(&caller.id, e.into()).await;
+            return Err(self.refusal(action, caller, task.id, e));
+        }
         let to_deadline = task.deadline.duration_since(now).unwrap_or_default();
         let ttl_secs = ttl
             .unwrap_or(task.credential_ttl)

@@ -1,0 +1,154 @@
+//! Force-revoke: locking an agent (its leases die and its open tasks end in one atomic step,
+//! nothing new is issued to it), lifting the lock, listing locks, and explaining a refusal by
+//! the lock that caused it.
+
+use std::time::Duration;
+
+use super::{Broker, BrokerError};
+use crate::audit::AuditEvent;
+use crate::identity::WorkloadId;
+use crate::lease::{Lock, LockOutcome};
+use crate::policy::{PolicyAction, Resource};
+
+/// Longest lock reason, in bytes.
+pub const MAX_REASON_BYTES: usize = 512;
+/// Longest lock with an end; a longer one is a lock without end.
+pub const MAX_LOCK_DURATION: Duration = Duration::from_secs(366 * 86400);
+
+/// Checks an operator's free-text reason: 1 to [`MAX_REASON_BYTES`] bytes, no control
+/// characters.
+///
+/// # Errors
+/// [`BrokerError::Invalid`] on field `reason`.
+pub fn check_reason(reason: &str) -> Result<(), BrokerError> {
+    let bad = |why: &str| BrokerError::Invalid {
+        field: "reason",
+        reason: why.into(),
+    };
+    if reason.trim().is_empty() {
+        return Err(bad("required"));
+    }
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(bad("longer than 512 bytes"));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(bad("must not contain control characters"));
+    }
+    Ok(())
+}
+
+impl Broker {
+    /// Locks `agent` if policy permits `caller`: in one atomic store step the lock is written,
+    /// every active lease of the agent revoked and every open task it executes moved to
+    /// `revoked`. A `duration` lifts the lock by itself then.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`] (reason, duration), [`BrokerError::Denied`],
+    /// [`BrokerError::Unavailable`] (nothing changed).
+    pub async fn lock_agent(
+        &self,
+        caller: &WorkloadId,
+        agent: &WorkloadId,
+        reason: &str,
+        duration: Option<Duration>,
+    ) -> Result<(Lock, LockOutcome), BrokerError> {
+        check_reason(reason)?;
+        if let Some(d) = duration
+            && (d < Duration::from_secs(1) || d > MAX_LOCK_DURATION)
+        {
+            return Err(BrokerError::Invalid {
+                field: "duration",
+                reason: "must be 1s to 366 days (unset: until unlocked)".into(),
+            });
+        }
+        let verdict =
+            self.authorize(caller, PolicyAction::LockAgent, &Resource::Workload(agent))?;
+        let now = self.clock.now();
+        let lock = Lock {
+            agent: agent.clone(),
+            reason: reason.to_owned(),
+            operator: caller.clone(),
+            at: now,
+            until: duration.map(|d| now + d),
+        };
+        let outcome = self
+            .store
+            .lock_agent(&lock, self.settings.task_retention)
+            .await?;
+        tracing::warn!(
+            %agent,
+            operator = %caller,
+            tasks = outcome.tasks.len(),
+            leases = outcome.leases.len(),
+            "agent locked"
+        );
+        let credentials: Vec<&str> = outcome
+            .leases
+            .iter()
+            .map(|l| l.credential.as_str())
+            .collect();
+        let tasks: Vec<String> = outcome.tasks.iter().map(ToString::to_string).collect();
+        self.audit.record(
+            &AuditEvent::new(now, "LockAgent", caller.as_str(), true)
+                .policies(&verdict.policies)
+                .reason(reason)
+                .detail("agent", agent.as_str())
+                .detail("revoked_tasks", tasks)
+                .detail("revoked_credentials", credentials)
+                .detail(
+                    "until",
+                    lock.until
+                        .map(|u| humantime::format_rfc3339_millis(u).to_string())
+                        .unwrap_or_default(),
+                ),
+        );
+        Ok((lock, outcome))
+    }
+
+    /// Lifts the lock of `agent` if policy permits `caller`; returns it if there was one.
+    /// What the lock revoked stays revoked.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`], [`BrokerError::Unavailable`].
+    pub async fn unlock_agent(
+        &self,
+        caller: &WorkloadId,
+        agent: &WorkloadId,
+    ) -> Result<Option<Lock>, BrokerError> {
+        let verdict = self.authorize(
+            caller,
+            PolicyAction::UnlockAgent,
+            &Resource::Workload(agent),
+        )?;
+        let lifted = self.store.unlock_agent(agent).await?;
+        self.audit.record(
+            &AuditEvent::new(self.clock.now(), "UnlockAgent", caller.as_str(), true)
+                .policies(&verdict.policies)
+                .detail("agent", agent.as_str())
+                .detail("was_locked", lifted.is_some()),
+        );
+        Ok(lifted)
+    }
+
+    /// The locks in force, if policy permits `caller`.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`], [`BrokerError::Unavailable`].
+    pub async fn list_locks(&self, caller: &WorkloadId) -> Result<Vec<Lock>, BrokerError> {
+        self.authorize(caller, PolicyAction::ListLocks, &Resource::Broker)?;
+        Ok(self.store.list_locks(self.clock.now()).await?)
+    }
+
+    /// A refusal to issue or renew for `agent`, explained by its lock when one holds: a locked
+    /// agent's tasks and leases were ended by the lock, and the agent is told why
+    /// (`PERMISSION_DENIED` with the reason) rather than that its task ended.
+    pub(super) async fn explain_by_lock(&self, agent: &WorkloadId, e: BrokerError) -> BrokerError {
+        if !matches!(e, BrokerError::Precondition(_)) {
+            return e;
+        }
+        match self.store.agent_lock(agent, self.clock.now()).await {
+            Ok(Some(lock)) => BrokerError::Denied(format!("agent is locked: {}", lock.reason)),
+            _ => e,
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! `taskcred agent ...`: force-revoke an agent (lock), lift a lock, list locks.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use super::{ClientArgs, ClientError, connect};
+use crate::api::pb;
+use crate::api::pb::admin_service_client::AdminServiceClient;
+
+/// `taskcred agent ...`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Lock an agent: revoke all its leases and open tasks at once; nothing new is issued to
+    /// it until unlocked.
+    Lock {
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+        /// Why (recorded in the lock, the audit log, and every refusal the agent gets).
+        #[arg(long)]
+        reason: String,
+        /// Lift the lock by itself after this long (e.g. 2h); without it, only `agent unlock`
+        /// lifts it.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        until: Option<Duration>,
+    },
+    /// Lift the lock of an agent (what it revoked stays revoked).
+    Unlock {
+        /// The agent's SPIFFE ID.
+        spiffe_id: String,
+    },
+    /// List the locks in force.
+    Locks,
+}
+
+/// Runs an `agent` subcommand.
+pub async fn run(args: &ClientArgs, command: &AgentCommand) -> ExitCode {
+    match execute(args, command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
+    }
+}
+
+fn time(t: Option<prost_types::Timestamp>) -> Option<String> {
+    t.and_then(|t| SystemTime::try_from(t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+}
+
+fn lock_json(l: &pb::Lock) -> Value {
+    json!({
+        "agent": l.agent,
+        "reason": l.reason,
+        "operator": l.operator,
+        "locked_at": time(l.locked_at),
+        "until": time(l.until),
+    })
+}
+
+fn lock_line(l: &pb::Lock) -> String {
+    format!(
+        "{}  locked {} by {} until {}: {}",
+        l.agent,
+        time(l.locked_at).unwrap_or_default(),
+        l.operator,
+        time(l.until).unwrap_or_else(|| "unlocked".into()),
+        l.reason
+    )
+}
+
+async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), ClientError> {
+    let mut client = AdminServiceClient::new(connect(args).await?);
+    match command {
+        AgentCommand::Lock {
+            spiffe_id,
+            reason,
+            until,
+        } => {
+            let r = client
+                .lock_agent(pb::LockAgentRequest {
+                    agent: spiffe_id.clone(),
+                    reason: reason.clone(),
+                    duration: until.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                })
+                .await
+                .map_err(ClientError::Refused)?
+                .into_inner();
+            let lock = r.lock.unwrap_or_default();
+            if args.json {
+                println!(
+                    "{}",
+                    json!({
+                        "lock": lock_json(&lock),
+                        "revoked_tasks": r.revoked_tasks,
+                        "revoked_leases": r.revoked_leases,
+                    })
+                );
+            } else {
+                println!(
+                    "locked {}: {} task(s) and {} lease(s) revoked",
+                    lock.agent,
+                    r.revoked_tasks.len(),
+                    r.revoked_leases.len()
+                );
+                for t in &r.revoked_tasks {
+                    println!("  task  {t}");
+                }
+                for l in &r.revoked_leases {
+                    println!("  lease {l}");
+                }
+            }
+        }
+        AgentCommand::Unlock { spiffe_id } => {
+            let r = client
+                .unlock_agent(pb::UnlockAgentRequest {
+                    agent: spiffe_id.clone(),
+                })
+                .await
+                .map_err(ClientError::Refused)?
+                .into_inner();
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"agent": spiffe_id, "was_locked": r.lock.is_some(), "lock": r.lock.as_ref().map(lock_json)})
+                );
+            } else if r.lock.is_some() {
+                println!("unlocked {spiffe_id}");
+            } else {
+                println!("{spiffe_id} was not locked");
+            }
+        }
+        AgentCommand::Locks => {
+            let r = client
+                .list_locks(pb::ListLocksRequest {})
+                .await
+                .map_err(ClientError::Refused)?
+                .into_inner();
+            if args.json {
+                let locks: Vec<Value> = r.locks.iter().map(lock_json).collect();
+                println!("{}", json!({ "locks": locks }));
+            } else if r.locks.is_empty() {
+                println!("no agent is locked");
+            } else {
+                for l in &r.locks {
+                    println!("{}", lock_line(l));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! Operator actions end to end, on both stores: rotating the JWT signing key (the old key keeps
+//! verifying its tokens, also after a restart, until they have all expired) and force-revoking
+//! an agent (its leases die at once, every issuance or renewal is refused with the lock's
+//! reason until it is unlocked).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers: a failure is a failed test"
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::flows::{
+    AGENT, approved_task, creds_as, header_of, introspect, secs, tasks_as, token_request,
+    verify_independently,
+};
+use common::{Broker, RedisServer, redis_env};
+use taskcred::api::pb;
+use taskcred::api::pb::admin_service_client::AdminServiceClient;
+use taskcred::clock::{Clock as _, ManualClock};
+use taskcred::config::JwtAlgorithm;
+use taskcred::mint::JwtKey;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn admin_as(b: &Broker, name: &str) -> AdminServiceClient<Channel> {
+    AdminServiceClient::new(b.channel_as(name).await)
+}
+
+fn kids(jwks_body: &str) -> Vec<String> {
+    let jwks: serde_json::Value = serde_json::from_str(jwks_body).unwrap();
+    jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn issue(b: &Broker, task: &str) -> pb::IssueTokenResponse {
+    creds_as(b, "agent")
+        .await
+        .issue_token(token_request(task, "db.staging"))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Rotation on a broker over `clock`; returns the broker (restarted on the way).
+async fn rotation(b: Broker, clock: &ManualClock) -> Broker {
+    let task = approved_task(&b, &[], None).await;
+    let before = issue(&b, &task.id).await.token;
+    let k1 = header_of(&before)["kid"].as_str().unwrap().to_owned();
+
+    // Only who policy permits rotates.
+    for name in ["agent", "requester", "approver"] {
+        let err = admin_as(&b, name)
+            .await
+            .rotate_signing_key(pb::RotateSigningKeyRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{name}");
+    }
+    let r = admin_as(&b, "operator")
+        .await
+        .rotate_signing_key(pb::RotateSigningKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.previous_kid, k1);
+    assert_ne!(r.kid, k1);
+    let k2 = r.kid.clone();
+    // The old key stays published as long as a token it signed can live (1 h) and a minute.
+    let until = SystemTime::try_from(r.previous_published_until.unwrap()).unwrap();
+    assert_eq!(
+        until.duration_since(clock.now()).unwrap(),
+        Duration::from_secs(3660)
+    );
+
+    // The key file holds the new key, owner-only: a restart signs with it.
+    let file = b.path("jwt-key.pem");
+    assert_eq!(JwtKey::load(&file, JwtAlgorithm::ES256).unwrap().kid(), k2);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // New tokens carry the new kid; old and new verify independently from the JWKS, which
+    // lists the signing key first.
+    let after = issue(&b, &task.id).await.token;
+    assert_eq!(header_of(&after)["kid"], k2.as_str());
+    verify_independently(&b, &before, "db.staging").await;
+    verify_independently(&b, &after, "db.staging").await;
+    assert_eq!(
+        kids(&b.http_get("/.well-known/jwks.json").await.1),
+        [k2.clone(), k1.clone()]
+    );
+    assert!(introspect(&b, &before).await.active);
+    assert!(introspect(&b, &after).await.active);
+
+    // A restart keeps both: the old key's publication lives in the store.
+    let b = b.restart().await;
+    assert_eq!(
+        kids(&b.http_get("/.well-known/jwks.json").await.1),
+        [k2.clone(), k1.clone()]
+    );
+    assert!(introspect(&b, &before).await.active);
+    assert!(introspect(&b, &after).await.active);
+    verify_independently(&b, &before, "db.staging").await;
+    let third = issue(&b, &task.id).await.token;
+    assert_eq!(header_of(&third)["kid"], k2.as_str());
+
+    // Once every token of the old key has expired, it is no longer published.
+    clock.advance(Duration::from_secs(3661));
+    let b = b.restart().await;
+    assert_eq!(
+        kids(&b.http_get("/.well-known/jwks.json").await.1),
+        std::slice::from_ref(&k2)
+    );
+    assert!(!introspect(&b, &before).await.active);
+    b
+}
+
+fn clock_at_now() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(SystemTime::now()))
+}
+
+#[tokio::test]
+async fn signing_key_rotation_on_the_embedded_store() {
+    let clock = clock_at_now();
+    let b = Broker::launch(
+        tempfile::tempdir().unwrap(),
+        Vec::new(),
+        Some(clock.clone()),
+    )
+    .await;
+    rotation(b, &clock).await.stop().await;
+}
+
+#[tokio::test]
+async fn signing_key_rotation_on_redis() {
+    let redis = RedisServer::start();
+    let clock = clock_at_now();
+    let b = Broker::launch(
+        tempfile::tempdir().unwrap(),
+        redis_env(&redis.url()),
+        Some(clock.clone()),
+    )
+    .await;
+    rotation(b, &clock).await.stop().await;
+}
+
+fn lock_request(agent: &str, reason: &str, duration: Option<i64>) -> pb::LockAgentRequest {
+    pb::LockAgentRequest {
+        agent: agent.into(),
+        reason: reason.into(),
+        duration: duration.and_then(secs),
+    }
+}
+
+/// Force-revoke on one broker.
+async fn locks(b: &Broker) {
+    let task = approved_task(b, &[], None).await;
+    let issued = issue(b, &task.id).await;
+    let mut operator = admin_as(b, "operator").await;
+
+    // Bad requests, then callers policy does not permit.
+    for (req, field) in [
+        (lock_request("not a spiffe id", "leak", None), "agent"),
+        (lock_request(AGENT, "", None), "reason"),
+        (lock_request(AGENT, "line\nbreak", None), "reason"),
+        (lock_request(AGENT, &"x".repeat(513), None), "reason"),
+        (lock_request(AGENT, "leak", Some(0)), "duration"),
+        (lock_request(AGENT, "leak", Some(-5)), "duration"),
+    ] {
+        let err = operator.lock_agent(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+    for name in ["agent", "requester", "approver"] {
+        let err = admin_as(b, name)
+            .await
+            .lock_agent(lock_request(AGENT, "leak", None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{name}");
+    }
+    assert!(
+        introspect(b, &issued.token).await.active,
+        "refusals changed nothing"
+    );
+
+    // The lock ends the task and its lease at once.
+    let locked = operator
+        .lock_agent(lock_request(AGENT, "credential leak", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(locked.revoked_tasks, std::slice::from_ref(&task.id));
+    assert_eq!(
+        locked.revoked_leases,
+        std::slice::from_ref(&issued.lease_id)
+    );
+    let lock = locked.lock.unwrap();
+    assert_eq!(lock.operator, "spiffe://taskcred.dev/human/operator");
+    assert!(lock.until.is_none());
+    assert!(!introspect(b, &issued.token).await.active);
+    let t = tasks_as(b, "requester")
+        .await
+        .get_task(pb::GetTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.state, pb::TaskState::Revoked as i32);
+
+    // Every issuance or renewal answers PERMISSION_DENIED with the reason: on the revoked
+    // task, on a task approved after the lock, and for the revoked lease.
+    let fresh = approved_task(b, &[], None).await;
+    let mut agent = creds_as(b, "agent").await;
+    for id in [&task.id, &fresh.id] {
+        let err = agent
+            .issue_token(token_request(id, "db.staging"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(
+            err.message().contains("credential leak"),
+            "{}",
+            err.message()
+        );
+    }
+    let err = agent
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: issued.lease_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("credential leak"),
+        "{}",
+        err.message()
+    );
+
+    // Listed for the operator, not for others.
+    let listed = operator
+        .list_locks(pb::ListLocksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .locks;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].agent, AGENT);
+    assert_eq!(listed[0].reason, "credential leak");
+    let err = admin_as(b, "agent")
+        .await
+        .list_locks(pb::ListLocksRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Unlocked: the task approved after the lock gets credentials; the revoked one stays so.
+    let unlocked = operator
+        .unlock_agent(pb::UnlockAgentRequest {
+            agent: AGENT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unlocked.lock.unwrap().reason, "credential leak");
+    let again = operator
+        .unlock_agent(pb::UnlockAgentRequest {
+            agent: AGENT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.lock.is_none());
+    assert!(
+        operator
+            .list_locks(pb::ListLocksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .locks
+            .is_empty()
+    );
+    issue(b, &fresh.id).await;
+    let err = agent
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // A lock with an end says so.
+    let timed = operator
+        .lock_agent(lock_request(AGENT, "pause", Some(3600)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(timed.lock.unwrap().until.is_some());
+    assert_eq!(timed.revoked_tasks, std::slice::from_ref(&fresh.id));
+    operator
+        .unlock_agent(pb::UnlockAgentRequest {
+            agent: AGENT.into(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn force_revoke_on_the_embedded_store() {
+    let b = Broker::start().await;
+    locks(&b).await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn force_revoke_on_redis() {
+    let redis = RedisServer::start();
+    let b = Broker::start_on_redis(&redis.url()).await;
+    locks(&b).await;
+    b.stop().await;
+}
