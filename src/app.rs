@@ -260,6 +260,7 @@ impl App {
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
                 .into_future(),
         );
+        let mut reaper = tokio::spawn(self.broker.clone().run_reaper(shutdown.clone()));
         ready.store(true, Ordering::Release);
         tracing::info!("broker ready");
 
@@ -293,6 +294,7 @@ impl App {
             shutdown.cancel();
             grpc.abort();
             http.abort();
+            reaper.abort();
             let message = result.err().unwrap_or_else(|| "stopped".into());
             return Err(AppError::Server { what, message });
         }
@@ -301,12 +303,14 @@ impl App {
         let drained = tokio::time::timeout(server.shutdown_grace, async {
             let _ = (&mut grpc).await;
             let _ = (&mut http).await;
+            let _ = (&mut reaper).await;
         })
         .await;
         if drained.is_err() {
             tracing::warn!("shutdown grace period over; closing remaining connections");
             grpc.abort();
             http.abort();
+            reaper.abort();
         }
         tracing::info!("broker stopped");
         Ok(())

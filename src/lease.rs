@@ -120,6 +120,17 @@ impl Lease {
         self.reason = Some(reason.to_owned());
         true
     }
+
+    /// Ends the lease as expired, if it is active and its credential has expired at `now`.
+    pub fn expire(&mut self, now: SystemTime) -> bool {
+        if self.state != LeaseState::Active || now < self.expires_at {
+            return false;
+        }
+        self.state = LeaseState::Expired;
+        self.ended_at = Some(self.expires_at);
+        self.reason = Some("expired".into());
+        true
+    }
 }
 
 /// A force-revoke: while it holds, nothing is issued or renewed to the agent.

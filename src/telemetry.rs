@@ -71,6 +71,18 @@ fn describe() {
         "gRPC request latency by method and status code"
     );
     metrics::describe_counter!(
+        crate::broker::LEASES_EXPIRED,
+        "leases this process's reaper ended as expired"
+    );
+    metrics::describe_counter!(
+        crate::broker::TASKS_EXPIRED,
+        "tasks this process's reaper ended past their deadline"
+    );
+    metrics::describe_counter!(
+        crate::broker::REAPER_FAILURES,
+        "reaper rounds that failed because the store was unavailable"
+    );
+    metrics::describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "TLS handshakes refused on the gRPC port, by reason"
     );

@@ -6,9 +6,11 @@
 
 mod agents;
 mod keys;
+mod reaper;
 
 pub use agents::{MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
 pub use keys::{KEY_REFRESH, Rotation};
+pub use reaper::{LEASES_EXPIRED, REAPER_FAILURES, Reaped, TASKS_EXPIRED};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -231,6 +233,8 @@ pub struct Broker {
     key_file: Arc<std::path::Path>,
     /// Held while the signing key is replaced.
     rotation: Arc<tokio::sync::Mutex<()>>,
+    /// Wakes the reaper when a lease is filed.
+    reaper: Arc<tokio::sync::Notify>,
     settings: BrokerSettings,
 }
 
@@ -265,6 +269,7 @@ impl Broker {
             ca: parts.ca,
             key_file: parts.key_file.into(),
             rotation: Arc::default(),
+            reaper: Arc::default(),
             settings,
         }
     }
@@ -1054,6 +1059,7 @@ impl Broker {
             .issue_lease(&lease, issuance.now)
             .await
             .map_err(|e| self.refusal(action, caller, issuance.task.id, e.into()))?;
+        self.wake_reaper();
         Ok(lease)
     }
 

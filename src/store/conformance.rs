@@ -88,6 +88,8 @@ pub async fn run_all(store: &dyn Store) {
     renewal_replaces_the_credential_and_revocation_ends_one_lease(store).await;
     locking_an_agent_ends_its_tasks_and_leases_at_once(store).await;
     signing_keys_are_published_until_their_time(store).await;
+    the_reaper_ends_each_due_lease_once(store).await;
+    overdue_tasks_are_found_by_deadline(store).await;
     store.ping().await.unwrap();
 }
 
@@ -774,4 +776,167 @@ pub async fn signing_keys_are_published_until_their_time(store: &dyn Store) {
     let after = now + Duration::from_secs(61);
     assert!(store.published_keys(after).await.unwrap().is_empty());
     assert!(store.published_keys(now).await.unwrap().is_empty());
+}
+
+/// A lease of `task` whose credential expires `ttl` after `now`.
+fn lease_expiring(task: &Task, now: SystemTime, ttl: Duration) -> Lease {
+    Lease {
+        issued_at: now,
+        expires_at: now + ttl,
+        renew_until: now + Duration::from_secs(3600),
+        ..sample_lease(task, AGENT)
+    }
+}
+
+fn ids(leases: &[Lease], of: &[&Lease]) -> Vec<LeaseId> {
+    let mine: Vec<&LeaseId> = of.iter().map(|l| &l.id).collect();
+    let mut out: Vec<LeaseId> = leases
+        .iter()
+        .filter(|l| mine.contains(&&l.id))
+        .map(|l| l.id.clone())
+        .collect();
+    out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    out
+}
+
+pub async fn the_reaper_ends_each_due_lease_once(store: &dyn Store) {
+    let now = SystemTime::now();
+    let ms = Duration::from_millis;
+    let t = approved_task(store).await;
+    let a = lease_expiring(&t, now, ms(100));
+    let b = lease_expiring(&t, now, ms(200));
+    let c = lease_expiring(&t, now, ms(10_000));
+    for l in [&a, &b, &c] {
+        store.issue_lease(l, now).await.unwrap();
+    }
+    let due = store.next_due().await.unwrap().unwrap();
+    assert!(due <= now + ms(101), "the earliest expiry is next");
+
+    // Not yet due: nothing. Due: ended once, as expired at its own expiry.
+    assert!(
+        ids(
+            &store.expire_leases(now + ms(50), 1000).await.unwrap(),
+            &[&a, &b, &c]
+        )
+        .is_empty()
+    );
+    let ended = store.expire_leases(now + ms(150), 1000).await.unwrap();
+    assert_eq!(ids(&ended, &[&a, &b, &c]), std::slice::from_ref(&a.id));
+    let got = ended.iter().find(|l| l.id == a.id).unwrap();
+    assert_eq!(got.state, LeaseState::Expired);
+    assert!(got.ended_at.unwrap() >= a.expires_at - ms(1) && got.ended_at.unwrap() <= a.expires_at);
+    assert!(
+        ids(
+            &store.expire_leases(now + ms(150), 1000).await.unwrap(),
+            &[&a]
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        store.get_lease(&a.id).await.unwrap().unwrap().state,
+        LeaseState::Expired
+    );
+
+    // Renewed before its expiry: re-filed under the new one, ended then.
+    store
+        .renew_lease(&b.id, "renewed-credential", now + ms(5000), now + ms(100))
+        .await
+        .unwrap();
+    assert!(
+        ids(
+            &store.expire_leases(now + ms(300), 1000).await.unwrap(),
+            &[&b]
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        store.get_lease(&b.id).await.unwrap().unwrap().state,
+        LeaseState::Active
+    );
+    let ended = store.expire_leases(now + ms(5001), 1000).await.unwrap();
+    assert_eq!(ids(&ended, &[&b, &c]), std::slice::from_ref(&b.id));
+
+    // Revoked before its expiry: never "expired".
+    store
+        .revoke_lease(&c.id, "done", now + ms(300))
+        .await
+        .unwrap();
+    assert!(
+        ids(
+            &store.expire_leases(now + ms(10_001), 1000).await.unwrap(),
+            &[&c]
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        store.get_lease(&c.id).await.unwrap().unwrap().state,
+        LeaseState::Revoked
+    );
+
+    // Many due at once, several reapers racing: each lease is ended exactly once.
+    let t = approved_task(store).await;
+    let many: Vec<Lease> = (0..60u64)
+        .map(|i| lease_expiring(&t, now, ms(20_000 + i)))
+        .collect();
+    for l in &many {
+        store.issue_lease(l, now).await.unwrap();
+    }
+    let later = now + ms(21_000);
+    let rounds = futures_join((0..4).map(|_| async move {
+        let mut mine = Vec::new();
+        loop {
+            let ended = store.expire_leases(later, 7).await.unwrap();
+            if ended.is_empty() {
+                break;
+            }
+            mine.extend(ended);
+        }
+        mine
+    }))
+    .await;
+    let all: Vec<Lease> = rounds.into_iter().flatten().collect();
+    let refs: Vec<&Lease> = many.iter().collect();
+    let mut expected: Vec<LeaseId> = many.iter().map(|l| l.id.clone()).collect();
+    expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(ids(&all, &refs), expected, "each exactly once");
+}
+
+pub async fn overdue_tasks_are_found_by_deadline(store: &dyn Store) {
+    let now = SystemTime::now();
+    let mut t = sample_task(AGENT, REQUESTER, 0);
+    t.deadline = now + Duration::from_secs(2);
+    store.create_task(&t).await.unwrap();
+    assert!(
+        !store
+            .overdue_tasks(now, 1000)
+            .await
+            .unwrap()
+            .contains(&t.id)
+    );
+    let after = now + Duration::from_secs(3);
+    assert!(
+        store
+            .overdue_tasks(after, 1000)
+            .await
+            .unwrap()
+            .contains(&t.id)
+    );
+    assert!(store.next_due().await.unwrap().unwrap() <= t.deadline + Duration::from_millis(1));
+
+    // The reaper's step: end it as expired, with its leases, then forget the deadline.
+    let expire: super::TaskChange = Arc::new(move |task: &mut Task| task.expire(after));
+    let (ended, _) = store.end_task(&t.id, expire.clone(), DAY).await.unwrap();
+    assert_eq!(ended.state, crate::task::TaskState::Expired);
+    assert!(matches!(
+        store.end_task(&t.id, expire, DAY).await,
+        Err(UpdateError::Rejected(_))
+    ));
+    store.forget_deadline(&t.id).await.unwrap();
+    assert!(
+        !store
+            .overdue_tasks(after, 1000)
+            .await
+            .unwrap()
+            .contains(&t.id)
+    );
 }

@@ -17,7 +17,7 @@ use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition}
 
 use super::{
     IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
-    decode_lease, encode, encode_lease, task_ended_reason, unix_ms,
+    decode_lease, encode, encode_lease, from_unix_ms, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseId, LeaseState, Lock, LockOutcome, check_issuable};
@@ -33,6 +33,10 @@ const CREDENTIALS: TableDefinition<(&str, &str), &str> = TableDefinition::new("c
 const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
 const LEASE_TASKS: TableDefinition<&str, &str> = TableDefinition::new("lease_tasks");
 const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys");
+/// Active leases by expiry (ms, rounded up): what the reaper ends next.
+const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("lease_expiry");
+/// Tasks by deadline (ms, rounded up), filed when created.
+const DEADLINES: TableDefinition<(u64, &str), ()> = TableDefinition::new("task_deadlines");
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded store: {e}"))
@@ -181,6 +185,10 @@ impl Store for EmbeddedStore {
                 txn.open_table(BY_REQUESTER)
                     .map_err(backend)?
                     .insert((task.requester.as_str(), id.as_str()), ())
+                    .map_err(backend)?;
+                txn.open_table(DEADLINES)
+                    .map_err(backend)?
+                    .insert((unix_ms_ceil(task.deadline), id.as_str()), ())
                     .map_err(backend)?;
             }
             txn.commit().map_err(backend)?;
@@ -339,6 +347,17 @@ impl Store for EmbeddedStore {
                     .insert(
                         (task_id.as_str(), lease.id.as_str()),
                         encode_lease(&lease)?.as_slice(),
+                    )
+                    .map_err(backend)?;
+                txn.open_table(EXPIRY)
+                    .map_err(backend)?
+                    .insert(
+                        (
+                            unix_ms_ceil(lease.expires_at),
+                            task_id.as_str(),
+                            lease.id.as_str(),
+                        ),
+                        (),
                     )
                     .map_err(backend)?;
                 txn.open_table(CREDENTIALS)
@@ -648,6 +667,145 @@ impl Store for EmbeddedStore {
                 }
             }
             Ok(out)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn expire_leases(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let mut ended = Vec::new();
+            {
+                let mut expiry = txn.open_table(EXPIRY).map_err(backend)?;
+                let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                let due: Vec<(u64, String, String)> = expiry
+                    .range((0, "", "")..=(unix_ms(now), "~", "~"))
+                    .map_err(backend)?
+                    .take(limit)
+                    .map(|r| {
+                        r.map(|(k, _)| {
+                            let (ms, task, lease) = k.value();
+                            (ms, task.to_owned(), lease.to_owned())
+                        })
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(backend)?;
+                for (ms, task, id) in due {
+                    expiry
+                        .remove((ms, task.as_str(), id.as_str()))
+                        .map_err(backend)?;
+                    let Some(mut lease) = leases
+                        .get((task.as_str(), id.as_str()))
+                        .map_err(backend)?
+                        .map(|v| decode_lease(v.value()))
+                        .transpose()?
+                    else {
+                        continue;
+                    };
+                    if lease.expire(now) {
+                        leases
+                            .insert(
+                                (task.as_str(), id.as_str()),
+                                encode_lease(&lease)?.as_slice(),
+                            )
+                            .map_err(backend)?;
+                        ended.push(lease);
+                    } else if lease.state == LeaseState::Active {
+                        // Renewed since it was filed: file it under its new expiry.
+                        expiry
+                            .insert(
+                                (unix_ms_ceil(lease.expires_at), task.as_str(), id.as_str()),
+                                (),
+                            )
+                            .map_err(backend)?;
+                    }
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(ended)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn overdue_tasks(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(DEADLINES).map_err(backend)?;
+            let mut due = Vec::new();
+            for entry in table
+                .range((0, "")..=(unix_ms(now), "~"))
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (k, _) = entry.map_err(backend)?;
+                if let Ok(id) = TaskId::parse(k.value().1) {
+                    due.push(id);
+                }
+            }
+            Ok(due)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn forget_deadline(&self, id: &TaskId) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let deadline = match txn
+                    .open_table(TASKS)
+                    .map_err(backend)?
+                    .get(id.as_str())
+                    .map_err(backend)?
+                {
+                    Some(v) => Some(decode(v.value())?.deadline),
+                    None => None,
+                };
+                let mut table = txn.open_table(DEADLINES).map_err(backend)?;
+                match deadline {
+                    Some(d) => {
+                        table
+                            .remove((unix_ms_ceil(d), id.as_str()))
+                            .map_err(backend)?;
+                    }
+                    // Pruned: find it by id (rare; the index is small).
+                    None => {
+                        table
+                            .retain(|(_, task), ()| task != id.as_str())
+                            .map_err(backend)?;
+                    }
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(())
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn next_due(&self) -> Result<Option<SystemTime>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let lease = txn
+                .open_table(EXPIRY)
+                .map_err(backend)?
+                .first()
+                .map_err(backend)?
+                .map(|(k, _)| k.value().0);
+            let task = txn
+                .open_table(DEADLINES)
+                .map_err(backend)?
+                .first()
+                .map_err(backend)?
+                .map(|(k, _)| k.value().0);
+            Ok(lease.into_iter().chain(task).min().map(from_unix_ms))
         })
         .await
         .map_err(store_only)

@@ -240,6 +240,37 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError>;
 
+    /// Ends as expired up to `limit` active leases whose credential expired at or before
+    /// `now`, earliest first, found through an index by expiry (never a scan of all leases).
+    /// Each is claimed atomically: of several brokers reaping at once, exactly one ends a
+    /// given lease. A renewed lease found under its old expiry is re-filed under the new one.
+    /// Returns the leases this call ended.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]; what was ended stays ended, the rest stays due.
+    async fn expire_leases(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError>;
+
+    /// Up to `limit` tasks whose deadline passed at or before `now`, earliest first, as filed
+    /// when created (some may have ended since). The reaper ends the open ones with
+    /// [`Store::end_task`] and then [`Store::forget_deadline`]s them.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn overdue_tasks(&self, now: SystemTime, limit: usize)
+    -> Result<Vec<TaskId>, StoreError>;
+
+    /// Drops a task from the index of deadlines.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn forget_deadline(&self, id: &TaskId) -> Result<(), StoreError>;
+
+    /// The earliest time something is due: a lease expiry or a task deadline still filed.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn next_due(&self) -> Result<Option<SystemTime>, StoreError>;
+
     /// Publishes a public signing key until `key.until`, replacing an earlier publication of
     /// the same `kid` (so a later `until` extends it and an earlier one shortens it).
     ///
@@ -270,6 +301,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Milliseconds since the Unix epoch, rounded up: a time filed under it is due only once it
+/// has passed.
+pub(crate) fn unix_ms_ceil(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        if d.subsec_nanos() % 1_000_000 == 0 {
+            ms
+        } else {
+            ms.saturating_add(1)
+        }
+    })
+}
+
+/// The time `ms` milliseconds after the Unix epoch.
+pub(crate) fn from_unix_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 pub(crate) fn encode(task: &Task) -> Result<Vec<u8>, StoreError> {

@@ -24,7 +24,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
-    decode_lease, encode, encode_lease, task_ended_reason, unix_ms,
+    decode_lease, encode, encode_lease, from_unix_ms, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseId, LeaseState, Lock, LockOutcome, check_issuable};
@@ -39,6 +39,10 @@ const LIST_BATCH: usize = 64;
 const ALL_TASKS: &str = "tc:idx:tasks";
 /// The set of agents with a lock (locks expire by themselves; readers drop stale members).
 const LOCKS: &str = "tc:locks";
+/// Active leases by expiry: member `task/lease`, score the expiry in ms (rounded up).
+const EXPIRY: &str = "tc:expiry";
+/// Tasks by deadline: member the task id, score the deadline in ms (rounded up).
+const DEADLINES: &str = "tc:deadlines";
 /// Published signing keys: field `kid`, value the JSON [`PublishedKey`].
 const SIGNING_KEYS: &str = "tc:signing-keys";
 
@@ -89,10 +93,11 @@ redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3])
 if ARGV[4] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[4]) end
 return 1";
 
-/// Records a lease if the task is unchanged since it was checked and the agent is not locked.
-/// KEYS: task, lock, lease, task's lease set, credential index, lease index.
+/// Records a lease if the task is unchanged since it was checked and the agent is not locked,
+/// and files it by expiry for the reaper.
+/// KEYS: task, lock, lease, task's lease set, credential index, lease index, expiry index.
 /// ARGV: version read, new version ('' when the task is unchanged), new task data, lease JSON,
-/// lease id, credential id, expiry (ns since the epoch), task id.
+/// lease id, credential id, expiry (ns since the epoch), task id, expiry (ms, rounded up).
 const ISSUE: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return -1 end
@@ -103,6 +108,25 @@ redis.call('HSET', KEYS[3], 'data', ARGV[4], 'state', 'active', 'cred', ARGV[6],
 redis.call('SADD', KEYS[4], ARGV[5])
 redis.call('SET', KEYS[5], ARGV[5])
 redis.call('SET', KEYS[6], ARGV[8])
+redis.call('ZADD', KEYS[7], ARGV[9], ARGV[8] .. '/' .. ARGV[5])
+return 1";
+
+/// Claims one lease filed in the expiry index and ends it as expired if it is active and its
+/// credential has expired; a lease renewed since is filed again under its new expiry. Only the
+/// caller whose ZREM removed the entry acts, so each lease is ended once whatever the number
+/// of reapers. KEYS: expiry index, lease. ARGV: member (`task/lease`), now (ns).
+/// Returns 1 when this call ended the lease.
+const EXPIRE: &str = r"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[2], 'state') ~= 'active' then return 0 end
+local exp = tonumber(redis.call('HGET', KEYS[2], 'exp_ns'))
+if not exp then return 0 end
+if exp > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], string.format('%.0f', math.ceil(exp / 1000000)), ARGV[1])
+  return 0
+end
+redis.call('HSET', KEYS[2], 'state', 'expired', 'reason', 'expired',
+  'ended_ms', string.format('%.0f', math.floor(exp / 1000000)))
 return 1";
 
 /// Gives an active, unexpired lease a new credential if its task is unchanged since it was
@@ -255,6 +279,7 @@ pub struct RedisStore {
     renew: redis::Script,
     revoke_lease: redis::Script,
     lock: redis::Script,
+    expire: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -283,6 +308,7 @@ impl RedisStore {
             renew: redis::Script::new(RENEW),
             revoke_lease: redis::Script::new(REVOKE_LEASE),
             lock: redis::Script::new(LOCK),
+            expire: redis::Script::new(EXPIRE),
         })
     }
 
@@ -399,6 +425,8 @@ impl Store for RedisStore {
             .zadd(executor_key(task.executor.as_str()), &id, 0)
             .ignore()
             .zadd(requester_key(task.requester.as_str()), &id, 0)
+            .ignore()
+            .zadd(DEADLINES, &id, unix_ms_ceil(task.deadline))
             .ignore()
             .query_async::<()>(&mut conn)
             .await
@@ -555,6 +583,7 @@ impl Store for RedisStore {
                 .key(leases_key(&task_id))
                 .key(format!("{}{}", cred_prefix(&task_id), lease.credential))
                 .key(lease_index_key(lease.id.as_str()))
+                .key(EXPIRY)
                 .arg(&version)
                 .arg(next_version)
                 .arg(data)
@@ -563,6 +592,7 @@ impl Store for RedisStore {
                 .arg(&lease.credential)
                 .arg(unix_ns(lease.expires_at))
                 .arg(&task_id)
+                .arg(unix_ms_ceil(lease.expires_at))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| unavailable(&e))?;
@@ -859,6 +889,85 @@ impl Store for RedisStore {
             let _: Result<i64, _> = conn.srem(LOCKS, &gone).await;
         }
         Ok(out)
+    }
+
+    async fn expire_leases(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
+        let mut conn = self.conn().await?;
+        let due: Vec<String> = conn
+            .zrangebyscore_limit(
+                EXPIRY,
+                "-inf",
+                unix_ms(now),
+                0,
+                isize::try_from(limit).unwrap_or(isize::MAX),
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut ended = Vec::new();
+        for member in due {
+            let Some((task, lease)) = member.split_once('/') else {
+                let _: Result<i64, _> = conn.zrem(EXPIRY, &member).await;
+                continue;
+            };
+            let claimed: i64 = self
+                .expire
+                .key(EXPIRY)
+                .key(format!("{}{lease}", lease_prefix(task)))
+                .arg(&member)
+                .arg(unix_ns(now))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            if claimed == 1
+                && let Some(l) = self.read_lease(&mut conn, task, lease).await?
+            {
+                ended.push(l);
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn overdue_tasks(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, StoreError> {
+        let mut conn = self.conn().await?;
+        let due: Vec<String> = conn
+            .zrangebyscore_limit(
+                DEADLINES,
+                "-inf",
+                unix_ms(now),
+                0,
+                isize::try_from(limit).unwrap_or(isize::MAX),
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(due.iter().filter_map(|id| TaskId::parse(id).ok()).collect())
+    }
+
+    async fn forget_deadline(&self, id: &TaskId) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        conn.zrem::<_, _, i64>(DEADLINES, id.to_string())
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(&e))
+    }
+
+    async fn next_due(&self) -> Result<Option<SystemTime>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (lease, task): (Vec<(String, u64)>, Vec<(String, u64)>) = redis::pipe()
+            .zrange_withscores(EXPIRY, 0, 0)
+            .zrange_withscores(DEADLINES, 0, 0)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(lease
+            .into_iter()
+            .chain(task)
+            .map(|(_, ms)| ms)
+            .min()
+            .map(from_unix_ms))
     }
 
     async fn publish_key(&self, key: &PublishedKey) -> Result<(), StoreError> {

@@ -352,6 +352,24 @@ impl Task {
         true
     }
 
+    /// Ends an open task whose deadline has passed as expired (the reaper).
+    ///
+    /// # Errors
+    /// [`TaskError::Precondition`] when the task has ended or its deadline is still ahead.
+    pub fn expire(&mut self, now: SystemTime) -> Result<(), TaskError> {
+        if self.state.is_terminal() {
+            return Err(TaskError::Precondition(format!(
+                "task is already {}",
+                self.state
+            )));
+        }
+        if now < self.deadline {
+            return Err(TaskError::Precondition("the deadline is ahead".into()));
+        }
+        self.end(TaskState::Expired, "deadline passed", now);
+        Ok(())
+    }
+
     fn end(&mut self, state: TaskState, reason: &str, now: SystemTime) {
         self.state = state;
         self.ended_at = Some(now);

@@ -39,7 +39,7 @@ pub struct Pem {
 pub struct Broker {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
-    pub dir: TempDir,
+    pub dir: Arc<TempDir>,
     env: Vec<(String, String)>,
     clock: Option<Arc<dyn Clock>>,
     shutdown: CancellationToken,
@@ -53,10 +53,11 @@ pub fn install_provider() {
 impl Broker {
     /// Starts a broker with the `--dev` configuration over `dir`, `env` overrides and `clock`.
     pub async fn launch(
-        dir: TempDir,
+        dir: impl Into<Arc<TempDir>>,
         env: Vec<(String, String)>,
         clock: Option<Arc<dyn Clock>>,
     ) -> Self {
+        let dir = dir.into();
         install_provider();
         devpki::init(dir.path()).unwrap();
         let overrides = Overrides {
@@ -102,8 +103,13 @@ impl Broker {
         Self::start_with_env(redis_env(url)).await
     }
 
+    /// Another broker over the same dev PKI and policies (a replica), with `env`.
+    pub async fn replica(&self, env: Vec<(String, String)>) -> Self {
+        Self::launch(Arc::clone(&self.dir), env, self.clock.clone()).await
+    }
+
     /// Stops the broker and checks it stopped cleanly; returns its directory.
-    pub async fn stop(self) -> TempDir {
+    pub async fn stop(self) -> Arc<TempDir> {
         self.shutdown.cancel();
         self.task.await.unwrap().unwrap();
         self.dir

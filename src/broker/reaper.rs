@@ -1,0 +1,147 @@
+//! The reaper: ends leases whose credential has expired and tasks past their deadline
+//! (revoking their leases), in every broker process. It works from the store's indexes by
+//! time, so its cost follows what falls due, not what lives; the store claims each lease
+//! atomically, so with several replicas each is ended once. It sleeps until the next thing is
+//! due (at most [`MAX_SLEEP`], which bounds how late it notices work filed by another
+//! replica), or until this process files a lease; when the store fails it backs off and
+//! catches up once the store is back.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Broker, BrokerError};
+use crate::audit::AuditEvent;
+use crate::store::{TaskChange, UpdateError};
+use crate::task::Task;
+
+/// Longest sleep between two rounds.
+pub const MAX_SLEEP: Duration = Duration::from_secs(1);
+/// Shortest pause, so that a stuck entry cannot spin the reaper.
+const MIN_SLEEP: Duration = Duration::from_millis(20);
+/// First and longest pause after the store failed.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// Leases or tasks taken per store call.
+const BATCH: usize = 256;
+
+/// Counter of leases the reaper ended as expired.
+pub const LEASES_EXPIRED: &str = "taskcred_leases_expired_total";
+/// Counter of tasks the reaper ended past their deadline.
+pub const TASKS_EXPIRED: &str = "taskcred_tasks_expired_total";
+/// Counter of reaper rounds that failed (store unavailable).
+pub const REAPER_FAILURES: &str = "taskcred_reaper_failures_total";
+
+/// What one round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Leases ended as expired by this process.
+    pub leases: usize,
+    /// Tasks ended as expired by this process.
+    pub tasks: usize,
+    /// When the next thing falls due, if anything is filed.
+    pub next: Option<SystemTime>,
+}
+
+impl Broker {
+    /// Wakes the reaper (a lease was filed that may fall due before it would wake).
+    pub(super) fn wake_reaper(&self) {
+        self.reaper.notify_one();
+    }
+
+    /// One round: ends every lease and task due now, then says when the next is due.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`]; what was ended stays ended.
+    pub async fn reap(&self) -> Result<Reaped, BrokerError> {
+        let now = self.clock.now();
+        let mut reaped = Reaped::default();
+        loop {
+            let ended = self.store.expire_leases(now, BATCH).await?;
+            for lease in &ended {
+                self.audit.record(
+                    &AuditEvent::new(now, "LeaseExpired", "reaper", true)
+                        .task(lease.task)
+                        .detail("lease_id", lease.id.as_str())
+                        .detail("credential", lease.credential.as_str())
+                        .detail("agent", lease.agent.as_str()),
+                );
+            }
+            metrics::counter!(LEASES_EXPIRED).increment(ended.len() as u64);
+            reaped.leases += ended.len();
+            if ended.len() < BATCH {
+                break;
+            }
+        }
+        let expire: TaskChange = Arc::new(move |task: &mut Task| task.expire(now));
+        loop {
+            let due = self.store.overdue_tasks(now, BATCH).await?;
+            for id in &due {
+                match self
+                    .store
+                    .end_task(id, expire.clone(), self.settings.task_retention)
+                    .await
+                {
+                    Ok((task, leases)) => {
+                        tracing::info!(task = %id, leases = leases.len(), "task expired at its deadline");
+                        let credentials: Vec<&str> =
+                            leases.iter().map(|l| l.credential.as_str()).collect();
+                        self.audit.record(
+                            &AuditEvent::new(now, "TaskExpired", "reaper", true)
+                                .task(task.id)
+                                .reason("deadline passed")
+                                .detail("revoked_credentials", credentials),
+                        );
+                        metrics::counter!(TASKS_EXPIRED).increment(1);
+                        reaped.tasks += 1;
+                    }
+                    // Ended before its deadline, by another replica, or pruned: nothing to do.
+                    Err(UpdateError::Rejected(_) | UpdateError::NotFound) => {}
+                    Err(UpdateError::Store(e)) => return Err(e.into()),
+                }
+                self.store.forget_deadline(id).await?;
+            }
+            if due.len() < BATCH {
+                break;
+            }
+        }
+        reaped.next = self.store.next_due().await?;
+        Ok(reaped)
+    }
+
+    /// Runs the reaper until `shutdown`.
+    pub async fn run_reaper(self, shutdown: CancellationToken) {
+        let wake = Arc::clone(&self.reaper);
+        let mut backoff = BACKOFF.0;
+        loop {
+            let pause = match self.reap().await {
+                Ok(r) => {
+                    if backoff > BACKOFF.0 {
+                        tracing::info!("reaper caught up after the store came back");
+                    }
+                    backoff = BACKOFF.0;
+                    if r.leases + r.tasks > 0 {
+                        tracing::debug!(leases = r.leases, tasks = r.tasks, "reaped");
+                    }
+                    r.next.map_or(MAX_SLEEP, |t| {
+                        t.duration_since(self.clock.now())
+                            .unwrap_or_default()
+                            .clamp(MIN_SLEEP, MAX_SLEEP)
+                    })
+                }
+                Err(e) => {
+                    metrics::counter!(REAPER_FAILURES).increment(1);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "reaper: store unavailable");
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                    pause
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+                () = wake.notified() => {}
+            }
+        }
+    }
+}
