@@ -458,6 +458,22 @@ fn operator_commands_lock_agents_and_rotate_the_key() {
     let (_, out, _) = as_("operator", &["agent", "locks"]);
     assert_eq!(out.trim(), "no agent is locked");
 
+    // An operator revokes one task.
+    let (code, out, err) = as_("requester", &request);
+    assert_eq!(code, 0, "{err}");
+    let other = out.trim().to_owned();
+    let (code, _, err) = as_("approver", &["task", "approve", &other]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = as_(
+        "operator",
+        &["task", "revoke", &other, "--reason", "wrong db"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("task {other}: revoked (0 credentials revoked)")
+    );
+
     // Key rotation: new kid, the old one named with its end of publication.
     let (code, out, err) = as_("operator", &["--json", "key", "rotate"]);
     assert_eq!(code, 0, "{err}");

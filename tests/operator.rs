@@ -317,10 +317,60 @@ async fn locks(b: &Broker) {
         .unwrap();
 }
 
+/// An operator ends one task and its credentials.
+async fn revoke_task(b: &Broker) {
+    let task = approved_task(b, &[], None).await;
+    let issued = issue(b, &task.id).await;
+    let revoke = |reason: &str| pb::RevokeTaskRequest {
+        task_id: task.id.clone(),
+        reason: reason.into(),
+    };
+    for name in ["agent", "requester", "approver"] {
+        let err = tasks_as(b, name)
+            .await
+            .revoke_task(revoke("stop"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{name}");
+    }
+    let mut operator = tasks_as(b, "operator").await;
+    let err = operator.revoke_task(revoke("")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = operator
+        .revoke_task(pb::RevokeTaskRequest {
+            task_id: "nope".into(),
+            reason: "stop".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(introspect(b, &issued.token).await.active);
+
+    let r = operator
+        .revoke_task(revoke("wrong target"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked_leases, 1);
+    let t = r.task.unwrap();
+    assert_eq!(t.state, pb::TaskState::Revoked as i32);
+    assert!(t.end_reason.contains("wrong target"), "{}", t.end_reason);
+    assert!(!introspect(b, &issued.token).await.active);
+    let err = creds_as(b, "agent")
+        .await
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = operator.revoke_task(revoke("again")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
 #[tokio::test]
 async fn force_revoke_on_the_embedded_store() {
     let b = Broker::start().await;
     locks(&b).await;
+    revoke_task(&b).await;
     b.stop().await;
 }
 
@@ -329,5 +379,6 @@ async fn force_revoke_on_redis() {
     let redis = RedisServer::start();
     let b = Broker::start_on_redis(&redis.url()).await;
     locks(&b).await;
+    revoke_task(&b).await;
     b.stop().await;
 }

@@ -220,6 +220,24 @@ impl TaskService for TaskApi {
         self.complete(request).await
     }
 
+    async fn revoke_task(
+        &self,
+        request: Request<pb::RevokeTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let r = request.get_ref();
+        let id = task_id(&r.task_id)?;
+        let (task, leases) = self
+            .broker
+            .revoke_task(&who, &id, &r.reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CompleteTaskResponse {
+            task: Some(task_to_pb(task)),
+            revoked_leases: u32::try_from(leases.len()).unwrap_or(u32::MAX),
+        }))
+    }
+
     async fn cancel_task(
         &self,
         request: Request<pb::CancelTaskRequest>,

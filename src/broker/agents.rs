@@ -1,14 +1,17 @@
 //! Force-revoke: locking an agent (its leases die and its open tasks end in one atomic step,
-//! nothing new is issued to it), lifting the lock, listing locks, and explaining a refusal by
-//! the lock that caused it.
+//! nothing new is issued to it), lifting the lock, listing locks, revoking one task, and
+//! explaining a refusal by the lock that caused it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Broker, BrokerError};
 use crate::audit::AuditEvent;
 use crate::identity::WorkloadId;
-use crate::lease::{Lock, LockOutcome};
+use crate::lease::{Lease, Lock, LockOutcome};
 use crate::policy::{PolicyAction, Resource};
+use crate::store::TaskChange;
+use crate::task::{Task, TaskError, TaskId};
 
 /// Longest lock reason, in bytes.
 pub const MAX_REASON_BYTES: usize = 512;
@@ -128,6 +131,51 @@ impl Broker {
                 .detail("was_locked", lifted.is_some()),
         );
         Ok(lifted)
+    }
+
+    /// Ends an open task as `revoked` if policy permits `caller`, revoking every active lease
+    /// of it in the same atomic store step. Returns the task and the leases revoked.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`] (reason), [`BrokerError::NotFound`], [`BrokerError::Denied`],
+    /// [`BrokerError::Precondition`] (the task has ended), [`BrokerError::Unavailable`].
+    pub async fn revoke_task(
+        &self,
+        caller: &WorkloadId,
+        id: &TaskId,
+        reason: &str,
+    ) -> Result<(Task, Vec<Lease>), BrokerError> {
+        check_reason(reason)?;
+        let task = self.load(id).await?;
+        let verdict = self.authorize(caller, PolicyAction::RevokeTask, &Resource::Task(&task))?;
+        let now = self.clock.now();
+        let why = format!("revoked by {caller}: {reason}");
+        let change: TaskChange = Arc::new(move |t: &mut Task| {
+            if t.revoke(&why, now) {
+                Ok(())
+            } else {
+                Err(TaskError::Precondition(format!(
+                    "task is already {}",
+                    t.state
+                )))
+            }
+        });
+        let (task, leases) = self
+            .store
+            .end_task(id, change, self.settings.task_retention)
+            .await
+            .map_err(BrokerError::from)
+            .inspect_err(|e| self.audit_refusal(PolicyAction::RevokeTask, caller, *id, e))?;
+        tracing::warn!(task = %id, operator = %caller, leases = leases.len(), "task revoked");
+        let credentials: Vec<&str> = leases.iter().map(|l| l.credential.as_str()).collect();
+        self.audit.record(
+            &AuditEvent::new(now, "RevokeTask", caller.as_str(), true)
+                .task(task.id)
+                .policies(&verdict.policies)
+                .reason(reason)
+                .detail("revoked_credentials", credentials),
+        );
+        Ok((task, leases))
     }
 
     /// The locks in force, if policy permits `caller`.

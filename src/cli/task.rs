@@ -52,6 +52,15 @@ pub enum TaskCommand {
         #[arg(long, default_value = "succeeded")]
         outcome: String,
     },
+    /// End an open task as an operator: it becomes revoked and every credential of it is
+    /// revoked at once.
+    Revoke {
+        /// The task id.
+        id: String,
+        /// Why (recorded in the task and the audit log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// `taskcred task request`.
@@ -326,19 +335,19 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
                 .await
                 .map_err(refused)?
                 .into_inner();
-            let task = r.task.unwrap_or_default();
-            if args.json {
-                let mut v = task_json(&task);
-                v["revoked_leases"] = json!(r.revoked_leases);
-                println!("{v}");
-            } else {
-                println!(
-                    "task {}: {} ({} credentials revoked)",
-                    task.id,
-                    state_name(task.state),
-                    r.revoked_leases
-                );
-            }
+            print_ended(args, r);
+            return Ok(());
+        }
+        TaskCommand::Revoke { id, reason } => {
+            let r = client
+                .revoke_task(pb::RevokeTaskRequest {
+                    task_id: id.clone(),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            print_ended(args, r);
             return Ok(());
         }
         TaskCommand::List(l) => {
@@ -387,4 +396,21 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
         print_task(&task);
     }
     Ok(())
+}
+
+/// Prints a task that ended with the credentials it revoked.
+fn print_ended(args: &ClientArgs, r: pb::CompleteTaskResponse) {
+    let task = r.task.unwrap_or_default();
+    if args.json {
+        let mut v = task_json(&task);
+        v["revoked_leases"] = json!(r.revoked_leases);
+        println!("{v}");
+    } else {
+        println!(
+            "task {}: {} ({} credentials revoked)",
+            task.id,
+            state_name(task.state),
+            r.revoked_leases
+        );
+    }
 }
