@@ -1,12 +1,12 @@
 //! `taskcred agent ...`: force-revoke an agent (lock), lift a lock, list locks.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::{ClientArgs, ClientError, connect};
+use super::{ClientArgs, ClientError, connect, rfc3339_opt};
 use crate::api::pb;
 use crate::api::pb::admin_service_client::AdminServiceClient;
 
@@ -43,18 +43,13 @@ pub async fn run(args: &ClientArgs, command: &AgentCommand) -> ExitCode {
     }
 }
 
-fn time(t: Option<prost_types::Timestamp>) -> Option<String> {
-    t.and_then(|t| SystemTime::try_from(t).ok())
-        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-}
-
 fn lock_json(l: &pb::Lock) -> Value {
     json!({
         "agent": l.agent,
         "reason": l.reason,
         "operator": l.operator,
-        "locked_at": time(l.locked_at),
-        "until": time(l.until),
+        "locked_at": rfc3339_opt(l.locked_at),
+        "until": rfc3339_opt(l.until),
     })
 }
 
@@ -62,9 +57,9 @@ fn lock_line(l: &pb::Lock) -> String {
     format!(
         "{}  locked {} by {} until {}: {}",
         l.agent,
-        time(l.locked_at).unwrap_or_default(),
+        rfc3339_opt(l.locked_at).unwrap_or_default(),
         l.operator,
-        time(l.until).unwrap_or_else(|| "unlocked".into()),
+        rfc3339_opt(l.until).unwrap_or_else(|| "unlocked".into()),
         l.reason
     )
 }

@@ -4,12 +4,12 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{ClientArgs, ClientError, connect};
+use super::{ClientArgs, ClientError, connect, rfc3339};
 use crate::api::pb;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
 
@@ -119,11 +119,7 @@ async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientE
             std::fs::write(out_cert, full_chain).map_err(|e| {
                 ClientError::Usage(format!("cannot write {}: {e}", out_cert.display()))
             })?;
-            let expires = r
-                .expires_at
-                .and_then(|t| SystemTime::try_from(t).ok())
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-                .unwrap_or_default();
+            let expires = rfc3339(r.expires_at);
             if args.json {
                 println!(
                     "{}",

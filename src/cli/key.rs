@@ -1,12 +1,11 @@
 //! `taskcred key ...`: rotate the broker's JWT signing key.
 
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{ClientArgs, ClientError, connect};
+use super::{ClientArgs, ClientError, connect, rfc3339};
 use crate::api::pb;
 use crate::api::pb::admin_service_client::AdminServiceClient;
 
@@ -34,11 +33,7 @@ async fn execute(args: &ClientArgs, command: &KeyCommand) -> Result<(), ClientEr
                 .await
                 .map_err(ClientError::Refused)?
                 .into_inner();
-            let until = r
-                .previous_published_until
-                .and_then(|t| SystemTime::try_from(t).ok())
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-                .unwrap_or_default();
+            let until = rfc3339(r.previous_published_until);
             if args.json {
                 println!(
                     "{}",

@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{ClientArgs, ClientError, connect};
+use super::{ClientArgs, ClientError, connect, rfc3339};
 use crate::api::pb;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
 
@@ -72,11 +72,7 @@ async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), Client
                     |e| ClientError::Usage(format!("cannot write {}: {e}", out.display())),
                 )?;
             }
-            let expires = r
-                .expires_at
-                .and_then(|t| SystemTime::try_from(t).ok())
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-                .unwrap_or_default();
+            let expires = rfc3339(r.expires_at);
             let left = r.renewal_left.map_or(0, |d| d.seconds);
             if args.json {
                 println!(

@@ -159,6 +159,17 @@ pub enum DevCommand {
     },
 }
 
+/// A protobuf timestamp as RFC 3339 to the second, `None` when unset or out of range.
+fn rfc3339_opt(t: Option<prost_types::Timestamp>) -> Option<String> {
+    t.and_then(|t| std::time::SystemTime::try_from(t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+}
+
+/// A protobuf timestamp as RFC 3339 to the second, empty when unset or out of range.
+fn rfc3339(t: Option<prost_types::Timestamp>) -> String {
+    rfc3339_opt(t).unwrap_or_default()
+}
+
 /// Runs `dev init`.
 pub fn dev_init(args: &ClientArgs, dir: Option<PathBuf>) -> ExitCode {
     let dir = dir.unwrap_or_else(|| args.dev_dir.clone());
@@ -206,11 +217,7 @@ pub async fn whoami(args: &ClientArgs) -> ExitCode {
         Ok(me) => me,
         Err(e) => return e.report(),
     };
-    let expires = me
-        .cert_not_after
-        .and_then(|t| std::time::SystemTime::try_from(t).ok())
-        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-        .unwrap_or_default();
+    let expires = rfc3339(me.cert_not_after);
     if args.json {
         let json = serde_json::json!({
             "spiffe_id": me.spiffe_id,

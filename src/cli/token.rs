@@ -2,12 +2,12 @@
 
 use std::io::Read as _;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{ClientArgs, ClientError, connect};
+use super::{ClientArgs, ClientError, connect, rfc3339};
 use crate::api::pb;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
 
@@ -43,12 +43,6 @@ pub async fn run(args: &ClientArgs, command: &TokenCommand) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => e.report(),
     }
-}
-
-fn rfc3339(t: Option<prost_types::Timestamp>) -> String {
-    t.and_then(|t| SystemTime::try_from(t).ok())
-        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-        .unwrap_or_default()
 }
 
 async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), ClientError> {
