@@ -77,6 +77,7 @@ fn query() -> TaskQuery {
 
 /// Runs every case.
 pub async fn run_all(store: &dyn Store) {
+    a_fresh_store_answers_the_reaper(store).await;
     create_get_round_trip(store).await;
     create_twice_is_refused(store).await;
     update_applies_atomically_or_not_at_all(store).await;
@@ -91,6 +92,15 @@ pub async fn run_all(store: &dyn Store) {
     the_reaper_ends_each_due_lease_once(store).await;
     overdue_tasks_are_found_by_deadline(store).await;
     store.ping().await.unwrap();
+}
+
+/// Before anything is written (run first, on an empty store): nothing due, no error.
+pub async fn a_fresh_store_answers_the_reaper(store: &dyn Store) {
+    let now = SystemTime::now();
+    assert_eq!(store.next_due().await.unwrap(), None);
+    assert!(store.expire_leases(now, 10).await.unwrap().is_empty());
+    assert!(store.overdue_tasks(now, 10).await.unwrap().is_empty());
+    assert!(store.published_keys(now).await.unwrap().is_empty());
 }
 
 pub async fn create_get_round_trip(store: &dyn Store) {
