@@ -158,6 +158,35 @@ fn lease_in(txn: &redb::WriteTransaction, id: &str) -> Result<Option<(String, Le
     Ok(lease.map(|l| (task_id, l)))
 }
 
+/// Applies `change` to task `key` inside write transaction `txn` and writes the result; a task
+/// this change ends is filed to be pruned `retention` after it ended. Returns the task as
+/// changed. Nothing is kept unless the caller commits.
+fn change_in(
+    txn: &redb::WriteTransaction,
+    key: &str,
+    change: &TaskChange,
+    retention: Duration,
+) -> Result<Task, UpdateError> {
+    let mut tasks = txn.open_table(TASKS).map_err(backend)?;
+    let current = match tasks.get(key).map_err(backend)? {
+        Some(v) => decode(v.value())?,
+        None => return Err(UpdateError::NotFound),
+    };
+    let mut next = current.clone();
+    change(&mut next)?;
+    tasks
+        .insert(key, encode(&next)?.as_slice())
+        .map_err(backend)?;
+    if let (None, Some(ended)) = (current.ended_at, next.ended_at) {
+        // Kept for `retention` after it ends: index by the time it may be pruned.
+        txn.open_table(ENDED)
+            .map_err(backend)?
+            .insert((unix_ms(ended + retention), key), ())
+            .map_err(backend)?;
+    }
+    Ok(next)
+}
+
 fn store_only(e: UpdateError) -> StoreError {
     match e {
         UpdateError::Store(s) => s,
@@ -224,27 +253,7 @@ impl Store for EmbeddedStore {
         let key = id.to_string();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
-            let updated = {
-                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
-                let current = match tasks.get(key.as_str()).map_err(backend)? {
-                    Some(v) => decode(v.value())?,
-                    None => return Err(UpdateError::NotFound),
-                };
-                let mut next = current.clone();
-                change(&mut next)?;
-                tasks
-                    .insert(key.as_str(), encode(&next)?.as_slice())
-                    .map_err(backend)?;
-                if let (None, Some(ended)) = (current.ended_at, next.ended_at) {
-                    // Kept for `retention` after it ends: index by the time it may be pruned.
-                    let prune_at = unix_ms(ended + retention);
-                    txn.open_table(ENDED)
-                        .map_err(backend)?
-                        .insert((prune_at, key.as_str()), ())
-                        .map_err(backend)?;
-                }
-                next
-            };
+            let updated = change_in(&txn, &key, &change, retention)?;
             txn.commit().map_err(backend)?;
             Ok(updated)
         })
@@ -521,27 +530,13 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
             let result = {
-                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
-                let current = match tasks.get(key.as_str()).map_err(backend)? {
-                    Some(v) => decode(v.value())?,
-                    None => return Err(UpdateError::NotFound),
-                };
-                let mut next = current.clone();
-                change(&mut next)?;
+                let next = change_in(&txn, &key, &change, retention)?;
                 let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
+                    // Not committed: the change is dropped.
                     return Err(
                         TaskError::Precondition("the change does not end the task".into()).into(),
                     );
                 };
-                tasks
-                    .insert(key.as_str(), encode(&next)?.as_slice())
-                    .map_err(backend)?;
-                if current.ended_at.is_none() {
-                    txn.open_table(ENDED)
-                        .map_err(backend)?
-                        .insert((unix_ms(ended + retention), key.as_str()), ())
-                        .map_err(backend)?;
-                }
                 let reason = task_ended_reason(&next);
                 let mut leases = txn.open_table(LEASES).map_err(backend)?;
                 let active = revoke_active_leases(&mut leases, &key, &reason, ended)?;
