@@ -233,8 +233,8 @@ pub struct Broker {
     key_file: Arc<std::path::Path>,
     /// Held while the signing key is replaced.
     rotation: Arc<tokio::sync::Mutex<()>>,
-    /// Wakes the reaper when a lease is filed.
-    reaper: Arc<tokio::sync::Notify>,
+    /// Wakes the reaper when a lease falls due before its next round.
+    reaper: Arc<reaper::ReaperSignal>,
     settings: BrokerSettings,
 }
 
@@ -1059,7 +1059,7 @@ impl Broker {
             .issue_lease(&lease, issuance.now)
             .await
             .map_err(|e| self.refusal(action, caller, issuance.task.id, e.into()))?;
-        self.wake_reaper();
+        self.wake_reaper_for(lease.expires_at);
         Ok(lease)
     }
 

@@ -3,17 +3,19 @@
 //! time, so its cost follows what falls due, not what lives; the store claims each lease
 //! atomically, so with several replicas each is ended once. It sleeps until the next thing is
 //! due (at most [`MAX_SLEEP`], which bounds how late it notices work filed by another
-//! replica), or until this process files a lease; when the store fails it backs off and
-//! catches up once the store is back.
+//! replica), or until this process files a lease that expires before then; when the store
+//! fails it backs off and catches up once the store is back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, BrokerError};
 use crate::audit::AuditEvent;
-use crate::store::{TaskChange, UpdateError};
+use crate::store::{TaskChange, UpdateError, unix_ms};
 use crate::task::Task;
 
 /// Longest sleep between two rounds.
@@ -43,10 +45,22 @@ pub struct Reaped {
     pub next: Option<SystemTime>,
 }
 
+/// How the issuance path reaches the reaper: the time it plans to wake, and a wake-up for a
+/// lease that falls due before then. Most leases outlive the reaper's next round and cost one
+/// atomic load.
+#[derive(Debug, Default)]
+pub(super) struct ReaperSignal {
+    wake: Notify,
+    /// When the reaper wakes next, in ms since the epoch (0: it is running).
+    planned_ms: AtomicU64,
+}
+
 impl Broker {
-    /// Wakes the reaper (a lease was filed that may fall due before it would wake).
-    pub(super) fn wake_reaper(&self) {
-        self.reaper.notify_one();
+    /// Wakes the reaper if a lease filed now expires before it would wake.
+    pub(super) fn wake_reaper_for(&self, expires_at: SystemTime) {
+        if unix_ms(expires_at) < self.reaper.planned_ms.load(Ordering::Relaxed) {
+            self.reaper.wake.notify_one();
+        }
     }
 
     /// One round: ends every lease and task due now, then says when the next is due.
@@ -111,9 +125,10 @@ impl Broker {
 
     /// Runs the reaper until `shutdown`.
     pub async fn run_reaper(self, shutdown: CancellationToken) {
-        let wake = Arc::clone(&self.reaper);
+        let signal = Arc::clone(&self.reaper);
         let mut backoff = BACKOFF.0;
         loop {
+            signal.planned_ms.store(0, Ordering::Relaxed);
             let pause = match self.reap().await {
                 Ok(r) => {
                     if backoff > BACKOFF.0 {
@@ -137,10 +152,13 @@ impl Broker {
                     pause
                 }
             };
+            signal
+                .planned_ms
+                .store(unix_ms(self.clock.now() + pause), Ordering::Relaxed);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(pause) => {}
-                () = wake.notified() => {}
+                () = signal.wake.notified() => {}
             }
         }
     }
