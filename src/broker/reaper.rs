@@ -51,7 +51,7 @@ pub struct Reaped {
 #[derive(Debug, Default)]
 pub(super) struct ReaperSignal {
     wake: Notify,
-    /// When the reaper wakes next, in ms since the epoch (0: it is running).
+    /// When the reaper wakes next, in ms since the epoch (`u64::MAX` while a round runs).
     planned_ms: AtomicU64,
 }
 
@@ -128,7 +128,9 @@ impl Broker {
         let signal = Arc::clone(&self.reaper);
         let mut backoff = BACKOFF.0;
         loop {
-            signal.planned_ms.store(0, Ordering::Relaxed);
+            // While a round runs, any lease filed may be missed by it: every filing leaves a
+            // wake-up, so the round after starts at once.
+            signal.planned_ms.store(u64::MAX, Ordering::Relaxed);
             let pause = match self.reap().await {
                 Ok(r) => {
                     if backoff > BACKOFF.0 {
