@@ -245,6 +245,9 @@ fn with_overlay(
     Ok(task)
 }
 
+/// The hash fields of a lease, in the order of [`LeaseFields`].
+const LEASE_FIELDS: [&str; 6] = ["data", "state", "ended_ms", "reason", "cred", "exp_ns"];
+
 /// The hash fields of a lease: `data`, `state`, `ended_ms`, `reason`, `cred`, `exp_ns`.
 type LeaseFields = (
     Option<Vec<u8>>,
@@ -254,6 +257,39 @@ type LeaseFields = (
     Option<String>,
     Option<u64>,
 );
+
+/// A lease from its hash fields (the JSON and the fields scripts change beside it); `None`
+/// when the lease does not exist.
+fn lease_from_fields(lease: &str, fields: LeaseFields) -> Result<Option<Lease>, StoreError> {
+    let (data, state, ended_ms, reason, cred, exp_ns) = fields;
+    let Some(data) = data else {
+        return Ok(None);
+    };
+    let mut l = decode_lease(&data)?;
+    l.state = match state.as_deref() {
+        Some("active") => LeaseState::Active,
+        Some("revoked") => LeaseState::Revoked,
+        Some("expired") => LeaseState::Expired,
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "lease {lease}: state {other:?}"
+            )));
+        }
+    };
+    if let Some(ms) = ended_ms {
+        l.ended_at = Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+    }
+    if reason.is_some() {
+        l.reason = reason;
+    }
+    if let Some(cred) = cred {
+        l.credential = cred;
+    }
+    if let Some(ns) = exp_ns {
+        l.expires_at = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
+    }
+    Ok(Some(l))
+}
 
 /// Nanoseconds since the Unix epoch (0 before it): exact for lease expiries (Lua compares them
 /// as doubles, to within a microsecond, which is all it needs).
@@ -362,44 +398,13 @@ impl RedisStore {
         task: &str,
         lease: &str,
     ) -> Result<Option<Lease>, StoreError> {
-        let (data, state, ended_ms, reason, cred, exp_ns): LeaseFields = redis::cmd("HMGET")
+        let fields: LeaseFields = redis::cmd("HMGET")
             .arg(format!("{}{lease}", lease_prefix(task)))
-            .arg("data")
-            .arg("state")
-            .arg("ended_ms")
-            .arg("reason")
-            .arg("cred")
-            .arg("exp_ns")
+            .arg(&LEASE_FIELDS)
             .query_async(conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        let Some(data) = data else {
-            return Ok(None);
-        };
-        let mut l = decode_lease(&data)?;
-        l.state = match state.as_deref() {
-            Some("active") => LeaseState::Active,
-            Some("revoked") => LeaseState::Revoked,
-            Some("expired") => LeaseState::Expired,
-            other => {
-                return Err(StoreError::Corrupt(format!(
-                    "lease {lease}: state {other:?}"
-                )));
-            }
-        };
-        if let Some(ms) = ended_ms {
-            l.ended_at = Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
-        }
-        if reason.is_some() {
-            l.reason = reason;
-        }
-        if let Some(cred) = cred {
-            l.credential = cred;
-        }
-        if let Some(ns) = exp_ns {
-            l.expires_at = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
-        }
-        Ok(Some(l))
+        lease_from_fields(lease, fields)
     }
 
     /// Removes index entries whose task no longer exists (pruned, or a create that failed after
@@ -903,26 +908,60 @@ impl Store for RedisStore {
             )
             .await
             .map_err(|e| unavailable(&e))?;
+        // One round trip claims them all (each claim is its own atomic script), one more reads
+        // the leases this call ended.
+        let (due, malformed): (Vec<&String>, Vec<&String>) =
+            due.iter().partition(|m| m.contains('/'));
+        let due: Vec<(String, String)> = due
+            .iter()
+            .filter_map(|m| m.split_once('/'))
+            .map(|(task, lease)| (task.to_owned(), lease.to_owned()))
+            .collect();
+        if due.is_empty() && malformed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut claims = redis::pipe();
+        if !malformed.is_empty() {
+            // Never written by the broker; dropped so that they are not due forever.
+            claims.zrem(EXPIRY, malformed).ignore();
+        }
+        claims.load_script(&self.expire).ignore();
+        for (task, lease) in &due {
+            claims.invoke_script(
+                self.expire
+                    .key(EXPIRY)
+                    .key(format!("{}{lease}", lease_prefix(task)))
+                    .arg(format!("{task}/{lease}"))
+                    .arg(unix_ns(now)),
+            );
+        }
+        let claimed: Vec<i64> = claims
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mine: Vec<&(String, String)> = due
+            .iter()
+            .zip(claimed)
+            .filter(|(_, c)| *c == 1)
+            .map(|(d, _)| d)
+            .collect();
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut reads = redis::pipe();
+        for (task, lease) in &mine {
+            reads
+                .cmd("HMGET")
+                .arg(format!("{}{lease}", lease_prefix(task)))
+                .arg(&LEASE_FIELDS);
+        }
+        let fields: Vec<LeaseFields> = reads
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
         let mut ended = Vec::new();
-        for member in due {
-            let Some((task, lease)) = member.split_once('/') else {
-                let _: Result<i64, _> = conn.zrem(EXPIRY, &member).await;
-                continue;
-            };
-            let claimed: i64 = self
-                .expire
-                .key(EXPIRY)
-                .key(format!("{}{lease}", lease_prefix(task)))
-                .arg(&member)
-                .arg(unix_ns(now))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            if claimed == 1
-                && let Some(l) = self.read_lease(&mut conn, task, lease).await?
-            {
-                ended.push(l);
-            }
+        for ((_, lease), f) in mine.into_iter().zip(fields) {
+            ended.extend(lease_from_fields(lease, f)?);
         }
         Ok(ended)
     }
