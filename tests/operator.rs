@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::flows::{
-    AGENT, approved_task, creds_as, header_of, introspect, secs, tasks_as, token_request,
-    verify_independently,
+    AGENT, approved_task, creds_as, header_of, introspect, issue_as_agent, secs, tasks_as,
+    token_request, verify_independently,
 };
 use common::{Broker, RedisServer, redis_env};
 use taskcred::api::pb;
@@ -42,19 +42,10 @@ fn kids(jwks_body: &str) -> Vec<String> {
         .collect()
 }
 
-async fn issue(b: &Broker, task: &str) -> pb::IssueTokenResponse {
-    creds_as(b, "agent")
-        .await
-        .issue_token(token_request(task, "db.staging"))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Rotation on a broker over `clock`; returns the broker (restarted on the way).
 async fn rotation(b: Broker, clock: &ManualClock) -> Broker {
     let task = approved_task(&b, &[], None).await;
-    let before = issue(&b, &task.id).await.token;
+    let before = issue_as_agent(&b, &task.id, None).await.token;
     let k1 = header_of(&before)["kid"].as_str().unwrap().to_owned();
 
     // Only who policy permits rotates.
@@ -93,7 +84,7 @@ async fn rotation(b: Broker, clock: &ManualClock) -> Broker {
 
     // New tokens carry the new kid; old and new verify independently from the JWKS, which
     // lists the signing key first.
-    let after = issue(&b, &task.id).await.token;
+    let after = issue_as_agent(&b, &task.id, None).await.token;
     assert_eq!(header_of(&after)["kid"], k2.as_str());
     verify_independently(&b, &before, "db.staging").await;
     verify_independently(&b, &after, "db.staging").await;
@@ -113,7 +104,7 @@ async fn rotation(b: Broker, clock: &ManualClock) -> Broker {
     assert!(introspect(&b, &before).await.active);
     assert!(introspect(&b, &after).await.active);
     verify_independently(&b, &before, "db.staging").await;
-    let third = issue(&b, &task.id).await.token;
+    let third = issue_as_agent(&b, &task.id, None).await.token;
     assert_eq!(header_of(&third)["kid"], k2.as_str());
 
     // Once every token of the old key has expired, it is no longer published.
@@ -167,7 +158,7 @@ fn lock_request(agent: &str, reason: &str, duration: Option<i64>) -> pb::LockAge
 /// Force-revoke on one broker.
 async fn locks(b: &Broker) {
     let task = approved_task(b, &[], None).await;
-    let issued = issue(b, &task.id).await;
+    let issued = issue_as_agent(b, &task.id, None).await;
     let mut operator = admin_as(b, "operator").await;
 
     // Bad requests, then callers policy does not permit.
@@ -294,7 +285,7 @@ async fn locks(b: &Broker) {
             .locks
             .is_empty()
     );
-    issue(b, &fresh.id).await;
+    issue_as_agent(b, &fresh.id, None).await;
     let err = agent
         .issue_token(token_request(&task.id, "db.staging"))
         .await
@@ -320,7 +311,7 @@ async fn locks(b: &Broker) {
 /// An operator ends one task and its credentials.
 async fn revoke_task(b: &Broker) {
     let task = approved_task(b, &[], None).await;
-    let issued = issue(b, &task.id).await;
+    let issued = issue_as_agent(b, &task.id, None).await;
     let revoke = |reason: &str| pb::RevokeTaskRequest {
         task_id: task.id.clone(),
         reason: reason.into(),

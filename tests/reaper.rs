@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use common::flows::{AGENT, approved_task, creds_as, introspect, secs, tasks_as, token_request};
+use common::flows::{
+    AGENT, approved_task, creds_as, introspect, issue_as_agent, secs, tasks_as, token_request,
+};
 use common::{Broker, RedisServer, redis_env};
 use taskcred::api::pb;
 use tonic::Code;
@@ -43,18 +45,6 @@ fn audit_env(dir: &Path, name: &str) -> (String, String) {
     )
 }
 
-async fn issue(b: &Broker, task: &str, ttl: i64) -> pb::IssueTokenResponse {
-    creds_as(b, "agent")
-        .await
-        .issue_token(pb::IssueTokenRequest {
-            ttl: secs(ttl),
-            ..token_request(task, "db.staging")
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn expiry(r: &pb::IssueTokenResponse) -> SystemTime {
     SystemTime::try_from(r.expires_at.unwrap()).unwrap()
 }
@@ -63,7 +53,7 @@ fn expiry(r: &pb::IssueTokenResponse) -> SystemTime {
 /// expires, and its leases with it.
 async fn expiry_on(b: &Broker) {
     let task = approved_task(b, &[], None).await;
-    let issued = issue(b, &task.id, 2).await;
+    let issued = issue_as_agent(b, &task.id, Some(2)).await;
     assert!(introspect(b, &issued.token).await.active);
     let until = expiry(&issued) + Duration::from_millis(1200);
     while SystemTime::now() < until {
@@ -209,7 +199,7 @@ async fn issuance_fails_closed_while_redis_is_down_and_the_reaper_catches_up() {
     let mut redis = RedisServer::start();
     let b = Broker::start_on_redis(&redis.url()).await;
     let task = approved_task(&b, &[], None).await;
-    let issued = issue(&b, &task.id, 1).await;
+    let issued = issue_as_agent(&b, &task.id, Some(1)).await;
 
     redis.stop();
     let err = creds_as(&b, "agent")
@@ -239,6 +229,6 @@ async fn issuance_fails_closed_while_redis_is_down_and_the_reaper_catches_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // And issuance works again.
-    issue(&b, &task.id, 60).await;
+    issue_as_agent(&b, &task.id, Some(60)).await;
     b.stop().await;
 }

@@ -15,19 +15,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use common::flows::{AGENT, tasks_as};
 use common::{Broker, RedisServer};
 use taskcred::api::pb;
 use taskcred::api::pb::admin_service_client::AdminServiceClient;
-use taskcred::api::pb::task_service_client::TaskServiceClient;
 use taskcred::clock::ManualClock;
 use tonic::Code;
-use tonic::transport::Channel;
-
-const AGENT: &str = "spiffe://taskcred.dev/agent/demo";
-
-async fn as_(broker: &Broker, name: &str) -> TaskServiceClient<Channel> {
-    TaskServiceClient::new(broker.channel_as(name).await)
-}
 
 fn request(labels: &[(&str, &str)]) -> pb::RequestTaskRequest {
     pb::RequestTaskRequest {
@@ -62,9 +55,9 @@ fn state(t: &pb::Task) -> pb::TaskState {
 
 /// The scenario of the issue, on whatever store `broker` uses. Returns the ids it created.
 async fn approval_scenario(broker: &Broker) -> Vec<String> {
-    let mut requester = as_(broker, "requester").await;
-    let mut approver = as_(broker, "approver").await;
-    let mut approver2 = as_(broker, "approver2").await;
+    let mut requester = tasks_as(broker, "requester").await;
+    let mut approver = tasks_as(broker, "approver").await;
+    let mut approver2 = tasks_as(broker, "approver2").await;
 
     // One grant, no labels: one approval needed.
     let t = requester
@@ -146,7 +139,7 @@ async fn approval_scenario(broker: &Broker) -> Vec<String> {
     assert_eq!(state(&low), pb::TaskState::Approved);
 
     // The agent may not request tasks.
-    let err = as_(broker, "agent")
+    let err = tasks_as(broker, "agent")
         .await
         .request_task(request(&[]))
         .await
@@ -204,7 +197,7 @@ async fn approval_scenario_on_redis_survives_a_restart() {
 }
 
 async fn read_all(broker: &Broker, ids: &[String]) -> Vec<pb::Task> {
-    let mut approver = as_(broker, "approver").await;
+    let mut approver = tasks_as(broker, "approver").await;
     let mut out = Vec::new();
     for id in ids {
         out.push(
@@ -223,18 +216,18 @@ async fn read_all(broker: &Broker, ids: &[String]) -> Vec<pb::Task> {
 #[tokio::test]
 async fn approvers_see_exact_grants_labels_and_history_and_others_do_not() {
     let broker = Broker::start().await;
-    let mut requester = as_(&broker, "requester").await;
+    let mut requester = tasks_as(&broker, "requester").await;
     let t = requester
         .request_task(request(&[("env", "production"), ("data", "pii")]))
         .await
         .unwrap()
         .into_inner();
-    as_(&broker, "approver")
+    tasks_as(&broker, "approver")
         .await
         .approve_task(decide(&t.id))
         .await
         .unwrap();
-    let seen = as_(&broker, "approver2")
+    let seen = tasks_as(&broker, "approver2")
         .await
         .get_task(pb::GetTaskRequest {
             task_id: t.id.clone(),
@@ -252,7 +245,7 @@ async fn approvers_see_exact_grants_labels_and_history_and_others_do_not() {
     assert_eq!(seen.purpose, t.purpose);
 
     // The executor sees its task too; the operator does (dev policy); nobody else is asked.
-    as_(&broker, "agent")
+    tasks_as(&broker, "agent")
         .await
         .get_task(pb::GetTaskRequest {
             task_id: t.id.clone(),
@@ -282,7 +275,7 @@ async fn approvers_see_exact_grants_labels_and_history_and_others_do_not() {
 #[tokio::test]
 async fn list_filters_by_state_executor_requester_and_pages() {
     let broker = Broker::start().await;
-    let mut requester = as_(&broker, "requester").await;
+    let mut requester = tasks_as(&broker, "requester").await;
     let mut ids = Vec::new();
     for i in 0..5 {
         let labels: &[(&str, &str)] = if i % 2 == 0 { &[("risk", "low")] } else { &[] };
@@ -336,7 +329,7 @@ async fn list_filters_by_state_executor_requester_and_pages() {
     assert_eq!(pages, newest_first);
 
     // The agent lists only the tasks it may read: those it executes.
-    let agent_view = as_(&broker, "agent")
+    let agent_view = tasks_as(&broker, "agent")
         .await
         .list_tasks(pb::ListTasksRequest {
             executor: AGENT.into(),
@@ -361,7 +354,7 @@ async fn list_filters_by_state_executor_requester_and_pages() {
 #[tokio::test]
 async fn invalid_requests_name_the_field() {
     let broker = Broker::start().await;
-    let mut requester = as_(&broker, "requester").await;
+    let mut requester = tasks_as(&broker, "requester").await;
     type Edit = Box<dyn Fn(&mut pb::RequestTaskRequest)>;
     let cases: Vec<(&str, Edit)> = vec![
         ("purpose", Box::new(|r| r.purpose = "x".repeat(1025))),
@@ -430,13 +423,13 @@ async fn invalid_requests_name_the_field() {
 #[tokio::test]
 async fn cancel_by_the_requester_only() {
     let broker = Broker::start().await;
-    let mut requester = as_(&broker, "requester").await;
+    let mut requester = tasks_as(&broker, "requester").await;
     let t = requester
         .request_task(request(&[]))
         .await
         .unwrap()
         .into_inner();
-    let err = as_(&broker, "approver")
+    let err = tasks_as(&broker, "approver")
         .await
         .cancel_task(pb::CancelTaskRequest {
             task_id: t.id.clone(),
@@ -483,14 +476,14 @@ async fn approval_after_the_deadline_is_refused() {
         seconds: 60,
         nanos: 0,
     });
-    let t = as_(&broker, "requester")
+    let t = tasks_as(&broker, "requester")
         .await
         .request_task(r)
         .await
         .unwrap()
         .into_inner();
     clock.advance(Duration::from_secs(61));
-    let err = as_(&broker, "approver")
+    let err = tasks_as(&broker, "approver")
         .await
         .approve_task(decide(&t.id))
         .await
@@ -517,7 +510,7 @@ async fn separation_of_duties_holds_whatever_the_policy_says() {
     let broker = Broker::launch(dir, Vec::new(), None).await;
 
     // The approver requests a task executed by the agent...
-    let mut approver = as_(&broker, "approver").await;
+    let mut approver = tasks_as(&broker, "approver").await;
     let t = approver
         .request_task(request(&[]))
         .await
@@ -531,14 +524,14 @@ async fn separation_of_duties_holds_whatever_the_policy_says() {
         "{}",
         err.message()
     );
-    let err = as_(&broker, "agent")
+    let err = tasks_as(&broker, "agent")
         .await
         .approve_task(decide(&t.id))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     // A third party may.
-    let ok = as_(&broker, "approver2")
+    let ok = tasks_as(&broker, "approver2")
         .await
         .approve_task(decide(&t.id))
         .await
@@ -588,13 +581,13 @@ async fn invalid_policy_on_reload_is_refused_and_the_old_set_keeps_deciding() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("tasks.cedar:"), "{}", err.message());
     // The previous policies still decide: the requester may request, the agent may not.
-    as_(&broker, "requester")
+    tasks_as(&broker, "requester")
         .await
         .request_task(request(&[]))
         .await
         .unwrap();
     assert_eq!(
-        as_(&broker, "agent")
+        tasks_as(&broker, "agent")
             .await
             .request_task(request(&[]))
             .await
@@ -615,7 +608,7 @@ async fn invalid_policy_on_reload_is_refused_and_the_old_set_keeps_deciding() {
         .unwrap()
         .into_inner();
     assert!(r.policies >= 8);
-    let t = as_(&broker, "requester")
+    let t = tasks_as(&broker, "requester")
         .await
         .request_task(request(&[]))
         .await
@@ -636,7 +629,7 @@ async fn invalid_policy_on_reload_is_refused_and_the_old_set_keeps_deciding() {
 async fn store_down_answers_unavailable_and_readyz_says_so() {
     let mut redis = RedisServer::start();
     let broker = Broker::start_on_redis(&redis.url()).await;
-    let mut requester = as_(&broker, "requester").await;
+    let mut requester = tasks_as(&broker, "requester").await;
     let t = requester
         .request_task(request(&[]))
         .await
@@ -646,7 +639,7 @@ async fn store_down_answers_unavailable_and_readyz_says_so() {
     redis.stop();
     let err = requester.request_task(request(&[])).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    let err = as_(&broker, "approver")
+    let err = tasks_as(&broker, "approver")
         .await
         .approve_task(decide(&t.id))
         .await
@@ -655,7 +648,7 @@ async fn store_down_answers_unavailable_and_readyz_says_so() {
     assert_eq!(broker.http_get("/readyz").await.0, 503);
     redis.restart();
     // Back: the approval that failed left nothing behind and can be made now.
-    let mut approver = as_(&broker, "approver").await;
+    let mut approver = tasks_as(&broker, "approver").await;
     let mut result = approver.approve_task(decide(&t.id)).await;
     for _ in 0..50 {
         if result.as_ref().is_ok() {

@@ -86,6 +86,19 @@ pub fn token_request(task: &str, audience: &str) -> pb::IssueTokenRequest {
     }
 }
 
+/// A token for the demo agent on `task` at `db.staging`, lasting `ttl` seconds if given.
+pub async fn issue_as_agent(b: &Broker, task: &str, ttl: Option<i64>) -> pb::IssueTokenResponse {
+    creds_as(b, "agent")
+        .await
+        .issue_token(pb::IssueTokenRequest {
+            ttl: ttl.and_then(secs),
+            ..token_request(task, "db.staging")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Introspects `token` as the approver (any authenticated caller may).
 pub async fn introspect(b: &Broker, token: &str) -> pb::IntrospectResponse {
     creds_as(b, "approver")
