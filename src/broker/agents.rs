@@ -32,7 +32,7 @@ pub fn check_reason(reason: &str) -> Result<(), BrokerError> {
         return Err(bad("required"));
     }
     if reason.len() > MAX_REASON_BYTES {
-        return Err(bad("longer than 512 bytes"));
+        return Err(bad(&format!("longer than {MAX_REASON_BYTES} bytes")));
     }
     if reason.chars().any(char::is_control) {
         return Err(bad("must not contain control characters"));
