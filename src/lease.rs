@@ -189,3 +189,86 @@ pub fn check_issuable(task: &Task, agent: &WorkloadId, now: SystemTime) -> Resul
     }
     Ok(())
 }
+
+/// A place in the store's revocation log, in log order: `<ms>-<seq>` (a Redis stream id; the
+/// embedded store numbers its log the same way). A watcher resumes after the last it saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cursor {
+    /// Milliseconds since the Unix epoch when the entry was logged.
+    pub ms: u64,
+    /// Order among the entries of one millisecond.
+    pub seq: u64,
+}
+
+impl Cursor {
+    /// Before every entry.
+    pub const START: Self = Self { ms: 0, seq: 0 };
+
+    /// Parses `<ms>-<seq>` (decimal, no sign, no spaces).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-')?;
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return None;
+        }
+        Some(Self {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Why a revocation log entry says a renewed lease's previous credential ended.
+pub const SUPERSEDED: &str = "superseded by renewal";
+
+/// A credential that stopped being usable before its own expiry, as the revocation log keeps
+/// it until that expiry: what verifiers following the watch stream or the CRL must refuse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Where it sits in the log (set by the store when read back).
+    #[serde(skip)]
+    pub cursor: Cursor,
+    /// JWT or X.509.
+    pub kind: CredentialKind,
+    /// The `jti` or serial (hex) that was revoked.
+    pub credential: String,
+    /// Its lease.
+    pub lease: LeaseId,
+    /// The lease's task.
+    pub task: TaskId,
+    /// The agent it was issued to.
+    pub agent: WorkloadId,
+    /// The audience of a JWT.
+    pub audience: Option<String>,
+    /// Why it ended.
+    pub reason: String,
+    /// When it was revoked.
+    pub revoked_at: SystemTime,
+    /// When the credential expires by itself; the entry is useless after.
+    pub expires_at: SystemTime,
+}
+
+impl Revocation {
+    /// The revocation of `lease`'s current credential, at `at`, for `reason`.
+    pub fn of(lease: &Lease, reason: &str, at: SystemTime) -> Self {
+        Self {
+            cursor: Cursor::START,
+            kind: lease.kind,
+            credential: lease.credential.clone(),
+            lease: lease.id.clone(),
+            task: lease.task,
+            agent: lease.agent.clone(),
+            audience: lease.audience.clone(),
+            reason: reason.to_owned(),
+            revoked_at: at,
+            expires_at: lease.expires_at,
+        }
+    }
+}

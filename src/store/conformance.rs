@@ -14,7 +14,9 @@ use std::time::{Duration, SystemTime};
 
 use super::{IssueError, Store, StoreError, TaskQuery, UpdateError};
 use crate::identity::WorkloadId;
-use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState, Lock};
+use crate::lease::{
+    CredentialKind, Cursor, Lease, LeaseId, LeaseState, Lock, Revocation, SUPERSEDED,
+};
 use crate::task::{
     Approval, Decision, RawTaskRequest, Task, TaskError, TaskId, TaskLimits, TaskRequest, TaskState,
 };
@@ -91,6 +93,7 @@ pub async fn run_all(store: &dyn Store) {
     signing_keys_are_published_until_their_time(store).await;
     the_reaper_ends_each_due_lease_once(store).await;
     overdue_tasks_are_found_by_deadline(store).await;
+    revocations_are_logged_in_order_and_resumable(store).await;
     store.ping().await.unwrap();
 }
 
@@ -101,6 +104,14 @@ pub async fn a_fresh_store_answers_the_reaper(store: &dyn Store) {
     assert!(store.expire_leases(now, 10).await.unwrap().is_empty());
     assert!(store.overdue_tasks(now, 10).await.unwrap().is_empty());
     assert!(store.published_keys(now).await.unwrap().is_empty());
+    assert_eq!(store.revocation_head().await.unwrap(), Cursor::START);
+    assert!(
+        store
+            .revocations(None, 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 pub async fn create_get_round_trip(store: &dyn Store) {
@@ -948,5 +959,130 @@ pub async fn overdue_tasks_are_found_by_deadline(store: &dyn Store) {
             .await
             .unwrap()
             .contains(&t.id)
+    );
+}
+
+/// Every way a credential stops before its expiry is logged, in order, in the same step; a
+/// reader resumes after any cursor; a waiter wakes for a new entry; expiry is not logged; old
+/// entries are pruned.
+pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
+    let now = SystemTime::now();
+    let head = store.revocation_head().await.unwrap();
+    let after_head = |limit| store.revocations(Some(head), limit, Duration::ZERO);
+
+    // A renewal supersedes the first credential; revoking the lease ends the second.
+    let t = approved_task(store).await;
+    let renewed = sample_lease(&t, AGENT);
+    store.issue_lease(&renewed, now).await.unwrap();
+    let later = now + Duration::from_secs(600);
+    store
+        .renew_lease(&renewed.id, "renewed-credential", later, now)
+        .await
+        .unwrap();
+    store
+        .revoke_lease(&renewed.id, "by hand", now)
+        .await
+        .unwrap();
+    // Ending the task revokes its other lease; an expired lease is not logged.
+    let ended = sample_lease(&t, AGENT);
+    store.issue_lease(&ended, now).await.unwrap();
+    let expiring = lease_expiring(&t, now, Duration::from_millis(1));
+    store.issue_lease(&expiring, now).await.unwrap();
+    let reaped = store
+        .expire_leases(now + Duration::from_secs(1), 1000)
+        .await
+        .unwrap();
+    assert!(reaped.iter().any(|l| l.id == expiring.id));
+    store.end_task(&t.id, complete(), DAY).await.unwrap();
+
+    let log = after_head(100).await.unwrap();
+    let seen: Vec<(&str, &str, &str)> = log
+        .iter()
+        .map(|r| (r.lease.as_str(), r.credential.as_str(), r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (renewed.id.as_str(), renewed.credential.as_str(), SUPERSEDED),
+            (renewed.id.as_str(), "renewed-credential", "by hand"),
+            (
+                ended.id.as_str(),
+                ended.credential.as_str(),
+                "task completed"
+            ),
+        ],
+        "{log:#?}"
+    );
+    let first: &Revocation = &log[0];
+    assert_eq!(first.kind, CredentialKind::Jwt);
+    assert_eq!(first.task, t.id);
+    assert_eq!(first.agent, w(AGENT));
+    assert_eq!(first.audience.as_deref(), Some("db"));
+    let ms = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    assert_eq!(ms(first.expires_at), ms(renewed.expires_at));
+    assert_eq!(ms(log[1].expires_at), ms(later));
+    assert!(log.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    assert!(head < log[0].cursor);
+    assert_eq!(store.revocation_head().await.unwrap(), log[2].cursor);
+
+    // Paging and resuming: after any cursor come exactly the later entries.
+    assert_eq!(after_head(1).await.unwrap(), log[..1]);
+    let rest = store
+        .revocations(Some(log[0].cursor), 100, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(rest, log[1..]);
+    let none = store
+        .revocations(Some(log[2].cursor), 100, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    // A waiter wakes when a revocation is logged.
+    let locked = format!("spiffe://log.test/agent/{}", TaskId::generate());
+    let task = sample_task(&locked, REQUESTER, 0);
+    store.create_task(&task).await.unwrap();
+    let lease = sample_lease(&task, &locked);
+    store.issue_lease(&lease, now).await.unwrap();
+    let waiter = store.revocations(Some(log[2].cursor), 100, Duration::from_secs(5));
+    let lock = Lock {
+        agent: w(&locked),
+        reason: "compromised".into(),
+        operator: w(REQUESTER),
+        at: now,
+        until: None,
+    };
+    let locker = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.lock_agent(&lock, DAY).await.unwrap();
+    };
+    let started = std::time::Instant::now();
+    let (woken, ()) = tokio::join!(waiter, locker);
+    let woken = woken.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(woken.len(), 1, "{woken:#?}");
+    assert_eq!(woken[0].lease, lease.id);
+    assert_eq!(woken[0].reason, "agent locked: compromised");
+    store.unlock_agent(&w(&locked)).await.unwrap();
+
+    // Pruning drops what was logged before the bound.
+    store
+        .prune_revocations(SystemTime::now() + Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .revocations(None, 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }

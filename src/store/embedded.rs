@@ -14,13 +14,16 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use tokio::sync::watch;
 
 use super::{
     IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
     decode_lease, encode, encode_lease, from_unix_ms, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::identity::WorkloadId;
-use crate::lease::{Lease, LeaseId, LeaseState, Lock, LockOutcome, check_issuable};
+use crate::lease::{
+    Cursor, Lease, LeaseId, LeaseState, Lock, LockOutcome, Revocation, SUPERSEDED, check_issuable,
+};
 use crate::mint::PublishedKey;
 use crate::task::{Task, TaskError, TaskId};
 
@@ -37,6 +40,8 @@ const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing
 const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("lease_expiry");
 /// Tasks by deadline (ms, rounded up), filed when created.
 const DEADLINES: TableDefinition<(u64, &str), ()> = TableDefinition::new("task_deadlines");
+/// The revocation log: key the [`Cursor`] (`ms`, `seq`), value the JSON [`Revocation`].
+const REVOCATIONS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("revocations");
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded store: {e}"))
@@ -47,6 +52,8 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
+    /// Bumped after each commit that logged a revocation; wakes [`Store::revocations`] waiters.
+    logged: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -78,11 +85,51 @@ impl EmbeddedStore {
         txn.open_table(SIGNING_KEYS).map_err(backend)?;
         txn.open_table(EXPIRY).map_err(backend)?;
         txn.open_table(DEADLINES).map_err(backend)?;
+        txn.open_table(REVOCATIONS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
             path: path.to_owned(),
+            logged: Arc::new(watch::Sender::new(0)),
         })
+    }
+
+    /// Wakes the waiters of [`Store::revocations`] after a commit that may have logged one.
+    fn logged(&self) {
+        self.logged.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Reads up to `limit` log entries after `after`.
+    async fn read_revocations(
+        &self,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Vec<Revocation>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let log = txn.open_table(REVOCATIONS).map_err(backend)?;
+            let from = after.unwrap_or(Cursor::START);
+            let range = log.range((from.ms, from.seq)..).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in range {
+                let (k, v) = entry.map_err(backend)?;
+                let (ms, seq) = k.value();
+                let cursor = Cursor { ms, seq };
+                if after.is_some_and(|a| cursor <= a) {
+                    continue;
+                }
+                if out.len() >= limit {
+                    break;
+                }
+                let mut r: Revocation = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("revocation {cursor}: {e}")))?;
+                r.cursor = cursor;
+                out.push(r);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(store_only)
     }
 
     /// Runs `f` on the blocking pool.
@@ -113,9 +160,39 @@ fn lock_in(
     Ok(lock.holds_at(now).then_some(lock))
 }
 
-/// Revokes every active lease of `task` in `leases` (a table of a write transaction) and
-/// returns them.
+/// Appends revocations to the log inside write transaction `txn`, numbered after the last
+/// entry (`ms` never goes back, so the log stays in order if the clock does).
+fn log_in(txn: &redb::WriteTransaction, revoked: &[Revocation]) -> Result<(), StoreError> {
+    if revoked.is_empty() {
+        return Ok(());
+    }
+    let mut log = txn.open_table(REVOCATIONS).map_err(backend)?;
+    let mut last = log.last().map_err(backend)?.map(|(k, _)| {
+        let (ms, seq) = k.value();
+        Cursor { ms, seq }
+    });
+    for r in revoked {
+        let ms = unix_ms(r.revoked_at);
+        let next = match last {
+            Some(l) if l.ms >= ms => Cursor {
+                ms: l.ms,
+                seq: l.seq + 1,
+            },
+            _ => Cursor { ms, seq: 0 },
+        };
+        let json = serde_json::to_vec(r)
+            .map_err(|e| StoreError::Corrupt(format!("encoding revocation: {e}")))?;
+        log.insert((next.ms, next.seq), json.as_slice())
+            .map_err(backend)?;
+        last = Some(next);
+    }
+    Ok(())
+}
+
+/// Revokes every active lease of `task` in `leases` (a table of a write transaction), logs the
+/// revocations, and returns the leases.
 fn revoke_active_leases(
+    txn: &redb::WriteTransaction,
     leases: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
     task: &str,
     reason: &str,
@@ -135,6 +212,11 @@ fn revoke_active_leases(
             .insert((task, lease.id.as_str()), encode_lease(lease)?.as_slice())
             .map_err(backend)?;
     }
+    let logged: Vec<Revocation> = active
+        .iter()
+        .map(|l| Revocation::of(l, reason, at))
+        .collect();
+    log_in(txn, &logged)?;
     Ok(active)
 }
 
@@ -421,7 +503,7 @@ impl Store for EmbeddedStore {
     ) -> Result<Lease, IssueError> {
         let (id, credential) = (id.as_str().to_owned(), credential.to_owned());
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<Lease, IssueError> {
+        let renewed = tokio::task::spawn_blocking(move || -> Result<Lease, IssueError> {
             let txn = db.begin_write().map_err(backend)?;
             let lease = {
                 let Some((task_id, mut lease)) = lease_in(&txn, &id)? else {
@@ -442,6 +524,7 @@ impl Store for EmbeddedStore {
                 if let Some(lock) = lock_in(&txn, &lease.agent, now)? {
                     return Err(IssueError::Locked(lock.reason));
                 }
+                log_in(&txn, &[Revocation::of(&lease, SUPERSEDED, now)])?;
                 lease.credential = credential;
                 lease.expires_at = expires_at;
                 leases
@@ -460,7 +543,11 @@ impl Store for EmbeddedStore {
             Ok(lease)
         })
         .await
-        .map_err(|e| IssueError::Store(backend(format!("worker: {e}"))))?
+        .map_err(|e| IssueError::Store(backend(format!("worker: {e}"))))?;
+        if renewed.is_ok() {
+            self.logged();
+        }
+        renewed
     }
 
     async fn revoke_lease(
@@ -470,28 +557,34 @@ impl Store for EmbeddedStore {
         now: SystemTime,
     ) -> Result<Lease, UpdateError> {
         let (id, reason) = (id.as_str().to_owned(), reason.to_owned());
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            let lease = {
-                let Some((task_id, mut lease)) = lease_in(&txn, &id)? else {
-                    return Err(UpdateError::NotFound);
+        let done = self
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(backend)?;
+                let lease = {
+                    let Some((task_id, mut lease)) = lease_in(&txn, &id)? else {
+                        return Err(UpdateError::NotFound);
+                    };
+                    let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                    if !lease.revoke(&reason, now) {
+                        return Err(TaskError::Precondition("lease is not active".into()).into());
+                    }
+                    log_in(&txn, &[Revocation::of(&lease, &reason, now)])?;
+                    leases
+                        .insert(
+                            (task_id.as_str(), id.as_str()),
+                            encode_lease(&lease)?.as_slice(),
+                        )
+                        .map_err(backend)?;
+                    lease
                 };
-                let mut leases = txn.open_table(LEASES).map_err(backend)?;
-                if !lease.revoke(&reason, now) {
-                    return Err(TaskError::Precondition("lease is not active".into()).into());
-                }
-                leases
-                    .insert(
-                        (task_id.as_str(), id.as_str()),
-                        encode_lease(&lease)?.as_slice(),
-                    )
-                    .map_err(backend)?;
-                lease
-            };
-            txn.commit().map_err(backend)?;
-            Ok(lease)
-        })
-        .await
+                txn.commit().map_err(backend)?;
+                Ok(lease)
+            })
+            .await;
+        if done.is_ok() {
+            self.logged();
+        }
+        done
     }
 
     async fn find_lease(
@@ -527,25 +620,31 @@ impl Store for EmbeddedStore {
         retention: Duration,
     ) -> Result<(Task, Vec<Lease>), UpdateError> {
         let key = id.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            let result = {
-                let next = change_in(&txn, &key, &change, retention)?;
-                let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
-                    // Not committed: the change is dropped.
-                    return Err(
-                        TaskError::Precondition("the change does not end the task".into()).into(),
-                    );
+        let done = self
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(backend)?;
+                let result = {
+                    let next = change_in(&txn, &key, &change, retention)?;
+                    let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
+                        // Not committed: the change is dropped.
+                        return Err(TaskError::Precondition(
+                            "the change does not end the task".into(),
+                        )
+                        .into());
+                    };
+                    let reason = task_ended_reason(&next);
+                    let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                    let active = revoke_active_leases(&txn, &mut leases, &key, &reason, ended)?;
+                    (next, active)
                 };
-                let reason = task_ended_reason(&next);
-                let mut leases = txn.open_table(LEASES).map_err(backend)?;
-                let active = revoke_active_leases(&mut leases, &key, &reason, ended)?;
-                (next, active)
-            };
-            txn.commit().map_err(backend)?;
-            Ok(result)
-        })
-        .await
+                txn.commit().map_err(backend)?;
+                Ok(result)
+            })
+            .await;
+        if done.is_ok() {
+            self.logged();
+        }
+        done
     }
 
     async fn lock_agent(
@@ -554,60 +653,66 @@ impl Store for EmbeddedStore {
         retention: Duration,
     ) -> Result<LockOutcome, StoreError> {
         let lock = lock.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            let mut outcome = LockOutcome::default();
-            {
-                let agent = lock.agent.as_str();
-                let json = serde_json::to_vec(&lock)
-                    .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
-                txn.open_table(LOCKS)
-                    .map_err(backend)?
-                    .insert(agent, json.as_slice())
-                    .map_err(backend)?;
-                let task_ids: Vec<String> = txn
-                    .open_table(BY_EXECUTOR)
-                    .map_err(backend)?
-                    .range((agent, "")..=(agent, "~"))
-                    .map_err(backend)?
-                    .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
-                    .collect::<Result<_, _>>()
-                    .map_err(backend)?;
-                let reason = format!("agent locked: {}", lock.reason);
-                let mut tasks = txn.open_table(TASKS).map_err(backend)?;
-                let mut leases = txn.open_table(LEASES).map_err(backend)?;
-                let mut ended = txn.open_table(ENDED).map_err(backend)?;
-                for id in task_ids {
-                    let Some(mut task) = tasks
-                        .get(id.as_str())
+        let done = self
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(backend)?;
+                let mut outcome = LockOutcome::default();
+                {
+                    let agent = lock.agent.as_str();
+                    let json = serde_json::to_vec(&lock)
+                        .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
+                    txn.open_table(LOCKS)
                         .map_err(backend)?
-                        .map(|v| decode(v.value()))
-                        .transpose()?
-                    else {
-                        continue;
-                    };
-                    if task.revoke(&reason, lock.at) {
-                        tasks
-                            .insert(id.as_str(), encode(&task)?.as_slice())
-                            .map_err(backend)?;
-                        ended
-                            .insert((unix_ms(lock.at + retention), id.as_str()), ())
-                            .map_err(backend)?;
-                        outcome.tasks.push(task.id);
+                        .insert(agent, json.as_slice())
+                        .map_err(backend)?;
+                    let task_ids: Vec<String> = txn
+                        .open_table(BY_EXECUTOR)
+                        .map_err(backend)?
+                        .range((agent, "")..=(agent, "~"))
+                        .map_err(backend)?
+                        .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
+                        .collect::<Result<_, _>>()
+                        .map_err(backend)?;
+                    let reason = format!("agent locked: {}", lock.reason);
+                    let mut tasks = txn.open_table(TASKS).map_err(backend)?;
+                    let mut leases = txn.open_table(LEASES).map_err(backend)?;
+                    let mut ended = txn.open_table(ENDED).map_err(backend)?;
+                    for id in task_ids {
+                        let Some(mut task) = tasks
+                            .get(id.as_str())
+                            .map_err(backend)?
+                            .map(|v| decode(v.value()))
+                            .transpose()?
+                        else {
+                            continue;
+                        };
+                        if task.revoke(&reason, lock.at) {
+                            tasks
+                                .insert(id.as_str(), encode(&task)?.as_slice())
+                                .map_err(backend)?;
+                            ended
+                                .insert((unix_ms(lock.at + retention), id.as_str()), ())
+                                .map_err(backend)?;
+                            outcome.tasks.push(task.id);
+                        }
+                        outcome.leases.extend(revoke_active_leases(
+                            &txn,
+                            &mut leases,
+                            &id,
+                            &reason,
+                            lock.at,
+                        )?);
                     }
-                    outcome.leases.extend(revoke_active_leases(
-                        &mut leases,
-                        &id,
-                        &reason,
-                        lock.at,
-                    )?);
                 }
-            }
-            txn.commit().map_err(backend)?;
-            Ok(outcome)
-        })
-        .await
-        .map_err(store_only)
+                txn.commit().map_err(backend)?;
+                Ok(outcome)
+            })
+            .await
+            .map_err(store_only);
+        if done.is_ok() {
+            self.logged();
+        }
+        done
     }
 
     async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
@@ -923,6 +1028,58 @@ impl Store for EmbeddedStore {
             }
             txn.commit().map_err(backend)?;
             Ok(pruned)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn revocations(
+        &self,
+        after: Option<Cursor>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Vec<Revocation>, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait.min(super::MAX_REVOCATION_WAIT);
+        // Subscribed before reading, so a commit after the read still wakes this waiter.
+        let mut logged = self.logged.subscribe();
+        loop {
+            let found = self.read_revocations(after, limit).await?;
+            if !found.is_empty() || wait.is_zero() {
+                return Ok(found);
+            }
+            match tokio::time::timeout_at(deadline, logged.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    async fn revocation_head(&self) -> Result<Cursor, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let log = txn.open_table(REVOCATIONS).map_err(backend)?;
+            Ok(log
+                .last()
+                .map_err(backend)?
+                .map_or(Cursor::START, |(k, _)| {
+                    let (ms, seq) = k.value();
+                    Cursor { ms, seq }
+                }))
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn prune_revocations(&self, before: SystemTime) -> Result<(), StoreError> {
+        let before = unix_ms(before);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(REVOCATIONS)
+                .map_err(backend)?
+                .retain_in(..(before, 0), |_, _| false)
+                .map_err(backend)?;
+            txn.commit().map_err(backend)?;
+            Ok(())
         })
         .await
         .map_err(store_only)

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::identity::WorkloadId;
-use crate::lease::{Lease, LeaseId, Lock, LockOutcome};
+use crate::lease::{Cursor, Lease, LeaseId, Lock, LockOutcome, Revocation};
 use crate::mint::PublishedKey;
 use crate::task::{Task, TaskError, TaskId, TaskState};
 
@@ -111,6 +111,9 @@ impl TaskQuery {
             && self.requester.as_ref().is_none_or(|r| &task.requester == r)
     }
 }
+
+/// Longest wait [`Store::revocations`] accepts.
+pub const MAX_REVOCATION_WAIT: Duration = Duration::from_secs(10);
 
 /// Tasks, kept atomically. See the module docs.
 #[async_trait]
@@ -270,6 +273,35 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Unavailable`].
     async fn next_due(&self) -> Result<Option<SystemTime>, StoreError>;
+
+    /// Up to `limit` entries of the revocation log after `after` (from its start when `None`),
+    /// oldest first. Every revocation (by an operator, a task's end, a lock, or a renewal that
+    /// supersedes a credential) is logged in the same atomic step as the revocation itself;
+    /// expiry is not (verifiers check `exp`). With a non-zero `wait` (at most
+    /// [`MAX_REVOCATION_WAIT`]) and nothing after `after` yet, waits up to that long for an
+    /// entry.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn revocations(
+        &self,
+        after: Option<Cursor>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Vec<Revocation>, StoreError>;
+
+    /// The cursor of the log's last entry ([`Cursor::START`] when it is empty).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn revocation_head(&self) -> Result<Cursor, StoreError>;
+
+    /// Drops the log entries logged before `before` (every credential they name has expired
+    /// when `before` is at least the longest credential lifetime ago).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn prune_revocations(&self, before: SystemTime) -> Result<(), StoreError>;
 
     /// Publishes a public signing key until `key.until`, replacing an earlier publication of
     /// the same `kid` (so a later `until` extends it and an earlier one shortens it).

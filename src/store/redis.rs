@@ -14,12 +14,17 @@
 //!   of task ids (score 0, ordered by id, which is creation order). Index entries are written
 //!   before the task, so a failure leaves at most an entry that points nowhere; readers skip and
 //!   remove such entries. Nothing else is ever half-written.
+//! - `tc:revocations`: the revocation log, a stream appended by the revoking scripts themselves
+//!   (so an entry exists exactly when the revocation happened); its ids are the watchers'
+//!   cursors, read with `XRANGE` and waited for with a blocking `XREAD` on a connection of its
+//!   own. Trimmed by `MINID` once the credentials it names have expired. Like `tc:expiry`, it is
+//!   one key for all tasks: Redis Cluster needs it split per slot (not yet).
 
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use tokio::sync::OnceCell;
 
 use super::{
@@ -27,7 +32,10 @@ use super::{
     decode_lease, encode, encode_lease, from_unix_ms, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::identity::WorkloadId;
-use crate::lease::{Lease, LeaseId, LeaseState, Lock, LockOutcome, check_issuable};
+use crate::lease::{
+    CredentialKind, Cursor, Lease, LeaseId, LeaseState, Lock, LockOutcome, Revocation,
+    check_issuable,
+};
 use crate::mint::PublishedKey;
 use crate::task::{Task, TaskError, TaskId};
 
@@ -45,6 +53,23 @@ const EXPIRY: &str = "tc:expiry";
 const DEADLINES: &str = "tc:deadlines";
 /// Published signing keys: field `kid`, value the JSON [`PublishedKey`].
 const SIGNING_KEYS: &str = "tc:signing-keys";
+/// The revocation log: a stream whose entry ids are the watchers' cursors.
+const REVOCATIONS: &str = "tc:revocations";
+
+/// A Lua function the revoking scripts begin with: appends the revocation of the lease at hash
+/// `lk` (its current credential and expiry) to the revocation log, in the same script.
+const LOG_REVOCATION: &str = r"
+local function log_revocation(lk, reason, at_ms)
+  local f = redis.call('HMGET', lk, 'data', 'cred', 'exp_ns')
+  if not f[1] then return end
+  local d = cjson.decode(f[1])
+  local aud = d.audience
+  if type(aud) ~= 'string' then aud = '' end
+  redis.call('XADD', 'tc:revocations', '*', 'lease', d.id, 'task', d.task, 'agent', d.agent,
+    'kind', d.kind, 'cred', f[2] or d.credential, 'aud', aud, 'exp_ns', f[3], 'reason', reason,
+    'at_ms', at_ms)
+end
+";
 
 fn task_key(id: &str) -> String {
     format!("tc:task:{{{id}}}")
@@ -131,7 +156,8 @@ return 1";
 
 /// Gives an active, unexpired lease a new credential if its task is unchanged since it was
 /// checked and the agent is not locked. KEYS: task, lock, lease, new credential index.
-/// ARGV: task version read, new credential, new expiry, now (both ns since the epoch), lease id.
+/// ARGV: task version read, new credential, new expiry, now (both ns since the epoch), lease id,
+/// now (ms). The previous credential is logged as revoked (superseded).
 const RENEW: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return -1 end
@@ -140,6 +166,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
 if redis.call('HGET', KEYS[3], 'state') ~= 'active' then return -3 end
 local exp = tonumber(redis.call('HGET', KEYS[3], 'exp_ns'))
 if not exp or exp <= tonumber(ARGV[4]) then return -3 end
+log_revocation(KEYS[3], 'superseded by renewal', ARGV[6])
 redis.call('HSET', KEYS[3], 'cred', ARGV[2], 'exp_ns', ARGV[3])
 redis.call('SET', KEYS[4], ARGV[5])
 return 1";
@@ -170,6 +197,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
       local lk = 'tc:lease:{' .. id .. '}:' .. lid
       if redis.call('HGET', lk, 'state') == 'active' then
         redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[2], 'reason', ARGV[3])
+        log_revocation(lk, ARGV[3], ARGV[2])
         table.insert(leases, id .. '/' .. lid)
       end
     end
@@ -185,6 +213,7 @@ local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return -1 end
 if st ~= 'active' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'revoked', 'ended_ms', ARGV[1], 'reason', ARGV[2])
+log_revocation(KEYS[1], ARGV[2], ARGV[1])
 return 1";
 
 /// Ends a task and revokes every active lease in its set, atomically.
@@ -201,6 +230,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local lk = ARGV[7] .. id
   if redis.call('HGET', lk, 'state') == 'active' then
     redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[5], 'reason', ARGV[6])
+    log_revocation(lk, ARGV[6], ARGV[5])
     table.insert(revoked, id)
   end
   if ARGV[4] ~= '' then
@@ -291,6 +321,41 @@ fn lease_from_fields(lease: &str, fields: LeaseFields) -> Result<Option<Lease>, 
     Ok(Some(l))
 }
 
+/// One stream entry: its id and its fields, flat (`field, value, ...`).
+type StreamEntry = (String, Vec<String>);
+
+/// A revocation from a log entry written by `LOG_REVOCATION`.
+fn revocation_from_entry((id, flat): StreamEntry) -> Result<Revocation, StoreError> {
+    let bad = |what: &str| StoreError::Corrupt(format!("revocation {id}: {what}"));
+    let cursor = Cursor::parse(&id).ok_or_else(|| bad("id"))?;
+    let mut fields = std::collections::HashMap::new();
+    for pair in flat.chunks_exact(2) {
+        fields.insert(pair[0].as_str(), pair[1].as_str());
+    }
+    let get = |name: &str| fields.get(name).copied().ok_or_else(|| bad(name));
+    let number = |name: &str| -> Result<u64, StoreError> {
+        get(name)?.parse::<u64>().map_err(|_| bad(name))
+    };
+    Ok(Revocation {
+        cursor,
+        kind: match get("kind")? {
+            "jwt" => CredentialKind::Jwt,
+            "x509" => CredentialKind::X509,
+            _ => return Err(bad("kind")),
+        },
+        credential: get("cred")?.to_owned(),
+        lease: LeaseId::parse(get("lease")?).map_err(|_| bad("lease"))?,
+        task: TaskId::parse(get("task")?).map_err(|_| bad("task"))?,
+        agent: WorkloadId::parse(get("agent")?).map_err(|_| bad("agent"))?,
+        audience: Some(get("aud")?)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned),
+        reason: get("reason")?.to_owned(),
+        revoked_at: from_unix_ms(number("at_ms")?),
+        expires_at: SystemTime::UNIX_EPOCH + Duration::from_nanos(number("exp_ns")?),
+    })
+}
+
 /// Nanoseconds since the Unix epoch (0 before it): exact for lease expiries (Lua compares them
 /// as doubles, to within a microsecond, which is all it needs).
 fn unix_ns(t: SystemTime) -> u64 {
@@ -316,6 +381,9 @@ pub struct RedisStore {
     revoke_lease: redis::Script,
     lock: redis::Script,
     expire: redis::Script,
+    /// The connection that blocks in `XREAD` for [`Store::revocations`] waits: its own, so that
+    /// a blocked read never delays other commands.
+    watch: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -340,10 +408,11 @@ impl RedisStore {
             create: redis::Script::new(CREATE),
             cas: redis::Script::new(COMPARE_AND_SET),
             issue: redis::Script::new(ISSUE),
-            end_task: redis::Script::new(END_TASK),
-            renew: redis::Script::new(RENEW),
-            revoke_lease: redis::Script::new(REVOKE_LEASE),
-            lock: redis::Script::new(LOCK),
+            end_task: redis::Script::new(&format!("{LOG_REVOCATION}{END_TASK}")),
+            renew: redis::Script::new(&format!("{LOG_REVOCATION}{RENEW}")),
+            revoke_lease: redis::Script::new(&format!("{LOG_REVOCATION}{REVOKE_LEASE}")),
+            lock: redis::Script::new(&format!("{LOG_REVOCATION}{LOCK}")),
+            watch: tokio::sync::Mutex::new(None),
             expire: redis::Script::new(EXPIRE),
         })
     }
@@ -391,6 +460,56 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// Blocks in `XREAD` on the watch connection for up to `wait` for log entries after
+    /// `after`. A failed connection is dropped and made again on the next call.
+    async fn wait_revocations(
+        &self,
+        after: Cursor,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Vec<StreamEntry>, StoreError> {
+        let wait = wait.min(super::MAX_REVOCATION_WAIT);
+        let mut slot = self.watch.lock().await;
+        let conn = match slot.as_mut() {
+            Some(c) => c,
+            None => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(
+                        super::MAX_REVOCATION_WAIT + Duration::from_secs(2),
+                    ));
+                let c = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                slot.insert(c)
+            }
+        };
+        // Nil when nothing came in time; else one (stream, entries) pair.
+        let read: Result<Option<Vec<(String, Vec<StreamEntry>)>>, _> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(limit)
+            .arg("BLOCK")
+            .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg("STREAMS")
+            .arg(REVOCATIONS)
+            .arg(after.to_string())
+            .query_async(conn)
+            .await;
+        match read {
+            Ok(streams) => Ok(streams
+                .into_iter()
+                .flatten()
+                .flat_map(|(_, entries)| entries)
+                .collect()),
+            Err(e) => {
+                *slot = None;
+                Err(unavailable(&e))
+            }
+        }
+    }
+
     /// Reads a lease: the JSON as issued, with the fields that change in place laid over it.
     async fn read_lease(
         &self,
@@ -662,6 +781,7 @@ impl Store for RedisStore {
                 .arg(unix_ns(expires_at))
                 .arg(unix_ns(now))
                 .arg(id.as_str())
+                .arg(unix_ms(now))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| unavailable(&e))?;
@@ -1047,6 +1167,61 @@ impl Store for RedisStore {
         // Redis expires ended tasks itself (PEXPIREAT set when they end); readers drop the index
         // entries left behind.
         Ok(0)
+    }
+
+    async fn revocations(
+        &self,
+        after: Option<Cursor>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Vec<Revocation>, StoreError> {
+        let entries: Vec<StreamEntry> = if wait.is_zero() {
+            let mut conn = self.conn().await?;
+            let start = after.map_or_else(|| "-".to_owned(), |c| format!("({c}"));
+            redis::cmd("XRANGE")
+                .arg(REVOCATIONS)
+                .arg(start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?
+        } else {
+            self.wait_revocations(after.unwrap_or(Cursor::START), limit, wait)
+                .await?
+        };
+        entries.into_iter().map(revocation_from_entry).collect()
+    }
+
+    async fn revocation_head(&self) -> Result<Cursor, StoreError> {
+        let mut conn = self.conn().await?;
+        let last: Vec<StreamEntry> = redis::cmd("XREVRANGE")
+            .arg(REVOCATIONS)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match last.first() {
+            Some((id, _)) => Cursor::parse(id)
+                .ok_or_else(|| StoreError::Corrupt(format!("revocation id {id:?}"))),
+            None => Ok(Cursor::START),
+        }
+    }
+
+    async fn prune_revocations(&self, before: SystemTime) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("XTRIM")
+            .arg(REVOCATIONS)
+            .arg("MINID")
+            .arg(unix_ms(before))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
