@@ -261,6 +261,7 @@ impl App {
                 .into_future(),
         );
         let mut reaper = tokio::spawn(self.broker.clone().run_reaper(shutdown.clone()));
+        let feed = tokio::spawn(self.broker.clone().run_revocation_feed(shutdown.clone()));
         ready.store(true, Ordering::Release);
         tracing::info!("broker ready");
 
@@ -295,6 +296,7 @@ impl App {
             grpc.abort();
             http.abort();
             reaper.abort();
+            feed.abort();
             let message = result.err().unwrap_or_else(|| "stopped".into());
             return Err(AppError::Server { what, message });
         }

@@ -16,21 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::flows::{
-    AGENT, approved_task, creds_as, header_of, introspect, issue_as_agent, secs, tasks_as,
-    token_request, verify_independently,
+    AGENT, admin_as, approved_task, creds_as, header_of, introspect, issue_as_agent, secs,
+    tasks_as, token_request, verify_independently,
 };
 use common::{Broker, RedisServer, redis_env};
 use taskcred::api::pb;
-use taskcred::api::pb::admin_service_client::AdminServiceClient;
 use taskcred::clock::{Clock as _, ManualClock};
 use taskcred::config::JwtAlgorithm;
 use taskcred::mint::JwtKey;
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn admin_as(b: &Broker, name: &str) -> AdminServiceClient<Channel> {
-    AdminServiceClient::new(b.channel_as(name).await)
-}
 
 fn kids(jwks_body: &str) -> Vec<String> {
     let jwks: serde_json::Value = serde_json::from_str(jwks_body).unwrap();

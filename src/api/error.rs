@@ -18,6 +18,7 @@ pub fn status(e: BrokerError) -> Status {
             tracing::warn!(%detail, "store unavailable");
             Status::unavailable("the store is unavailable; nothing was changed, retry later")
         }
+        BrokerError::Exhausted(m) => Status::resource_exhausted(m),
         BrokerError::Internal(detail) => {
             tracing::error!(%detail, "internal error");
             Status::internal("internal error")

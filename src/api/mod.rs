@@ -9,6 +9,7 @@ mod error;
 mod identity;
 mod metrics;
 mod ready_or;
+mod revocations;
 mod tasks;
 
 use std::collections::HashSet;
@@ -24,6 +25,7 @@ pub use admin::AdminApi;
 pub use credentials::CredentialApi;
 pub use identity::IdentityApi;
 pub use metrics::RpcMetricsLayer;
+pub use revocations::RevocationApi;
 pub use tasks::{TaskApi, state_from_pb, state_to_pb, task_to_pb};
 
 use crate::broker::Broker;
@@ -162,6 +164,11 @@ where
     )
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let revocations = pb::revocation_service_server::RevocationServiceServer::new(
+        RevocationApi::new(broker.clone()),
+    )
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(broker))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -181,6 +188,7 @@ where
         .add_service(tasks)
         .add_service(credentials)
         .add_service(admin)
+        .add_service(revocations)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

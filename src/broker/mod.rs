@@ -7,10 +7,12 @@
 mod agents;
 mod keys;
 mod reaper;
+mod revocations;
 
 pub use agents::{MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
 pub use keys::{KEY_REFRESH, Rotation};
 pub use reaper::{LEASES_EXPIRED, REAPER_FAILURES, Reaped, TASKS_EXPIRED};
+pub use revocations::{FED, HEARTBEAT, MAX_WATCHES, RevocationWatch, WATCHERS, WatchEvent};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -63,6 +65,9 @@ pub enum BrokerError {
     /// The store cannot be reached (`UNAVAILABLE`); nothing was changed.
     #[error("store unavailable")]
     Unavailable(String),
+    /// A limit of this broker is reached (`RESOURCE_EXHAUSTED`); retry later.
+    #[error("{0}")]
+    Exhausted(String),
     /// Something that should not happen (`INTERNAL`); details are logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -235,6 +240,8 @@ pub struct Broker {
     rotation: Arc<tokio::sync::Mutex<()>>,
     /// Wakes the reaper when a lease falls due before its next round.
     reaper: Arc<reaper::ReaperSignal>,
+    /// Fans the revocation log out to this process's watches.
+    revocations: Arc<revocations::RevocationHub>,
     settings: BrokerSettings,
 }
 
@@ -270,6 +277,7 @@ impl Broker {
             key_file: parts.key_file.into(),
             rotation: Arc::default(),
             reaper: Arc::default(),
+            revocations: Arc::default(),
             settings,
         }
     }
@@ -1196,12 +1204,18 @@ impl Broker {
             .map(|l| (info, l)))
     }
 
-    /// Deletes tasks whose retention has passed.
+    /// Deletes tasks whose retention has passed, and revocation log entries old enough that
+    /// every credential they name has expired (logged more than the longest credential
+    /// lifetime, plus a minute, ago).
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`].
     pub async fn prune(&self) -> Result<usize, BrokerError> {
         let now: SystemTime = self.clock.now();
+        let logged_before = now
+            .checked_sub(self.settings.limits.credential_ttl_max + Duration::from_secs(60))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        self.store.prune_revocations(logged_before).await?;
         Ok(self.store.prune_ended(now).await?)
     }
 }

@@ -9,6 +9,7 @@ mod client;
 pub mod key;
 pub mod lease;
 pub mod policy;
+pub mod revocations;
 pub mod task;
 pub mod token;
 
@@ -108,6 +109,12 @@ pub enum Command {
         /// Which.
         #[command(subcommand)]
         command: agent::AgentCommand,
+    },
+    /// Follow revocations as verifiers see them.
+    Revocations {
+        /// Which.
+        #[command(subcommand)]
+        command: revocations::RevocationsCommand,
     },
     /// Rotate the broker's JWT signing key.
     Key {

@@ -324,6 +324,9 @@ fn lease_from_fields(lease: &str, fields: LeaseFields) -> Result<Option<Lease>, 
 /// One stream entry: its id and its fields, flat (`field, value, ...`).
 type StreamEntry = (String, Vec<String>);
 
+/// One stream of an `XREAD` reply: its key and its entries.
+type StreamReply = (String, Vec<StreamEntry>);
+
 /// A revocation from a log entry written by `LOG_REVOCATION`.
 fn revocation_from_entry((id, flat): StreamEntry) -> Result<Revocation, StoreError> {
     let bad = |what: &str| StoreError::Corrupt(format!("revocation {id}: {what}"));
@@ -487,7 +490,7 @@ impl RedisStore {
             }
         };
         // Nil when nothing came in time; else one (stream, entries) pair.
-        let read: Result<Option<Vec<(String, Vec<StreamEntry>)>>, _> = redis::cmd("XREAD")
+        let read: Result<Option<Vec<StreamReply>>, _> = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(limit)
             .arg("BLOCK")

@@ -11,6 +11,7 @@ use jwt_simple::prelude::{
 };
 use serde::Deserialize;
 use taskcred::api::pb;
+use taskcred::api::pb::admin_service_client::AdminServiceClient;
 use taskcred::api::pb::credential_service_client::CredentialServiceClient;
 use taskcred::api::pb::task_service_client::TaskServiceClient;
 use tonic::transport::Channel;
@@ -22,6 +23,10 @@ pub const ISSUER: &str = "http://127.0.0.1:7480";
 
 pub async fn tasks_as(b: &Broker, name: &str) -> TaskServiceClient<Channel> {
     TaskServiceClient::new(b.channel_as(name).await)
+}
+
+pub async fn admin_as(b: &Broker, name: &str) -> AdminServiceClient<Channel> {
+    AdminServiceClient::new(b.channel_as(name).await)
 }
 
 pub async fn creds_as(b: &Broker, name: &str) -> CredentialServiceClient<Channel> {

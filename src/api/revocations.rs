@@ -1,0 +1,107 @@
+//! `taskcred.v1.RevocationService`: the revocation watch stream. Each watch runs as a task that
+//! ends when the client goes away or the broker stops.
+
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::auth::caller;
+use super::error::status;
+use super::pb;
+use super::pb::revocation_service_server::RevocationService;
+use super::tasks::ts;
+use crate::broker::{Broker, WatchEvent};
+use crate::lease::{CredentialKind, Cursor, Revocation};
+
+/// Longest cursor accepted.
+const MAX_CURSOR_BYTES: usize = 48;
+
+/// The revocation service.
+#[derive(Debug, Clone)]
+pub struct RevocationApi {
+    broker: Broker,
+}
+
+impl RevocationApi {
+    /// Serves `broker`'s revocation watches.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+}
+
+fn revoked_to_pb(r: &Revocation) -> pb::Revoked {
+    pb::Revoked {
+        kind: match r.kind {
+            CredentialKind::Jwt => "jwt",
+            CredentialKind::X509 => "x509",
+        }
+        .into(),
+        credential_id: r.credential.clone(),
+        lease_id: r.lease.to_string(),
+        task_id: r.task.to_string(),
+        agent: r.agent.to_string(),
+        audience: r.audience.clone().unwrap_or_default(),
+        reason: r.reason.clone(),
+        revoked_at: ts(r.revoked_at),
+        expires_at: ts(r.expires_at),
+    }
+}
+
+fn event_to_pb(e: &WatchEvent) -> pb::RevocationEvent {
+    use pb::revocation_event::Event;
+    let (cursor, event) = match e {
+        WatchEvent::Revoked(r) => (r.cursor, Event::Revoked(revoked_to_pb(r))),
+        WatchEvent::Synced(c) => (*c, Event::Synced(pb::Synced {})),
+        WatchEvent::Heartbeat(c) => (*c, Event::Heartbeat(pb::Heartbeat {})),
+    };
+    pb::RevocationEvent {
+        cursor: cursor.to_string(),
+        event: Some(event),
+    }
+}
+
+/// The stream of one watch.
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RevocationEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RevocationService for RevocationApi {
+    type WatchRevocationsStream = EventStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let who = caller(&request)?.id.clone();
+        let req = request.into_inner();
+        let after = match req.after.as_str() {
+            "" => None,
+            s if s.len() <= MAX_CURSOR_BYTES => Some(
+                Cursor::parse(s)
+                    .ok_or_else(|| Status::invalid_argument("after: not a cursor (<ms>-<seq>)"))?,
+            ),
+            _ => return Err(Status::invalid_argument("after: not a cursor (<ms>-<seq>)")),
+        };
+        let audience = Some(req.audience).filter(|a| !a.is_empty());
+        let mut watch = self
+            .broker
+            .watch_revocations(&who, after, audience)
+            .map_err(status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = tx.closed() => break,
+                    e = watch.next() => e,
+                };
+                let item = next.map(|e| event_to_pb(&e)).map_err(status);
+                let last = item.is_err();
+                if tx.send(item).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

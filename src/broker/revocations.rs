@@ -1,0 +1,285 @@
+//! Revocations reaching verifiers: one feed loop per broker process follows the store's
+//! revocation log (for Redis, the stream every replica appends to, so a revocation made on any
+//! replica reaches the watchers of all) and fans each entry out to this process's watchers. A
+//! watch first delivers the current revoked-and-unexpired set (or, resuming after a cursor,
+//! every entry since), then live entries, with heartbeats while the feed is known to be current.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use super::{Broker, BrokerError};
+use crate::identity::WorkloadId;
+use crate::lease::{Cursor, Revocation};
+use crate::store::{Store, unix_ms};
+
+/// How long one read of the log waits for an entry; also how often an idle feed proves the
+/// store answers.
+const FEED_WAIT: Duration = Duration::from_secs(2);
+/// Entries read per store call.
+const PAGE: usize = 512;
+/// Live entries buffered per process; a watcher further behind catches up from the store.
+const BUFFER: usize = 4096;
+/// First and longest pause after the store failed.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// How often a watch says it is alive when nothing happens.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A feed whose last successful read is older than this (ms) is not current: watches get no
+/// heartbeat, so verifiers see their view go stale.
+const FEED_CURRENT_MS: u64 = 6000;
+/// Most open watches per broker process.
+pub const MAX_WATCHES: usize = 1024;
+/// Longest audience filter accepted.
+const MAX_AUDIENCE_BYTES: usize = 256;
+
+/// Gauge of open watches in this process.
+pub const WATCHERS: &str = "taskcred_revocation_watchers";
+/// Counter of revocation entries this process's feed read from the store.
+pub const FED: &str = "taskcred_revocations_fed_total";
+
+/// The fan-out point of one process: the feed loop sends, watches receive.
+#[derive(Debug)]
+pub(super) struct RevocationHub {
+    live: broadcast::Sender<Arc<Revocation>>,
+    /// Set once the feed knows where the log ends: a backlog read after that misses nothing.
+    ready: tokio::sync::watch::Sender<bool>,
+    /// When the feed last read the log successfully (ms since the epoch; 0 never).
+    current_ms: AtomicU64,
+    watches: Arc<Semaphore>,
+    /// Cancelled when the feed stops (the broker shuts down): watches end, so that the server
+    /// can drain.
+    stopping: CancellationToken,
+}
+
+impl Default for RevocationHub {
+    fn default() -> Self {
+        Self {
+            live: broadcast::Sender::new(BUFFER),
+            ready: tokio::sync::watch::Sender::new(false),
+            current_ms: AtomicU64::new(0),
+            watches: Arc::new(Semaphore::new(MAX_WATCHES)),
+            stopping: CancellationToken::new(),
+        }
+    }
+}
+
+/// What a watch delivers next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A credential revoked before its expiry.
+    Revoked(Arc<Revocation>),
+    /// Everything up to `cursor` was delivered: the backlog is done and live entries follow.
+    Synced(Cursor),
+    /// Nothing new up to `cursor`, and the feed is current.
+    Heartbeat(Cursor),
+}
+
+/// One watcher's view: the backlog from the store, then the live entries of the hub.
+#[derive(Debug)]
+pub struct RevocationWatch {
+    store: Arc<dyn Store>,
+    hub: Arc<RevocationHub>,
+    clock: Arc<dyn crate::clock::Clock>,
+    live: broadcast::Receiver<Arc<Revocation>>,
+    audience: Option<String>,
+    /// Everything up to here was delivered or passed over.
+    at: Cursor,
+    /// Entries read from the store and not yet delivered (the backlog or a catch-up).
+    pending: std::collections::VecDeque<Revocation>,
+    /// Still reading from the store (the backlog, or catching up after falling behind).
+    catching_up: bool,
+    /// Whether `Synced` was sent.
+    synced: bool,
+    /// When the last event was delivered (heartbeats count from there).
+    last_sent: tokio::time::Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Broker {
+    /// Follows the store's revocation log until `shutdown`, fanning entries out to this
+    /// process's watches. Retries with backoff while the store fails.
+    pub async fn run_revocation_feed(self, shutdown: CancellationToken) {
+        let hub = self.revocations.clone();
+        let _stop_watches = hub.stopping.clone().drop_guard();
+        let mut backoff = BACKOFF.0;
+        let mut cursor: Option<Cursor> = None;
+        loop {
+            let read = async {
+                let after = match cursor {
+                    Some(c) => c,
+                    None => self.store.revocation_head().await?,
+                };
+                let got = self.store.revocations(Some(after), PAGE, FEED_WAIT).await?;
+                Ok::<_, crate::store::StoreError>((after, got))
+            };
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = read => r,
+            };
+            match result {
+                Ok((after, got)) => {
+                    backoff = BACKOFF.0;
+                    cursor = Some(got.last().map_or(after, |r| r.cursor));
+                    hub.ready.send_replace(true);
+                    metrics::counter!(FED).increment(got.len() as u64);
+                    for r in got {
+                        // No receiver is fine: nobody watches.
+                        let _ = hub.live.send(Arc::new(r));
+                    }
+                    hub.current_ms
+                        .store(unix_ms(SystemTime::now()), Ordering::Release);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the revocation log failed; will retry");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                }
+            }
+        }
+    }
+
+    /// Opens a watch of revocations for any authenticated caller: after `after` when resuming,
+    /// else from the current revoked-and-unexpired set; only JWTs for `audience` when given.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`] for a bad audience; [`BrokerError::Exhausted`] when this process
+    /// has [`MAX_WATCHES`] open.
+    pub fn watch_revocations(
+        &self,
+        caller: &WorkloadId,
+        after: Option<Cursor>,
+        audience: Option<String>,
+    ) -> Result<RevocationWatch, BrokerError> {
+        if let Some(a) = &audience
+            && (a.is_empty() || a.len() > MAX_AUDIENCE_BYTES || a.chars().any(char::is_control))
+        {
+            return Err(BrokerError::Invalid {
+                field: "audience",
+                reason: format!(
+                    "must be 1 to {MAX_AUDIENCE_BYTES} bytes without control characters"
+                ),
+            });
+        }
+        let permit = self
+            .revocations
+            .watches
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| BrokerError::Exhausted("too many revocation watches open".into()))?;
+        tracing::debug!(%caller, ?after, ?audience, "revocation watch opened");
+        Ok(RevocationWatch {
+            store: self.store.clone(),
+            hub: self.revocations.clone(),
+            clock: self.clock.clone(),
+            // Subscribed before the backlog is read: nothing falls between the two.
+            live: self.revocations.live.subscribe(),
+            audience,
+            at: after.unwrap_or(Cursor::START),
+            pending: std::collections::VecDeque::new(),
+            catching_up: true,
+            synced: false,
+            last_sent: tokio::time::Instant::now(),
+            _permit: permit,
+        })
+        .inspect(|_| metrics::gauge!(WATCHERS).increment(1.0))
+    }
+}
+
+impl RevocationWatch {
+    /// Whether `r` is for this watcher: unexpired, and for its audience if it has one.
+    fn wanted(&self, r: &Revocation) -> bool {
+        r.expires_at > self.clock.now()
+            && self
+                .audience
+                .as_ref()
+                .is_none_or(|a| r.audience.as_ref() == Some(a))
+    }
+
+    /// The next event: backlog entries, `Synced`, then live entries and heartbeats.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the store fails while reading the backlog or catching
+    /// up (the watcher reconnects and resumes from its last cursor).
+    pub async fn next(&mut self) -> Result<WatchEvent, BrokerError> {
+        let stopping = self.hub.stopping.clone();
+        let event = tokio::select! {
+            () = stopping.cancelled() => {
+                Err(BrokerError::Unavailable("the broker is stopping".into()))
+            }
+            e = self.next_event() => e,
+        };
+        self.last_sent = tokio::time::Instant::now();
+        event
+    }
+
+    async fn next_event(&mut self) -> Result<WatchEvent, BrokerError> {
+        if !self.synced {
+            // The backlog is read once the feed knows where the log ends (see `ready`).
+            let mut ready = self.hub.ready.subscribe();
+            if ready.wait_for(|r| *r).await.is_err() {
+                return Err(BrokerError::Unavailable("the broker is stopping".into()));
+            }
+        }
+        loop {
+            if let Some(r) = self.pending.pop_front() {
+                self.at = r.cursor;
+                if self.wanted(&r) {
+                    return Ok(WatchEvent::Revoked(Arc::new(r)));
+                }
+                continue;
+            }
+            if self.catching_up {
+                let page = self
+                    .store
+                    .revocations(Some(self.at), PAGE, Duration::ZERO)
+                    .await?;
+                if page.is_empty() {
+                    self.catching_up = false;
+                    if !self.synced {
+                        self.synced = true;
+                        return Ok(WatchEvent::Synced(self.at));
+                    }
+                }
+                self.pending.extend(page);
+                continue;
+            }
+            let heartbeat = tokio::time::sleep_until(self.last_sent + HEARTBEAT);
+            tokio::select! {
+                got = self.live.recv() => match got {
+                    Ok(r) if r.cursor > self.at => {
+                        self.at = r.cursor;
+                        if self.wanted(&r) {
+                            return Ok(WatchEvent::Revoked(r));
+                        }
+                    }
+                    Ok(_) => {} // delivered with the backlog already
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.catching_up = true,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(BrokerError::Unavailable("the broker is stopping".into()));
+                    }
+                },
+                () = heartbeat => {
+                    let current = self.hub.current_ms.load(Ordering::Acquire);
+                    if unix_ms(SystemTime::now()).saturating_sub(current) < FEED_CURRENT_MS {
+                        return Ok(WatchEvent::Heartbeat(self.at));
+                    }
+                    // Not current: no heartbeat; look again in a while.
+                    self.last_sent = tokio::time::Instant::now();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RevocationWatch {
+    fn drop(&mut self) {
+        metrics::gauge!(WATCHERS).decrement(1.0);
+        tracing::debug!(at = %self.at, "revocation watch closed");
+    }
+}
