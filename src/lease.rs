@@ -71,6 +71,34 @@ pub enum LeaseState {
     Expired,
 }
 
+impl LeaseState {
+    /// Its name: `active`, `revoked`, `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// The state named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Active, Self::Revoked, Self::Expired]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+    }
+}
+
+impl CredentialKind {
+    /// Its name: `jwt`, `x509`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Jwt => "jwt",
+            Self::X509 => "x509",
+        }
+    }
+}
+
 /// One issued credential and what it is bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {

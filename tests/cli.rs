@@ -452,6 +452,41 @@ fn operator_commands_lock_agents_and_rotate_the_key() {
     let (code, out, _) = as_("operator", &["agent", "locks"]);
     assert_eq!(code, 0);
     assert!(out.contains(agent) && out.contains("leaked token"), "{out}");
+
+    // Leases, listed by operators with their state.
+    let (code, out, err) = as_("operator", &["--json", "lease", "list", "--agent", agent]);
+    assert_eq!(code, 0, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let leases = listed["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 1, "{out}");
+    assert_eq!(leases[0]["state"], "revoked");
+    assert_eq!(leases[0]["task_id"], id.as_str());
+    assert!(
+        leases[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("leaked token")
+    );
+    for filter in [
+        &["--task", id.as_str(), "--state", "revoked"][..],
+        &["--state", "revoked"][..],
+    ] {
+        let (code, out, err) = as_("operator", &[&["lease", "list"][..], filter].concat());
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out.lines().count(), 1, "{filter:?}: {out}");
+        assert!(out.contains("revoked") && out.contains(&id), "{out}");
+    }
+    let (_, out, _) = as_("operator", &["lease", "list", "--state", "active"]);
+    assert_eq!(out.trim(), "no lease");
+    let (code, _, err) = as_("operator", &["lease", "list", "--state", "alive"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("INVALID_ARGUMENT") && err.contains("state"),
+        "{err}"
+    );
+    let (code, _, err) = as_("agent", &["lease", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
     let (code, out, _) = as_("operator", &["agent", "unlock", agent]);
     assert_eq!(code, 0);
     assert_eq!(out.trim(), format!("unlocked {agent}"));

@@ -7,10 +7,12 @@ use super::auth::caller;
 use super::error::status;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
-use super::tasks::{duration, ts};
+use super::tasks::{duration, task_id, ts};
 use crate::broker::Broker;
+use crate::broker::LeaseQuery;
 use crate::identity::WorkloadId;
-use crate::lease::Lock;
+use crate::lease::{Lease, LeaseState, Lock};
+use crate::task::TaskId;
 
 /// The admin service.
 #[derive(Debug, Clone)]
@@ -36,6 +38,24 @@ fn lock_to_pb(l: Lock) -> pb::Lock {
         operator: l.operator.to_string(),
         locked_at: ts(l.at),
         until: l.until.and_then(ts),
+    }
+}
+
+fn lease_to_pb(l: Lease) -> pb::Lease {
+    pb::Lease {
+        lease_id: l.id.to_string(),
+        task_id: l.task.to_string(),
+        agent: l.agent.to_string(),
+        kind: l.kind.as_str().into(),
+        credential_id: l.credential,
+        audience: l.audience.unwrap_or_default(),
+        actions: l.actions,
+        state: l.state.as_str().into(),
+        issued_at: ts(l.issued_at),
+        expires_at: ts(l.expires_at),
+        renew_until: ts(l.renew_until),
+        ended_at: l.ended_at.and_then(ts),
+        reason: l.reason.unwrap_or_default(),
     }
 }
 
@@ -103,6 +123,39 @@ impl AdminService for AdminApi {
             .map_err(status)?;
         Ok(Response::new(pb::UnlockAgentResponse {
             lock: lifted.map(lock_to_pb),
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let req = request.into_inner();
+        let optional = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
+        let query = LeaseQuery {
+            agent: optional(&req.agent).map(|a| agent(&a)).transpose()?,
+            task: optional(&req.task_id).map(|t| task_id(&t)).transpose()?,
+            state: optional(&req.state)
+                .map(|s| {
+                    LeaseState::parse(&s).ok_or_else(|| {
+                        Status::invalid_argument("state: one of active, revoked, expired")
+                    })
+                })
+                .transpose()?,
+            page_size: usize::try_from(req.page_size).unwrap_or(usize::MAX),
+            after_task: optional(&req.page_token)
+                .map(|t| {
+                    TaskId::parse(&t).map_err(|_| {
+                        Status::invalid_argument("page_token: not from a previous page")
+                    })
+                })
+                .transpose()?,
+        };
+        let page = self.broker.list_leases(&who, query).await.map_err(status)?;
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: page.leases.into_iter().map(lease_to_pb).collect(),
+            next_page_token: page.next.map(|t| t.to_string()).unwrap_or_default(),
         }))
     }
 

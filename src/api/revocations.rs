@@ -13,7 +13,7 @@ use super::pb;
 use super::pb::revocation_service_server::RevocationService;
 use super::tasks::ts;
 use crate::broker::{Broker, WatchEvent};
-use crate::lease::{CredentialKind, Cursor, Revocation};
+use crate::lease::{Cursor, Revocation};
 
 /// Longest cursor accepted.
 const MAX_CURSOR_BYTES: usize = 48;
@@ -33,11 +33,7 @@ impl RevocationApi {
 
 fn revoked_to_pb(r: &Revocation) -> pb::Revoked {
     pb::Revoked {
-        kind: match r.kind {
-            CredentialKind::Jwt => "jwt",
-            CredentialKind::X509 => "x509",
-        }
-        .into(),
+        kind: r.kind.as_str().into(),
         credential_id: r.credential.clone(),
         lease_id: r.lease.to_string(),
         task_id: r.task.to_string(),

@@ -6,11 +6,13 @@
 
 mod agents;
 mod keys;
+mod leases;
 mod reaper;
 mod revocations;
 
 pub use agents::{MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
 pub use keys::{KEY_REFRESH, Rotation};
+pub use leases::{LeasePage, LeaseQuery, MAX_LEASE_PAGE};
 pub use reaper::{LEASES_EXPIRED, REAPER_FAILURES, Reaped, TASKS_EXPIRED};
 pub use revocations::{FED, HEARTBEAT, MAX_WATCHES, RevocationWatch, WATCHERS, WatchEvent};
 

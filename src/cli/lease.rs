@@ -1,14 +1,15 @@
-//! `taskcred lease ...`: renew or revoke one lease.
+//! `taskcred lease ...`: renew or revoke one lease; list leases (operators).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Subcommand;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::{ClientArgs, ClientError, connect, rfc3339};
+use super::{ClientArgs, ClientError, connect, rfc3339, rfc3339_opt};
 use crate::api::pb;
+use crate::api::pb::admin_service_client::AdminServiceClient;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
 
 /// `taskcred lease ...`.
@@ -33,6 +34,22 @@ pub enum LeaseCommand {
     Revoke {
         /// The lease id.
         id: String,
+    },
+    /// List leases (operators): newest task first, one line each (with --json, one object
+    /// with every lease and its state).
+    List {
+        /// Only this agent's (a SPIFFE ID).
+        #[arg(long, value_name = "SPIFFE_ID")]
+        agent: Option<String>,
+        /// Only this task's.
+        #[arg(long, value_name = "ID")]
+        task: Option<String>,
+        /// Only in this state: active, revoked or expired.
+        #[arg(long, value_name = "STATE")]
+        state: Option<String>,
+        /// Print at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
     },
 }
 
@@ -93,6 +110,21 @@ async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), Client
                 println!("renewed until {expires}; renewable for {left}s more");
             }
         }
+        LeaseCommand::List {
+            agent,
+            task,
+            state,
+            limit,
+        } => {
+            list(
+                args,
+                agent.as_deref(),
+                task.as_deref(),
+                state.as_deref(),
+                *limit,
+            )
+            .await?;
+        }
         LeaseCommand::Revoke { id } => {
             let r = CredentialServiceClient::new(connect(args).await?)
                 .revoke_lease(pb::RevokeLeaseRequest {
@@ -112,6 +144,80 @@ async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), Client
                     r.lease_id, r.credential_id
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+async fn list(
+    args: &ClientArgs,
+    agent: Option<&str>,
+    task: Option<&str>,
+    state: Option<&str>,
+    limit: usize,
+) -> Result<(), ClientError> {
+    let mut client = AdminServiceClient::new(connect(args).await?);
+    let mut leases = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_leases(pb::ListLeasesRequest {
+                agent: agent.unwrap_or_default().to_owned(),
+                task_id: task.unwrap_or_default().to_owned(),
+                state: state.unwrap_or_default().to_owned(),
+                page_size: 500,
+                page_token,
+            })
+            .await
+            .map_err(ClientError::Refused)?
+            .into_inner();
+        leases.extend(page.leases);
+        if page.next_page_token.is_empty() || leases.len() >= limit {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    leases.truncate(limit);
+    if args.json {
+        let all: Vec<Value> = leases
+            .iter()
+            .map(|l| {
+                json!({
+                    "lease_id": l.lease_id,
+                    "task_id": l.task_id,
+                    "agent": l.agent,
+                    "kind": l.kind,
+                    "credential_id": l.credential_id,
+                    "audience": Some(&l.audience).filter(|a| !a.is_empty()),
+                    "actions": l.actions,
+                    "state": l.state,
+                    "issued_at": rfc3339_opt(l.issued_at),
+                    "expires_at": rfc3339_opt(l.expires_at),
+                    "renew_until": rfc3339_opt(l.renew_until),
+                    "ended_at": rfc3339_opt(l.ended_at),
+                    "reason": Some(&l.reason).filter(|r| !r.is_empty()),
+                })
+            })
+            .collect();
+        println!("{}", json!({ "leases": all }));
+    } else if leases.is_empty() {
+        println!("no lease");
+    } else {
+        for l in &leases {
+            println!(
+                "{}  {:<7}  {:<4}  expires {}  task {}  {}{}",
+                l.lease_id,
+                l.state,
+                l.kind,
+                rfc3339_opt(l.expires_at).unwrap_or_default(),
+                l.task_id,
+                l.agent,
+                if l.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", l.reason)
+                }
+            );
         }
     }
     Ok(())

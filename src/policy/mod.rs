@@ -78,6 +78,8 @@ pub enum PolicyAction {
     UnlockAgent,
     /// List the locks.
     ListLocks,
+    /// List leases.
+    ListLeases,
     /// End one task's leases as an operator.
     RevokeTask,
     /// Replace the JWT signing key.
@@ -105,6 +107,7 @@ impl PolicyAction {
             Self::LockAgent => "LockAgent",
             Self::UnlockAgent => "UnlockAgent",
             Self::ListLocks => "ListLocks",
+            Self::ListLeases => "ListLeases",
             Self::RevokeTask => "RevokeTask",
             Self::RotateSigningKey => "RotateSigningKey",
             Self::Introspect => "Introspect",

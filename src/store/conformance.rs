@@ -995,6 +995,22 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
     assert!(reaped.iter().any(|l| l.id == expiring.id));
     store.end_task(&t.id, complete(), DAY).await.unwrap();
 
+    let states: Vec<(LeaseId, LeaseState)> = store
+        .task_leases(&t.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.id, l.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (renewed.id.clone(), LeaseState::Revoked),
+            (ended.id.clone(), LeaseState::Revoked),
+            (expiring.id.clone(), LeaseState::Expired),
+        ]
+    );
+
     let log = after_head(100).await.unwrap();
     let seen: Vec<(&str, &str, &str)> = log
         .iter()

@@ -587,6 +587,25 @@ impl Store for EmbeddedStore {
         done
     }
 
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
+        let task = task.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let leases = txn.open_table(LEASES).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in leases
+                .range((task.as_str(), "")..=(task.as_str(), "~"))
+                .map_err(backend)?
+            {
+                let (_, v) = entry.map_err(backend)?;
+                out.push(decode_lease(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(store_only)
+    }
+
     async fn find_lease(
         &self,
         task: &TaskId,

@@ -172,6 +172,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError>;
 
+    /// Every lease of task `task`, in issuance order, whatever its state.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError>;
+
     /// Replaces the credential of an active lease (renewal), re-checking in the same atomic
     /// step its task (approved, before its deadline, executed by the lease's agent), the
     /// agent's lock, and that the lease is active and unexpired at `now`. The previous

@@ -838,6 +838,32 @@ impl Store for RedisStore {
         }
     }
 
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
+        let mut conn = self.conn().await?;
+        let task = task.to_string();
+        let mut ids: Vec<String> = conn
+            .smembers(leases_key(&task))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        // Lease ids are UUIDv7: their order is issuance order.
+        ids.sort_unstable();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET")
+                .arg(format!("{}{id}", lease_prefix(&task)))
+                .arg(&LEASE_FIELDS);
+        }
+        let fields: Vec<LeaseFields> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, f) in ids.iter().zip(fields) {
+            out.extend(lease_from_fields(id, f)?);
+        }
+        Ok(out)
+    }
+
     async fn find_lease(
         &self,
         task: &TaskId,
