@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, GrpcOptions};
 use crate::audit::AuditLog;
-use crate::broker::{Broker, BrokerParts, BrokerSettings, KEY_REFRESH};
+use crate::broker::{Broker, BrokerParts, BrokerSettings, EPOCH_CHECK, KEY_REFRESH};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ServerConfig, StoreBackend};
 use crate::http::{self, HttpState};
@@ -195,6 +195,12 @@ impl App {
         &self.broker
     }
 
+    async fn check_store_epoch(&self) {
+        if let Err(e) = self.broker.check_store_epoch().await {
+            tracing::warn!(error = %e, "reading the store's epoch failed; will retry");
+        }
+    }
+
     async fn refresh_signing_keys(&self) {
         match self.broker.refresh_signing_keys().await {
             Ok(n) => tracing::debug!(keys = n, "signing keys published and refreshed"),
@@ -216,6 +222,7 @@ impl App {
         // Publish this replica's key and learn the others' before serving: the JWK Set and
         // introspection know every live key from the first request on.
         self.refresh_signing_keys().await;
+        self.check_store_epoch().await;
         let metrics = telemetry::metrics_handle();
         let ready = Arc::new(AtomicBool::new(false));
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -254,6 +261,7 @@ impl App {
             ready: ready.clone(),
             store: self.broker.store().clone(),
             keys: self.keys.clone(),
+            broker: self.broker.clone(),
         });
         let mut http = tokio::spawn(
             axum::serve(listeners.http, http_router)
@@ -268,6 +276,8 @@ impl App {
         // Histograms are aggregated lazily; upkeep keeps the recorder's memory bounded.
         let mut upkeep = tokio::time::interval(Duration::from_secs(5));
         let mut prune = tokio::time::interval(PRUNE_EVERY);
+        let mut epoch_check = tokio::time::interval(EPOCH_CHECK);
+        epoch_check.reset();
         let mut key_refresh = tokio::time::interval(KEY_REFRESH);
         key_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         key_refresh.reset();
@@ -278,6 +288,7 @@ impl App {
                 () = shutdown.cancelled() => break None,
                 _ = upkeep.tick() => metrics.run_upkeep(),
                 _ = key_refresh.tick() => self.refresh_signing_keys().await,
+                _ = epoch_check.tick() => self.check_store_epoch().await,
                 _ = prune.tick() => match self.broker.prune().await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(tasks = n, "pruned ended tasks past their retention"),

@@ -396,3 +396,75 @@ fn two_serve_processes_share_revocations() {
     assert_eq!(a.terminate().code(), Some(0));
     assert_eq!(b.terminate().code(), Some(0));
 }
+
+/// The epoch and its start carried by a `Synced` or `Heartbeat`.
+fn epoch_of(e: &pb::RevocationEvent) -> Option<(String, prost_types::Timestamp)> {
+    match e.event.as_ref()? {
+        Event::Synced(s) => Some((s.store_epoch.clone(), s.store_epoch_started_at?)),
+        Event::Heartbeat(h) => Some((h.store_epoch.clone(), h.store_epoch_started_at?)),
+        Event::Revoked(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_comes_back_empty_is_detected() {
+    let mut redis = RedisServer::start();
+    let b = Broker::start_on_redis(&redis.url()).await;
+    let mut old_watch = watch(&b, "", "").await;
+    let synced = next(&mut old_watch, Duration::from_secs(5)).await;
+    let (before, _) = epoch_of(&synced).unwrap();
+    assert!(!before.is_empty());
+    let task = approved_task(&b, &[], None).await;
+    let issued = issue_as_agent(&b, &task.id, None).await;
+    assert!(introspect(&b, &issued.token).await.active);
+    let (_, ready) = b.http_get("/readyz").await;
+    assert_eq!(ready, "ready\n");
+
+    redis.restart_empty();
+    // Noticed within a check or two (every 5 s), said in /readyz and the metrics.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = b.http_get("/readyz").await;
+        if body.contains("store reset detected") {
+            assert!(body.contains(&before), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reset in /readyz: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, metrics) = b.http_get("/metrics").await;
+    assert!(
+        metrics.contains("taskcred_store_resets_total 1"),
+        "{metrics}"
+    );
+    // What was issued before is inactive.
+    assert!(!introspect(&b, &issued.token).await.active);
+    // Watchers learn the new epoch (a heartbeat on the old stream, synced on a new one), which
+    // began after the token was issued.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let after = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = match tokio::time::timeout(left, old_watch.message()).await {
+            Ok(Ok(Some(e))) => e,
+            // The stream may end while Redis restarts: a verifier reconnects.
+            _ => {
+                old_watch = watch(&b, "", "").await;
+                continue;
+            }
+        };
+        if let Some((epoch, started)) = epoch_of(&e)
+            && epoch != before
+        {
+            break (epoch, started);
+        }
+        assert!(Instant::now() < deadline, "no new epoch on the stream");
+    };
+    let started = std::time::SystemTime::try_from(after.1).unwrap();
+    let issued_at = std::time::SystemTime::try_from(issued.expires_at.unwrap()).unwrap()
+        - Duration::from_secs(u64::try_from(issued.ttl.unwrap().seconds).unwrap());
+    assert!(started > issued_at);
+    let mut fresh = watch(&b, "", "").await;
+    let synced = next(&mut fresh, Duration::from_secs(5)).await;
+    assert_eq!(epoch_of(&synced).unwrap().0, after.0);
+    b.stop().await;
+}

@@ -14,6 +14,7 @@ use super::pb::revocation_service_server::RevocationService;
 use super::tasks::ts;
 use crate::broker::{Broker, WatchEvent};
 use crate::lease::{Cursor, Revocation};
+use crate::store::Epoch;
 
 /// Longest cursor accepted.
 const MAX_CURSOR_BYTES: usize = 48;
@@ -45,12 +46,34 @@ fn revoked_to_pb(r: &Revocation) -> pb::Revoked {
     }
 }
 
+fn epoch_to_pb(e: Option<&Epoch>) -> (String, Option<prost_types::Timestamp>) {
+    e.map_or((String::new(), None), |e| (e.id.clone(), ts(e.started_at)))
+}
+
 fn event_to_pb(e: &WatchEvent) -> pb::RevocationEvent {
     use pb::revocation_event::Event;
     let (cursor, event) = match e {
         WatchEvent::Revoked(r) => (r.cursor, Event::Revoked(revoked_to_pb(r))),
-        WatchEvent::Synced(c) => (*c, Event::Synced(pb::Synced {})),
-        WatchEvent::Heartbeat(c) => (*c, Event::Heartbeat(pb::Heartbeat {})),
+        WatchEvent::Synced { cursor, epoch } => {
+            let (store_epoch, store_epoch_started_at) = epoch_to_pb(epoch.as_ref());
+            (
+                *cursor,
+                Event::Synced(pb::Synced {
+                    store_epoch,
+                    store_epoch_started_at,
+                }),
+            )
+        }
+        WatchEvent::Heartbeat { cursor, epoch } => {
+            let (store_epoch, store_epoch_started_at) = epoch_to_pb(epoch.as_ref());
+            (
+                *cursor,
+                Event::Heartbeat(pb::Heartbeat {
+                    store_epoch,
+                    store_epoch_started_at,
+                }),
+            )
+        }
     };
     pb::RevocationEvent {
         cursor: cursor.to_string(),

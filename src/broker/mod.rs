@@ -5,12 +5,14 @@
 //! operation, and audits the decision. No tonic types here.
 
 mod agents;
+mod epoch;
 mod keys;
 mod leases;
 mod reaper;
 mod revocations;
 
 pub use agents::{MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
+pub use epoch::{EPOCH_CHECK, STORE_EPOCH_STARTED, STORE_RESETS, StoreReset};
 pub use keys::{KEY_REFRESH, Rotation};
 pub use leases::{LeasePage, LeaseQuery, MAX_LEASE_PAGE};
 pub use reaper::{LEASES_EXPIRED, REAPER_FAILURES, Reaped, TASKS_EXPIRED};
@@ -244,6 +246,8 @@ pub struct Broker {
     reaper: Arc<reaper::ReaperSignal>,
     /// Fans the revocation log out to this process's watches.
     revocations: Arc<revocations::RevocationHub>,
+    /// The store's epoch as last seen, and any reset noticed.
+    epoch: Arc<epoch::EpochState>,
     settings: BrokerSettings,
 }
 
@@ -280,6 +284,7 @@ impl Broker {
             rotation: Arc::default(),
             reaper: Arc::default(),
             revocations: Arc::default(),
+            epoch: Arc::default(),
             settings,
         }
     }

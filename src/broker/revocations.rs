@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, BrokerError};
 use crate::identity::WorkloadId;
 use crate::lease::{Cursor, Revocation};
-use crate::store::{Store, unix_ms};
+use crate::store::{Epoch, Store, unix_ms};
 
 /// How long one read of the log waits for an entry; also how often an idle feed proves the
 /// store answers.
@@ -72,9 +72,20 @@ pub enum WatchEvent {
     /// A credential revoked before its expiry.
     Revoked(Arc<Revocation>),
     /// Everything up to `cursor` was delivered: the backlog is done and live entries follow.
-    Synced(Cursor),
+    /// `epoch`: the store's epoch (credentials issued before it began are void).
+    Synced {
+        /// Where the watch stands.
+        cursor: Cursor,
+        /// The store's epoch, once known.
+        epoch: Option<Epoch>,
+    },
     /// Nothing new up to `cursor`, and the feed is current.
-    Heartbeat(Cursor),
+    Heartbeat {
+        /// Where the watch stands.
+        cursor: Cursor,
+        /// The store's epoch, once known.
+        epoch: Option<Epoch>,
+    },
 }
 
 /// One watcher's view: the backlog from the store, then the live entries of the hub.
@@ -82,6 +93,7 @@ pub enum WatchEvent {
 pub struct RevocationWatch {
     store: Arc<dyn Store>,
     hub: Arc<RevocationHub>,
+    epoch: Arc<super::epoch::EpochState>,
     clock: Arc<dyn crate::clock::Clock>,
     live: broadcast::Receiver<Arc<Revocation>>,
     audience: Option<String>,
@@ -176,6 +188,7 @@ impl Broker {
         Ok(RevocationWatch {
             store: self.store.clone(),
             hub: self.revocations.clone(),
+            epoch: self.epoch_state(),
             clock: self.clock.clone(),
             // Subscribed before the backlog is read: nothing falls between the two.
             live: self.revocations.live.subscribe(),
@@ -243,7 +256,10 @@ impl RevocationWatch {
                     self.catching_up = false;
                     if !self.synced {
                         self.synced = true;
-                        return Ok(WatchEvent::Synced(self.at));
+                        return Ok(WatchEvent::Synced {
+                            cursor: self.at,
+                            epoch: self.epoch.current(),
+                        });
                     }
                 }
                 self.pending.extend(page);
@@ -267,7 +283,10 @@ impl RevocationWatch {
                 () = heartbeat => {
                     let current = self.hub.current_ms.load(Ordering::Acquire);
                     if unix_ms(SystemTime::now()).saturating_sub(current) < FEED_CURRENT_MS {
-                        return Ok(WatchEvent::Heartbeat(self.at));
+                        return Ok(WatchEvent::Heartbeat {
+                            cursor: self.at,
+                            epoch: self.epoch.current(),
+                        });
                     }
                     // Not current: no heartbeat; look again in a while.
                     self.last_sent = tokio::time::Instant::now();

@@ -88,10 +88,17 @@ async fn follow(
         cursor.clone_from(&event.cursor);
         let line = match event.event {
             Some(Event::Revoked(r)) => revoked_json(&r, &event.cursor),
-            Some(Event::Synced(_)) => json!({"type": "synced", "cursor": event.cursor}),
-            Some(Event::Heartbeat(_)) if heartbeats => {
-                json!({"type": "heartbeat", "cursor": event.cursor})
-            }
+            Some(Event::Synced(s)) => json!({
+                "type": "synced",
+                "cursor": event.cursor,
+                "store_epoch": s.store_epoch,
+                "store_epoch_started_at": rfc3339_opt(s.store_epoch_started_at),
+            }),
+            Some(Event::Heartbeat(h)) if heartbeats => json!({
+                "type": "heartbeat",
+                "cursor": event.cursor,
+                "store_epoch": h.store_epoch,
+            }),
             Some(Event::Heartbeat(_)) | None => continue,
         };
         println!("{line}");

@@ -14,6 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::broker::Broker;
 use crate::mint::KeyRing;
 use crate::store::Store;
 
@@ -28,6 +29,8 @@ pub struct HttpState {
     pub store: Arc<dyn Store>,
     /// The signing keys, published as JWKS and discovery.
     pub keys: KeyRing,
+    /// The use cases (for a store reset it detected).
+    pub broker: Broker,
 }
 
 /// The routes of the HTTP port.
@@ -45,20 +48,34 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+/// Ready or not, and a detected store reset on a line of its own. A reset does not make the
+/// broker unready: every replica would drop out at once; it is an alert (the log and
+/// `taskcred_store_resets_total`), not an outage.
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
     if !state.ready.load(Ordering::Acquire) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or draining\n",
+            "not ready: starting or draining\n".into(),
         );
     }
-    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the store does not answer\n",
-        ),
+    let (code, mut body) =
+        match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+            Ok(Ok(())) => (StatusCode::OK, String::from("ready\n")),
+            _ => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                String::from("not ready: the store does not answer\n"),
+            ),
+        };
+    if let Some(r) = state.broker.store_reset() {
+        body.push_str(&format!(
+            "store reset detected at {}: epoch {} -> {}; credentials issued before are \
+             inactive; re-apply agent locks\n",
+            humantime::format_rfc3339_seconds(r.detected_at),
+            r.previous.id,
+            r.current.id
+        ));
     }
+    (code, body)
 }
 
 /// Verifiers may cache the key set briefly; a rotated-in key is published before it signs.

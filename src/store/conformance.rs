@@ -94,6 +94,7 @@ pub async fn run_all(store: &dyn Store) {
     the_reaper_ends_each_due_lease_once(store).await;
     overdue_tasks_are_found_by_deadline(store).await;
     revocations_are_logged_in_order_and_resumable(store).await;
+    the_epoch_is_made_once(store).await;
     store.ping().await.unwrap();
 }
 
@@ -1101,4 +1102,15 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The first epoch asked for is kept; later ones do not replace it.
+pub async fn the_epoch_is_made_once(store: &dyn Store) {
+    let first = super::Epoch::new(SystemTime::now());
+    let kept = store.epoch(&first).await.unwrap();
+    let again = store
+        .epoch(&super::Epoch::new(SystemTime::now()))
+        .await
+        .unwrap();
+    assert_eq!(kept, again);
 }

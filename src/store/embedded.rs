@@ -17,7 +17,7 @@ use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition}
 use tokio::sync::watch;
 
 use super::{
-    IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
+    Epoch, IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
     decode_lease, encode, encode_lease, from_unix_ms, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::identity::WorkloadId;
@@ -40,6 +40,8 @@ const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing
 const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("lease_expiry");
 /// Tasks by deadline (ms, rounded up), filed when created.
 const DEADLINES: TableDefinition<(u64, &str), ()> = TableDefinition::new("task_deadlines");
+/// Store-wide markers: `epoch` (the JSON [`Epoch`]).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// The revocation log: key the [`Cursor`] (`ms`, `seq`), value the JSON [`Revocation`].
 const REVOCATIONS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("revocations");
 
@@ -86,6 +88,7 @@ impl EmbeddedStore {
         txn.open_table(EXPIRY).map_err(backend)?;
         txn.open_table(DEADLINES).map_err(backend)?;
         txn.open_table(REVOCATIONS).map_err(backend)?;
+        txn.open_table(META).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -1099,6 +1102,33 @@ impl Store for EmbeddedStore {
                 .map_err(backend)?;
             txn.commit().map_err(backend)?;
             Ok(())
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError> {
+        let fresh = fresh.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let epoch = {
+                let mut meta = txn.open_table(META).map_err(backend)?;
+                let known = meta
+                    .get("epoch")
+                    .map_err(backend)?
+                    .map(|v| serde_json::from_slice::<Epoch>(v.value()));
+                match known {
+                    Some(e) => e.map_err(|e| StoreError::Corrupt(format!("epoch: {e}")))?,
+                    None => {
+                        let json = serde_json::to_vec(&fresh)
+                            .map_err(|e| StoreError::Corrupt(format!("epoch: {e}")))?;
+                        meta.insert("epoch", json.as_slice()).map_err(backend)?;
+                        fresh
+                    }
+                }
+            };
+            txn.commit().map_err(backend)?;
+            Ok(epoch)
         })
         .await
         .map_err(store_only)

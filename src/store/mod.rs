@@ -112,6 +112,26 @@ impl TaskQuery {
     }
 }
 
+/// The store's epoch marker: made once when the store is first used, so that a store that
+/// comes back empty (Redis restarted without persistence) shows a new epoch and brokers notice.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Epoch {
+    /// A random id (UUIDv7).
+    pub id: String,
+    /// When it was made: nothing in the store is older.
+    pub started_at: SystemTime,
+}
+
+impl Epoch {
+    /// A new epoch starting at `now`.
+    pub fn new(now: SystemTime) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().hyphenated().to_string(),
+            started_at: now,
+        }
+    }
+}
+
 /// Longest wait [`Store::revocations`] accepts.
 pub const MAX_REVOCATION_WAIT: Duration = Duration::from_secs(10);
 
@@ -327,6 +347,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Unavailable`].
     async fn prune_ended(&self, ended_before: SystemTime) -> Result<usize, StoreError>;
+
+    /// The store's epoch marker; `fresh` is written (atomically, if there is none yet) and
+    /// returned when the store has none.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError>;
 
     /// Checks that the store answers.
     ///

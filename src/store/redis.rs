@@ -28,7 +28,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use tokio::sync::OnceCell;
 
 use super::{
-    IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
+    Epoch, IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode,
     decode_lease, encode, encode_lease, from_unix_ms, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::identity::WorkloadId;
@@ -53,6 +53,8 @@ const EXPIRY: &str = "tc:expiry";
 const DEADLINES: &str = "tc:deadlines";
 /// Published signing keys: field `kid`, value the JSON [`PublishedKey`].
 const SIGNING_KEYS: &str = "tc:signing-keys";
+/// The store's epoch marker (JSON [`Epoch`]), written once with `SET NX`.
+const EPOCH: &str = "tc:epoch";
 /// The revocation log: a stream whose entry ids are the watchers' cursors.
 const REVOCATIONS: &str = "tc:revocations";
 
@@ -1251,6 +1253,27 @@ impl Store for RedisStore {
             .await
             .map_err(|e| unavailable(&e))?;
         Ok(())
+    }
+
+    async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError> {
+        let mut conn = self.conn().await?;
+        let json =
+            serde_json::to_string(fresh).map_err(|e| StoreError::Corrupt(format!("epoch: {e}")))?;
+        // Written only if absent; the old value (if any) comes back: one round trip.
+        let old: Option<String> = redis::cmd("SET")
+            .arg(EPOCH)
+            .arg(json)
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match old {
+            Some(o) => {
+                serde_json::from_str(&o).map_err(|e| StoreError::Corrupt(format!("epoch: {e}")))
+            }
+            None => Ok(fresh.clone()),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -455,6 +455,20 @@ impl RedisServer {
         self.stop();
         self.spawn();
     }
+
+    /// Starts it again on the same port with its data gone (as a Redis without persistence).
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(path).unwrap();
+            } else {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        self.spawn();
+    }
 }
 
 impl Drop for RedisServer {
