@@ -468,3 +468,107 @@ async fn a_redis_that_comes_back_empty_is_detected() {
     assert_eq!(epoch_of(&synced).unwrap().0, after.0);
     b.stop().await;
 }
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `/crl` of `b`, checked and converted to PEM by openssl, written to `path`; its text form.
+async fn fetch_crl(b: &Broker, path: &std::path::Path) -> String {
+    let (status, head, der) = common::http_get_bytes(b.http, "/crl").await;
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("application/pkix-crl"), "{head}");
+    let der_path = path.with_extension("der");
+    std::fs::write(&der_path, der).unwrap();
+    let der_s = der_path.to_str().unwrap();
+    let (ok, out) = openssl(&[
+        "crl",
+        "-inform",
+        "DER",
+        "-in",
+        der_s,
+        "-out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, text) = openssl(&["crl", "-inform", "DER", "-in", der_s, "-noout", "-text"]);
+    assert!(ok, "{text}");
+    text
+}
+
+/// A certificate revoked on one replica is listed in the CRL of the other, which openssl then
+/// uses to refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crl_lists_revoked_certificates_across_replicas() {
+    let redis = RedisServer::start();
+    let a = Broker::start_on_redis(&redis.url()).await;
+    let b = a.replica(redis_env(&redis.url())).await;
+    let task = approved_task(&a, &[], None).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let issued = creds_as(&a, "agent")
+        .await
+        .issue_certificate(pb::IssueCertificateRequest {
+            task_id: task.id.clone(),
+            csr,
+            ttl: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, chain, crl) = (
+        dir.path().join("leaf.pem"),
+        dir.path().join("chain.pem"),
+        dir.path().join("crl.pem"),
+    );
+    std::fs::write(&leaf, &issued.certificate_pem).unwrap();
+    std::fs::write(&chain, &issued.chain_pem).unwrap();
+    let ca = a.path("ca.pem");
+    let verify = || {
+        openssl(&[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            ca.to_str().unwrap(),
+            "-untrusted",
+            chain.to_str().unwrap(),
+            "-CRLfile",
+            crl.to_str().unwrap(),
+            leaf.to_str().unwrap(),
+        ])
+    };
+
+    let before = fetch_crl(&a, &crl).await;
+    assert!(before.contains("No Revoked Certificates"), "{before}");
+    let (ok, out) = verify();
+    assert!(ok, "{out}");
+
+    revoke_lease(&b, &issued.lease_id).await;
+    let after = fetch_crl(&a, &crl).await;
+    assert!(
+        after
+            .to_lowercase()
+            .replace(':', "")
+            .contains(&issued.serial),
+        "{} not in {after}",
+        issued.serial
+    );
+    let (ok, out) = verify();
+    assert!(!ok && out.contains("certificate revoked"), "{out}");
+    a.stop().await;
+    b.stop().await;
+}

@@ -5,6 +5,7 @@
 //! operation, and audits the decision. No tonic types here.
 
 mod agents;
+mod crl;
 mod epoch;
 mod keys;
 mod leases;
@@ -12,6 +13,7 @@ mod reaper;
 mod revocations;
 
 pub use agents::{MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
+pub use crl::CRL_REFRESH;
 pub use epoch::{EPOCH_CHECK, STORE_EPOCH_STARTED, STORE_RESETS, StoreReset};
 pub use keys::{KEY_REFRESH, Rotation};
 pub use leases::{LeasePage, LeaseQuery, MAX_LEASE_PAGE};
@@ -248,6 +250,8 @@ pub struct Broker {
     revocations: Arc<revocations::RevocationHub>,
     /// The store's epoch as last seen, and any reset noticed.
     epoch: Arc<epoch::EpochState>,
+    /// The last CRL built.
+    crl: Arc<crl::CrlCache>,
     settings: BrokerSettings,
 }
 
@@ -285,6 +289,7 @@ impl Broker {
             reaper: Arc::default(),
             revocations: Arc::default(),
             epoch: Arc::default(),
+            crl: Arc::default(),
             settings,
         }
     }

@@ -1,7 +1,7 @@
 //! The HTTP port (axum): `/healthz` (the process answers), `/readyz` (the broker serves RPCs and
 //! its store answers), `/.well-known/jwks.json` and `/.well-known/openid-configuration` (the
-//! keys verifiers check tokens with),
-//! `/metrics` (Prometheus text). The CRL comes with the revocation work.
+//! keys verifiers check tokens with), `/crl` (revoked certificates, DER, signed by the issuing
+//! CA), `/metrics` (Prometheus text).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +39,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/crl", get(crl))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(discovery))
         .with_state(state)
@@ -76,6 +77,29 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
         ));
     }
     (code, body)
+}
+
+/// The CRL (`application/pkix-crl`); 404 without an issuing CA, 503 while the store fails.
+async fn crl(State(state): State<HttpState>) -> axum::response::Response {
+    match state.broker.crl().await {
+        Ok(Some(der)) => (
+            [
+                (header::CONTENT_TYPE, "application/pkix-crl"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            der.as_ref().clone(),
+        )
+            .into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no issuing CA is configured\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "building the CRL failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the CRL cannot be built now; retry\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Verifiers may cache the key set briefly; a rotated-in key is published before it signs.

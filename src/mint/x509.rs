@@ -190,6 +190,38 @@ impl IssuingCa {
         &self.cert_der
     }
 
+    /// Signs a CRL (DER) listing `revoked` (serial, revocation time), valid from `now` until
+    /// `next_update`, numbered `number` (which must grow with each CRL).
+    ///
+    /// # Errors
+    /// [`MintError::Sign`].
+    pub fn sign_crl(
+        &self,
+        revoked: &[([u8; 16], SystemTime)],
+        number: u64,
+        now: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<Vec<u8>, MintError> {
+        let fail = |e: rcgen::Error| MintError::Sign(e.to_string());
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now.into(),
+            next_update: next_update.into(),
+            crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|(serial, at)| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: (*at).into(),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer).map_err(fail)?.der().to_vec())
+    }
+
     /// Issues an X509-SVID for the key of `csr`; returns it in PEM.
     ///
     /// # Errors
