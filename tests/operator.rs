@@ -367,3 +367,95 @@ async fn force_revoke_on_redis() {
     revoke_task(&b).await;
     b.stop().await;
 }
+
+/// A task ending as `failed` locks its agent when policy says so (the dev policy: in
+/// production), and only then.
+async fn failed_tasks(b: &Broker) {
+    let fail = |id: String| pb::CompleteTaskRequest {
+        task_id: id,
+        outcome: pb::Outcome::Failed as i32,
+    };
+    // Not production: the failure locks nothing.
+    let task = approved_task(b, &[], None).await;
+    tasks_as(b, "agent")
+        .await
+        .complete_task(fail(task.id.clone()))
+        .await
+        .unwrap();
+    let locks = admin_as(b, "operator")
+        .await
+        .list_locks(pb::ListLocksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .locks;
+    assert!(locks.is_empty(), "{locks:?}");
+
+    // Production (two approvals): its failure locks the agent, which loses its other leases.
+    let other = approved_task(b, &[], None).await;
+    let other_token = issue_as_agent(b, &other.id, None).await;
+    let task = approved_task(b, &[("env", "production")], None).await;
+    let task = if task.state == pb::TaskState::Approved as i32 {
+        task
+    } else {
+        tasks_as(b, "approver2")
+            .await
+            .approve_task(pb::DecideTaskRequest {
+                task_id: task.id.clone(),
+                note: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    assert_eq!(task.state, pb::TaskState::Approved as i32);
+    let token = issue_as_agent(b, &task.id, None).await;
+    let done = tasks_as(b, "agent")
+        .await
+        .complete_task(fail(task.id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.task.unwrap().state, pb::TaskState::Failed as i32);
+    let locks = admin_as(b, "operator")
+        .await
+        .list_locks(pb::ListLocksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .locks;
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(locks[0].agent, AGENT);
+    assert!(locks[0].reason.contains(&task.id), "{:?}", locks[0]);
+    assert!(!introspect(b, &token.token).await.active);
+    assert!(!introspect(b, &other_token.token).await.active);
+    let err = creds_as(b, "agent")
+        .await
+        .issue_token(token_request(&other.id, "db.staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("failed"), "{err:?}");
+    admin_as(b, "operator")
+        .await
+        .unlock_agent(pb::UnlockAgentRequest {
+            agent: AGENT.into(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_production_task_locks_its_agent_on_the_embedded_store() {
+    let b = Broker::start().await;
+    failed_tasks(&b).await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_production_task_locks_its_agent_on_redis() {
+    let redis = RedisServer::start();
+    let b = Broker::start_on_redis(&redis.url()).await;
+    failed_tasks(&b).await;
+    b.stop().await;
+}

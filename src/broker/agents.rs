@@ -1,6 +1,6 @@
 //! Force-revoke: locking an agent (its leases die and its open tasks end in one atomic step,
-//! nothing new is issued to it), lifting the lock, listing locks, revoking one task, and
-//! explaining a refusal by the lock that caused it.
+//! nothing new is issued to it) by an operator or, after a failed task, by policy; lifting the
+//! lock, listing locks, revoking one task, and explaining a refusal by the lock that caused it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,8 @@ use crate::policy::{PolicyAction, Resource};
 use crate::store::TaskChange;
 use crate::task::{Task, TaskError, TaskId};
 
+/// Counter of locks policy asked for after a failed task that could not be written.
+pub const LOCK_ON_FAILURE_ERRORS: &str = "taskcred_lock_on_failure_errors_total";
 /// Longest lock reason, in bytes.
 pub const MAX_REASON_BYTES: usize = 512;
 /// Longest lock with an end; a longer one is a lock without end.
@@ -74,9 +76,50 @@ impl Broker {
             at: now,
             until: duration.map(|d| now + d),
         };
+        let outcome = self.apply_lock(&lock, &verdict.policies).await?;
+        Ok((lock, outcome))
+    }
+
+    /// After `task` ended as failed (reported by `caller`): asks policy (`LockOnFailure`, the
+    /// executor as principal) whether to lock its agent, and locks it if so. A lock that
+    /// cannot be written is logged and counted, not returned: the task has ended already.
+    pub(super) async fn lock_on_failure(&self, caller: &WorkloadId, task: &Task) {
+        let verdict = self.policy.decide(
+            &task.executor,
+            PolicyAction::LockOnFailure,
+            &Resource::Task(task),
+        );
+        if !verdict.allowed {
+            return;
+        }
+        let lock = Lock {
+            agent: task.executor.clone(),
+            reason: format!("task {} failed", task.id),
+            operator: caller.clone(),
+            at: self.clock.now(),
+            until: None,
+        };
+        if let Err(e) = self.apply_lock(&lock, &verdict.policies).await {
+            metrics::counter!(LOCK_ON_FAILURE_ERRORS).increment(1);
+            tracing::error!(
+                agent = %lock.agent,
+                task = %task.id,
+                error = %e,
+                "policy locks this agent after its task failed, but the lock could not be written"
+            );
+        }
+    }
+
+    /// Writes `lock` (revoking what it covers), logs and audits it.
+    async fn apply_lock(
+        &self,
+        lock: &Lock,
+        policies: &[String],
+    ) -> Result<LockOutcome, BrokerError> {
+        let (agent, caller, reason, now) = (&lock.agent, &lock.operator, &lock.reason, lock.at);
         let outcome = self
             .store
-            .lock_agent(&lock, self.settings.task_retention)
+            .lock_agent(lock, self.settings.task_retention)
             .await?;
         tracing::warn!(
             %agent,
@@ -93,7 +136,7 @@ impl Broker {
         let tasks: Vec<String> = outcome.tasks.iter().map(ToString::to_string).collect();
         self.audit.record(
             &AuditEvent::new(now, "LockAgent", caller.as_str(), true)
-                .policies(&verdict.policies)
+                .policies(policies)
                 .reason(reason)
                 .detail("agent", agent.as_str())
                 .detail("revoked_tasks", tasks)
@@ -105,7 +148,7 @@ impl Broker {
                         .unwrap_or_default(),
                 ),
         );
-        Ok((lock, outcome))
+        Ok(outcome)
     }
 
     /// Lifts the lock of `agent` if policy permits `caller`; returns it if there was one.

@@ -12,7 +12,7 @@ mod leases;
 mod reaper;
 mod revocations;
 
-pub use agents::{MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
+pub use agents::{LOCK_ON_FAILURE_ERRORS, MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
 pub use crl::CRL_REFRESH;
 pub use epoch::{EPOCH_CHECK, STORE_EPOCH_STARTED, STORE_RESETS, StoreReset};
 pub use keys::{KEY_REFRESH, Rotation};
@@ -1143,6 +1143,9 @@ impl Broker {
                         .detail("revoked_credentials", ids),
                 );
                 tracing::info!(task = %task.id, state = %task.state, revoked = revoked.len(), "task completed");
+                if task.state == crate::task::TaskState::Failed {
+                    self.lock_on_failure(caller, &task).await;
+                }
                 Ok((task, revoked.len()))
             }
             Err(e) => {

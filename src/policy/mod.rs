@@ -80,6 +80,8 @@ pub enum PolicyAction {
     ListLocks,
     /// List leases.
     ListLeases,
+    /// Whether a failed task locks its agent.
+    LockOnFailure,
     /// End one task's leases as an operator.
     RevokeTask,
     /// Replace the JWT signing key.
@@ -108,6 +110,7 @@ impl PolicyAction {
             Self::UnlockAgent => "UnlockAgent",
             Self::ListLocks => "ListLocks",
             Self::ListLeases => "ListLeases",
+            Self::LockOnFailure => "LockOnFailure",
             Self::RevokeTask => "RevokeTask",
             Self::RotateSigningKey => "RotateSigningKey",
             Self::Introspect => "Introspect",
