@@ -21,12 +21,13 @@
 //! audit       one JSON line per decision
 //! broker      the use cases: tasks (request ... complete), credentials (issue, renew, revoke,
 //!             introspect), reload policy; agents (force-revoke locks); keys (publication,
-//!             rotation)
+//!             rotation); reaper; revocations (watch feed), CRL, store epoch, lease listing
 //! tls         gRPC port TLS: server config, accept loop, per-connection identity
 //! api         gRPC: generated code, auth and metrics middleware, thin handlers, Status map
-//! http        axum: /healthz, /readyz, /metrics, /.well-known/jwks.json, openid-configuration
+//! http        axum: /healthz, /readyz, /metrics, /crl, /.well-known/jwks.json, openid-configuration
 //! devpki      the development PKI and policies of `dev init` and `serve --dev`
 //! cli         client subcommands over the generated gRPC client
+//! verify      for resource servers: JWKS, token checks, cnf, the revocation stream
 //! ```
 
 pub mod api;
@@ -46,3 +47,4 @@ pub mod store;
 pub mod task;
 pub mod telemetry;
 pub mod tls;
+pub mod verify;

@@ -37,16 +37,17 @@ impl PublishedKey {
     }
 }
 
-/// A key that verifies tokens, built once from its public JWK.
+/// A key that verifies tokens, built once from its public JWK (checked: see
+/// [`parse_signing_jwk`]).
 #[derive(Clone)]
-struct Verifier {
-    key: DecodingKey,
-    alg: Algorithm,
+pub(crate) struct JwkVerifier {
+    pub(crate) key: DecodingKey,
+    pub(crate) alg: Algorithm,
     jwk: Value,
 }
 
-impl Verifier {
-    fn from_jwk(jwk: &Value) -> Result<Self, MintError> {
+impl JwkVerifier {
+    pub(crate) fn from_jwk(jwk: &Value) -> Result<Self, MintError> {
         let bad = |e: String| MintError::Key(format!("public JWK: {e}"));
         let (_, alg) = parse_signing_jwk(jwk).map_err(bad)?;
         let parsed: jsonwebtoken::jwk::Jwk =
@@ -68,7 +69,7 @@ impl Verifier {
 /// The key that signs now and every key that verifies, by `kid`.
 struct Ring {
     current: Arc<JwtKey>,
-    verifiers: BTreeMap<String, Verifier>,
+    verifiers: BTreeMap<String, JwkVerifier>,
 }
 
 /// The broker's signing keys: the one that signs now, and every key still able to verify a live
@@ -100,7 +101,7 @@ impl KeyRing {
         // jsonwebtoken panics on decode without a provider; whoever verifies through this ring
         // gets ours, whether or not the binary's main installed it.
         super::install_jose_provider();
-        let verifier = Verifier::from_jwk(&current.public_jwk())?;
+        let verifier = JwkVerifier::from_jwk(&current.public_jwk())?;
         let verifiers = BTreeMap::from([(current.kid().to_owned(), verifier)]);
         Ok(Self {
             issuer: issuer.into(),
@@ -125,7 +126,7 @@ impl KeyRing {
     /// # Errors
     /// [`MintError::Key`] if the public JWK cannot be read back (a bug).
     pub fn rotate(&self, next: JwtKey) -> Result<Arc<JwtKey>, MintError> {
-        let verifier = Verifier::from_jwk(&next.public_jwk())?;
+        let verifier = JwkVerifier::from_jwk(&next.public_jwk())?;
         let mut ring = self.write();
         ring.verifiers.insert(next.kid().to_owned(), verifier);
         Ok(std::mem::replace(&mut ring.current, Arc::new(next)))
@@ -137,7 +138,7 @@ impl KeyRing {
     pub fn set_published(&self, published: &[PublishedKey]) -> usize {
         let mut verifiers = BTreeMap::new();
         for p in published {
-            match Verifier::from_jwk(&p.jwk) {
+            match JwkVerifier::from_jwk(&p.jwk) {
                 Ok(v) if p.jwk.get("kid").and_then(Value::as_str) == Some(p.kid.as_str()) => {
                     verifiers.insert(p.kid.clone(), v);
                 }

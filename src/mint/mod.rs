@@ -11,7 +11,8 @@ mod x509;
 
 pub use jose_ring::{RING_PROVIDER, install as install_jose_provider};
 pub use jwk::{PublicKey, jwks, parse_signing_jwk};
-pub use keyring::{KeyRing, PublishedKey};
+pub(crate) use keyring::JwkVerifier;
+pub use keyring::{KeyRing, MAX_TOKEN_BYTES, PublishedKey};
 pub use keys::JwtKey;
 pub use token::{ACCESS_TOKEN_TYP, AccessClaims, Confirmation, random_id};
 pub use x509::{

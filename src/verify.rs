@@ -1,0 +1,464 @@
+//! `taskcred::verify`: what a Rust resource server embeds to accept taskcred access tokens
+//! without asking the broker on every request. It keeps the broker's JWK Set fresh (refetched
+//! every minute, and at once, at most once a second, for an unknown `kid`), verifies the signature,
+//! `typ`, exact `iss` and `aud`, `exp`/`nbf` with a bounded leeway, the `cnf` binding against the
+//! client certificate the request came with, and follows the broker's `WatchRevocations` stream
+//! (for its audience) to refuse revoked `jti`s locally, and tokens issued before a store reset.
+//! When that view is stale (no heartbeat for longer than the configured bound) it refuses
+//! everything (strict, the default) or keeps the last view (best-effort, opt-in).
+//!
+//! ```no_run
+//! # async fn demo(channel: tonic::transport::Channel, token: &str, cert_der: &[u8]) {
+//! use taskcred::verify::{Verifier, VerifierConfig};
+//! let config = VerifierConfig::new(
+//!     "https://broker.example.com",           // the broker's issuer URL (`iss`)
+//!     "db.staging",                            // this resource server's audience
+//!     "https://broker.example.com:7480/.well-known/jwks.json",
+//! );
+//! let verifier = Verifier::new(config).unwrap();
+//! // The revocation stream needs an mTLS channel to the broker (any workload identity).
+//! tokio::spawn(verifier.clone().run(channel, tokio_util::sync::CancellationToken::new()));
+//! match verifier.verify(token, Some(cert_der)).await {
+//!     Ok(claims) => println!("task {} may {}", claims.task_id, claims.scope),
+//!     Err(e) => println!("refused: {e}"),
+//! }
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::api::pb;
+use crate::api::pb::revocation_event::Event;
+use crate::api::pb::revocation_service_client::RevocationServiceClient;
+use crate::mint::{ACCESS_TOKEN_TYP, AccessClaims, JwkVerifier, MAX_TOKEN_BYTES};
+
+/// Shortest time between two JWK Set fetches for an unknown `kid`.
+const REFETCH_MIN: Duration = Duration::from_secs(1);
+/// Largest JWK Set accepted, in bytes.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Longest leeway accepted.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+/// What to do when the revocation view is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StalePolicy {
+    /// Refuse every token until the stream is back (the default).
+    Strict,
+    /// Keep accepting on the last view (opt-in: a revocation made meanwhile is missed).
+    BestEffort,
+}
+
+/// How a [`Verifier`] checks tokens.
+#[derive(Debug, Clone)]
+pub struct VerifierConfig {
+    /// The broker's issuer URL: `iss` must equal it.
+    pub issuer: String,
+    /// This resource server's audience: `aud` must equal it; only its revocations are followed.
+    pub audience: String,
+    /// The broker's JWK Set (`http(s)://<broker http>/.well-known/jwks.json`).
+    pub jwks_url: String,
+    /// How often the JWK Set is refetched (default 60 s).
+    pub jwks_refresh: Duration,
+    /// Clock skew allowed on `exp` and `nbf` (default 30 s, at most [`MAX_LEEWAY`]).
+    pub leeway: Duration,
+    /// The revocation view is stale after this long without word from the stream (default
+    /// 15 s; the broker sends a heartbeat every 5 s).
+    pub max_staleness: Duration,
+    /// What a stale view does (default [`StalePolicy::Strict`]).
+    pub stale: StalePolicy,
+    /// Refuse a token when no client certificate is given to check its `cnf` against (default
+    /// true: every taskcred token is bound to the agent's certificate).
+    pub require_cnf: bool,
+    /// Roots for an `https` JWK Set URL; `None`: only `http` URLs work (a loopback or mesh).
+    pub tls: Option<rustls::ClientConfig>,
+}
+
+impl VerifierConfig {
+    /// The defaults for `issuer`, `audience` and `jwks_url`.
+    pub fn new(issuer: &str, audience: &str, jwks_url: &str) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            jwks_url: jwks_url.to_owned(),
+            jwks_refresh: Duration::from_secs(60),
+            leeway: Duration::from_secs(30),
+            max_staleness: Duration::from_secs(15),
+            stale: StalePolicy::Strict,
+            require_cnf: true,
+            tls: None,
+        }
+    }
+}
+
+/// Why a token is refused (or the verifier cannot work).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// Not a well-formed access token of ours.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// Signed by a key the broker does not publish.
+    #[error("unknown signing key")]
+    UnknownKey,
+    /// Signature, issuer, audience or validity period.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The client certificate is not the one the token is bound to (or none was given).
+    #[error("the token is bound to another client certificate")]
+    Unbound,
+    /// Revoked before its expiry.
+    #[error("the token was revoked")]
+    Revoked,
+    /// Issued before the broker's store was reset: its revocations may be lost.
+    #[error("the token was issued before the broker's store was reset")]
+    BeforeStoreReset,
+    /// The revocation view is stale and the policy is strict.
+    #[error("the revocation view is stale; refusing (strict)")]
+    Stale,
+    /// The configuration or the JWK Set is unusable.
+    #[error("verifier: {0}")]
+    Setup(String),
+}
+
+/// What the revocation stream has told.
+#[derive(Debug, Default)]
+struct View {
+    /// Revoked `jti`s and their expiry (Unix seconds).
+    revoked: HashMap<String, u64>,
+    /// When the stream last spoke (synced or heartbeat).
+    heard: Option<Instant>,
+    /// When the broker's store epoch began (Unix seconds).
+    epoch_started: Option<u64>,
+    /// Where to resume.
+    cursor: String,
+}
+
+struct Inner {
+    config: VerifierConfig,
+    http: reqwest::Client,
+    keys: RwLock<HashMap<String, JwkVerifier>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    view: RwLock<View>,
+}
+
+/// A token verifier; clones share their keys and revocation view.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("issuer", &self.inner.config.issuer)
+            .field("audience", &self.inner.config.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Verifier {
+    /// A verifier for `config`; no key is known until [`Verifier::refresh_keys`] (or
+    /// [`Verifier::run`]) fetches the JWK Set.
+    ///
+    /// # Errors
+    /// [`VerifyError::Setup`] for a leeway over [`MAX_LEEWAY`] or an unusable HTTP client.
+    pub fn new(config: VerifierConfig) -> Result<Self, VerifyError> {
+        crate::mint::install_jose_provider();
+        if config.leeway > MAX_LEEWAY {
+            return Err(VerifyError::Setup(format!(
+                "leeway over {}s",
+                MAX_LEEWAY.as_secs()
+            )));
+        }
+        let mut http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(3))
+            .redirect(reqwest::redirect::Policy::none());
+        // Never the process-wide provider or the platform's roots: ring, and only the roots
+        // given (none: `https` JWK Set URLs fail).
+        let tls = match config.tls.clone() {
+            Some(tls) => tls,
+            None => rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| VerifyError::Setup(format!("TLS: {e}")))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        };
+        http = http.tls_backend_preconfigured(tls);
+        let http = http
+            .build()
+            .map_err(|e| VerifyError::Setup(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                http,
+                keys: RwLock::default(),
+                last_fetch: tokio::sync::Mutex::default(),
+                view: RwLock::default(),
+            }),
+        })
+    }
+
+    fn view(&self) -> std::sync::RwLockReadGuard<'_, View> {
+        self.inner
+            .view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn view_mut(&self) -> std::sync::RwLockWriteGuard<'_, View> {
+        self.inner
+            .view
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fetches the JWK Set and replaces the known keys with its usable ones. Returns how many.
+    ///
+    /// # Errors
+    /// [`VerifyError::Setup`] when it cannot be fetched or is not a JWK Set; the known keys
+    /// stay.
+    pub async fn refresh_keys(&self) -> Result<usize, VerifyError> {
+        *self.inner.last_fetch.lock().await = Some(Instant::now());
+        let bad = |e: String| VerifyError::Setup(format!("JWK Set: {e}"));
+        let response = self
+            .inner
+            .http
+            .get(&self.inner.config.jwks_url)
+            .send()
+            .await
+            .map_err(|e| bad(e.to_string()))?
+            .error_for_status()
+            .map_err(|e| bad(e.to_string()))?;
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
+            return Err(bad("too large".into()));
+        }
+        let body = response.bytes().await.map_err(|e| bad(e.to_string()))?;
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(bad("too large".into()));
+        }
+        let set: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+        let listed = set
+            .get("keys")
+            .and_then(serde_json::Value::as_array)
+            .ok_or_else(|| bad("no keys array".into()))?;
+        let mut keys = HashMap::new();
+        for jwk in listed {
+            // A key that does not check out (kty/crv/alg, kid = thumbprint) is left out.
+            let (Some(kid), Ok(v)) = (
+                jwk.get("kid").and_then(serde_json::Value::as_str),
+                JwkVerifier::from_jwk(jwk),
+            ) else {
+                tracing::warn!("JWK Set: a key is unusable; skipped");
+                continue;
+            };
+            keys.insert(kid.to_owned(), v);
+        }
+        let n = keys.len();
+        *self
+            .inner
+            .keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = keys;
+        Ok(n)
+    }
+
+    fn key(&self, kid: &str) -> Option<JwkVerifier> {
+        self.inner
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(kid)
+            .cloned()
+    }
+
+    /// The key for `kid`, refetching the JWK Set once (at most once a second) if it is unknown.
+    async fn key_for(&self, kid: &str) -> Result<JwkVerifier, VerifyError> {
+        if let Some(k) = self.key(kid) {
+            return Ok(k);
+        }
+        let due = self
+            .inner
+            .last_fetch
+            .lock()
+            .await
+            .is_none_or(|t| t.elapsed() >= REFETCH_MIN);
+        if due && let Err(e) = self.refresh_keys().await {
+            tracing::warn!(error = %e, "refetching the JWK Set for an unknown kid failed");
+        }
+        self.key(kid).ok_or(VerifyError::UnknownKey)
+    }
+
+    /// Whether the revocation view is current (the stream spoke within `max_staleness`).
+    pub fn revocations_current(&self) -> bool {
+        self.view()
+            .heard
+            .is_some_and(|t| t.elapsed() <= self.inner.config.max_staleness)
+    }
+
+    /// Verifies `token` as presented with the client certificate `client_cert_der` (the DER
+    /// of the leaf the request's TLS connection was authenticated with), and returns its claims.
+    ///
+    /// # Errors
+    /// [`VerifyError`]: why the token is refused.
+    pub async fn verify(
+        &self,
+        token: &str,
+        client_cert_der: Option<&[u8]>,
+    ) -> Result<AccessClaims, VerifyError> {
+        let config = &self.inner.config;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(VerifyError::Malformed("too long".into()));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        if header.typ.as_deref() != Some(ACCESS_TOKEN_TYP) {
+            return Err(VerifyError::Malformed("typ is not at+jwt".into()));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| VerifyError::Malformed("no kid".into()))?;
+        let key = self.key_for(&kid).await?;
+        let mut v = jsonwebtoken::Validation::new(key.alg);
+        v.set_issuer(&[&config.issuer]);
+        v.set_audience(&[&config.audience]);
+        v.leeway = config.leeway.as_secs();
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "nbf", "iss", "sub", "aud"]);
+        let claims = jsonwebtoken::decode::<AccessClaims>(token, &key.key, &v)
+            .map_err(|e| VerifyError::Invalid(e.to_string()))?
+            .claims;
+        match client_cert_der {
+            Some(der) => {
+                let digest = ring::digest::digest(&ring::digest::SHA256, der);
+                let thumbprint = URL_SAFE_NO_PAD.encode(digest.as_ref());
+                // Both are public (the token's claim, the peer's certificate): no secret to time.
+                if thumbprint != claims.cnf.x5t_s256 {
+                    return Err(VerifyError::Unbound);
+                }
+            }
+            None if config.require_cnf => return Err(VerifyError::Unbound),
+            None => {}
+        }
+        if !self.revocations_current() && config.stale == StalePolicy::Strict {
+            return Err(VerifyError::Stale);
+        }
+        let view = self.view();
+        if view.epoch_started.is_some_and(|e| claims.iat < e) {
+            return Err(VerifyError::BeforeStoreReset);
+        }
+        if view.revoked.contains_key(&claims.jti) {
+            return Err(VerifyError::Revoked);
+        }
+        drop(view);
+        Ok(claims)
+    }
+
+    /// Takes one message of the revocation stream into the view.
+    fn take(&self, event: pb::RevocationEvent) {
+        let mut view = self.view_mut();
+        view.cursor = event.cursor;
+        let epoch = match event.event {
+            Some(Event::Revoked(r)) => {
+                if r.kind == "jwt" {
+                    let exp = r
+                        .expires_at
+                        .and_then(|t| u64::try_from(t.seconds).ok())
+                        .unwrap_or(u64::MAX);
+                    view.revoked.insert(r.credential_id, exp);
+                }
+                return;
+            }
+            Some(Event::Synced(s)) => s.store_epoch_started_at,
+            Some(Event::Heartbeat(h)) => h.store_epoch_started_at,
+            None => return,
+        };
+        view.heard = Some(Instant::now());
+        if let Some(started) = epoch.and_then(|t| u64::try_from(t.seconds).ok()) {
+            view.epoch_started = Some(started);
+        }
+        // Entries whose token has expired (with the leeway) can go.
+        let now = unix_secs(SystemTime::now());
+        let leeway = self.inner.config.leeway.as_secs();
+        view.revoked
+            .retain(|_, exp| exp.saturating_add(leeway) >= now);
+    }
+
+    /// One connection of the revocation stream: reads until it ends or fails.
+    async fn follow_once(&self, channel: Channel) -> Result<(), tonic::Status> {
+        let after = self.view().cursor.clone();
+        let mut stream = RevocationServiceClient::new(channel)
+            .watch_revocations(pb::WatchRevocationsRequest {
+                after,
+                audience: self.inner.config.audience.clone(),
+            })
+            .await?
+            .into_inner();
+        while let Some(event) = stream.message().await? {
+            self.take(event);
+        }
+        Ok(())
+    }
+
+    /// Keeps the JWK Set fresh and follows the revocation stream over `channel` (an mTLS
+    /// channel to the broker), reconnecting and resuming after its last cursor, until
+    /// `shutdown`.
+    pub async fn run(self, channel: Channel, shutdown: CancellationToken) {
+        let keys = {
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                let mut every = tokio::time::interval(me.inner.config.jwks_refresh);
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        _ = every.tick() => {
+                            if let Err(e) = me.refresh_keys().await {
+                                tracing::warn!(error = %e, "refreshing the JWK Set failed; will retry");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let revocations = async {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let result = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = self.follow_once(channel.clone()) => r,
+                };
+                match result {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(e) => {
+                        tracing::warn!(code = ?e.code(), message = e.message(), "revocation stream failed; resuming");
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        };
+        tokio::join!(keys, revocations);
+    }
+}
