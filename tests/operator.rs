@@ -1,7 +1,7 @@
 //! Operator actions end to end, on both stores: rotating the JWT signing key (the old key keeps
 //! verifying its tokens, also after a restart, until they have all expired) and force-revoking
 //! an agent (its leases die at once, every issuance or renewal is refused with the lock's
-//! reason until it is unlocked).
+//! reason until it is unlocked), also by policy when a production task fails.
 
 #![allow(
     clippy::unwrap_used,
@@ -356,6 +356,7 @@ async fn force_revoke_on_the_embedded_store() {
     let b = Broker::start().await;
     locks(&b).await;
     revoke_task(&b).await;
+    failed_tasks(&b).await;
     b.stop().await;
 }
 
@@ -365,6 +366,7 @@ async fn force_revoke_on_redis() {
     let b = Broker::start_on_redis(&redis.url()).await;
     locks(&b).await;
     revoke_task(&b).await;
+    failed_tasks(&b).await;
     b.stop().await;
 }
 
@@ -443,19 +445,4 @@ async fn failed_tasks(b: &Broker) {
         })
         .await
         .unwrap();
-}
-
-#[tokio::test]
-async fn a_failed_production_task_locks_its_agent_on_the_embedded_store() {
-    let b = Broker::start().await;
-    failed_tasks(&b).await;
-    b.stop().await;
-}
-
-#[tokio::test]
-async fn a_failed_production_task_locks_its_agent_on_redis() {
-    let redis = RedisServer::start();
-    let b = Broker::start_on_redis(&redis.url()).await;
-    failed_tasks(&b).await;
-    b.stop().await;
 }
