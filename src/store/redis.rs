@@ -531,6 +531,32 @@ impl RedisStore {
         lease_from_fields(lease, fields)
     }
 
+    /// Reads the leases `(task, lease id)` in one pipelined round trip, in the order given,
+    /// skipping those that do not exist.
+    async fn read_leases<T: AsRef<str>, L: AsRef<str>>(
+        &self,
+        conn: &mut ConnectionManager,
+        ids: &[(T, L)],
+    ) -> Result<Vec<Lease>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut reads = redis::pipe();
+        for (task, lease) in ids {
+            reads
+                .cmd("HMGET")
+                .arg(format!("{}{}", lease_prefix(task.as_ref()), lease.as_ref()))
+                .arg(&LEASE_FIELDS);
+        }
+        let fields: Vec<LeaseFields> =
+            reads.query_async(conn).await.map_err(|e| unavailable(&e))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for ((_, lease), f) in ids.iter().zip(fields) {
+            out.extend(lease_from_fields(lease.as_ref(), f)?);
+        }
+        Ok(out)
+    }
+
     /// Removes index entries whose task no longer exists (pruned, or a create that failed after
     /// writing its index entries). Best effort: a failure leaves them for the next reader.
     async fn drop_dangling(&self, conn: &mut ConnectionManager, key: &str, ids: &[String]) {
@@ -849,21 +875,8 @@ impl Store for RedisStore {
             .map_err(|e| unavailable(&e))?;
         // Lease ids are UUIDv7: their order is issuance order.
         ids.sort_unstable();
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HMGET")
-                .arg(format!("{}{id}", lease_prefix(&task)))
-                .arg(&LEASE_FIELDS);
-        }
-        let fields: Vec<LeaseFields> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, f) in ids.iter().zip(fields) {
-            out.extend(lease_from_fields(id, f)?);
-        }
-        Ok(out)
+        let pairs: Vec<(&str, &str)> = ids.iter().map(|id| (task.as_str(), id.as_str())).collect();
+        self.read_leases(&mut conn, &pairs).await
     }
 
     async fn find_lease(
@@ -931,13 +944,9 @@ impl Store for RedisStore {
                 Some((status, _)) if status == "missing" => return Err(UpdateError::NotFound),
                 _ => continue, // the task changed since it was read: apply the change again
             };
-            let mut leases = Vec::with_capacity(revoked.len());
-            for lease in revoked {
-                if let Some(l) = self.read_lease(&mut conn, &key, lease).await? {
-                    leases.push(l);
-                }
-            }
-            return Ok((next, leases));
+            let pairs: Vec<(&str, &str)> =
+                revoked.iter().map(|l| (key.as_str(), l.as_str())).collect();
+            return Ok((next, self.read_leases(&mut conn, &pairs).await?));
         }
         Err(StoreError::Contention(*id).into())
     }
@@ -970,20 +979,16 @@ impl Store for RedisStore {
             .map_err(|e| unavailable(&e))?;
         // {tasks..., '|', 'task/lease'...}
         let mut result = LockOutcome::default();
-        let mut after_bar = false;
-        for item in outcome {
-            if item == "|" {
-                after_bar = true;
-            } else if !after_bar {
-                if let Ok(id) = TaskId::parse(&item) {
-                    result.tasks.push(id);
-                }
-            } else if let Some((task, lease)) = item.split_once('/')
-                && let Some(l) = self.read_lease(&mut conn, task, lease).await?
-            {
-                result.leases.push(l);
-            }
-        }
+        let (tasks, leases) = match outcome.iter().position(|i| i == "|") {
+            Some(bar) => (&outcome[..bar], &outcome[bar + 1..]),
+            None => (&outcome[..], &[][..]),
+        };
+        result.tasks = tasks.iter().filter_map(|t| TaskId::parse(t).ok()).collect();
+        let pairs: Vec<(&str, &str)> = leases
+            .iter()
+            .filter_map(|item| item.split_once('/'))
+            .collect();
+        result.leases = self.read_leases(&mut conn, &pairs).await?;
         Ok(result)
     }
 
@@ -1096,25 +1101,8 @@ impl Store for RedisStore {
             .filter(|(_, c)| *c == 1)
             .map(|(d, _)| d)
             .collect();
-        if mine.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut reads = redis::pipe();
-        for (task, lease) in &mine {
-            reads
-                .cmd("HMGET")
-                .arg(format!("{}{lease}", lease_prefix(task)))
-                .arg(&LEASE_FIELDS);
-        }
-        let fields: Vec<LeaseFields> = reads
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut ended = Vec::new();
-        for ((_, lease), f) in mine.into_iter().zip(fields) {
-            ended.extend(lease_from_fields(lease, f)?);
-        }
-        Ok(ended)
+        let mine: Vec<(&str, &str)> = mine.iter().map(|(t, l)| (t.as_str(), l.as_str())).collect();
+        self.read_leases(&mut conn, &mine).await
     }
 
     async fn overdue_tasks(
