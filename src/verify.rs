@@ -29,14 +29,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::api::pb;
 use crate::api::pb::revocation_event::Event;
 use crate::api::pb::revocation_service_client::RevocationServiceClient;
+use crate::identity::cert_thumbprint_sha256;
 use crate::mint::{ACCESS_TOKEN_TYP, AccessClaims, JwkVerifier, MAX_TOKEN_BYTES};
 
 /// Shortest time between two JWK Set fetches for an unknown `kid`.
@@ -235,7 +234,7 @@ impl Verifier {
     pub async fn refresh_keys(&self) -> Result<usize, VerifyError> {
         *self.inner.last_fetch.lock().await = Some(Instant::now());
         let bad = |e: String| VerifyError::Setup(format!("JWK Set: {e}"));
-        let response = self
+        let mut response = self
             .inner
             .http
             .get(&self.inner.config.jwks_url)
@@ -250,9 +249,13 @@ impl Verifier {
         {
             return Err(bad("too large".into()));
         }
-        let body = response.bytes().await.map_err(|e| bad(e.to_string()))?;
-        if body.len() > MAX_JWKS_BYTES {
-            return Err(bad("too large".into()));
+        // Read by chunks, so that a body without a length cannot grow past the bound.
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| bad(e.to_string()))? {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(bad("too large".into()));
+            }
+            body.extend_from_slice(&chunk);
         }
         let set: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
@@ -346,17 +349,12 @@ impl Verifier {
         let claims = jsonwebtoken::decode::<AccessClaims>(token, &key.key, &v)
             .map_err(|e| VerifyError::Invalid(e.to_string()))?
             .claims;
-        match client_cert_der {
-            Some(der) => {
-                let digest = ring::digest::digest(&ring::digest::SHA256, der);
-                let thumbprint = URL_SAFE_NO_PAD.encode(digest.as_ref());
-                // Both are public (the token's claim, the peer's certificate): no secret to time.
-                if thumbprint != claims.cnf.x5t_s256 {
-                    return Err(VerifyError::Unbound);
-                }
-            }
-            None if config.require_cnf => return Err(VerifyError::Unbound),
-            None => {}
+        // Both are public (the token's claim, the peer's certificate): no secret to time.
+        let bound = client_cert_der.map_or(!config.require_cnf, |der| {
+            cert_thumbprint_sha256(der) == claims.cnf.x5t_s256
+        });
+        if !bound {
+            return Err(VerifyError::Unbound);
         }
         if !self.revocations_current() && config.stale == StalePolicy::Strict {
             return Err(VerifyError::Stale);
