@@ -214,36 +214,37 @@ impl RevocationWatch {
                 .is_none_or(|a| r.audience.as_ref() == Some(a))
     }
 
-    /// The next event: backlog entries, `Synced`, then live entries and heartbeats.
+    /// The next event: backlog entries, `Synced`, then live entries and heartbeats; `None`
+    /// once the broker stops (the watcher resumes on another replica or after the restart).
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when the store fails while reading the backlog or catching
     /// up (the watcher reconnects and resumes from its last cursor).
-    pub async fn next(&mut self) -> Result<WatchEvent, BrokerError> {
+    pub async fn next(&mut self) -> Result<Option<WatchEvent>, BrokerError> {
         let stopping = self.hub.stopping.clone();
         let event = tokio::select! {
-            () = stopping.cancelled() => {
-                Err(BrokerError::Unavailable("the broker is stopping".into()))
-            }
+            () = stopping.cancelled() => Ok(None),
             e = self.next_event() => e,
         };
         self.last_sent = tokio::time::Instant::now();
         event
     }
 
-    async fn next_event(&mut self) -> Result<WatchEvent, BrokerError> {
+    /// As [`RevocationWatch::next`]; `None` too if the hub's senders are gone (they live as
+    /// long as the hub this watch holds, so only in theory).
+    async fn next_event(&mut self) -> Result<Option<WatchEvent>, BrokerError> {
         if !self.synced {
             // The backlog is read once the feed knows where the log ends (see `ready`).
             let mut ready = self.hub.ready.subscribe();
             if ready.wait_for(|r| *r).await.is_err() {
-                return Err(BrokerError::Unavailable("the broker is stopping".into()));
+                return Ok(None);
             }
         }
         loop {
             if let Some(r) = self.pending.pop_front() {
                 self.at = r.cursor;
                 if self.wanted(&r) {
-                    return Ok(WatchEvent::Revoked(Arc::new(r)));
+                    return Ok(Some(WatchEvent::Revoked(Arc::new(r))));
                 }
                 continue;
             }
@@ -256,10 +257,10 @@ impl RevocationWatch {
                     self.catching_up = false;
                     if !self.synced {
                         self.synced = true;
-                        return Ok(WatchEvent::Synced {
+                        return Ok(Some(WatchEvent::Synced {
                             cursor: self.at,
                             epoch: self.epoch.current(),
-                        });
+                        }));
                     }
                 }
                 self.pending.extend(page);
@@ -271,22 +272,20 @@ impl RevocationWatch {
                     Ok(r) if r.cursor > self.at => {
                         self.at = r.cursor;
                         if self.wanted(&r) {
-                            return Ok(WatchEvent::Revoked(r));
+                            return Ok(Some(WatchEvent::Revoked(r)));
                         }
                     }
                     Ok(_) => {} // delivered with the backlog already
                     Err(broadcast::error::RecvError::Lagged(_)) => self.catching_up = true,
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(BrokerError::Unavailable("the broker is stopping".into()));
-                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(None),
                 },
                 () = heartbeat => {
                     let current = self.hub.current_ms.load(Ordering::Acquire);
                     if unix_ms(SystemTime::now()).saturating_sub(current) < FEED_CURRENT_MS {
-                        return Ok(WatchEvent::Heartbeat {
+                        return Ok(Some(WatchEvent::Heartbeat {
                             cursor: self.at,
                             epoch: self.epoch.current(),
-                        });
+                        }));
                     }
                     // Not current: no heartbeat; look again in a while.
                     self.last_sent = tokio::time::Instant::now();
