@@ -50,6 +50,14 @@ pub enum AppError {
     /// The JWT signing key or the issuing CA is unusable.
     #[error("issuer: {0}")]
     Key(#[from] MintError),
+    /// A CI issuer is unusable (its JWK Set file, its roots).
+    #[error("CI issuer {name}: {problem}")]
+    CiIssuer {
+        /// The issuer's configured name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// The audit log cannot be opened.
     #[error("key `audit.path`: file {path}: {source}")]
     Audit {
@@ -118,6 +126,52 @@ pub struct App {
 /// How often ended tasks past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
+/// The trusted CI issuers of `config`: a JWK Set file must hold a usable key now; a URL is
+/// fetched on first use (the issuer may be unreachable at start without stopping the broker).
+fn ci_issuers(config: &crate::config::CiConfig) -> Result<crate::ci::CiIssuers, AppError> {
+    use crate::ci::{IssuerKeys, KeySource, TrustedIssuer};
+    let mut issuers = Vec::with_capacity(config.issuers.len());
+    for i in &config.issuers {
+        let bad = |problem: String| AppError::CiIssuer {
+            name: i.name.clone(),
+            problem,
+        };
+        let http = match &i.jwks {
+            KeySource::File(path) => {
+                let n = crate::ci::check_jwks_file(path).map_err(|e| bad(e.to_string()))?;
+                if n == 0 {
+                    return Err(bad(format!("{}: no usable key", path.display())));
+                }
+                None
+            }
+            KeySource::Url(_) => {
+                let roots = match &i.jwks_ca {
+                    Some(ca) => crate::fetch::roots_from_pem(ca),
+                    None => crate::fetch::native_roots(),
+                }
+                .map_err(bad)?;
+                let tls = crate::fetch::tls_config(roots).map_err(bad)?;
+                Some(crate::fetch::client(tls).map_err(bad)?)
+            }
+        };
+        issuers.push(TrustedIssuer {
+            name: i.name.clone(),
+            issuer: i.issuer.clone(),
+            audience: i.audience.clone(),
+            algorithms: i.algorithms.clone(),
+            claims: i.claims.clone(),
+            leeway: i.leeway,
+            max_token_age: i.max_token_age,
+            task_deadline_max: i.task_deadline_max,
+            keys: IssuerKeys::new(i.jwks.clone(), http, i.jwks_refresh, i.jwks_refetch_min),
+        });
+    }
+    Ok(crate::ci::CiIssuers::new(
+        issuers,
+        config.trust_domain.clone(),
+    ))
+}
+
 impl App {
     /// Builds the broker from a checked configuration, on the system clock.
     ///
@@ -178,6 +232,7 @@ impl App {
                 keys: keys.clone(),
                 ca,
                 key_file: config.issuer.jwt_key.clone(),
+                ci: ci_issuers(&config.ci)?,
             },
             settings,
         );

@@ -16,6 +16,7 @@
 //! task        Task, Approval, the state machine and its rules (separation of duties, quorum)
 //! lease       Lease: the record of one issued credential; what may be issued or renewed
 //! mint        JWT signing keys, the key ring and JWKS, the jsonwebtoken provider over ring, X509-SVIDs
+//! ci          CI OIDC ID tokens: trusted issuers, their JWK Sets, verification, the CiJob
 //! policy      Cedar: schema, load and validate, decide, quorum from @quorum
 //! store       Store trait, embedded (redb) and Redis backends, the conformance suite
 //! audit       one JSON line per decision
@@ -27,6 +28,7 @@
 //! http        axum: /healthz, /readyz, /metrics, /crl, /.well-known/jwks.json, openid-configuration
 //! devpki      the development PKI and policies of `dev init` and `serve --dev`
 //! cli         client subcommands over the generated gRPC client
+//! fetch       bounded HTTPS GETs of JWK Sets (rustls, ring, the roots given)
 //! verify      for resource servers: JWKS, token checks, cnf, the revocation stream
 //! ```
 
@@ -34,10 +36,12 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod broker;
+pub mod ci;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod devpki;
+pub mod fetch;
 pub mod http;
 pub mod identity;
 pub mod lease;

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
             Command::Lease { ref command } => cli::lease::run(&cli.client, command).await,
             Command::Agent { ref command } => cli::agent::run(&cli.client, command).await,
             Command::Key { ref command } => cli::key::run(&cli.client, command).await,
+            Command::Ci { ref command } => cli::ci::run(&cli.client, command).await,
             Command::Revocations { ref command } => {
                 cli::revocations::run(&cli.client, command).await
             }

@@ -181,26 +181,14 @@ impl Verifier {
                 MAX_LEEWAY.as_secs()
             )));
         }
-        let mut http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(3))
-            .redirect(reqwest::redirect::Policy::none());
         // Never the process-wide provider or the platform's roots: ring, and only the roots
         // given (none: `https` JWK Set URLs fail).
         let tls = match config.tls.clone() {
             Some(tls) => tls,
-            None => rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| VerifyError::Setup(format!("TLS: {e}")))?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
+            None => crate::fetch::tls_config(rustls::RootCertStore::empty())
+                .map_err(VerifyError::Setup)?,
         };
-        http = http.tls_backend_preconfigured(tls);
-        let http = http
-            .build()
-            .map_err(|e| VerifyError::Setup(format!("HTTP client: {e}")))?;
+        let http = crate::fetch::client(tls).map_err(VerifyError::Setup)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -234,29 +222,13 @@ impl Verifier {
     pub async fn refresh_keys(&self) -> Result<usize, VerifyError> {
         *self.inner.last_fetch.lock().await = Some(Instant::now());
         let bad = |e: String| VerifyError::Setup(format!("JWK Set: {e}"));
-        let mut response = self
-            .inner
-            .http
-            .get(&self.inner.config.jwks_url)
-            .send()
-            .await
-            .map_err(|e| bad(e.to_string()))?
-            .error_for_status()
-            .map_err(|e| bad(e.to_string()))?;
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
-        {
-            return Err(bad("too large".into()));
-        }
-        // Read by chunks, so that a body without a length cannot grow past the bound.
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| bad(e.to_string()))? {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(bad("too large".into()));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = crate::fetch::get_bounded(
+            &self.inner.http,
+            &self.inner.config.jwks_url,
+            MAX_JWKS_BYTES,
+        )
+        .await
+        .map_err(bad)?;
         let set: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
         let listed = set
@@ -351,7 +323,10 @@ impl Verifier {
             .claims;
         // Both are public (the token's claim, the peer's certificate): no secret to time.
         let bound = client_cert_der.map_or(!config.require_cnf, |der| {
-            cert_thumbprint_sha256(der) == claims.cnf.x5t_s256
+            claims
+                .cnf
+                .as_ref()
+                .is_some_and(|c| cert_thumbprint_sha256(der) == c.x5t_s256)
         });
         if !bound {
             return Err(VerifyError::Unbound);

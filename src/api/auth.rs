@@ -1,6 +1,6 @@
 //! Authentication of every RPC, deny by default: a method answers only a caller whose connection
 //! presented a verified, unexpired client certificate, unless it is on the short list of public
-//! methods. The caller's identity is handed to handlers as a [`Caller`] request extension.
+//! methods (health, and the CI methods, whose proof is the ID token they carry). The caller's identity is handed to handlers as a [`Caller`] request extension.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,6 +19,8 @@ use crate::tls::ConnInfo;
 pub const PUBLIC_METHODS: &[&str] = &[
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
+    "/taskcred.v1.CiService/ExchangeCiToken",
+    "/taskcred.v1.CiService/CompleteCiTask",
 ];
 
 /// The authenticated caller of an RPC.

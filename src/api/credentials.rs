@@ -207,7 +207,7 @@ impl CredentialService for CredentialApi {
                 scope: c.scope,
                 client_id: c.client_id,
                 task_id: c.task_id,
-                cnf_x5t_s256: c.cnf.x5t_s256,
+                cnf_x5t_s256: c.cnf.map(|c| c.x5t_s256).unwrap_or_default(),
                 serial: String::new(),
             },
         }))

@@ -19,6 +19,15 @@ pub fn status(e: BrokerError) -> Status {
             Status::unavailable("the store is unavailable; nothing was changed, retry later")
         }
         BrokerError::Exhausted(m) => Status::resource_exhausted(m),
+        BrokerError::Unauthenticated(m) => Status::unauthenticated(m),
+        BrokerError::Pending(task) => {
+            let mut s = Status::failed_precondition(BrokerError::Pending(task).to_string());
+            // Machine-readable too, for pipelines that wait for the approval.
+            if let Ok(v) = task.to_string().parse() {
+                s.metadata_mut().insert("taskcred-task-id", v);
+            }
+            s
+        }
         BrokerError::Internal(detail) => {
             tracing::error!(%detail, "internal error");
             Status::internal("internal error")

@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod auth;
+mod ci;
 mod credentials;
 mod error;
 mod identity;
@@ -22,6 +23,7 @@ use tokio_stream::Stream;
 use tonic::transport::Server;
 
 pub use admin::AdminApi;
+pub use ci::CiApi;
 pub use credentials::CredentialApi;
 pub use identity::IdentityApi;
 pub use metrics::RpcMetricsLayer;
@@ -169,6 +171,9 @@ where
     )
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let ci = pb::ci_service_server::CiServiceServer::new(CiApi::new(broker.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(broker))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -189,6 +194,7 @@ where
         .add_service(credentials)
         .add_service(admin)
         .add_service(revocations)
+        .add_service(ci)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

@@ -84,6 +84,17 @@ pub fn state_from_pb(v: i32) -> Result<Option<TaskState>, Status> {
     )
 }
 
+/// The outcome of a completion; unspecified means succeeded.
+pub(super) fn outcome_from_pb(outcome: i32) -> Result<Outcome, Status> {
+    Ok(
+        match pb::Outcome::try_from(outcome).map_err(|_| invalid("outcome", "unknown outcome"))? {
+            pb::Outcome::Unspecified | pb::Outcome::Succeeded => Outcome::Succeeded,
+            pb::Outcome::Failed => Outcome::Failed,
+            pb::Outcome::Cancelled => Outcome::Cancelled,
+        },
+    )
+}
+
 pub(super) fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
     Some(t.into())
 }
@@ -257,13 +268,7 @@ impl TaskApi {
         let who = caller(&request)?.id.clone();
         let r = request.into_inner();
         let id = task_id(&r.task_id)?;
-        let outcome = match pb::Outcome::try_from(r.outcome)
-            .map_err(|_| invalid("outcome", "unknown outcome"))?
-        {
-            pb::Outcome::Unspecified | pb::Outcome::Succeeded => Outcome::Succeeded,
-            pb::Outcome::Failed => Outcome::Failed,
-            pb::Outcome::Cancelled => Outcome::Cancelled,
-        };
+        let outcome = outcome_from_pb(r.outcome)?;
         let (task, revoked) = self
             .broker
             .complete_task(&who, &id, outcome)

@@ -5,6 +5,7 @@
 //! operation, and audits the decision. No tonic types here.
 
 mod agents;
+mod ci;
 mod crl;
 mod epoch;
 mod keys;
@@ -13,6 +14,7 @@ mod reaper;
 mod revocations;
 
 pub use agents::{LOCK_ON_FAILURE_ERRORS, MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
+pub use ci::{CiCredential, CiExchangeRequest, CiExchanged};
 pub use crl::CRL_REFRESH;
 pub use epoch::{EPOCH_CHECK, STORE_EPOCH_STARTED, STORE_RESETS, StoreReset};
 pub use keys::{KEY_REFRESH, Rotation};
@@ -74,6 +76,12 @@ pub enum BrokerError {
     /// A limit of this broker is reached (`RESOURCE_EXHAUSTED`); retry later.
     #[error("{0}")]
     Exhausted(String),
+    /// The proof of identity is refused (`UNAUTHENTICATED`): a CI ID token that fails a check.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The task awaits approvals (`FAILED_PRECONDITION`, naming the task).
+    #[error("task {0} is pending approval; retry once it is approved")]
+    Pending(TaskId),
     /// Something that should not happen (`INTERNAL`); details are logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -252,6 +260,8 @@ pub struct Broker {
     epoch: Arc<epoch::EpochState>,
     /// The last CRL built.
     crl: Arc<crl::CrlCache>,
+    /// The CI issuers trusted for the CI exchange.
+    ci: Arc<crate::ci::CiIssuers>,
     settings: BrokerSettings,
 }
 
@@ -272,6 +282,8 @@ pub struct BrokerParts {
     pub ca: Option<Arc<IssuingCa>>,
     /// Where the signing key lives (a rotation writes the new key there).
     pub key_file: std::path::PathBuf,
+    /// The CI issuers trusted for the CI exchange.
+    pub ci: crate::ci::CiIssuers,
 }
 
 impl Broker {
@@ -290,6 +302,7 @@ impl Broker {
             revocations: Arc::default(),
             epoch: Arc::default(),
             crl: Arc::default(),
+            ci: Arc::new(parts.ci),
             settings,
         }
     }
@@ -961,9 +974,11 @@ impl Broker {
                 .filter(|a| a.decision == Decision::Approve)
                 .map(|a| a.id.clone())
                 .collect(),
-            cnf: Confirmation {
+            // A CI job without a client certificate gets an unbound token.
+            cnf: (!caller.cert_sha256.is_empty()).then(|| Confirmation {
                 x5t_s256: caller.cert_sha256.clone(),
-            },
+            }),
+            ci: None,
         }
     }
 

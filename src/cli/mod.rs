@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cert;
+pub mod ci;
 mod client;
 pub mod key;
 pub mod lease;
@@ -121,6 +122,12 @@ pub enum Command {
         /// Which.
         #[command(subcommand)]
         command: key::KeyCommand,
+    },
+    /// For CI pipelines: exchange the job's OIDC ID token for a credential, end the job's task.
+    Ci {
+        /// Which.
+        #[command(subcommand)]
+        command: ci::CiCommand,
     },
     /// Check policies offline, or reload them on a broker.
     Policy {

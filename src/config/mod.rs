@@ -46,6 +46,49 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Logging.
     pub log: LogConfig,
+    /// CI OIDC issuers trusted for `ExchangeCiToken`.
+    pub ci: CiConfig,
+}
+
+/// The CI issuers whose ID tokens the broker exchanges.
+#[derive(Debug, Clone, Default)]
+pub struct CiConfig {
+    /// Trust domain of the identities CI jobs get (`spiffe://<it>/ci/<issuer>/<repository id>`);
+    /// by default the first allowed trust domain.
+    pub trust_domain: String,
+    /// The trusted issuers; none: the exchange is refused.
+    pub issuers: Vec<CiIssuerConfig>,
+}
+
+/// One trusted CI issuer.
+#[derive(Debug, Clone)]
+pub struct CiIssuerConfig {
+    /// Short name, `[a-z0-9-]{1,32}`.
+    pub name: String,
+    /// Whose claim names.
+    pub preset: crate::ci::Preset,
+    /// The exact `iss`.
+    pub issuer: String,
+    /// The exact `aud` required (broker-specific).
+    pub audience: String,
+    /// The accepted algorithms.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Where the keys come from.
+    pub jwks: crate::ci::KeySource,
+    /// Roots for an `https` JWK Set URL (PEM); by default the system's trust store.
+    pub jwks_ca: Option<PathBuf>,
+    /// Reread the keys when older than this.
+    pub jwks_refresh: Duration,
+    /// Refetch for an unknown `kid` at most this often.
+    pub jwks_refetch_min: Duration,
+    /// Tolerance on `exp`/`nbf`/`iat` (at most 300 s).
+    pub leeway: Duration,
+    /// Oldest token accepted, by `iat`.
+    pub max_token_age: Duration,
+    /// Bound of a derived task's deadline, shorter than the token's expiry.
+    pub task_deadline_max: Option<Duration>,
+    /// The claim names (the preset's, with overrides).
+    pub claims: crate::ci::ClaimNames,
 }
 
 /// The Cedar policies.
@@ -421,6 +464,14 @@ fn check_files(config: Config) -> Result<Config, ConfigError> {
     if let Some((cert, key)) = &config.issuer.ca {
         check_readable("issuer.ca_cert", cert)?;
         check_key_file("issuer.ca_key", key)?;
+    }
+    for issuer in &config.ci.issuers {
+        if let crate::ci::KeySource::File(f) = &issuer.jwks {
+            check_readable("ci.issuers.jwks_file", f)?;
+        }
+        if let Some(ca) = &issuer.jwks_ca {
+            check_readable("ci.issuers.jwks_ca", ca)?;
+        }
     }
     Ok(config)
 }

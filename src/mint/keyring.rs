@@ -284,9 +284,10 @@ mod tests {
             scope: "read".into(),
             task_id: "t".into(),
             approval_ids: vec![],
-            cnf: Confirmation {
-                x5t_s256: "c".into(),
-            },
+            cnf: Some(Confirmation {
+                x5t_s256: "x".into(),
+            }),
+            ci: None,
         }
     }
 

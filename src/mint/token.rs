@@ -40,8 +40,12 @@ pub struct AccessClaims {
     pub task_id: String,
     /// The approvals the task carries.
     pub approval_ids: Vec<String>,
-    /// The certificate the token is bound to.
-    pub cnf: Confirmation,
+    /// The certificate the token is bound to; absent only for a CI job that presented none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+    /// For a CI job: what its ID token proved (the attributes policy decided on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci: Option<crate::ci::CiJob>,
 }
 
 /// 128 bits from the system's CSPRNG, as 32 lowercase hex digits.

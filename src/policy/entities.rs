@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cedar_policy::{Entity, EntityUid, RestrictedExpression};
 
+use crate::ci::CiJob;
 use crate::identity::WorkloadId;
 use crate::task::Task;
 
@@ -116,9 +117,63 @@ fn task(t: &Task) -> Result<(EntityUid, Entity), String> {
     Ok((u, e))
 }
 
+/// Who asks.
+#[derive(Debug, Clone, Copy)]
+pub enum Principal<'a> {
+    /// A caller proven by its client certificate.
+    Workload(&'a WorkloadId),
+    /// A CI job proven by its provider's ID token.
+    CiJob(&'a CiJob),
+}
+
+/// The `CiJob` entity: its id is the token's `sub`; every attribute of the job.
+fn ci_job(job: &CiJob) -> Result<(EntityUid, Entity), String> {
+    let u = uid("CiJob", &job.subject)?;
+    let string = |v: &str| RestrictedExpression::new_string(v.to_owned());
+    let attrs = [
+        ("issuer", string(&job.issuer)),
+        ("issuer_name", string(&job.issuer_name)),
+        ("subject", string(&job.subject)),
+        ("repository", string(&job.repository)),
+        ("repository_id", string(&job.repository_id)),
+        ("repository_owner", string(&job.repository_owner)),
+        ("repository_owner_id", string(&job.repository_owner_id)),
+        ("ref", string(&job.git_ref)),
+        ("ref_type", string(&job.ref_type)),
+        (
+            "ref_protected",
+            RestrictedExpression::new_bool(job.ref_protected),
+        ),
+        ("environment", string(&job.environment)),
+        ("event", string(&job.event)),
+        ("workflow_ref", string(&job.workflow_ref)),
+        ("job_workflow_ref", string(&job.job_workflow_ref)),
+        ("run_id", string(&job.run_id)),
+        (
+            "run_attempt",
+            RestrictedExpression::new_long(job.run_attempt),
+        ),
+        ("job", string(&job.job)),
+        ("actor", string(&job.actor)),
+        ("sha", string(&job.sha)),
+        ("runner_environment", string(&job.runner_environment)),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    let e = Entity::new(u.clone(), attrs.into(), std::collections::HashSet::new())
+        .map_err(|e| format!("CI job entity: {e}"))?;
+    Ok((u, e))
+}
+
 /// The principal and resource uids and every entity the request refers to.
-pub(super) fn build(principal: &WorkloadId, resource: &Resource<'_>) -> Result<Built, String> {
-    let (p, pe) = workload(principal)?;
+pub(super) fn build(principal: Principal<'_>, resource: &Resource<'_>) -> Result<Built, String> {
+    let (p, pe) = match principal {
+        Principal::Workload(w) => workload(w)?,
+        Principal::CiJob(j) => ci_job(j)?,
+    };
+    let caller = match principal {
+        Principal::Workload(w) => Some(w),
+        Principal::CiJob(_) => None,
+    };
     let mut list = vec![pe];
     let r = match resource {
         Resource::Broker => {
@@ -131,7 +186,7 @@ pub(super) fn build(principal: &WorkloadId, resource: &Resource<'_>) -> Result<B
         }
         Resource::Workload(w) => {
             let (u, e) = workload(w)?;
-            if *w != principal {
+            if Some(*w) != caller {
                 list.push(e);
             }
             u
@@ -140,7 +195,8 @@ pub(super) fn build(principal: &WorkloadId, resource: &Resource<'_>) -> Result<B
             let (u, e) = task(t)?;
             list.push(e);
             for w in [&t.executor, &t.requester] {
-                if w != principal && !list.iter().any(|e| e.uid().id().unescaped() == w.as_str()) {
+                if Some(w) != caller && !list.iter().any(|e| e.uid().id().unescaped() == w.as_str())
+                {
                     list.push(workload(w)?.1);
                 }
             }

@@ -20,7 +20,7 @@ use cedar_policy::{
 };
 use miette::Diagnostic;
 
-pub use entities::Resource;
+pub use entities::{Principal, Resource};
 
 use crate::identity::WorkloadId;
 
@@ -42,6 +42,7 @@ pub const DEV_POLICIES: &[(&str, &str)] = &[
         "credentials.cedar",
         include_str!("../../config/policies/credentials.cedar"),
     ),
+    ("ci.cedar", include_str!("../../config/policies/ci.cedar")),
 ];
 
 /// The actions policy decides. Their names are the Cedar action ids.
@@ -88,6 +89,11 @@ pub enum PolicyAction {
     RotateSigningKey,
     /// Ask whether a credential is active.
     Introspect,
+    /// A CI job exchanges its ID token for a credential of its task (context: kind, audience,
+    /// actions, ttl_secs). A permit's `@quorum` (default 0) is the approvals a new task needs.
+    ExchangeCiToken,
+    /// A CI job ends its task.
+    CompleteCiTask,
 }
 
 impl PolicyAction {
@@ -114,6 +120,8 @@ impl PolicyAction {
             Self::RevokeTask => "RevokeTask",
             Self::RotateSigningKey => "RotateSigningKey",
             Self::Introspect => "Introspect",
+            Self::ExchangeCiToken => "ExchangeCiToken",
+            Self::CompleteCiTask => "CompleteCiTask",
         }
     }
 }
@@ -394,6 +402,20 @@ impl PolicyEngine {
         resource: &Resource<'_>,
         context: Option<serde_json::Value>,
     ) -> Verdict {
+        self.decide_as(Principal::Workload(principal), action, resource, context)
+    }
+
+    /// Decides for any kind of principal (a workload, a CI job), with an optional context.
+    /// The quorum of a permit without `@quorum` is 1, except for `ExchangeCiToken`, where the
+    /// exchange itself is the decision: 0 unless a permitting policy asks for approvals.
+    pub fn decide_as(
+        &self,
+        principal: Principal<'_>,
+        action: PolicyAction,
+        resource: &Resource<'_>,
+        context: Option<serde_json::Value>,
+    ) -> Verdict {
+        let default_quorum = u32::from(action != PolicyAction::ExchangeCiToken);
         let policies = self.current();
         let denied = |why: String| Verdict {
             allowed: false,
@@ -437,10 +459,10 @@ impl PolicyEngine {
                         .set
                         .annotation(id, "quorum")
                         .and_then(|q| q.parse::<u32>().ok())
-                        .unwrap_or(1)
+                        .unwrap_or(default_quorum)
                 })
                 .max()
-                .unwrap_or(1)
+                .unwrap_or(default_quorum)
         } else {
             0
         };

@@ -95,6 +95,7 @@ pub async fn run_all(store: &dyn Store) {
     overdue_tasks_are_found_by_deadline(store).await;
     revocations_are_logged_in_order_and_resumable(store).await;
     the_epoch_is_made_once(store).await;
+    claims_are_held_once(store).await;
     store.ping().await.unwrap();
 }
 
@@ -1106,4 +1107,32 @@ pub async fn the_epoch_is_made_once(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(kept, again);
+}
+
+/// A claim is held once until it expires or is released by its holder.
+pub async fn claims_are_held_once(store: &dyn Store) {
+    let key = format!("conformance:{}", uuid::Uuid::now_v7());
+    let until = SystemTime::now() + Duration::from_secs(60);
+    assert_eq!(store.claimed(&key).await.unwrap(), None);
+    assert_eq!(store.claim(&key, "a", until).await.unwrap(), None);
+    assert_eq!(store.claimed(&key).await.unwrap().as_deref(), Some("a"));
+    assert_eq!(
+        store.claim(&key, "b", until).await.unwrap().as_deref(),
+        Some("a")
+    );
+    // Only the holder releases it.
+    store.release_claim(&key, "b").await.unwrap();
+    assert_eq!(
+        store.claim(&key, "b", until).await.unwrap().as_deref(),
+        Some("a")
+    );
+    store.release_claim(&key, "a").await.unwrap();
+    assert_eq!(store.claim(&key, "b", until).await.unwrap(), None);
+    // An expired claim is no claim.
+    let short = format!("{key}:short");
+    let soon = SystemTime::now() + Duration::from_millis(200);
+    assert_eq!(store.claim(&short, "x", soon).await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.claimed(&short).await.unwrap(), None);
+    assert_eq!(store.claim(&short, "y", until).await.unwrap(), None);
 }

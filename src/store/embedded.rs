@@ -42,6 +42,8 @@ const EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("lea
 const DEADLINES: TableDefinition<(u64, &str), ()> = TableDefinition::new("task_deadlines");
 /// Store-wide markers: `epoch` (the JSON [`Epoch`]).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Claims: key -> (expiry in ms since the epoch, value).
+const CLAIMS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("claims");
 /// The revocation log: key the [`Cursor`] (`ms`, `seq`), value the JSON [`Revocation`].
 const REVOCATIONS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("revocations");
 
@@ -89,6 +91,7 @@ impl EmbeddedStore {
         txn.open_table(DEADLINES).map_err(backend)?;
         txn.open_table(REVOCATIONS).map_err(backend)?;
         txn.open_table(META).map_err(backend)?;
+        txn.open_table(CLAIMS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -1048,6 +1051,12 @@ impl Store for EmbeddedStore {
                     pruned += 1;
                 }
             }
+            // Claims past their expiry (Redis drops its own).
+            let now = unix_ms(SystemTime::now());
+            txn.open_table(CLAIMS)
+                .map_err(backend)?
+                .retain(|_, (until, _)| until > now)
+                .map_err(backend)?;
             txn.commit().map_err(backend)?;
             Ok(pruned)
         })
@@ -1129,6 +1138,77 @@ impl Store for EmbeddedStore {
             };
             txn.commit().map_err(backend)?;
             Ok(epoch)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn claim(
+        &self,
+        key: &str,
+        value: &str,
+        until: SystemTime,
+    ) -> Result<Option<String>, StoreError> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        let now = unix_ms(SystemTime::now());
+        let until = unix_ms_ceil(until);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let held = {
+                let mut claims = txn.open_table(CLAIMS).map_err(backend)?;
+                let held = claims
+                    .get(key.as_str())
+                    .map_err(backend)?
+                    .map(|v| (v.value().0, v.value().1.to_owned()))
+                    .filter(|(exp, _)| *exp > now)
+                    .map(|(_, v)| v);
+                if held.is_none() {
+                    claims
+                        .insert(key.as_str(), (until, value.as_str()))
+                        .map_err(backend)?;
+                }
+                held
+            };
+            txn.commit().map_err(backend)?;
+            Ok(held)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn claimed(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_owned();
+        let now = unix_ms(SystemTime::now());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let claims = txn.open_table(CLAIMS).map_err(backend)?;
+            let held = claims
+                .get(key.as_str())
+                .map_err(backend)?
+                .filter(|v| v.value().0 > now)
+                .map(|v| v.value().1.to_owned());
+            Ok(held)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn release_claim(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut claims = txn.open_table(CLAIMS).map_err(backend)?;
+                let holds = claims
+                    .get(key.as_str())
+                    .map_err(backend)?
+                    .is_some_and(|v| v.value().1 == value);
+                if holds {
+                    claims.remove(key.as_str()).map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(())
         })
         .await
         .map_err(store_only)

@@ -360,6 +360,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Unavailable`].
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records `value` under `key` until `until`, unless `key` holds an unexpired value: then
+    /// that value comes back and nothing changes. One atomic step, shared by every replica.
+    /// What must happen once (a CI ID token exchanged for an audience) and what must be one
+    /// record for many callers (the task of a CI job) are claims.
+    async fn claim(
+        &self,
+        key: &str,
+        value: &str,
+        until: SystemTime,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// The value of the unexpired claim `key`, if any.
+    async fn claimed(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Removes the claim `key` if it still holds `value` (work that claimed, then failed).
+    async fn release_claim(&self, key: &str, value: &str) -> Result<(), StoreError>;
 }
 
 /// Milliseconds since the Unix epoch (0 before it).

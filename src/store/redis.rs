@@ -97,6 +97,10 @@ fn lock_key(agent: &WorkloadId) -> String {
     format!("tc:lock:{agent}")
 }
 
+fn claim_key(key: &str) -> String {
+    format!("tc:claim:{key}")
+}
+
 fn executor_key(who: &str) -> String {
     format!("tc:idx:executor:{who}")
 }
@@ -106,6 +110,14 @@ fn requester_key(who: &str) -> String {
 }
 
 /// Creates the task unless its key exists.
+/// Deletes a claim only if it still holds the value given.
+const RELEASE_CLAIM: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 const CREATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'data', ARGV[1])
@@ -386,6 +398,7 @@ pub struct RedisStore {
     revoke_lease: redis::Script,
     lock: redis::Script,
     expire: redis::Script,
+    release: redis::Script,
     /// The connection that blocks in `XREAD` for [`Store::revocations`] waits: its own, so that
     /// a blocked read never delays other commands.
     watch: tokio::sync::Mutex<Option<MultiplexedConnection>>,
@@ -419,6 +432,7 @@ impl RedisStore {
             lock: redis::Script::new(&format!("{LOG_REVOCATION}{LOCK}")),
             watch: tokio::sync::Mutex::new(None),
             expire: redis::Script::new(EXPIRE),
+            release: redis::Script::new(RELEASE_CLAIM),
         })
     }
 
@@ -1262,6 +1276,42 @@ impl Store for RedisStore {
             }
             None => Ok(fresh.clone()),
         }
+    }
+
+    async fn claim(
+        &self,
+        key: &str,
+        value: &str,
+        until: SystemTime,
+    ) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn().await?;
+        // Written only if absent, expiring by itself; the holder (if any) comes back.
+        redis::cmd("SET")
+            .arg(claim_key(key))
+            .arg(value)
+            .arg("NX")
+            .arg("GET")
+            .arg("PXAT")
+            .arg(unix_ms_ceil(until).max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
+    async fn claimed(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn().await?;
+        conn.get(claim_key(key)).await.map_err(|e| unavailable(&e))
+    }
+
+    async fn release_claim(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        self.release
+            .key(claim_key(key))
+            .arg(value)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(&e))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

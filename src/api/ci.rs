@@ -1,0 +1,93 @@
+//! `taskcred.v1.CiService`: the CI exchange and the end of a CI job's task. Public methods (no
+//! client certificate needed); a certificate presented anyway is bound into `cnf`.
+
+use tonic::{Request, Response, Status};
+
+use super::auth::Caller;
+use super::error::status;
+use super::pb;
+use super::pb::ci_service_server::CiService;
+use super::tasks::{duration, outcome_from_pb, task_to_pb, ts};
+use crate::broker::{Broker, CiCredential, CiExchangeRequest};
+
+/// The CI service.
+#[derive(Debug, Clone)]
+pub struct CiApi {
+    broker: Broker,
+}
+
+impl CiApi {
+    /// Serves `broker`'s CI exchange.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+}
+
+fn job(name: String) -> Option<String> {
+    (!name.is_empty()).then_some(name)
+}
+
+#[tonic::async_trait]
+impl CiService for CiApi {
+    async fn exchange_ci_token(
+        &self,
+        request: Request<pb::ExchangeCiTokenRequest>,
+    ) -> Result<Response<pb::ExchangeCiTokenResponse>, Status> {
+        let bound = request
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.0.cert_sha256.clone());
+        let r = request.into_inner();
+        let exchanged = self
+            .broker
+            .exchange_ci_token(CiExchangeRequest {
+                id_token: r.id_token,
+                job: job(r.job),
+                audience: r.audience,
+                actions: r.actions,
+                ttl: duration("ttl", r.ttl)?,
+                csr: (!r.csr.is_empty()).then_some(r.csr),
+                client_cert_sha256: bound,
+            })
+            .await
+            .map_err(status)?;
+        let (token, certificate_pem, chain_pem, lease) = match exchanged.credential {
+            CiCredential::Token(t) => (t.token, String::new(), String::new(), t.lease),
+            CiCredential::Certificate(c) => {
+                (String::new(), c.certificate_pem, c.chain_pem, c.lease)
+            }
+        };
+        let ttl = lease
+            .expires_at
+            .duration_since(lease.issued_at)
+            .unwrap_or_default();
+        Ok(Response::new(pb::ExchangeCiTokenResponse {
+            token,
+            certificate_pem,
+            chain_pem,
+            lease_id: lease.id.to_string(),
+            credential_id: lease.credential,
+            expires_at: ts(lease.expires_at),
+            ttl: prost_types::Duration::try_from(ttl).ok(),
+            task_id: exchanged.task.to_string(),
+            identity: exchanged.identity.to_string(),
+        }))
+    }
+
+    async fn complete_ci_task(
+        &self,
+        request: Request<pb::CompleteCiTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let r = request.into_inner();
+        let outcome = outcome_from_pb(r.outcome)?;
+        let (task, revoked) = self
+            .broker
+            .complete_ci_task(&r.id_token, job(r.job).as_deref(), outcome)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CompleteTaskResponse {
+            task: Some(task_to_pb(task)),
+            revoked_leases: u32::try_from(revoked).unwrap_or(u32::MAX),
+        }))
+    }
+}

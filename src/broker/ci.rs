@@ -1,0 +1,612 @@
+//! The CI exchange: a CI job's OIDC ID token, verified against a trusted issuer, becomes a task
+//! (one per job of a run attempt, derived from the token, approved by policy alone unless a
+//! policy asks for approvals) and a credential of that task; an ID token of the same job ends
+//! the task. Each ID token is exchanged once per audience.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::{Broker, BrokerError, IssuedCertificate, IssuedToken};
+use crate::audit::AuditEvent;
+use crate::ci::{CiError, CiJob, VerifiedIdToken};
+use crate::identity::{PeerIdentity, WorkloadId};
+use crate::lease::CredentialKind;
+use crate::mint::{SvidRequest, random_id, random_serial, serial_hex, verify_csr};
+use crate::policy::{PolicyAction, Principal, Resource, Verdict};
+use crate::task::{Action, Audience, Grant, Labels, Outcome, Task, TaskId, TaskRequest, TaskState};
+
+/// What `ExchangeCiToken` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct CiExchangeRequest {
+    /// The CI provider's ID token (compact JWS).
+    pub id_token: String,
+    /// The job's name, for providers whose tokens carry no job id (GitHub: `$GITHUB_JOB`).
+    pub job: Option<String>,
+    /// The one audience.
+    pub audience: String,
+    /// The actions asked for at that audience (at least one).
+    pub actions: Vec<String>,
+    /// Lifetime asked; `None` for the configured default.
+    pub ttl: Option<Duration>,
+    /// A CSR: a certificate is issued instead of a JWT.
+    pub csr: Option<Vec<u8>>,
+    /// The thumbprint of the client certificate the job presented, if any: bound into `cnf`.
+    pub client_cert_sha256: Option<String>,
+}
+
+/// A credential handed to a CI job.
+#[derive(Debug, Clone)]
+pub enum CiCredential {
+    /// A JWT.
+    Token(IssuedToken),
+    /// An X509-SVID.
+    Certificate(IssuedCertificate),
+}
+
+/// What `ExchangeCiToken` hands back.
+#[derive(Debug, Clone)]
+pub struct CiExchanged {
+    /// The credential and its lease.
+    pub credential: CiCredential,
+    /// The job's task.
+    pub task: TaskId,
+    /// The identity the job's credentials are issued to.
+    pub identity: WorkloadId,
+    /// What the ID token proved.
+    pub job: CiJob,
+}
+
+/// Prefix of the claim mapping a job to its task.
+const TASK_CLAIM: &str = "ci-task";
+/// Prefix of the claim recording that an ID token was exchanged for an audience.
+const EXCHANGE_CLAIM: &str = "ci-exchange";
+
+fn token_error(e: CiError) -> BrokerError {
+    match e {
+        CiError::TooLarge | CiError::Malformed(_) => BrokerError::Invalid {
+            field: "id_token",
+            reason: e.to_string(),
+        },
+        CiError::KeysUnavailable(detail) => {
+            BrokerError::Unavailable(format!("CI issuer keys: {detail}"))
+        }
+        CiError::Claims(reason) => BrokerError::Invalid {
+            field: "id_token",
+            reason,
+        },
+        e => BrokerError::Unauthenticated(e.to_string()),
+    }
+}
+
+impl Broker {
+    /// Verifies `token` (and the job name given); a refusal is audited with the token's hash.
+    async fn verify_id_token(
+        &self,
+        action: PolicyAction,
+        token: &str,
+        job: Option<&str>,
+    ) -> Result<VerifiedIdToken, BrokerError> {
+        if self.ci.is_empty() {
+            return Err(BrokerError::Precondition(
+                "this broker trusts no CI issuer (configure [[ci.issuers]])".into(),
+            ));
+        }
+        match self.ci.verify(token, job, self.clock.now()).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+                let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                self.audit.record(
+                    &AuditEvent::new(self.clock.now(), action.name(), "ci:unverified", false)
+                        .reason(e.to_string())
+                        .detail("id_token_sha256", hash),
+                );
+                Err(token_error(e))
+            }
+        }
+    }
+
+    /// Audits a refusal of a verified CI job and hands the error back.
+    fn ci_refusal(
+        &self,
+        action: PolicyAction,
+        v: &VerifiedIdToken,
+        task: Option<TaskId>,
+        e: BrokerError,
+    ) -> BrokerError {
+        let mut event = AuditEvent::new(self.clock.now(), action.name(), &v.job.subject, false)
+            .reason(e.to_string())
+            .detail("ci_issuer", v.issuer.name.as_str())
+            .detail("repository", v.job.repository.as_str())
+            .detail("repository_id", v.job.repository_id.as_str())
+            .detail("run_id", v.job.run_id.as_str())
+            .detail("id_token_sha256", v.token_sha256.as_str());
+        if let Some(t) = task {
+            event = event.task(t);
+        }
+        self.audit.record(&event);
+        e
+    }
+
+    /// Exchanges a CI job's ID token for a credential of its task: verifies the token, finds
+    /// or creates the job's task (policy decides, with the request as context, and fixes the
+    /// approvals a new task needs), records the lease once the token is claimed for that
+    /// audience, and only then signs.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unauthenticated`] (the token fails a check), [`BrokerError::Invalid`],
+    /// [`BrokerError::Denied`] (policy, a replay, outside the task's grant, a locked
+    /// repository), [`BrokerError::Pending`], [`BrokerError::Precondition`],
+    /// [`BrokerError::Unavailable`].
+    pub async fn exchange_ci_token(
+        &self,
+        request: CiExchangeRequest,
+    ) -> Result<CiExchanged, BrokerError> {
+        let action = PolicyAction::ExchangeCiToken;
+        let v = self
+            .verify_id_token(action, &request.id_token, request.job.as_deref())
+            .await?;
+        let audience = Audience::parse(&request.audience).map_err(|_| BrokerError::Invalid {
+            field: "audience",
+            reason: "1 to 256 bytes of A-Z a-z 0-9 . _ : / -".into(),
+        })?;
+        if request.actions.is_empty() {
+            return Err(BrokerError::Invalid {
+                field: "actions",
+                reason: "name at least one action: the broker never guesses a scope".into(),
+            });
+        }
+        let mut actions = BTreeSet::new();
+        for a in &request.actions {
+            actions.insert(Action::parse(a).map_err(|_| BrokerError::Invalid {
+                field: "actions",
+                reason: format!("{a:?} is not an action"),
+            })?);
+        }
+        if let Some(ttl) = request.ttl
+            && ttl < Duration::from_secs(1)
+        {
+            return Err(BrokerError::Invalid {
+                field: "ttl",
+                reason: "must be at least 1s".into(),
+            });
+        }
+        let csr = match &request.csr {
+            Some(c) => Some(verify_csr(c).map_err(|e| BrokerError::Invalid {
+                field: "csr",
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        if csr.is_some() && self.ca.is_none() {
+            return Err(BrokerError::Precondition(
+                "this broker has no issuing CA configured (issuer.ca_cert)".into(),
+            ));
+        }
+        let identity = self
+            .ci
+            .workload_id(&v.job)
+            .map_err(|e| self.ci_refusal(action, &v, None, token_error(e)))?;
+        let kind = if csr.is_some() {
+            CredentialKind::X509
+        } else {
+            CredentialKind::Jwt
+        };
+        let ttl = request
+            .ttl
+            .unwrap_or(self.settings.limits.credential_ttl_default);
+        let scope: Vec<String> = actions.iter().map(ToString::to_string).collect();
+
+        let (task, verdict) = self
+            .ci_task(&v, &identity, &audience, &actions, kind, ttl)
+            .await?;
+        if task.state == TaskState::PendingApproval {
+            return Err(self.ci_refusal(action, &v, Some(task.id), BrokerError::Pending(task.id)));
+        }
+
+        let caller = PeerIdentity {
+            id: identity.clone(),
+            not_after: v.expires_at,
+            cert_sha256: request.client_cert_sha256.clone().unwrap_or_default(),
+        };
+        let issuance = self
+            .begin_issuance(&caller, &task.id, Some(ttl), action)
+            .await?;
+
+        // Once per token and audience, across replicas; released if the lease is not recorded.
+        let replay_key = format!(
+            "{EXCHANGE_CLAIM}:{}:{}:{audience}",
+            v.issuer.name, v.token_id
+        );
+        let lease_marker = random_id().map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let held = self
+            .store
+            .claim(&replay_key, &lease_marker, v.expires_at + v.issuer.leeway)
+            .await
+            .map_err(BrokerError::from)?;
+        if held.is_some() {
+            return Err(self.ci_refusal(
+                action,
+                &v,
+                Some(task.id),
+                BrokerError::Denied(format!(
+                    "this ID token was already exchanged for {audience}: ask the CI provider for a new one"
+                )),
+            ));
+        }
+        let serial = match kind {
+            CredentialKind::X509 => {
+                Some(random_serial().map_err(|e| BrokerError::Internal(e.to_string()))?)
+            }
+            CredentialKind::Jwt => None,
+        };
+        let credential_id = match &serial {
+            Some(s) => serial_hex(s),
+            None => random_id().map_err(|e| BrokerError::Internal(e.to_string()))?,
+        };
+        let lease = match self
+            .record_lease(
+                &caller,
+                &issuance,
+                kind,
+                credential_id,
+                (kind == CredentialKind::Jwt).then(|| audience.to_string()),
+                if kind == CredentialKind::Jwt {
+                    scope
+                } else {
+                    Vec::new()
+                },
+            )
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                if let Err(release) = self.store.release_claim(&replay_key, &lease_marker).await {
+                    tracing::warn!(error = %release, "could not release the exchange claim of a failed CI exchange");
+                }
+                return Err(e);
+            }
+        };
+
+        let credential = match (csr, serial, &self.ca) {
+            (Some(csr), Some(serial), Some(ca)) => {
+                let certificate_pem = ca
+                    .issue(
+                        &csr,
+                        &SvidRequest {
+                            id: &identity,
+                            task: &task.id,
+                            serial,
+                            now: issuance.now,
+                            not_after: lease.expires_at,
+                        },
+                    )
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                CiCredential::Certificate(IssuedCertificate {
+                    certificate_pem,
+                    chain_pem: ca.chain_pem().to_owned(),
+                    lease: lease.clone(),
+                })
+            }
+            _ => {
+                let mut claims = self.access_claims(&caller, &issuance, &lease);
+                claims.ci = Some(v.job.clone());
+                let token = self
+                    .keys
+                    .sign_access_token(&claims)
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?;
+                CiCredential::Token(IssuedToken {
+                    token,
+                    lease: lease.clone(),
+                })
+            }
+        };
+        self.audit_issued(action.name(), &caller, &issuance, &verdict, &lease);
+        self.audit.record(
+            &AuditEvent::new(issuance.now, "CiTokenExchanged", &v.job.subject, true)
+                .task(task.id)
+                .detail("ci_issuer", v.issuer.name.as_str())
+                .detail("repository", v.job.repository.as_str())
+                .detail("repository_id", v.job.repository_id.as_str())
+                .detail("ref", v.job.git_ref.as_str())
+                .detail("environment", v.job.environment.as_str())
+                .detail("run_id", v.job.run_id.as_str())
+                .detail("run_attempt", v.job.run_attempt)
+                .detail("job", v.job.job.as_str())
+                .detail("id_token_sha256", v.token_sha256.as_str())
+                .detail("lease_id", lease.id.as_str()),
+        );
+        Ok(CiExchanged {
+            credential,
+            task: task.id,
+            identity,
+            job: v.job,
+        })
+    }
+
+    /// The job's task, found through its claim or created (policy permitting), with the
+    /// verdict of policy on this exchange.
+    async fn ci_task(
+        &self,
+        v: &VerifiedIdToken,
+        identity: &WorkloadId,
+        audience: &Audience,
+        actions: &BTreeSet<Action>,
+        kind: CredentialKind,
+        ttl: Duration,
+    ) -> Result<(Task, Verdict), BrokerError> {
+        let action = PolicyAction::ExchangeCiToken;
+        let key = format!("{TASK_CLAIM}:{}", v.job.task_key());
+        let now = self.clock.now();
+        let retention = self.settings.task_retention;
+        for _ in 0..3 {
+            let candidate = TaskId::generate();
+            let held = self
+                .store
+                .claim(&key, &candidate.to_string(), v.expires_at + retention)
+                .await?;
+            let task = match held {
+                None => {
+                    // This exchange is the job's first: the task is made here, if policy says so.
+                    let task = self.ci_candidate(v, identity, candidate, audience, actions, now)?;
+                    let verdict = self.decide_ci(v, &task, audience, actions, kind, ttl);
+                    if !verdict.allowed {
+                        let _ = self.store.release_claim(&key, &candidate.to_string()).await;
+                        return Err(self.ci_denied(v, &task, &verdict));
+                    }
+                    let mut task = task;
+                    if verdict.quorum > 0 {
+                        task.state = TaskState::PendingApproval;
+                    }
+                    task.quorum = verdict.quorum;
+                    task.request_policies = verdict.policies.clone();
+                    if let Err(e) = self.store.create_task(&task).await {
+                        let _ = self.store.release_claim(&key, &candidate.to_string()).await;
+                        return Err(e.into());
+                    }
+                    self.audit.record(
+                        &AuditEvent::new(now, "RequestTask", &v.job.subject, true)
+                            .task(task.id)
+                            .policies(&verdict.policies)
+                            .detail("quorum", verdict.quorum)
+                            .detail("executor", identity.as_str())
+                            .detail("ci_issuer", v.issuer.name.as_str()),
+                    );
+                    return Ok((task, verdict));
+                }
+                Some(id) => {
+                    let id = TaskId::parse(&id).map_err(|_| {
+                        BrokerError::Internal(format!("claim {key} holds no task id"))
+                    })?;
+                    match self.store.get_task(&id).await? {
+                        Some(t) => t,
+                        None => {
+                            // Its creator may be between its claim and its write; or it failed
+                            // there: then the claim is released and taken again.
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            match self.store.get_task(&id).await? {
+                                Some(t) => t,
+                                None => {
+                                    self.store.release_claim(&key, &id.to_string()).await?;
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            if &task.executor != identity {
+                return Err(BrokerError::Internal(format!(
+                    "claim {key} maps to a task of another executor"
+                )));
+            }
+            let granted = task
+                .grants
+                .iter()
+                .find(|g| &g.audience == audience)
+                .is_some_and(|g| actions.is_subset(&g.actions));
+            if !granted {
+                return Err(self.ci_refusal(
+                    action,
+                    v,
+                    Some(task.id),
+                    BrokerError::Denied(format!(
+                        "the job's task grants {}; a job's first exchange fixes its grants",
+                        grants_text(&task.grants)
+                    )),
+                ));
+            }
+            let verdict = self.decide_ci(v, &task, audience, actions, kind, ttl);
+            if !verdict.allowed {
+                return Err(self.ci_denied(v, &task, &verdict));
+            }
+            return Ok((task, verdict));
+        }
+        Err(BrokerError::Unavailable(
+            "the job's task could not be found or made".into(),
+        ))
+    }
+
+    fn decide_ci(
+        &self,
+        v: &VerifiedIdToken,
+        task: &Task,
+        audience: &Audience,
+        actions: &BTreeSet<Action>,
+        kind: CredentialKind,
+        ttl: Duration,
+    ) -> Verdict {
+        let now = self.clock.now();
+        let ttl_secs = ttl
+            .min(task.credential_ttl)
+            .min(self.settings.limits.credential_ttl_max)
+            .min(task.deadline.duration_since(now).unwrap_or_default())
+            .as_secs();
+        let context = serde_json::json!({
+            "kind": kind.as_str(),
+            "audience": audience.as_str(),
+            "actions": actions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "ttl_secs": ttl_secs,
+        });
+        self.policy.decide_as(
+            Principal::CiJob(&v.job),
+            PolicyAction::ExchangeCiToken,
+            &Resource::Task(task),
+            Some(context),
+        )
+    }
+
+    fn ci_denied(&self, v: &VerifiedIdToken, task: &Task, verdict: &Verdict) -> BrokerError {
+        let mut event = AuditEvent::new(
+            self.clock.now(),
+            PolicyAction::ExchangeCiToken.name(),
+            &v.job.subject,
+            false,
+        )
+        .task(task.id)
+        .policies(&verdict.policies)
+        .reason("not permitted by policy")
+        .detail("ci_issuer", v.issuer.name.as_str())
+        .detail("repository", v.job.repository.as_str())
+        .detail("repository_id", v.job.repository_id.as_str())
+        .detail("ref", v.job.git_ref.as_str())
+        .detail("environment", v.job.environment.as_str())
+        .detail("id_token_sha256", v.token_sha256.as_str());
+        if !verdict.errors.is_empty() {
+            event = event.detail("policy_errors", verdict.errors.clone());
+        }
+        self.audit.record(&event);
+        BrokerError::Denied("policy does not permit ExchangeCiToken here".into())
+    }
+
+    /// The task a job's first exchange would make: executor and requester the job's
+    /// identity, one grant, labelled with the issuer, ending with the ID token (or sooner).
+    fn ci_candidate(
+        &self,
+        v: &VerifiedIdToken,
+        identity: &WorkloadId,
+        id: TaskId,
+        audience: &Audience,
+        actions: &BTreeSet<Action>,
+        now: SystemTime,
+    ) -> Result<Task, BrokerError> {
+        let limits = &self.settings.limits;
+        let mut deadline_in = v
+            .expires_at
+            .duration_since(now)
+            .unwrap_or_default()
+            .min(limits.deadline_max);
+        if let Some(max) = v.issuer.task_deadline_max {
+            deadline_in = deadline_in.min(max);
+        }
+        if deadline_in < Duration::from_secs(1) {
+            return Err(BrokerError::Precondition(
+                "the ID token expires in less than a second".into(),
+            ));
+        }
+        let repository: String = v.job.repository.chars().take(200).collect();
+        let purpose = format!(
+            "CI job {} of {repository}, run {} attempt {} ({})",
+            v.job.job, v.job.run_id, v.job.run_attempt, v.issuer.name
+        );
+        let labels = Labels::parse([("ci", v.issuer.name.as_str())])?;
+        let request = TaskRequest {
+            executor: identity.clone(),
+            purpose,
+            grants: vec![Grant {
+                audience: audience.clone(),
+                actions: actions.clone(),
+            }],
+            labels,
+            deadline_in,
+            credential_ttl: limits.credential_ttl_max,
+            parent: None,
+        };
+        Ok(Task::new(id, request, identity.clone(), 0, Vec::new(), now))
+    }
+
+    /// Ends a CI job's task on the proof of an ID token of the same job, revoking every
+    /// credential of it. Returns the task and how many leases were revoked.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unauthenticated`], [`BrokerError::NotFound`] (the job never exchanged),
+    /// [`BrokerError::Denied`], [`BrokerError::Precondition`] (already ended),
+    /// [`BrokerError::Unavailable`].
+    pub async fn complete_ci_task(
+        &self,
+        id_token: &str,
+        job: Option<&str>,
+        outcome: Outcome,
+    ) -> Result<(Task, usize), BrokerError> {
+        let action = PolicyAction::CompleteCiTask;
+        let v = self.verify_id_token(action, id_token, job).await?;
+        let identity = self
+            .ci
+            .workload_id(&v.job)
+            .map_err(|e| self.ci_refusal(action, &v, None, token_error(e)))?;
+        let key = format!("{TASK_CLAIM}:{}", v.job.task_key());
+        let Some(id) = self.store.claimed(&key).await? else {
+            return Err(self.ci_refusal(action, &v, None, BrokerError::NotFound));
+        };
+        let id = TaskId::parse(&id)
+            .map_err(|_| BrokerError::Internal(format!("claim {key} holds no task id")))?;
+        let task = self.load(&id).await?;
+        if task.executor != identity {
+            return Err(BrokerError::Internal(format!(
+                "claim {key} maps to a task of another executor"
+            )));
+        }
+        let verdict = self.policy.decide_as(
+            Principal::CiJob(&v.job),
+            action,
+            &Resource::Task(&task),
+            None,
+        );
+        if !verdict.allowed {
+            return Err(self.ci_refusal(
+                action,
+                &v,
+                Some(id),
+                BrokerError::Denied("policy does not permit CompleteCiTask here".into()),
+            ));
+        }
+        let now = self.clock.now();
+        let who = identity.clone();
+        let (task, revoked) = self
+            .store
+            .end_task(
+                &id,
+                Arc::new(move |t: &mut Task| t.complete(&who, outcome, now)),
+                self.settings.task_retention,
+            )
+            .await
+            .map_err(|e| self.ci_refusal(action, &v, Some(id), e.into()))?;
+        let ids: Vec<&str> = revoked.iter().map(|l| l.credential.as_str()).collect();
+        self.audit.record(
+            &AuditEvent::new(now, action.name(), &v.job.subject, true)
+                .task(task.id)
+                .policies(&verdict.policies)
+                .detail("state", task.state.as_str())
+                .detail("revoked_credentials", ids)
+                .detail("ci_issuer", v.issuer.name.as_str())
+                .detail("id_token_sha256", v.token_sha256.as_str()),
+        );
+        tracing::info!(task = %task.id, state = %task.state, revoked = revoked.len(), "CI task completed");
+        if task.state == TaskState::Failed {
+            self.lock_on_failure(&identity, &task).await;
+        }
+        Ok((task, revoked.len()))
+    }
+}
+
+fn grants_text(grants: &[Grant]) -> String {
+    grants
+        .iter()
+        .map(|g| {
+            let actions: Vec<String> = g.actions.iter().map(ToString::to_string).collect();
+            format!("{} [{}]", g.audience, actions.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,456 @@
+//! What a CI ID token says about its job: the claim names of each provider (presets for GitHub
+//! Actions and GitLab CI, overridable per issuer) and the normalized [`CiJob`] policy sees.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::CiError;
+
+/// Longest claim value taken from an ID token, in bytes.
+pub const MAX_CLAIM_BYTES: usize = 1024;
+
+/// Longest job name a pipeline may give, in bytes.
+pub const MAX_JOB_BYTES: usize = 100;
+
+/// Which provider's claim names an issuer uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// GitHub Actions (`token.actions.githubusercontent.com` and GHES).
+    Github,
+    /// GitLab CI (`id_tokens:`).
+    Gitlab,
+    /// Any other issuer: GitHub's names as a start, each overridable.
+    #[default]
+    Generic,
+}
+
+/// The claim that carries each attribute of a [`CiJob`]; `None` when the provider has none
+/// (the attribute is then empty, `false` or 1).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[allow(missing_docs)]
+pub struct ClaimNames {
+    pub repository: Option<String>,
+    pub repository_id: Option<String>,
+    pub repository_owner: Option<String>,
+    pub repository_owner_id: Option<String>,
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    pub ref_type: Option<String>,
+    pub ref_protected: Option<String>,
+    pub environment: Option<String>,
+    pub event: Option<String>,
+    pub workflow_ref: Option<String>,
+    pub job_workflow_ref: Option<String>,
+    pub run_id: Option<String>,
+    pub run_attempt: Option<String>,
+    /// A signed job id; without one the pipeline names its job in the request.
+    pub job: Option<String>,
+    pub actor: Option<String>,
+    pub sha: Option<String>,
+    pub runner_environment: Option<String>,
+}
+
+fn some(s: &str) -> Option<String> {
+    Some(s.to_owned())
+}
+
+impl ClaimNames {
+    /// The names `preset` uses (STANDARDS.md H).
+    pub fn preset(preset: Preset) -> Self {
+        match preset {
+            Preset::Github | Preset::Generic => Self {
+                repository: some("repository"),
+                repository_id: some("repository_id"),
+                repository_owner: some("repository_owner"),
+                repository_owner_id: some("repository_owner_id"),
+                git_ref: some("ref"),
+                ref_type: some("ref_type"),
+                // GitHub says nothing of branch protection: policy sees `false`.
+                ref_protected: None,
+                environment: some("environment"),
+                event: some("event_name"),
+                workflow_ref: some("workflow_ref"),
+                job_workflow_ref: some("job_workflow_ref"),
+                run_id: some("run_id"),
+                run_attempt: some("run_attempt"),
+                job: None,
+                actor: some("actor"),
+                sha: some("sha"),
+                runner_environment: some("runner_environment"),
+            },
+            Preset::Gitlab => Self {
+                repository: some("project_path"),
+                repository_id: some("project_id"),
+                repository_owner: some("namespace_path"),
+                repository_owner_id: some("namespace_id"),
+                git_ref: some("ref"),
+                ref_type: some("ref_type"),
+                ref_protected: some("ref_protected"),
+                environment: some("environment"),
+                event: some("pipeline_source"),
+                workflow_ref: some("ci_config_ref_uri"),
+                job_workflow_ref: some("ci_config_ref_uri"),
+                run_id: some("pipeline_id"),
+                // A retried GitLab job is a new job with its own id.
+                run_attempt: None,
+                job: some("job_id"),
+                actor: some("user_login"),
+                sha: some("sha"),
+                runner_environment: some("runner_environment"),
+            },
+        }
+    }
+
+    /// The preset's names with the given overrides on top (a table of `field = "claim"`).
+    ///
+    /// # Errors
+    /// A one-line reason when the overrides name an unknown field.
+    pub fn with_overrides(preset: Preset, overrides: &toml::Table) -> Result<Self, String> {
+        let mut merged = toml::Table::new();
+        let base = Self::preset(preset);
+        for (field, claim) in base.fields() {
+            if let Some(c) = claim {
+                merged.insert(field.to_owned(), toml::Value::String(c.clone()));
+            }
+        }
+        for (k, v) in overrides {
+            merged.insert(k.clone(), v.clone());
+        }
+        toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_owned())
+    }
+
+    fn fields(&self) -> [(&'static str, &Option<String>); 17] {
+        [
+            ("repository", &self.repository),
+            ("repository_id", &self.repository_id),
+            ("repository_owner", &self.repository_owner),
+            ("repository_owner_id", &self.repository_owner_id),
+            ("ref", &self.git_ref),
+            ("ref_type", &self.ref_type),
+            ("ref_protected", &self.ref_protected),
+            ("environment", &self.environment),
+            ("event", &self.event),
+            ("workflow_ref", &self.workflow_ref),
+            ("job_workflow_ref", &self.job_workflow_ref),
+            ("run_id", &self.run_id),
+            ("run_attempt", &self.run_attempt),
+            ("job", &self.job),
+            ("actor", &self.actor),
+            ("sha", &self.sha),
+            ("runner_environment", &self.runner_environment),
+        ]
+    }
+}
+
+/// A CI job as its ID token proves it: the Cedar principal `CiJob` and the `ci` claim of the
+/// credentials it gets. Every value was bounded and checked for control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CiJob {
+    /// The configured name of the issuer (e.g. `github`).
+    pub issuer_name: String,
+    /// The token's `iss`.
+    pub issuer: String,
+    /// The token's `sub`.
+    pub subject: String,
+    /// e.g. `org/app` (GitLab: the project path).
+    pub repository: String,
+    /// The immutable repository (project) id.
+    pub repository_id: String,
+    /// e.g. `org` (GitLab: the namespace path).
+    pub repository_owner: String,
+    /// The immutable owner (namespace) id.
+    pub repository_owner_id: String,
+    /// e.g. `refs/heads/main` (GitLab: `main`).
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// `branch` or `tag`.
+    pub ref_type: String,
+    /// Whether the ref is protected (GitLab); `false` when the provider does not say.
+    pub ref_protected: bool,
+    /// The deployment environment, empty when none.
+    pub environment: String,
+    /// What started the run (`push`, `pull_request`, GitLab's pipeline source...).
+    pub event: String,
+    /// The workflow (GitLab: CI config) with its ref.
+    pub workflow_ref: String,
+    /// The workflow the job runs (a reusable workflow's ref, when one is used).
+    pub job_workflow_ref: String,
+    /// The run (GitLab: pipeline) id.
+    pub run_id: String,
+    /// The attempt of the run, from 1.
+    pub run_attempt: i64,
+    /// The job: a signed job id, or the name the pipeline gave.
+    pub job: String,
+    /// Who triggered the run.
+    pub actor: String,
+    /// The commit.
+    pub sha: String,
+    /// `github-hosted`, `self-hosted`...
+    pub runner_environment: String,
+}
+
+/// Why a claim value is refused.
+fn bad_claim(name: &str, why: &str) -> CiError {
+    CiError::Claims(format!("claim {name}: {why}"))
+}
+
+/// The text of claim `name`: a string, or an integer written in decimal.
+fn text(claims: &Map<String, Value>, name: &str) -> Result<Option<String>, CiError> {
+    let value = match claims.get(name) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
+        Some(_) => return Err(bad_claim(name, "not a string")),
+    };
+    if value.len() > MAX_CLAIM_BYTES {
+        return Err(bad_claim(name, "too long"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(bad_claim(name, "control characters"));
+    }
+    Ok(Some(value))
+}
+
+fn field(
+    claims: &Map<String, Value>,
+    claim: Option<&String>,
+    required: bool,
+) -> Result<String, CiError> {
+    let Some(name) = claim else {
+        return Ok(String::new());
+    };
+    match text(claims, name)? {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ if required => Err(bad_claim(name, "missing")),
+        _ => Ok(String::new()),
+    }
+}
+
+/// Checks a job name given by the pipeline: 1 to 100 bytes of `A-Z a-z 0-9 . _ -`.
+///
+/// # Errors
+/// [`CiError::Claims`] naming the field.
+pub fn check_job_name(job: &str) -> Result<(), CiError> {
+    let ok = !job.is_empty()
+        && job.len() <= MAX_JOB_BYTES
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CiError::Claims(
+            "job: 1 to 100 bytes of A-Z a-z 0-9 . _ -".into(),
+        ))
+    }
+}
+
+impl CiJob {
+    /// The job the verified `claims` describe, read with `names`. `job` is the name the pipeline
+    /// gave; a signed job claim, when the provider has one, wins and must agree with it.
+    ///
+    /// # Errors
+    /// [`CiError::Claims`]: a required claim missing, a value too long, of the wrong type or with
+    /// control characters, or a job name that contradicts the token.
+    pub fn from_claims(
+        issuer_name: &str,
+        names: &ClaimNames,
+        claims: &Map<String, Value>,
+        job: Option<&str>,
+    ) -> Result<Self, CiError> {
+        let ref_protected = match &names.ref_protected {
+            None => false,
+            Some(name) => match claims.get(name) {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(Value::String(s)) if s == "true" => true,
+                Some(Value::String(s)) if s == "false" => false,
+                Some(_) => return Err(bad_claim(name, "not \"true\" or \"false\"")),
+            },
+        };
+        let run_attempt = match field(claims, names.run_attempt.as_ref(), false)? {
+            a if a.is_empty() => 1,
+            a => match a.parse::<i64>() {
+                Ok(n) if n >= 1 => n,
+                _ => return Err(bad_claim("run_attempt", "not a positive integer")),
+            },
+        };
+        let signed_job = field(claims, names.job.as_ref(), names.job.is_some())?;
+        let job = match (signed_job.is_empty(), job) {
+            (false, Some(given)) if given != signed_job => {
+                return Err(CiError::Claims(format!(
+                    "job: the token is for job {signed_job}, not {given}"
+                )));
+            }
+            (false, _) => signed_job,
+            (true, Some(given)) => {
+                check_job_name(given)?;
+                given.to_owned()
+            }
+            (true, None) => "default".to_owned(),
+        };
+        let subject = text(claims, "sub")?
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad_claim("sub", "missing"))?;
+        let issuer = text(claims, "iss")?.unwrap_or_default();
+        Ok(Self {
+            issuer_name: issuer_name.to_owned(),
+            issuer,
+            subject,
+            repository: field(claims, names.repository.as_ref(), true)?,
+            repository_id: field(claims, names.repository_id.as_ref(), true)?,
+            repository_owner: field(claims, names.repository_owner.as_ref(), false)?,
+            repository_owner_id: field(claims, names.repository_owner_id.as_ref(), false)?,
+            git_ref: field(claims, names.git_ref.as_ref(), false)?,
+            ref_type: field(claims, names.ref_type.as_ref(), false)?,
+            ref_protected,
+            environment: field(claims, names.environment.as_ref(), false)?,
+            event: field(claims, names.event.as_ref(), false)?,
+            workflow_ref: field(claims, names.workflow_ref.as_ref(), false)?,
+            job_workflow_ref: field(claims, names.job_workflow_ref.as_ref(), false)?,
+            run_id: field(claims, names.run_id.as_ref(), true)?,
+            run_attempt,
+            job,
+            actor: field(claims, names.actor.as_ref(), false)?,
+            sha: field(claims, names.sha.as_ref(), false)?,
+            runner_environment: field(claims, names.runner_environment.as_ref(), false)?,
+        })
+    }
+
+    /// The key of the job's task: the same for every ID token of one job of one run attempt.
+    pub fn task_key(&self) -> String {
+        let parts = [
+            self.issuer.as_str(),
+            self.repository_id.as_str(),
+            self.run_id.as_str(),
+            &self.run_attempt.to_string(),
+            self.job.as_str(),
+        ];
+        // Length-prefixed, so that no two different tuples hash alike.
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for p in parts {
+            ctx.update(&(p.len() as u64).to_be_bytes());
+            ctx.update(p.as_bytes());
+        }
+        hex(ctx.finish().as_ref())
+    }
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use serde_json::json;
+
+    use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn github_and_gitlab_claims_normalize_alike() {
+        let gh = obj(json!({
+            "iss": "https://token.actions.githubusercontent.com", "sub": "repo:org/app:ref:refs/heads/main",
+            "repository": "org/app", "repository_id": "42", "repository_owner": "org",
+            "repository_owner_id": "7", "ref": "refs/heads/main", "ref_type": "branch",
+            "event_name": "push", "run_id": "1001", "run_attempt": "2", "actor": "octocat",
+        }));
+        let job = CiJob::from_claims(
+            "github",
+            &ClaimNames::preset(Preset::Github),
+            &gh,
+            Some("deploy"),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                job.repository_id.as_str(),
+                job.run_attempt,
+                job.job.as_str()
+            ),
+            ("42", 2, "deploy")
+        );
+        assert!(!job.ref_protected);
+
+        let gl = obj(json!({
+            "iss": "https://gitlab.example.com", "sub": "project_path:g/p:ref_type:branch:ref:main",
+            "project_path": "g/p", "project_id": 12, "namespace_path": "g", "namespace_id": "3",
+            "ref": "main", "ref_type": "branch", "ref_protected": "true", "pipeline_id": "55",
+            "job_id": "900", "user_login": "alice",
+        }));
+        let names = ClaimNames::preset(Preset::Gitlab);
+        let job = CiJob::from_claims("gitlab", &names, &gl, None).unwrap();
+        assert_eq!(
+            (
+                job.repository_id.as_str(),
+                job.job.as_str(),
+                job.run_attempt
+            ),
+            ("12", "900", 1)
+        );
+        assert!(job.ref_protected);
+        // A name that contradicts the signed job id is refused.
+        assert!(CiJob::from_claims("gitlab", &names, &gl, Some("901")).is_err());
+    }
+
+    #[test]
+    fn bad_claims_are_refused() {
+        let names = ClaimNames::preset(Preset::Gitlab);
+        let base = json!({"iss": "i", "sub": "s", "project_path": "g/p", "project_id": "1",
+            "pipeline_id": "5", "job_id": "9"});
+        assert!(CiJob::from_claims("x", &names, &obj(base.clone()), None).is_ok());
+        for (k, v) in [
+            ("project_id", json!(null)),
+            ("project_id", json!({"a": 1})),
+            ("ref_protected", json!("yes")),
+            ("project_path", json!("a\nb")),
+            ("project_path", json!("x".repeat(MAX_CLAIM_BYTES + 1))),
+            ("sub", json!("")),
+        ] {
+            let mut c = obj(base.clone());
+            c.insert(k.into(), v);
+            assert!(
+                matches!(
+                    CiJob::from_claims("x", &names, &c, None),
+                    Err(CiError::Claims(_))
+                ),
+                "{k}"
+            );
+        }
+        assert!(check_job_name("build-1.x").is_ok());
+        assert!(check_job_name("a/b").is_err());
+        assert!(check_job_name("").is_err());
+    }
+
+    #[test]
+    fn overrides_replace_single_names() {
+        let mut t = toml::Table::new();
+        t.insert("job".into(), toml::Value::String("job_name".into()));
+        let n = ClaimNames::with_overrides(Preset::Github, &t).unwrap();
+        assert_eq!(n.job.as_deref(), Some("job_name"));
+        assert_eq!(n.repository.as_deref(), Some("repository"));
+        t.insert("nope".into(), toml::Value::String("x".into()));
+        assert!(ClaimNames::with_overrides(Preset::Github, &t).is_err());
+    }
+
+    #[test]
+    fn task_keys_differ_by_every_part() {
+        let names = ClaimNames::preset(Preset::Github);
+        let c = obj(
+            json!({"iss": "i", "sub": "s", "repository": "o/r", "repository_id": "1", "run_id": "2"}),
+        );
+        let a = CiJob::from_claims("g", &names, &c, Some("a")).unwrap();
+        let b = CiJob::from_claims("g", &names, &c, Some("b")).unwrap();
+        assert_ne!(a.task_key(), b.task_key());
+        assert_eq!(a.task_key(), a.clone().task_key());
+    }
+}

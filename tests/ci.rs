@@ -1,0 +1,654 @@
+//! CI per-job credentials: a local OIDC issuer (its own RSA key made by `openssl`, signing with
+//! ring; its JWK Set in a file or served over HTTP) mints GitHub- and GitLab-shaped ID tokens
+//! that real brokers exchange over TLS without a client certificate. The dev policies decide
+//! (`config/policies/ci.cedar`): `main` of example-org/app (by id) in production may deploy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::Broker;
+use common::flows::{introspect, tasks_as};
+use jwt_simple::prelude::{ECDSAP256PublicKeyLike as _, ES256PublicKey, NoCustomClaims};
+use rustls::pki_types::pem::PemObject as _;
+use serde_json::{Value, json};
+use taskcred::api::pb;
+use taskcred::api::pb::ci_service_client::CiServiceClient;
+use tonic::Code;
+
+const GITHUB: &str = "https://token.actions.githubusercontent.com";
+const GITLAB: &str = "https://gitlab.example.com";
+const AUDIENCE: &str = "https://taskcred.example.test";
+
+/// A test OIDC issuer: an RSA key and the JWK Set publishing it.
+struct TestIssuer {
+    key: ring::rsa::KeyPair,
+    kid: String,
+}
+
+impl TestIssuer {
+    fn new(kid: &str) -> Self {
+        let out = std::process::Command::new("openssl")
+            .stderr(std::process::Stdio::null())
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-outform",
+                "DER",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl genpkey failed");
+        Self {
+            // PKCS#8 or, from some OpenSSL versions, PKCS#1.
+            key: ring::rsa::KeyPair::from_pkcs8(&out.stdout)
+                .or_else(|_| ring::rsa::KeyPair::from_der(&out.stdout))
+                .unwrap(),
+            kid: kid.into(),
+        }
+    }
+
+    fn jwk(&self) -> Value {
+        let c: ring::rsa::PublicKeyComponents<Vec<u8>> = self.key.public().into();
+        let (n, e) = (c.n, c.e);
+        json!({"kty": "RSA", "kid": self.kid, "use": "sig", "alg": "RS256",
+               "n": URL_SAFE_NO_PAD.encode(n), "e": URL_SAFE_NO_PAD.encode(e)})
+    }
+
+    fn sign_with_header(&self, header: &Value, claims: &Value) -> String {
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut sig = vec![0u8; self.key.public().modulus_len()];
+        self.key
+            .sign(
+                &ring::signature::RSA_PKCS1_SHA256,
+                &ring::rand::SystemRandom::new(),
+                input.as_bytes(),
+                &mut sig,
+            )
+            .unwrap();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        self.sign_with_header(
+            &json!({"alg": "RS256", "typ": "JWT", "kid": self.kid}),
+            claims,
+        )
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn fresh_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// A GitHub Actions ID token's claims: `main` of example-org/app, production, run `run`.
+fn github_claims(run: &str) -> Value {
+    let t = now();
+    json!({
+        "iss": GITHUB, "aud": AUDIENCE, "iat": t - 5, "nbf": t - 5, "exp": t + 300,
+        "jti": fresh_id(),
+        "sub": "repo:example-org/app:environment:production",
+        "repository": "example-org/app", "repository_id": "123456789",
+        "repository_owner": "example-org", "repository_owner_id": "987654321",
+        "ref": "refs/heads/main", "ref_type": "branch", "environment": "production",
+        "event_name": "push", "workflow_ref": "example-org/app/.github/workflows/deploy.yml@refs/heads/main",
+        "job_workflow_ref": "example-org/app/.github/workflows/deploy.yml@refs/heads/main",
+        "run_id": run, "run_attempt": "1", "runner_environment": "github-hosted",
+        "sha": "0123456789abcdef0123456789abcdef01234567", "actor": "octocat",
+    })
+}
+
+fn gitlab_claims(job: &str, protected: &str) -> Value {
+    let t = now();
+    json!({
+        "iss": GITLAB, "aud": AUDIENCE, "iat": t - 5, "nbf": t - 5, "exp": t + 600,
+        "jti": fresh_id(),
+        "sub": "project_path:group/proj:ref_type:branch:ref:main",
+        "namespace_id": "77", "namespace_path": "group", "project_id": "4242",
+        "project_path": "group/proj", "pipeline_id": "9001", "pipeline_source": "push",
+        "job_id": job, "ref": "main", "ref_type": "branch", "ref_protected": protected,
+        "user_login": "alice", "sha": "abc",
+    })
+}
+
+fn with(mut claims: Value, key: &str, value: Value) -> Value {
+    claims[key] = value;
+    claims
+}
+
+fn issuer_env(issuers: &[String]) -> Vec<(String, String)> {
+    vec![(
+        "TASKCRED_CI__ISSUERS".into(),
+        format!("[{}]", issuers.join(", ")),
+    )]
+}
+
+fn github_issuer(jwks_file: &std::path::Path) -> String {
+    format!(
+        r#"{{name = "github", preset = "github", issuer = "{GITHUB}", audience = "{AUDIENCE}", jwks_file = "{}"}}"#,
+        jwks_file.display()
+    )
+}
+
+/// A broker trusting `issuer` as GitHub Actions, its JWK Set in a file; `extra` env on top.
+async fn github_broker(issuer: &TestIssuer, extra: Vec<(String, String)>) -> Broker {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("github-jwks.json");
+    std::fs::write(&jwks, json!({"keys": [issuer.jwk()]}).to_string()).unwrap();
+    let mut env = issuer_env(&[github_issuer(&jwks)]);
+    env.extend(extra);
+    Broker::launch(dir, env, None).await
+}
+
+async fn ci_client(b: &Broker) -> CiServiceClient<tonic::transport::Channel> {
+    // No client certificate: the ID token is the only proof.
+    CiServiceClient::new(b.channel(None).await)
+}
+
+fn exchange(token: &str, audience: &str, action: &str) -> pb::ExchangeCiTokenRequest {
+    pb::ExchangeCiTokenRequest {
+        id_token: token.into(),
+        audience: audience.into(),
+        actions: vec![action.into()],
+        job: "deploy".into(),
+        ..Default::default()
+    }
+}
+
+fn payload(token: &str) -> Value {
+    serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn audit_lines(b: &Broker) -> Vec<Value> {
+    std::fs::read_to_string(b.path("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The Checked-by of the issue, and the job's end.
+#[tokio::test]
+async fn a_github_token_is_exchanged_once_and_policy_decides_by_branch() {
+    let issuer = TestIssuer::new("gh-1");
+    let b = github_broker(&issuer, Vec::new()).await;
+    let mut ci = ci_client(&b).await;
+
+    let id_token = issuer.sign(&github_claims("1001"));
+    let r = ci
+        .exchange_ci_token(exchange(&id_token, "prod-cluster", "deploy"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.identity, "spiffe://taskcred.dev/ci/github/123456789");
+    let claims = payload(&r.token);
+    assert_eq!(claims["sub"], r.identity.as_str());
+    assert_eq!(claims["aud"], "prod-cluster");
+    assert_eq!(claims["scope"], "deploy");
+    assert_eq!(claims["task_id"], r.task_id.as_str());
+    assert_eq!(claims["ci"]["repository"], "example-org/app");
+    assert_eq!(claims["ci"]["repository_id"], "123456789");
+    assert_eq!(claims["ci"]["run_id"], "1001");
+    assert_eq!(claims["ci"]["ref"], "refs/heads/main");
+    assert!(claims.get("cnf").is_none(), "no client certificate: no cnf");
+    // The token's exp never passes the ID token's.
+    assert!(claims["exp"].as_i64().unwrap() <= now() + 300);
+
+    // An independent JOSE implementation verifies it with the broker's JWK Set.
+    let (_, body) = b.http_get("/.well-known/jwks.json").await;
+    let jwks: Value = serde_json::from_str(&body).unwrap();
+    let jwk = &jwks["keys"][0];
+    let mut point = vec![4u8];
+    point.extend(URL_SAFE_NO_PAD.decode(jwk["x"].as_str().unwrap()).unwrap());
+    point.extend(URL_SAFE_NO_PAD.decode(jwk["y"].as_str().unwrap()).unwrap());
+    ES256PublicKey::from_bytes(&point)
+        .unwrap()
+        .verify_token::<NoCustomClaims>(&r.token, None)
+        .unwrap();
+    assert!(introspect(&b, &r.token).await.active);
+
+    // The same ID token again: refused, audited.
+    let replay = ci
+        .exchange_ci_token(exchange(&id_token, "prod-cluster", "deploy"))
+        .await
+        .unwrap_err();
+    assert_eq!(replay.code(), Code::PermissionDenied, "{replay:?}");
+    assert!(replay.message().contains("already exchanged"));
+
+    // Another branch of the same repository: policy refuses.
+    let feature = with(github_claims("1002"), "ref", json!("refs/heads/feature"));
+    let refused = ci
+        .exchange_ci_token(exchange(&issuer.sign(&feature), "prod-cluster", "deploy"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // A second job of the same run gets its own task.
+    let other = ci
+        .exchange_ci_token(pb::ExchangeCiTokenRequest {
+            job: "smoke".into(),
+            ..exchange(
+                &issuer.sign(&github_claims("1001")),
+                "prod-cluster",
+                "deploy",
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.task_id, r.task_id);
+
+    // The job's last step: an ID token of the same job ends the task and its credentials.
+    let done = ci
+        .complete_ci_task(pb::CompleteCiTaskRequest {
+            id_token: issuer.sign(&github_claims("1001")),
+            job: "deploy".into(),
+            outcome: pb::Outcome::Succeeded as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.task.unwrap().id, r.task_id);
+    assert_eq!(done.revoked_leases, 1);
+    assert!(!introspect(&b, &r.token).await.active);
+    assert!(introspect(&b, &other.token).await.active);
+
+    // Every refusal is audited, with the ID token's hash, never the token.
+    let audit = audit_lines(&b);
+    let text = std::fs::read_to_string(b.path("audit.jsonl")).unwrap();
+    assert!(!text.contains(&id_token) && !text.contains(&r.token));
+    let refusals: Vec<&Value> = audit
+        .iter()
+        .filter(|l| l["action"] == "ExchangeCiToken" && l["decision"] == "deny")
+        .collect();
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert!(
+        refusals
+            .iter()
+            .all(|l| l.to_string().contains("id_token_sha256"))
+    );
+    b.stop().await;
+}
+
+/// Every bad input of the issue: refused with a clear status and an audit line.
+#[tokio::test]
+async fn bad_id_tokens_are_refused_with_clear_statuses() {
+    let issuer = TestIssuer::new("gh-1");
+    let stranger = TestIssuer::new("gh-1");
+    let b = github_broker(&issuer, Vec::new()).await;
+    let mut ci = ci_client(&b).await;
+    let good = || github_claims(&fresh_id());
+    let t = now();
+    let hs256 = {
+        // HMAC keyed with the issuer's public key (the classic RS/HS confusion).
+        let header = json!({"alg": "HS256", "typ": "JWT", "kid": "gh-1"});
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(good().to_string())
+        );
+        let key =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, issuer.jwk().to_string().as_bytes());
+        let tag = ring::hmac::sign(&key, input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    };
+    let none = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "none", "typ": "JWT"}).to_string()),
+        URL_SAFE_NO_PAD.encode(good().to_string())
+    );
+    let tampered = {
+        let token = issuer.sign(&good());
+        let parts: Vec<&str> = token.split('.').collect();
+        let changed = with(good(), "ref", json!("refs/heads/main-but-not"));
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            URL_SAFE_NO_PAD.encode(changed.to_string()),
+            parts[2]
+        )
+    };
+    let cases: Vec<(&str, String, Code)> = vec![
+        (
+            "wrong issuer",
+            issuer.sign(&with(good(), "iss", json!("https://evil.example.com"))),
+            Code::Unauthenticated,
+        ),
+        (
+            "wrong aud",
+            issuer.sign(&with(good(), "aud", json!("https://other.example.com"))),
+            Code::Unauthenticated,
+        ),
+        (
+            "GitHub's default audience",
+            issuer.sign(&with(
+                good(),
+                "aud",
+                json!("https://github.com/example-org"),
+            )),
+            Code::Unauthenticated,
+        ),
+        (
+            "expired",
+            issuer.sign(&with(
+                with(good(), "exp", json!(t - 120)),
+                "iat",
+                json!(t - 400),
+            )),
+            Code::Unauthenticated,
+        ),
+        (
+            "not yet valid",
+            issuer.sign(&with(good(), "nbf", json!(t + 600))),
+            Code::Unauthenticated,
+        ),
+        (
+            "too old",
+            issuer.sign(&with(good(), "iat", json!(t - 3 * 3600))),
+            Code::Unauthenticated,
+        ),
+        ("alg none", none, Code::Unauthenticated),
+        ("HS256 with the public key", hs256, Code::Unauthenticated),
+        (
+            "unknown kid",
+            issuer.sign_with_header(
+                &json!({"alg": "RS256", "typ": "JWT", "kid": "nobody"}),
+                &good(),
+            ),
+            Code::Unauthenticated,
+        ),
+        (
+            "signed by another key with the same kid",
+            stranger.sign(&good()),
+            Code::Unauthenticated,
+        ),
+        ("tampered payload", tampered, Code::Unauthenticated),
+        (
+            "repository name matches, id differs",
+            issuer.sign(&with(good(), "repository_id", json!("55555"))),
+            Code::PermissionDenied,
+        ),
+        (
+            "environment policy does not allow",
+            issuer.sign(&with(good(), "environment", json!("staging"))),
+            Code::PermissionDenied,
+        ),
+        (
+            "a pull request",
+            issuer.sign(&with(good(), "event_name", json!("pull_request"))),
+            Code::PermissionDenied,
+        ),
+        (
+            "over the size limit",
+            issuer.sign(&with(good(), "padding", json!("x".repeat(9000)))),
+            Code::InvalidArgument,
+        ),
+        ("not a JWT", "a.b".into(), Code::InvalidArgument),
+    ];
+    let before = audit_lines(&b).len();
+    for (what, token, code) in &cases {
+        let e = ci
+            .exchange_ci_token(exchange(token, "prod-cluster", "deploy"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), *code, "{what}: {e:?}");
+    }
+    // One audit line per refusal, each with the ID token's hash.
+    let after = audit_lines(&b);
+    let refusals = after[before..]
+        .iter()
+        .filter(|l| l["decision"] == "deny" && l["action"] == "ExchangeCiToken")
+        .count();
+    assert_eq!(refusals, cases.len(), "every refusal is audited");
+
+    // A scope must be named; nothing is guessed.
+    let e = ci
+        .exchange_ci_token(pb::ExchangeCiTokenRequest {
+            actions: Vec::new(),
+            ..exchange(&issuer.sign(&good()), "prod-cluster", "deploy")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    b.stop().await;
+}
+
+/// GitHub's default audience is refused in the configuration itself.
+#[test]
+fn the_default_github_audience_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    common::install_provider();
+    taskcred::devpki::init(dir.path()).unwrap();
+    let jwks = dir.path().join("j.json");
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    let issuer = format!(
+        r#"{{name = "github", preset = "github", issuer = "{GITHUB}", audience = "https://github.com/example-org", jwks_file = "{}"}}"#,
+        jwks.display()
+    );
+    let err = taskcred::config::load(
+        &taskcred::config::Source::Dev(dir.path().to_owned()),
+        issuer_env(&[issuer]),
+        &taskcred::config::Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("ci.issuers.audience"), "{err}");
+    assert!(err.contains("default audience"), "{err}");
+}
+
+/// A local JWK Set server: GET /jwks answers whatever the test puts there.
+async fn jwks_server(keys: Arc<Mutex<Value>>) -> std::net::SocketAddr {
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let keys = keys.clone();
+            async move { axum::Json(keys.lock().unwrap().clone()) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// GitLab-shaped tokens, keys fetched over HTTP and refetched for an unknown `kid`, on Redis
+/// with two replicas: a replay on the other replica is refused too.
+#[tokio::test]
+async fn gitlab_tokens_with_fetched_keys_on_two_replicas() {
+    let redis = common::RedisServer::start();
+    let first = TestIssuer::new("gl-1");
+    let keys = Arc::new(Mutex::new(json!({"keys": [first.jwk()]})));
+    let addr = jwks_server(keys.clone()).await;
+    let gitlab = format!(
+        r#"{{name = "gitlab", preset = "gitlab", issuer = "{GITLAB}", audience = "{AUDIENCE}", jwks_url = "http://{addr}/jwks", jwks_refetch_min = "200ms"}}"#
+    );
+    let mut env = common::redis_env(&redis.url());
+    env.extend(issuer_env(&[gitlab]));
+    let a = Broker::start_with_env(env.clone()).await;
+    let b = a.replica(env).await;
+    let mut on_a = ci_client(&a).await;
+    let mut on_b = ci_client(&b).await;
+
+    let request = |token: String| pb::ExchangeCiTokenRequest {
+        id_token: token,
+        audience: "artifacts-staging".into(),
+        actions: vec!["read".into()],
+        ..Default::default()
+    };
+    let token = first.sign(&gitlab_claims("500", "true"));
+    let r = on_a
+        .exchange_ci_token(request(token.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.identity, "spiffe://taskcred.dev/ci/gitlab/4242");
+    let claims = payload(&r.token);
+    assert_eq!(claims["ci"]["job"], "500");
+    assert_eq!(claims["ci"]["ref_protected"], true);
+    let replay = on_b.exchange_ci_token(request(token)).await.unwrap_err();
+    assert_eq!(replay.code(), Code::PermissionDenied, "{replay:?}");
+
+    // ref_protected "false" against a protected-only policy.
+    let e = on_a
+        .exchange_ci_token(request(first.sign(&gitlab_claims("501", "false"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // The issuer rotates: a token with a new kid makes the broker refetch (rate limited).
+    let second = TestIssuer::new("gl-2");
+    *keys.lock().unwrap() = json!({"keys": [first.jwk(), second.jwk()]});
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    on_b.exchange_ci_token(request(second.sign(&gitlab_claims("502", "true"))))
+        .await
+        .unwrap();
+
+    // A job name that contradicts the signed job id is refused.
+    let e = on_a
+        .exchange_ci_token(pb::ExchangeCiTokenRequest {
+            job: "999".into(),
+            ..request(first.sign(&gitlab_claims("503", "true")))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    b.stop().await;
+    a.stop().await;
+}
+
+/// Policy asks for an approval (a tag release): the exchange names the pending task; once an
+/// approver approves, the same ID token is exchanged. A client certificate, when presented,
+/// is bound into cnf.
+#[tokio::test]
+async fn a_release_waits_for_its_approval_and_binds_a_presented_certificate() {
+    let issuer = TestIssuer::new("gh-1");
+    let b = github_broker(&issuer, Vec::new()).await;
+    let mut ci = ci_client(&b).await;
+    let tag = with(
+        with(github_claims("2001"), "ref", json!("refs/tags/v1.0.0")),
+        "ref_type",
+        json!("tag"),
+    );
+    let id_token = issuer.sign(&tag);
+    let pending = ci
+        .exchange_ci_token(exchange(&id_token, "release-store", "publish"))
+        .await
+        .unwrap_err();
+    assert_eq!(pending.code(), Code::FailedPrecondition, "{pending:?}");
+    let task_id = pending
+        .metadata()
+        .get("taskcred-task-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(pending.message().contains(&task_id));
+
+    tasks_as(&b, "approver")
+        .await
+        .approve_task(pb::DecideTaskRequest {
+            task_id: task_id.clone(),
+            note: "release 1.0.0".into(),
+        })
+        .await
+        .unwrap();
+    // Over a connection presenting a client certificate: the token is bound to it.
+    let agent = b.dev_identity("agent");
+    let r = CiServiceClient::new(b.channel(Some(&agent)).await)
+        .exchange_ci_token(exchange(&id_token, "release-store", "publish"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.task_id, task_id);
+    let claims = payload(&r.token);
+    assert_eq!(claims["approval_ids"].as_array().unwrap().len(), 1);
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(agent.cert.as_bytes()).unwrap();
+    assert_eq!(
+        claims["cnf"]["x5t#S256"],
+        taskcred::identity::cert_thumbprint_sha256(&der)
+    );
+    b.stop().await;
+}
+
+/// What a pipeline runs: `taskcred ci exchange` (env format) and `taskcred ci complete`, with
+/// no client certificate.
+#[tokio::test]
+async fn the_cli_exchanges_and_completes() {
+    let issuer = TestIssuer::new("gh-1");
+    let b = github_broker(&issuer, Vec::new()).await;
+    let dir = b.dir.path().to_str().unwrap().to_owned();
+    let broker = format!("https://{}", b.grpc);
+    let token_file = b.path("id-token");
+    std::fs::write(&token_file, issuer.sign(&github_claims("3001"))).unwrap();
+    let token_path = token_file.to_str().unwrap().to_owned();
+    let base = ["--broker", broker.as_str(), "--dev-dir", dir.as_str(), "ci"];
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let token_path = token_path.clone();
+        let base = base.map(str::to_owned);
+        move || {
+            let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+            args.extend([
+                "exchange",
+                "--id-token",
+                &token_path,
+                "--audience",
+                "prod-cluster",
+                "--action",
+                "deploy",
+                "--job",
+                "deploy",
+                "--format",
+                "env",
+            ]);
+            common::run(&args)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("export TASKCRED_TOKEN='"))
+        .and_then(|t| t.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("no TASKCRED_TOKEN in {out}"));
+    assert!(out.contains("export TASKCRED_TASK_ID='"));
+    assert!(introspect(&b, token).await.active);
+
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let base = base.map(str::to_owned);
+        move || {
+            let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+            args.extend(["complete", "--id-token", &token_path, "--job", "deploy"]);
+            common::run(&args)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 credential(s) revoked"), "{out}");
+    assert!(!introspect(&b, token).await.active);
+    b.stop().await;
+}
