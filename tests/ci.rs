@@ -652,3 +652,80 @@ async fn the_cli_exchanges_and_completes() {
     assert!(!introspect(&b, token).await.active);
     b.stop().await;
 }
+
+/// With a CSR the job gets an X509-SVID of its identity (checked by `openssl verify`); an
+/// operator's lock on the job identity kills the repository's CI credentials and refuses more.
+#[tokio::test]
+async fn a_csr_gets_a_certificate_and_a_lock_stops_the_repository() {
+    let issuer = TestIssuer::new("gh-1");
+    let b = github_broker(&issuer, Vec::new()).await;
+    let mut ci = ci_client(&b).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let feature = with(github_claims("4001"), "ref", json!("refs/heads/feature"));
+    let r = ci
+        .exchange_ci_token(pb::ExchangeCiTokenRequest {
+            csr,
+            ..exchange(&issuer.sign(&feature), "artifacts-staging", "read")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.token.is_empty());
+    std::fs::write(b.path("ci-cert.pem"), &r.certificate_pem).unwrap();
+    std::fs::write(b.path("ci-chain.pem"), &r.chain_pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(b.path("ca.pem"))
+        .arg("-untrusted")
+        .arg(b.path("ci-chain.pem"))
+        .arg(b.path("ci-cert.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let san = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(b.path("ci-cert.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&san.stdout)
+            .contains("URI:spiffe://taskcred.dev/ci/github/123456789"),
+        "{san:?}"
+    );
+
+    let jwt = ci
+        .exchange_ci_token(exchange(
+            &issuer.sign(&github_claims("4002")),
+            "prod-cluster",
+            "deploy",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    common::flows::admin_as(&b, "operator")
+        .await
+        .lock_agent(pb::LockAgentRequest {
+            agent: jwt.identity.clone(),
+            reason: "compromised runner".into(),
+            duration: None,
+        })
+        .await
+        .unwrap();
+    assert!(!introspect(&b, &jwt.token).await.active);
+    let e = ci
+        .exchange_ci_token(exchange(
+            &issuer.sign(&github_claims("4003")),
+            "prod-cluster",
+            "deploy",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("locked"), "{e:?}");
+    b.stop().await;
+}

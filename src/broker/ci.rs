@@ -188,6 +188,15 @@ impl Broker {
             .ci
             .workload_id(&v.job)
             .map_err(|e| self.ci_refusal(action, &v, None, token_error(e)))?;
+        // A locked repository gets nothing, not even a new task (the lease step checks again).
+        if let Some(lock) = self.store.agent_lock(&identity, self.clock.now()).await? {
+            return Err(self.ci_refusal(
+                action,
+                &v,
+                None,
+                BrokerError::Denied(format!("the job's identity is locked: {}", lock.reason)),
+            ));
+        }
         let kind = if csr.is_some() {
             CredentialKind::X509
         } else {
