@@ -438,6 +438,11 @@ mod tests {
         let n = ClaimNames::with_overrides(Preset::Github, &t).unwrap();
         assert_eq!(n.job.as_deref(), Some("job_name"));
         assert_eq!(n.repository.as_deref(), Some("repository"));
+        // Names a preset leaves out stay out.
+        assert_eq!(
+            ClaimNames::with_overrides(Preset::Gitlab, &toml::Table::new()).unwrap(),
+            ClaimNames::preset(Preset::Gitlab)
+        );
         t.insert("nope".into(), toml::Value::String("x".into()));
         assert!(ClaimNames::with_overrides(Preset::Github, &t).is_err());
     }
