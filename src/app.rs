@@ -205,13 +205,14 @@ impl App {
                 Arc::new(RedisStore::new(url).map_err(AppError::Store)?)
             }
         };
-        let audit =
-            Arc::new(
-                AuditLog::open(&config.audit.path).map_err(|source| AppError::Audit {
+        let audit = Arc::new(
+            AuditLog::open(&config.audit.path)
+                .map_err(|source| AppError::Audit {
                     path: config.audit.path.clone(),
                     source,
-                })?,
-            );
+                })?
+                .required(config.audit.required),
+        );
         let ttl = &config.ttl;
         let settings = BrokerSettings {
             limits: TaskLimits {

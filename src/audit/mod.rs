@@ -1,8 +1,11 @@
 //! The audit log: one JSON line per decision, allow and deny, apart from the debug logs. Lines
-//! carry ids, never a token, key or CSR. (A later issue adds the hash chain.)
+//! carry ids and hashes, never a token, key or CSR. The log is tamper-evident: each line carries,
+//! in `prev`, the SHA-256 (hex) of the line before it (the first line of a new file: 64 zeros),
+//! so that changing, removing or inserting a line breaks the chain at that line;
+//! [`verify_chain`] (`taskcred audit verify FILE`) finds the first broken line.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
+use std::io::{BufRead as _, Read as _, Seek as _, SeekFrom, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -12,6 +15,17 @@ use serde::Serialize;
 
 /// Audit write failures (a loud metric: a broker that cannot audit should be looked at).
 pub const AUDIT_WRITE_FAILURES: &str = "taskcred_audit_write_failures_total";
+
+/// The `prev` of the first line of a new log.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Longest line [`verify_chain`] reads, in bytes.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Why an audit event was not written.
+#[derive(Debug, thiserror::Error)]
+#[error("audit write failed: {0}")]
+pub struct AuditError(String);
 
 /// One decision.
 #[derive(Debug, Clone, Serialize)]
@@ -81,46 +95,281 @@ impl AuditEvent {
     }
 }
 
-/// Appends audit events to a file.
+/// The hex SHA-256 of `line` (without its newline).
+fn line_hash(line: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, line)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The open file and the hash of its last line.
+#[derive(Debug)]
+struct Tail {
+    file: File,
+    last: String,
+}
+
+/// Appends audit events to a file, chained.
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
-    file: Mutex<File>,
+    tail: Mutex<Tail>,
+    required: bool,
+}
+
+/// Reads the last line of `file` (at most [`MAX_LINE_BYTES`] from the end): its hash, or
+/// [`GENESIS`] for an empty file; and whether the file ends with a newline.
+fn last_line(file: &mut File) -> std::io::Result<(String, bool)> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok((GENESIS.to_owned(), true));
+    }
+    let start = len.saturating_sub(MAX_LINE_BYTES as u64);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.take(MAX_LINE_BYTES as u64).read_to_end(&mut tail)?;
+    let complete = tail.last() == Some(&b'\n');
+    let body = if complete {
+        &tail[..tail.len() - 1]
+    } else {
+        &tail[..]
+    };
+    let line = match body.iter().rposition(|b| *b == b'\n') {
+        Some(i) => &body[i + 1..],
+        None => body,
+    };
+    Ok((line_hash(line), complete))
 }
 
 impl AuditLog {
-    /// Opens `path` for appending, creating it 0600.
+    /// Opens `path` for appending, creating it 0600, and continues the chain from its last
+    /// line. A last line cut short (a crash mid-write) is ended with a newline: the chain then
+    /// shows the break at that line, as it should.
     ///
     /// # Errors
-    /// When the file cannot be opened.
+    /// When the file cannot be opened or read.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .mode(0o600)
             .open(path)?;
+        let (last, complete) = last_line(&mut file)?;
+        if !complete {
+            tracing::error!(path = %path.display(), "the audit log's last line is incomplete; the chain breaks there");
+            file.write_all(b"\n")?;
+        }
         Ok(Self {
             path: path.to_owned(),
-            file: Mutex::new(file),
+            tail: Mutex::new(Tail { file, last }),
+            required: true,
         })
     }
 
-    /// Writes one event as one line. A failure is logged and counted, never silent.
+    /// Whether issuance fails closed when its audit line cannot be written (`audit.required`).
+    #[must_use]
+    pub fn required(mut self, required: bool) -> Self {
+        self.required = required;
+        self
+    }
+
+    /// Writes one event as one line, chained to the previous one. A failure is logged and
+    /// counted, never silent; the use cases that must not go on unaudited use
+    /// [`AuditLog::record_or_refuse`].
     pub fn record(&self, event: &AuditEvent) {
-        let mut line = match serde_json::to_vec(event) {
-            Ok(l) => l,
-            Err(e) => {
-                metrics::counter!(AUDIT_WRITE_FAILURES).increment(1);
-                tracing::error!(error = %e, "audit event does not serialize");
-                return;
-            }
-        };
-        line.push(b'\n');
-        // One write per line under the lock, so lines never interleave.
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = file.write_all(&line).and_then(|()| file.flush()) {
-            metrics::counter!(AUDIT_WRITE_FAILURES).increment(1);
-            tracing::error!(path = %self.path.display(), error = %e, "audit write failed");
+        let _ = self.write(event);
+    }
+
+    /// As [`AuditLog::record`]; when the line could not be written and the log is required,
+    /// the caller must not go on (no credential leaves unaudited).
+    ///
+    /// # Errors
+    /// [`AuditError`] when the line was not written and the log is required.
+    pub fn record_or_refuse(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        match self.write(event) {
+            Err(e) if self.required => Err(e),
+            _ => Ok(()),
         }
+    }
+
+    fn write(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let fail = |what: String| {
+            metrics::counter!(AUDIT_WRITE_FAILURES).increment(1);
+            tracing::error!(path = %self.path.display(), error = %what, "audit write failed");
+            AuditError(what)
+        };
+        // One serialization and one write per line under the lock: lines never interleave, and
+        // each names the line before it.
+        let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        let chained = Chained {
+            event,
+            prev: &tail.last,
+        };
+        let mut line = serde_json::to_vec(&chained).map_err(|e| fail(e.to_string()))?;
+        let hash = line_hash(&line);
+        line.push(b'\n');
+        tail.file
+            .write_all(&line)
+            .and_then(|()| tail.file.flush())
+            .map_err(|e| fail(e.to_string()))?;
+        tail.last = hash;
+        Ok(())
+    }
+}
+
+/// An event as written: its fields, then `prev`.
+#[derive(Serialize)]
+struct Chained<'a> {
+    #[serde(flatten)]
+    event: &'a AuditEvent,
+    prev: &'a str,
+}
+
+/// What [`verify_chain`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainReport {
+    /// Every line is JSON with the hash of the line before it.
+    Intact {
+        /// Lines read.
+        lines: u64,
+        /// The `prev` of the first line ([`GENESIS`] for a log started from nothing; another
+        /// value for a log that continues a rotated-out file).
+        anchor: String,
+        /// The hash of the last line: keep it elsewhere to detect a truncated tail.
+        head: String,
+    },
+    /// The first line that breaks the chain.
+    Broken {
+        /// Its number, from 1.
+        line: u64,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Checks the chain of the audit log read from `input`.
+///
+/// # Errors
+/// When `input` cannot be read.
+pub fn verify_chain(input: impl std::io::Read) -> std::io::Result<ChainReport> {
+    let mut reader = std::io::BufReader::new(input);
+    let mut prev: Option<String> = None;
+    let mut anchor = String::new();
+    let mut n = 0u64;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        let broken = |problem: &str| {
+            Ok(ChainReport::Broken {
+                line: n,
+                problem: problem.to_owned(),
+            })
+        };
+        if line.last() != Some(&b'\n') {
+            return broken(if line.len() > MAX_LINE_BYTES {
+                "longer than the longest line the broker writes"
+            } else {
+                "incomplete (no newline at its end)"
+            });
+        }
+        line.pop();
+        let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(&line) else {
+            return broken("not a JSON object");
+        };
+        let Some(claimed) = fields.get("prev").and_then(serde_json::Value::as_str) else {
+            return broken("has no prev");
+        };
+        match &prev {
+            None => anchor = claimed.to_owned(),
+            Some(p) if p != claimed => {
+                return broken(&format!(
+                    "its prev is not the hash of line {}: that line or this one was changed, \
+                     or lines were removed or inserted between them",
+                    n - 1
+                ));
+            }
+            Some(_) => {}
+        }
+        prev = Some(line_hash(&line));
+    }
+    Ok(ChainReport::Intact {
+        lines: n,
+        anchor,
+        head: prev.unwrap_or_else(|| GENESIS.to_owned()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn event(i: u64) -> AuditEvent {
+        AuditEvent::new(SystemTime::now(), "IssueToken", "spiffe://t/a", true).detail("i", i)
+    }
+
+    #[test]
+    fn the_chain_continues_across_reopens_and_shows_the_first_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..3 {
+            log.record(&event(i));
+        }
+        drop(log);
+        let log = AuditLog::open(&path).unwrap();
+        log.record_or_refuse(&event(3)).unwrap();
+        drop(log);
+        let text = std::fs::read(&path).unwrap();
+        let report = verify_chain(text.as_slice()).unwrap();
+        let ChainReport::Intact { lines, anchor, .. } = report else {
+            panic!("{report:?}")
+        };
+        assert_eq!((lines, anchor.as_str()), (4, GENESIS));
+
+        // One byte of line 2 changed: line 3 no longer follows.
+        let mut changed = text.clone();
+        let second = changed.iter().position(|b| *b == b'\n').unwrap() + 1;
+        let at = second
+            + changed[second..]
+                .windows(5)
+                .position(|w| w == b"Issue")
+                .unwrap();
+        changed[at] = b'X';
+        assert_eq!(
+            verify_chain(changed.as_slice()).unwrap(),
+            ChainReport::Broken {
+                line: 3,
+                problem: "its prev is not the hash of line 2: that line or this one was changed, \
+                          or lines were removed or inserted between them"
+                    .into()
+            }
+        );
+        // A line removed.
+        let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
+        let removed = [lines[0], lines[2], lines[3], b""].join(&b'\n');
+        assert!(matches!(
+            verify_chain(removed.as_slice()).unwrap(),
+            ChainReport::Broken { line: 2, .. }
+        ));
+        // A cut-short tail is ended on reopen and shows as broken.
+        std::fs::write(&path, &text[..text.len() - 5]).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&event(9));
+        drop(log);
+        assert!(matches!(
+            verify_chain(std::fs::read(&path).unwrap().as_slice()).unwrap(),
+            ChainReport::Broken { line: 4, .. }
+        ));
     }
 }

@@ -311,7 +311,8 @@ impl Broker {
                 })
             }
         };
-        self.audit_issued(action.name(), &caller, &issuance, &verdict, &lease);
+        self.audit_issued(action.name(), &caller, &issuance, &verdict, &lease)
+            .await?;
         self.audit.record(
             &AuditEvent::new(issuance.now, "CiTokenExchanged", &v.job.subject, true)
                 .task(task.id)

@@ -692,7 +692,8 @@ impl Broker {
             .keys
             .sign_access_token(&claims)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        self.audit_issued("IssueToken", caller, &issuance, &verdict, &lease);
+        self.audit_issued("IssueToken", caller, &issuance, &verdict, &lease)
+            .await?;
         Ok(IssuedToken { token, lease })
     }
 
@@ -748,7 +749,8 @@ impl Broker {
                 },
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        self.audit_issued("IssueCertificate", caller, &issuance, &verdict, &lease);
+        self.audit_issued("IssueCertificate", caller, &issuance, &verdict, &lease)
+            .await?;
         Ok(IssuedCertificate {
             certificate_pem,
             chain_pem: ca.chain_pem().to_owned(),
@@ -903,7 +905,8 @@ impl Broker {
             &issuance,
             &verdict,
             &renewed,
-        );
+        )
+        .await?;
         let renewal_left = renewed
             .renew_until
             .duration_since(expires_at)
@@ -1098,14 +1101,17 @@ impl Broker {
         Ok(lease)
     }
 
-    fn audit_issued(
+    /// Audits a credential about to be handed out. When the line cannot be written and the
+    /// audit log is required (`audit.required`), the credential is not handed out: its lease is
+    /// revoked and the caller gets `UNAVAILABLE`.
+    async fn audit_issued(
         &self,
         action: &'static str,
         caller: &PeerIdentity,
         issuance: &Issuance,
         verdict: &Verdict,
         lease: &Lease,
-    ) {
+    ) -> Result<(), BrokerError> {
         let mut event = AuditEvent::new(issuance.now, action, caller.id.as_str(), true)
             .task(issuance.task.id)
             .policies(&verdict.policies)
@@ -1119,7 +1125,21 @@ impl Broker {
                 .detail("scope", lease.actions.join(" ")),
             CredentialKind::X509 => event.detail("serial", lease.credential.as_str()),
         };
-        self.audit.record(&event);
+        if let Err(e) = self.audit.record_or_refuse(&event) {
+            if let Err(revoke) = self
+                .store
+                .revoke_lease(
+                    &lease.id,
+                    "the audit log could not be written",
+                    issuance.now,
+                )
+                .await
+            {
+                tracing::warn!(error = %revoke, lease = %lease.id, "revoking an unaudited lease failed; it expires unused");
+            }
+            return Err(BrokerError::Unavailable(e.to_string()));
+        }
+        Ok(())
     }
 
     /// Ends a task on behalf of its executor or requester, revoking every credential of it in

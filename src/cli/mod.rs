@@ -4,6 +4,7 @@
 //! 64 a configuration the server refuses.
 
 pub mod agent;
+pub mod audit;
 pub mod cert;
 pub mod ci;
 mod client;
@@ -128,6 +129,12 @@ pub enum Command {
         /// Which.
         #[command(subcommand)]
         command: ci::CiCommand,
+    },
+    /// Check an audit log's hash chain (offline).
+    Audit {
+        /// Which.
+        #[command(subcommand)]
+        command: audit::AuditCommand,
     },
     /// Check policies offline, or reload them on a broker.
     Policy {

@@ -102,8 +102,10 @@ pub struct PolicyConfig {
 /// The audit log.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
-    /// File receiving one JSON line per decision (created 0600, appended to).
+    /// File receiving one JSON line per decision (created 0600, appended to), hash-chained.
     pub path: PathBuf,
+    /// Whether issuance fails closed (`UNAVAILABLE`) when its audit line cannot be written.
+    pub required: bool,
 }
 
 /// Listeners and limits of the gRPC and HTTP ports.

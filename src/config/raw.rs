@@ -251,6 +251,12 @@ struct RawPolicy {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     path: PathBuf,
+    #[serde(default = "yes")]
+    required: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -589,6 +595,7 @@ impl Raw {
             },
             audit: AuditConfig {
                 path: self.audit.path,
+                required: self.audit.required,
             },
             log,
         })

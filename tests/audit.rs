@@ -1,0 +1,102 @@
+//! The audit log as operators check it: a session's log passes `taskcred audit verify`, and one
+//! changed byte is found; a log that cannot be written stops issuance unless configured not to.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::Broker;
+use common::flows::{approved_task, creds_as, token_request};
+use tonic::Code;
+
+#[tokio::test]
+async fn audit_verify_accepts_a_session_log_and_finds_one_changed_byte() {
+    let b = Broker::start().await;
+    // A short session: a task approved, a token, a refusal, a completion.
+    let task = approved_task(&b, &[("env", "staging")], None).await;
+    creds_as(&b, "agent")
+        .await
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap();
+    let refused = creds_as(&b, "requester")
+        .await
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let b = b.restart().await; // the chain continues across a restart
+    creds_as(&b, "agent")
+        .await
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap();
+    let dir = b.stop().await;
+    let log = dir.path().join("audit.jsonl");
+    let path = log.to_str().unwrap();
+
+    let (code, out, err) = common::run(&["audit", "verify", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ok: "), "{out}");
+    let text = std::fs::read(&log).unwrap();
+    let lines = text.iter().filter(|b| **b == b'\n').count();
+    assert!(lines >= 6, "{lines} lines");
+
+    // One byte of a middle line changed: the chain breaks at the line after it.
+    let middle = lines / 2;
+    let start = text
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(middle - 1)
+        .unwrap()
+        .0
+        + 1;
+    let mut changed = text.clone();
+    let at = start
+        + changed[start..]
+            .windows(8)
+            .position(|w| w == b"\"action\"")
+            .unwrap()
+        + 10;
+    changed[at] ^= 0x20; // the case of one letter
+    std::fs::write(&log, &changed).unwrap();
+    let (code, out, _) = common::run(&["--json", "audit", "verify", path]);
+    assert_eq!(code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["intact"], false);
+    assert_eq!(report["line"], middle + 2, "{report}");
+}
+
+#[tokio::test]
+async fn issuance_fails_closed_when_the_audit_log_cannot_be_written() {
+    // Every write to /dev/full fails (ENOSPC).
+    let full = vec![("TASKCRED_AUDIT__PATH".to_owned(), "/dev/full".to_owned())];
+    let b = Broker::start_with_env(full.clone()).await;
+    let task = approved_task(&b, &[("env", "staging")], None).await;
+    let e = creds_as(&b, "agent")
+        .await
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let (_, metrics) = b.http_get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("taskcred_audit_write_failures_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    b.stop().await;
+
+    // audit.required = false: issued anyway (still counted).
+    let mut env = full;
+    env.push(("TASKCRED_AUDIT__REQUIRED".into(), "false".into()));
+    let b = Broker::start_with_env(env).await;
+    let task = approved_task(&b, &[("env", "staging")], None).await;
+    creds_as(&b, "agent")
+        .await
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap();
+    b.stop().await;
+}
