@@ -82,6 +82,7 @@ fn describe() {
         crate::broker::REAPER_FAILURES,
         "reaper rounds that failed because the store was unavailable"
     );
+    crate::broker::metrics::describe();
     metrics::describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "TLS handshakes refused on the gRPC port, by reason"

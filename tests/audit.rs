@@ -6,6 +6,7 @@ mod common;
 
 use common::Broker;
 use common::flows::{approved_task, creds_as, token_request};
+use taskcred::api::pb;
 use tonic::Code;
 
 #[tokio::test]
@@ -98,5 +99,47 @@ async fn issuance_fails_closed_when_the_audit_log_cannot_be_written() {
         .issue_token(token_request(&task.id, "db.staging"))
         .await
         .unwrap();
+    b.stop().await;
+}
+
+/// The Checked-by of the metrics: issuance, denial and reaper-lag series after a short session.
+#[tokio::test]
+async fn metrics_show_issuance_denials_and_reaper_lag() {
+    let b = Broker::start().await;
+    let task = approved_task(&b, &[("env", "staging")], None).await;
+    creds_as(&b, "agent")
+        .await
+        .issue_token(pb::IssueTokenRequest {
+            ttl: common::flows::secs(1),
+            ..token_request(&task.id, "db.staging")
+        })
+        .await
+        .unwrap();
+    let _ = creds_as(&b, "requester")
+        .await
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap_err();
+    // The token expires after a second; the reaper ends its lease.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let metrics = loop {
+        let (_, m) = b.http_get("/metrics").await;
+        if m.contains("taskcred_reaper_lateness_seconds_count")
+            || std::time::Instant::now() > deadline
+        {
+            break m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    for series in [
+        "taskcred_issuance_total{kind=\"jwt\",outcome=\"issued\"}",
+        "taskcred_issuance_total{kind=\"jwt\",outcome=\"denied\"}",
+        "taskcred_issuance_duration_seconds_bucket{kind=\"jwt\",outcome=\"issued\"",
+        "taskcred_denials_total{action=\"IssueToken\",reason=\"rule\"}",
+        "taskcred_reaper_lag_seconds ",
+        "taskcred_reaper_lateness_seconds_count",
+    ] {
+        assert!(metrics.contains(series), "{series} missing in\n{metrics}");
+    }
     b.stop().await;
 }

@@ -16,6 +16,10 @@ use serde::Serialize;
 /// Audit write failures (a loud metric: a broker that cannot audit should be looked at).
 pub const AUDIT_WRITE_FAILURES: &str = "taskcred_audit_write_failures_total";
 
+/// Refusals, by `action` and `reason`: `policy` (no permit), `rule` (the broker's own checks:
+/// executor, grant, state, lock, replay...), `id_token` (a CI ID token failed verification).
+pub const DENIALS: &str = "taskcred_denials_total";
+
 /// The `prev` of the first line of a new log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -216,6 +220,17 @@ impl AuditLog {
             .and_then(|()| tail.file.flush())
             .map_err(|e| fail(e.to_string()))?;
         tail.last = hash;
+        drop(tail);
+        if event.decision == "deny" {
+            let reason = if event.principal == "ci:unverified" {
+                "id_token"
+            } else if event.reason.as_deref() == Some("not permitted by policy") {
+                "policy"
+            } else {
+                "rule"
+            };
+            metrics::counter!(DENIALS, "action" => event.action, "reason" => reason).increment(1);
+        }
         Ok(())
     }
 }

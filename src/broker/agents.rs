@@ -128,6 +128,7 @@ impl Broker {
             leases = outcome.leases.len(),
             "agent locked"
         );
+        super::metrics::revoked("lock", outcome.leases.len());
         let credentials: Vec<&str> = outcome
             .leases
             .iter()
@@ -210,6 +211,7 @@ impl Broker {
             .map_err(BrokerError::from)
             .inspect_err(|e| self.audit_refusal(PolicyAction::RevokeTask, caller, *id, e))?;
         tracing::warn!(task = %id, operator = %caller, leases = leases.len(), "task revoked");
+        super::metrics::revoked("revoke", leases.len());
         let credentials: Vec<&str> = leases.iter().map(|l| l.credential.as_str()).collect();
         self.audit.record(
             &AuditEvent::new(now, "RevokeTask", caller.as_str(), true)

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{Broker, BrokerError, IssuedCertificate, IssuedToken};
 use crate::audit::AuditEvent;
-use crate::ci::{CiError, CiJob, VerifiedIdToken};
+use crate::ci::{CiError, CiJob, TrustedIssuer, VerifiedIdToken};
 use crate::identity::{PeerIdentity, WorkloadId};
 use crate::lease::CredentialKind;
 use crate::mint::{SvidRequest, random_id, random_serial, serial_hex, verify_csr};
@@ -143,10 +143,38 @@ impl Broker {
         &self,
         request: CiExchangeRequest,
     ) -> Result<CiExchanged, BrokerError> {
+        let start = std::time::Instant::now();
+        let kind = if request.csr.is_some() {
+            "ci_x509"
+        } else {
+            "ci_jwt"
+        };
+        let mut issuer = None;
+        let result = self.exchange_unmetered(request, &mut issuer).await;
+        super::metrics::issuance(kind, &result, start);
+        let issuer = issuer.map_or_else(
+            || "unknown".to_owned(),
+            |i: Arc<TrustedIssuer>| i.name.clone(),
+        );
+        metrics::counter!(
+            super::metrics::CI_EXCHANGES,
+            "issuer" => issuer,
+            "outcome" => super::metrics::outcome(&result)
+        )
+        .increment(1);
+        result
+    }
+
+    async fn exchange_unmetered(
+        &self,
+        request: CiExchangeRequest,
+        issuer: &mut Option<Arc<TrustedIssuer>>,
+    ) -> Result<CiExchanged, BrokerError> {
         let action = PolicyAction::ExchangeCiToken;
         let v = self
             .verify_id_token(action, &request.id_token, request.job.as_deref())
             .await?;
+        *issuer = Some(v.issuer.clone());
         let audience = Audience::parse(&request.audience).map_err(|_| BrokerError::Invalid {
             field: "audience",
             reason: "1 to 256 bytes of A-Z a-z 0-9 . _ : / -".into(),
@@ -603,6 +631,7 @@ impl Broker {
                 .detail("id_token_sha256", v.token_sha256.as_str()),
         );
         tracing::info!(task = %task.id, state = %task.state, revoked = revoked.len(), "CI task completed");
+        super::metrics::revoked("task_end", revoked.len());
         if task.state == TaskState::Failed {
             self.lock_on_failure(&identity, &task).await;
         }

@@ -10,6 +10,7 @@ mod crl;
 mod epoch;
 mod keys;
 mod leases;
+pub mod metrics;
 mod reaper;
 mod revocations;
 
@@ -626,6 +627,17 @@ impl Broker {
         caller: &PeerIdentity,
         request: TokenRequest,
     ) -> Result<IssuedToken, BrokerError> {
+        let start = std::time::Instant::now();
+        let result = self.issue_token_unmetered(caller, request).await;
+        metrics::issuance("jwt", &result, start);
+        result
+    }
+
+    async fn issue_token_unmetered(
+        &self,
+        caller: &PeerIdentity,
+        request: TokenRequest,
+    ) -> Result<IssuedToken, BrokerError> {
         let audience = Audience::parse(&request.audience).map_err(|_| BrokerError::Invalid {
             field: "audience",
             reason: "1 to 256 bytes of A-Z a-z 0-9 . _ : / -".into(),
@@ -711,6 +723,21 @@ impl Broker {
         csr: &[u8],
         ttl: Option<Duration>,
     ) -> Result<IssuedCertificate, BrokerError> {
+        let start = std::time::Instant::now();
+        let result = self
+            .issue_certificate_unmetered(caller, task, csr, ttl)
+            .await;
+        metrics::issuance("x509", &result, start);
+        result
+    }
+
+    async fn issue_certificate_unmetered(
+        &self,
+        caller: &PeerIdentity,
+        task: &TaskId,
+        csr: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<IssuedCertificate, BrokerError> {
         let csr = verify_csr(csr).map_err(|e| BrokerError::Invalid {
             field: "csr",
             reason: e.to_string(),
@@ -769,6 +796,19 @@ impl Broker {
     /// [`BrokerError::Precondition`] (lease or task ended, ceiling reached),
     /// [`BrokerError::Invalid`], [`BrokerError::Unavailable`].
     pub async fn renew_lease(
+        &self,
+        caller: &PeerIdentity,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+        csr: Option<&[u8]>,
+    ) -> Result<Renewed, BrokerError> {
+        let start = std::time::Instant::now();
+        let result = self.renew_lease_unmetered(caller, id, ttl, csr).await;
+        metrics::issuance("renewal", &result, start);
+        result
+    }
+
+    async fn renew_lease_unmetered(
         &self,
         caller: &PeerIdentity,
         id: &LeaseId,
@@ -907,6 +947,8 @@ impl Broker {
             &renewed,
         )
         .await?;
+        // The credential it replaces stops being active.
+        metrics::revoked("renewal", 1);
         let renewal_left = renewed
             .renew_until
             .duration_since(expires_at)
@@ -950,6 +992,7 @@ impl Broker {
                 .detail("lease_id", id.as_str())
                 .detail("credential", revoked.credential.as_str()),
         );
+        metrics::revoked("revoke", 1);
         Ok(revoked)
     }
 
@@ -1137,6 +1180,7 @@ impl Broker {
             {
                 tracing::warn!(error = %revoke, lease = %lease.id, "revoking an unaudited lease failed; it expires unused");
             }
+            metrics::revoked("audit_failure", 1);
             return Err(BrokerError::Unavailable(e.to_string()));
         }
         Ok(())
@@ -1178,6 +1222,7 @@ impl Broker {
                         .detail("revoked_credentials", ids),
                 );
                 tracing::info!(task = %task.id, state = %task.state, revoked = revoked.len(), "task completed");
+                metrics::revoked("task_end", revoked.len());
                 if task.state == crate::task::TaskState::Failed {
                     self.lock_on_failure(caller, &task).await;
                 }
