@@ -223,6 +223,8 @@ impl App {
             },
             task_retention: ttl.task_retention,
             lease_renewal_max: ttl.lease_renewal_max,
+            agent_rate: config.limits.issuance,
+            ci_rate: config.limits.ci,
         };
         let broker = Broker::new(
             BrokerParts {

@@ -20,6 +20,13 @@ pub fn status(e: BrokerError) -> Status {
         }
         BrokerError::Exhausted(m) => Status::resource_exhausted(m),
         BrokerError::Unauthenticated(m) => Status::unauthenticated(m),
+        BrokerError::RateLimited(wait) => {
+            let mut s = Status::resource_exhausted(BrokerError::RateLimited(wait).to_string());
+            if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
+                s.metadata_mut().insert("retry-after-ms", v);
+            }
+            s
+        }
         BrokerError::Pending(task) => {
             let mut s = Status::failed_precondition(BrokerError::Pending(task).to_string());
             // Machine-readable too, for pipelines that wait for the approval.

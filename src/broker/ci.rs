@@ -216,6 +216,7 @@ impl Broker {
             .ci
             .workload_id(&v.job)
             .map_err(|e| self.ci_refusal(action, &v, None, token_error(e)))?;
+        self.rate_limit(true, identity.as_str())?;
         // A locked repository gets nothing, not even a new task (the lease step checks again).
         if let Some(lock) = self.store.agent_lock(&identity, self.clock.now()).await? {
             return Err(self.ci_refusal(

@@ -35,6 +35,7 @@ pub fn outcome<T>(result: &Result<T, BrokerError>) -> &'static str {
             BrokerError::Unauthenticated(_) => "unauthenticated",
             BrokerError::Unavailable(_) => "unavailable",
             BrokerError::Exhausted(_) => "exhausted",
+            BrokerError::RateLimited(_) => "rate_limited",
             BrokerError::Internal(_) => "internal",
         },
     }
@@ -79,4 +80,8 @@ pub fn describe() {
     );
     metrics::describe_counter!(REVOCATIONS, "credentials revoked before expiry, by cause");
     metrics::describe_counter!(CI_EXCHANGES, "CI exchanges by issuer and outcome");
+    metrics::describe_counter!(
+        super::limits::RATE_LIMITED,
+        "issuances refused over an identity's rate, by kind (alert on bursts)"
+    );
 }

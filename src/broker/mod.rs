@@ -10,6 +10,7 @@ mod crl;
 mod epoch;
 mod keys;
 mod leases;
+pub mod limits;
 pub mod metrics;
 mod reaper;
 mod revocations;
@@ -80,6 +81,9 @@ pub enum BrokerError {
     /// The proof of identity is refused (`UNAUTHENTICATED`): a CI ID token that fails a check.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller went over its issuance rate (`RESOURCE_EXHAUSTED`, with when to retry).
+    #[error("issuance rate limit reached; retry in {} ms", .0.as_millis().max(1))]
+    RateLimited(Duration),
     /// The task awaits approvals (`FAILED_PRECONDITION`, naming the task).
     #[error("task {0} is pending approval; retry once it is approved")]
     Pending(TaskId),
@@ -155,6 +159,10 @@ pub struct BrokerSettings {
     pub task_retention: Duration,
     /// Longest a lease may be renewed for, from its first credential.
     pub lease_renewal_max: Duration,
+    /// Issuance rate per agent identity (tokens, certificates, renewals); `None`: unlimited.
+    pub agent_rate: Option<limits::Rate>,
+    /// CI exchange rate per repository identity; `None`: unlimited.
+    pub ci_rate: Option<limits::Rate>,
 }
 
 /// What `IssueToken` asks for.
@@ -263,6 +271,9 @@ pub struct Broker {
     crl: Arc<crl::CrlCache>,
     /// The CI issuers trusted for the CI exchange.
     ci: Arc<crate::ci::CiIssuers>,
+    /// Issuance rate limits per agent and per CI repository.
+    agent_limiter: Arc<limits::RateLimiter>,
+    ci_limiter: Arc<limits::RateLimiter>,
     settings: BrokerSettings,
 }
 
@@ -304,8 +315,26 @@ impl Broker {
             epoch: Arc::default(),
             crl: Arc::default(),
             ci: Arc::new(parts.ci),
+            agent_limiter: Arc::new(limits::RateLimiter::new(settings.agent_rate)),
+            ci_limiter: Arc::new(limits::RateLimiter::new(settings.ci_rate)),
             settings,
         }
+    }
+
+    /// Takes an issuance token of `identity` (a CI repository's when `ci`).
+    fn rate_limit(&self, ci: bool, identity: &str) -> Result<(), BrokerError> {
+        let limiter = if ci {
+            &self.ci_limiter
+        } else {
+            &self.agent_limiter
+        };
+        limiter
+            .take(identity, std::time::Instant::now())
+            .map_err(|wait| {
+                ::metrics::counter!(limits::RATE_LIMITED, "kind" => if ci { "ci" } else { "agent" })
+                    .increment(1);
+                BrokerError::RateLimited(wait)
+            })
     }
 
     /// The policy engine (for reloads on SIGHUP).
@@ -628,7 +657,10 @@ impl Broker {
         request: TokenRequest,
     ) -> Result<IssuedToken, BrokerError> {
         let start = std::time::Instant::now();
-        let result = self.issue_token_unmetered(caller, request).await;
+        let result = match self.rate_limit(false, caller.id.as_str()) {
+            Ok(()) => self.issue_token_unmetered(caller, request).await,
+            Err(e) => Err(e),
+        };
         metrics::issuance("jwt", &result, start);
         result
     }
@@ -724,9 +756,13 @@ impl Broker {
         ttl: Option<Duration>,
     ) -> Result<IssuedCertificate, BrokerError> {
         let start = std::time::Instant::now();
-        let result = self
-            .issue_certificate_unmetered(caller, task, csr, ttl)
-            .await;
+        let result = match self.rate_limit(false, caller.id.as_str()) {
+            Ok(()) => {
+                self.issue_certificate_unmetered(caller, task, csr, ttl)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         metrics::issuance("x509", &result, start);
         result
     }
@@ -803,7 +839,10 @@ impl Broker {
         csr: Option<&[u8]>,
     ) -> Result<Renewed, BrokerError> {
         let start = std::time::Instant::now();
-        let result = self.renew_lease_unmetered(caller, id, ttl, csr).await;
+        let result = match self.rate_limit(false, caller.id.as_str()) {
+            Ok(()) => self.renew_lease_unmetered(caller, id, ttl, csr).await,
+            Err(e) => Err(e),
+        };
         metrics::issuance("renewal", &result, start);
         result
     }

@@ -48,6 +48,17 @@ pub struct Config {
     pub log: LogConfig,
     /// CI OIDC issuers trusted for `ExchangeCiToken`.
     pub ci: CiConfig,
+    /// Per-identity issuance rate limits.
+    pub limits: LimitsConfig,
+}
+
+/// Issuance rate limits, per identity and per replica.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitsConfig {
+    /// Tokens, certificates and renewals per agent identity; `None`: unlimited.
+    pub issuance: Option<crate::broker::limits::Rate>,
+    /// CI exchanges per repository identity; `None`: unlimited.
+    pub ci: Option<crate::broker::limits::Rate>,
 }
 
 /// The CI issuers whose ID tokens the broker exchanges.

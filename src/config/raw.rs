@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    AuditConfig, CiConfig, CiIssuerConfig, Config, IdentityConfig, IssuerConfig, LogConfig,
-    PolicyConfig, ServerConfig, StoreConfig, TlsConfig, TtlConfig,
+    AuditConfig, CiConfig, CiIssuerConfig, Config, IdentityConfig, IssuerConfig, LimitsConfig,
+    LogConfig, PolicyConfig, ServerConfig, StoreConfig, TlsConfig, TtlConfig,
 };
 use crate::ci::{ClaimNames, KeySource, MAX_LEEWAY, Preset};
 use crate::identity::{TrustDomains, WorkloadId};
@@ -36,6 +36,50 @@ pub(super) struct Raw {
     log: RawLog,
     #[serde(default)]
     ci: RawCi,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    issuance_per_second: f64,
+    issuance_burst: u32,
+    ci_per_second: f64,
+    ci_burst: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            issuance_per_second: 100.0,
+            issuance_burst: 200,
+            ci_per_second: 5.0,
+            ci_burst: 20,
+        }
+    }
+}
+
+/// A rate, or none when `per_second` is 0.
+fn rate(
+    key: &'static str,
+    per_second: f64,
+    burst: u32,
+) -> Result<Option<crate::broker::limits::Rate>, CheckError> {
+    if per_second == 0.0 {
+        return Ok(None);
+    }
+    if !(per_second.is_finite() && (0.001..=1_000_000.0).contains(&per_second)) {
+        return Err((
+            key,
+            format!("{per_second} is outside 0.001..=1000000 (0 for no limit)"),
+        ));
+    }
+    let burst = range(key, burst, 1, 1_000_000)?;
+    Ok(Some(crate::broker::limits::Rate {
+        per_second,
+        burst: f64::from(burst),
+    }))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -581,9 +625,19 @@ impl Raw {
         };
 
         let ci = self.ci.check(&identity.allowed_trust_domains)?;
+        let l = self.limits;
+        let limits = LimitsConfig {
+            issuance: rate(
+                "limits.issuance_per_second",
+                l.issuance_per_second,
+                l.issuance_burst,
+            )?,
+            ci: rate("limits.ci_per_second", l.ci_per_second, l.ci_burst)?,
+        };
 
         Ok(Config {
             ci,
+            limits,
             server,
             tls,
             identity,

@@ -1,5 +1,6 @@
-//! The audit log as operators check it: a session's log passes `taskcred audit verify`, and one
-//! changed byte is found; a log that cannot be written stops issuance unless configured not to.
+//! Operating the broker: the audit log as operators check it (a session's log passes `taskcred
+//! audit verify`, one changed byte is found; a log that cannot be written stops issuance unless
+//! configured not to), the metrics of a short session, and per-identity rate limits.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -141,5 +142,49 @@ async fn metrics_show_issuance_denials_and_reaper_lag() {
     ] {
         assert!(metrics.contains(series), "{series} missing in\n{metrics}");
     }
+    b.stop().await;
+}
+
+/// Over its rate, an agent is refused with RESOURCE_EXHAUSTED and when to retry; it gets tokens
+/// again once its bucket has refilled; the burst alert counts.
+#[tokio::test]
+async fn an_agent_over_its_issuance_rate_is_told_when_to_retry() {
+    let b = Broker::start_with_env(vec![
+        ("TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(), "2".into()),
+        ("TASKCRED_LIMITS__ISSUANCE_BURST".into(), "3".into()),
+    ])
+    .await;
+    let task = approved_task(&b, &[("env", "staging")], None).await;
+    let mut agent = creds_as(&b, "agent").await;
+    for _ in 0..3 {
+        agent
+            .issue_token(token_request(&task.id, "db.staging"))
+            .await
+            .unwrap();
+    }
+    let e = agent
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let wait: u64 = e
+        .metadata()
+        .get("retry-after-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=500).contains(&wait), "{wait}");
+    tokio::time::sleep(std::time::Duration::from_millis(wait + 50)).await;
+    agent
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap();
+    let (_, metrics) = b.http_get("/metrics").await;
+    assert!(
+        metrics.contains("taskcred_rate_limited_total{kind=\"agent\"}"),
+        "{metrics}"
+    );
     b.stop().await;
 }

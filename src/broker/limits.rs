@@ -1,0 +1,114 @@
+//! Per-identity issuance rate limits: a token bucket per identity (an agent's SPIFFE ID, a CI
+//! job's repository identity), in this replica's memory. A bucket refills at `rate` per second
+//! up to `burst`; an empty one refuses with the time until the next token. The map is bounded:
+//! full buckets (identities quiet for a while) are dropped first, as they carry no state.
+//!
+//! Hand-written rather than `governor`: the keyed case is these few lines, without the extra
+//! dependencies (dashmap, quanta) and their clock.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Identities refused because they went over their rate, by `kind`: the burst alert.
+pub const RATE_LIMITED: &str = "taskcred_rate_limited_total";
+
+/// Most identities tracked at once; past it, quiet ones are forgotten.
+const MAX_KEYS: usize = 100_000;
+
+/// The rate of one kind of identity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Tokens per second.
+    pub per_second: f64,
+    /// Largest burst.
+    pub burst: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Token buckets by identity.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: Option<Rate>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl RateLimiter {
+    /// Buckets of `rate`; `None` limits nothing.
+    pub fn new(rate: Option<Rate>) -> Self {
+        Self {
+            rate,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes a token of `key` at `now`, or says how long until one is there.
+    ///
+    /// # Errors
+    /// The wait until the next token.
+    pub fn take(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        let Some(rate) = self.rate else {
+            return Ok(());
+        };
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_KEYS && !buckets.contains_key(key) {
+            let full_after = Duration::from_secs_f64(rate.burst / rate.per_second);
+            buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+            if buckets.len() >= MAX_KEYS {
+                // Every bucket is busy: refuse the newcomer rather than grow without bound.
+                return Err(Duration::from_secs(1));
+            }
+        }
+        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
+            tokens: rate.burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate.per_second).min(rate.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / rate.per_second,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_burst_then_the_rate_per_identity() {
+        let limiter = RateLimiter::new(Some(Rate {
+            per_second: 10.0,
+            burst: 3.0,
+        }));
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            limiter.take("a", t0).unwrap();
+        }
+        let wait = limiter.take("a", t0).unwrap_err();
+        assert!(wait > Duration::from_millis(90) && wait <= Duration::from_millis(100));
+        // Another identity has its own bucket.
+        limiter.take("b", t0).unwrap();
+        // 100 ms later one token is back, not two.
+        let t1 = t0 + Duration::from_millis(100);
+        limiter.take("a", t1).unwrap();
+        assert!(limiter.take("a", t1).is_err());
+        // Unlimited without a rate.
+        let open = RateLimiter::new(None);
+        for _ in 0..1000 {
+            open.take("a", t0).unwrap();
+        }
+    }
+}
