@@ -99,15 +99,6 @@ impl AuditEvent {
     }
 }
 
-/// The hex SHA-256 of `line` (without its newline).
-fn line_hash(line: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, line)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The open file and the hash of its last line.
 #[derive(Debug)]
 struct Tail {
@@ -144,7 +135,7 @@ fn last_line(file: &mut File) -> std::io::Result<(String, bool)> {
         Some(i) => &body[i + 1..],
         None => body,
     };
-    Ok((line_hash(line), complete))
+    Ok((crate::mint::sha256_hex(line), complete))
 }
 
 impl AuditLog {
@@ -213,7 +204,7 @@ impl AuditLog {
             prev: &tail.last,
         };
         let mut line = serde_json::to_vec(&chained).map_err(|e| fail(e.to_string()))?;
-        let hash = line_hash(&line);
+        let hash = crate::mint::sha256_hex(&line);
         line.push(b'\n');
         tail.file
             .write_all(&line)
@@ -315,7 +306,7 @@ pub fn verify_chain(input: impl std::io::Read) -> std::io::Result<ChainReport> {
             }
             Some(_) => {}
         }
-        prev = Some(line_hash(&line));
+        prev = Some(crate::mint::sha256_hex(&line));
     }
     Ok(ChainReport::Intact {
         lines: n,

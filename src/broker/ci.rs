@@ -12,7 +12,7 @@ use crate::audit::AuditEvent;
 use crate::ci::{CiError, CiJob, TrustedIssuer, VerifiedIdToken};
 use crate::identity::{PeerIdentity, WorkloadId};
 use crate::lease::CredentialKind;
-use crate::mint::{SvidRequest, random_id, random_serial, serial_hex, verify_csr};
+use crate::mint::{SvidRequest, random_id, random_serial, serial_hex, sha256_hex, verify_csr};
 use crate::policy::{PolicyAction, Principal, Resource, Verdict};
 use crate::task::{Action, Audience, Grant, Labels, Outcome, Task, TaskId, TaskRequest, TaskState};
 
@@ -95,12 +95,10 @@ impl Broker {
         match self.ci.verify(token, job, self.clock.now()).await {
             Ok(v) => Ok(v),
             Err(e) => {
-                let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-                let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
                 self.audit.record(
                     &AuditEvent::new(self.clock.now(), action.name(), "ci:unverified", false)
                         .reason(e.to_string())
-                        .detail("id_token_sha256", hash),
+                        .detail("id_token_sha256", sha256_hex(token.as_bytes())),
                 );
                 Err(token_error(e))
             }

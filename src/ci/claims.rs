@@ -336,13 +336,8 @@ impl CiJob {
             ctx.update(&(p.len() as u64).to_be_bytes());
             ctx.update(p.as_bytes());
         }
-        hex(ctx.finish().as_ref())
+        crate::mint::hex(ctx.finish().as_ref())
     }
-}
-
-/// Lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub use claims::{CiJob, ClaimNames, MAX_CLAIM_BYTES, MAX_JOB_BYTES, Preset, chec
 pub use keys::{IssuerKeys, KeySource, MAX_JWKS_BYTES, check_jwks_file};
 
 use crate::identity::WorkloadId;
+use crate::mint::sha256_hex;
 
 /// Longest ID token accepted, in bytes (GitHub's and GitLab's are 1 to 2 KiB).
 pub const MAX_ID_TOKEN_BYTES: usize = 8192;
@@ -116,10 +117,6 @@ pub struct CiIssuers {
 fn secs(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    claims::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 fn numeric(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, CiError> {

@@ -313,11 +313,7 @@ impl IssuingCa {
                 _ => None,
             })?;
         Some(IssuedCertInfo {
-            serial: cert
-                .raw_serial()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            serial: super::hex(cert.raw_serial()),
             task,
             spiffe_id,
             not_after: u64::try_from(cert.validity().not_after.timestamp()).ok()?,
@@ -350,5 +346,5 @@ pub fn random_serial() -> Result<[u8; 16], MintError> {
 
 /// A serial in lowercase hex, as the lease and the CRL record it.
 pub fn serial_hex(serial: &[u8; 16]) -> String {
-    serial.iter().map(|b| format!("{b:02x}")).collect()
+    super::hex(serial)
 }
