@@ -20,6 +20,13 @@ pub const AUDIT_WRITE_FAILURES: &str = "taskcred_audit_write_failures_total";
 /// executor, grant, state, lock, replay...), `id_token` (a CI ID token failed verification).
 pub const DENIALS: &str = "taskcred_denials_total";
 
+/// The reason of a refusal because no policy permits: denials counted as `policy`.
+pub const NOT_PERMITTED: &str = "not permitted by policy";
+
+/// The principal of a refusal of a CI ID token that failed verification (who sent it is not
+/// known): denials counted as `id_token`.
+pub const UNVERIFIED_CI: &str = "ci:unverified";
+
 /// The `prev` of the first line of a new log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -196,14 +203,15 @@ impl AuditLog {
             tracing::error!(path = %self.path.display(), error = %what, "audit write failed");
             AuditError(what)
         };
-        // One serialization and one write per line under the lock: lines never interleave, and
-        // each names the line before it.
+        // Serialized outside the lock; under it only `prev` is spliced in (the event is a
+        // non-empty JSON object, so it ends with `}`), hashed and written: lines never
+        // interleave, and each names the line before it.
+        let mut line = serde_json::to_vec(event).map_err(|e| fail(e.to_string()))?;
+        line.pop();
         let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        let chained = Chained {
-            event,
-            prev: &tail.last,
-        };
-        let mut line = serde_json::to_vec(&chained).map_err(|e| fail(e.to_string()))?;
+        line.extend_from_slice(b",\"prev\":\"");
+        line.extend_from_slice(tail.last.as_bytes());
+        line.extend_from_slice(b"\"}");
         let hash = crate::mint::sha256_hex(&line);
         line.push(b'\n');
         tail.file
@@ -213,9 +221,9 @@ impl AuditLog {
         tail.last = hash;
         drop(tail);
         if event.decision == "deny" {
-            let reason = if event.principal == "ci:unverified" {
+            let reason = if event.principal == UNVERIFIED_CI {
                 "id_token"
-            } else if event.reason.as_deref() == Some("not permitted by policy") {
+            } else if event.reason.as_deref() == Some(NOT_PERMITTED) {
                 "policy"
             } else {
                 "rule"
@@ -224,14 +232,6 @@ impl AuditLog {
         }
         Ok(())
     }
-}
-
-/// An event as written: its fields, then `prev`.
-#[derive(Serialize)]
-struct Chained<'a> {
-    #[serde(flatten)]
-    event: &'a AuditEvent,
-    prev: &'a str,
 }
 
 /// What [`verify_chain`] found.

@@ -96,9 +96,14 @@ impl Broker {
             Ok(v) => Ok(v),
             Err(e) => {
                 self.audit.record(
-                    &AuditEvent::new(self.clock.now(), action.name(), "ci:unverified", false)
-                        .reason(e.to_string())
-                        .detail("id_token_sha256", sha256_hex(token.as_bytes())),
+                    &AuditEvent::new(
+                        self.clock.now(),
+                        action.name(),
+                        crate::audit::UNVERIFIED_CI,
+                        false,
+                    )
+                    .reason(e.to_string())
+                    .detail("id_token_sha256", sha256_hex(token.as_bytes())),
                 );
                 Err(token_error(e))
             }
@@ -503,7 +508,7 @@ impl Broker {
         )
         .task(task.id)
         .policies(&verdict.policies)
-        .reason("not permitted by policy")
+        .reason(crate::audit::NOT_PERMITTED)
         .detail("ci_issuer", v.issuer.name.as_str())
         .detail("repository", v.job.repository.as_str())
         .detail("repository_id", v.job.repository_id.as_str())

@@ -375,7 +375,8 @@ impl Broker {
             self.audit.record(&event);
             Ok(verdict)
         } else {
-            self.audit.record(&event.reason("not permitted by policy"));
+            self.audit
+                .record(&event.reason(crate::audit::NOT_PERMITTED));
             Err(BrokerError::Denied(format!(
                 "policy does not permit {} here",
                 action.name()
@@ -1134,7 +1135,7 @@ impl Broker {
             &AuditEvent::new(issuance.now, action.name(), caller.id.as_str(), false)
                 .task(issuance.task.id)
                 .policies(&verdict.policies)
-                .reason("not permitted by policy")
+                .reason(crate::audit::NOT_PERMITTED)
                 .detail("ttl_secs", issuance.ttl_secs),
         );
         Err(BrokerError::Denied(format!(
@@ -1291,7 +1292,7 @@ impl Broker {
         if !verdict.allowed {
             self.audit.record(
                 &AuditEvent::new(self.clock.now(), "Introspect", caller.as_str(), false)
-                    .reason("not permitted by policy"),
+                    .reason(crate::audit::NOT_PERMITTED),
             );
             return Err(BrokerError::Denied(
                 "policy does not permit Introspect here".into(),
