@@ -56,18 +56,27 @@ impl RateLimiter {
             return Ok(());
         };
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= MAX_KEYS && !buckets.contains_key(key) {
-            let full_after = Duration::from_secs_f64(rate.burst / rate.per_second);
-            buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+        if !buckets.contains_key(key) {
             if buckets.len() >= MAX_KEYS {
-                // Every bucket is busy: refuse the newcomer rather than grow without bound.
-                return Err(Duration::from_secs(1));
+                let full_after = Duration::from_secs_f64(rate.burst / rate.per_second);
+                buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+                if buckets.len() >= MAX_KEYS {
+                    // Every bucket is busy: refuse the newcomer rather than grow without bound.
+                    return Err(Duration::from_secs(1));
+                }
             }
+            // The key is copied only for an identity not seen (or forgotten) before.
+            buckets.insert(
+                key.to_owned(),
+                Bucket {
+                    tokens: rate.burst,
+                    at: now,
+                },
+            );
         }
-        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
-            tokens: rate.burst,
-            at: now,
-        });
+        let Some(bucket) = buckets.get_mut(key) else {
+            return Ok(());
+        };
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate.per_second).min(rate.burst);
         bucket.at = now;
