@@ -424,6 +424,17 @@ async fn bad_id_tokens_are_refused_with_clear_statuses() {
         .count();
     assert_eq!(refusals, cases.len(), "every refusal is audited");
 
+    // A job's first exchange makes its task through the same bounds as any task request.
+    let e = ci
+        .exchange_ci_token(pb::ExchangeCiTokenRequest {
+            actions: (0..200).map(|i| format!("a{i}")).collect(),
+            ..exchange(&issuer.sign(&good()), "prod-cluster", "deploy")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("grants.actions"), "{e:?}");
+
     // A scope must be named; nothing is guessed.
     let e = ci
         .exchange_ci_token(pb::ExchangeCiTokenRequest {

@@ -14,7 +14,9 @@ use crate::identity::{PeerIdentity, WorkloadId};
 use crate::lease::CredentialKind;
 use crate::mint::{SvidRequest, random_id, random_serial, serial_hex, sha256_hex, verify_csr};
 use crate::policy::{PolicyAction, Principal, Resource, Verdict};
-use crate::task::{Action, Audience, Grant, Labels, Outcome, Task, TaskId, TaskRequest, TaskState};
+use crate::task::{
+    Action, Audience, Grant, Outcome, RawTaskRequest, Task, TaskId, TaskRequest, TaskState,
+};
 
 /// What `ExchangeCiToken` asks for.
 #[derive(Debug, Clone, Default)]
@@ -383,7 +385,10 @@ impl Broker {
         let now = self.clock.now();
         let retention = self.settings.task_retention;
         for _ in 0..3 {
-            let candidate = TaskId::generate();
+            // Built (and bounded) before the claim, so that a refused one leaves no claim.
+            let task =
+                self.ci_candidate(v, identity, TaskId::generate(), audience, actions, now)?;
+            let candidate = task.id;
             let held = self
                 .store
                 .claim(&key, &candidate.to_string(), v.expires_at + retention)
@@ -391,7 +396,6 @@ impl Broker {
             let task = match held {
                 None => {
                     // This exchange is the job's first: the task is made here, if policy says so.
-                    let task = self.ci_candidate(v, identity, candidate, audience, actions, now)?;
                     let verdict = self.decide_ci(v, &task, audience, actions, kind, ttl);
                     if !verdict.allowed {
                         let _ = self.store.release_claim(&key, &candidate.to_string()).await;
@@ -552,19 +556,22 @@ impl Broker {
             "CI job {} of {repository}, run {} attempt {} ({})",
             v.job.job, v.job.run_id, v.job.run_attempt, v.issuer.name
         );
-        let labels = Labels::parse([("ci", v.issuer.name.as_str())])?;
-        let request = TaskRequest {
-            executor: identity.clone(),
-            purpose,
-            grants: vec![Grant {
-                audience: audience.clone(),
-                actions: actions.clone(),
-            }],
-            labels,
-            deadline_in,
-            credential_ttl: limits.credential_ttl_max,
-            parent: None,
-        };
+        // Through the same bounds as any requested task (purpose, grant size, deadline, ceiling).
+        let request = TaskRequest::parse(
+            RawTaskRequest {
+                executor: identity.to_string(),
+                purpose,
+                grants: vec![(
+                    audience.to_string(),
+                    actions.iter().map(ToString::to_string).collect(),
+                )],
+                labels: vec![("ci".into(), v.issuer.name.clone())],
+                deadline_in: Some(deadline_in),
+                credential_ttl: Some(limits.credential_ttl_max),
+                parent: None,
+            },
+            limits,
+        )?;
         Ok(Task::new(id, request, identity.clone(), 0, Vec::new(), now))
     }
 
