@@ -12,7 +12,7 @@ use crate::audit::AuditEvent;
 use crate::ci::{CiError, CiJob, TrustedIssuer, VerifiedIdToken};
 use crate::identity::{PeerIdentity, WorkloadId};
 use crate::lease::CredentialKind;
-use crate::mint::{SvidRequest, random_id, random_serial, serial_hex, sha256_hex, verify_csr};
+use crate::mint::{SvidRequest, random_id, sha256_hex, verify_csr};
 use crate::policy::{PolicyAction, Principal, Resource, Verdict};
 use crate::task::{
     Action, Audience, Grant, Outcome, RawTaskRequest, Task, TaskId, TaskRequest, TaskState,
@@ -278,16 +278,7 @@ impl Broker {
                 )),
             ));
         }
-        let serial = match kind {
-            CredentialKind::X509 => {
-                Some(random_serial().map_err(|e| BrokerError::Internal(e.to_string()))?)
-            }
-            CredentialKind::Jwt => None,
-        };
-        let credential_id = match &serial {
-            Some(s) => serial_hex(s),
-            None => random_id().map_err(|e| BrokerError::Internal(e.to_string()))?,
-        };
+        let (credential_id, serial) = super::new_credential_id(kind)?;
         let lease = match self
             .record_lease(
                 &caller,

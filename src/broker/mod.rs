@@ -135,6 +135,18 @@ impl From<UpdateError> for BrokerError {
     }
 }
 
+/// A fresh credential id of `kind`: a `jti`, or a certificate serial (hex, and its bytes).
+fn new_credential_id(kind: CredentialKind) -> Result<(String, Option<[u8; 16]>), BrokerError> {
+    let internal = |e: crate::mint::MintError| BrokerError::Internal(e.to_string());
+    match kind {
+        CredentialKind::Jwt => Ok((random_id().map_err(internal)?, None)),
+        CredentialKind::X509 => {
+            let serial = random_serial().map_err(internal)?;
+            Ok((serial_hex(&serial), Some(serial)))
+        }
+    }
+}
+
 /// Filters of `ListTasks`, as asked.
 #[derive(Debug, Clone, Default)]
 pub struct ListRequest {
@@ -936,16 +948,7 @@ impl Broker {
             now,
             ttl_secs,
         };
-        let (credential, serial) = match lease.kind {
-            CredentialKind::Jwt => (
-                random_id().map_err(|e| BrokerError::Internal(e.to_string()))?,
-                None,
-            ),
-            CredentialKind::X509 => {
-                let s = random_serial().map_err(|e| BrokerError::Internal(e.to_string()))?;
-                (serial_hex(&s), Some(s))
-            }
-        };
+        let (credential, serial) = new_credential_id(lease.kind)?;
         let expires_at = UNIX_EPOCH + Duration::from_secs(issuance.exp_secs());
         let renewed = self
             .store
