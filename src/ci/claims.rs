@@ -234,7 +234,7 @@ fn field(
 ///
 /// # Errors
 /// [`CiError::Claims`] naming the field.
-pub fn check_job_name(job: &str) -> Result<(), CiError> {
+fn check_job_name(job: &str) -> Result<(), CiError> {
     let ok = !job.is_empty()
         && job.len() <= MAX_JOB_BYTES
         && job

@@ -150,18 +150,29 @@ fn parse_set(body: &[u8]) -> Result<HashMap<String, Key>, String> {
     Ok(keys)
 }
 
+/// The bytes of a JWK Set file, read with its bound (a file that grows while read included).
+fn read_jwks_file(path: &std::path::Path) -> Result<Vec<u8>, CiError> {
+    use std::io::Read as _;
+    let bad = |e: String| CiError::KeysUnavailable(format!("{}: {e}", path.display()));
+    let mut body = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_JWKS_BYTES as u64 + 1).read_to_end(&mut body))
+        .map_err(|e| bad(e.to_string()))?;
+    if body.len() > MAX_JWKS_BYTES {
+        return Err(bad("too large".into()));
+    }
+    Ok(body)
+}
+
 /// Reads a JWK Set file now and tells how many of its keys are usable (a start-up check).
 ///
 /// # Errors
 /// [`CiError::KeysUnavailable`] when the file cannot be read or is not a JWK Set.
 pub fn check_jwks_file(path: &std::path::Path) -> Result<usize, CiError> {
-    let bad = |e: String| CiError::KeysUnavailable(format!("{}: {e}", path.display()));
-    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    if meta.len() > MAX_JWKS_BYTES as u64 {
-        return Err(bad("too large".into()));
-    }
-    let body = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    parse_set(&body).map(|k| k.len()).map_err(bad)
+    let body = read_jwks_file(path)?;
+    parse_set(&body)
+        .map(|k| k.len())
+        .map_err(|e| CiError::KeysUnavailable(format!("{}: {e}", path.display())))
 }
 
 #[derive(Default)]
@@ -189,12 +200,6 @@ impl std::fmt::Debug for IssuerKeys {
     }
 }
 
-/// A key able to verify a token of one algorithm.
-pub struct Verifying {
-    /// The key.
-    pub key: DecodingKey,
-}
-
 impl IssuerKeys {
     /// Keys from `source`; `http` is the client for URL sources.
     pub fn new(
@@ -213,31 +218,16 @@ impl IssuerKeys {
         }
     }
 
-    /// Reads or fetches the JWK Set now, replacing the cached keys. Returns how many are usable.
-    ///
-    /// # Errors
-    /// [`CiError::KeysUnavailable`]; the cached keys stay.
-    pub async fn load(&self) -> Result<usize, CiError> {
-        let mut last = self.fetching.lock().await;
-        self.load_locked(&mut last).await
-    }
-
+    /// Reads or fetches the JWK Set now (the caller holds `fetching`), replacing the cached
+    /// keys. Returns how many are usable; on failure the cached keys stay.
     async fn load_locked(&self, last: &mut Option<Instant>) -> Result<usize, CiError> {
         *last = Some(Instant::now());
         let body = match &self.source {
             KeySource::File(path) => {
-                let meta = tokio::fs::metadata(path)
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || read_jwks_file(&path))
                     .await
-                    .map_err(|e| CiError::KeysUnavailable(format!("{}: {e}", path.display())))?;
-                if meta.len() > MAX_JWKS_BYTES as u64 {
-                    return Err(CiError::KeysUnavailable(format!(
-                        "{}: too large",
-                        path.display()
-                    )));
-                }
-                tokio::fs::read(path)
-                    .await
-                    .map_err(|e| CiError::KeysUnavailable(format!("{}: {e}", path.display())))?
+                    .map_err(|e| CiError::KeysUnavailable(e.to_string()))??
             }
             KeySource::Url(url) => {
                 let http = self
@@ -257,7 +247,7 @@ impl IssuerKeys {
         Ok(n)
     }
 
-    fn cached(&self, kid: &str, alg: Algorithm) -> Result<Option<Verifying>, CiError> {
+    fn cached(&self, kid: &str, alg: Algorithm) -> Result<Option<DecodingKey>, CiError> {
         let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
         let Some(k) = cache.keys.get(kid) else {
             return Ok(None);
@@ -267,7 +257,7 @@ impl IssuerKeys {
                 "key {kid} does not verify {alg:?}"
             )));
         }
-        Ok(Some(Verifying { key: k.key.clone() }))
+        Ok(Some(k.key.clone()))
     }
 
     fn stale(&self) -> bool {
@@ -284,7 +274,7 @@ impl IssuerKeys {
     /// # Errors
     /// [`CiError::UnknownKey`], [`CiError::Algorithm`] (the key is of another kind),
     /// [`CiError::KeysUnavailable`] when no key was ever loaded.
-    pub async fn key(&self, kid: &str, alg: Algorithm) -> Result<Verifying, CiError> {
+    pub async fn key(&self, kid: &str, alg: Algorithm) -> Result<DecodingKey, CiError> {
         if !self.stale()
             && let Some(k) = self.cached(kid, alg)?
         {

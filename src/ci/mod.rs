@@ -14,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
-pub use claims::{CiJob, ClaimNames, MAX_CLAIM_BYTES, MAX_JOB_BYTES, Preset, check_job_name};
+pub use claims::{CiJob, ClaimNames, MAX_CLAIM_BYTES, MAX_JOB_BYTES, Preset};
 pub use keys::{IssuerKeys, KeySource, MAX_JWKS_BYTES, check_jwks_file};
 
 use crate::identity::WorkloadId;
@@ -161,11 +161,6 @@ impl CiIssuers {
         self.by_iss.is_empty()
     }
 
-    /// Every issuer.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<TrustedIssuer>> {
-        self.by_iss.values()
-    }
-
     /// The workload identity of `job`'s repository:
     /// `spiffe://<trust domain>/ci/<issuer name>/<repository id>`. Leases are recorded under it,
     /// and `agent lock` on it stops every credential of the repository's CI jobs.
@@ -234,7 +229,7 @@ impl CiIssuers {
         v.validate_nbf = false;
         v.validate_aud = false;
         v.required_spec_claims.clear();
-        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &v)
+        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => CiError::Signature,
                 jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
