@@ -4,6 +4,7 @@
 use tonic::{Request, Response, Status};
 
 use super::auth::Caller;
+use super::credentials::granted;
 use super::error::status;
 use super::pb;
 use super::pb::ci_service_server::CiService;
@@ -57,18 +58,16 @@ impl CiService for CiApi {
                 (String::new(), c.certificate_pem, c.chain_pem, c.lease)
             }
         };
-        let ttl = lease
-            .expires_at
-            .duration_since(lease.issued_at)
-            .unwrap_or_default();
         Ok(Response::new(pb::ExchangeCiTokenResponse {
             token,
             certificate_pem,
             chain_pem,
             lease_id: lease.id.to_string(),
-            credential_id: lease.credential,
+
             expires_at: ts(lease.expires_at),
-            ttl: prost_types::Duration::try_from(ttl).ok(),
+            ttl: granted(&lease),
+            credential_id: lease.credential,
+
             task_id: exchanged.task.to_string(),
             identity: exchanged.identity.to_string(),
         }))

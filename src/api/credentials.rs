@@ -26,11 +26,7 @@ impl CredentialApi {
 }
 
 fn ttl(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
-    d.map(|d| {
-        Duration::try_from(d)
-            .map_err(|_| Status::invalid_argument("ttl: must be a positive duration"))
-    })
-    .transpose()
+    super::tasks::duration("ttl", d)
 }
 
 fn lease_id(s: &str) -> Result<LeaseId, Status> {
@@ -39,7 +35,8 @@ fn lease_id(s: &str) -> Result<LeaseId, Status> {
 }
 
 /// The lifetime granted: the lease's expiry less its issue time.
-fn granted(lease: &crate::lease::Lease) -> Option<prost_types::Duration> {
+/// The lifetime a lease's credential was granted.
+pub(super) fn granted(lease: &crate::lease::Lease) -> Option<prost_types::Duration> {
     let d = lease
         .expires_at
         .duration_since(lease.issued_at)
