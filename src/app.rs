@@ -121,6 +121,8 @@ pub struct App {
     clock: Arc<dyn Clock>,
     broker: Broker,
     keys: KeyRing,
+    /// Writes the audit events to the shared Redis stream (`audit.redis_stream`).
+    audit_stream: Option<crate::audit::stream::StreamWriter>,
 }
 
 /// How often ended tasks past their retention are pruned.
@@ -205,14 +207,21 @@ impl App {
                 Arc::new(RedisStore::new(url).map_err(AppError::Store)?)
             }
         };
-        let audit = Arc::new(
-            AuditLog::open(&config.audit.path)
-                .map_err(|source| AppError::Audit {
-                    path: config.audit.path.clone(),
-                    source,
-                })?
-                .required(config.audit.required),
-        );
+        let mut audit = AuditLog::open(&config.audit.path)
+            .map_err(|source| AppError::Audit {
+                path: config.audit.path.clone(),
+                source,
+            })?
+            .required(config.audit.required);
+        let mut audit_stream = None;
+        if let (true, Some(url)) = (config.audit.redis_stream, &config.store.redis_url) {
+            let (writer, queue) =
+                crate::audit::stream::StreamWriter::new(url, config.audit.redis_stream_max_len)
+                    .map_err(|e| AppError::Store(crate::store::StoreError::Unavailable(e)))?;
+            audit = audit.with_stream(queue);
+            audit_stream = Some(writer);
+        }
+        let audit = Arc::new(audit);
         let ttl = &config.ttl;
         let settings = BrokerSettings {
             limits: TaskLimits {
@@ -245,6 +254,7 @@ impl App {
             clock,
             broker,
             keys,
+            audit_stream,
         })
     }
 
@@ -272,7 +282,7 @@ impl App {
     /// # Errors
     /// [`AppError::Server`] when a server stops on its own.
     pub async fn run(
-        self,
+        mut self,
         listeners: Listeners,
         shutdown: CancellationToken,
     ) -> Result<(), AppError> {
@@ -328,6 +338,12 @@ impl App {
         );
         let mut reaper = tokio::spawn(self.broker.clone().run_reaper(shutdown.clone()));
         let feed = tokio::spawn(self.broker.clone().run_revocation_feed(shutdown.clone()));
+        // The stream writer stops after the RPCs have drained, so that their events reach it.
+        let stream_stop = CancellationToken::new();
+        let stream = self
+            .audit_stream
+            .take()
+            .map(|w| tokio::spawn(w.run(stream_stop.clone())));
         ready.store(true, Ordering::Release);
         tracing::info!("broker ready");
 
@@ -366,6 +382,7 @@ impl App {
             http.abort();
             reaper.abort();
             feed.abort();
+            stream_stop.cancel();
             let message = result.err().unwrap_or_else(|| "stopped".into());
             return Err(AppError::Server { what, message });
         }
@@ -382,6 +399,10 @@ impl App {
             grpc.abort();
             http.abort();
             reaper.abort();
+        }
+        stream_stop.cancel();
+        if let Some(stream) = stream {
+            let _ = stream.await;
         }
         tracing::info!("broker stopped");
         Ok(())

@@ -41,7 +41,7 @@ fn main() -> ExitCode {
             Command::Whoami => cli::whoami(&cli.client).await,
             Command::Task { ref command } => cli::task::run(&cli.client, command).await,
             Command::Policy { ref command } => cli::policy::run(&cli.client, command).await,
-            Command::Audit { ref command } => cli::audit::run(&cli.client, command),
+            Command::Audit { ref command } => cli::audit::run(&cli.client, command).await,
             Command::Token { ref command } => cli::token::run(&cli.client, command).await,
             Command::Cert { ref command } => cli::cert::run(&cli.client, command).await,
             Command::Lease { ref command } => cli::lease::run(&cli.client, command).await,

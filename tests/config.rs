@@ -175,6 +175,11 @@ fn unknown_keys_and_bad_values_name_the_key() {
             "credential_default = \"2h\"",
             &["ttl.credential_default"],
         ),
+        (
+            "redis_stream = false",
+            "redis_stream = true",
+            &["audit.redis_stream", "store.redis_url"],
+        ),
         ("format = \"human\"", "format = \"xml\"", &["log.format"]),
         ("level = \"info\"", "level = \"[[[\"", &["log.level"]),
         (

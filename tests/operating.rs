@@ -188,3 +188,60 @@ async fn an_agent_over_its_issuance_rate_is_told_when_to_retry() {
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn replicas_write_one_chained_audit_stream() {
+    let redis = common::RedisServer::start();
+    let url = redis.url();
+    let mut env = common::redis_env(&url);
+    env.push(("TASKCRED_AUDIT__REDIS_STREAM".into(), "true".into()));
+    let a = Broker::start_with_env(env.clone()).await;
+    // The second replica keeps its own file (each file is one replica's chain).
+    let b_file = a.path("audit-b.jsonl");
+    env.push((
+        "TASKCRED_AUDIT__PATH".into(),
+        b_file.to_str().unwrap().into(),
+    ));
+    let b = a.replica(env).await;
+
+    let task = approved_task(&a, &[("env", "staging")], None).await;
+    // Both replicas decide at once, so their appends to the stream contend.
+    let issue = |mut client: pb::credential_service_client::CredentialServiceClient<_>| {
+        let task = task.id.clone();
+        async move {
+            for _ in 0..25 {
+                client
+                    .issue_token(token_request(&task, "db.staging"))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    tokio::join!(
+        issue(creds_as(&a, "agent").await),
+        issue(creds_as(&b, "agent").await)
+    );
+    b.stop().await;
+    let dir = a.stop().await;
+    let count = |path: &std::path::Path| {
+        std::fs::read(path)
+            .unwrap()
+            .iter()
+            .filter(|c| **c == b'\n')
+            .count()
+    };
+    let in_files = count(&dir.path().join("audit.jsonl")) + count(&b_file);
+    assert!(in_files >= 50, "{in_files}");
+
+    let (code, out, err) = common::run(&["audit", "export", "--redis-url", &url]);
+    assert_eq!(code, 0, "{err}");
+    let exported = dir.path().join("stream.jsonl");
+    std::fs::write(&exported, &out).unwrap();
+    let (code, report, _) = common::run(&["--json", "audit", "verify", exported.to_str().unwrap()]);
+    assert_eq!(code, 0, "{report}");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["intact"], true);
+    assert_eq!(report["anchor"], taskcred::audit::GENESIS);
+    // Every replica's every event is in the one stream.
+    assert_eq!(report["lines"], in_files, "{report}");
+}

@@ -2,7 +2,11 @@
 //! carry ids and hashes, never a token, key or CSR. The log is tamper-evident: each line carries,
 //! in `prev`, the SHA-256 (hex) of the line before it (the first line of a new file: 64 zeros),
 //! so that changing, removing or inserting a line breaks the chain at that line;
-//! [`verify_chain`] (`taskcred audit verify FILE`) finds the first broken line.
+//! [`verify_chain`] (`taskcred audit verify FILE`) finds the first broken line. With
+//! `audit.redis_stream`, every event also goes to one Redis stream shared by all replicas
+//! ([`stream`]).
+
+pub mod stream;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, Read as _, Seek as _, SeekFrom, Write as _};
@@ -13,7 +17,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-/// Audit write failures (a loud metric: a broker that cannot audit should be looked at).
+/// Audit write failures by `sink` (`file`, `redis`): a loud metric, a broker that cannot audit
+/// should be looked at.
 pub const AUDIT_WRITE_FAILURES: &str = "taskcred_audit_write_failures_total";
 
 /// Refusals, by `action` and `reason`: `policy` (no permit), `rule` (the broker's own checks:
@@ -119,6 +124,7 @@ pub struct AuditLog {
     path: PathBuf,
     tail: Mutex<Tail>,
     required: bool,
+    stream: Option<stream::StreamQueue>,
 }
 
 /// Reads the last line of `file` (at most [`MAX_LINE_BYTES`] from the end): its hash, or
@@ -168,7 +174,16 @@ impl AuditLog {
             path: path.to_owned(),
             tail: Mutex::new(Tail { file, last }),
             required: true,
+            stream: None,
         })
+    }
+
+    /// Also sends every event to the shared Redis stream, through `queue`
+    /// ([`stream::StreamWriter`]).
+    #[must_use]
+    pub fn with_stream(mut self, queue: stream::StreamQueue) -> Self {
+        self.stream = Some(queue);
+        self
     }
 
     /// Whether issuance fails closed when its audit line cannot be written (`audit.required`).
@@ -199,19 +214,19 @@ impl AuditLog {
 
     fn write(&self, event: &AuditEvent) -> Result<(), AuditError> {
         let fail = |what: String| {
-            metrics::counter!(AUDIT_WRITE_FAILURES).increment(1);
+            metrics::counter!(AUDIT_WRITE_FAILURES, "sink" => "file").increment(1);
             tracing::error!(path = %self.path.display(), error = %what, "audit write failed");
             AuditError(what)
         };
         // Serialized outside the lock; under it only `prev` is spliced in (the event is a
         // non-empty JSON object, so it ends with `}`), hashed and written: lines never
         // interleave, and each names the line before it.
-        let mut line = serde_json::to_vec(event).map_err(|e| fail(e.to_string()))?;
-        line.pop();
+        let json = serde_json::to_vec(event).map_err(|e| fail(e.to_string()))?;
+        if let Some(Err(e)) = self.stream.as_ref().map(|q| q.try_send(json.clone())) {
+            stream::failed(&format!("event dropped: {e}"));
+        }
         let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        line.extend_from_slice(b",\"prev\":\"");
-        line.extend_from_slice(tail.last.as_bytes());
-        line.extend_from_slice(b"\"}");
+        let mut line = stream::chain(&json, &tail.last);
         let hash = crate::mint::sha256_hex(&line);
         line.push(b'\n');
         tail.file

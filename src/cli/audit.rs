@@ -1,4 +1,5 @@
-//! `taskcred audit ...`: offline checks of an audit log (no broker needed).
+//! `taskcred audit ...`: offline checks of an audit log (no broker needed), and the export of
+//! the shared Redis stream of all replicas' events.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,11 +18,44 @@ pub enum AuditCommand {
         /// The audit log (JSON lines), or - for standard input.
         file: PathBuf,
     },
+    /// Print the shared audit stream (`audit.redis_stream`) as JSON lines, oldest first; pipe
+    /// it to `taskcred audit verify -` to check the chain of all replicas' events.
+    Export {
+        /// The store's Redis URL.
+        #[arg(long, env = "TASKCRED_STORE__REDIS_URL")]
+        redis_url: String,
+    },
 }
 
 /// Runs an `audit` subcommand.
-pub fn run(args: &ClientArgs, command: &AuditCommand) -> ExitCode {
-    let AuditCommand::Verify { file } = command;
+pub async fn run(args: &ClientArgs, command: &AuditCommand) -> ExitCode {
+    match command {
+        AuditCommand::Verify { file } => verify(args, file),
+        AuditCommand::Export { redis_url } => export(redis_url).await,
+    }
+}
+
+async fn export(url: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = crate::audit::stream::export(url, |line| {
+        out.write_all(line)?;
+        out.write_all(b"\n")
+    })
+    .await;
+    match written.and_then(|n| out.flush().map(|()| n).map_err(|e| e.to_string())) {
+        Ok(n) => {
+            eprintln!("exported {n} lines");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn verify(args: &ClientArgs, file: &std::path::Path) -> ExitCode {
     let report = if file.as_os_str() == "-" {
         verify_chain(std::io::stdin().lock())
     } else {

@@ -117,6 +117,10 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// Whether issuance fails closed (`UNAVAILABLE`) when its audit line cannot be written.
     pub required: bool,
+    /// Whether every event also goes to the store's Redis, one stream for all replicas.
+    pub redis_stream: bool,
+    /// The stream's approximate length limit (oldest entries trimmed); 0: none.
+    pub redis_stream_max_len: u64,
 }
 
 /// Listeners and limits of the gRPC and HTTP ports.

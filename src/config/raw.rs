@@ -297,6 +297,14 @@ struct RawAudit {
     path: PathBuf,
     #[serde(default = "yes")]
     required: bool,
+    #[serde(default)]
+    redis_stream: bool,
+    #[serde(default = "stream_max_len")]
+    redis_stream_max_len: u64,
+}
+
+fn stream_max_len() -> u64 {
+    10_000_000
 }
 
 fn yes() -> bool {
@@ -580,6 +588,12 @@ impl Raw {
             }
             (_, url) => url,
         };
+        if self.audit.redis_stream && redis_url.is_none() {
+            return Err((
+                "audit.redis_stream",
+                "needs store.redis_url (the stream lives in the store's Redis)".into(),
+            ));
+        }
         let store = StoreConfig {
             backend: self.store.backend,
             path: self.store.path,
@@ -650,6 +664,8 @@ impl Raw {
             audit: AuditConfig {
                 path: self.audit.path,
                 required: self.audit.required,
+                redis_stream: self.audit.redis_stream,
+                redis_stream_max_len: self.audit.redis_stream_max_len,
             },
             log,
         })

@@ -1,0 +1,245 @@
+//! The audit log's second sink: a Redis stream that every replica appends to, one ordered,
+//! hash-chained log for the whole deployment (`audit.redis_stream`). Each replica's file stays
+//! the record it answers for (`audit.required` applies to it); the stream is written behind it,
+//! from a bounded queue, and catches up after Redis returns. Lines are chained across replicas:
+//! a Lua script appends a batch only if the stream's head is still the hash the batch was chained
+//! to, so that `taskcred audit export | taskcred audit verify -` checks the shared log.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{AUDIT_WRITE_FAILURES, GENESIS};
+
+/// The stream's key; a hash tag keeps it and [`HEAD`] in one Redis Cluster slot.
+pub const STREAM: &str = "tc:{audit}";
+/// The hash of the stream's last line.
+pub const HEAD: &str = "tc:{audit}:head";
+/// Events waiting for the stream, at most; more are dropped and counted.
+pub const QUEUE: usize = 100_000;
+/// Lines appended by one script call, at most.
+const BATCH: usize = 256;
+/// How long a stopping broker tries to write what is queued.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// KEYS: stream, head. ARGV: the head the batch is chained to, the stream's approximate maximum
+/// length (0: unbounded), the batch's last hash, then the lines. Appends the lines and moves the
+/// head, or, when another replica moved it first, returns the head to chain to.
+const APPEND: &str = r"
+local head = redis.call('GET', KEYS[2]) or ARGV[4]
+if head ~= ARGV[1] then return {0, head} end
+for i = 5, #ARGV do
+  if ARGV[2] == '0' then
+    redis.call('XADD', KEYS[1], '*', 'line', ARGV[i])
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'line', ARGV[i])
+  end
+end
+redis.call('SET', KEYS[2], ARGV[3])
+return {1, ARGV[3]}
+";
+
+/// The queue's sending end, held by the [`super::AuditLog`]: events serialized without `prev`.
+pub type StreamQueue = mpsc::Sender<Vec<u8>>;
+
+/// Appends `event` (a JSON object, without `prev`) with `prev` set.
+pub(super) fn chain(event: &[u8], prev: &str) -> Vec<u8> {
+    let mut line = Vec::with_capacity(event.len() + 80);
+    line.extend_from_slice(&event[..event.len().saturating_sub(1)]);
+    line.extend_from_slice(b",\"prev\":\"");
+    line.extend_from_slice(prev.as_bytes());
+    line.extend_from_slice(b"\"}");
+    line
+}
+
+/// Counts and logs a failed or dropped stream write.
+pub(super) fn failed(error: &str) {
+    metrics::counter!(AUDIT_WRITE_FAILURES, "sink" => "redis").increment(1);
+    tracing::error!(error, "audit stream write failed");
+}
+
+/// Writes queued events to the stream until `shutdown`, then for at most a few seconds more.
+pub struct StreamWriter {
+    client: redis::Client,
+    rx: mpsc::Receiver<Vec<u8>>,
+    max_len: u64,
+}
+
+impl std::fmt::Debug for StreamWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client's connection info may hold a password.
+        f.debug_struct("StreamWriter").finish_non_exhaustive()
+    }
+}
+
+impl StreamWriter {
+    /// A writer to the Redis at `url` and the queue that feeds it.
+    ///
+    /// # Errors
+    /// When the URL does not parse (the error names its kind, never the URL).
+    pub fn new(url: &str, max_len: u64) -> Result<(Self, StreamQueue), String> {
+        let client = redis::Client::open(url)
+            .map_err(|e| format!("redis URL does not parse ({:?})", e.kind()))?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        Ok((
+            Self {
+                client,
+                rx,
+                max_len,
+            },
+            tx,
+        ))
+    }
+
+    /// Runs until `shutdown` is cancelled and the queue is written (or [`DRAIN`] has passed).
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let script = redis::Script::new(APPEND);
+        let mut conn: Option<ConnectionManager> = None;
+        let mut head = GENESIS.to_owned();
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
+        let mut backoff = Duration::from_millis(200);
+        let mut stopping: Option<tokio::time::Instant> = None;
+        loop {
+            if batch.is_empty() {
+                let got = tokio::select! {
+                    n = self.rx.recv_many(&mut batch, BATCH) => n,
+                    () = shutdown.cancelled(), if stopping.is_none() => {
+                        stopping = Some(tokio::time::Instant::now() + DRAIN);
+                        self.rx.close();
+                        continue;
+                    }
+                };
+                if got == 0 {
+                    return;
+                }
+            }
+            if stopping.is_some_and(|until| tokio::time::Instant::now() > until) {
+                for _ in 0..batch.len() + self.rx.len() {
+                    failed("the broker stopped before Redis took the line");
+                }
+                return;
+            }
+            match self.append(&script, &mut conn, &mut head, &batch).await {
+                Ok(()) => {
+                    batch.clear();
+                    backoff = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    metrics::counter!(AUDIT_WRITE_FAILURES, "sink" => "redis").increment(1);
+                    tracing::warn!(error = %e, queued = batch.len() + self.rx.len(),
+                        "audit stream unavailable; retrying");
+                    conn = None;
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled(), if stopping.is_none() => {
+                            stopping = Some(tokio::time::Instant::now() + DRAIN);
+                            self.rx.close();
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Appends `batch` chained to the stream's head, re-chaining when another replica wrote first.
+    async fn append(
+        &self,
+        script: &redis::Script,
+        conn: &mut Option<ConnectionManager>,
+        head: &mut String,
+        batch: &[Vec<u8>],
+    ) -> redis::RedisResult<()> {
+        let c = match conn {
+            Some(c) => c,
+            None => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(1);
+                conn.insert(
+                    self.client
+                        .get_connection_manager_with_config(config)
+                        .await?,
+                )
+            }
+        };
+        // Each try reads the head another replica left; contention ends as soon as one batch
+        // lands, so a few tries suffice.
+        for _ in 0..64 {
+            let mut prev = head.clone();
+            let mut lines = Vec::with_capacity(batch.len());
+            for event in batch {
+                let line = chain(event, &prev);
+                prev = crate::mint::sha256_hex(&line);
+                lines.push(line);
+            }
+            let mut call = script.prepare_invoke();
+            call.key(STREAM)
+                .key(HEAD)
+                .arg(head.as_str())
+                .arg(self.max_len)
+                .arg(prev.as_str())
+                .arg(GENESIS);
+            for line in &lines {
+                call.arg(line.as_slice());
+            }
+            let (done, now): (i64, String) = call.invoke_async(c).await?;
+            *head = now;
+            if done == 1 {
+                return Ok(());
+            }
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "the audit stream's head kept moving",
+        )))
+    }
+}
+
+/// Reads the whole stream at `url`, oldest first, calling `line` with each line.
+///
+/// # Errors
+/// When Redis cannot be reached or an entry has no `line` field.
+pub async fn export(
+    url: &str,
+    mut line: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<u64, String> {
+    let client = redis::Client::open(url)
+        .map_err(|e| format!("redis URL does not parse ({:?})", e.kind()))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    let mut after = "-".to_owned();
+    let mut n = 0u64;
+    loop {
+        // Each entry: its id and its field-value pairs, flat.
+        let reply: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(STREAM)
+            .arg(&after)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        if reply.is_empty() {
+            return Ok(n);
+        }
+        for (id, fields) in &reply {
+            let value = fields
+                .chunks_exact(2)
+                .find(|kv| kv[0] == b"line")
+                .map(|kv| kv[1].as_slice());
+            let Some(bytes) = value else {
+                return Err(format!("stream entry {id} has no line"));
+            };
+            line(bytes).map_err(|e| e.to_string())?;
+            n += 1;
+            after = format!("({id}");
+        }
+    }
+}
