@@ -18,6 +18,7 @@ use crate::http::{self, HttpState};
 use crate::mint::{IssuingCa, JwtKey, KeyRing, MintError};
 use crate::policy::{PolicyEngine, PolicyError};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::metered::Metered;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
 use crate::task::TaskLimits;
@@ -199,12 +200,12 @@ impl App {
         };
         let policy = Arc::new(PolicyEngine::load(&config.policy.dir)?);
         let store: Arc<dyn Store> = match config.store.backend {
-            StoreBackend::Embedded => {
-                Arc::new(EmbeddedStore::open(&config.store.path).map_err(AppError::Store)?)
-            }
+            StoreBackend::Embedded => Arc::new(Metered(
+                EmbeddedStore::open(&config.store.path).map_err(AppError::Store)?,
+            )),
             StoreBackend::Redis => {
                 let url = config.store.redis_url.as_deref().unwrap_or_default();
-                Arc::new(RedisStore::new(url).map_err(AppError::Store)?)
+                Arc::new(Metered(RedisStore::new(url).map_err(AppError::Store)?))
             }
         };
         let mut audit = AuditLog::open(&config.audit.path)
@@ -360,7 +361,10 @@ impl App {
                 // Shutdown first: a server that ends because shutdown was asked is no failure.
                 biased;
                 () = shutdown.cancelled() => break None,
-                _ = upkeep.tick() => metrics.run_upkeep(),
+                _ = upkeep.tick() => {
+                    metrics.run_upkeep();
+                    self.broker.observe_store().await;
+                }
                 _ = key_refresh.tick() => self.refresh_signing_keys().await,
                 _ = epoch_check.tick() => self.check_store_epoch().await,
                 _ = prune.tick() => match self.broker.prune().await {

@@ -139,6 +139,9 @@ async fn metrics_show_issuance_denials_and_reaper_lag() {
         "taskcred_denials_total{action=\"IssueToken\",reason=\"rule\"}",
         "taskcred_reaper_lag_seconds ",
         "taskcred_reaper_lateness_seconds_count",
+        "taskcred_leases_active ",
+        "taskcred_agents_locked ",
+        "taskcred_store_operation_duration_seconds_bucket{op=\"issue_lease\"",
     ] {
         assert!(metrics.contains(series), "{series} missing in\n{metrics}");
     }

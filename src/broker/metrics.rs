@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::BrokerError;
+use super::{Broker, BrokerError};
 
 /// Credentials handed out or refused, by `kind` (`jwt`, `x509`, `renewal`, `ci_jwt`, `ci_x509`)
 /// and `outcome` (`issued`, or the refusal class).
@@ -14,8 +14,14 @@ pub const ISSUANCE_DURATION: &str = "taskcred_issuance_duration_seconds";
 pub use crate::audit::DENIALS;
 /// How late the reaper ended each expired lease (seconds past its expiry).
 pub const REAPER_LATENESS: &str = "taskcred_reaper_lateness_seconds";
-/// The reaper's lag in its last round: how far past its expiry the oldest lease it ended was.
+/// The reaper's lag: now minus the oldest expiry (or task deadline) not yet reaped; 0 when
+/// nothing is overdue. Sampled from the store by every replica (the same value on each).
 pub const REAPER_LAG: &str = "taskcred_reaper_lag_seconds";
+/// Unrevoked leases in the store (live, and expired ones not yet reaped): the whole
+/// deployment's, the same on every replica.
+pub const LEASES_ACTIVE: &str = "taskcred_leases_active";
+/// Agents locked now (force-revoked), the whole deployment's.
+pub const AGENTS_LOCKED: &str = "taskcred_agents_locked";
 /// Credentials revoked before their expiry, by `cause` (`task_end`, `lock`, `revoke`,
 /// `renewal`, `audit_failure`).
 pub const REVOCATIONS: &str = "taskcred_revocations_total";
@@ -49,6 +55,28 @@ pub(super) fn issuance<T>(kind: &'static str, result: &Result<T, BrokerError>, s
         .record(start.elapsed().as_secs_f64());
 }
 
+impl Broker {
+    /// Samples the store's gauges: active leases, locked agents, the reaper's lag. A failure
+    /// leaves the last values and is counted by the store's own metrics.
+    pub async fn observe_store(&self) {
+        let now = self.clock.now();
+        if let Ok(n) = self.store.live_leases().await {
+            #[allow(clippy::cast_precision_loss)] // a gauge: f64 is its type
+            metrics::gauge!(LEASES_ACTIVE).set(n as f64);
+        }
+        if let Ok(locks) = self.store.list_locks(now).await {
+            #[allow(clippy::cast_precision_loss)]
+            metrics::gauge!(AGENTS_LOCKED).set(locks.len() as f64);
+        }
+        if let Ok(next) = self.store.next_due().await {
+            let lag = next
+                .and_then(|due| now.duration_since(due).ok())
+                .unwrap_or_default();
+            metrics::gauge!(REAPER_LAG).set(lag.as_secs_f64());
+        }
+    }
+}
+
 /// Counts `n` revocations of `cause`.
 pub(super) fn revoked(cause: &'static str, n: usize) {
     if n > 0 {
@@ -76,7 +104,18 @@ pub fn describe() {
     metrics::describe_gauge!(
         REAPER_LAG,
         metrics::Unit::Seconds,
-        "the reaper's lag in its last round (oldest lease ended, past its expiry)"
+        "now minus the oldest expiry or deadline not yet reaped"
+    );
+    metrics::describe_gauge!(LEASES_ACTIVE, "unrevoked leases in the store");
+    metrics::describe_gauge!(AGENTS_LOCKED, "agents locked now");
+    metrics::describe_histogram!(
+        crate::store::metered::STORE_DURATION,
+        metrics::Unit::Seconds,
+        "store operation latency by op"
+    );
+    metrics::describe_counter!(
+        crate::store::metered::STORE_ERRORS,
+        "store failures by op and kind"
     );
     metrics::describe_counter!(REVOCATIONS, "credentials revoked before expiry, by cause");
     metrics::describe_counter!(CI_EXCHANGES, "CI exchanges by issuer and outcome");

@@ -70,7 +70,6 @@ impl Broker {
     pub async fn reap(&self) -> Result<Reaped, BrokerError> {
         let now = self.clock.now();
         let mut reaped = Reaped::default();
-        let mut lag = 0f64;
         loop {
             let ended = self.store.expire_leases(now, BATCH).await?;
             for lease in &ended {
@@ -89,7 +88,6 @@ impl Broker {
                     .unwrap_or_default()
                     .as_secs_f64();
                 metrics::histogram!(super::metrics::REAPER_LATENESS).record(late);
-                lag = lag.max(late);
             }
             reaped.leases += ended.len();
             if ended.len() < BATCH {
@@ -128,7 +126,6 @@ impl Broker {
                 break;
             }
         }
-        metrics::gauge!(super::metrics::REAPER_LAG).set(lag);
         reaped.next = self.store.next_due().await?;
         Ok(reaped)
     }

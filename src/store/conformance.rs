@@ -96,7 +96,35 @@ pub async fn run_all(store: &dyn Store) {
     revocations_are_logged_in_order_and_resumable(store).await;
     the_epoch_is_made_once(store).await;
     claims_are_held_once(store).await;
+    live_leases_counts_the_unrevoked(store).await;
     store.ping().await.unwrap();
+}
+
+/// The active-lease gauge's source: issuing adds one, revoking, ending the task and reaping
+/// take them away.
+pub async fn live_leases_counts_the_unrevoked(store: &dyn Store) {
+    let now = SystemTime::now();
+    let before = store.live_leases().await.unwrap();
+    let t = approved_task(store).await;
+    let (a, b, c) = (
+        sample_lease(&t, AGENT),
+        sample_lease(&t, AGENT),
+        sample_lease(&t, AGENT),
+    );
+    for l in [&a, &b, &c] {
+        store.issue_lease(l, now).await.unwrap();
+    }
+    assert_eq!(store.live_leases().await.unwrap(), before + 3);
+    store.revoke_lease(&a.id, "test", now).await.unwrap();
+    assert_eq!(store.live_leases().await.unwrap(), before + 2);
+    let done: super::TaskChange = Arc::new(move |task: &mut Task| {
+        task.complete(&w(AGENT), crate::task::Outcome::Succeeded, now)
+    });
+    store
+        .end_task(&t.id, done, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(store.live_leases().await.unwrap(), before);
 }
 
 async fn log_is_empty(store: &dyn Store) -> bool {
@@ -623,6 +651,7 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
         store.issue_lease(l, now).await.unwrap();
     }
     store.end_task(&done.id, complete(), DAY).await.unwrap();
+    let live = store.live_leases().await.unwrap();
 
     let lock = Lock {
         agent: w(&agent),
@@ -642,6 +671,11 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
     let mut both = vec![l1.id.clone(), l2.id.clone()];
     both.sort();
     assert_eq!(revoked, both);
+    assert_eq!(
+        store.live_leases().await.unwrap(),
+        live - 2,
+        "out of the expiry index"
+    );
 
     for id in [running.id, pending.id] {
         let t = store.get_task(&id).await.unwrap().unwrap();

@@ -197,6 +197,16 @@ fn log_in(txn: &redb::WriteTransaction, revoked: &[Revocation]) -> Result<(), St
 
 /// Revokes every active lease of `task` in `leases` (a table of a write transaction), logs the
 /// revocations, and returns the leases.
+/// Takes `lease` of `task` out of the expiry index (it ended before its expiry): the index holds
+/// exactly the unrevoked leases, and the reaper never visits an ended one.
+fn unfile(txn: &redb::WriteTransaction, task: &str, lease: &Lease) -> Result<(), StoreError> {
+    txn.open_table(EXPIRY)
+        .map_err(backend)?
+        .remove((unix_ms_ceil(lease.expires_at), task, lease.id.as_str()))
+        .map_err(backend)?;
+    Ok(())
+}
+
 fn revoke_active_leases(
     txn: &redb::WriteTransaction,
     leases: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
@@ -217,6 +227,7 @@ fn revoke_active_leases(
         leases
             .insert((task, lease.id.as_str()), encode_lease(lease)?.as_slice())
             .map_err(backend)?;
+        unfile(txn, task, lease)?;
     }
     let logged: Vec<Revocation> = active
         .iter()
@@ -531,8 +542,17 @@ impl Store for EmbeddedStore {
                     return Err(IssueError::Locked(lock.reason));
                 }
                 log_in(&txn, &[Revocation::of(&lease, SUPERSEDED, now)])?;
+                // Filed again under its new expiry.
+                unfile(&txn, &task_id, &lease)?;
                 lease.credential = credential;
                 lease.expires_at = expires_at;
+                txn.open_table(EXPIRY)
+                    .map_err(backend)?
+                    .insert(
+                        (unix_ms_ceil(expires_at), task_id.as_str(), id.as_str()),
+                        (),
+                    )
+                    .map_err(backend)?;
                 leases
                     .insert(
                         (task_id.as_str(), id.as_str()),
@@ -581,6 +601,7 @@ impl Store for EmbeddedStore {
                             encode_lease(&lease)?.as_slice(),
                         )
                         .map_err(backend)?;
+                    unfile(&txn, &task_id, &lease)?;
                     lease
                 };
                 txn.commit().map_err(backend)?;
@@ -1218,6 +1239,16 @@ impl Store for EmbeddedStore {
         self.blocking(|db| {
             db.begin_read().map_err(backend)?;
             Ok(())
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn live_leases(&self) -> Result<u64, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let expiry = txn.open_table(EXPIRY).map_err(backend)?;
+            Ok(redb::ReadableTableMetadata::len(&expiry).map_err(backend)?)
         })
         .await
         .map_err(store_only)

@@ -10,6 +10,7 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod metered;
 pub mod redis;
 
 use std::time::{Duration, SystemTime};
@@ -377,6 +378,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Removes the claim `key` if it still holds `value` (work that claimed, then failed).
     async fn release_claim(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
+    /// How many leases are unrevoked: live ones, and expired ones the reaper has not yet
+    /// reached (the `taskcred_leases_active` gauge). Cheap: the size of the expiry index.
+    async fn live_leases(&self) -> Result<u64, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch (0 before it).

@@ -188,7 +188,8 @@ return 1";
 /// Locks an agent, moves its open tasks to revoked and revokes every active lease of its tasks,
 /// in one step. Task state changes are laid over the task's JSON as hash fields (`state`,
 /// `ended_ms`, `end_reason`) and its version is bumped, so that concurrent compare-and-sets
-/// fail and re-read. KEYS: lock, the agent's task index, the set of locked agents.
+/// fail and re-read. KEYS: lock, the agent's task index, the set of locked agents, the expiry
+/// index.
 /// ARGV: lock JSON, now ms, reason, expire-at ms for ended tasks, lock expiry ms ('' none), agent.
 /// Returns `{revoked task ids..., '|', 'task/lease' of revoked leases...}`.
 const LOCK: &str = r"
@@ -211,6 +212,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
       local lk = 'tc:lease:{' .. id .. '}:' .. lid
       if redis.call('HGET', lk, 'state') == 'active' then
         redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[2], 'reason', ARGV[3])
+        redis.call('ZREM', KEYS[4], id .. '/' .. lid)
         log_revocation(lk, ARGV[3], ARGV[2])
         table.insert(leases, id .. '/' .. lid)
       end
@@ -221,18 +223,20 @@ table.insert(tasks, '|')
 for _, l in ipairs(leases) do table.insert(tasks, l) end
 return tasks";
 
-/// Revokes one active lease. KEYS: lease. ARGV: ended ms, reason.
+/// Revokes one active lease and takes it out of the expiry index (which so holds exactly the
+/// unrevoked leases). KEYS: lease, expiry index. ARGV: ended ms, reason, member (`task/lease`).
 const REVOKE_LEASE: &str = r"
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return -1 end
 if st ~= 'active' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'revoked', 'ended_ms', ARGV[1], 'reason', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[3])
 log_revocation(KEYS[1], ARGV[2], ARGV[1])
 return 1";
 
 /// Ends a task and revokes every active lease in its set, atomically.
-/// KEYS: task, task's lease set. ARGV: version read, new version, new task data, expire-at ms
-/// ('' for none), ended ms, reason, lease key prefix, credential key prefix.
+/// KEYS: task, task's lease set, expiry index. ARGV: version read, new version, new task data,
+/// expire-at ms ('' for none), ended ms, reason, lease key prefix, credential key prefix, task id.
 /// Returns `{'missing'}`, `{'conflict'}`, or `{'ok', revoked lease ids...}`.
 const END_TASK: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
@@ -244,6 +248,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local lk = ARGV[7] .. id
   if redis.call('HGET', lk, 'state') == 'active' then
     redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[5], 'reason', ARGV[6])
+    redis.call('ZREM', KEYS[3], ARGV[9] .. '/' .. id)
     log_revocation(lk, ARGV[6], ARGV[5])
     table.insert(revoked, id)
   end
@@ -865,8 +870,10 @@ impl Store for RedisStore {
         let outcome: i64 = self
             .revoke_lease
             .key(format!("{}{}", lease_prefix(&task_id), id))
+            .key(EXPIRY)
             .arg(unix_ms(now))
             .arg(reason)
+            .arg(format!("{task_id}/{id}"))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -942,6 +949,7 @@ impl Store for RedisStore {
                 .end_task
                 .key(task_key(&key))
                 .key(leases_key(&key))
+                .key(EXPIRY)
                 .arg(&version)
                 .arg(next_version)
                 .arg(encode(&next)?)
@@ -950,6 +958,7 @@ impl Store for RedisStore {
                 .arg(task_ended_reason(&next))
                 .arg(lease_prefix(&key))
                 .arg(cred_prefix(&key))
+                .arg(&key)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| unavailable(&e))?;
@@ -978,6 +987,7 @@ impl Store for RedisStore {
             .key(lock_key(&lock.agent))
             .key(executor_key(lock.agent.as_str()))
             .key(LOCKS)
+            .key(EXPIRY)
             .arg(json)
             .arg(unix_ms(lock.at))
             .arg(format!("agent locked: {}", lock.reason))
@@ -1321,5 +1331,10 @@ impl Store for RedisStore {
             .await
             .map(|_| ())
             .map_err(|e| unavailable(&e))
+    }
+
+    async fn live_leases(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn().await?;
+        conn.zcard(EXPIRY).await.map_err(|e| unavailable(&e))
     }
 }
