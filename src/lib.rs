@@ -28,6 +28,7 @@
 //! http        axum: /healthz, /readyz, /metrics, /crl, /.well-known/jwks.json, openid-configuration
 //! devpki      the development PKI and policies of `dev init` and `serve --dev`
 //! cli         client subcommands over the generated gRPC client
+//! bench       `taskcred bench`: load runs, floors and scale runs against child brokers
 //! fetch       bounded HTTPS GETs of JWK Sets (rustls, ring, the roots given)
 //! verify      for resource servers: JWKS, token checks, cnf, the revocation stream
 //! ```
@@ -35,6 +36,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod bench;
 pub mod broker;
 pub mod ci;
 pub mod cli;

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             Command::Whoami => cli::whoami(&cli.client).await,
             Command::Task { ref command } => cli::task::run(&cli.client, command).await,
             Command::Policy { ref command } => cli::policy::run(&cli.client, command).await,
+            Command::Bench(ref args) => cli::bench::run_bench(&cli.client, args).await,
             Command::Audit { ref command } => cli::audit::run(&cli.client, command).await,
             Command::Token { ref command } => cli::token::run(&cli.client, command).await,
             Command::Cert { ref command } => cli::cert::run(&cli.client, command).await,

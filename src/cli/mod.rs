@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod bench;
 pub mod cert;
 pub mod ci;
 mod client;
@@ -136,6 +137,9 @@ pub enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// Measure issuance, introspection and CI exchange against scratch brokers, with the floors
+    /// (no-op RPC, raw signatures, raw Redis writes) and, without --quick, the scale runs.
+    Bench(bench::BenchArgs),
     /// Check policies offline, or reload them on a broker.
     Policy {
         /// Which.
