@@ -189,7 +189,11 @@ impl App {
     /// # Errors
     /// As [`App::build`].
     pub fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
-        let tls = tls::server_config(&config.tls, &config.identity.allowed_trust_domains)?;
+        let tls = tls::server_config(
+            &config.tls,
+            &config.identity.allowed_trust_domains,
+            config.issuer.ca.as_ref().map(|(cert, _)| cert.as_path()),
+        )?;
         let keys = KeyRing::new(
             config.issuer.url.clone(),
             JwtKey::load(&config.issuer.jwt_key, config.issuer.jwt_algorithm)?,

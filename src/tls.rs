@@ -59,6 +59,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn server_config(
     tls: &TlsConfig,
     allowed: &TrustDomains,
+    issuing_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let chain = load_certs("tls.cert", &tls.cert)?;
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| TlsSetupError::File {
@@ -78,8 +79,22 @@ pub fn server_config(
     }
 
     let provider = provider();
-    let verifier = SpiffeClientVerifier::new(Arc::new(roots), allowed.clone(), provider.clone())
-        .map_err(|e| TlsSetupError::Rustls(format!("client verifier: {e}")))?;
+    let mut verifier =
+        SpiffeClientVerifier::new(Arc::new(roots), allowed.clone(), provider.clone())
+            .map_err(|e| TlsSetupError::Rustls(format!("client verifier: {e}")))?;
+    // Task certificates the broker issues are not identities at the broker.
+    if let Some(path) = issuing_ca {
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+        for cert in load_certs("issuer.ca_cert", path)?.iter().take(1) {
+            let (_, ca) =
+                X509Certificate::from_der(cert.as_ref()).map_err(|e| TlsSetupError::File {
+                    key: "issuer.ca_cert",
+                    path: path.display().to_string(),
+                    problem: format!("not a certificate: {e}"),
+                })?;
+            verifier = verifier.refusing_issuer(ca.subject().as_raw().to_vec());
+        }
+    }
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],

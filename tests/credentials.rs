@@ -857,3 +857,47 @@ async fn renewals(b: &Broker) {
     assert!(now.active);
     assert_eq!(now.serial, again.credential_id);
 }
+
+/// A task's X509-SVID is a credential for the task's audiences, not an identity at the broker:
+/// even though the dev issuing CA chains to the client trust bundle, the broker refuses it as a
+/// client certificate (else a revoked task certificate could still ask for tokens).
+#[tokio::test]
+async fn a_task_certificate_is_not_a_client_identity_at_the_broker() {
+    let b = Broker::start().await;
+    let task = approved_task(&b, &[("env", "staging")], None).await;
+    let (csr, key) = csr_with(rcgen::CertificateParams::default());
+    let issued = issue_cert(&b, &task.id, csr).await.unwrap();
+    let svid = common::Pem {
+        cert: format!("{}{}", issued.certificate_pem, issued.chain_pem),
+        key: key.serialize_pem(),
+    };
+    let ca = std::fs::read(b.path("ca.pem")).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost")
+        .identity(tonic::transport::Identity::from_pem(&svid.cert, &svid.key));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", b.grpc))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    // TLS 1.3: the refusal may come with the handshake or with the first call.
+    let refused = match endpoint.connect().await {
+        Err(_) => true,
+        Ok(channel) => {
+            let r = pb::identity_service_client::IdentityServiceClient::new(channel)
+                .who_am_i(pb::WhoAmIRequest {})
+                .await;
+            r.is_err()
+        }
+    };
+    assert!(
+        refused,
+        "a task certificate was accepted as a client identity"
+    );
+    // The agent's own identity still works.
+    pb::identity_service_client::IdentityServiceClient::new(b.channel_as("agent").await)
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .unwrap();
+    b.stop().await;
+}

@@ -5,6 +5,11 @@
 //! ([`PeerIdentity::from_leaf`]). A client without a certificate completes the handshake
 //! (CI jobs call public RPCs that way); it is unauthenticated and the RPC layer refuses every
 //! method that is not explicitly public.
+//!
+//! A certificate issued by the broker's own issuing CA (an X509-SVID of a task) is a credential
+//! for the task's audiences, never an identity at the broker: it is refused even where that CA
+//! chains to the client trust bundle, so that a revoked or expired task credential cannot be
+//! used to ask for more.
 
 use std::sync::Arc;
 
@@ -25,7 +30,14 @@ use super::{PeerIdentity, TrustDomains};
 pub struct SpiffeClientVerifier {
     chain: Arc<dyn ClientCertVerifier>,
     allowed: TrustDomains,
+    /// Subjects (DER) of the broker's issuing CA: a leaf they issued is refused.
+    refused_issuers: Vec<Vec<u8>>,
 }
+
+/// A task credential presented as a client certificate.
+#[derive(Debug, thiserror::Error)]
+#[error("a certificate issued by the broker's issuing CA is a task credential, not an identity")]
+struct TaskCredentialAsIdentity;
 
 impl SpiffeClientVerifier {
     /// Builds a verifier trusting `roots` for chains and `allowed` for SPIFFE trust domains.
@@ -40,7 +52,18 @@ impl SpiffeClientVerifier {
         let chain = WebPkiClientVerifier::builder_with_provider(roots, provider)
             .allow_unauthenticated()
             .build()?;
-        Ok(Self { chain, allowed })
+        Ok(Self {
+            chain,
+            allowed,
+            refused_issuers: Vec::new(),
+        })
+    }
+
+    /// Refuses leaves issued by the CA whose subject (DER) is `subject`: the broker's issuing CA.
+    #[must_use]
+    pub fn refusing_issuer(mut self, subject: Vec<u8>) -> Self {
+        self.refused_issuers.push(subject);
+        self
     }
 }
 
@@ -69,6 +92,20 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         PeerIdentity::from_leaf(end_entity, &self.allowed).map_err(|e| {
             Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
         })?;
+        if !self.refused_issuers.is_empty() {
+            use x509_parser::prelude::{FromDer as _, X509Certificate};
+            // The chain verified, so the leaf parses; refuse if in doubt anyway.
+            let refused = X509Certificate::from_der(end_entity.as_ref()).map_or(true, |(_, c)| {
+                self.refused_issuers
+                    .iter()
+                    .any(|s| s.as_slice() == c.issuer().as_raw())
+            });
+            if refused {
+                return Err(Error::InvalidCertificate(CertificateError::Other(
+                    OtherError(Arc::new(TaskCredentialAsIdentity)),
+                )));
+            }
+        }
         Ok(verified)
     }
 

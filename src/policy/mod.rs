@@ -15,8 +15,8 @@ use std::str::FromStr as _;
 use std::sync::{Arc, RwLock};
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, EntityUid, PolicyId, PolicySet, Request, Schema,
-    ValidationMode, Validator,
+    Authorizer, Context, Decision, Entities, EntityUid, PolicyId, PolicySet, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 
@@ -346,6 +346,34 @@ pub struct PolicyEngine {
     authorizer: Authorizer,
 }
 
+/// `value` as a Cedar value: strings, longs, booleans, sets and records (what the broker puts
+/// in a context; a float or null is refused).
+fn restricted(value: serde_json::Value) -> Result<RestrictedExpression, String> {
+    use serde_json::Value;
+    Ok(match value {
+        Value::String(s) => RestrictedExpression::new_string(s),
+        Value::Bool(b) => RestrictedExpression::new_bool(b),
+        Value::Number(n) => RestrictedExpression::new_long(
+            n.as_i64()
+                .ok_or_else(|| format!("context: {n} is not a Long"))?,
+        ),
+        Value::Array(items) => RestrictedExpression::new_set(
+            items
+                .into_iter()
+                .map(restricted)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Value::Object(fields) => RestrictedExpression::new_record(
+            fields
+                .into_iter()
+                .map(|(k, v)| restricted(v).map(|v| (k, v)))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+        .map_err(|e| format!("context: {e}"))?,
+        Value::Null => return Err("context: null".into()),
+    })
+}
+
 impl PolicyEngine {
     /// Loads the policies of `dir`.
     ///
@@ -433,9 +461,17 @@ impl PolicyEngine {
                 let action =
                     EntityUid::from_str(&format!("Taskcred::Action::\"{}\"", action.name()))
                         .map_err(|e| format!("action: {e}"))?;
+                // Built as Cedar values directly (the JSON context parser costs more than the
+                // decision); `Request::new` below still checks it against the schema.
                 let context = match context {
-                    Some(c) => Context::from_json_value(c, Some((&self.schema, &action)))
-                        .map_err(|e| format!("context: {e}"))?,
+                    Some(serde_json::Value::Object(fields)) => Context::from_pairs(
+                        fields
+                            .into_iter()
+                            .map(|(k, v)| restricted(v).map(|v| (k, v)))
+                            .collect::<Result<Vec<_>, String>>()?,
+                    )
+                    .map_err(|e| format!("context: {e}"))?,
+                    Some(other) => return Err(format!("context: not a record: {other}")),
                     None => Context::empty(),
                 };
                 let request = Request::new(p, action, r, context, Some(&self.schema))
