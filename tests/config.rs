@@ -176,6 +176,11 @@ fn unknown_keys_and_bad_values_name_the_key() {
             &["ttl.credential_default"],
         ),
         (
+            "# redis_url = \"redis://127.0.0.1:6379/0\"",
+            "redis_url = \"rediss://:secret@redis.example:6379/0\"",
+            &["store.redis_url", "rediss://"],
+        ),
+        (
             "redis_stream = false",
             "redis_stream = true",
             &["audit.redis_stream", "store.redis_url"],

@@ -167,7 +167,7 @@ pub struct ServeArgs {
     /// Override log.format: human or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// Keep tasks and leases in the Redis at URL (redis:// or rediss://) instead of the embedded
+    /// Keep tasks and leases in the Redis at URL (redis://) instead of the embedded
     /// store; the same as store.backend = "redis" with store.redis_url.
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,

@@ -185,7 +185,7 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     /// The embedded store's file.
     pub path: PathBuf,
-    /// The Redis URL (`redis://` or `rediss://`), when the backend is Redis.
+    /// The Redis URL (`redis://`), when the backend is Redis.
     pub redis_url: Option<String>,
 }
 

@@ -579,12 +579,17 @@ impl Raw {
                     "required when store.backend = \"redis\"".into(),
                 ));
             }
-            (_, Some(url)) if !(url.starts_with("redis://") || url.starts_with("rediss://")) => {
-                // Never echo the URL: it may carry a password.
+            (_, Some(url)) if url.starts_with("rediss://") => {
                 return Err((
                     "store.redis_url",
-                    "must start with redis:// or rediss://".into(),
+                    "rediss:// (TLS) is not built into this broker: use redis:// on a private \
+                     network, or through a TLS tunnel (stunnel, a sidecar) on localhost"
+                        .into(),
                 ));
+            }
+            (_, Some(url)) if !url.starts_with("redis://") => {
+                // Never echo the URL: it may carry a password.
+                return Err(("store.redis_url", "must start with redis://".into()));
             }
             (_, url) => url,
         };

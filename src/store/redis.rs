@@ -417,7 +417,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store for the Redis at `url` (`redis://` or `rediss://`).
+    /// A store for the Redis at `url` (`redis://`).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the URL does not parse.
