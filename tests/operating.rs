@@ -248,3 +248,54 @@ async fn replicas_write_one_chained_audit_stream() {
     // Every replica's every event is in the one stream.
     assert_eq!(report["lines"], in_files, "{report}");
 }
+
+/// Force-revoking an agent that holds more leases than one answer can name: the lock answers
+/// with complete counts and the first 1,000 ids, and the audit log names every credential in
+/// bounded lines.
+#[tokio::test]
+async fn locking_a_busy_agent_answers_counts_and_audits_every_credential() {
+    let b = Broker::start_with_env(vec![(
+        "TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(),
+        "0".into(),
+    )])
+    .await;
+    let task = approved_task(&b, &[("env", "staging")], None).await;
+    let mut agent = creds_as(&b, "agent").await;
+    for _ in 0..1100 {
+        agent
+            .issue_token(token_request(&task.id, "db.staging"))
+            .await
+            .unwrap();
+    }
+    let r = common::flows::admin_as(&b, "operator")
+        .await
+        .lock_agent(pb::LockAgentRequest {
+            agent: "spiffe://taskcred.dev/agent/demo".into(),
+            reason: "key leaked".into(),
+            duration: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked_lease_count, 1100);
+    assert_eq!(r.revoked_leases.len(), 1000);
+    assert_eq!(r.revoked_task_count, 1);
+    let dir = b.stop().await;
+    let log = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let parts: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["action"] == "LockAgent" && l["details"]["revoked_credentials"].is_array())
+        .collect();
+    assert_eq!(parts.len(), 2);
+    let listed: usize = parts
+        .iter()
+        .map(|p| {
+            p["details"]["revoked_credentials"]
+                .as_array()
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(listed, 1100);
+}

@@ -12,6 +12,9 @@ use crate::broker::Broker;
 use crate::broker::LeaseQuery;
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseState, Lock};
+
+/// Ids a `LockAgentResponse` lists at most (the counts are complete; the audit log names all).
+const LISTED: usize = 1000;
 use crate::task::TaskId;
 
 /// The admin service.
@@ -101,12 +104,21 @@ impl AdminService for AdminApi {
             .map_err(status)?;
         Ok(Response::new(pb::LockAgentResponse {
             lock: Some(lock_to_pb(lock)),
-            revoked_tasks: outcome.tasks.iter().map(ToString::to_string).collect(),
+            // Bounded: an agent may hold more leases than one message can name.
+            revoked_tasks: outcome
+                .tasks
+                .iter()
+                .take(LISTED)
+                .map(ToString::to_string)
+                .collect(),
             revoked_leases: outcome
                 .leases
                 .iter()
+                .take(LISTED)
                 .map(|l| l.id.as_str().to_owned())
                 .collect(),
+            revoked_task_count: u32::try_from(outcome.tasks.len()).unwrap_or(u32::MAX),
+            revoked_lease_count: u32::try_from(outcome.leases.len()).unwrap_or(u32::MAX),
         }))
     }
 

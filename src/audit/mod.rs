@@ -35,6 +35,10 @@ pub const UNVERIFIED_CI: &str = "ci:unverified";
 /// The `prev` of the first line of a new log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// Items one line lists at most: a decision that revoked more credentials is written as several
+/// lines (`part` "i/n", `<key>_total`), so that no line nears [`MAX_LINE_BYTES`].
+pub const LIST_PER_LINE: usize = 1000;
+
 /// Longest line [`verify_chain`] reads, in bytes.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
@@ -200,6 +204,25 @@ impl AuditLog {
         let _ = self.write(event);
     }
 
+    /// Records `event` listing `items` under `key`: one line, or one line per
+    /// [`LIST_PER_LINE`] items, each a copy of the event with its part and the total.
+    pub fn record_listing(&self, event: AuditEvent, key: &str, items: &[&str]) {
+        let parts = items.len().div_ceil(LIST_PER_LINE);
+        if parts <= 1 {
+            self.record(&event.detail(key, items.to_vec()));
+            return;
+        }
+        for (i, chunk) in items.chunks(LIST_PER_LINE).enumerate() {
+            self.record(
+                &event
+                    .clone()
+                    .detail(key, chunk.to_vec())
+                    .detail(&format!("{key}_total"), items.len())
+                    .detail("part", format!("{}/{parts}", i + 1)),
+            );
+        }
+    }
+
     /// As [`AuditLog::record`]; when the line could not be written and the log is required,
     /// the caller must not go on (no credential leaves unaudited).
     ///
@@ -337,6 +360,43 @@ mod tests {
 
     fn event(i: u64) -> AuditEvent {
         AuditEvent::new(SystemTime::now(), "IssueToken", "spiffe://t/a", true).detail("i", i)
+    }
+
+    #[test]
+    fn a_long_listing_is_split_into_bounded_chained_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        let ids: Vec<String> = (0..2500).map(|i| format!("{i:032x}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        log.record_listing(event(1), "revoked_credentials", &refs);
+        log.record_listing(event(2), "revoked_credentials", &refs[..3]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4);
+        let mut listed = Vec::new();
+        for (i, l) in lines[..3].iter().enumerate() {
+            assert_eq!(l["details"]["part"], format!("{}/3", i + 1));
+            assert_eq!(l["details"]["revoked_credentials_total"], 2500);
+            listed.extend(
+                l["details"]["revoked_credentials"]
+                    .as_array()
+                    .unwrap()
+                    .clone(),
+            );
+        }
+        assert_eq!(listed.len(), 2500, "every id once");
+        assert!(
+            lines[3]["details"].get("part").is_none(),
+            "short lists stay one line"
+        );
+        assert!(matches!(
+            verify_chain(std::fs::File::open(&path).unwrap()).unwrap(),
+            ChainReport::Intact { lines: 4, .. }
+        ));
     }
 
     #[test]

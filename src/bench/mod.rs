@@ -501,6 +501,8 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
     if opts.scale {
         match &redis {
             Some(r) => {
+                // A fresh store: the load runs' leases are not part of the scale runs.
+                r.flush().await?;
                 let a = BrokerProcess::start(&dev, &env("redis", "EdDSA"))?;
                 let report = scale::run(&a, r, opts.scale_leases, opts.revoke_leases, shape).await;
                 a.stop();

@@ -47,7 +47,8 @@ async fn write_leases(
                         return Ok::<(), String>(());
                     }
                     let task = tasks.get(i / 1000).ok_or("no task")?;
-                    let mut lease = crate::store::conformance::sample_lease(task, AGENT);
+                    let mut lease =
+                        crate::store::conformance::sample_lease(task, task.executor.as_str());
                     lease.renew_until = SystemTime::now() + Duration::from_secs(3600);
                     lease.expires_at = expiry(i);
                     store
@@ -92,8 +93,9 @@ pub async fn run(
     let per_task = 1_000;
     let mut tasks = Vec::new();
     for _ in 0..leases.div_ceil(per_task) {
+        // Other agents' leases: the store's load, not the force-revoked agent's.
         let task = crate::store::conformance::sample_task(
-            AGENT,
+            &format!("spiffe://taskcred.dev/agent/bulk-{}", tasks.len()),
             "spiffe://taskcred.dev/human/requester",
             0,
         );
@@ -233,7 +235,7 @@ pub async fn run(
         .await;
     let lock_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let revoked = match locked {
-        Ok(r) => r.into_inner().revoked_leases.len(),
+        Ok(r) => r.into_inner().revoked_lease_count as usize,
         Err(e) => return Err(format!("LockAgent: {e}")),
     };
     let tokens = Arc::new(tokens);

@@ -74,6 +74,41 @@ impl RedisProcess {
         }
     }
 
+    /// Empties it (it is the bench's own scratch Redis).
+    ///
+    /// # Errors
+    /// When Redis does not answer.
+    pub async fn flush(&self) -> Result<(), String> {
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        // Freed in the background (a synchronous flush of the load runs' keys outlasts the
+        // client's response timeout); wait until it is done, so memory figures start clean.
+        redis::cmd("FLUSHALL")
+            .arg("ASYNC")
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+            let pending = info
+                .lines()
+                .find_map(|l| l.strip_prefix("lazyfree_pending_objects:"))
+                .map_or("0", str::trim);
+            if pending == "0" || Instant::now() > deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `used_memory` of `INFO memory`, in bytes.
     ///
     /// # Errors

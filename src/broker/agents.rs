@@ -135,19 +135,20 @@ impl Broker {
             .map(|l| l.credential.as_str())
             .collect();
         let tasks: Vec<String> = outcome.tasks.iter().map(ToString::to_string).collect();
-        self.audit.record(
-            &AuditEvent::new(now, "LockAgent", caller.as_str(), true)
+        self.audit.record_listing(
+            AuditEvent::new(now, "LockAgent", caller.as_str(), true)
                 .policies(policies)
                 .reason(reason)
                 .detail("agent", agent.as_str())
                 .detail("revoked_tasks", tasks)
-                .detail("revoked_credentials", credentials)
                 .detail(
                     "until",
                     lock.until
                         .map(|u| humantime::format_rfc3339_millis(u).to_string())
                         .unwrap_or_default(),
                 ),
+            "revoked_credentials",
+            &credentials,
         );
         Ok(outcome)
     }

@@ -623,14 +623,15 @@ impl Broker {
             .await
             .map_err(|e| self.ci_refusal(action, &v, Some(id), e.into()))?;
         let ids: Vec<&str> = revoked.iter().map(|l| l.credential.as_str()).collect();
-        self.audit.record(
-            &AuditEvent::new(now, action.name(), &v.job.subject, true)
+        self.audit.record_listing(
+            AuditEvent::new(now, action.name(), &v.job.subject, true)
                 .task(task.id)
                 .policies(&verdict.policies)
                 .detail("state", task.state.as_str())
-                .detail("revoked_credentials", ids)
                 .detail("ci_issuer", v.issuer.name.as_str())
                 .detail("id_token_sha256", v.token_sha256.as_str()),
+            "revoked_credentials",
+            &ids,
         );
         tracing::info!(task = %task.id, state = %task.state, revoked = revoked.len(), "CI task completed");
         super::metrics::revoked("task_end", revoked.len());

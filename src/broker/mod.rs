@@ -1257,12 +1257,13 @@ impl Broker {
         match result {
             Ok((task, revoked)) => {
                 let ids: Vec<&str> = revoked.iter().map(|l| l.credential.as_str()).collect();
-                self.audit.record(
-                    &AuditEvent::new(now, "CompleteTask", caller.as_str(), true)
+                self.audit.record_listing(
+                    AuditEvent::new(now, "CompleteTask", caller.as_str(), true)
                         .task(task.id)
                         .policies(&verdict.policies)
-                        .detail("state", task.state.as_str())
-                        .detail("revoked_credentials", ids),
+                        .detail("state", task.state.as_str()),
+                    "revoked_credentials",
+                    &ids,
                 );
                 tracing::info!(task = %task.id, state = %task.state, revoked = revoked.len(), "task completed");
                 metrics::revoked("task_end", revoked.len());

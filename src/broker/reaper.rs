@@ -107,11 +107,12 @@ impl Broker {
                         tracing::info!(task = %id, leases = leases.len(), "task expired at its deadline");
                         let credentials: Vec<&str> =
                             leases.iter().map(|l| l.credential.as_str()).collect();
-                        self.audit.record(
-                            &AuditEvent::new(now, "TaskExpired", "reaper", true)
+                        self.audit.record_listing(
+                            AuditEvent::new(now, "TaskExpired", "reaper", true)
                                 .task(task.id)
-                                .reason("deadline passed")
-                                .detail("revoked_credentials", credentials),
+                                .reason("deadline passed"),
+                            "revoked_credentials",
+                            &credentials,
                         );
                         metrics::counter!(TASKS_EXPIRED).increment(1);
                         reaped.tasks += 1;

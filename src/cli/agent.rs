@@ -89,20 +89,26 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
                         "lock": lock_json(&lock),
                         "revoked_tasks": r.revoked_tasks,
                         "revoked_leases": r.revoked_leases,
+                        "revoked_task_count": r.revoked_task_count,
+                        "revoked_lease_count": r.revoked_lease_count,
                     })
                 );
             } else {
                 println!(
                     "locked {}: {} task(s) and {} lease(s) revoked",
-                    lock.agent,
-                    r.revoked_tasks.len(),
-                    r.revoked_leases.len()
+                    lock.agent, r.revoked_task_count, r.revoked_lease_count
                 );
                 for t in &r.revoked_tasks {
                     println!("  task  {t}");
                 }
                 for l in &r.revoked_leases {
                     println!("  lease {l}");
+                }
+                if r.revoked_leases.len() < r.revoked_lease_count as usize {
+                    println!(
+                        "  (the first {} leases; the audit log lists every one)",
+                        r.revoked_leases.len()
+                    );
                 }
             }
         }
