@@ -740,3 +740,60 @@ async fn a_csr_gets_a_certificate_and_a_lock_stops_the_repository() {
     assert!(e.message().contains("locked"), "{e:?}");
     b.stop().await;
 }
+
+/// Over its rate, a repository's exchanges are refused with RESOURCE_EXHAUSTED and when to retry
+/// (the limit is per repository identity, after the ID token is verified); the burst alert counts.
+#[tokio::test]
+async fn a_repository_over_its_exchange_rate_is_told_when_to_retry() {
+    let issuer = TestIssuer::new("gh-rate");
+    let b = github_broker(
+        &issuer,
+        vec![
+            ("TASKCRED_LIMITS__CI_PER_SECOND".into(), "1".into()),
+            ("TASKCRED_LIMITS__CI_BURST".into(), "2".into()),
+        ],
+    )
+    .await;
+    let mut ci = ci_client(&b).await;
+    for run in ["2001", "2002"] {
+        ci.exchange_ci_token(exchange(
+            &issuer.sign(&github_claims(run)),
+            "prod-cluster",
+            "deploy",
+        ))
+        .await
+        .unwrap();
+    }
+    let e = ci
+        .exchange_ci_token(exchange(
+            &issuer.sign(&github_claims("2003")),
+            "prod-cluster",
+            "deploy",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let wait: u64 = e
+        .metadata()
+        .get("retry-after-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1000).contains(&wait), "{wait}");
+    tokio::time::sleep(Duration::from_millis(wait + 50)).await;
+    ci.exchange_ci_token(exchange(
+        &issuer.sign(&github_claims("2004")),
+        "prod-cluster",
+        "deploy",
+    ))
+    .await
+    .unwrap();
+    let (_, metrics) = b.http_get("/metrics").await;
+    assert!(
+        metrics.contains("taskcred_rate_limited_total{kind=\"ci\"}"),
+        "{metrics}"
+    );
+    b.stop().await;
+}
