@@ -343,6 +343,8 @@ impl App {
         );
         let mut reaper = tokio::spawn(self.broker.clone().run_reaper(shutdown.clone()));
         let feed = tokio::spawn(self.broker.clone().run_revocation_feed(shutdown.clone()));
+        // Its own task: a store that hangs must not hold up the loop below (or shutdown).
+        let gauges = tokio::spawn(self.broker.clone().run_store_gauges(shutdown.clone()));
         // The stream writer stops after the RPCs have drained, so that their events reach it.
         let stream_stop = CancellationToken::new();
         let stream = self
@@ -365,10 +367,7 @@ impl App {
                 // Shutdown first: a server that ends because shutdown was asked is no failure.
                 biased;
                 () = shutdown.cancelled() => break None,
-                _ = upkeep.tick() => {
-                    metrics.run_upkeep();
-                    self.broker.observe_store().await;
-                }
+                _ = upkeep.tick() => metrics.run_upkeep(),
                 _ = key_refresh.tick() => self.refresh_signing_keys().await,
                 _ = epoch_check.tick() => self.check_store_epoch().await,
                 _ = prune.tick() => match self.broker.prune().await {
@@ -390,6 +389,7 @@ impl App {
             http.abort();
             reaper.abort();
             feed.abort();
+            gauges.abort();
             stream_stop.cancel();
             let message = result.err().unwrap_or_else(|| "stopped".into());
             return Err(AppError::Server { what, message });

@@ -55,7 +55,26 @@ pub(super) fn issuance<T>(kind: &'static str, result: &Result<T, BrokerError>, s
         .record(start.elapsed().as_secs_f64());
 }
 
+/// How often [`Broker::run_store_gauges`] samples the store.
+const GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Broker {
+    /// Samples the store's gauges every few seconds until `shutdown`.
+    pub async fn run_store_gauges(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(GAUGES_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.observe_store() => {}
+            }
+        }
+    }
+
     /// Samples the store's gauges: active leases, locked agents, the reaper's lag. A failure
     /// leaves the last values and is counted by the store's own metrics.
     pub async fn observe_store(&self) {
