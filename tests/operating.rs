@@ -299,3 +299,63 @@ async fn locking_a_busy_agent_answers_counts_and_audits_every_credential() {
         .sum();
     assert_eq!(listed, 1100);
 }
+
+/// While Redis is away the shared stream's writes fail, are counted and retried; once it is
+/// back the stream catches up and holds every event, still one intact chain.
+#[tokio::test]
+async fn the_audit_stream_catches_up_after_redis_returns() {
+    let mut redis = common::RedisServer::start();
+    let url = redis.url();
+    let mut env = common::redis_env(&url);
+    env.push(("TASKCRED_AUDIT__REDIS_STREAM".into(), "true".into()));
+    let b = Broker::start_with_env(env).await;
+    let task = approved_task(&b, &[("env", "staging")], None).await;
+    creds_as(&b, "agent")
+        .await
+        .issue_token(token_request(&task.id, "db.staging"))
+        .await
+        .unwrap();
+
+    redis.stop();
+    // Audited without the store: policy reloads.
+    let mut admin = common::flows::admin_as(&b, "operator").await;
+    for _ in 0..3 {
+        admin
+            .reload_policy(pb::ReloadPolicyRequest {})
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (_, m) = b.http_get("/metrics").await;
+        if m.lines().any(|l| {
+            l.starts_with("taskcred_audit_write_failures_total{sink=\"redis\"}")
+                && !l.ends_with(" 0")
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failure counted:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    redis.restart();
+    // The writer retries with a backoff of at most 5 s; stopping drains what is left.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let dir = b.stop().await;
+    let in_file = std::fs::read_to_string(dir.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    let (code, out, err) = common::run(&["audit", "export", "--redis-url", &url]);
+    assert_eq!(code, 0, "{err}");
+    let exported = dir.path().join("stream.jsonl");
+    std::fs::write(&exported, &out).unwrap();
+    let (code, report, _) = common::run(&["--json", "audit", "verify", exported.to_str().unwrap()]);
+    assert_eq!(code, 0, "{report}");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["lines"], in_file, "{report}");
+    assert!(out.contains("ReloadPolicy"));
+}

@@ -54,10 +54,21 @@ pub(super) fn chain(event: &[u8], prev: &str) -> Vec<u8> {
     line
 }
 
-/// Counts and logs a failed or dropped stream write.
+/// Counts every failed or dropped stream write; logs at most one a second (a long Redis outage
+/// with a full queue would otherwise log every event).
 pub(super) fn failed(error: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOG_SECS: AtomicU64 = AtomicU64::new(0);
     metrics::counter!(AUDIT_WRITE_FAILURES, "sink" => "redis").increment(1);
-    tracing::error!(error, "audit stream write failed");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_LOG_SECS.swap(now, Ordering::Relaxed) != now {
+        tracing::error!(
+            error,
+            "audit stream write failed (counted in taskcred_audit_write_failures_total{{sink=\"redis\"}})"
+        );
+    }
 }
 
 /// Writes queued events to the stream until `shutdown`, then for at most a few seconds more.
