@@ -24,13 +24,16 @@ const BATCH: usize = 256;
 /// How long a stopping broker tries to write what is queued.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// KEYS: stream, head. ARGV: the head the batch is chained to, the stream's approximate maximum
-/// length (0: unbounded), the batch's last hash, then the lines. Appends the lines and moves the
-/// head, or, when another replica moved it first, returns the head to chain to.
+/// KEYS: stream, head, this writer's last applied batch. ARGV: the head the batch is chained to,
+/// the stream's approximate maximum length (0: unbounded), the batch's last hash, the genesis
+/// hash, the batch's sequence number, then the lines. Appends the lines and moves the head, or,
+/// when another replica moved it first, returns the head to chain to; a batch applied already
+/// (its answer was lost, a timeout or a reconnect) is not appended twice.
 const APPEND: &str = r"
 local head = redis.call('GET', KEYS[2]) or ARGV[4]
+if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[5]) then return {2, head} end
 if head ~= ARGV[1] then return {0, head} end
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if ARGV[2] == '0' then
     redis.call('XADD', KEYS[1], '*', 'line', ARGV[i])
   else
@@ -38,6 +41,7 @@ for i = 5, #ARGV do
   end
 end
 redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[5], 'EX', 86400)
 return {1, ARGV[3]}
 ";
 
@@ -76,6 +80,8 @@ pub struct StreamWriter {
     client: redis::Client,
     rx: mpsc::Receiver<Vec<u8>>,
     max_len: u64,
+    /// This process's key for its last applied batch (`tc:{audit}:writer:<random id>`).
+    writer_key: String,
 }
 
 impl std::fmt::Debug for StreamWriter {
@@ -99,6 +105,7 @@ impl StreamWriter {
                 client,
                 rx,
                 max_len,
+                writer_key: format!("tc:{{audit}}:writer:{}", uuid::Uuid::now_v7().simple()),
             },
             tx,
         ))
@@ -109,6 +116,8 @@ impl StreamWriter {
         let script = redis::Script::new(APPEND);
         let mut conn: Option<ConnectionManager> = None;
         let mut head = GENESIS.to_owned();
+        // Batches this writer has applied: the next one is `seq + 1`.
+        let mut seq = 0u64;
         let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
         let mut backoff = Duration::from_millis(200);
         let mut stopping: Option<tokio::time::Instant> = None;
@@ -132,8 +141,12 @@ impl StreamWriter {
                 }
                 return;
             }
-            match self.append(&script, &mut conn, &mut head, &batch).await {
+            match self
+                .append(&script, &mut conn, &mut head, &batch, seq + 1)
+                .await
+            {
                 Ok(()) => {
+                    seq += 1;
                     batch.clear();
                     backoff = Duration::from_millis(200);
                 }
@@ -162,6 +175,7 @@ impl StreamWriter {
         conn: &mut Option<ConnectionManager>,
         head: &mut String,
         batch: &[Vec<u8>],
+        seq: u64,
     ) -> redis::RedisResult<()> {
         let c = match conn {
             Some(c) => c,
@@ -190,16 +204,18 @@ impl StreamWriter {
             let mut call = script.prepare_invoke();
             call.key(STREAM)
                 .key(HEAD)
+                .key(&self.writer_key)
                 .arg(head.as_str())
                 .arg(self.max_len)
                 .arg(prev.as_str())
-                .arg(GENESIS);
+                .arg(GENESIS)
+                .arg(seq);
             for line in &lines {
                 call.arg(line.as_slice());
             }
             let (done, now): (i64, String) = call.invoke_async(c).await?;
             *head = now;
-            if done == 1 {
+            if done != 0 {
                 return Ok(());
             }
         }
