@@ -773,14 +773,7 @@ async fn a_repository_over_its_exchange_rate_is_told_when_to_retry() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    let wait: u64 = e
-        .metadata()
-        .get("retry-after-ms")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = common::retry_after_ms(&e);
     assert!((1..=1000).contains(&wait), "{wait}");
     tokio::time::sleep(Duration::from_millis(wait + 50)).await;
     ci.exchange_ci_token(exchange(

@@ -61,44 +61,42 @@ fn parse(text: &str) -> (Vec<String>, Vec<Section>) {
             .map(|(n, r)| (n.trim(), r.trim()))
             .filter(|(n, _)| is_key_name(n) && !sections.is_empty());
         if let Some((name, rest)) = key {
-            {
-                let (mut value, inline) = match rest.split_once("  #") {
-                    Some((v, c)) => (v.trim().to_owned(), Some(c.trim().to_owned())),
-                    None => (rest.to_owned(), None),
-                };
-                // A list over several lines.
-                if value.starts_with('[') && !value.contains(']') {
-                    for more in lines.by_ref() {
-                        let more = more.trim().trim_start_matches('#').trim();
-                        value.push(' ');
-                        value.push_str(more);
-                        if more.contains(']') {
-                            break;
-                        }
+            let (mut value, inline) = match rest.split_once("  #") {
+                Some((v, c)) => (v.trim().to_owned(), Some(c.trim().to_owned())),
+                None => (rest.to_owned(), None),
+            };
+            // A list over several lines.
+            if value.starts_with('[') && !value.contains(']') {
+                for more in lines.by_ref() {
+                    let more = more.trim().trim_start_matches('#').trim();
+                    value.push(' ');
+                    value.push_str(more);
+                    if more.contains(']') {
+                        break;
                     }
                 }
-                let mut what = std::mem::take(&mut pending);
-                what.extend(inline);
-                // Continuation of an inline comment: `#      # more`.
-                while let Some(next) = lines.peek() {
-                    let next = next.trim();
-                    match next.strip_prefix('#').map(str::trim) {
-                        Some(cont) if cont.starts_with('#') => {
-                            what.push(cont.trim_start_matches('#').trim().to_owned());
-                            lines.next();
-                        }
-                        _ => break,
-                    }
-                }
-                let section = sections.last_mut().unwrap();
-                section.keys.push(Key {
-                    name: name.to_owned(),
-                    value,
-                    set: !commented,
-                    what,
-                });
-                continue;
             }
+            let mut what = std::mem::take(&mut pending);
+            what.extend(inline);
+            // Continuation of an inline comment: `#      # more`.
+            while let Some(next) = lines.peek() {
+                let next = next.trim();
+                match next.strip_prefix('#').map(str::trim) {
+                    Some(cont) if cont.starts_with('#') => {
+                        what.push(cont.trim_start_matches('#').trim().to_owned());
+                        lines.next();
+                    }
+                    _ => break,
+                }
+            }
+            let section = sections.last_mut().unwrap();
+            section.keys.push(Key {
+                name: name.to_owned(),
+                value,
+                set: !commented,
+                what,
+            });
+            continue;
         }
         pending.push(body.to_owned());
     }

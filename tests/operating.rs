@@ -170,14 +170,7 @@ async fn an_agent_over_its_issuance_rate_is_told_when_to_retry() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    let wait: u64 = e
-        .metadata()
-        .get("retry-after-ms")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = common::retry_after_ms(&e);
     assert!((1..=500).contains(&wait), "{wait}");
     tokio::time::sleep(std::time::Duration::from_millis(wait + 50)).await;
     agent

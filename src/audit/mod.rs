@@ -249,7 +249,7 @@ impl AuditLog {
             stream::failed(&format!("event dropped: {e}"));
         }
         let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        let mut line = stream::chain(&json, &tail.last);
+        let mut line = stream::chain(json, &tail.last);
         let hash = crate::mint::sha256_hex(&line);
         line.push(b'\n');
         tail.file

@@ -49,13 +49,12 @@ return {1, ARGV[3]}
 pub type StreamQueue = mpsc::Sender<Vec<u8>>;
 
 /// Appends `event` (a JSON object, without `prev`) with `prev` set.
-pub(super) fn chain(event: &[u8], prev: &str) -> Vec<u8> {
-    let mut line = Vec::with_capacity(event.len() + 80);
-    line.extend_from_slice(&event[..event.len().saturating_sub(1)]);
-    line.extend_from_slice(b",\"prev\":\"");
-    line.extend_from_slice(prev.as_bytes());
-    line.extend_from_slice(b"\"}");
-    line
+pub(super) fn chain(mut event: Vec<u8>, prev: &str) -> Vec<u8> {
+    event.pop();
+    event.extend_from_slice(b",\"prev\":\"");
+    event.extend_from_slice(prev.as_bytes());
+    event.extend_from_slice(b"\"}");
+    event
 }
 
 /// Counts every failed or dropped stream write; logs at most one a second (a long Redis outage
@@ -197,7 +196,7 @@ impl StreamWriter {
             let mut prev = head.clone();
             let mut lines = Vec::with_capacity(batch.len());
             for event in batch {
-                let line = chain(event, &prev);
+                let line = chain(event.clone(), &prev);
                 prev = crate::mint::sha256_hex(&line);
                 lines.push(line);
             }

@@ -199,9 +199,12 @@ fn log_in(txn: &redb::WriteTransaction, revoked: &[Revocation]) -> Result<(), St
 /// revocations, and returns the leases.
 /// Takes `lease` of `task` out of the expiry index (it ended before its expiry): the index holds
 /// exactly the unrevoked leases, and the reaper never visits an ended one.
-fn unfile(txn: &redb::WriteTransaction, task: &str, lease: &Lease) -> Result<(), StoreError> {
-    txn.open_table(EXPIRY)
-        .map_err(backend)?
+fn unfile(
+    expiry: &mut redb::Table<'_, (u64, &'static str, &'static str), ()>,
+    task: &str,
+    lease: &Lease,
+) -> Result<(), StoreError> {
+    expiry
         .remove((unix_ms_ceil(lease.expires_at), task, lease.id.as_str()))
         .map_err(backend)?;
     Ok(())
@@ -222,12 +225,13 @@ fn revoke_active_leases(
             active.push(lease);
         }
     }
+    let mut expiry = txn.open_table(EXPIRY).map_err(backend)?;
     for lease in &mut active {
         lease.revoke(reason, at);
         leases
             .insert((task, lease.id.as_str()), encode_lease(lease)?.as_slice())
             .map_err(backend)?;
-        unfile(txn, task, lease)?;
+        unfile(&mut expiry, task, lease)?;
     }
     let logged: Vec<Revocation> = active
         .iter()
@@ -543,11 +547,11 @@ impl Store for EmbeddedStore {
                 }
                 log_in(&txn, &[Revocation::of(&lease, SUPERSEDED, now)])?;
                 // Filed again under its new expiry.
-                unfile(&txn, &task_id, &lease)?;
+                let mut expiry = txn.open_table(EXPIRY).map_err(backend)?;
+                unfile(&mut expiry, &task_id, &lease)?;
                 lease.credential = credential;
                 lease.expires_at = expires_at;
-                txn.open_table(EXPIRY)
-                    .map_err(backend)?
+                expiry
                     .insert(
                         (unix_ms_ceil(expires_at), task_id.as_str(), id.as_str()),
                         (),
@@ -601,7 +605,11 @@ impl Store for EmbeddedStore {
                             encode_lease(&lease)?.as_slice(),
                         )
                         .map_err(backend)?;
-                    unfile(&txn, &task_id, &lease)?;
+                    unfile(
+                        &mut txn.open_table(EXPIRY).map_err(backend)?,
+                        &task_id,
+                        &lease,
+                    )?;
                     lease
                 };
                 txn.commit().map_err(backend)?;

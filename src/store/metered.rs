@@ -51,15 +51,20 @@ impl Failure for IssueError {
 fn measured<T, E: Failure>(op: &'static str, start: Instant, result: Result<T, E>) -> Result<T, E> {
     metrics::histogram!(STORE_DURATION, "op" => op).record(start.elapsed());
     if let Err(e) = &result {
-        let kind = match e.store_error() {
-            Some(StoreError::Unavailable(_)) => "unavailable",
-            Some(StoreError::Corrupt(_)) => "corrupt",
-            Some(StoreError::Contention(_)) => "contention",
-            _ => return result,
-        };
-        metrics::counter!(STORE_ERRORS, "op" => op, "kind" => kind).increment(1);
+        count_failure(op, e);
     }
     result
+}
+
+/// Counts `e` of `op` if it is a store failure (not a domain answer).
+fn count_failure(op: &'static str, e: &impl Failure) {
+    let kind = match e.store_error() {
+        Some(StoreError::Unavailable(_)) => "unavailable",
+        Some(StoreError::Corrupt(_)) => "corrupt",
+        Some(StoreError::Contention(_)) => "contention",
+        _ => return,
+    };
+    metrics::counter!(STORE_ERRORS, "op" => op, "kind" => kind).increment(1);
 }
 
 /// Times `$call` on the inner store as operation `$op`.
@@ -202,7 +207,7 @@ impl<S: Store> Store for Metered<S> {
         // A blocking read: its duration is mostly waiting, so only failures are counted.
         let result = self.0.revocations(after, limit, wait).await;
         if let Err(e) = &result {
-            measured::<(), _>("revocations", Instant::now(), Err(e.clone())).ok();
+            count_failure("revocations", e);
         }
         result
     }

@@ -506,3 +506,15 @@ pub fn run_as(grpc: SocketAddr, dev_dir: &str, name: &str, args: &[&str]) -> (i3
     all.extend_from_slice(args);
     run(&all)
 }
+
+/// The wait a RESOURCE_EXHAUSTED answer asks for (trailer `retry-after-ms`).
+pub fn retry_after_ms(status: &tonic::Status) -> u64 {
+    status
+        .metadata()
+        .get("retry-after-ms")
+        .expect("a retry-after-ms trailer")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
