@@ -119,6 +119,8 @@ impl Listeners {
 pub struct App {
     config: Config,
     tls: Arc<rustls::ServerConfig>,
+    /// The HTTP port's TLS, with `server.http_tls`.
+    http_tls: Option<Arc<rustls::ServerConfig>>,
     clock: Arc<dyn Clock>,
     broker: Broker,
     keys: KeyRing,
@@ -165,6 +167,7 @@ fn ci_issuers(config: &crate::config::CiConfig) -> Result<crate::ci::CiIssuers, 
             claims: i.claims.clone(),
             leeway: i.leeway,
             max_token_age: i.max_token_age,
+            max_token_lifetime: i.max_token_lifetime,
             task_deadline_max: i.task_deadline_max,
             keys: IssuerKeys::new(i.jwks.clone(), http, i.jwks_refresh, i.jwks_refetch_min),
         });
@@ -191,9 +194,14 @@ impl App {
     pub fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         let tls = tls::server_config(
             &config.tls,
-            &config.identity.allowed_trust_domains,
+            &config.identity,
             config.issuer.ca.as_ref().map(|(cert, _)| cert.as_path()),
         )?;
+        let http_tls = if config.server.http_tls {
+            Some(tls::http_server_config(&config.tls)?)
+        } else {
+            None
+        };
         let keys = KeyRing::new(
             config.issuer.url.clone(),
             JwtKey::load(&config.issuer.jwt_key, config.issuer.jwt_algorithm)?,
@@ -239,6 +247,8 @@ impl App {
             lease_renewal_max: ttl.lease_renewal_max,
             agent_rate: config.limits.issuance,
             ci_rate: config.limits.ci,
+            public_rate: config.limits.public,
+            lock_on_failure: ttl.lock_on_failure,
         };
         let broker = Broker::new(
             BrokerParts {
@@ -256,6 +266,7 @@ impl App {
         Ok(Self {
             config,
             tls,
+            http_tls,
             clock,
             broker,
             keys,
@@ -309,7 +320,10 @@ impl App {
             self.config.identity.allowed_trust_domains.clone(),
             AcceptLimits {
                 max_connections: server.max_connections,
+                max_anonymous_connections: server.max_anonymous_connections,
                 handshake_timeout: server.handshake_timeout,
+                idle_timeout: server.idle_timeout,
+                anonymous_idle_timeout: server.anonymous_idle_timeout,
             },
             shutdown.clone(),
         );
@@ -336,8 +350,18 @@ impl App {
             keys: self.keys.clone(),
             broker: self.broker.clone(),
         });
+        let http_listener = crate::http::listener::HttpListener::new(
+            listeners.http,
+            self.http_tls.clone(),
+            server.max_http_connections,
+            server.handshake_timeout,
+        )
+        .map_err(|e| AppError::Server {
+            what: "HTTP",
+            message: e.to_string(),
+        })?;
         let mut http = tokio::spawn(
-            axum::serve(listeners.http, http_router)
+            axum::serve(http_listener, http_router)
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
                 .into_future(),
         );

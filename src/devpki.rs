@@ -25,12 +25,13 @@ pub const TRUST_DOMAIN: &str = "taskcred.dev";
 pub const DEFAULT_DIR: &str = ".taskcred-dev";
 
 /// The dev identities: the short name used by `--as` and file names, and the SPIFFE ID.
-pub const IDENTITIES: [(&str, &str); 5] = [
+pub const IDENTITIES: [(&str, &str); 6] = [
     ("agent", "spiffe://taskcred.dev/agent/demo"),
     ("requester", "spiffe://taskcred.dev/human/requester"),
     ("approver", "spiffe://taskcred.dev/human/approver"),
     ("approver2", "spiffe://taskcred.dev/human/approver2"),
     ("operator", "spiffe://taskcred.dev/human/operator"),
+    ("verifier", "spiffe://taskcred.dev/verifier/demo"),
 ];
 
 /// Root CA certificate: the trust bundle of both sides.

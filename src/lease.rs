@@ -181,11 +181,25 @@ impl Lock {
     pub fn holds_at(&self, now: SystemTime) -> bool {
         self.until.is_none_or(|u| now < u)
     }
+
+    /// Whether this lock, in force at `now`, lasts at least as long as `other` would: then
+    /// `other` leaves it as it is (locks are monotonic: the later end wins, no end is latest).
+    pub fn outlasts(&self, other: &Self, now: SystemTime) -> bool {
+        self.holds_at(now)
+            && match (self.until, other.until) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(mine), Some(theirs)) => mine >= theirs,
+            }
+    }
 }
 
 /// What locking an agent ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LockOutcome {
+    /// The lock in force after the call: the one asked for, or the earlier one where that ends
+    /// later (a lock never shortens or lifts a lock in force). `None` only in a default value.
+    pub in_force: Option<Lock>,
     /// Tasks moved to `revoked`.
     pub tasks: Vec<TaskId>,
     /// Leases revoked (with their credential ids).

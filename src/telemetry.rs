@@ -15,6 +15,9 @@ pub const GRPC_REQUESTS: &str = "taskcred_grpc_requests_total";
 pub const GRPC_DURATION: &str = "taskcred_grpc_request_duration_seconds";
 /// Refused TLS handshakes, by `reason`.
 pub const TLS_HANDSHAKE_FAILURES: &str = "taskcred_tls_handshake_failures_total";
+/// Connections the gRPC port closed after the handshake, by `reason` (`preface`,
+/// `preface_timeout`, `anonymous_limit`, `idle`).
+pub const CONNECTIONS_CLOSED: &str = "taskcred_connections_closed_total";
 
 /// Latency buckets in seconds: from 100 us (an in-memory check) to 10 s (a stuck store).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -86,5 +89,9 @@ fn describe() {
     metrics::describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "TLS handshakes refused on the gRPC port, by reason"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_CLOSED,
+        "gRPC connections closed by the broker after the handshake, by reason"
     );
 }

@@ -3,7 +3,9 @@
 //! the accept loop that turns TCP connections into [`TlsConn`]s carrying the peer's identity,
 //! read once per connection.
 //!
-//! The loop bounds open connections (a semaphore) and handshake time, and stops on shutdown.
+//! The loop bounds open connections (a semaphore, and a smaller one for connections without a
+//! client certificate), handshake time and the time to the HTTP/2 preface; a connection with no
+//! RPC in flight for its idle timeout ends. It stops on shutdown.
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,7 +19,9 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -25,8 +29,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{TlsConfig, TlsVersion};
-use crate::identity::{PeerIdentity, SpiffeClientVerifier, TrustDomains};
+use crate::config::{IdentityConfig, TlsConfig, TlsVersion};
+use crate::identity::{PeerIdentity, SpiffeClientVerifier, TrustDomains, bundle};
 
 /// Why the TLS configuration could not be built. Each names the file or key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -52,13 +56,15 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the gRPC port's rustls server configuration.
+/// Builds the gRPC port's rustls server configuration: each trust domain's client
+/// certificates verified against that domain's bundle only.
 ///
 /// # Errors
-/// [`TlsSetupError`] naming the file that cannot be read or parsed, or what rustls refused.
+/// [`TlsSetupError`] naming the file that cannot be read or parsed, a CA certificate found in
+/// the bundles of two trust domains, or what rustls refused.
 pub fn server_config(
     tls: &TlsConfig,
-    allowed: &TrustDomains,
+    identity: &IdentityConfig,
     issuing_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let chain = load_certs("tls.cert", &tls.cert)?;
@@ -67,21 +73,40 @@ pub fn server_config(
         path: tls.key.display().to_string(),
         problem: format!("no usable private key: {e}"),
     })?;
-    let mut roots = RootCertStore::empty();
-    for ca in &tls.client_ca {
-        for cert in load_certs("tls.client_ca", ca)? {
-            roots.add(cert).map_err(|e| TlsSetupError::File {
-                key: "tls.client_ca",
-                path: ca.display().to_string(),
-                problem: format!("not a usable CA certificate: {e}"),
-            })?;
+    let mut bundles = Vec::with_capacity(identity.trust_domains.len());
+    // Each CA certificate, and the domain whose bundle holds it.
+    let mut owner: std::collections::HashMap<Vec<u8>, &str> = std::collections::HashMap::new();
+    for domain in &identity.trust_domains {
+        let path = &domain.bundle;
+        let file_error = |problem: String| TlsSetupError::File {
+            key: "identity.trust_domains.bundle",
+            path: path.display().to_string(),
+            problem,
+        };
+        let certs = bundle::load(path).map_err(|e| file_error(e.to_string()))?;
+        let mut roots = RootCertStore::empty();
+        for cert in certs {
+            if let Some(other) = owner.get(cert.as_ref())
+                && *other != domain.name
+            {
+                return Err(file_error(format!(
+                    "a CA certificate of trust domain {} is also in the bundle of {other}: each \
+                     domain needs a bundle of its own, or one domain's CA could issue the \
+                     other's identities",
+                    domain.name
+                )));
+            }
+            owner.insert(cert.as_ref().to_vec(), &domain.name);
+            roots
+                .add(cert)
+                .map_err(|e| file_error(format!("not a usable CA certificate: {e}")))?;
         }
+        bundles.push((domain.name.clone(), roots));
     }
 
     let provider = provider();
-    let mut verifier =
-        SpiffeClientVerifier::new(Arc::new(roots), allowed.clone(), provider.clone())
-            .map_err(|e| TlsSetupError::Rustls(format!("client verifier: {e}")))?;
+    let mut verifier = SpiffeClientVerifier::new(bundles, provider.clone())
+        .map_err(|e| TlsSetupError::Rustls(format!("client verifier: {e}")))?;
     // Task certificates the broker issues are not identities at the broker.
     if let Some(path) = issuing_ca {
         use x509_parser::prelude::{FromDer as _, X509Certificate};
@@ -95,18 +120,48 @@ pub fn server_config(
             verifier = verifier.refusing_issuer(ca.subject().as_raw().to_vec());
         }
     }
-    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
-        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsVersion::Tls13 => &[&rustls::version::TLS13],
-    };
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
+        .with_protocol_versions(versions(tls.min_version))
         .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(chain, key)
         .map_err(|e| TlsSetupError::Rustls(format!("tls.cert / tls.key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The HTTP port's rustls configuration (`server.http_tls`): the broker's certificate, no client
+/// authentication (verifiers read public data), HTTP/1.1.
+///
+/// # Errors
+/// [`TlsSetupError`] naming the file that cannot be read, or what rustls refused.
+pub fn http_server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    let chain = load_certs("tls.cert", &tls.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| TlsSetupError::File {
+        key: "tls.key",
+        path: tls.key.display().to_string(),
+        problem: format!("no usable private key: {e}"),
+    })?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(tls.min_version))
+        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsSetupError::Rustls(format!("tls.cert / tls.key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// TLS 1.3 and 1.2, or 1.3 alone.
+static TLS12_AND_13: [&rustls::SupportedProtocolVersion; 2] =
+    [&rustls::version::TLS13, &rustls::version::TLS12];
+static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    match min {
+        TlsVersion::Tls12 => &TLS12_AND_13,
+        TlsVersion::Tls13 => &TLS13_ONLY,
+    }
 }
 
 fn load_certs(
@@ -135,14 +190,85 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     /// The verified identity, when the client presented a certificate.
     pub peer: Option<Arc<PeerIdentity>>,
+    /// The RPCs in flight on the connection and when the last one ended: an idle connection is
+    /// closed.
+    pub activity: Arc<Activity>,
 }
 
-/// One accepted TLS connection. Holds a slot of the connection limit until dropped.
+/// The RPCs in flight on one connection, and when the connection was last busy.
+#[derive(Debug)]
+pub struct Activity {
+    base: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `base` at which the last RPC started or ended.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    /// A connection with nothing in flight, busy last now.
+    pub fn new() -> Self {
+        Self {
+            base: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Marks one RPC in flight until the guard is dropped (at the end of its response body).
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    /// When the connection has been idle for `timeout`, or `None` while an RPC is in flight.
+    fn idle_deadline(&self, timeout: Duration) -> Option<tokio::time::Instant> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One RPC in flight on a connection; see [`Activity::busy`].
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 section 3.4): what every gRPC client sends
+/// first. A connection that does not send it in time is closed.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One accepted TLS connection. Holds a slot of the connection limit (and, without a client
+/// certificate, of the anonymous limit) until dropped, and ends itself (end of stream) once no
+/// RPC has been in flight for its idle timeout.
 #[derive(Debug)]
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
+    /// The preface, read to check it, handed to the server first; and how much of it was.
+    preface_sent: usize,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
     _slot: OwnedSemaphorePermit,
+    _anonymous: Option<OwnedSemaphorePermit>,
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -159,7 +285,33 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.preface_sent < PREFACE.len() {
+            let rest = &PREFACE[this.preface_sent..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.preface_sent += n;
+            return Poll::Ready(Ok(()));
+        }
+        if let Poll::Ready(r) = Pin::new(&mut this.stream).poll_read(cx, buf) {
+            return Poll::Ready(r);
+        }
+        // Nothing to read: end the connection once it has been idle (no RPC) for too long.
+        // Keep-alive pings do not count: only RPCs do.
+        while this.idle.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            match this.info.activity.idle_deadline(this.idle_timeout) {
+                Some(deadline) if deadline <= now => {
+                    metrics::counter!(crate::telemetry::CONNECTIONS_CLOSED, "reason" => "idle")
+                        .increment(1);
+                    tracing::debug!(remote = %this.info.remote, "closing an idle connection");
+                    return Poll::Ready(Ok(()));
+                }
+                Some(deadline) => this.idle.as_mut().reset(deadline),
+                None => this.idle.as_mut().reset(now + this.idle_timeout),
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -198,8 +350,14 @@ impl AsyncWrite for TlsConn {
 pub struct AcceptLimits {
     /// Open connections at once.
     pub max_connections: usize,
-    /// Time allowed for a handshake.
+    /// Of those, connections without a client certificate (only the public RPCs answer them).
+    pub max_anonymous_connections: usize,
+    /// Time allowed for the TLS handshake, and then again for the HTTP/2 preface.
     pub handshake_timeout: Duration,
+    /// A connection with a client certificate and no RPC in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// The same for a connection without one.
+    pub anonymous_idle_timeout: Duration,
 }
 
 /// Accepts TLS connections on `listener` until `shutdown`, yielding them as a stream for
@@ -214,6 +372,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let anonymous = Arc::new(Semaphore::new(limits.max_anonymous_connections));
     let allowed = Arc::new(allowed);
     tokio::spawn(async move {
         loop {
@@ -237,8 +396,14 @@ pub fn incoming(
                 },
             };
             let (acceptor, tx, allowed) = (acceptor.clone(), tx.clone(), allowed.clone());
+            let anonymous = anonymous.clone();
             tokio::spawn(async move {
-                if let Some(conn) = handshake(acceptor, tcp, remote, &allowed, limits, slot).await {
+                let slots = Slots {
+                    slot,
+                    anonymous: &anonymous,
+                };
+                if let Some(conn) = handshake(acceptor, tcp, remote, &allowed, limits, slots).await
+                {
                     // The receiver is gone only when the server stopped; drop the connection.
                     let _ = tx.send(Ok(conn)).await;
                 }
@@ -248,13 +413,23 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// The slot a connection holds, and the pool of anonymous ones.
+struct Slots<'a> {
+    slot: OwnedSemaphorePermit,
+    anonymous: &'a Arc<Semaphore>,
+}
+
+fn closed(reason: &'static str) {
+    metrics::counter!(crate::telemetry::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+}
+
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     remote: SocketAddr,
     allowed: &TrustDomains,
     limits: AcceptLimits,
-    slot: OwnedSemaphorePermit,
+    slots: Slots<'_>,
 ) -> Option<TlsConn> {
     // gRPC is many small messages: Nagle only adds latency.
     let _ = tcp.set_nodelay(true);
@@ -282,6 +457,7 @@ async fn handshake(
             return None;
         }
     };
+    let mut stream = stream;
     let peer = match stream.get_ref().1.peer_certificates() {
         Some([leaf, ..]) => match PeerIdentity::from_leaf(leaf, allowed) {
             Ok(p) => Some(Arc::new(p)),
@@ -294,9 +470,51 @@ async fn handshake(
         },
         _ => None,
     };
+    // Connections without a certificate have a budget of their own, so that anonymous
+    // clients cannot take the slots agents need.
+    let anonymous = match peer {
+        Some(_) => None,
+        None => match slots.anonymous.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                closed("anonymous_limit");
+                tracing::info!(%remote, "anonymous connection refused: server.max_anonymous_connections reached");
+                return None;
+            }
+        },
+    };
+    // The client speaks first: the HTTP/2 preface, in time, or the connection is closed.
+    let mut preface = [0u8; PREFACE.len()];
+    match tokio::time::timeout(limits.handshake_timeout, stream.read_exact(&mut preface)).await {
+        Ok(Ok(_)) if &preface == PREFACE => {}
+        Ok(_) => {
+            closed("preface");
+            tracing::info!(%remote, "connection closed: no HTTP/2 preface");
+            return None;
+        }
+        Err(_) => {
+            closed("preface_timeout");
+            tracing::info!(%remote, "connection closed: no HTTP/2 preface in time");
+            return None;
+        }
+    }
+    let idle_timeout = if peer.is_some() {
+        limits.idle_timeout
+    } else {
+        limits.anonymous_idle_timeout
+    };
+    let activity = Arc::new(Activity::new());
     Some(TlsConn {
         stream,
-        info: ConnInfo { remote, peer },
-        _slot: slot,
+        info: ConnInfo {
+            remote,
+            peer,
+            activity,
+        },
+        preface_sent: 0,
+        idle_timeout,
+        idle: Box::pin(tokio::time::sleep(idle_timeout)),
+        _slot: slots.slot,
+        _anonymous: anonymous,
     })
 }

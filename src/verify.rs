@@ -72,11 +72,16 @@ pub struct VerifierConfig {
     pub max_staleness: Duration,
     /// What a stale view does (default [`StalePolicy::Strict`]).
     pub stale: StalePolicy,
-    /// Refuse a token when no client certificate is given to check its `cnf` against (default
-    /// true: every taskcred token is bound to the agent's certificate).
+    /// Refuse a token that carries no `cnf` (default true: every taskcred token an agent gets is
+    /// bound to its certificate; a CI job without a client certificate gets one without). A
+    /// token with `cnf` is always checked against the client certificate, whatever this says.
     pub require_cnf: bool,
-    /// Roots for an `https` JWK Set URL; `None`: only `http` URLs work (a loopback or mesh).
+    /// Roots for an `https` JWK Set URL; `None`: only loopback `http` URLs work.
     pub tls: Option<rustls::ClientConfig>,
+    /// Accept an `http://` JWK Set URL on a host other than loopback (default false: anyone on
+    /// the path could hand the verifier keys of their own). Only behind a mesh that encrypts
+    /// and authenticates the hop.
+    pub danger_allow_plain_http_jwks: bool,
 }
 
 impl VerifierConfig {
@@ -92,6 +97,7 @@ impl VerifierConfig {
             stale: StalePolicy::Strict,
             require_cnf: true,
             tls: None,
+            danger_allow_plain_http_jwks: false,
         }
     }
 }
@@ -162,6 +168,32 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
+/// An `https` URL, or `http` on a loopback host (or anywhere, when explicitly allowed).
+fn check_jwks_url(url: &str, allow_plain_http: bool) -> Result<(), VerifyError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| VerifyError::Setup("jwks_url is not a URL".into()))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| VerifyError::Setup("jwks_url has no host".into()))?;
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if loopback || allow_plain_http => Ok(()),
+        Some("http") => Err(VerifyError::Setup(
+            "jwks_url is plain http on a host that is not loopback: anyone on the path could \
+             hand out keys; use https (the broker's HTTP port serves TLS with server.http_tls)"
+                .into(),
+        )),
+        _ => Err(VerifyError::Setup("jwks_url must be https".into())),
+    }
+}
+
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -181,6 +213,7 @@ impl Verifier {
                 MAX_LEEWAY.as_secs()
             )));
         }
+        check_jwks_url(&config.jwks_url, config.danger_allow_plain_http_jwks)?;
         // Never the process-wide provider or the platform's roots: ring, and only the roots
         // given (none: `https` JWK Set URLs fail).
         let tls = match config.tls.clone() {
@@ -321,13 +354,15 @@ impl Verifier {
         let claims = jsonwebtoken::decode::<AccessClaims>(token, &key.key, &v)
             .map_err(|e| VerifyError::Invalid(e.to_string()))?
             .claims;
-        // Both are public (the token's claim, the peer's certificate): no secret to time.
-        let bound = client_cert_der.map_or(!config.require_cnf, |der| {
-            claims
-                .cnf
-                .as_ref()
-                .is_some_and(|c| cert_thumbprint_sha256(der) == c.x5t_s256)
-        });
+        // A bound token is always checked against the certificate it came with (RFC 8705
+        // section 3): without that certificate it is refused, whatever `require_cnf` says;
+        // `require_cnf` only decides whether tokens without `cnf` pass. Both sides are public
+        // (the token's claim, the peer's certificate): no secret to time.
+        let bound = match (&claims.cnf, client_cert_der) {
+            (Some(cnf), Some(der)) => cert_thumbprint_sha256(der) == cnf.x5t_s256,
+            (Some(_), None) => false,
+            (None, _) => !config.require_cnf,
+        };
         if !bound {
             return Err(VerifyError::Unbound);
         }

@@ -111,7 +111,8 @@ fn github_claims(run: &str) -> Value {
         "ref": "refs/heads/main", "ref_type": "branch", "environment": "production",
         "event_name": "push", "workflow_ref": "example-org/app/.github/workflows/deploy.yml@refs/heads/main",
         "job_workflow_ref": "example-org/app/.github/workflows/deploy.yml@refs/heads/main",
-        "run_id": run, "run_attempt": "1", "runner_environment": "github-hosted",
+        "run_id": run, "run_attempt": "1", "check_run_id": "5001",
+        "runner_environment": "github-hosted",
         "sha": "0123456789abcdef0123456789abcdef01234567", "actor": "octocat",
     })
 }
@@ -168,7 +169,6 @@ fn exchange(token: &str, audience: &str, action: &str) -> pb::ExchangeCiTokenReq
         id_token: token.into(),
         audience: audience.into(),
         actions: vec![action.into()],
-        job: "deploy".into(),
         ..Default::default()
     }
 }
@@ -203,7 +203,7 @@ async fn a_github_token_is_exchanged_once_and_policy_decides_by_branch() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.identity, "spiffe://taskcred.dev/ci/github/123456789");
+    assert_eq!(r.identity, "spiffe://ci.taskcred.dev/ci/github/123456789");
     let claims = payload(&r.token);
     assert_eq!(claims["sub"], r.identity.as_str());
     assert_eq!(claims["aud"], "prod-cluster");
@@ -246,16 +246,10 @@ async fn a_github_token_is_exchanged_once_and_policy_decides_by_branch() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 
-    // A second job of the same run gets its own task.
+    // A second job of the same run (its own signed check_run_id) gets its own task.
+    let smoke = with(github_claims("1001"), "check_run_id", json!("5002"));
     let other = ci
-        .exchange_ci_token(pb::ExchangeCiTokenRequest {
-            job: "smoke".into(),
-            ..exchange(
-                &issuer.sign(&github_claims("1001")),
-                "prod-cluster",
-                "deploy",
-            )
-        })
+        .exchange_ci_token(exchange(&issuer.sign(&smoke), "prod-cluster", "deploy"))
         .await
         .unwrap()
         .into_inner();
@@ -265,7 +259,6 @@ async fn a_github_token_is_exchanged_once_and_policy_decides_by_branch() {
     let done = ci
         .complete_ci_task(pb::CompleteCiTaskRequest {
             id_token: issuer.sign(&github_claims("1001")),
-            job: "deploy".into(),
             outcome: pb::Outcome::Succeeded as i32,
         })
         .await
@@ -515,7 +508,7 @@ async fn gitlab_tokens_with_fetched_keys_on_two_replicas() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.identity, "spiffe://taskcred.dev/ci/gitlab/4242");
+    assert_eq!(r.identity, "spiffe://ci.taskcred.dev/ci/gitlab/4242");
     let claims = payload(&r.token);
     assert_eq!(claims["ci"]["job"], "500");
     assert_eq!(claims["ci"]["ref_protected"], true);
@@ -537,15 +530,6 @@ async fn gitlab_tokens_with_fetched_keys_on_two_replicas() {
         .await
         .unwrap();
 
-    // A job name that contradicts the signed job id is refused.
-    let e = on_a
-        .exchange_ci_token(pb::ExchangeCiTokenRequest {
-            job: "999".into(),
-            ..request(first.sign(&gitlab_claims("503", "true")))
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     b.stop().await;
     a.stop().await;
 }
@@ -629,8 +613,6 @@ async fn the_cli_exchanges_and_completes() {
                 "prod-cluster",
                 "--action",
                 "deploy",
-                "--job",
-                "deploy",
                 "--format",
                 "env",
             ]);
@@ -652,7 +634,7 @@ async fn the_cli_exchanges_and_completes() {
         let base = base.map(str::to_owned);
         move || {
             let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
-            args.extend(["complete", "--id-token", &token_path, "--job", "deploy"]);
+            args.extend(["complete", "--id-token", &token_path]);
             common::run(&args)
         }
     })
@@ -705,7 +687,7 @@ async fn a_csr_gets_a_certificate_and_a_lock_stops_the_repository() {
         .unwrap();
     assert!(
         String::from_utf8_lossy(&san.stdout)
-            .contains("URI:spiffe://taskcred.dev/ci/github/123456789"),
+            .contains("URI:spiffe://ci.taskcred.dev/ci/github/123456789"),
         "{san:?}"
     );
 
@@ -788,5 +770,176 @@ async fn a_repository_over_its_exchange_rate_is_told_when_to_retry() {
         metrics.contains("taskcred_rate_limited_total{kind=\"ci\"}"),
         "{metrics}"
     );
+    b.stop().await;
+}
+
+/// Issue 16, point 4: CI jobs are told apart by signed claims only, the replay claim comes
+/// before anything is made from a token, time claims are bounded, and the shipped policies
+/// allow-list the events that may get credentials.
+#[tokio::test]
+async fn ci_jobs_are_told_apart_by_signed_claims_only() {
+    let issuer = TestIssuer::new("gh-1");
+    let b = github_broker(&issuer, Vec::new()).await;
+    let mut ci = ci_client(&b).await;
+    let tasks_made = |b: &Broker| {
+        audit_lines(b)
+            .iter()
+            .filter(|l| l["action"] == "RequestTask" && l["decision"] == "allow")
+            .count()
+    };
+
+    // The deploy job of run 7001 (its check_run_id 5001) gets its task.
+    let deploy = issuer.sign(&github_claims("7001"));
+    let r = ci
+        .exchange_ci_token(exchange(&deploy, "prod-cluster", "deploy"))
+        .await
+        .unwrap()
+        .into_inner();
+    // A sibling job of the same run (its own check_run_id) cannot end the deploy job's task:
+    // its token leads to its own task, which it never made.
+    let sibling = with(github_claims("7001"), "check_run_id", json!("5009"));
+    let err = ci
+        .complete_ci_task(pb::CompleteCiTaskRequest {
+            id_token: issuer.sign(&sibling),
+            outcome: pb::Outcome::Failed as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(introspect(&b, &r.token).await.active, "the deploy goes on");
+
+    // Without a job id, jobs differ by their other signed claims: another environment is
+    // another task; nothing the job says of itself enters the key.
+    let no_job = |env: &str| {
+        let mut c = github_claims("7002");
+        c.as_object_mut().unwrap().remove("check_run_id");
+        with(c, "environment", json!(env))
+    };
+    let prod = ci
+        .exchange_ci_token(exchange(
+            &issuer.sign(&no_job("production")),
+            "prod-cluster",
+            "deploy",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let staging = ci
+        .exchange_ci_token(exchange(
+            &issuer.sign(&no_job("staging")),
+            "artifacts-staging",
+            "read",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(prod.task_id, staging.task_id);
+
+    // A replayed token is refused before any task is made from it.
+    let made = tasks_made(&b);
+    let err = ci
+        .exchange_ci_token(exchange(&deploy, "prod-cluster", "deploy"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(tasks_made(&b), made);
+    // A token policy refuses leaves no claim: after a fix of policy it could be exchanged.
+    // (The refusal itself made no task either.)
+    let refused = issuer.sign(&with(github_claims("7003"), "environment", json!("qa")));
+    let err = ci
+        .exchange_ci_token(exchange(&refused, "prod-cluster", "deploy"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(tasks_made(&b), made);
+
+    // Time claims: an exp near i64::MAX (it panicked the broker), a lifetime past the issuer's
+    // bound (24 h by default).
+    let t = now();
+    for (what, claims) in [
+        (
+            "exp near i64::MAX",
+            with(github_claims("7004"), "exp", json!(i64::MAX - 1)),
+        ),
+        (
+            "a 30-day token",
+            with(github_claims("7004"), "exp", json!(t + 30 * 86_400)),
+        ),
+    ] {
+        let err = ci
+            .exchange_ci_token(exchange(&issuer.sign(&claims), "prod-cluster", "deploy"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{what}: {err:?}");
+    }
+    // The broker is still there.
+    let (status, _) = b.http_get("/healthz").await;
+    assert_eq!(status, 200);
+
+    // Events: an allow-list. A comment or a review (never in any deny-list) gets nothing; a
+    // manual dispatch of main does.
+    for event in [
+        "issue_comment",
+        "pull_request_review",
+        "pull_request_target",
+        "schedule",
+    ] {
+        let claims = with(github_claims(&fresh_id()), "event_name", json!(event));
+        let err = ci
+            .exchange_ci_token(exchange(&issuer.sign(&claims), "prod-cluster", "deploy"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{event}: {err:?}");
+    }
+    let dispatch = with(
+        github_claims(&fresh_id()),
+        "event_name",
+        json!("workflow_dispatch"),
+    );
+    ci.exchange_ci_token(exchange(&issuer.sign(&dispatch), "prod-cluster", "deploy"))
+        .await
+        .unwrap();
+    b.stop().await;
+}
+
+/// Issue 16, point 11: a CI issuer whose keys cannot be fetched is not asked again for every
+/// token: failed fetches back off.
+#[tokio::test]
+async fn a_failing_jwks_url_is_not_hammered() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counted = hits.clone();
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down") }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let issuer = TestIssuer::new("gl-1");
+    let gitlab = format!(
+        r#"{{name = "gitlab", preset = "gitlab", issuer = "{GITLAB}", audience = "{AUDIENCE}", jwks_url = "http://{addr}/jwks", jwks_refetch_min = "1s"}}"#
+    );
+    let b = Broker::start_with_env(issuer_env(&[gitlab])).await;
+    let mut ci = ci_client(&b).await;
+    for i in 0..30 {
+        let e = ci
+            .exchange_ci_token(pb::ExchangeCiTokenRequest {
+                id_token: issuer.sign(&gitlab_claims(&format!("{i}"), "true")),
+                audience: "artifacts-staging".into(),
+                actions: vec!["read".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 3 s of calls: the first fetch, then one after 1 s, the next after 2 s more.
+    let n = hits.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&n), "{n} fetches for 30 tokens");
     b.stop().await;
 }

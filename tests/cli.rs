@@ -378,11 +378,9 @@ fn serve_dev_with_redis_keeps_tasks_in_redis() {
             "--executor",
             "spiffe://taskcred.dev/agent/demo",
             "--grant",
-            "db=read",
+            "db.staging=read",
             "--purpose",
             "p",
-            "--label",
-            "risk=low",
         ],
     );
     assert_eq!(code, 0, "{err}");

@@ -136,14 +136,23 @@ fn unknown_keys_and_bad_values_name_the_key() {
             &["tls.min_version"],
         ),
         (
-            "allowed_trust_domains = [\"example.org\"]",
-            "allowed_trust_domains = [\"Example.org\"]",
-            &["identity.allowed_trust_domains"],
+            "\nname = \"example.org\"",
+            "\nname = \"Example.org\"",
+            &["identity.trust_domains.name"],
+        ),
+        // The earlier form is refused with what replaced it.
+        (
+            "[[identity.trust_domains]]",
+            "[identity]\nallowed_trust_domains = [\"example.org\"]\n[[identity.trust_domains]]",
+            &[
+                "identity.allowed_trust_domains",
+                "[[identity.trust_domains]]",
+            ],
         ),
         (
-            "allowed_trust_domains = [\"example.org\"]",
-            "allowed_trust_domains = []",
-            &["identity.allowed_trust_domains"],
+            "min_version = \"tls1.2\"",
+            "min_version = \"tls1.2\"\nclient_ca = [\"/etc/ca.pem\"]",
+            &["tls.client_ca", "[[identity.trust_domains]]"],
         ),
         (
             "url = \"https://taskcred.example.org\"",
@@ -188,9 +197,9 @@ fn unknown_keys_and_bad_values_name_the_key() {
         ("format = \"human\"", "format = \"xml\"", &["log.format"]),
         ("level = \"info\"", "level = \"[[[\"", &["log.level"]),
         (
-            "client_ca = [",
-            "client_ca_x = 1\nclient_ca = [",
-            &["unknown field `client_ca_x`"],
+            "min_version = \"tls1.2\"",
+            "min_version_x = 1\nmin_version = \"tls1.2\"",
+            &["unknown field `min_version_x`"],
         ),
     ];
     for (from, to, needles) in cases {
@@ -258,7 +267,10 @@ fn unusable_tls_material_is_refused() {
     let s = Setup::new();
     let path = s.write(&s.example);
     std::fs::remove_file(s.dir.join("ca.pem")).unwrap();
-    assert_names(&refused(&path, &[]), &["tls.client_ca", "ca.pem"]);
+    assert_names(
+        &refused(&path, &[]),
+        &["identity.trust_domains.bundle", "ca.pem"],
+    );
 
     let s = Setup::new();
     let path = s.write(&s.example);
@@ -289,4 +301,132 @@ fn invalid_policies_refuse_to_start_naming_file_and_line() {
 
     let path = s.edited("dir = \"", "dir = \"/nonexistent");
     assert_names(&refused(&path, &[]), &["/nonexistent"]);
+}
+
+/// The `[[identity.trust_domains]]` of the example, with its bundle path.
+fn domain_block(s: &Setup) -> String {
+    format!(
+        "[[identity.trust_domains]]\nname = \"example.org\"\nbundle = \"{}/ca.pem\"\n",
+        s.dir.display()
+    )
+}
+
+/// Issue 16, point 1: a trust domain is bound to its own bundle. A configuration that lets two
+/// domains share one (the same file, or the same CA certificate in two files) is refused at
+/// start, as is one without any domain.
+#[test]
+fn trust_domains_sharing_a_bundle_are_refused() {
+    let s = Setup::new();
+    let block = domain_block(&s);
+    assert!(s.example.contains(&block), "example lacks {block}");
+    let partner_same_file = format!(
+        "{block}[[identity.trust_domains]]\nname = \"partner.example\"\nbundle = \"{}/ca.pem\"\n",
+        s.dir.display()
+    );
+    let err = refused(&s.edited(&block, &partner_same_file), &[]);
+    assert_names(
+        &err,
+        &[
+            "identity.trust_domains.bundle",
+            "bundle of two trust domains",
+        ],
+    );
+
+    std::fs::copy(s.dir.join("ca.pem"), s.dir.join("partner-ca.pem")).unwrap();
+    let partner_same_ca = format!(
+        "{block}[[identity.trust_domains]]\nname = \"partner.example\"\nbundle = \"{}/partner-ca.pem\"\n",
+        s.dir.display()
+    );
+    let err = refused(&s.edited(&block, &partner_same_ca), &[]);
+    assert_names(&err, &["partner-ca.pem", "also in the bundle of"]);
+
+    let err = refused(&s.edited(&block, "[identity]\ntrust_domains = []\n"), &[]);
+    assert_names(&err, &["identity.trust_domains", "lists no trust domain"]);
+
+    let err = refused(
+        &s.edited(&block, &block.replace("example.org", "Example.org")),
+        &[],
+    );
+    assert_names(&err, &["identity.trust_domains.name"]);
+}
+
+/// Issue 16, point 2: CI identities have a trust domain of their own, never one of mTLS.
+#[test]
+fn a_ci_trust_domain_accepted_for_mtls_is_refused() {
+    let s = Setup::new();
+    let err = refused(
+        &s.edited(
+            "# trust_domain = \"ci.example.org\"",
+            "trust_domain = \"example.org\"",
+        ),
+        &[],
+    );
+    assert_names(&err, &["ci.trust_domain", "never accepted for mutual TLS"]);
+}
+
+/// Issue 16, point 11: what decides whom the broker trusts is refused when others may write it.
+#[test]
+fn trust_files_writable_by_others_are_refused() {
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let s = Setup::new();
+    let path = s.write(&s.example);
+    chmod(&path, 0o666);
+    assert_names(
+        &refused(&path, &[]),
+        &["taskcred.toml", "writable by group or others"],
+    );
+    chmod(&path, 0o644);
+
+    let policies = s.dir.join("policies");
+    chmod(&policies, 0o777);
+    assert_names(
+        &refused(&path, &[]),
+        &["policies", "writable by group or others"],
+    );
+    chmod(&policies, 0o755);
+    let file = policies.join("tasks.cedar");
+    chmod(&file, 0o664);
+    assert_names(
+        &refused(&path, &[]),
+        &["tasks.cedar", "writable by group or others"],
+    );
+    chmod(&file, 0o644);
+
+    let bundle = s.dir.join("ca.pem");
+    chmod(&bundle, 0o646);
+    assert_names(
+        &refused(&path, &[]),
+        &[
+            "identity.trust_domains.bundle",
+            "writable by group or others",
+        ],
+    );
+    chmod(&bundle, 0o644);
+    let serve = ServeProcess::start(&["serve", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(serve.terminate().code(), Some(0));
+}
+
+/// Issue 16, point 11: `serve --dev` never listens beyond loopback.
+#[test]
+fn serve_dev_refuses_addresses_beyond_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev");
+    for flag in ["--grpc-addr", "--http-addr"] {
+        let out = Command::new(BIN)
+            .args([
+                "--dev-dir",
+                dev.to_str().unwrap(),
+                "serve",
+                "--dev",
+                flag,
+                "0.0.0.0:0",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flag}: {err}");
+        assert!(err.contains("loopback only"), "{flag}: {err}");
+    }
 }

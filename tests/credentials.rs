@@ -274,7 +274,7 @@ async fn refusals(b: &Broker) {
             purpose: "p".into(),
             grants: vec![pb::Grant {
                 audience: "db.staging".into(),
-                actions: vec!["read".into()],
+                actions: vec!["read".into(), "rotate".into()],
             }],
             ..Default::default()
         })

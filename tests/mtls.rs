@@ -379,13 +379,107 @@ async fn http_port_serves_health_readiness_and_rpc_metrics() {
     broker.stop().await;
 }
 
+/// A partner trust domain's CA, as `rcgen` issuer, PEM and a SPIFFE bundle (JSON) of it.
+fn partner_ca() -> (rcgen::Issuer<'static, KeyPair>, String, String) {
+    use base64::Engine as _;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "partner.example CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let bundle = serde_json::json!({
+        "spiffe_sequence": 1,
+        "keys": [{"use": "x509-svid", "kty": "EC", "crv": "P-256",
+                  "x5c": [base64::engine::general_purpose::STANDARD.encode(cert.der())]}],
+    });
+    let pem = cert.pem();
+    (rcgen::Issuer::new(params, key), pem, bundle.to_string())
+}
+
+/// Issue 16, point 1: each trust domain is bound to its own bundle (X509-SVID section 5). With a
+/// partner domain configured beside the dev one, the partner's CA issues its own identities,
+/// and one that claims to be the dev operator: that one is refused at the handshake, though
+/// its chain verifies against a configured bundle. The partner's bundle is a SPIFFE bundle.
 #[tokio::test]
-async fn trust_domain_allow_list_comes_from_config() {
-    // Allow only another domain: the dev identities are then refused.
-    let broker = Broker::start_with_env(vec![(
-        "TASKCRED_IDENTITY__ALLOWED_TRUST_DOMAINS".into(),
-        "prod.example.com".into(),
-    )])
+async fn a_partner_ca_cannot_issue_identities_of_another_trust_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (partner, _, bundle) = partner_ca();
+    std::fs::write(dir.path().join("partner.json"), bundle).unwrap();
+    let domains = format!(
+        r#"[{{name = "taskcred.dev", bundle = "{0}/ca.pem"}}, {{name = "partner.example", bundle = "{0}/partner.json"}}]"#,
+        dir.path().display()
+    );
+    let broker = Broker::launch(
+        dir,
+        vec![("TASKCRED_IDENTITY__TRUST_DOMAINS".into(), domains)],
+        None,
+    )
+    .await;
+    let ca = broker.path("ca.pem");
+
+    let own = issue(
+        &svid_params(&["spiffe://partner.example/agent/x"]),
+        &partner,
+    );
+    handshake(broker.grpc, &ca, Some(&own))
+        .await
+        .expect("the partner's CA speaks for the partner's domain");
+    let id = IdentityServiceClient::new(broker.channel(Some(&own)).await)
+        .who_am_i(WhoAmIRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(id.spiffe_id, "spiffe://partner.example/agent/x");
+
+    let forged = issue(
+        &svid_params(&["spiffe://taskcred.dev/human/operator"]),
+        &partner,
+    );
+    expect_refused(
+        handshake(broker.grpc, &ca, Some(&forged)).await,
+        &Bad {
+            defect: "another_domains_ca",
+            pem: forged.clone(),
+            alert: AlertDescription::UnknownCA,
+        },
+    );
+    // And the dev CA cannot speak for the partner either.
+    let dev_forged = issue(
+        &svid_params(&["spiffe://partner.example/agent/x"]),
+        &broker.dev_ca(),
+    );
+    expect_refused(
+        handshake(broker.grpc, &ca, Some(&dev_forged)).await,
+        &Bad {
+            defect: "dev_ca_for_the_partner",
+            pem: dev_forged.clone(),
+            alert: AlertDescription::UnknownCA,
+        },
+    );
+    // The dev identities still pass.
+    handshake(broker.grpc, &ca, Some(&broker.dev_identity("operator")))
+        .await
+        .unwrap();
+    broker.stop().await;
+}
+
+/// Only configured trust domains pass: with another domain alone, the dev identities are
+/// refused (their CA is the bundle of a domain they do not name).
+#[tokio::test]
+async fn trust_domains_come_from_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let domains = format!(
+        r#"[{{name = "prod.example.com", bundle = "{}/ca.pem"}}]"#,
+        dir.path().display()
+    );
+    let broker = Broker::launch(
+        dir,
+        vec![("TASKCRED_IDENTITY__TRUST_DOMAINS".into(), domains)],
+        None,
+    )
     .await;
     let result = handshake(
         broker.grpc,
@@ -399,6 +493,45 @@ async fn trust_domain_allow_list_comes_from_config() {
             AlertDescription::CertificateUnknown
         ))
     );
+    broker.stop().await;
+}
+
+/// Issue 16, point 2: a client certificate naming a CI identity is refused at the handshake,
+/// even signed by the dev CA: the CI trust domain is never one of mTLS. One in the dev domain
+/// with a CI-looking path is just another workload: it gets nothing of a CI job's task.
+#[tokio::test]
+async fn ci_identities_are_not_mtls_identities() {
+    let broker = Broker::start().await;
+    let ca = broker.path("ca.pem");
+    let ci = issue(
+        &svid_params(&["spiffe://ci.taskcred.dev/ci/github/123456789"]),
+        &broker.dev_ca(),
+    );
+    expect_refused(
+        handshake(broker.grpc, &ca, Some(&ci)).await,
+        &Bad {
+            defect: "ci_identity_as_client_certificate",
+            pem: ci.clone(),
+            alert: AlertDescription::CertificateUnknown,
+        },
+    );
+    // Nobody may ask for a task executed by a CI identity either.
+    let err = taskcred::api::pb::task_service_client::TaskServiceClient::new(
+        broker.channel_as("requester").await,
+    )
+    .request_task(taskcred::api::pb::RequestTaskRequest {
+        executor: "spiffe://ci.taskcred.dev/ci/github/123456789".into(),
+        purpose: "squat a CI job's identity".into(),
+        grants: vec![taskcred::api::pb::Grant {
+            audience: "prod-cluster".into(),
+            actions: vec!["deploy".into()],
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("ExchangeCiToken"), "{err:?}");
     broker.stop().await;
 }
 

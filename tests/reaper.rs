@@ -84,7 +84,7 @@ async fn expiry_on(b: &Broker) {
             purpose: "brief".into(),
             grants: vec![pb::Grant {
                 audience: "db.staging".into(),
-                actions: vec!["read".into()],
+                actions: vec!["read".into(), "rotate".into()],
             }],
             deadline: secs(2),
             ..Default::default()

@@ -42,6 +42,18 @@ fn request(labels: &[(&str, &str)]) -> pb::RequestTaskRequest {
     }
 }
 
+/// A task the dev policy approves at once: reading a low-risk audience (what is granted
+/// decides, not a label).
+fn low_risk_request() -> pb::RequestTaskRequest {
+    pb::RequestTaskRequest {
+        grants: vec![pb::Grant {
+            audience: "db.staging".into(),
+            actions: vec!["read".into()],
+        }],
+        ..request(&[])
+    }
+}
+
 fn decide(id: &str) -> pb::DecideTaskRequest {
     pb::DecideTaskRequest {
         task_id: id.into(),
@@ -129,9 +141,18 @@ async fn approval_scenario(broker: &Broker) -> Vec<String> {
         pb::TaskState::PendingApproval
     );
 
-    // Low risk: approved at once.
-    let low = requester
+    // A label the requester chooses lowers nothing...
+    let labelled = requester
         .request_task(request(&[("risk", "low")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(labelled.quorum, 1);
+    assert_eq!(state(&labelled), pb::TaskState::PendingApproval);
+
+    // ...what is granted does: reading a low-risk audience is approved at once.
+    let low = requester
+        .request_task(low_risk_request())
         .await
         .unwrap()
         .into_inner();
@@ -278,15 +299,12 @@ async fn list_filters_by_state_executor_requester_and_pages() {
     let mut requester = tasks_as(&broker, "requester").await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let labels: &[(&str, &str)] = if i % 2 == 0 { &[("risk", "low")] } else { &[] };
-        ids.push(
-            requester
-                .request_task(request(labels))
-                .await
-                .unwrap()
-                .into_inner()
-                .id,
-        );
+        let asked = if i % 2 == 0 {
+            low_risk_request()
+        } else {
+            request(&[])
+        };
+        ids.push(requester.request_task(asked).await.unwrap().into_inner().id);
     }
     let all = requester
         .list_tasks(pb::ListTasksRequest::default())

@@ -38,7 +38,7 @@ async fn started(b: &Broker, audience: &str, stale: StalePolicy) -> (Verifier, C
     config.stale = stale;
     let v = Verifier::new(config).unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(v.clone().run(b.channel_as("approver").await, stop.clone()));
+    tokio::spawn(v.clone().run(b.channel_as("verifier").await, stop.clone()));
     let deadline = Instant::now() + Duration::from_secs(5);
     while !v.revocations_current() {
         assert!(Instant::now() < deadline, "the verifier never synced");
@@ -139,4 +139,88 @@ async fn a_resource_server_verifies_locally_and_learns_revocations() {
     stop.cancel();
     stop_elsewhere.cancel();
     stop_lenient.cancel();
+}
+
+/// Issue 16, point 7: a token that carries `cnf` always needs the matching certificate, even
+/// where the verifier lets tokens without `cnf` pass (RFC 8705 section 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_token_needs_its_certificate_whatever_require_cnf_says() {
+    let b = Broker::start().await;
+    let agent = der_of(&b.dev_identity("agent").cert);
+    let mut config = VerifierConfig::new(
+        ISSUER,
+        "db.staging",
+        &format!("http://{}/.well-known/jwks.json", b.http),
+    );
+    config.require_cnf = false;
+    config.stale = StalePolicy::BestEffort;
+    let v = Verifier::new(config).unwrap();
+    v.refresh_keys().await.unwrap();
+    let task = approved_task(&b, &[], None).await;
+    let issued = issue_as_agent(&b, &task.id, None).await;
+    assert_eq!(
+        v.verify(&issued.token, None).await,
+        Err(VerifyError::Unbound),
+        "a stolen bound token without its certificate"
+    );
+    v.verify(&issued.token, Some(&agent)).await.unwrap();
+    b.stop().await;
+}
+
+/// Issue 16, point 7: the JWK Set over plain http is refused off loopback (anyone on the path
+/// could hand out keys) unless explicitly allowed; the broker's HTTP port serves HTTPS
+/// (`server.http_tls`), which a verifier uses with the broker's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jwks_comes_over_https() {
+    for url in [
+        "http://broker.example.com/.well-known/jwks.json",
+        "http://10.0.0.8:7480/.well-known/jwks.json",
+        "ftp://127.0.0.1/jwks",
+    ] {
+        let e = Verifier::new(VerifierConfig::new(ISSUER, "db.staging", url)).unwrap_err();
+        assert!(matches!(e, VerifyError::Setup(_)), "{url}: {e:?}");
+    }
+    let mut lax = VerifierConfig::new(
+        ISSUER,
+        "db.staging",
+        "http://broker.mesh.internal/.well-known/jwks.json",
+    );
+    lax.danger_allow_plain_http_jwks = true;
+    Verifier::new(lax).unwrap();
+
+    let b = Broker::start_with_env(vec![("TASKCRED_SERVER__HTTP_TLS".into(), "true".into())]).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(b.path("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut config = VerifierConfig::new(
+        ISSUER,
+        "db.staging",
+        &format!("https://localhost:{}/.well-known/jwks.json", b.http.port()),
+    );
+    config.tls = Some(tls);
+    config.stale = StalePolicy::BestEffort;
+    let v = Verifier::new(config).unwrap();
+    v.refresh_keys().await.unwrap();
+    let task = approved_task(&b, &[], None).await;
+    let issued = issue_as_agent(&b, &task.id, None).await;
+    let agent = der_of(&b.dev_identity("agent").cert);
+    v.verify(&issued.token, Some(&agent)).await.unwrap();
+    // Plain HTTP on the TLS port gets nothing.
+    let mut s = tokio::net::TcpStream::connect(b.http).await.unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    b.stop().await;
 }

@@ -76,6 +76,25 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn revoke_signing_key(
+        &self,
+        request: Request<pb::RevokeSigningKeyRequest>,
+    ) -> Result<Response<pb::RevokeSigningKeyResponse>, Status> {
+        let who = caller(&request)?.id.clone();
+        let kid = request.into_inner().kid;
+        if kid.is_empty() || kid.len() > 128 || kid.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "kid: 1 to 128 bytes, no control characters",
+            ));
+        }
+        let kids = self
+            .broker
+            .revoke_signing_key(&who, &kid)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RevokeSigningKeyResponse { kids }))
+    }
+
     async fn rotate_signing_key(
         &self,
         request: Request<pb::RotateSigningKeyRequest>,

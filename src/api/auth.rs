@@ -139,6 +139,7 @@ mod tests {
                 not_after,
                 cert_sha256: "x".into(),
             })),
+            activity: Arc::default(),
         }
     }
 
@@ -148,6 +149,7 @@ mod tests {
         let anon = ConnInfo {
             remote: ([127, 0, 0, 1], 1).into(),
             peer: None,
+            activity: Arc::default(),
         };
         let err =
             authenticate("/taskcred.v1.IdentityService/WhoAmI", Some(&anon), &clock).unwrap_err();

@@ -24,8 +24,12 @@ impl CiApi {
     }
 }
 
-fn job(name: String) -> Option<String> {
-    (!name.is_empty()).then_some(name)
+/// The address a call came from (the public RPCs are rate limited by it).
+fn source<T>(request: &Request<T>) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<crate::tls::ConnInfo>()
+        .map(|c| c.remote.ip())
 }
 
 #[tonic::async_trait]
@@ -38,12 +42,13 @@ impl CiService for CiApi {
             .extensions()
             .get::<Caller>()
             .map(|c| c.0.cert_sha256.clone());
+        let source = source(&request);
         let r = request.into_inner();
         let exchanged = self
             .broker
             .exchange_ci_token(CiExchangeRequest {
                 id_token: r.id_token,
-                job: job(r.job),
+                source,
                 audience: r.audience,
                 actions: r.actions,
                 ttl: duration("ttl", r.ttl)?,
@@ -77,11 +82,12 @@ impl CiService for CiApi {
         &self,
         request: Request<pb::CompleteCiTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let source = source(&request);
         let r = request.into_inner();
         let outcome = outcome_from_pb(r.outcome)?;
         let (task, revoked) = self
             .broker
-            .complete_ci_task(&r.id_token, job(r.job).as_deref(), outcome)
+            .complete_ci_task(&r.id_token, source, outcome)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::CompleteTaskResponse {

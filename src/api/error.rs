@@ -12,13 +12,14 @@ pub fn status(e: BrokerError) -> Status {
             Status::invalid_argument(format!("{field}: {reason}"))
         }
         BrokerError::Denied(m) => Status::permission_denied(m),
-        BrokerError::NotFound => Status::not_found("no such task"),
+        BrokerError::NotFound(what) => Status::not_found(what.to_string()),
         BrokerError::Precondition(m) => Status::failed_precondition(m),
         BrokerError::Unavailable(detail) => {
             tracing::warn!(%detail, "store unavailable");
             Status::unavailable("the store is unavailable; nothing was changed, retry later")
         }
         BrokerError::Exhausted(m) => Status::resource_exhausted(m),
+        BrokerError::OutOfRange(m) => Status::out_of_range(m),
         BrokerError::Unauthenticated(m) => Status::unauthenticated(m),
         BrokerError::RateLimited(wait) => {
             let mut s = Status::resource_exhausted(BrokerError::RateLimited(wait).to_string());

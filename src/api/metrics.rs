@@ -1,5 +1,6 @@
 //! RPC metrics: a tower layer that counts every gRPC request and times it, by method and status
-//! code. The code is read where gRPC puts it: the response headers for an immediate error
+//! code, and marks its connection busy for the request's whole life (the idle timeout of
+//! [`crate::tls`] runs only between RPCs). The code is read where gRPC puts it: the response headers for an immediate error
 //! (trailers-only), else the trailers at the end of the body. Unknown paths share one label so a
 //! hostile client cannot grow the label set.
 
@@ -68,21 +69,29 @@ where
         } else {
             "unknown".to_owned()
         };
+        // The connection counts as busy for as long as this request lives (its body too).
+        let busy = req
+            .extensions()
+            .get::<crate::tls::ConnInfo>()
+            .map(|c| c.activity.busy());
         MetricsFuture {
             inner: self.inner.call(req),
             record: Some(Record {
                 method,
                 start: Instant::now(),
+                _busy: busy,
             }),
         }
     }
 }
 
-/// One request being measured; recorded exactly once.
+/// One request being measured; recorded exactly once. It also marks its connection busy
+/// while it lives, so that the connection's idle timer does not run under an RPC.
 #[derive(Debug)]
 struct Record {
     method: String,
     start: Instant,
+    _busy: Option<crate::tls::Busy>,
 }
 
 impl Record {

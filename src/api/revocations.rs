@@ -103,6 +103,7 @@ impl RevocationService for RevocationApi {
         let mut watch = self
             .broker
             .watch_revocations(&who, after, audience)
+            .await
             .map_err(status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {

@@ -29,12 +29,37 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
 
+/// A `google.protobuf.Duration` as its specification defines one, refused otherwise (never
+/// normalized): nanos within ±999,999,999 and of the sign of the seconds, seconds within
+/// ±315,576,000,000 (10,000 years); and, for the broker, not negative.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `field` and the rule broken.
 pub(super) fn duration(
     field: &str,
     d: Option<prost_types::Duration>,
 ) -> Result<Option<Duration>, Status> {
-    d.map(|d| Duration::try_from(d).map_err(|_| invalid(field, "must be a positive duration")))
+    d.map(|d| strict_duration(&d).map_err(|why| invalid(field, why)))
         .transpose()
+}
+
+/// Largest `seconds` of a valid `google.protobuf.Duration`.
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
+fn strict_duration(d: &prost_types::Duration) -> Result<Duration, &'static str> {
+    if !(-999_999_999..=999_999_999).contains(&d.nanos) {
+        return Err("not a valid Duration: nanos must be within -999999999..=999999999");
+    }
+    if !(-MAX_DURATION_SECONDS..=MAX_DURATION_SECONDS).contains(&d.seconds) {
+        return Err("not a valid Duration: seconds out of range");
+    }
+    if (d.seconds > 0 && d.nanos < 0) || (d.seconds < 0 && d.nanos > 0) {
+        return Err("not a valid Duration: seconds and nanos have opposite signs");
+    }
+    match (u64::try_from(d.seconds), u32::try_from(d.nanos)) {
+        (Ok(secs), Ok(nanos)) => Ok(Duration::new(secs, nanos)),
+        _ => Err("must not be negative"),
+    }
 }
 
 pub(super) fn task_id(s: &str) -> Result<TaskId, Status> {
@@ -194,19 +219,12 @@ impl TaskService for TaskApi {
             executor: optional_id("executor", &r.executor)?,
             requester: optional_id("requester", &r.requester)?,
             page_size: (r.page_size > 0).then_some(r.page_size as usize),
-            page_token: if r.page_token.is_empty() {
-                None
-            } else {
-                Some(
-                    TaskId::parse(&r.page_token)
-                        .map_err(|_| invalid("page_token", "not a page token"))?,
-                )
-            },
+            page_token: (!r.page_token.is_empty()).then_some(r.page_token),
         };
         let page = self.broker.list_tasks(&who, list).await.map_err(status)?;
         Ok(Response::new(pb::ListTasksResponse {
             tasks: page.tasks.into_iter().map(task_to_pb).collect(),
-            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
 
@@ -294,5 +312,44 @@ impl TaskApi {
             .await
             .map_err(status)?;
         Ok(Response::new(task_to_pb(task)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn d(seconds: i64, nanos: i32) -> Option<prost_types::Duration> {
+        Some(prost_types::Duration { seconds, nanos })
+    }
+
+    #[test]
+    fn durations_are_refused_not_normalized() {
+        assert_eq!(
+            duration("ttl", d(60, 500)).unwrap(),
+            Some(Duration::new(60, 500))
+        );
+        assert_eq!(duration("ttl", d(0, 0)).unwrap(), Some(Duration::ZERO));
+        assert_eq!(duration("ttl", None).unwrap(), None);
+        for (defect, bad) in [
+            ("nanos over a second", d(1, 1_000_000_000)),
+            ("nanos far over", d(0, i32::MAX)),
+            ("nanos under", d(0, -1_000_000_000)),
+            ("opposite signs", d(5, -1)),
+            ("opposite signs, negative seconds", d(-5, 1)),
+            ("negative", d(-1, 0)),
+            ("negative nanos", d(0, -1)),
+            ("seconds past 10000 years", d(315_576_000_001, 0)),
+            ("seconds at i64::MAX", d(i64::MAX, 0)),
+        ] {
+            let e = duration("ttl", bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{defect}");
+            assert!(
+                e.message().starts_with("ttl: "),
+                "{defect}: {}",
+                e.message()
+            );
+        }
     }
 }

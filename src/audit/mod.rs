@@ -6,7 +6,10 @@
 //! `audit.redis_stream`, every event also goes to one Redis stream shared by all replicas
 //! ([`stream`]).
 
+mod sample;
 pub mod stream;
+
+pub use sample::{SAMPLE_WINDOW, SAMPLES_PER_WINDOW, SUMMARY_ACTION, Sampler};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, Read as _, Seek as _, SeekFrom, Write as _};
@@ -258,7 +261,7 @@ impl AuditLog {
             .map_err(|e| fail(e.to_string()))?;
         tail.last = hash;
         drop(tail);
-        if event.decision == "deny" {
+        if event.decision == "deny" && event.action != SUMMARY_ACTION {
             let reason = if event.principal == UNVERIFIED_CI {
                 "id_token"
             } else if event.reason.as_deref() == Some(NOT_PERMITTED) {

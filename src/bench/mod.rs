@@ -322,7 +322,6 @@ async fn ci_exchanges(b: &BrokerProcess, issuer: &CiIssuer, shape: Shape) -> Res
                     id_token: token,
                     audience: "prod-cluster".into(),
                     actions: vec!["deploy".into()],
-                    job: "deploy".into(),
                     ..Default::default()
                 })
                 .await

@@ -42,10 +42,33 @@ pub fn check_reason(reason: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// The context of `LockAgent`: how long the lock asked for lasts (0: until unlocked).
+fn lock_context(
+    duration: Option<Duration>,
+    until: Option<std::time::SystemTime>,
+) -> serde_json::Value {
+    let until = until
+        .and_then(|u| u.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    serde_json::json!({
+        "duration_secs": duration.map_or(0, |d| d.as_secs()),
+        "until": until,
+    })
+}
+
+/// A lock's end for an audit line ("" for none).
+fn until_text(until: Option<std::time::SystemTime>) -> String {
+    until
+        .map(|u| humantime::format_rfc3339_millis(u).to_string())
+        .unwrap_or_default()
+}
+
 impl Broker {
-    /// Locks `agent` if policy permits `caller`: in one atomic store step the lock is written,
-    /// every active lease of the agent revoked and every open task it executes moved to
-    /// `revoked`. A `duration` lifts the lock by itself then.
+    /// Locks `agent` if policy permits `caller` (with the lock's duration as context): in one
+    /// atomic store step the lock is written, every active lease of the agent revoked and every
+    /// open task it executes moved to `revoked`. A `duration` lifts the lock by itself then. A
+    /// lock never shortens or lifts one in force: where the lock in force ends later (or
+    /// never), it stays, and the outcome says so.
     ///
     /// # Errors
     /// [`BrokerError::Invalid`] (reason, duration), [`BrokerError::Denied`],
@@ -66,38 +89,52 @@ impl Broker {
                 reason: "must be 1s to 366 days (unset: until unlocked)".into(),
             });
         }
-        let verdict =
-            self.authorize(caller, PolicyAction::LockAgent, &Resource::Workload(agent))?;
         let now = self.clock.now();
+        let until = duration.map(|d| now + d);
+        let verdict = self.authorize_in(
+            caller,
+            PolicyAction::LockAgent,
+            &Resource::Workload(agent),
+            Some(lock_context(duration, until)),
+        )?;
         let lock = Lock {
             agent: agent.clone(),
             reason: reason.to_owned(),
             operator: caller.clone(),
             at: now,
-            until: duration.map(|d| now + d),
+            until,
         };
         let outcome = self.apply_lock(&lock, &verdict.policies).await?;
-        Ok((lock, outcome))
+        let in_force = outcome.in_force.clone().unwrap_or(lock);
+        Ok((in_force, outcome))
     }
 
-    /// After `task` ended as failed (reported by `caller`): asks policy (`LockOnFailure`, the
-    /// executor as principal) whether to lock its agent, and locks it if so. A lock that
-    /// cannot be written is logged and counted, not returned: the task has ended already.
+    /// After `task` ended as failed, reported by `caller`: if the reporter is the executor
+    /// itself, asks policy (`LockOnFailure`, the executor as principal) whether to lock it, and
+    /// locks it for `ttl.lock_on_failure` if so. Another party's report (a requester's) never
+    /// locks the executor: it could otherwise end the executor's other tasks at will. A lock
+    /// that cannot be written is logged and counted, not returned: the task has ended already.
     pub(super) async fn lock_on_failure(&self, caller: &WorkloadId, task: &Task) {
-        let verdict = self.policy.decide(
+        if caller != &task.executor {
+            return;
+        }
+        let duration = self.settings.lock_on_failure;
+        let verdict = self.policy.decide_in(
             &task.executor,
             PolicyAction::LockOnFailure,
             &Resource::Task(task),
+            Some(serde_json::json!({ "duration_secs": duration.as_secs() })),
         );
         if !verdict.allowed {
             return;
         }
+        let now = self.clock.now();
         let lock = Lock {
             agent: task.executor.clone(),
             reason: format!("task {} failed", task.id),
             operator: caller.clone(),
-            at: self.clock.now(),
-            until: None,
+            at: now,
+            until: Some(now + duration),
         };
         if let Err(e) = self.apply_lock(&lock, &verdict.policies).await {
             metrics::counter!(LOCK_ON_FAILURE_ERRORS).increment(1);
@@ -121,11 +158,14 @@ impl Broker {
             .store
             .lock_agent(lock, self.settings.task_retention)
             .await?;
+        let in_force = outcome.in_force.as_ref().unwrap_or(lock);
+        let kept = in_force != lock;
         tracing::warn!(
             %agent,
             operator = %caller,
             tasks = outcome.tasks.len(),
             leases = outcome.leases.len(),
+            kept_longer_lock = kept,
             "agent locked"
         );
         super::metrics::revoked("lock", outcome.leases.len());
@@ -141,12 +181,9 @@ impl Broker {
                 .reason(reason)
                 .detail("agent", agent.as_str())
                 .detail("revoked_tasks", tasks)
-                .detail(
-                    "until",
-                    lock.until
-                        .map(|u| humantime::format_rfc3339_millis(u).to_string())
-                        .unwrap_or_default(),
-                ),
+                .detail("until", until_text(lock.until))
+                .detail("until_in_force", until_text(in_force.until))
+                .detail("kept_longer_lock", kept),
             "revoked_credentials",
             &credentials,
         );

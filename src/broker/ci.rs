@@ -4,9 +4,11 @@
 //! the task. Each ID token is exchanged once per audience.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::limits::{self, Limited};
 use super::{Broker, BrokerError, IssuedCertificate, IssuedToken};
 use crate::audit::AuditEvent;
 use crate::ci::{CiError, CiJob, TrustedIssuer, VerifiedIdToken};
@@ -23,8 +25,9 @@ use crate::task::{
 pub struct CiExchangeRequest {
     /// The CI provider's ID token (compact JWS).
     pub id_token: String,
-    /// The job's name, for providers whose tokens carry no job id (GitHub: `$GITHUB_JOB`).
-    pub job: Option<String>,
+    /// Where the call came from: the public RPCs are rate limited by source before the token
+    /// is verified.
+    pub source: Option<IpAddr>,
     /// The one audience.
     pub audience: String,
     /// The actions asked for at that audience (at least one).
@@ -59,6 +62,17 @@ pub struct CiExchanged {
     pub job: CiJob,
 }
 
+/// One exchange, once its ID token is verified, its request checked and its token claimed.
+struct Exchange<'a> {
+    v: &'a VerifiedIdToken,
+    identity: &'a WorkloadId,
+    audience: &'a Audience,
+    actions: &'a BTreeSet<Action>,
+    csr: Option<crate::mint::VerifiedCsr>,
+    ttl: Option<Duration>,
+    client_cert_sha256: Option<&'a str>,
+}
+
 /// Prefix of the claim mapping a job to its task.
 const TASK_CLAIM: &str = "ci-task";
 /// Prefix of the claim recording that an ID token was exchanged for an audience.
@@ -82,34 +96,33 @@ fn token_error(e: CiError) -> BrokerError {
 }
 
 impl Broker {
-    /// Verifies `token` (and the job name given); a refusal is audited with the token's hash.
+    /// Verifies `token`, after the rate limit of its `source`. Refusals are audited with the
+    /// token's hash, sampled (anyone can send garbage: it must not fill the disk).
     async fn verify_id_token(
         &self,
         action: PolicyAction,
         token: &str,
-        job: Option<&str>,
+        source: Option<IpAddr>,
     ) -> Result<VerifiedIdToken, BrokerError> {
         if self.ci.is_empty() {
             return Err(BrokerError::Precondition(
                 "this broker trusts no CI issuer (configure [[ci.issuers]])".into(),
             ));
         }
-        match self.ci.verify(token, job, self.clock.now()).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.audit.record(
-                    &AuditEvent::new(
-                        self.clock.now(),
-                        action.name(),
-                        crate::audit::UNVERIFIED_CI,
-                        false,
-                    )
+        if let Some(addr) = source {
+            self.rate_limit(Limited::Source, &limits::source_key(addr))?;
+        }
+        let now = self.clock.now();
+        self.ci.verify(token, now).await.map_err(|e| {
+            self.unverified.record(
+                &self.audit,
+                &AuditEvent::new(now, action.name(), crate::audit::UNVERIFIED_CI, false)
                     .reason(e.to_string())
                     .detail("id_token_sha256", sha256_hex(token.as_bytes())),
-                );
-                Err(token_error(e))
-            }
-        }
+                now,
+            );
+            token_error(e)
+        })
     }
 
     /// Audits a refusal of a verified CI job and hands the error back.
@@ -177,7 +190,7 @@ impl Broker {
     ) -> Result<CiExchanged, BrokerError> {
         let action = PolicyAction::ExchangeCiToken;
         let v = self
-            .verify_id_token(action, &request.id_token, request.job.as_deref())
+            .verify_id_token(action, &request.id_token, request.source)
             .await?;
         *issuer = Some(v.issuer.clone());
         let audience = Audience::parse(&request.audience).map_err(|_| BrokerError::Invalid {
@@ -206,10 +219,7 @@ impl Broker {
             });
         }
         let csr = match &request.csr {
-            Some(c) => Some(verify_csr(c).map_err(|e| BrokerError::Invalid {
-                field: "csr",
-                reason: e.to_string(),
-            })?),
+            Some(c) => Some(verify_csr(c).map_err(super::csr_error)?),
             None => None,
         };
         if csr.is_some() && self.ca.is_none() {
@@ -221,7 +231,7 @@ impl Broker {
             .ci
             .workload_id(&v.job)
             .map_err(|e| self.ci_refusal(action, &v, None, token_error(e)))?;
-        self.rate_limit(true, identity.as_str())?;
+        self.rate_limit(Limited::CiRepository, identity.as_str())?;
         // A locked repository gets nothing, not even a new task (the lease step checks again).
         if let Some(lock) = self.store.agent_lock(&identity, self.clock.now()).await? {
             return Err(self.ci_refusal(
@@ -231,77 +241,90 @@ impl Broker {
                 BrokerError::Denied(format!("the job's identity is locked: {}", lock.reason)),
             ));
         }
-        let kind = if csr.is_some() {
-            CredentialKind::X509
-        } else {
-            CredentialKind::Jwt
-        };
-        let ttl = request
-            .ttl
-            .unwrap_or(self.settings.limits.credential_ttl_default);
-        let scope: Vec<String> = actions.iter().map(ToString::to_string).collect();
 
-        let (task, verdict) = self
-            .ci_task(&v, &identity, &audience, &actions, kind, ttl)
-            .await?;
-        if task.state == TaskState::PendingApproval {
-            return Err(self.ci_refusal(action, &v, Some(task.id), BrokerError::Pending(task.id)));
-        }
-
-        let caller = PeerIdentity {
-            id: identity.clone(),
-            not_after: v.expires_at,
-            cert_sha256: request.client_cert_sha256.clone().unwrap_or_default(),
-        };
-        let issuance = self
-            .begin_issuance(&caller, &task.id, Some(ttl), action)
-            .await?;
-
-        // Once per token and audience, across replicas; released if the lease is not recorded.
+        // Once per token and audience, across replicas, and before anything is made from the
+        // token (a task, a lease); released if no credential comes of it.
         let replay_key = format!(
             "{EXCHANGE_CLAIM}:{}:{}:{audience}",
             v.issuer.name, v.token_id
         );
-        let lease_marker = random_id().map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let marker = random_id().map_err(|e| BrokerError::Internal(e.to_string()))?;
         let held = self
             .store
-            .claim(&replay_key, &lease_marker, v.expires_at + v.issuer.leeway)
+            .claim(&replay_key, &marker, v.expires_at + v.issuer.leeway)
             .await
             .map_err(BrokerError::from)?;
         if held.is_some() {
             return Err(self.ci_refusal(
                 action,
                 &v,
-                Some(task.id),
+                None,
                 BrokerError::Denied(format!(
                     "this ID token was already exchanged for {audience}: ask the CI provider for a new one"
                 )),
             ));
         }
+        let exchange = Exchange {
+            v: &v,
+            identity: &identity,
+            audience: &audience,
+            actions: &actions,
+            csr,
+            ttl: request.ttl,
+            client_cert_sha256: request.client_cert_sha256.as_deref(),
+        };
+        let result = self.exchange_claimed(exchange).await;
+        if result.is_err()
+            && let Err(release) = self.store.release_claim(&replay_key, &marker).await
+        {
+            tracing::warn!(error = %release, "could not release the exchange claim of a failed CI exchange");
+        }
+        result
+    }
+
+    /// The exchange once its token is claimed: the job's task, the lease, the credential.
+    async fn exchange_claimed(&self, x: Exchange<'_>) -> Result<CiExchanged, BrokerError> {
+        let action = PolicyAction::ExchangeCiToken;
+        let v = x.v;
+        let kind = if x.csr.is_some() {
+            CredentialKind::X509
+        } else {
+            CredentialKind::Jwt
+        };
+        let ttl = x.ttl.unwrap_or(self.settings.limits.credential_ttl_default);
+        let scope: Vec<String> = x.actions.iter().map(ToString::to_string).collect();
+
+        let (task, verdict) = self
+            .ci_task(v, x.identity, x.audience, x.actions, kind, ttl)
+            .await?;
+        if task.state == TaskState::PendingApproval {
+            return Err(self.ci_refusal(action, v, Some(task.id), BrokerError::Pending(task.id)));
+        }
+
+        let caller = PeerIdentity {
+            id: x.identity.clone(),
+            not_after: v.expires_at,
+            cert_sha256: x.client_cert_sha256.unwrap_or_default().to_owned(),
+        };
+        let issuance = self
+            .begin_issuance(&caller, &task.id, Some(ttl), action)
+            .await?;
         let (credential_id, serial) = super::new_credential_id(kind)?;
-        let lease = match self
+        let lease = self
             .record_lease(
                 &caller,
                 &issuance,
                 kind,
                 credential_id,
-                (kind == CredentialKind::Jwt).then(|| audience.to_string()),
+                (kind == CredentialKind::Jwt).then(|| x.audience.to_string()),
                 if kind == CredentialKind::Jwt {
                     scope
                 } else {
                     Vec::new()
                 },
             )
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                if let Err(release) = self.store.release_claim(&replay_key, &lease_marker).await {
-                    tracing::warn!(error = %release, "could not release the exchange claim of a failed CI exchange");
-                }
-                return Err(e);
-            }
-        };
+            .await?;
+        let (identity, csr) = (x.identity, x.csr);
 
         let credential = match (csr, serial, &self.ca) {
             (Some(csr), Some(serial), Some(ca)) => {
@@ -309,7 +332,7 @@ impl Broker {
                     .issue(
                         &csr,
                         &SvidRequest {
-                            id: &identity,
+                            id: identity,
                             task: &task.id,
                             serial,
                             now: issuance.now,
@@ -355,8 +378,8 @@ impl Broker {
         Ok(CiExchanged {
             credential,
             task: task.id,
-            identity,
-            job: v.job,
+            identity: identity.clone(),
+            job: v.job.clone(),
         })
     }
 
@@ -480,12 +503,14 @@ impl Broker {
             .min(self.settings.limits.credential_ttl_max)
             .min(task.deadline.duration_since(now).unwrap_or_default())
             .as_secs();
-        let context = serde_json::json!({
-            "kind": kind.as_str(),
-            "audience": audience.as_str(),
-            "actions": actions.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "ttl_secs": ttl_secs,
-        });
+        let actions: Vec<String> = actions.iter().map(ToString::to_string).collect();
+        let context = super::MintRequest {
+            kind,
+            audience: Some(audience.as_str()),
+            actions: &actions,
+            renewal: false,
+        }
+        .context(ttl_secs);
         self.policy.decide_as(
             Principal::CiJob(&v.job),
             PolicyAction::ExchangeCiToken,
@@ -576,18 +601,23 @@ impl Broker {
     pub async fn complete_ci_task(
         &self,
         id_token: &str,
-        job: Option<&str>,
+        source: Option<IpAddr>,
         outcome: Outcome,
     ) -> Result<(Task, usize), BrokerError> {
         let action = PolicyAction::CompleteCiTask;
-        let v = self.verify_id_token(action, id_token, job).await?;
+        let v = self.verify_id_token(action, id_token, source).await?;
         let identity = self
             .ci
             .workload_id(&v.job)
             .map_err(|e| self.ci_refusal(action, &v, None, token_error(e)))?;
         let key = format!("{TASK_CLAIM}:{}", v.job.task_key());
         let Some(id) = self.store.claimed(&key).await? else {
-            return Err(self.ci_refusal(action, &v, None, BrokerError::NotFound));
+            return Err(self.ci_refusal(
+                action,
+                &v,
+                None,
+                BrokerError::NotFound(super::Missing::CiTask),
+            ));
         };
         let id = TaskId::parse(&id)
             .map_err(|_| BrokerError::Internal(format!("claim {key} holds no task id")))?;

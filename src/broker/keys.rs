@@ -1,7 +1,8 @@
 //! Signing keys over time: every replica publishes the public key it signs with through the
 //! store (a heartbeat that keeps it listed while it signs and for as long after as a token it
 //! signed can live), reads back every published key so that its JWK Set and introspection know
-//! them all, and rotates its own key on an operator's request.
+//! them all, rotates its own key on an operator's request, and drops a revoked (compromised) key
+//! everywhere: at once on the replica asked, at the next refresh on the others.
 
 use std::time::{Duration, SystemTime};
 
@@ -10,6 +11,9 @@ use crate::audit::AuditEvent;
 use crate::identity::WorkloadId;
 use crate::mint::{JwtKey, PublishedKey};
 use crate::policy::{PolicyAction, Resource};
+
+/// Prefix of the claim marking a signing key revoked.
+const REVOKED_KEY_CLAIM: &str = "revoked-key";
 
 /// How often each replica republishes its key and reads back the others'.
 pub const KEY_REFRESH: Duration = Duration::from_secs(30);
@@ -43,13 +47,98 @@ impl Broker {
     /// [`BrokerError::Unavailable`]; the ring keeps the keys it had.
     pub async fn refresh_signing_keys(&self) -> Result<usize, BrokerError> {
         let now = self.clock.now();
-        let current = self.keys.current();
+        let mut current = self.keys.current();
+        // A key revoked on another replica is never signed with again.
+        if self.key_revoked(current.kid()).await? {
+            let _one = self.rotation.lock().await;
+            if self.keys.current().kid() == current.kid() {
+                tracing::error!(
+                    kid = current.kid(),
+                    "this replica's signing key was revoked; rotating"
+                );
+                self.rotate_now("key revocation", now).await?;
+            }
+            current = self.keys.current();
+        }
         let until = now + self.key_lifetime() + 2 * KEY_REFRESH;
         self.store
             .publish_key(&PublishedKey::of(&current, until))
             .await?;
-        let published = self.store.published_keys(now).await?;
-        Ok(self.keys.set_published(&published))
+        let mut published = self.store.published_keys(now).await?;
+        let mut kept = Vec::with_capacity(published.len());
+        for p in published.drain(..) {
+            if !self.key_revoked(&p.kid).await? {
+                kept.push(p);
+            }
+        }
+        Ok(self.keys.set_published(&kept))
+    }
+
+    /// Whether `kid` was revoked (`RevokeSigningKey`, on any replica).
+    async fn key_revoked(&self, kid: &str) -> Result<bool, BrokerError> {
+        Ok(self
+            .store
+            .claimed(&format!("{REVOKED_KEY_CLAIM}:{kid}"))
+            .await?
+            .is_some())
+    }
+
+    /// Drops the signing key `kid` from the JWK Set and introspection, if policy permits
+    /// `caller`: at once here, at the next key refresh on the other replicas (a replica that
+    /// signs with it rotates then). Returns the kids that still verify here.
+    ///
+    /// # Errors
+    /// [`BrokerError::Denied`]; [`BrokerError::Precondition`] when this replica signs with it;
+    /// [`BrokerError::NotFound`] when no key it knows has that kid; [`BrokerError::Unavailable`].
+    pub async fn revoke_signing_key(
+        &self,
+        caller: &WorkloadId,
+        kid: &str,
+    ) -> Result<Vec<String>, BrokerError> {
+        self.authorize(caller, PolicyAction::RevokeSigningKey, &Resource::Broker)?;
+        let _one = self.rotation.lock().await;
+        let now = self.clock.now();
+        let refuse = |e: BrokerError| {
+            self.audit.record(
+                &AuditEvent::new(now, "RevokeSigningKey", caller.as_str(), false)
+                    .reason(e.to_string())
+                    .detail("kid", kid),
+            );
+            e
+        };
+        if self.keys.current().kid() == kid {
+            return Err(refuse(BrokerError::Precondition(
+                "this replica signs with that key: rotate it first (`taskcred key rotate`), then \
+                 revoke it"
+                    .into(),
+            )));
+        }
+        let Some(published) = self
+            .store
+            .published_keys(now)
+            .await?
+            .into_iter()
+            .find(|p| p.kid == kid)
+        else {
+            return Err(refuse(BrokerError::NotFound(super::Missing::Key)));
+        };
+        // The mark first: every replica refuses the key once it sees it, whatever else fails.
+        let until = now + self.key_lifetime() + 2 * KEY_REFRESH;
+        self.store
+            .claim(&format!("{REVOKED_KEY_CLAIM}:{kid}"), "revoked", until)
+            .await?;
+        self.store
+            .publish_key(&PublishedKey {
+                until: now,
+                ..published
+            })
+            .await?;
+        self.keys.forget(kid);
+        tracing::warn!(%kid, operator = %caller, "signing key revoked");
+        self.audit.record(
+            &AuditEvent::new(now, "RevokeSigningKey", caller.as_str(), true).detail("kid", kid),
+        );
+        Ok(self.keys.kids())
     }
 
     /// Replaces this replica's JWT signing key, if policy permits `caller`: a fresh key of the
@@ -68,10 +157,14 @@ impl Broker {
         self.authorize(caller, PolicyAction::RotateSigningKey, &Resource::Broker)?;
         // One rotation at a time in this process: the key file has one writer.
         let _one = self.rotation.lock().await;
+        self.rotate_now(caller.as_str(), self.clock.now()).await
+    }
+
+    /// Rotates (the caller holds `rotation`, or is the key refresh); `principal` is who asked.
+    async fn rotate_now(&self, principal: &str, now: SystemTime) -> Result<Rotation, BrokerError> {
         let previous = self.keys.current();
         let next = JwtKey::generate(previous.algorithm())
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let now = self.clock.now();
         // Verifiers learn the new key before it signs anything; a store that cannot be written
         // refuses the rotation with nothing changed.
         let until = now + self.key_lifetime() + 2 * KEY_REFRESH;
@@ -87,7 +180,7 @@ impl Broker {
             .map_err(|e| {
                 tracing::error!(error = %e, "key rotation failed; the current key keeps signing");
                 self.audit.record(
-                    &AuditEvent::new(now, "RotateSigningKey", caller.as_str(), false)
+                    &AuditEvent::new(now, "RotateSigningKey", principal, false)
                         .reason(e.to_string()),
                 );
                 BrokerError::Internal(e.to_string())
@@ -107,7 +200,7 @@ impl Broker {
         }
         tracing::info!(previous_kid = previous.kid(), kid, "signing key rotated");
         self.audit.record(
-            &AuditEvent::new(now, "RotateSigningKey", caller.as_str(), true)
+            &AuditEvent::new(now, "RotateSigningKey", principal, true)
                 .detail("previous_kid", previous.kid())
                 .detail("kid", kid.as_str()),
         );

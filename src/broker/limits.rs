@@ -1,5 +1,6 @@
-//! Per-identity issuance rate limits: a token bucket per identity (an agent's SPIFFE ID, a CI
-//! job's repository identity), in this replica's memory. A bucket refills at `rate` per second
+//! Rate limits: a token bucket per identity (an agent's SPIFFE ID, a CI job's repository
+//! identity) or per source address (the public RPCs, before anything is verified), in this
+//! replica's memory. A bucket refills at `rate` per second
 //! up to `burst`; an empty one refuses with the time until the next token. The map is bounded:
 //! full buckets (identities quiet for a while) are dropped first, as they carry no state.
 //!
@@ -15,6 +16,43 @@ pub const RATE_LIMITED: &str = "taskcred_rate_limited_total";
 
 /// Most identities tracked at once; past it, quiet ones are forgotten.
 const MAX_KEYS: usize = 100_000;
+
+/// What a bucket is kept for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    /// An agent's issuance (tokens, certificates, renewals), by SPIFFE ID.
+    Agent,
+    /// A CI repository's exchanges, by its CI identity.
+    CiRepository,
+    /// The public RPCs (no client certificate), by source address, before any verification.
+    Source,
+}
+
+impl Limited {
+    /// The `kind` label of [`RATE_LIMITED`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::CiRepository => "ci",
+            Self::Source => "source",
+        }
+    }
+}
+
+/// The key of a source address: the address itself for IPv4, its /64 for IPv6 (one host
+/// commonly holds a whole /64, so finer keys would let it take many buckets).
+pub fn source_key(addr: std::net::IpAddr) -> String {
+    match addr {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = a.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
 
 /// The rate of one kind of identity.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -12,6 +12,7 @@ mod keys;
 mod leases;
 pub mod limits;
 pub mod metrics;
+mod pages;
 mod reaper;
 mod revocations;
 
@@ -22,7 +23,9 @@ pub use epoch::{EPOCH_CHECK, STORE_EPOCH_STARTED, STORE_RESETS, StoreReset};
 pub use keys::{KEY_REFRESH, Rotation};
 pub use leases::{LeasePage, LeaseQuery, MAX_LEASE_PAGE};
 pub use reaper::{LEASES_EXPIRED, REAPER_FAILURES, Reaped, TASKS_EXPIRED};
-pub use revocations::{FED, HEARTBEAT, MAX_WATCHES, RevocationWatch, WATCHERS, WatchEvent};
+pub use revocations::{
+    FED, HEARTBEAT, MAX_WATCHES, MAX_WATCHES_PER_IDENTITY, RevocationWatch, WATCHERS, WatchEvent,
+};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,9 +39,7 @@ use crate::mint::{
     random_serial, serial_hex, verify_csr,
 };
 use crate::policy::{PolicyAction, PolicyEngine, Resource, Verdict};
-use crate::store::{
-    IssueError, Store, StoreError, TaskPage, TaskQuery, UpdateError, check_renewable,
-};
+use crate::store::{IssueError, Store, StoreError, TaskQuery, UpdateError, check_renewable};
 use crate::task::{
     Action, Approval, Audience, Decision, Outcome, RawTaskRequest, Task, TaskError, TaskId,
     TaskLimits, TaskRequest,
@@ -66,9 +67,9 @@ pub enum BrokerError {
     /// Policy or separation of duties refuses (`PERMISSION_DENIED`).
     #[error("{0}")]
     Denied(String),
-    /// No such task (`NOT_FOUND`).
-    #[error("no such task")]
-    NotFound,
+    /// No such task, lease... (`NOT_FOUND`).
+    #[error("{0}")]
+    NotFound(Missing),
     /// The task's state does not allow it (`FAILED_PRECONDITION`).
     #[error("{0}")]
     Precondition(String),
@@ -78,6 +79,9 @@ pub enum BrokerError {
     /// A limit of this broker is reached (`RESOURCE_EXHAUSTED`); retry later.
     #[error("{0}")]
     Exhausted(String),
+    /// A position the caller gave is not one the broker holds (`OUT_OF_RANGE`).
+    #[error("{0}")]
+    OutOfRange(String),
     /// The proof of identity is refused (`UNAUTHENTICATED`): a CI ID token that fails a check.
     #[error("{0}")]
     Unauthenticated(String),
@@ -90,6 +94,24 @@ pub enum BrokerError {
     /// Something that should not happen (`INTERNAL`); details are logged, not returned.
     #[error("internal error")]
     Internal(String),
+}
+
+/// What a `NOT_FOUND` did not find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Missing {
+    /// No task has the id.
+    #[error("no such task")]
+    Task,
+    /// No lease has the id.
+    #[error("no such lease")]
+    Lease,
+    /// No published signing key has the kid.
+    #[error("no published signing key has that kid")]
+    Key,
+    /// The CI job has no task: it never exchanged an ID token.
+    #[error("no task for this job: it has not exchanged an ID token")]
+    CiTask,
 }
 
 impl From<TaskError> for BrokerError {
@@ -117,7 +139,7 @@ impl From<StoreError> for BrokerError {
 impl From<IssueError> for BrokerError {
     fn from(e: IssueError) -> Self {
         match e {
-            IssueError::NotFound => Self::NotFound,
+            IssueError::NotFound => Self::NotFound(Missing::Task),
             IssueError::Refused(t) => t.into(),
             IssueError::Locked(reason) => Self::Denied(format!("agent is locked: {reason}")),
             IssueError::Store(s) => s.into(),
@@ -128,10 +150,18 @@ impl From<IssueError> for BrokerError {
 impl From<UpdateError> for BrokerError {
     fn from(e: UpdateError) -> Self {
         match e {
-            UpdateError::NotFound => Self::NotFound,
+            UpdateError::NotFound => Self::NotFound(Missing::Task),
             UpdateError::Rejected(t) => t.into(),
             UpdateError::Store(s) => s.into(),
         }
+    }
+}
+
+/// The refusal of a CSR.
+fn csr_error(e: crate::mint::CsrError) -> BrokerError {
+    BrokerError::Invalid {
+        field: "csr",
+        reason: e.to_string(),
     }
 }
 
@@ -158,8 +188,18 @@ pub struct ListRequest {
     pub requester: Option<WorkloadId>,
     /// Page size (default 20, at most 100).
     pub page_size: Option<usize>,
-    /// Continue after this task.
-    pub page_token: Option<TaskId>,
+    /// The opaque token of the previous page (see [`TaskListing`]).
+    pub page_token: Option<String>,
+}
+
+/// One page of `ListTasks`.
+#[derive(Debug, Clone, Default)]
+pub struct TaskListing {
+    /// The tasks the caller may read, newest first.
+    pub tasks: Vec<Task>,
+    /// Where the next page starts, if there may be more: opaque and bound to the caller (the
+    /// scan may have stopped at a task the caller may not read).
+    pub next_page_token: Option<String>,
 }
 
 /// Settings of the use cases.
@@ -175,6 +215,10 @@ pub struct BrokerSettings {
     pub agent_rate: Option<limits::Rate>,
     /// CI exchange rate per repository identity; `None`: unlimited.
     pub ci_rate: Option<limits::Rate>,
+    /// Rate of the public RPCs per source address, before verification; `None`: unlimited.
+    pub public_rate: Option<limits::Rate>,
+    /// How long a lock that policy asks for after a failed task lasts.
+    pub lock_on_failure: Duration,
 }
 
 /// What `IssueToken` asks for.
@@ -222,6 +266,39 @@ struct Issuance {
 impl Issuance {
     fn exp_secs(&self) -> u64 {
         self.now_secs + self.ttl_secs
+    }
+}
+
+/// What is about to be minted, as policy is told it (the context of `IssueToken`,
+/// `IssueCertificate` and `ExchangeCiToken`, the same on every path).
+#[derive(Debug, Clone, Copy)]
+struct MintRequest<'a> {
+    kind: CredentialKind,
+    /// The one audience of a JWT; none for a certificate.
+    audience: Option<&'a str>,
+    /// The actions a JWT grants (its scope); none for a certificate.
+    actions: &'a [String],
+    /// A renewal of an existing lease.
+    renewal: bool,
+}
+
+impl MintRequest<'_> {
+    /// The Cedar action deciding this kind of credential for a workload.
+    fn action(&self) -> PolicyAction {
+        match self.kind {
+            CredentialKind::Jwt => PolicyAction::IssueToken,
+            CredentialKind::X509 => PolicyAction::IssueCertificate,
+        }
+    }
+
+    fn context(&self, ttl_secs: u64) -> serde_json::Value {
+        serde_json::json!({
+            "kind": self.kind.as_str(),
+            "audience": self.audience.unwrap_or_default(),
+            "actions": self.actions,
+            "ttl_secs": ttl_secs,
+            "renewal": self.renewal,
+        })
     }
 }
 
@@ -283,9 +360,16 @@ pub struct Broker {
     crl: Arc<crl::CrlCache>,
     /// The CI issuers trusted for the CI exchange.
     ci: Arc<crate::ci::CiIssuers>,
-    /// Issuance rate limits per agent and per CI repository.
+    /// Issuance rate limits per agent and per CI repository, and the rate of the public
+    /// (unauthenticated) RPCs per source address, before any verification.
     agent_limiter: Arc<limits::RateLimiter>,
     ci_limiter: Arc<limits::RateLimiter>,
+    source_limiter: Arc<limits::RateLimiter>,
+    /// The key of `ListTasks` page tokens, shared by the replicas through the store.
+    page_key: Arc<tokio::sync::OnceCell<ring::aead::LessSafeKey>>,
+    /// Refusals of callers no proof was verified for, written to the audit log as samples and
+    /// counts, so that garbage cannot fill the disk.
+    unverified: Arc<crate::audit::Sampler>,
     settings: BrokerSettings,
 }
 
@@ -329,24 +413,32 @@ impl Broker {
             ci: Arc::new(parts.ci),
             agent_limiter: Arc::new(limits::RateLimiter::new(settings.agent_rate)),
             ci_limiter: Arc::new(limits::RateLimiter::new(settings.ci_rate)),
+            source_limiter: Arc::new(limits::RateLimiter::new(settings.public_rate)),
+            unverified: Arc::default(),
+            page_key: Arc::default(),
             settings,
         }
     }
 
-    /// Takes an issuance token of `identity` (a CI repository's when `ci`).
-    fn rate_limit(&self, ci: bool, identity: &str) -> Result<(), BrokerError> {
-        let limiter = if ci {
-            &self.ci_limiter
-        } else {
-            &self.agent_limiter
+    /// Takes a token of `key` from the bucket of its kind.
+    fn rate_limit(&self, kind: limits::Limited, key: &str) -> Result<(), BrokerError> {
+        let limiter = match kind {
+            limits::Limited::Agent => &self.agent_limiter,
+            limits::Limited::CiRepository => &self.ci_limiter,
+            limits::Limited::Source => &self.source_limiter,
         };
         limiter
-            .take(identity, std::time::Instant::now())
+            .take(key, std::time::Instant::now())
             .map_err(|wait| {
-                ::metrics::counter!(limits::RATE_LIMITED, "kind" => if ci { "ci" } else { "agent" })
-                    .increment(1);
+                ::metrics::counter!(limits::RATE_LIMITED, "kind" => kind.name()).increment(1);
                 BrokerError::RateLimited(wait)
             })
+    }
+
+    /// Writes the count of sampled-out refusals of unverified callers, once their window has
+    /// passed (called every minute by the app).
+    pub fn flush_unverified_refusals(&self) {
+        self.unverified.flush(&self.audit, self.clock.now());
     }
 
     /// The policy engine (for reloads on SIGHUP).
@@ -366,7 +458,18 @@ impl Broker {
         action: PolicyAction,
         resource: &Resource<'_>,
     ) -> Result<Verdict, BrokerError> {
-        let verdict = self.policy.decide(caller, action, resource);
+        self.authorize_in(caller, action, resource, None)
+    }
+
+    /// As [`Broker::authorize`], with a request context.
+    fn authorize_in(
+        &self,
+        caller: &WorkloadId,
+        action: PolicyAction,
+        resource: &Resource<'_>,
+        context: Option<serde_json::Value>,
+    ) -> Result<Verdict, BrokerError> {
+        let verdict = self.policy.decide_in(caller, action, resource, context);
         let mut event = AuditEvent::new(
             self.clock.now(),
             action.name(),
@@ -439,6 +542,13 @@ impl Broker {
         raw: RawTaskRequest,
     ) -> Result<Task, BrokerError> {
         let request = TaskRequest::parse(raw, &self.settings.limits)?;
+        // A CI job's task is made only by the exchange of its ID token, never asked for.
+        if request.executor.trust_domain() == self.ci.trust_domain() {
+            return Err(BrokerError::Invalid {
+                field: "executor",
+                reason: "a CI identity's tasks come only from ExchangeCiToken".into(),
+            });
+        }
         let now = self.clock.now();
         let id = TaskId::generate();
         // The quorum is not known before policy answers; the provisional task only informs it.
@@ -462,7 +572,10 @@ impl Broker {
     }
 
     async fn load(&self, id: &TaskId) -> Result<Task, BrokerError> {
-        self.store.get_task(id).await?.ok_or(BrokerError::NotFound)
+        self.store
+            .get_task(id)
+            .await?
+            .ok_or(BrokerError::NotFound(Missing::Task))
     }
 
     /// Reads a task, with its grants, labels and approval history.
@@ -484,7 +597,7 @@ impl Broker {
         &self,
         caller: &WorkloadId,
         request: ListRequest,
-    ) -> Result<TaskPage, BrokerError> {
+    ) -> Result<TaskListing, BrokerError> {
         let limit = request.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
         if limit == 0 || limit > MAX_PAGE_SIZE {
             return Err(BrokerError::Invalid {
@@ -493,13 +606,17 @@ impl Broker {
             });
         }
         self.authorize(caller, PolicyAction::ListTasks, &Resource::Broker)?;
+        let before = match &request.page_token {
+            Some(token) => Some(self.open_page(caller, token).await?),
+            None => None,
+        };
         let mut page = self
             .store
             .list_tasks(&TaskQuery {
                 state: request.state,
                 executor: request.executor,
                 requester: request.requester,
-                before: request.page_token,
+                before,
                 limit,
                 max_scan: MAX_SCAN,
             })
@@ -509,7 +626,14 @@ impl Broker {
                 .decide(caller, PolicyAction::GetTask, &Resource::Task(t))
                 .allowed
         });
-        Ok(page)
+        let next_page_token = match page.next {
+            Some(next) => Some(self.seal_page(caller, next).await?),
+            None => None,
+        };
+        Ok(TaskListing {
+            tasks: page.tasks,
+            next_page_token,
+        })
     }
 
     /// Records an approval or denial by `caller`. Separation of duties holds whatever policy
@@ -530,6 +654,7 @@ impl Broker {
             Decision::Approve => PolicyAction::ApproveTask,
             Decision::Deny => PolicyAction::DenyTask,
         };
+        crate::task::check_note(&note)?;
         let task = self.load(id).await?;
         self.authorize(caller, action, &Resource::Task(&task))?;
         let now = self.clock.now();
@@ -670,7 +795,7 @@ impl Broker {
         request: TokenRequest,
     ) -> Result<IssuedToken, BrokerError> {
         let start = std::time::Instant::now();
-        let result = match self.rate_limit(false, caller.id.as_str()) {
+        let result = match self.rate_limit(limits::Limited::Agent, caller.id.as_str()) {
             Ok(()) => self.issue_token_unmetered(caller, request).await,
             Err(e) => Err(e),
         };
@@ -726,13 +851,16 @@ impl Broker {
         actions.sort();
         actions.dedup();
 
-        let context = serde_json::json!({
-            "audience": audience.as_str(),
-            "actions": actions,
-            "ttl_secs": issuance.ttl_secs,
-        });
-        let verdict =
-            self.authorize_issuance(caller, PolicyAction::IssueToken, &issuance, context)?;
+        let verdict = self.authorize_issuance(
+            caller,
+            &issuance,
+            &MintRequest {
+                kind: CredentialKind::Jwt,
+                audience: Some(audience.as_str()),
+                actions: &actions,
+                renewal: false,
+            },
+        )?;
         let jti = random_id().map_err(|e| BrokerError::Internal(e.to_string()))?;
         let lease = self
             .record_lease(
@@ -769,7 +897,7 @@ impl Broker {
         ttl: Option<Duration>,
     ) -> Result<IssuedCertificate, BrokerError> {
         let start = std::time::Instant::now();
-        let result = match self.rate_limit(false, caller.id.as_str()) {
+        let result = match self.rate_limit(limits::Limited::Agent, caller.id.as_str()) {
             Ok(()) => {
                 self.issue_certificate_unmetered(caller, task, csr, ttl)
                     .await
@@ -787,10 +915,7 @@ impl Broker {
         csr: &[u8],
         ttl: Option<Duration>,
     ) -> Result<IssuedCertificate, BrokerError> {
-        let csr = verify_csr(csr).map_err(|e| BrokerError::Invalid {
-            field: "csr",
-            reason: e.to_string(),
-        })?;
+        let csr = verify_csr(csr).map_err(csr_error)?;
         let Some(ca) = &self.ca else {
             return Err(BrokerError::Precondition(
                 "this broker has no issuing CA configured (issuer.ca_cert)".into(),
@@ -799,9 +924,16 @@ impl Broker {
         let issuance = self
             .begin_issuance(caller, task, ttl, PolicyAction::IssueCertificate)
             .await?;
-        let context = serde_json::json!({ "ttl_secs": issuance.ttl_secs });
-        let verdict =
-            self.authorize_issuance(caller, PolicyAction::IssueCertificate, &issuance, context)?;
+        let verdict = self.authorize_issuance(
+            caller,
+            &issuance,
+            &MintRequest {
+                kind: CredentialKind::X509,
+                audience: None,
+                actions: &[],
+                renewal: false,
+            },
+        )?;
         let serial = random_serial().map_err(|e| BrokerError::Internal(e.to_string()))?;
         let lease = self
             .record_lease(
@@ -852,7 +984,7 @@ impl Broker {
         csr: Option<&[u8]>,
     ) -> Result<Renewed, BrokerError> {
         let start = std::time::Instant::now();
-        let result = match self.rate_limit(false, caller.id.as_str()) {
+        let result = match self.rate_limit(limits::Limited::Agent, caller.id.as_str()) {
             Ok(()) => self.renew_lease_unmetered(caller, id, ttl, csr).await,
             Err(e) => Err(e),
         };
@@ -879,14 +1011,9 @@ impl Broker {
             .store
             .get_lease(id)
             .await?
-            .ok_or(BrokerError::NotFound)?;
+            .ok_or(BrokerError::NotFound(Missing::Lease))?;
         let csr = match (lease.kind, csr) {
-            (CredentialKind::X509, Some(c)) => {
-                Some(verify_csr(c).map_err(|e| BrokerError::Invalid {
-                    field: "csr",
-                    reason: e.to_string(),
-                })?)
-            }
+            (CredentialKind::X509, Some(c)) => Some(verify_csr(c).map_err(csr_error)?),
             (CredentialKind::X509, None) => {
                 return Err(BrokerError::Invalid {
                     field: "csr",
@@ -905,8 +1032,6 @@ impl Broker {
                 BrokerError::Denied("only the lease's agent may renew it".into()),
             ));
         }
-        let verdict =
-            self.authorize(&caller.id, PolicyAction::RenewLease, &Resource::Task(&task))?;
         if let Err(e) =
             check_issuable(&task, &caller.id, now).and_then(|()| check_renewable(&lease, now))
         {
@@ -948,13 +1073,29 @@ impl Broker {
             now,
             ttl_secs,
         };
+        let verdict = self.authorize_issuance(
+            caller,
+            &issuance,
+            &MintRequest {
+                kind: lease.kind,
+                audience: lease.audience.as_deref(),
+                actions: &lease.actions,
+                renewal: true,
+            },
+        )?;
         let (credential, serial) = new_credential_id(lease.kind)?;
         let expires_at = UNIX_EPOCH + Duration::from_secs(issuance.exp_secs());
         let renewed = self
             .store
             .renew_lease(id, &credential, expires_at, now)
             .await
-            .map_err(|e| self.refusal(PolicyAction::RenewLease, caller, lease.task, e.into()))?;
+            .map_err(|e| {
+                let e = match e {
+                    IssueError::NotFound => BrokerError::NotFound(Missing::Lease),
+                    e => e.into(),
+                };
+                self.refusal(PolicyAction::RenewLease, caller, lease.task, e)
+            })?;
         let credential = match (serial, csr, &self.ca) {
             (Some(serial), Some(csr), Some(ca)) => Credential::Certificate {
                 certificate_pem: ca
@@ -1018,7 +1159,7 @@ impl Broker {
             .store
             .get_lease(id)
             .await?
-            .ok_or(BrokerError::NotFound)?;
+            .ok_or(BrokerError::NotFound(Missing::Lease))?;
         let task = self.load(&lease.task).await?;
         let verdict = self.authorize(caller, PolicyAction::RevokeLease, &Resource::Task(&task))?;
         let now = self.clock.now();
@@ -1026,7 +1167,10 @@ impl Broker {
             .store
             .revoke_lease(id, &format!("revoked by {caller}"), now)
             .await
-            .map_err(BrokerError::from)
+            .map_err(|e| match e {
+                UpdateError::NotFound => BrokerError::NotFound(Missing::Lease),
+                e => e.into(),
+            })
             .inspect_err(|e| self.audit_refusal(PolicyAction::RevokeLease, caller, task.id, e))?;
         self.audit.record(
             &AuditEvent::new(now, "RevokeLease", caller.as_str(), true)
@@ -1089,6 +1233,21 @@ impl Broker {
         }
         let task = self.load(task).await?;
         let now = self.clock.now();
+        // A CI job's credentials come from ExchangeCiToken alone (its identity cannot pass the
+        // TLS layer either: the CI trust domain is never one of mTLS).
+        if (task.executor.trust_domain() == self.ci.trust_domain())
+            != (action == PolicyAction::ExchangeCiToken)
+        {
+            return Err(self.refusal(
+                action,
+                caller,
+                task.id,
+                BrokerError::Denied(
+                    "a CI job's credentials come only from ExchangeCiToken, with its ID token"
+                        .into(),
+                ),
+            ));
+        }
         if let Err(e) = check_issuable(&task, &caller.id, now) {
             let e = self.explain_by_lock(&caller.id, e.into()).await;
             return Err(self.refusal(action, caller, task.id, e));
@@ -1118,18 +1277,21 @@ impl Broker {
         })
     }
 
+    /// The one issuance decision of every path that mints for a workload (a fresh token or
+    /// certificate, a renewal): the kind's action with the same context, so that a renewal is
+    /// never granted what a fresh issuance would be refused.
     fn authorize_issuance(
         &self,
         caller: &PeerIdentity,
-        action: PolicyAction,
         issuance: &Issuance,
-        context: serde_json::Value,
+        mint: &MintRequest<'_>,
     ) -> Result<Verdict, BrokerError> {
+        let action = mint.action();
         let verdict = self.policy.decide_in(
             &caller.id,
             action,
             &Resource::Task(&issuance.task),
-            Some(context),
+            Some(mint.context(issuance.ttl_secs)),
         );
         if verdict.allowed {
             return Ok(verdict);

@@ -95,9 +95,13 @@ impl Broker {
             }
         }
         let expire: TaskChange = Arc::new(move |task: &mut Task| task.expire(now));
+        // A task whose end fails stays due (the next round tries again) and does not hold up
+        // the others of its batch; a batch of nothing but failures ends the round.
+        let mut failed = 0usize;
         loop {
-            let due = self.store.overdue_tasks(now, BATCH).await?;
-            for id in &due {
+            let due = self.store.overdue_tasks(now, BATCH + failed).await?;
+            let mut progressed = false;
+            for id in due.iter().skip(failed) {
                 match self
                     .store
                     .end_task(id, expire.clone(), self.settings.task_retention)
@@ -119,11 +123,17 @@ impl Broker {
                     }
                     // Ended before its deadline, by another replica, or pruned: nothing to do.
                     Err(UpdateError::Rejected(_) | UpdateError::NotFound) => {}
-                    Err(UpdateError::Store(e)) => return Err(e.into()),
+                    Err(UpdateError::Store(e)) => {
+                        metrics::counter!(REAPER_FAILURES).increment(1);
+                        tracing::warn!(task = %id, error = %e, "reaper: ending an overdue task failed; it stays due");
+                        failed += 1;
+                        continue;
+                    }
                 }
                 self.store.forget_deadline(id).await?;
+                progressed = true;
             }
-            if due.len() < BATCH {
+            if due.len() < BATCH + failed || !progressed {
                 break;
             }
         }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, BrokerError};
 use crate::identity::WorkloadId;
 use crate::lease::{Cursor, Revocation};
+use crate::policy::{PolicyAction, Resource};
 use crate::store::{Epoch, Store, unix_ms};
 
 /// How long one read of the log waits for an entry; also how often an idle feed proves the
@@ -32,6 +33,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 const FEED_CURRENT_MS: u64 = 6000;
 /// Most open watches per broker process.
 pub const MAX_WATCHES: usize = 1024;
+/// Most open watches of one identity per broker process: a verifier that opens more is
+/// misbehaving, and no identity can take the slots of the others.
+pub const MAX_WATCHES_PER_IDENTITY: usize = 16;
 /// Longest audience filter accepted.
 const MAX_AUDIENCE_BYTES: usize = 256;
 
@@ -49,6 +53,8 @@ pub(super) struct RevocationHub {
     /// When the feed last read the log successfully (ms since the epoch; 0 never).
     current_ms: AtomicU64,
     watches: Arc<Semaphore>,
+    /// Open watches by identity.
+    per_identity: Arc<std::sync::Mutex<std::collections::HashMap<WorkloadId, usize>>>,
     /// Cancelled when the feed stops (the broker shuts down): watches end, so that the server
     /// can drain.
     stopping: CancellationToken,
@@ -61,6 +67,7 @@ impl Default for RevocationHub {
             ready: tokio::sync::watch::Sender::new(false),
             current_ms: AtomicU64::new(0),
             watches: Arc::new(Semaphore::new(MAX_WATCHES)),
+            per_identity: Arc::default(),
             stopping: CancellationToken::new(),
         }
     }
@@ -108,6 +115,44 @@ pub struct RevocationWatch {
     /// When the last event was delivered (heartbeats count from there).
     last_sent: tokio::time::Instant,
     _permit: OwnedSemaphorePermit,
+    _identity: IdentitySlot,
+}
+
+/// One watch of an identity, counted until dropped.
+#[derive(Debug)]
+struct IdentitySlot {
+    who: WorkloadId,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<WorkloadId, usize>>>,
+}
+
+impl IdentitySlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<WorkloadId, usize>>>,
+        who: &WorkloadId,
+    ) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(who.clone()).or_default();
+        if *n >= MAX_WATCHES_PER_IDENTITY {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            who: who.clone(),
+            counts: counts.clone(),
+        })
+    }
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.who);
+            }
+        }
+    }
 }
 
 impl Broker {
@@ -156,13 +201,17 @@ impl Broker {
         }
     }
 
-    /// Opens a watch of revocations for any authenticated caller: after `after` when resuming,
-    /// else from the current revoked-and-unexpired set; only JWTs for `audience` when given.
+    /// Opens a watch of revocations for a caller policy lets watch (`WatchRevocations`: a
+    /// verifier's role): after `after` when resuming, else from the current
+    /// revoked-and-unexpired set; only JWTs for `audience` when given.
     ///
     /// # Errors
-    /// [`BrokerError::Invalid`] for a bad audience; [`BrokerError::Exhausted`] when this process
-    /// has [`MAX_WATCHES`] open.
-    pub fn watch_revocations(
+    /// [`BrokerError::Invalid`] for a bad audience; [`BrokerError::Denied`] by policy;
+    /// [`BrokerError::OutOfRange`] for a cursor past the end of the log (a verifier that
+    /// resumed there would believe itself current while missing what follows);
+    /// [`BrokerError::Exhausted`] when this process has [`MAX_WATCHES`] open, or the caller
+    /// [`MAX_WATCHES_PER_IDENTITY`]; [`BrokerError::Unavailable`].
+    pub async fn watch_revocations(
         &self,
         caller: &WorkloadId,
         after: Option<Cursor>,
@@ -178,6 +227,22 @@ impl Broker {
                 ),
             });
         }
+        self.authorize(caller, PolicyAction::WatchRevocations, &Resource::Broker)?;
+        if let Some(after) = after {
+            let head = self.store.revocation_head().await?;
+            if after > head {
+                return Err(BrokerError::OutOfRange(format!(
+                    "after: cursor {after} is past the end of the revocation log ({head}); \
+                     resume from an earlier cursor, or start over without one"
+                )));
+            }
+        }
+        let identity =
+            IdentitySlot::take(&self.revocations.per_identity, caller).ok_or_else(|| {
+                BrokerError::Exhausted(format!(
+                    "this identity has {MAX_WATCHES_PER_IDENTITY} revocation watches open"
+                ))
+            })?;
         let permit = self
             .revocations
             .watches
@@ -199,6 +264,7 @@ impl Broker {
             synced: false,
             last_sent: tokio::time::Instant::now(),
             _permit: permit,
+            _identity: identity,
         })
         .inspect(|_| metrics::gauge!(WATCHERS).increment(1.0))
     }

@@ -9,9 +9,6 @@ use super::CiError;
 /// Longest claim value taken from an ID token, in bytes.
 pub const MAX_CLAIM_BYTES: usize = 1024;
 
-/// Longest job name a pipeline may give, in bytes.
-pub const MAX_JOB_BYTES: usize = 100;
-
 /// Which provider's claim names an issuer uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,7 +42,8 @@ pub struct ClaimNames {
     pub job_workflow_ref: Option<String>,
     pub run_id: Option<String>,
     pub run_attempt: Option<String>,
-    /// A signed job id; without one the pipeline names its job in the request.
+    /// A signed job id (GitHub's `check_run_id`, GitLab's `job_id`); a token without one is
+    /// told apart from its siblings by its other signed claims only.
     pub job: Option<String>,
     pub actor: Option<String>,
     pub sha: Option<String>,
@@ -75,7 +73,8 @@ impl ClaimNames {
                 job_workflow_ref: some("job_workflow_ref"),
                 run_id: some("run_id"),
                 run_attempt: some("run_attempt"),
-                job: None,
+                // Since November 2025; older GitHub Enterprise Servers leave it out.
+                job: some("check_run_id"),
                 actor: some("actor"),
                 sha: some("sha"),
                 runner_environment: some("runner_environment"),
@@ -183,7 +182,8 @@ pub struct CiJob {
     pub run_id: String,
     /// The attempt of the run, from 1.
     pub run_attempt: i64,
-    /// The job: a signed job id, or the name the pipeline gave.
+    /// The job's signed id (GitHub's `check_run_id`, GitLab's `job_id`); empty when the token
+    /// carries none. Never a name the pipeline gave: that is not signed.
     pub job: String,
     /// Who triggered the run.
     pub actor: String,
@@ -230,37 +230,16 @@ fn field(
     }
 }
 
-/// Checks a job name given by the pipeline: 1 to 100 bytes of `A-Z a-z 0-9 . _ -`.
-///
-/// # Errors
-/// [`CiError::Claims`] naming the field.
-fn check_job_name(job: &str) -> Result<(), CiError> {
-    let ok = !job.is_empty()
-        && job.len() <= MAX_JOB_BYTES
-        && job
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(CiError::Claims(
-            "job: 1 to 100 bytes of A-Z a-z 0-9 . _ -".into(),
-        ))
-    }
-}
-
 impl CiJob {
-    /// The job the verified `claims` describe, read with `names`. `job` is the name the pipeline
-    /// gave; a signed job claim, when the provider has one, wins and must agree with it.
+    /// The job the verified `claims` describe, read with `names`: signed claims only.
     ///
     /// # Errors
     /// [`CiError::Claims`]: a required claim missing, a value too long, of the wrong type or with
-    /// control characters, or a job name that contradicts the token.
+    /// control characters.
     pub fn from_claims(
         issuer_name: &str,
         names: &ClaimNames,
         claims: &Map<String, Value>,
-        job: Option<&str>,
     ) -> Result<Self, CiError> {
         let ref_protected = match &names.ref_protected {
             None => false,
@@ -279,20 +258,7 @@ impl CiJob {
                 _ => return Err(bad_claim("run_attempt", "not a positive integer")),
             },
         };
-        let signed_job = field(claims, names.job.as_ref(), names.job.is_some())?;
-        let job = match (signed_job.is_empty(), job) {
-            (false, Some(given)) if given != signed_job => {
-                return Err(CiError::Claims(format!(
-                    "job: the token is for job {signed_job}, not {given}"
-                )));
-            }
-            (false, _) => signed_job,
-            (true, Some(given)) => {
-                check_job_name(given)?;
-                given.to_owned()
-            }
-            (true, None) => "default".to_owned(),
-        };
+        let job = field(claims, names.job.as_ref(), false)?;
         let subject = text(claims, "sub")?
             .filter(|s| !s.is_empty())
             .ok_or_else(|| bad_claim("sub", "missing"))?;
@@ -321,7 +287,10 @@ impl CiJob {
         })
     }
 
-    /// The key of the job's task: the same for every ID token of one job of one run attempt.
+    /// The key of the job's task: the same for every ID token of one job of one run attempt,
+    /// made of signed claims only, so that no job can name itself into another's task. Jobs
+    /// whose tokens carry no job id are told apart by their subject, workflow and environment;
+    /// two such jobs that agree on all of them are one principal and share one task.
     pub fn task_key(&self) -> String {
         let parts = [
             self.issuer.as_str(),
@@ -329,6 +298,9 @@ impl CiJob {
             self.run_id.as_str(),
             &self.run_attempt.to_string(),
             self.job.as_str(),
+            self.subject.as_str(),
+            self.job_workflow_ref.as_str(),
+            self.environment.as_str(),
         ];
         // Length-prefixed, so that no two different tuples hash alike.
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -358,21 +330,16 @@ mod tests {
             "repository": "org/app", "repository_id": "42", "repository_owner": "org",
             "repository_owner_id": "7", "ref": "refs/heads/main", "ref_type": "branch",
             "event_name": "push", "run_id": "1001", "run_attempt": "2", "actor": "octocat",
+            "check_run_id": "77",
         }));
-        let job = CiJob::from_claims(
-            "github",
-            &ClaimNames::preset(Preset::Github),
-            &gh,
-            Some("deploy"),
-        )
-        .unwrap();
+        let job = CiJob::from_claims("github", &ClaimNames::preset(Preset::Github), &gh).unwrap();
         assert_eq!(
             (
                 job.repository_id.as_str(),
                 job.run_attempt,
                 job.job.as_str()
             ),
-            ("42", 2, "deploy")
+            ("42", 2, "77")
         );
         assert!(!job.ref_protected);
 
@@ -383,7 +350,7 @@ mod tests {
             "job_id": "900", "user_login": "alice",
         }));
         let names = ClaimNames::preset(Preset::Gitlab);
-        let job = CiJob::from_claims("gitlab", &names, &gl, None).unwrap();
+        let job = CiJob::from_claims("gitlab", &names, &gl).unwrap();
         assert_eq!(
             (
                 job.repository_id.as_str(),
@@ -393,8 +360,6 @@ mod tests {
             ("12", "900", 1)
         );
         assert!(job.ref_protected);
-        // A name that contradicts the signed job id is refused.
-        assert!(CiJob::from_claims("gitlab", &names, &gl, Some("901")).is_err());
     }
 
     #[test]
@@ -402,7 +367,7 @@ mod tests {
         let names = ClaimNames::preset(Preset::Gitlab);
         let base = json!({"iss": "i", "sub": "s", "project_path": "g/p", "project_id": "1",
             "pipeline_id": "5", "job_id": "9"});
-        assert!(CiJob::from_claims("x", &names, &obj(base.clone()), None).is_ok());
+        assert!(CiJob::from_claims("x", &names, &obj(base.clone())).is_ok());
         for (k, v) in [
             ("project_id", json!(null)),
             ("project_id", json!({"a": 1})),
@@ -414,16 +379,10 @@ mod tests {
             let mut c = obj(base.clone());
             c.insert(k.into(), v);
             assert!(
-                matches!(
-                    CiJob::from_claims("x", &names, &c, None),
-                    Err(CiError::Claims(_))
-                ),
+                matches!(CiJob::from_claims("x", &names, &c), Err(CiError::Claims(_))),
                 "{k}"
             );
         }
-        assert!(check_job_name("build-1.x").is_ok());
-        assert!(check_job_name("a/b").is_err());
-        assert!(check_job_name("").is_err());
     }
 
     #[test]
@@ -443,14 +402,39 @@ mod tests {
     }
 
     #[test]
-    fn task_keys_differ_by_every_part() {
+    fn task_keys_differ_by_every_signed_part() {
         let names = ClaimNames::preset(Preset::Github);
-        let c = obj(
-            json!({"iss": "i", "sub": "s", "repository": "o/r", "repository_id": "1", "run_id": "2"}),
-        );
-        let a = CiJob::from_claims("g", &names, &c, Some("a")).unwrap();
-        let b = CiJob::from_claims("g", &names, &c, Some("b")).unwrap();
-        assert_ne!(a.task_key(), b.task_key());
-        assert_eq!(a.task_key(), a.clone().task_key());
+        let base = json!({"iss": "i", "sub": "s", "repository": "o/r", "repository_id": "1",
+            "run_id": "2", "run_attempt": "1", "check_run_id": "3",
+            "job_workflow_ref": "o/r/.github/workflows/w.yml@refs/heads/main",
+            "environment": "production"});
+        let key = |v: &Value| {
+            CiJob::from_claims("g", &names, &obj(v.clone()))
+                .unwrap()
+                .task_key()
+        };
+        let k = key(&base);
+        assert_eq!(k, key(&base));
+        for (claim, other) in [
+            ("iss", json!("j")),
+            ("sub", json!("t")),
+            ("repository_id", json!("9")),
+            ("run_id", json!("9")),
+            ("run_attempt", json!("2")),
+            ("check_run_id", json!("9")),
+            (
+                "job_workflow_ref",
+                json!("o/r/.github/workflows/x.yml@refs/heads/main"),
+            ),
+            ("environment", json!("staging")),
+        ] {
+            let mut changed = base.clone();
+            changed[claim] = other;
+            assert_ne!(key(&changed), k, "{claim}");
+        }
+        // An unsigned job name is nowhere in the key: the repository name is not either.
+        let mut renamed = base.clone();
+        renamed["repository"] = json!("o/other");
+        assert_eq!(key(&renamed), k);
     }
 }

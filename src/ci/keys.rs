@@ -189,7 +189,34 @@ pub struct IssuerKeys {
     refetch_min: Duration,
     cache: RwLock<Cache>,
     /// Held while fetching, so that concurrent misses make one fetch.
-    fetching: tokio::sync::Mutex<Option<Instant>>,
+    fetching: tokio::sync::Mutex<Attempts>,
+}
+
+/// When the keys were last read or fetched (successfully or not), and how many attempts in a
+/// row failed: failing attempts back off (from `refetch_min`, doubling, up to `refresh`), so
+/// that an issuer that is down is not asked again for every token.
+#[derive(Debug, Default)]
+struct Attempts {
+    last: Option<Instant>,
+    failures: u32,
+}
+
+impl Attempts {
+    /// The wait after the last attempt before another: `refetch_min`, or longer after failures.
+    fn wait(&self, refetch_min: Duration, refresh: Duration) -> Duration {
+        if self.failures == 0 {
+            return refetch_min;
+        }
+        let factor = 2u32.saturating_pow(self.failures.min(16));
+        refetch_min
+            .saturating_mul(factor)
+            .min(refresh.max(refetch_min))
+    }
+
+    fn may_try(&self, refetch_min: Duration, refresh: Duration) -> bool {
+        self.last
+            .is_none_or(|t| t.elapsed() >= self.wait(refetch_min, refresh))
+    }
 }
 
 impl std::fmt::Debug for IssuerKeys {
@@ -219,9 +246,19 @@ impl IssuerKeys {
     }
 
     /// Reads or fetches the JWK Set now (the caller holds `fetching`), replacing the cached
-    /// keys. Returns how many are usable; on failure the cached keys stay.
-    async fn load_locked(&self, last: &mut Option<Instant>) -> Result<usize, CiError> {
-        *last = Some(Instant::now());
+    /// keys. Returns how many are usable; on failure the cached keys stay, and the failure is
+    /// counted for the backoff.
+    async fn load_locked(&self, attempts: &mut Attempts) -> Result<usize, CiError> {
+        attempts.last = Some(Instant::now());
+        let result = self.load_now().await;
+        attempts.failures = match result {
+            Ok(_) => 0,
+            Err(_) => attempts.failures.saturating_add(1),
+        };
+        result
+    }
+
+    async fn load_now(&self) -> Result<usize, CiError> {
         let body = match &self.source {
             KeySource::File(path) => {
                 let path = path.clone();
@@ -281,23 +318,26 @@ impl IssuerKeys {
             return Ok(k);
         }
         {
-            let mut last = self.fetching.lock().await;
-            // Another caller may have fetched while this one waited.
-            let due = self.stale()
-                || (self.cached(kid, alg)?.is_none()
-                    && last.is_none_or(|t| t.elapsed() >= self.refetch_min));
-            if due && let Err(e) = self.load_locked(&mut last).await {
+            let mut attempts = self.fetching.lock().await;
+            // Another caller may have fetched while this one waited; after failures, wait
+            // longer before the next attempt.
+            let due = (self.stale() || self.cached(kid, alg)?.is_none())
+                && attempts.may_try(self.refetch_min, self.refresh);
+            if due && let Err(e) = self.load_locked(&mut attempts).await {
                 tracing::warn!(error = %e, "CI issuer keys could not be refreshed; keeping the cached ones");
-                if self
-                    .cache
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .fetched
-                    .is_none()
-                {
-                    return Err(e);
-                }
             }
+        }
+        let never_loaded = self
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fetched
+            .is_none();
+        if never_loaded {
+            // Not "unknown kid": no key is known at all (the caller may retry later).
+            return Err(CiError::KeysUnavailable(
+                "none could be read yet; the next attempt waits (backoff)".into(),
+            ));
         }
         self.cached(kid, alg)?.ok_or(CiError::UnknownKey)
     }
@@ -309,6 +349,22 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn failed_fetches_back_off() {
+        let (min, refresh) = (Duration::from_secs(30), Duration::from_secs(600));
+        let mut a = Attempts::default();
+        assert!(a.may_try(min, refresh));
+        assert_eq!(a.wait(min, refresh), min);
+        a.failures = 1;
+        assert_eq!(a.wait(min, refresh), Duration::from_secs(60));
+        a.failures = 3;
+        assert_eq!(a.wait(min, refresh), Duration::from_secs(240));
+        a.failures = 30;
+        assert_eq!(a.wait(min, refresh), refresh);
+        a.last = Some(Instant::now());
+        assert!(!a.may_try(min, refresh), "an attempt just failed: wait");
+    }
 
     #[test]
     fn unusable_jwks_are_skipped_by_reason() {

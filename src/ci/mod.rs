@@ -14,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
-pub use claims::{CiJob, ClaimNames, MAX_CLAIM_BYTES, MAX_JOB_BYTES, Preset};
+pub use claims::{CiJob, ClaimNames, MAX_CLAIM_BYTES, Preset};
 pub use keys::{IssuerKeys, KeySource, MAX_JWKS_BYTES, check_jwks_file};
 
 use crate::identity::WorkloadId;
@@ -63,6 +63,9 @@ pub enum CiError {
     /// `iat` is older than the issuer's maximum token age.
     #[error("the ID token is older than this issuer's maximum token age")]
     TooOld,
+    /// `exp - iat` is negative or longer than the issuer's maximum token lifetime.
+    #[error("the ID token's lifetime (exp - iat) is outside this issuer's bound")]
+    Lifetime,
     /// A claim the broker needs is missing or unusable.
     #[error("{0}")]
     Claims(String),
@@ -85,6 +88,8 @@ pub struct TrustedIssuer {
     pub leeway: Duration,
     /// Oldest `iat` accepted, from now.
     pub max_token_age: Duration,
+    /// Longest lifetime (`exp - iat`) a token may claim.
+    pub max_token_lifetime: Duration,
     /// A task derived from a token of this issuer ends at the latest this long after the
     /// exchange (and never after the token's `exp`).
     pub task_deadline_max: Option<Duration>,
@@ -156,6 +161,11 @@ impl CiIssuers {
         }
     }
 
+    /// The trust domain of CI identities: never one accepted for mTLS.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
     /// Whether any issuer is trusted (without one, the exchange is refused).
     pub fn is_empty(&self) -> bool {
         self.by_iss.is_empty()
@@ -188,16 +198,12 @@ impl CiIssuers {
     /// Verifies `token` at `now`: size, shape, issuer (pinned), `alg` in the issuer's
     /// allow-list, signature with the issuer's key `kid`, `aud` exactly the issuer's
     /// audience, `exp`/`nbf`/`iat` with the issuer's leeway, `iat` not older than the maximum
-    /// token age; then reads the job from the claims. `job` is the name the pipeline gave.
+    /// token age, `exp - iat` within the maximum lifetime; then reads the job from the signed
+    /// claims.
     ///
     /// # Errors
     /// [`CiError`] naming the first check that failed.
-    pub async fn verify(
-        &self,
-        token: &str,
-        job: Option<&str>,
-        now: SystemTime,
-    ) -> Result<VerifiedIdToken, CiError> {
+    pub async fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedIdToken, CiError> {
         if token.len() > MAX_ID_TOKEN_BYTES {
             return Err(CiError::TooLarge);
         }
@@ -214,7 +220,10 @@ impl CiIssuers {
 
         let header = jsonwebtoken::decode_header(token)
             // `none` and unknown names fail here: they are not algorithms jsonwebtoken knows.
-            .map_err(|e| CiError::Algorithm(format!("header: {e}")))?;
+            // The decoder's own message is not passed on: it describes its internals.
+            .map_err(|_| {
+                CiError::Algorithm("the header does not decode, or names no algorithm known".into())
+            })?;
         if !issuer.algorithms.contains(&header.alg) {
             return Err(CiError::Algorithm(format!(
                 "{:?} is not allowed for this issuer",
@@ -235,7 +244,7 @@ impl CiIssuers {
                 jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
                     CiError::Algorithm("does not fit the key".into())
                 }
-                _ => CiError::Malformed(e.to_string()),
+                _ => CiError::Malformed("the claims do not decode as a JSON object".into()),
             })?
             .claims;
 
@@ -270,7 +279,19 @@ impl CiIssuers {
         if now_s.saturating_sub(iat) > max_age.saturating_add(leeway) {
             return Err(CiError::TooOld);
         }
-        let job = CiJob::from_claims(&issuer.name, &issuer.claims, &claims, job)?;
+        // With iat near now, this bounds exp too: every time made from it below is in range.
+        let max_lifetime = i64::try_from(issuer.max_token_lifetime.as_secs()).unwrap_or(i64::MAX);
+        if exp
+            .checked_sub(iat)
+            .is_none_or(|l| l < 0 || l > max_lifetime)
+        {
+            return Err(CiError::Lifetime);
+        }
+        let expires_at = u64::try_from(exp)
+            .ok()
+            .and_then(|e| UNIX_EPOCH.checked_add(Duration::from_secs(e)))
+            .ok_or(CiError::Lifetime)?;
+        let job = CiJob::from_claims(&issuer.name, &issuer.claims, &claims)?;
         let token_sha256 = sha256_hex(token.as_bytes());
         let token_id = match claims.get("jti").and_then(Value::as_str) {
             Some(j) if !j.is_empty() && j.len() <= 256 => {
@@ -283,7 +304,7 @@ impl CiIssuers {
             job,
             token_id,
             token_sha256,
-            expires_at: UNIX_EPOCH + Duration::from_secs(u64::try_from(exp).unwrap_or(0)),
+            expires_at,
         })
     }
 }

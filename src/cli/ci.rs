@@ -53,9 +53,6 @@ pub enum CiCommand {
         /// An action asked for at the audience; repeat for more (at least one).
         #[arg(long = "action", value_name = "ACTION", required = true)]
         actions: Vec<String>,
-        /// The job's name, where the token carries no job id (GitHub Actions).
-        #[arg(long, env = "GITHUB_JOB")]
-        job: Option<String>,
         /// Lifetime asked, e.g. 5m (never past the ID token's expiry).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
@@ -71,9 +68,6 @@ pub enum CiCommand {
         /// An ID token of the same job: a file, or - for standard input.
         #[arg(long, value_name = "FILE|-")]
         id_token: PathBuf,
-        /// As for `exchange`.
-        #[arg(long, env = "GITHUB_JOB")]
-        job: Option<String>,
         /// How the job ended.
         #[arg(long, value_enum, default_value_t = CiOutcome::Succeeded)]
         outcome: CiOutcome,
@@ -120,7 +114,6 @@ async fn execute(args: &ClientArgs, command: &CiCommand) -> Result<(), ClientErr
             id_token,
             audience,
             actions,
-            job,
             ttl,
             csr,
             format,
@@ -136,7 +129,6 @@ async fn execute(args: &ClientArgs, command: &CiCommand) -> Result<(), ClientErr
                 audience: audience.clone(),
                 actions: actions.clone(),
                 ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
-                job: job.clone().unwrap_or_default(),
                 csr,
             };
             let r = CiServiceClient::new(connect(args).await?)
@@ -184,11 +176,7 @@ async fn execute(args: &ClientArgs, command: &CiCommand) -> Result<(), ClientErr
                 }
             }
         }
-        CiCommand::Complete {
-            id_token,
-            job,
-            outcome,
-        } => {
+        CiCommand::Complete { id_token, outcome } => {
             let outcome = match outcome {
                 CiOutcome::Succeeded => pb::Outcome::Succeeded,
                 CiOutcome::Failed => pb::Outcome::Failed,
@@ -197,7 +185,6 @@ async fn execute(args: &ClientArgs, command: &CiCommand) -> Result<(), ClientErr
             let r = CiServiceClient::new(connect(args).await?)
                 .complete_ci_task(pb::CompleteCiTaskRequest {
                     id_token: read_token(id_token)?,
-                    job: job.clone().unwrap_or_default(),
                     outcome: outcome.into(),
                 })
                 .await

@@ -1,4 +1,4 @@
-//! `taskcred key ...`: rotate the broker's JWT signing key.
+//! `taskcred key ...`: rotate the broker's JWT signing key, revoke a compromised one.
 
 use std::process::ExitCode;
 
@@ -15,6 +15,12 @@ pub enum KeyCommand {
     /// Replace the signing key of the broker you connect to; the old key stays in the JWK Set
     /// until every token it signed has expired.
     Rotate,
+    /// Drop a compromised signing key from the JWK Set at once (other replicas within 30 s);
+    /// tokens it signed are refused from then on.
+    Revoke {
+        /// The key's kid, as the JWK Set lists it.
+        kid: String,
+    },
 }
 
 /// Runs a `key` subcommand.
@@ -42,6 +48,18 @@ async fn execute(args: &ClientArgs, command: &KeyCommand) -> Result<(), ClientEr
             } else {
                 println!("signing with {}", r.kid);
                 println!("{} stays published until {until}", r.previous_kid);
+            }
+        }
+        KeyCommand::Revoke { kid } => {
+            let r = AdminServiceClient::new(connect(args).await?)
+                .revoke_signing_key(pb::RevokeSigningKeyRequest { kid: kid.clone() })
+                .await
+                .map_err(ClientError::Refused)?
+                .into_inner();
+            if args.json {
+                println!("{}", json!({"revoked": kid, "kids": r.kids}));
+            } else {
+                println!("{kid} revoked; the JWK Set keeps {}", r.kids.join(", "));
             }
         }
     }

@@ -59,13 +59,16 @@ pub struct LimitsConfig {
     pub issuance: Option<crate::broker::limits::Rate>,
     /// CI exchanges per repository identity; `None`: unlimited.
     pub ci: Option<crate::broker::limits::Rate>,
+    /// Calls of the public RPCs (no client certificate) per source address, counted before
+    /// anything is verified; `None`: unlimited.
+    pub public: Option<crate::broker::limits::Rate>,
 }
 
 /// The CI issuers whose ID tokens the broker exchanges.
 #[derive(Debug, Clone, Default)]
 pub struct CiConfig {
-    /// Trust domain of the identities CI jobs get (`spiffe://<it>/ci/<issuer>/<repository id>`);
-    /// by default the first allowed trust domain.
+    /// Trust domain of the identities CI jobs get (`spiffe://<it>/ci/<issuer>/<repository id>`):
+    /// never one accepted for mTLS; by default `ci.` and the first accepted trust domain.
     pub trust_domain: String,
     /// The trusted issuers; none: the exchange is refused.
     pub issuers: Vec<CiIssuerConfig>,
@@ -96,6 +99,8 @@ pub struct CiIssuerConfig {
     pub leeway: Duration,
     /// Oldest token accepted, by `iat`.
     pub max_token_age: Duration,
+    /// Longest `exp - iat` accepted.
+    pub max_token_lifetime: Duration,
     /// Bound of a derived task's deadline, shorter than the token's expiry.
     pub task_deadline_max: Option<Duration>,
     /// The claim names (the preset's, with overrides).
@@ -130,14 +135,25 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// HTTP (health, metrics, JWKS) listen address.
     pub http_addr: SocketAddr,
+    /// Whether the HTTP port serves TLS (with `tls.cert` and `tls.key`): HTTPS for the JWK Set,
+    /// discovery and the CRL.
+    pub http_tls: bool,
+    /// Open connections of the HTTP port at once.
+    pub max_http_connections: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     /// RPCs in flight on one connection (HTTP/2 streams and the tower concurrency limit).
     pub max_concurrent_rpcs_per_connection: u32,
     /// Open gRPC connections at once; further connections wait in the accept queue.
     pub max_connections: usize,
-    /// Time a client has to finish the TLS handshake.
+    /// Of those, connections without a client certificate; more are closed at once.
+    pub max_anonymous_connections: usize,
+    /// Time a client has to finish the TLS handshake, and then to send the HTTP/2 preface.
     pub handshake_timeout: Duration,
+    /// A connection with no RPC in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// The same for connections without a client certificate.
+    pub anonymous_idle_timeout: Duration,
     /// Time one RPC may take before it answers `DEADLINE_EXCEEDED`-like cancellation.
     pub request_timeout: Duration,
     /// On SIGINT/SIGTERM, how long in-flight RPCs may take to finish before the broker exits.
@@ -151,8 +167,6 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// The broker's private key (PEM, PKCS#8/SEC1/PKCS#1), not readable by group or others.
     pub key: PathBuf,
-    /// The trust bundle for client certificates: one or more CA PEM files.
-    pub client_ca: Vec<PathBuf>,
     /// Lowest TLS version offered.
     pub min_version: TlsVersion,
 }
@@ -160,8 +174,20 @@ pub struct TlsConfig {
 /// Accepted identities.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
-    /// SPIFFE trust domains whose IDs are accepted.
+    /// Each trust domain whose IDs are accepted, with its own bundle.
+    pub trust_domains: Vec<TrustDomainConfig>,
+    /// Their names.
     pub allowed_trust_domains: TrustDomains,
+}
+
+/// One accepted trust domain: a client certificate whose SPIFFE ID names it must chain to a CA
+/// of its bundle, and of no other domain's.
+#[derive(Debug, Clone)]
+pub struct TrustDomainConfig {
+    /// The trust domain, e.g. `example.org`.
+    pub name: String,
+    /// Its CA certificates: a PEM file or a SPIFFE bundle (JSON).
+    pub bundle: PathBuf,
 }
 
 /// The issuer of the broker's tokens.
@@ -202,6 +228,8 @@ pub struct TtlConfig {
     pub task_deadline_max: Duration,
     /// How long an ended task and its approval history stay readable.
     pub task_retention: Duration,
+    /// How long a lock that policy asks for after a task's agent reported it failed lasts.
+    pub lock_on_failure: Duration,
 }
 
 /// Logging.
@@ -296,6 +324,7 @@ pub fn load(
 ) -> Result<Config, ConfigError> {
     let (mut table, base_origin) = match source {
         Source::File(path) => {
+            check_not_writable_by_others("--config", path)?;
             let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
                 source,
@@ -317,6 +346,10 @@ pub fn load(
     let mut origins = BTreeMap::new();
     apply_env(&mut table, env, &mut origins)?;
     apply_flags(&mut table, flags, &mut origins)?;
+    let dev = matches!(source, Source::Dev(_));
+    if dev && !origins.contains_key("issuer.url") {
+        dev_issuer_follows_http_addr(&mut table);
+    }
 
     let origin_of = |key: &str| -> String {
         origins
@@ -336,13 +369,45 @@ pub fn load(
                 message,
             }
         })?;
-    raw.check()
-        .map_err(|(key, message)| ConfigError::Key {
-            origin: origin_of(key),
-            key: key.to_owned(),
-            message,
-        })
-        .and_then(check_files)
+    let config = raw.check().map_err(|(key, message)| ConfigError::Key {
+        origin: origin_of(key),
+        key: key.to_owned(),
+        message,
+    })?;
+    if dev {
+        // The dev PKI's keys sit in a directory anyone with the checkout has, and its policies
+        // let its identities do everything: never on a network.
+        for (key, addr) in [
+            ("server.grpc_addr", config.server.grpc_addr),
+            ("server.http_addr", config.server.http_addr),
+        ] {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Key {
+                    origin: origin_of(key),
+                    key: key.into(),
+                    message: format!(
+                        "{addr}: serve --dev listens on loopback only (127.0.0.1, ::1); its keys \
+                         and policies are for a trial, not a network"
+                    ),
+                });
+            }
+        }
+    }
+    check_files(config)
+}
+
+/// In dev mode the issuer is the HTTP port itself (where the JWK Set is), wherever it listens.
+fn dev_issuer_follows_http_addr(table: &mut toml::Table) {
+    let addr = table
+        .get("server")
+        .and_then(|s| s.get("http_addr"))
+        .and_then(toml::Value::as_str)
+        .and_then(|a| a.parse::<SocketAddr>().ok());
+    if let Some(addr) = addr.filter(|a| a.port() != 0)
+        && let Some(issuer) = table.get_mut("issuer").and_then(toml::Value::as_table_mut)
+    {
+        issuer.insert("url".into(), format!("http://{addr}").into());
+    }
 }
 
 /// The `serve --dev` configuration, over the files `taskcred dev init` writes into `dir`.
@@ -352,12 +417,14 @@ fn dev_defaults(dir: &Path) -> toml::Table {
     let mut tls = toml::Table::new();
     tls.insert("cert".into(), p("server.pem"));
     tls.insert("key".into(), p("server-key.pem"));
-    tls.insert("client_ca".into(), toml::Value::Array(vec![p("ca.pem")]));
     t.insert("tls".into(), tls.into());
+    let mut domain = toml::Table::new();
+    domain.insert("name".into(), crate::devpki::TRUST_DOMAIN.into());
+    domain.insert("bundle".into(), p("ca.pem"));
     let mut identity = toml::Table::new();
     identity.insert(
-        "allowed_trust_domains".into(),
-        toml::Value::Array(vec![crate::devpki::TRUST_DOMAIN.into()]),
+        "trust_domains".into(),
+        toml::Value::Array(vec![domain.into()]),
     );
     t.insert("identity".into(), identity.into());
     let mut issuer = toml::Table::new();
@@ -474,17 +541,20 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
 fn check_files(config: Config) -> Result<Config, ConfigError> {
     check_readable("tls.cert", &config.tls.cert)?;
     check_key_file("tls.key", &config.tls.key)?;
-    for ca in &config.tls.client_ca {
-        check_readable("tls.client_ca", ca)?;
+    for domain in &config.identity.trust_domains {
+        check_readable("identity.trust_domains.bundle", &domain.bundle)?;
+        check_not_writable_by_others("identity.trust_domains.bundle", &domain.bundle)?;
     }
     check_key_file("issuer.jwt_key", &config.issuer.jwt_key)?;
     if let Some((cert, key)) = &config.issuer.ca {
         check_readable("issuer.ca_cert", cert)?;
         check_key_file("issuer.ca_key", key)?;
     }
+    check_not_writable_by_others("policy.dir", &config.policy.dir)?;
     for issuer in &config.ci.issuers {
         if let crate::ci::KeySource::File(f) = &issuer.jwks {
             check_readable("ci.issuers.jwks_file", f)?;
+            check_not_writable_by_others("ci.issuers.jwks_file", f)?;
         }
         if let Some(ca) = &issuer.jwks_ca {
             check_readable("ci.issuers.jwks_ca", ca)?;
@@ -508,6 +578,28 @@ fn check_readable(key: &str, path: &Path) -> Result<fs::Metadata, ConfigError> {
     }
     fs::File::open(path).map_err(|e| file_error(key, path, format!("cannot open: {e}")))?;
     Ok(meta)
+}
+
+/// A file (or directory) that decides whom the broker trusts (the config, a trust bundle, the
+/// policies, a CI issuer's keys) must not be writable by its group or others: whoever can
+/// write it can make the broker trust them.
+///
+/// # Errors
+/// [`ConfigError::File`] naming the key and file.
+pub fn check_not_writable_by_others(key: &str, path: &Path) -> Result<(), ConfigError> {
+    let meta = fs::metadata(path).map_err(|e| file_error(key, path, e.to_string()))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(file_error(
+            key,
+            path,
+            format!(
+                "writable by group or others (mode {mode:o}): whoever can write it decides whom \
+                 the broker trusts; run chmod go-w on it"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A private key file must be readable by us and by nobody in its group or beyond (0600 or

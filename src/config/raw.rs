@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::{
     AuditConfig, CiConfig, CiIssuerConfig, Config, IdentityConfig, IssuerConfig, LimitsConfig,
-    LogConfig, PolicyConfig, ServerConfig, StoreConfig, TlsConfig, TtlConfig,
+    LogConfig, PolicyConfig, ServerConfig, StoreConfig, TlsConfig, TrustDomainConfig, TtlConfig,
 };
 use crate::ci::{ClaimNames, KeySource, MAX_LEEWAY, Preset};
 use crate::identity::{TrustDomains, WorkloadId};
@@ -47,6 +47,8 @@ struct RawLimits {
     issuance_burst: u32,
     ci_per_second: f64,
     ci_burst: u32,
+    public_per_second: f64,
+    public_burst: u32,
 }
 
 impl Default for RawLimits {
@@ -56,6 +58,8 @@ impl Default for RawLimits {
             issuance_burst: 200,
             ci_per_second: 5.0,
             ci_burst: 20,
+            public_per_second: 20.0,
+            public_burst: 100,
         }
     }
 }
@@ -109,6 +113,8 @@ struct RawCiIssuer {
     leeway: Duration,
     #[serde(default = "default_max_token_age", deserialize_with = "duration")]
     max_token_age: Duration,
+    #[serde(default = "default_max_token_lifetime", deserialize_with = "duration")]
+    max_token_lifetime: Duration,
     task_deadline_max: Option<String>,
     #[serde(default)]
     claims: toml::Table,
@@ -126,6 +132,11 @@ fn default_ci_leeway() -> Duration {
     Duration::from_secs(60)
 }
 
+/// GitHub's ID tokens live 6 hours; GitLab's as long as the job's timeout.
+fn default_max_token_lifetime() -> Duration {
+    Duration::from_secs(24 * 60 * 60)
+}
+
 fn default_max_token_age() -> Duration {
     Duration::from_secs(60 * 60)
 }
@@ -139,10 +150,21 @@ impl RawCi {
     fn check(self, domains: &TrustDomains) -> Result<CiConfig, CheckError> {
         let trust_domain = match self.trust_domain {
             Some(td) => td,
-            None => domains.names().next().unwrap_or_default().to_owned(),
+            None => format!("ci.{}", domains.names().next().unwrap_or_default()),
         };
-        WorkloadId::parse(&format!("spiffe://{trust_domain}/ci"))
+        let id = WorkloadId::parse(&format!("spiffe://{trust_domain}/ci"))
             .map_err(|e| ("ci.trust_domain", e.to_string()))?;
+        // A CI job is proven by its ID token alone: a client certificate that names a CI
+        // identity must never be accepted, so the CI domain is never one of mTLS.
+        if domains.allows(&id) {
+            return Err((
+                "ci.trust_domain",
+                format!(
+                    "{trust_domain} is also in identity.trust_domains: CI identities need a trust \
+                     domain of their own that is never accepted for mutual TLS"
+                ),
+            ));
+        }
         let mut issuers: Vec<CiIssuerConfig> = Vec::with_capacity(self.issuers.len());
         for raw in self.issuers {
             let issuer = raw.check()?;
@@ -279,6 +301,12 @@ impl RawCiIssuer {
                 Duration::from_secs(1),
                 Duration::from_secs(24 * 3600),
             )?,
+            max_token_lifetime: range(
+                "ci.issuers.max_token_lifetime",
+                self.max_token_lifetime,
+                Duration::from_secs(60),
+                Duration::from_secs(7 * 24 * 3600),
+            )?,
             task_deadline_max,
             claims,
         })
@@ -316,11 +344,18 @@ fn yes() -> bool {
 struct RawServer {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    http_tls: bool,
+    max_http_connections: usize,
     max_message_bytes: usize,
     max_concurrent_rpcs_per_connection: u32,
     max_connections: usize,
+    max_anonymous_connections: usize,
     #[serde(deserialize_with = "duration")]
     handshake_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    idle_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    anonymous_idle_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     request_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -332,10 +367,15 @@ impl Default for RawServer {
         Self {
             grpc_addr: parse_default(DEFAULT_GRPC_ADDR),
             http_addr: parse_default(DEFAULT_HTTP_ADDR),
+            http_tls: false,
+            max_http_connections: 1024,
             max_message_bytes: 256 * 1024,
             max_concurrent_rpcs_per_connection: 128,
             max_connections: 10_000,
+            max_anonymous_connections: 1_000,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5 * 60),
+            anonymous_idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -353,8 +393,8 @@ fn parse_default(addr: &str) -> SocketAddr {
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
-    #[serde(deserialize_with = "one_or_many")]
-    client_ca: Vec<String>,
+    /// Replaced by `[[identity.trust_domains]]`; named only to say so.
+    client_ca: Option<toml::Value>,
     #[serde(default)]
     min_version: TlsVersion,
 }
@@ -374,8 +414,70 @@ pub enum TlsVersion {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIdentity {
-    #[serde(deserialize_with = "one_or_many")]
-    allowed_trust_domains: Vec<String>,
+    #[serde(default)]
+    trust_domains: Vec<RawTrustDomain>,
+    /// Replaced by `[[identity.trust_domains]]`; named only to say so.
+    allowed_trust_domains: Option<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrustDomain {
+    name: String,
+    bundle: PathBuf,
+}
+
+/// What a configuration of the earlier form is told.
+const REPLACED_BY_TRUST_DOMAINS: &str = "replaced by [[identity.trust_domains]] with `name` and \
+     `bundle`: each trust domain's SVIDs must chain to that domain's own bundle";
+
+impl RawIdentity {
+    fn check(self, tls_client_ca: bool) -> Result<IdentityConfig, CheckError> {
+        if self.allowed_trust_domains.is_some() {
+            return Err((
+                "identity.allowed_trust_domains",
+                REPLACED_BY_TRUST_DOMAINS.into(),
+            ));
+        }
+        if tls_client_ca {
+            return Err(("tls.client_ca", REPLACED_BY_TRUST_DOMAINS.into()));
+        }
+        if self.trust_domains.is_empty() {
+            return Err((
+                "identity.trust_domains",
+                "lists no trust domain: add [[identity.trust_domains]] with name and bundle".into(),
+            ));
+        }
+        let allowed_trust_domains = TrustDomains::parse(self.trust_domains.iter().map(|d| &d.name))
+            .map_err(|e| ("identity.trust_domains.name", e.to_string()))?;
+        let mut trust_domains: Vec<TrustDomainConfig> = Vec::new();
+        for d in self.trust_domains {
+            if trust_domains.iter().any(|t| t.name == d.name) {
+                return Err((
+                    "identity.trust_domains.name",
+                    format!("{} appears twice", d.name),
+                ));
+            }
+            if trust_domains.iter().any(|t| t.bundle == d.bundle) {
+                return Err((
+                    "identity.trust_domains.bundle",
+                    format!(
+                        "{} is the bundle of two trust domains: each domain needs its own, or \
+                         one domain's CA could issue the other's identities",
+                        d.bundle.display()
+                    ),
+                ));
+            }
+            trust_domains.push(TrustDomainConfig {
+                name: d.name,
+                bundle: d.bundle,
+            });
+        }
+        Ok(IdentityConfig {
+            trust_domains,
+            allowed_trust_domains,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -437,6 +539,8 @@ struct RawTtl {
     task_deadline_max: Duration,
     #[serde(deserialize_with = "duration")]
     task_retention: Duration,
+    #[serde(deserialize_with = "duration")]
+    lock_on_failure: Duration,
 }
 
 impl Default for RawTtl {
@@ -447,6 +551,7 @@ impl Default for RawTtl {
             lease_renewal_max: Duration::from_secs(8 * 60 * 60),
             task_deadline_max: Duration::from_secs(24 * 60 * 60),
             task_retention: Duration::from_secs(30 * 24 * 60 * 60),
+            lock_on_failure: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -500,6 +605,13 @@ impl Raw {
         let server = ServerConfig {
             grpc_addr: s.grpc_addr,
             http_addr: s.http_addr,
+            http_tls: s.http_tls,
+            max_http_connections: range(
+                "server.max_http_connections",
+                s.max_http_connections,
+                1,
+                1_000_000,
+            )?,
             max_message_bytes: range(
                 "server.max_message_bytes",
                 s.max_message_bytes,
@@ -513,6 +625,26 @@ impl Raw {
                 10_000,
             )?,
             max_connections: range("server.max_connections", s.max_connections, 1, 1_000_000)?,
+            // Part of max_connections: never more than it.
+            max_anonymous_connections: range(
+                "server.max_anonymous_connections",
+                s.max_anonymous_connections,
+                0,
+                1_000_000,
+            )?
+            .min(s.max_connections),
+            idle_timeout: range(
+                "server.idle_timeout",
+                s.idle_timeout,
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+            )?,
+            anonymous_idle_timeout: range(
+                "server.anonymous_idle_timeout",
+                s.anonymous_idle_timeout,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?,
             handshake_timeout: range(
                 "server.handshake_timeout",
                 s.handshake_timeout,
@@ -539,19 +671,11 @@ impl Raw {
             ));
         }
 
-        if self.tls.client_ca.is_empty() {
-            return Err(("tls.client_ca", "the trust bundle lists no file".into()));
-        }
+        let identity = self.identity.check(self.tls.client_ca.is_some())?;
         let tls = TlsConfig {
             cert: self.tls.cert,
             key: self.tls.key,
-            client_ca: self.tls.client_ca.into_iter().map(PathBuf::from).collect(),
             min_version: self.tls.min_version,
-        };
-
-        let identity = IdentityConfig {
-            allowed_trust_domains: TrustDomains::parse(&self.identity.allowed_trust_domains)
-                .map_err(|e| ("identity.allowed_trust_domains", e.to_string()))?,
         };
 
         check_issuer_url(&self.issuer.url).map_err(|m| ("issuer.url", m))?;
@@ -634,6 +758,12 @@ impl Raw {
                 Duration::from_secs(60),
                 3650 * day,
             )?,
+            lock_on_failure: range(
+                "ttl.lock_on_failure",
+                t.lock_on_failure,
+                Duration::from_secs(60),
+                366 * day,
+            )?,
         };
 
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
@@ -652,6 +782,11 @@ impl Raw {
                 l.issuance_burst,
             )?,
             ci: rate("limits.ci_per_second", l.ci_per_second, l.ci_burst)?,
+            public: rate(
+                "limits.public_per_second",
+                l.public_per_second,
+                l.public_burst,
+            )?,
         };
 
         Ok(Config {
@@ -682,9 +817,15 @@ impl Raw {
 fn check_issuer_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
     let host = uri.host().ok_or("not an absolute URL")?;
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     match uri.scheme_str() {
         Some("https") => {}
-        Some("http") if matches!(host, "localhost" | "127.0.0.1" | "[::1]") => {}
+        Some("http") if loopback => {}
         _ => return Err("must be an https URL (http only on localhost)".into()),
     }
     if uri.query().is_some() || url.contains('#') {
@@ -702,24 +843,5 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         serde::de::Error::custom(format!(
             "{text:?} is not a duration like \"30s\" or \"5m\": {e}"
         ))
-    })
-}
-
-/// A list written either as a TOML array or, from an environment variable, as `a,b,c`.
-fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        Many(Vec<String>),
-        One(String),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::Many(v) => v,
-        OneOrMany::One(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
     })
 }

@@ -1,7 +1,9 @@
 //! The HTTP port (axum): `/healthz` (the process answers), `/readyz` (the broker serves RPCs and
 //! its store answers), `/.well-known/jwks.json` and `/.well-known/openid-configuration` (the
 //! keys verifiers check tokens with), `/crl` (revoked certificates, DER, signed by the issuing
-//! CA), `/metrics` (Prometheus text).
+//! CA), `/metrics` (Prometheus text). Served plain or over TLS ([`listener`]).
+
+pub mod listener;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

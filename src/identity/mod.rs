@@ -1,18 +1,20 @@
 //! Workload identity: who a caller is, proven by the client certificate of its mTLS connection.
 //!
 //! A caller is known by a [`WorkloadId`] (a parsed SPIFFE ID, never a bare string). The TLS layer
-//! verifies the certificate chain against the trust bundle, then [`PeerIdentity::from_leaf`]
-//! applies the X509-SVID rules (exactly one URI SAN holding a valid SPIFFE ID in an allowed trust
-//! domain, leaf key usage) before anything is authorized. [`SpiffeClientVerifier`] runs both
-//! during the handshake, so a certificate that fails either never completes a connection.
+//! applies the X509-SVID rules with [`PeerIdentity::from_leaf`] (exactly one URI SAN holding a
+//! valid SPIFFE ID in an accepted trust domain, leaf key usage) and verifies the chain against
+//! the [`bundle`] of that trust domain alone, before anything is authorized.
+//! [`SpiffeClientVerifier`] runs both during the handshake, so a certificate that fails either
+//! never completes a connection.
 
+pub mod bundle;
 mod peer;
 mod spiffe_id;
 mod verifier;
 
 pub use peer::{PeerIdentity, cert_thumbprint_sha256};
 pub use spiffe_id::{TrustDomains, WorkloadId};
-pub use verifier::SpiffeClientVerifier;
+pub use verifier::{SpiffeClientVerifier, VerifierSetupError};
 
 /// Why a SPIFFE ID or a client certificate is not accepted as a workload identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -155,6 +155,16 @@ impl KeyRing {
         ring.verifiers.len()
     }
 
+    /// Stops verifying with `kid` at once (a revoked key). The current key is never dropped.
+    /// Returns whether it was known.
+    pub fn forget(&self, kid: &str) -> bool {
+        let mut ring = self.write();
+        if ring.current.kid() == kid {
+            return false;
+        }
+        ring.verifiers.remove(kid).is_some()
+    }
+
     /// Signs access-token `claims` with the current key.
     ///
     /// # Errors

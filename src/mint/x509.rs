@@ -43,9 +43,9 @@ pub enum CsrError {
     /// Larger than [`MAX_CSR_BYTES`].
     #[error("CSR larger than {MAX_CSR_BYTES} bytes")]
     TooLarge,
-    /// Not a PKCS#10 request in DER or PEM.
+    /// Not a PKCS#10 request in DER or PEM (the parser's detail is not told: it helps no one).
     #[error("not a PKCS#10 certificate request: {0}")]
-    Malformed(String),
+    Malformed(&'static str),
     /// Its signature does not verify with its own key.
     #[error("the CSR's signature does not verify")]
     BadSignature,
@@ -73,23 +73,19 @@ pub fn verify_csr(input: &[u8]) -> Result<VerifiedCsr, CsrError> {
     }
     let der = if input.starts_with(b"-----BEGIN") {
         rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(input)
-            .map_err(|e| CsrError::Malformed(e.to_string()))?
+            .map_err(|_| CsrError::Malformed("bad PEM (want one CERTIFICATE REQUEST)"))?
             .as_ref()
             .to_vec()
     } else {
         input.to_vec()
     };
     let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
-        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        .map_err(|_| CsrError::Malformed("bad DER"))?;
     if !rest.is_empty() {
-        return Err(CsrError::Malformed("trailing bytes".into()));
+        return Err(CsrError::Malformed("trailing bytes"));
     }
-    let alg = csr.signature_algorithm.algorithm.to_id_string();
-    // sha1WithRSAEncryption, and the other SHA-1 forms.
-    if ["1.2.840.113549.1.1.5", "1.3.14.3.2.29", "1.2.840.10045.4.1"].contains(&alg.as_str()) {
-        return Err(CsrError::WeakSignature(alg));
-    }
-    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    // The key first: a key of a refused type is said so, not reported as a bad signature (the
+    // signature of a key the parser cannot use never verifies).
     let spki = &csr.certification_request_info.subject_pki;
     match spki.parsed() {
         Ok(ParsedKey::RSA(rsa)) if rsa.key_size() >= MIN_RSA_BITS => {}
@@ -109,16 +105,25 @@ pub fn verify_csr(input: &[u8]) -> Result<VerifiedCsr, CsrError> {
                 .unwrap_or_default();
             // P-256 and P-384.
             if curve != "1.2.840.10045.3.1.7" && curve != "1.3.132.0.34" {
-                return Err(CsrError::UnsupportedKey(format!("EC curve {curve}")));
+                return Err(CsrError::UnsupportedKey(format!(
+                    "EC curve {curve}; P-256 or P-384 required"
+                )));
             }
         }
         Ok(ParsedKey::Unknown(_)) if spki.algorithm.algorithm.to_id_string() == "1.3.101.112" => {}
         _ => {
-            return Err(CsrError::UnsupportedKey(
-                spki.algorithm.algorithm.to_id_string(),
-            ));
+            return Err(CsrError::UnsupportedKey(format!(
+                "key algorithm {}; P-256, P-384, Ed25519 or RSA (2048 bits or more) required",
+                spki.algorithm.algorithm.to_id_string()
+            )));
         }
     }
+    let alg = csr.signature_algorithm.algorithm.to_id_string();
+    // sha1WithRSAEncryption, and the other SHA-1 forms.
+    if ["1.2.840.113549.1.1.5", "1.3.14.3.2.29", "1.2.840.10045.4.1"].contains(&alg.as_str()) {
+        return Err(CsrError::WeakSignature(alg));
+    }
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     Ok(VerifiedCsr {
         spki_der: spki.raw.to_vec(),
     })

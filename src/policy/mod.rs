@@ -63,13 +63,15 @@ pub enum PolicyAction {
     CancelTask,
     /// Reload the policies.
     ReloadPolicy,
-    /// Get a JWT for a task (context: audience, actions, ttl_secs).
+    /// Get a JWT for a task, fresh or renewed (context: kind, audience, actions, ttl_secs,
+    /// renewal).
     IssueToken,
-    /// Get an X509-SVID for a task (context: ttl_secs).
+    /// Get an X509-SVID for a task, fresh or renewed (the same context).
     IssueCertificate,
     /// End a task.
     CompleteTask,
-    /// Renew a lease.
+    /// Renew a lease. Not a Cedar action of its own: a renewal is decided as `IssueToken` or
+    /// `IssueCertificate` with `context.renewal` true; this names its audit lines.
     RenewLease,
     /// Revoke a lease.
     RevokeLease,
@@ -87,10 +89,14 @@ pub enum PolicyAction {
     RevokeTask,
     /// Replace the JWT signing key.
     RotateSigningKey,
+    /// Drop a (compromised) signing key from the JWK Set at once.
+    RevokeSigningKey,
+    /// Follow the revocation stream (a verifier's role).
+    WatchRevocations,
     /// Ask whether a credential is active.
     Introspect,
-    /// A CI job exchanges its ID token for a credential of its task (context: kind, audience,
-    /// actions, ttl_secs). A permit's `@quorum` (default 0) is the approvals a new task needs.
+    /// A CI job exchanges its ID token for a credential of its task (the context of
+    /// `IssueToken`). A permit's `@quorum` (default 0) is the approvals a new task needs.
     ExchangeCiToken,
     /// A CI job ends its task.
     CompleteCiTask,
@@ -119,6 +125,8 @@ impl PolicyAction {
             Self::LockOnFailure => "LockOnFailure",
             Self::RevokeTask => "RevokeTask",
             Self::RotateSigningKey => "RotateSigningKey",
+            Self::RevokeSigningKey => "RevokeSigningKey",
+            Self::WatchRevocations => "WatchRevocations",
             Self::Introspect => "Introspect",
             Self::ExchangeCiToken => "ExchangeCiToken",
             Self::CompleteCiTask => "CompleteCiTask",
@@ -176,6 +184,15 @@ pub enum PolicyError {
         policy: String,
         /// The annotation.
         value: String,
+    },
+    /// The directory or a file of it is writable by its group or others: whoever can write
+    /// it writes the policy.
+    #[error("{path}: writable by group or others (mode {mode:o}); run chmod go-w on it")]
+    Writable {
+        /// The file or directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The built-in schema is broken (a bug, caught by the tests).
     #[error("built-in Cedar schema: {0}")]
@@ -255,12 +272,31 @@ pub fn load_dir(dir: &Path, schema: &Schema) -> Result<Policies, PolicyError> {
         let path = path.to_owned();
         move |source| PolicyError::Io { path, source }
     };
+    let writable = |path: &Path| -> Result<(), PolicyError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path)
+            .map_err(io(path))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(PolicyError::Writable {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        Ok(())
+    };
+    writable(dir)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "cedar") && p.is_file())
         .collect();
     files.sort();
+    for file in &files {
+        writable(file)?;
+    }
     if files.is_empty() {
         return Err(PolicyError::Empty(dir.to_owned()));
     }

@@ -16,6 +16,10 @@ fn w(s: &str) -> WorkloadId {
 }
 
 fn task(executor: &str, labels: &[(&str, &str)]) -> Task {
+    task_granting(executor, labels, &[("db", &["read"])])
+}
+
+fn task_granting(executor: &str, labels: &[(&str, &str)], grants: &[(&str, &[&str])]) -> Task {
     let limits = TaskLimits {
         deadline_max: Duration::from_secs(86400),
         deadline_default: Duration::from_secs(3600),
@@ -25,7 +29,10 @@ fn task(executor: &str, labels: &[(&str, &str)]) -> Task {
     let raw = RawTaskRequest {
         executor: executor.into(),
         purpose: "test".into(),
-        grants: vec![("db".into(), vec!["read".into()])],
+        grants: grants
+            .iter()
+            .map(|(a, acts)| ((*a).into(), acts.iter().map(|x| (*x).into()).collect()))
+            .collect(),
         labels: labels
             .iter()
             .map(|(k, v)| ((*k).into(), (*v).into()))
@@ -54,28 +61,50 @@ fn built_in_schema_parses_and_dev_policies_validate() {
 }
 
 #[test]
-fn dev_quorum_by_labels() {
+fn dev_quorum_by_what_is_granted() {
     let e = dev_engine();
     let v = request(&e, REQUESTER, &task(AGENT, &[]));
     assert!(v.allowed, "{v:?}");
     assert_eq!(v.quorum, 1);
     assert_eq!(v.policies, vec!["request-default".to_owned()]);
+    let quorum = |labels: &[(&str, &str)], grants: &[(&str, &[&str])]| {
+        request(&e, REQUESTER, &task_granting(AGENT, labels, grants)).quorum
+    };
+    // A label can raise the quorum...
+    assert_eq!(quorum(&[("env", "production")], &[("db", &["read"])]), 2);
+    // ...never lower it: `risk=low` chosen by the requester changes nothing.
+    assert_eq!(quorum(&[("risk", "low")], &[("db", &["read"])]), 1);
     assert_eq!(
-        request(&e, REQUESTER, &task(AGENT, &[("env", "production")])).quorum,
+        quorum(&[("risk", "low")], &[("prod-cluster", &["deploy"])]),
         2
     );
+    // What is granted decides: a production audience needs two without any label.
+    assert_eq!(quorum(&[], &[("prod-cluster", &["deploy"])]), 2);
     assert_eq!(
-        request(&e, REQUESTER, &task(AGENT, &[("risk", "low")])).quorum,
+        quorum(
+            &[],
+            &[("db.staging", &["read"]), ("db.production", &["read"])]
+        ),
+        2
+    );
+    // Reads of the listed low-risk audiences need none, unless labelled production.
+    assert_eq!(quorum(&[], &[("db.staging", &["read"])]), 0);
+    assert_eq!(
+        quorum(
+            &[],
+            &[("db.staging", &["read"]), ("docs.staging", &["read"])]
+        ),
         0
     );
     assert_eq!(
-        request(
-            &e,
-            REQUESTER,
-            &task(AGENT, &[("risk", "low"), ("env", "production")])
-        )
-        .quorum,
+        quorum(&[("env", "production")], &[("db.staging", &["read"])]),
         2
+    );
+    // Anything more than reading them needs one.
+    assert_eq!(quorum(&[], &[("db.staging", &["read", "rotate"])]), 1);
+    assert_eq!(
+        quorum(&[], &[("db.staging", &["read"]), ("other", &["read"])]),
+        1
     );
 }
 
@@ -268,7 +297,8 @@ fn entity_ids_cannot_be_escaped() {
 fn issue_token_is_decided_with_its_context() {
     let e = dev_engine();
     let t = task(AGENT, &[]);
-    let ctx = serde_json::json!({"audience": "db", "actions": ["read"], "ttl_secs": 60});
+    let ctx = serde_json::json!({"kind": "jwt", "audience": "db", "actions": ["read"],
+        "ttl_secs": 60, "renewal": false});
     let v = e.decide_in(
         &w(AGENT),
         PolicyAction::IssueToken,

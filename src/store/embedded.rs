@@ -713,12 +713,25 @@ impl Store for EmbeddedStore {
                 let mut outcome = LockOutcome::default();
                 {
                     let agent = lock.agent.as_str();
-                    let json = serde_json::to_vec(&lock)
-                        .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
-                    txn.open_table(LOCKS)
+                    let mut locks = txn.open_table(LOCKS).map_err(backend)?;
+                    let current: Option<Lock> = locks
+                        .get(agent)
                         .map_err(backend)?
-                        .insert(agent, json.as_slice())
-                        .map_err(backend)?;
+                        .map(|v| serde_json::from_slice(v.value()))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
+                    // Locks only grow: one in force that ends later (or never) stays.
+                    let in_force = match current {
+                        Some(c) if c.outlasts(&lock, lock.at) => c,
+                        _ => {
+                            let json = serde_json::to_vec(&lock)
+                                .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
+                            locks.insert(agent, json.as_slice()).map_err(backend)?;
+                            lock.clone()
+                        }
+                    };
+                    drop(locks);
+                    outcome.in_force = Some(in_force);
                     let task_ids: Vec<String> = txn
                         .open_table(BY_EXECUTOR)
                         .map_err(backend)?

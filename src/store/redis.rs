@@ -186,17 +186,29 @@ redis.call('SET', KEYS[4], ARGV[5])
 return 1";
 
 /// Locks an agent, moves its open tasks to revoked and revokes every active lease of its tasks,
-/// in one step. Task state changes are laid over the task's JSON as hash fields (`state`,
+/// in one step. A lock in force that ends later (or never) stays as it is: locks only grow. Task state changes are laid over the task's JSON as hash fields (`state`,
 /// `ended_ms`, `end_reason`) and its version is bumped, so that concurrent compare-and-sets
 /// fail and re-read. KEYS: lock, the agent's task index, the set of locked agents, the expiry
 /// index.
 /// ARGV: lock JSON, now ms, reason, expire-at ms for ended tasks, lock expiry ms ('' none), agent.
-/// Returns `{revoked task ids..., '|', 'task/lease' of revoked leases...}`.
+/// Returns `{lock in force, revoked task ids..., '|', 'task/lease' of revoked leases...}`.
 const LOCK: &str = r"
-redis.call('SET', KEYS[1], ARGV[1])
-if ARGV[5] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
+local cur = redis.call('GET', KEYS[1])
+local keep = false
+if cur then
+  local pttl = redis.call('PTTL', KEYS[1])
+  if pttl == -1 then keep = true
+  elseif pttl > 0 and ARGV[5] ~= '' and tonumber(ARGV[2]) + pttl >= tonumber(ARGV[5]) then
+    keep = true
+  end
+end
+if not keep then
+  redis.call('SET', KEYS[1], ARGV[1])
+  if ARGV[5] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
+  cur = ARGV[1]
+end
 redis.call('SADD', KEYS[3], ARGV[6])
-local tasks, leases = {}, {}
+local tasks, leases = {cur}, {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local tk = 'tc:task:{' .. id .. '}'
   local data = redis.call('HGET', tk, 'data')
@@ -1001,11 +1013,20 @@ impl Store for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        // {tasks..., '|', 'task/lease'...}
-        let mut result = LockOutcome::default();
+        // {lock in force, tasks..., '|', 'task/lease'...}
+        let Some((in_force, outcome)) = outcome.split_first() else {
+            return Err(StoreError::Corrupt("lock script: empty answer".into()));
+        };
+        let mut result = LockOutcome {
+            in_force: Some(
+                serde_json::from_str(in_force)
+                    .map_err(|e| StoreError::Corrupt(format!("lock of {}: {e}", lock.agent)))?,
+            ),
+            ..LockOutcome::default()
+        };
         let (tasks, leases) = match outcome.iter().position(|i| i == "|") {
             Some(bar) => (&outcome[..bar], &outcome[bar + 1..]),
-            None => (&outcome[..], &[][..]),
+            None => (outcome, &[][..]),
         };
         result.tasks = tasks.iter().filter_map(|t| TaskId::parse(t).ok()).collect();
         let pairs: Vec<(&str, &str)> = leases

@@ -15,6 +15,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::WorkloadId;
 
+/// Checks an approval or denial note: at most [`MAX_NOTE_BYTES`], and no control characters (a
+/// note is shown to people, in the CLI, logs and consoles: no escape sequences, no line break
+/// that could forge a line of its own).
+///
+/// # Errors
+/// [`TaskError::Invalid`] on field `note`.
+pub fn check_note(note: &str) -> Result<(), TaskError> {
+    if note.len() > MAX_NOTE_BYTES {
+        return Err(TaskError::Invalid {
+            field: "note",
+            reason: format!("longer than {MAX_NOTE_BYTES} bytes"),
+        });
+    }
+    if note.chars().any(char::is_control) {
+        return Err(TaskError::Invalid {
+            field: "note",
+            reason: "must not contain control characters".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Longest approval or denial note, in bytes.
 pub const MAX_NOTE_BYTES: usize = 1024;
 
@@ -265,12 +287,7 @@ impl Task {
                 "this approver has already decided on the task; an approver counts once".into(),
             ));
         }
-        if approval.note.len() > MAX_NOTE_BYTES {
-            return Err(TaskError::Invalid {
-                field: "note",
-                reason: format!("longer than {MAX_NOTE_BYTES} bytes"),
-            });
-        }
+        check_note(&approval.note)?;
         let decision = approval.decision;
         self.approvals.push(approval);
         self.updated_at = now;

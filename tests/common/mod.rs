@@ -266,6 +266,10 @@ pub async fn handshake(
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .map_err(as_rustls)?;
+    // A client speaks first (the HTTP/2 preface): the broker closes a connection that does not.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .map_err(as_rustls)?;
     let mut buf = [0u8; 64];
     match tls.read(&mut buf).await {
         Ok(0) => Err(rustls::Error::General("closed without a word".into())),
