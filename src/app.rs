@@ -383,6 +383,10 @@ impl App {
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         let mut epoch_check = tokio::time::interval(EPOCH_CHECK);
         epoch_check.reset();
+        // Sampled-out refusals of unverified callers are counted in a line once their window
+        // has passed, even when nothing follows them.
+        let mut refusal_summary = tokio::time::interval(crate::audit::SAMPLE_WINDOW);
+        refusal_summary.reset();
         let mut key_refresh = tokio::time::interval(KEY_REFRESH);
         key_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         key_refresh.reset();
@@ -392,6 +396,7 @@ impl App {
                 biased;
                 () = shutdown.cancelled() => break None,
                 _ = upkeep.tick() => metrics.run_upkeep(),
+                _ = refusal_summary.tick() => self.broker.flush_unverified_refusals(),
                 _ = key_refresh.tick() => self.refresh_signing_keys().await,
                 _ = epoch_check.tick() => self.check_store_epoch().await,
                 _ = prune.tick() => match self.broker.prune().await {

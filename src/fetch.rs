@@ -95,3 +95,14 @@ pub async fn get_bounded(http: &reqwest::Client, url: &str, max: usize) -> Resul
     }
     Ok(body)
 }
+
+/// Whether `host` (as an URL has it: `localhost`, an IPv4 address, or `[v6]`) is this machine:
+/// the only place plain `http` may fetch or name keys.
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}

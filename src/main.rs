@@ -125,7 +125,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals.run(app.broker().clone(), shutdown.clone()));
-    print_banner(&listeners, args.dev, cli);
+    print_banner(&listeners, server.http_tls, args.dev, cli);
     match app.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -135,12 +135,13 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
     }
 }
 
-fn print_banner(listeners: &Listeners, dev: bool, cli: &Cli) {
+fn print_banner(listeners: &Listeners, http_tls: bool, dev: bool, cli: &Cli) {
     let show = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "?".into(), |a| a.to_string());
     println!("taskcred broker listening");
     println!("  gRPC (mTLS): {}", show(listeners.grpc_addr()));
     println!(
-        "  HTTP:        http://{}  (/healthz /readyz /metrics)",
+        "  HTTP:        {}://{}  (/healthz /readyz /metrics)",
+        if http_tls { "https" } else { "http" },
         show(listeners.http_addr())
     );
     if dev {

@@ -67,12 +67,7 @@ pub fn server_config(
     identity: &IdentityConfig,
     issuing_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let chain = load_certs("tls.cert", &tls.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| TlsSetupError::File {
-        key: "tls.key",
-        path: tls.key.display().to_string(),
-        problem: format!("no usable private key: {e}"),
-    })?;
+    let (chain, key) = own_identity(tls)?;
     let mut bundles = Vec::with_capacity(identity.trust_domains.len());
     // Each CA certificate, and the domain whose bundle holds it.
     let mut owner: std::collections::HashMap<Vec<u8>, &str> = std::collections::HashMap::new();
@@ -136,12 +131,7 @@ pub fn server_config(
 /// # Errors
 /// [`TlsSetupError`] naming the file that cannot be read, or what rustls refused.
 pub fn http_server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let chain = load_certs("tls.cert", &tls.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| TlsSetupError::File {
-        key: "tls.key",
-        path: tls.key.display().to_string(),
-        problem: format!("no usable private key: {e}"),
-    })?;
+    let (chain, key) = own_identity(tls)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions(tls.min_version))
         .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
@@ -162,6 +152,19 @@ fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVers
         TlsVersion::Tls12 => &TLS12_AND_13,
         TlsVersion::Tls13 => &TLS13_ONLY,
     }
+}
+
+/// The broker's certificate chain and key (`tls.cert`, `tls.key`).
+fn own_identity(
+    tls: &TlsConfig,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
+    let chain = load_certs("tls.cert", &tls.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| TlsSetupError::File {
+        key: "tls.key",
+        path: tls.key.display().to_string(),
+        problem: format!("no usable private key: {e}"),
+    })?;
+    Ok((chain, key))
 }
 
 fn load_certs(

@@ -176,15 +176,9 @@ fn check_jwks_url(url: &str, allow_plain_http: bool) -> Result<(), VerifyError> 
     let host = uri
         .host()
         .ok_or_else(|| VerifyError::Setup("jwks_url has no host".into()))?;
-    let loopback = host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
     match uri.scheme_str() {
         Some("https") => Ok(()),
-        Some("http") if loopback || allow_plain_http => Ok(()),
+        Some("http") if crate::fetch::is_loopback_host(host) || allow_plain_http => Ok(()),
         Some("http") => Err(VerifyError::Setup(
             "jwks_url is plain http on a host that is not loopback: anyone on the path could \
              hand out keys; use https (the broker's HTTP port serves TLS with server.http_tls)"

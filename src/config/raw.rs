@@ -817,15 +817,9 @@ impl Raw {
 fn check_issuer_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
     let host = uri.host().ok_or("not an absolute URL")?;
-    let loopback = host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
     match uri.scheme_str() {
         Some("https") => {}
-        Some("http") if loopback => {}
+        Some("http") if crate::fetch::is_loopback_host(host) => {}
         _ => return Err("must be an https URL (http only on localhost)".into()),
     }
     if uri.query().is_some() || url.contains('#') {

@@ -323,7 +323,10 @@ impl ServeProcess {
                 grpc = Some(a.trim().parse().unwrap());
             }
             if let Some(a) = line.trim().strip_prefix("HTTP:") {
-                let a = a.trim().trim_start_matches("http://");
+                let a = a
+                    .trim()
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://");
                 http = Some(a.split_whitespace().next().unwrap().parse().unwrap());
             }
         }
