@@ -225,7 +225,8 @@ impl App {
                 path: config.audit.path.clone(),
                 source,
             })?
-            .required(config.audit.required);
+            .required(config.audit.required)
+            .fsync(config.audit.fsync);
         let mut audit_stream = None;
         if let (true, Some(url)) = (config.audit.redis_stream, &config.store.redis_url) {
             let (writer, queue) =
@@ -324,6 +325,9 @@ impl App {
                 handshake_timeout: server.handshake_timeout,
                 idle_timeout: server.idle_timeout,
                 anonymous_idle_timeout: server.anonymous_idle_timeout,
+                anonymous_max_age: server.anonymous_max_age,
+                max_connections_per_identity: server.max_connections_per_identity,
+                max_anonymous_connections_per_source: server.max_anonymous_connections_per_source,
             },
             shutdown.clone(),
         );
@@ -331,6 +335,7 @@ impl App {
             max_message_bytes: server.max_message_bytes,
             max_concurrent_rpcs_per_connection: server.max_concurrent_rpcs_per_connection,
             request_timeout: server.request_timeout,
+            rpc_rate: self.config.limits.rpc,
         };
         let health_service = health_service
             .max_decoding_message_size(server.max_message_bytes)
@@ -353,8 +358,13 @@ impl App {
         let http_listener = crate::http::listener::HttpListener::new(
             listeners.http,
             self.http_tls.clone(),
-            server.max_http_connections,
-            server.handshake_timeout,
+            crate::http::listener::HttpLimits {
+                max_connections: server.max_http_connections,
+                max_connections_per_source: server.max_http_connections_per_source,
+                handshake_timeout: server.handshake_timeout,
+                idle_timeout: server.http_idle_timeout,
+                max_age: server.http_max_age,
+            },
         )
         .map_err(|e| AppError::Server {
             what: "HTTP",
@@ -385,6 +395,10 @@ impl App {
         epoch_check.reset();
         // Sampled-out refusals of unverified callers are counted in a line once their window
         // has passed, even when nothing follows them.
+        // With audit.fsync = "interval", lines reach the disk at most that long after they were
+        // written.
+        let mut audit_sync = tokio::time::interval(self.config.audit.fsync_interval);
+        audit_sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refusal_summary = tokio::time::interval(crate::audit::SAMPLE_WINDOW);
         refusal_summary.reset();
         let mut key_refresh = tokio::time::interval(KEY_REFRESH);
@@ -397,6 +411,7 @@ impl App {
                 () = shutdown.cancelled() => break None,
                 _ = upkeep.tick() => metrics.run_upkeep(),
                 _ = refusal_summary.tick() => self.broker.flush_unverified_refusals(),
+                _ = audit_sync.tick() => self.broker.sync_audit().await,
                 _ = key_refresh.tick() => self.refresh_signing_keys().await,
                 _ = epoch_check.tick() => self.check_store_epoch().await,
                 _ = prune.tick() => match self.broker.prune().await {

@@ -30,7 +30,10 @@
 //! cli         client subcommands over the generated gRPC client
 //! bench       `taskcred bench`: load runs, floors and scale runs against child brokers
 //! fetch       bounded HTTPS GETs of JWK Sets (rustls, ring, the roots given)
+//! files       whether a file that decides whom the broker trusts can be trusted itself
+//! net         connection budgets of both ports: per-key slot caps, idle and maximum-age clocks
 //! verify      for resource servers: JWKS, token checks, cnf, the revocation stream
+//! text        what free text shown to people may hold
 //! ```
 
 pub mod api;
@@ -44,13 +47,16 @@ pub mod clock;
 pub mod config;
 pub mod devpki;
 pub mod fetch;
+pub mod files;
 pub mod http;
 pub mod identity;
 pub mod lease;
 pub mod mint;
+pub mod net;
 pub mod policy;
 pub mod store;
 pub mod task;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod verify;

@@ -15,8 +15,9 @@ pub const GRPC_REQUESTS: &str = "taskcred_grpc_requests_total";
 pub const GRPC_DURATION: &str = "taskcred_grpc_request_duration_seconds";
 /// Refused TLS handshakes, by `reason`.
 pub const TLS_HANDSHAKE_FAILURES: &str = "taskcred_tls_handshake_failures_total";
-/// Connections the gRPC port closed after the handshake, by `reason` (`preface`,
-/// `preface_timeout`, `anonymous_limit`, `idle`).
+/// Connections closed by the broker after the handshake, by `port` (`grpc`, `http`) and `reason`
+/// (`preface`, `preface_timeout`, `anonymous_limit`, `source_limit`, `identity_limit`,
+/// `idle_or_age`).
 pub const CONNECTIONS_CLOSED: &str = "taskcred_connections_closed_total";
 
 /// Latency buckets in seconds: from 100 us (an in-memory check) to 10 s (a stuck store).

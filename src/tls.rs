@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{IdentityConfig, TlsConfig, TlsVersion};
 use crate::identity::{PeerIdentity, SpiffeClientVerifier, TrustDomains, bundle};
+use crate::net::{KeyedSlot, KeyedSlots, Lifetime};
 
 /// Why the TLS configuration could not be built. Each names the file or key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -229,12 +230,12 @@ impl Activity {
         Busy(self.clone())
     }
 
-    /// When the connection has been idle for `timeout`, or `None` while an RPC is in flight.
-    fn idle_deadline(&self, timeout: Duration) -> Option<tokio::time::Instant> {
+    /// When the last RPC started or ended, or `None` while one is in flight.
+    fn last_busy(&self) -> Option<tokio::time::Instant> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
         }
-        Some(self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout)
+        Some(self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
 }
 
@@ -259,19 +260,20 @@ impl Drop for Busy {
 /// first. A connection that does not send it in time is closed.
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// One accepted TLS connection. Holds a slot of the connection limit (and, without a client
-/// certificate, of the anonymous limit) until dropped, and ends itself (end of stream) once no
-/// RPC has been in flight for its idle timeout.
+/// One accepted TLS connection. Holds a slot of the connection limit, one of its identity's
+/// (or, without a client certificate, of the anonymous limit and of its source address's) until
+/// dropped, and ends itself (end of stream) once no RPC has been in flight for its idle timeout
+/// or, without a certificate, at its maximum age whatever it does.
 #[derive(Debug)]
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
-    /// The preface, read to check it, handed to the server first; and how much of it was.
+    /// How much of the preface (read to check it) was handed to the server.
     preface_sent: usize,
-    idle_timeout: Duration,
-    idle: Pin<Box<tokio::time::Sleep>>,
+    life: Lifetime,
     _slot: OwnedSemaphorePermit,
     _anonymous: Option<OwnedSemaphorePermit>,
+    _per_key: KeyedSlot,
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -299,20 +301,12 @@ impl AsyncRead for TlsConn {
         if let Poll::Ready(r) = Pin::new(&mut this.stream).poll_read(cx, buf) {
             return Poll::Ready(r);
         }
-        // Nothing to read: end the connection once it has been idle (no RPC) for too long.
-        // Keep-alive pings do not count: only RPCs do.
-        while this.idle.as_mut().poll(cx).is_ready() {
-            let now = tokio::time::Instant::now();
-            match this.info.activity.idle_deadline(this.idle_timeout) {
-                Some(deadline) if deadline <= now => {
-                    metrics::counter!(crate::telemetry::CONNECTIONS_CLOSED, "reason" => "idle")
-                        .increment(1);
-                    tracing::debug!(remote = %this.info.remote, "closing an idle connection");
-                    return Poll::Ready(Ok(()));
-                }
-                Some(deadline) => this.idle.as_mut().reset(deadline),
-                None => this.idle.as_mut().reset(now + this.idle_timeout),
-            }
+        // Nothing to read: end the connection once it has been idle (no RPC) for too long, or
+        // has lived its maximum age. Keep-alive pings do not count: only RPCs do.
+        if this.life.poll_ended(cx, this.info.activity.last_busy()) {
+            closed("idle_or_age");
+            tracing::debug!(remote = %this.info.remote, "closing a connection: idle or at its maximum age");
+            return Poll::Ready(Ok(()));
         }
         Poll::Pending
     }
@@ -361,6 +355,13 @@ pub struct AcceptLimits {
     pub idle_timeout: Duration,
     /// The same for a connection without one.
     pub anonymous_idle_timeout: Duration,
+    /// A connection without a client certificate is closed this long after it began, whatever
+    /// it does (a public stream cannot hold a slot for ever).
+    pub anonymous_max_age: Duration,
+    /// Open connections of one identity at once.
+    pub max_connections_per_identity: usize,
+    /// Open connections without a client certificate from one source address (an IPv6 /64).
+    pub max_anonymous_connections_per_source: usize,
 }
 
 /// Accepts TLS connections on `listener` until `shutdown`, yielding them as a stream for
@@ -376,6 +377,10 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let anonymous = Arc::new(Semaphore::new(limits.max_anonymous_connections));
+    let per_key = Budgets {
+        identities: KeyedSlots::new(limits.max_connections_per_identity),
+        sources: KeyedSlots::new(limits.max_anonymous_connections_per_source),
+    };
     let allowed = Arc::new(allowed);
     tokio::spawn(async move {
         loop {
@@ -399,11 +404,12 @@ pub fn incoming(
                 },
             };
             let (acceptor, tx, allowed) = (acceptor.clone(), tx.clone(), allowed.clone());
-            let anonymous = anonymous.clone();
+            let (anonymous, per_key) = (anonymous.clone(), per_key.clone());
             tokio::spawn(async move {
                 let slots = Slots {
                     slot,
                     anonymous: &anonymous,
+                    per_key: &per_key,
                 };
                 if let Some(conn) = handshake(acceptor, tcp, remote, &allowed, limits, slots).await
                 {
@@ -416,14 +422,23 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// The slot a connection holds, and the pool of anonymous ones.
+/// The slot a connection holds, the pool of anonymous ones, and the budgets per key.
 struct Slots<'a> {
     slot: OwnedSemaphorePermit,
     anonymous: &'a Arc<Semaphore>,
+    per_key: &'a Budgets,
+}
+
+/// Open connections per identity, and anonymous ones per source address.
+#[derive(Debug, Clone)]
+struct Budgets {
+    identities: KeyedSlots,
+    sources: KeyedSlots,
 }
 
 fn closed(reason: &'static str) {
-    metrics::counter!(crate::telemetry::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+    metrics::counter!(crate::telemetry::CONNECTIONS_CLOSED, "port" => "grpc", "reason" => reason)
+        .increment(1);
 }
 
 async fn handshake(
@@ -474,17 +489,33 @@ async fn handshake(
         _ => None,
     };
     // Connections without a certificate have a budget of their own, so that anonymous
-    // clients cannot take the slots agents need.
-    let anonymous = match peer {
-        Some(_) => None,
-        None => match slots.anonymous.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                closed("anonymous_limit");
-                tracing::info!(%remote, "anonymous connection refused: server.max_anonymous_connections reached");
+    // clients cannot take the slots agents need, and a share per source address; each
+    // identity has its share too.
+    let (anonymous, per_key) = match &peer {
+        Some(p) => match slots.per_key.identities.try_take(p.id.as_str()) {
+            Some(slot) => (None, slot),
+            None => {
+                closed("identity_limit");
+                tracing::info!(%remote, identity = %p.id, "connection refused: server.max_connections_per_identity reached");
                 return None;
             }
         },
+        None => {
+            let source = crate::broker::limits::source_key(remote.ip());
+            let Some(slot) = slots.per_key.sources.try_take(&source) else {
+                closed("source_limit");
+                tracing::info!(%remote, "anonymous connection refused: server.max_anonymous_connections_per_source reached");
+                return None;
+            };
+            match slots.anonymous.clone().try_acquire_owned() {
+                Ok(permit) => (Some(permit), slot),
+                Err(_) => {
+                    closed("anonymous_limit");
+                    tracing::info!(%remote, "anonymous connection refused: server.max_anonymous_connections reached");
+                    return None;
+                }
+            }
+        }
     };
     // The client speaks first: the HTTP/2 preface, in time, or the connection is closed.
     let mut preface = [0u8; PREFACE.len()];
@@ -501,10 +532,13 @@ async fn handshake(
             return None;
         }
     }
-    let idle_timeout = if peer.is_some() {
-        limits.idle_timeout
+    let life = if peer.is_some() {
+        Lifetime::new(limits.idle_timeout, None)
     } else {
-        limits.anonymous_idle_timeout
+        Lifetime::new(
+            limits.anonymous_idle_timeout,
+            Some(limits.anonymous_max_age),
+        )
     };
     let activity = Arc::new(Activity::new());
     Some(TlsConn {
@@ -515,9 +549,9 @@ async fn handshake(
             activity,
         },
         preface_sent: 0,
-        idle_timeout,
-        idle: Box::pin(tokio::time::sleep(idle_timeout)),
+        life,
         _slot: slots.slot,
         _anonymous: anonymous,
+        _per_key: per_key,
     })
 }

@@ -876,6 +876,22 @@ async fn ci_jobs_are_told_apart_by_signed_claims_only() {
     let (status, _) = b.http_get("/healthz").await;
     assert_eq!(status, 200);
 
+    // The credential an exchange mints is decided as every credential is: the dev policy's
+    // five-minute cap on production credentials holds here too (found by the review).
+    let long = with(github_claims(&fresh_id()), "exp", json!(t + 3700));
+    let err = ci
+        .exchange_ci_token(pb::ExchangeCiTokenRequest {
+            ttl: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..exchange(&issuer.sign(&long), "prod-cluster", "deploy")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("IssueToken"), "{err:?}");
+
     // Events: an allow-list. A comment or a review (never in any deny-list) gets nothing; a
     // manual dispatch of main does.
     for event in [

@@ -202,7 +202,7 @@ fn compose_runs_redis_with_aof_and_two_replicas_of_the_image() {
     let conf = read("deploy/redis/redis.conf");
     for setting in [
         "appendonly yes",
-        "appendfsync everysec",
+        "appendfsync always",
         "maxmemory-policy noeviction",
     ] {
         assert!(conf.lines().any(|l| l.trim() == setting), "{setting}");

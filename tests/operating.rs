@@ -6,7 +6,7 @@
 mod common;
 
 use common::Broker;
-use common::flows::{approved_task, creds_as, token_request};
+use common::flows::{approved_task, creds_as, tasks_as, token_request};
 use taskcred::api::pb;
 use tonic::Code;
 
@@ -69,18 +69,56 @@ async fn audit_verify_accepts_a_session_log_and_finds_one_changed_byte() {
     assert_eq!(report["line"], middle + 2, "{report}");
 }
 
+/// Issue 17, point 1: while the audit log cannot be written (and is required), no decision that
+/// must be audited is made: not a credential, and neither a task request, an approval nor a lock.
 #[tokio::test]
 async fn issuance_fails_closed_when_the_audit_log_cannot_be_written() {
-    // Every write to /dev/full fails (ENOSPC).
-    let full = vec![("TASKCRED_AUDIT__PATH".to_owned(), "/dev/full".to_owned())];
-    let b = Broker::start_with_env(full.clone()).await;
+    // A task approved while the disk was fine.
+    let b = Broker::start().await;
     let task = approved_task(&b, &[("env", "staging")], None).await;
+    let dir = b.stop().await;
+    // Then every write to /dev/full fails (ENOSPC).
+    let full = vec![("TASKCRED_AUDIT__PATH".to_owned(), "/dev/full".to_owned())];
+    let b = Broker::launch(dir, full.clone(), None).await;
     let e = creds_as(&b, "agent")
         .await
         .issue_token(token_request(&task.id, "db.staging"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("audit log"), "{e:?}");
+    let e = tasks_as(&b, "requester")
+        .await
+        .request_task(pb::RequestTaskRequest {
+            executor: common::flows::AGENT.into(),
+            purpose: "unaudited".into(),
+            grants: vec![pb::Grant {
+                audience: "db.staging".into(),
+                actions: vec!["read".into()],
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let e = common::flows::admin_as(&b, "operator")
+        .await
+        .lock_agent(pb::LockAgentRequest {
+            agent: common::flows::AGENT.into(),
+            reason: "unaudited".into(),
+            duration: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        common::flows::admin_as(&b, "operator")
+            .await
+            .list_locks(pb::ListLocksRequest::default())
+            .await
+            .is_err(),
+        "reads are decisions too"
+    );
     let (_, metrics) = b.http_get("/metrics").await;
     assert!(
         metrics
@@ -88,13 +126,12 @@ async fn issuance_fails_closed_when_the_audit_log_cannot_be_written() {
             .any(|l| l.starts_with("taskcred_audit_write_failures_total") && !l.ends_with(" 0")),
         "{metrics}"
     );
-    b.stop().await;
+    let dir = b.stop().await;
 
     // audit.required = false: issued anyway (still counted).
     let mut env = full;
     env.push(("TASKCRED_AUDIT__REQUIRED".into(), "false".into()));
-    let b = Broker::start_with_env(env).await;
-    let task = approved_task(&b, &[("env", "staging")], None).await;
+    let b = Broker::launch(dir, env, None).await;
     creds_as(&b, "agent")
         .await
         .issue_token(token_request(&task.id, "db.staging"))

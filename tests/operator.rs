@@ -238,7 +238,7 @@ async fn locks(b: &Broker) {
 
     // Listed for the operator, not for others.
     let listed = operator
-        .list_locks(pb::ListLocksRequest {})
+        .list_locks(pb::ListLocksRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -248,7 +248,7 @@ async fn locks(b: &Broker) {
     assert_eq!(listed[0].reason, "credential leak");
     let err = admin_as(b, "agent")
         .await
-        .list_locks(pb::ListLocksRequest {})
+        .list_locks(pb::ListLocksRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -272,7 +272,7 @@ async fn locks(b: &Broker) {
     assert!(again.lock.is_none());
     assert!(
         operator
-            .list_locks(pb::ListLocksRequest {})
+            .list_locks(pb::ListLocksRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -386,7 +386,7 @@ async fn failed_tasks(b: &Broker) {
         .unwrap();
     let locks = admin_as(b, "operator")
         .await
-        .list_locks(pb::ListLocksRequest {})
+        .list_locks(pb::ListLocksRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -421,7 +421,7 @@ async fn failed_tasks(b: &Broker) {
     assert_eq!(done.task.unwrap().state, pb::TaskState::Failed as i32);
     let locks = admin_as(b, "operator")
         .await
-        .list_locks(pb::ListLocksRequest {})
+        .list_locks(pb::ListLocksRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -445,4 +445,105 @@ async fn failed_tasks(b: &Broker) {
         })
         .await
         .unwrap();
+}
+
+/// Every list answer pages within its page size and the message limit (issue 17, point 4): a
+/// task of 600 leases listed by task and by agent, and 150 locks.
+#[tokio::test]
+async fn lists_page_within_their_size_and_the_message_limit() {
+    use prost::Message as _;
+    let b = Broker::start_with_env(vec![
+        ("TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(), "0".into()),
+        ("TASKCRED_SERVER__MAX_MESSAGE_BYTES".into(), "16384".into()),
+    ])
+    .await;
+    let task = approved_task(&b, &[], None).await;
+    let mut agent = creds_as(&b, "agent").await;
+    for _ in 0..600 {
+        agent
+            .issue_token(token_request(&task.id, "db.staging"))
+            .await
+            .unwrap();
+    }
+    let mut admin = admin_as(&b, "operator").await;
+    for by_task in [true, false] {
+        let mut seen = std::collections::HashSet::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let page = admin
+                .list_leases(pb::ListLeasesRequest {
+                    task_id: if by_task {
+                        task.id.clone()
+                    } else {
+                        String::new()
+                    },
+                    agent: if by_task { String::new() } else { AGENT.into() },
+                    page_size: 500,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.encoded_len() <= 16384, "{}", page.encoded_len());
+            assert!(page.leases.len() <= 500);
+            for l in &page.leases {
+                assert!(seen.insert(l.lease_id.clone()), "twice: {}", l.lease_id);
+            }
+            pages += 1;
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(seen.len(), 600, "by task: {by_task}");
+        assert!(pages > 1);
+    }
+    // A page size smaller than a task: the next page continues inside it.
+    let first = admin
+        .list_leases(pb::ListLeasesRequest {
+            task_id: task.id.clone(),
+            page_size: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.leases.len(), 7);
+    assert!(!first.next_page_token.is_empty());
+
+    for i in 0..150 {
+        admin
+            .lock_agent(pb::LockAgentRequest {
+                agent: format!("spiffe://taskcred.dev/agent/idle-{i:03}"),
+                reason: "paging".into(),
+                duration: None,
+            })
+            .await
+            .unwrap();
+    }
+    let (mut locks, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = admin
+            .list_locks(pb::ListLocksRequest {
+                page_size: 100,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.locks.len() <= 100);
+        locks.extend(page.locks.into_iter().map(|l| l.agent));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(locks.len(), 150);
+    let mut sorted = locks.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, locks, "in order, each once");
+    b.stop().await;
 }

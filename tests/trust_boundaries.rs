@@ -68,7 +68,7 @@ async fn a_renewal_gets_no_more_than_a_fresh_issuance() {
             .lines()
             .any(|l| l.contains("\"action\":\"IssueToken\"")
                 && l.contains("\"decision\":\"deny\"")
-                && l.contains("production-tokens-are-short")),
+                && l.contains("production-credentials-are-short")),
         "{audit}"
     );
     b.stop().await;
@@ -96,7 +96,7 @@ async fn locks_only_grow(b: &Broker) {
     assert_eq!(in_force.reason, "credential leak");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let locks = operator
-        .list_locks(pb::ListLocksRequest {})
+        .list_locks(pb::ListLocksRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -202,7 +202,7 @@ async fn only_the_executors_failure_report_locks_it_and_not_for_ever() {
     let locks = || async {
         admin_as(&b, "operator")
             .await
-            .list_locks(pb::ListLocksRequest {})
+            .list_locks(pb::ListLocksRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -423,7 +423,7 @@ async fn invalid_durations_are_refused_everywhere() {
     assert!(
         admin_as(&b, "operator")
             .await
-            .list_locks(pb::ListLocksRequest {})
+            .list_locks(pb::ListLocksRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -554,7 +554,8 @@ async fn page_tokens_are_opaque_and_bound_to_their_caller() {
     b.stop().await;
 }
 
-/// Point 11: approval notes refuse control characters (a note is shown to people).
+/// Point 11: approval notes and purposes refuse control, separator and format characters (they
+/// are shown to people: no forged line, no reordered or hidden text).
 #[tokio::test]
 async fn notes_with_control_characters_are_refused() {
     let b = Broker::start().await;
@@ -576,6 +577,9 @@ async fn notes_with_control_characters_are_refused() {
         "ok\n2026-01-01 approved by the CISO",
         "\u{1b}[2Jcleared",
         "a\u{0}b",
+        "ok\u{2028}APPROVED by the CISO",
+        "reviewed \u{202E}kcab",
+        "hidden\u{200B}text",
     ] {
         let err = tasks_as(&b, "approver")
             .await
@@ -587,6 +591,23 @@ async fn notes_with_control_characters_are_refused() {
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{note:?}");
         assert!(err.message().starts_with("note"), "{err:?}");
+    }
+    for purpose in ["deploy\u{2028}APPROVED", "read \u{202E}sdrow"] {
+        let err = tasks_as(&b, "requester")
+            .await
+            .request_task(pb::RequestTaskRequest {
+                executor: AGENT.into(),
+                purpose: purpose.into(),
+                grants: vec![pb::Grant {
+                    audience: "db.staging".into(),
+                    actions: vec!["rotate".into()],
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{purpose:?}");
+        assert!(err.message().starts_with("purpose"), "{err:?}");
     }
     b.stop().await;
 }
@@ -720,21 +741,7 @@ async fn anonymous_and_silent_connections_hold_no_slot_for_long() {
         ),
     ])
     .await;
-    let connect = || async {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::pem::PemObject::pem_file_iter(b.path("ca.pem")).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let tcp = tokio::net::TcpStream::connect(b.grpc).await.unwrap();
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap()
-    };
+    let connect = || tls_without_certificate(&b);
     // Closed (end of stream or an error), within `within`.
     let closed_within = |mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
                          within: Duration| async move {
@@ -927,5 +934,273 @@ async fn garbage_id_tokens_are_limited_and_sampled() {
         metrics.contains("taskcred_rate_limited_total{kind=\"source\"}"),
         "{metrics}"
     );
+    b.stop().await;
+}
+
+/// Found by the review: no anonymous caller holds a stream (`Health/Watch` needs a
+/// certificate), an anonymous connection ends at its maximum age whatever it does, and one
+/// source address or one identity cannot take every connection slot.
+#[tokio::test]
+async fn connection_budgets_per_source_identity_and_age() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let b = Broker::start_with_env(vec![
+        ("TASKCRED_SERVER__ANONYMOUS_MAX_AGE".into(), "2s".into()),
+        (
+            "TASKCRED_SERVER__MAX_ANONYMOUS_CONNECTIONS_PER_SOURCE".into(),
+            "2".into(),
+        ),
+        (
+            "TASKCRED_SERVER__MAX_CONNECTIONS_PER_IDENTITY".into(),
+            "2".into(),
+        ),
+    ])
+    .await;
+    let anon = b.channel(None).await;
+    let err = HealthClient::new(anon.clone())
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // Talking all along (HTTP/2 pings every 200 ms), an anonymous connection still ends at its
+    // maximum age, long before its idle timeout (30 s).
+    let mut tls = tls_without_certificate(&b).await;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        let ping = b"\0\0\x08\x06\0\0\0\0\0taskcred";
+        if tls.write_all(ping).await.is_err() {
+            break;
+        }
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(200), tls.read(&mut buf)).await
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the anonymous connection outlived its maximum age"
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // Per source: two anonymous connections at most (the third is closed after its handshake).
+    let held: Vec<_> = futures_like_two(&b, None).await;
+    let third = common::handshake(b.grpc, &b.path("ca.pem"), None).await;
+    assert!(third.is_err(), "{third:?}");
+    drop(held);
+    // Per identity: two connections of the agent; a third is closed; another identity is not.
+    let agent = b.dev_identity("agent");
+    let held: Vec<_> = futures_like_two(&b, Some(&agent)).await;
+    assert!(
+        common::handshake(b.grpc, &b.path("ca.pem"), Some(&agent))
+            .await
+            .is_err()
+    );
+    common::handshake(b.grpc, &b.path("ca.pem"), Some(&b.dev_identity("operator")))
+        .await
+        .unwrap();
+    drop(held);
+    b.stop().await;
+}
+
+/// A TLS connection to `b`'s gRPC port without a client certificate.
+async fn tls_without_certificate(
+    b: &Broker,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_file_iter(b.path("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(b.grpc).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Two open channels to `b` (with `identity`), each having made a call.
+async fn futures_like_two(
+    b: &Broker,
+    identity: Option<&common::Pem>,
+) -> Vec<tonic::transport::Channel> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        let c = b.channel(identity).await;
+        HealthClient::new(c.clone())
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap();
+        out.push(c);
+    }
+    out
+}
+
+/// Found by the review: the HTTP port (JWK Set, CRL) closes silent connections and gives one
+/// source address a share of its connections only.
+#[tokio::test]
+async fn the_http_port_keeps_its_connections_moving() {
+    let b = Broker::start_with_env(vec![
+        ("TASKCRED_SERVER__HTTP_IDLE_TIMEOUT".into(), "1s".into()),
+        (
+            "TASKCRED_SERVER__MAX_HTTP_CONNECTIONS_PER_SOURCE".into(),
+            "3".into(),
+        ),
+    ])
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(b.http).await.unwrap());
+    }
+    // The share of this source is taken: a fourth connection is closed at once.
+    let mut fourth = tokio::net::TcpStream::connect(b.http).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), fourth.read(&mut buf))
+        .await
+        .expect("the fourth connection is closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // The silent ones are closed once idle, and the port serves again.
+    for mut s in silent {
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .expect("closed within the idle timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    let (status, _) = b.http_get("/.well-known/jwks.json").await;
+    assert_eq!(status, 200);
+    b.stop().await;
+}
+
+/// Found by the review: every path that mints is decided as a credential of its kind, so the
+/// dev policy's five-minute cap on production credentials holds for certificates and for CI
+/// exchanges too, not only for tokens an agent asks for.
+#[tokio::test]
+async fn the_production_cap_holds_for_certificates() {
+    let b = Broker::start().await;
+    let task = production_task(&b).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let mut agent = creds_as(&b, "agent").await;
+    let err = agent
+        .issue_certificate(pb::IssueCertificateRequest {
+            task_id: task.id.clone(),
+            csr: csr.clone(),
+            ttl: secs(3600),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("IssueCertificate"), "{err:?}");
+    let cert = agent
+        .issue_certificate(pb::IssueCertificateRequest {
+            task_id: task.id.clone(),
+            csr,
+            ttl: secs(300),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cert.ttl.unwrap().seconds, 300);
+    b.stop().await;
+}
+
+/// Found by the review: a task's size is bounded (a listing reads tasks whole), a listing is
+/// cut to fit the message limit, and an identity's RPCs (each a decision and an audit line) have
+/// a budget.
+#[tokio::test]
+async fn tasks_and_listings_and_rpcs_have_budgets() {
+    let b = Broker::start_with_env(vec![
+        ("TASKCRED_LIMITS__RPC_PER_SECOND".into(), "1000".into()),
+        ("TASKCRED_LIMITS__RPC_BURST".into(), "1000".into()),
+    ])
+    .await;
+    let mut requester = tasks_as(&b, "requester").await;
+    let grants = |n: usize, name_len: usize| -> Vec<pb::Grant> {
+        (0..n)
+            .map(|g| pb::Grant {
+                audience: format!("aud-{g}"),
+                actions: (0..32)
+                    .map(|a| format!("{a:02}{}", "x".repeat(name_len - 2)))
+                    .collect(),
+            })
+            .collect()
+    };
+    let ask = |grants: Vec<pb::Grant>| pb::RequestTaskRequest {
+        executor: AGENT.into(),
+        purpose: "p".repeat(1000),
+        grants,
+        ..Default::default()
+    };
+    let err = requester
+        .request_task(ask(grants(16, 250)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("bytes of text"), "{err:?}");
+    // Big tasks under the bound: a page of 20 does not fit 256 KiB and is cut, not refused.
+    for _ in 0..20 {
+        requester.request_task(ask(grants(3, 150))).await.unwrap();
+    }
+    let mut approver = tasks_as(&b, "approver").await;
+    let (mut seen, mut token) = (0, String::new());
+    loop {
+        let page = approver
+            .list_tasks(pb::ListTasksRequest {
+                page_size: 20,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(prost::Message::encoded_len(&page) <= 256 * 1024);
+        seen += page.tasks.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, 20);
+    b.stop().await;
+
+    // The RPC budget of an identity.
+    let b = Broker::start_with_env(vec![
+        ("TASKCRED_LIMITS__RPC_PER_SECOND".into(), "1".into()),
+        ("TASKCRED_LIMITS__RPC_BURST".into(), "5".into()),
+    ])
+    .await;
+    let mut agent = tasks_as(&b, "agent").await;
+    let mut limited = None;
+    for _ in 0..10 {
+        if let Err(e) = agent.list_tasks(pb::ListTasksRequest::default()).await {
+            limited = Some(e);
+            break;
+        }
+    }
+    let e = limited.expect("the budget held");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(common::retry_after_ms(&e) > 0);
+    // Another identity has its own.
+    tasks_as(&b, "requester")
+        .await
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap();
     b.stop().await;
 }

@@ -1,6 +1,7 @@
 //! `taskcred.v1.AdminService`: operator actions (policy reload, signing-key rotation,
 //! force-revoke).
 
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::auth::caller;
@@ -8,26 +9,47 @@ use super::error::status;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
 use super::tasks::{duration, task_id, ts};
-use crate::broker::Broker;
-use crate::broker::LeaseQuery;
+use crate::broker::{Broker, LeaseCursor, LeaseQuery};
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseState, Lock};
 
 /// Ids a `LockAgentResponse` lists at most (the counts are complete; the audit log names all).
 const LISTED: usize = 1000;
-use crate::task::TaskId;
 
 /// The admin service.
 #[derive(Debug, Clone)]
 pub struct AdminApi {
     broker: Broker,
+    /// The largest message sent: a page is cut shorter to fit it.
+    max_message_bytes: usize,
 }
 
 impl AdminApi {
-    /// Serves `broker`'s admin use cases.
-    pub fn new(broker: Broker) -> Self {
-        Self { broker }
+    /// Serves `broker`'s admin use cases, with answers of at most `max_message_bytes`.
+    pub fn new(broker: Broker, max_message_bytes: usize) -> Self {
+        Self {
+            broker,
+            max_message_bytes,
+        }
     }
+}
+
+/// Bytes kept for the rest of a list answer (its token, field tags, the gRPC frame).
+pub(super) const ENVELOPE: usize = 1024;
+
+/// How many items of the encoded sizes `sizes` fit in `budget` bytes of a repeated field (each
+/// costs its size, a tag and a length prefix).
+pub(super) fn fitting(sizes: impl Iterator<Item = usize>, budget: usize) -> usize {
+    let mut used = 0usize;
+    let mut n = 0;
+    for size in sizes {
+        used += 1 + prost::length_delimiter_len(size) + size;
+        if used > budget {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 fn agent(s: &str) -> Result<WorkloadId, Status> {
@@ -175,18 +197,32 @@ impl AdminService for AdminApi {
                 })
                 .transpose()?,
             page_size: usize::try_from(req.page_size).unwrap_or(usize::MAX),
-            after_task: optional(&req.page_token)
+            after: optional(&req.page_token)
                 .map(|t| {
-                    TaskId::parse(&t).map_err(|_| {
+                    LeaseCursor::parse(&t).ok_or_else(|| {
                         Status::invalid_argument("page_token: not from a previous page")
                     })
                 })
                 .transpose()?,
         };
         let page = self.broker.list_leases(&who, query).await.map_err(status)?;
+        let mut next = page.next;
+        let mut leases: Vec<(pb::Lease, LeaseCursor)> = page
+            .leases
+            .into_iter()
+            .map(|(l, at)| (lease_to_pb(l), at))
+            .collect();
+        // Cut the page where it outgrows the message limit; the next page starts there.
+        let budget = self.max_message_bytes.saturating_sub(ENVELOPE);
+        // At least one, so that a listing always moves on.
+        let keep = fitting(leases.iter().map(|(l, _)| l.encoded_len()), budget).max(1);
+        if keep < leases.len() {
+            next = Some(leases[keep].1);
+            leases.truncate(keep);
+        }
         Ok(Response::new(pb::ListLeasesResponse {
-            leases: page.leases.into_iter().map(lease_to_pb).collect(),
-            next_page_token: page.next.map(|t| t.to_string()).unwrap_or_default(),
+            leases: leases.into_iter().map(|(l, _)| l).collect(),
+            next_page_token: next.map(|t| t.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -195,9 +231,42 @@ impl AdminService for AdminApi {
         request: Request<pb::ListLocksRequest>,
     ) -> Result<Response<pb::ListLocksResponse>, Status> {
         let who = caller(&request)?.id.clone();
-        let locks = self.broker.list_locks(&who).await.map_err(status)?;
+        let req = request.into_inner();
+        let after =
+            match req.page_token.as_str() {
+                "" => None,
+                t => Some(WorkloadId::parse(t).map_err(|_| {
+                    Status::invalid_argument("page_token: not from a previous page")
+                })?),
+            };
+        let page = self
+            .broker
+            .list_locks(
+                &who,
+                usize::try_from(req.page_size).unwrap_or(usize::MAX),
+                after.as_ref(),
+            )
+            .await
+            .map_err(status)?;
+        let mut next = page.next;
+        let mut locks: Vec<(pb::Lock, WorkloadId)> = page
+            .locks
+            .into_iter()
+            .map(|l| {
+                let agent = l.agent.clone();
+                (lock_to_pb(l), agent)
+            })
+            .collect();
+        let budget = self.max_message_bytes.saturating_sub(ENVELOPE);
+        let keep = fitting(locks.iter().map(|(l, _)| l.encoded_len()), budget).max(1);
+        if keep < locks.len() {
+            // The page ends after the last lock that fits.
+            next = Some(locks[keep - 1].1.clone());
+            locks.truncate(keep);
+        }
         Ok(Response::new(pb::ListLocksResponse {
-            locks: locks.into_iter().map(lock_to_pb).collect(),
+            locks: locks.into_iter().map(|(l, _)| l).collect(),
+            next_page_token: next.map(|a| a.to_string()).unwrap_or_default(),
         }))
     }
 }

@@ -1,6 +1,9 @@
 //! Authentication of every RPC, deny by default: a method answers only a caller whose connection
 //! presented a verified, unexpired client certificate, unless it is on the short list of public
-//! methods (health, and the CI methods, whose proof is the ID token they carry). The caller's identity is handed to handlers as a [`Caller`] request extension.
+//! methods (health, and the CI methods, whose proof is the ID token they carry). Each identity
+//! has a budget of RPCs (`limits.rpc_per_second`): every call is a policy decision and an audit
+//! line, and no identity may write them without end. The caller's identity is handed to
+//! handlers as a [`Caller`] request extension.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,14 +14,15 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::ready_or;
+use crate::broker::limits::{RATE_LIMITED, Rate, RateLimiter};
 use crate::clock::Clock;
 use crate::identity::PeerIdentity;
 use crate::tls::ConnInfo;
 
-/// Methods any caller may use without a client certificate.
+/// Methods any caller may use without a client certificate: unary calls only, so that no
+/// anonymous caller holds a stream (`Health/Watch` needs a certificate).
 pub const PUBLIC_METHODS: &[&str] = &[
     "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
     "/taskcred.v1.CiService/ExchangeCiToken",
     "/taskcred.v1.CiService/CompleteCiTask",
 ];
@@ -43,12 +47,17 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<&PeerIdentity, Status> {
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     clock: Arc<dyn Clock>,
+    rpcs: Arc<RateLimiter>,
 }
 
 impl AuthLayer {
-    /// Checks certificate expiry against `clock`.
-    pub fn new(clock: Arc<dyn Clock>) -> Self {
-        Self { clock }
+    /// Checks certificate expiry against `clock`; each identity gets `rpc_rate` calls (`None`:
+    /// unlimited).
+    pub fn new(clock: Arc<dyn Clock>, rpc_rate: Option<Rate>) -> Self {
+        Self {
+            clock,
+            rpcs: Arc::new(RateLimiter::new(rpc_rate)),
+        }
     }
 }
 
@@ -59,6 +68,7 @@ impl<S> Layer<S> for AuthLayer {
         Auth {
             inner,
             clock: self.clock.clone(),
+            rpcs: self.rpcs.clone(),
         }
     }
 }
@@ -68,6 +78,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     clock: Arc<dyn Clock>,
+    rpcs: Arc<RateLimiter>,
 }
 
 /// Decides whether a request may proceed, and as whom.
@@ -75,6 +86,7 @@ fn authenticate(
     path: &str,
     conn: Option<&ConnInfo>,
     clock: &dyn Clock,
+    rpcs: &RateLimiter,
 ) -> Result<Option<Caller>, Status> {
     let peer = conn.and_then(|c| c.peer.clone());
     let public = PUBLIC_METHODS.contains(&path);
@@ -83,7 +95,20 @@ fn authenticate(
         Some(p) if p.expired_at(clock.now()) => Err(Status::unauthenticated(
             "the client certificate has expired",
         )),
-        Some(p) => Ok(Some(Caller(p))),
+        Some(p) => match rpcs.take(p.id.as_str(), std::time::Instant::now()) {
+            Ok(()) => Ok(Some(Caller(p))),
+            Err(wait) => {
+                metrics::counter!(RATE_LIMITED, "kind" => "rpc").increment(1);
+                let mut s = Status::resource_exhausted(format!(
+                    "this identity's RPC rate limit is reached; retry in {} ms",
+                    wait.as_millis().max(1)
+                ));
+                if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
+                    s.metadata_mut().insert("retry-after-ms", v);
+                }
+                Err(s)
+            }
+        },
         None if public => Ok(None),
         None => Err(Status::unauthenticated(
             "this method requires a client certificate (mutual TLS)",
@@ -108,6 +133,7 @@ where
             req.uri().path(),
             req.extensions().get::<ConnInfo>(),
             self.clock.as_ref(),
+            &self.rpcs,
         );
         match decision {
             Ok(caller) => {
@@ -131,6 +157,10 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::identity::WorkloadId;
 
+    fn open() -> RateLimiter {
+        RateLimiter::new(None)
+    }
+
     fn conn(not_after: SystemTime) -> ConnInfo {
         ConnInfo {
             remote: ([127, 0, 0, 1], 1).into(),
@@ -151,13 +181,50 @@ mod tests {
             peer: None,
             activity: Arc::default(),
         };
-        let err =
-            authenticate("/taskcred.v1.IdentityService/WhoAmI", Some(&anon), &clock).unwrap_err();
+        let err = authenticate(
+            "/taskcred.v1.IdentityService/WhoAmI",
+            Some(&anon),
+            &clock,
+            &open(),
+        )
+        .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        assert!(authenticate("/grpc.health.v1.Health/Check", Some(&anon), &clock).is_ok());
+        assert!(authenticate("/grpc.health.v1.Health/Check", Some(&anon), &clock, &open()).is_ok());
         // No connection info at all (never expected) is refused, not waved through.
-        assert!(authenticate("/taskcred.v1.IdentityService/WhoAmI", None, &clock).is_err());
-        assert!(authenticate("/unknown/Method", Some(&anon), &clock).is_err());
+        assert!(
+            authenticate("/taskcred.v1.IdentityService/WhoAmI", None, &clock, &open()).is_err()
+        );
+        assert!(authenticate("/unknown/Method", Some(&anon), &clock, &open()).is_err());
+    }
+
+    #[test]
+    fn each_identity_has_a_budget_of_rpcs() {
+        let clock = ManualClock::new(SystemTime::now());
+        let c = conn(SystemTime::now() + Duration::from_secs(60));
+        let rpcs = RateLimiter::new(Some(Rate {
+            per_second: 1.0,
+            burst: 2.0,
+        }));
+        let call = || {
+            authenticate(
+                "/taskcred.v1.IdentityService/WhoAmI",
+                Some(&c),
+                &clock,
+                &rpcs,
+            )
+        };
+        assert!(call().is_ok());
+        assert!(call().is_ok());
+        let err = call().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.metadata().get("retry-after-ms").is_some());
+        // Public methods without a certificate are not counted here (they have their own).
+        let anon = ConnInfo {
+            remote: ([127, 0, 0, 1], 1).into(),
+            peer: None,
+            activity: Arc::default(),
+        };
+        assert!(authenticate("/grpc.health.v1.Health/Check", Some(&anon), &clock, &rpcs).is_ok());
     }
 
     #[test]
@@ -166,13 +233,23 @@ mod tests {
         let clock = ManualClock::new(start);
         let c = conn(start + Duration::from_secs(60));
         assert!(
-            authenticate("/taskcred.v1.IdentityService/WhoAmI", Some(&c), &clock)
-                .unwrap()
-                .is_some()
+            authenticate(
+                "/taskcred.v1.IdentityService/WhoAmI",
+                Some(&c),
+                &clock,
+                &open()
+            )
+            .unwrap()
+            .is_some()
         );
         clock.advance(Duration::from_secs(61));
-        let err =
-            authenticate("/taskcred.v1.IdentityService/WhoAmI", Some(&c), &clock).unwrap_err();
+        let err = authenticate(
+            "/taskcred.v1.IdentityService/WhoAmI",
+            Some(&c),
+            &clock,
+            &open(),
+        )
+        .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
     }
 }

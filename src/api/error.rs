@@ -18,6 +18,24 @@ pub fn status(e: BrokerError) -> Status {
             tracing::warn!(%detail, "store unavailable");
             Status::unavailable("the store is unavailable; nothing was changed, retry later")
         }
+        BrokerError::OutcomeUnknown(detail) => {
+            tracing::warn!(%detail, "store did not answer a change: outcome unknown");
+            let mut s = Status::unavailable(
+                "the store did not answer in time: the change may or may not have been made; \
+                 retry with the same request_id, or look before you retry",
+            );
+            s.metadata_mut().insert(
+                "taskcred-outcome",
+                tonic::metadata::MetadataValue::from_static("unknown"),
+            );
+            s
+        }
+        BrokerError::AuditFailed(detail) => {
+            tracing::error!(%detail, "refused: the audit log cannot be written");
+            Status::unavailable(
+                "the broker cannot write its audit log; nothing was done, retry later",
+            )
+        }
         BrokerError::Exhausted(m) => Status::resource_exhausted(m),
         BrokerError::OutOfRange(m) => Status::out_of_range(m),
         BrokerError::Unauthenticated(m) => Status::unauthenticated(m),

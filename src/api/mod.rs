@@ -60,6 +60,8 @@ pub struct GrpcOptions {
     pub max_concurrent_rpcs_per_connection: u32,
     /// Time limit of one RPC.
     pub request_timeout: Duration,
+    /// RPCs per identity (`limits.rpc_per_second`); `None`: unlimited.
+    pub rpc_rate: Option<crate::broker::limits::Rate>,
 }
 
 /// The canonical upper-case name of a gRPC status code (`UNAUTHENTICATED`), as metrics and the
@@ -158,7 +160,7 @@ where
     let identity = pb::identity_service_server::IdentityServiceServer::new(IdentityApi)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let tasks = pb::task_service_server::TaskServiceServer::new(TaskApi::new(broker.clone()))
+    let tasks = pb::task_service_server::TaskServiceServer::new(TaskApi::new(broker.clone(), max))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let credentials = pb::credential_service_server::CredentialServiceServer::new(
@@ -174,7 +176,7 @@ where
     let ci = pb::ci_service_server::CiServiceServer::new(CiApi::new(broker.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(broker))
+    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(broker, max))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
@@ -185,7 +187,7 @@ where
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(RpcMetricsLayer::new(known_methods()))
-        .layer(AuthLayer::new(clock))
+        .layer(AuthLayer::new(clock, options.rpc_rate))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -16,12 +16,17 @@ use crate::task::{Decision, Outcome, RawTaskRequest, Task, TaskId, TaskState};
 #[derive(Debug, Clone)]
 pub struct TaskApi {
     broker: Broker,
+    /// The largest message sent: a page of tasks is cut shorter to fit it.
+    max_message_bytes: usize,
 }
 
 impl TaskApi {
-    /// Serves `broker`'s use cases.
-    pub fn new(broker: Broker) -> Self {
-        Self { broker }
+    /// Serves `broker`'s use cases, with answers of at most `max_message_bytes`.
+    pub fn new(broker: Broker, max_message_bytes: usize) -> Self {
+        Self {
+            broker,
+            max_message_bytes,
+        }
     }
 }
 
@@ -222,9 +227,28 @@ impl TaskService for TaskApi {
             page_token: (!r.page_token.is_empty()).then_some(r.page_token),
         };
         let page = self.broker.list_tasks(&who, list).await.map_err(status)?;
+        let mut next_page_token = page.next_page_token;
+        let ids: Vec<TaskId> = page.tasks.iter().map(|t| t.id).collect();
+        let mut tasks: Vec<pb::Task> = page.tasks.into_iter().map(task_to_pb).collect();
+        // Cut the page where it outgrows the message limit (a task can be large: purpose,
+        // grants, labels, notes); the next page starts after the last task kept.
+        let budget = self
+            .max_message_bytes
+            .saturating_sub(super::admin::ENVELOPE);
+        let keep =
+            super::admin::fitting(tasks.iter().map(prost::Message::encoded_len), budget).max(1);
+        if keep < tasks.len() {
+            tasks.truncate(keep);
+            next_page_token = Some(
+                self.broker
+                    .page_token_after(&who, ids[keep - 1])
+                    .await
+                    .map_err(status)?,
+            );
+        }
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: page.tasks.into_iter().map(task_to_pb).collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
+            tasks,
+            next_page_token: next_page_token.unwrap_or_default(),
         }))
     }
 

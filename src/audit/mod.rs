@@ -62,7 +62,7 @@ pub struct AuditEvent {
     /// The task concerned, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
-    /// `allow` or `deny`.
+    /// `allow`, `deny`, or `unknown` (a change the store did not answer: it may have been made).
     pub decision: &'static str,
     /// The policies that determined the decision.
     pub policies: Vec<String>,
@@ -87,6 +87,14 @@ impl AuditEvent {
             reason: None,
             details: serde_json::Map::new(),
         }
+    }
+
+    /// Marks the decision's outcome unknown (`"decision": "unknown"`): the store did not answer
+    /// a change it was sent, so it may or may not have been made.
+    #[must_use]
+    pub fn outcome_unknown(mut self) -> Self {
+        self.decision = "unknown";
+        self
     }
 
     /// Names the task.
@@ -118,11 +126,33 @@ impl AuditEvent {
     }
 }
 
-/// The open file and the hash of its last line.
+/// The action of the line that records a torn last line cut at start.
+pub const TORN_LINE_CUT: &str = "AuditTornLineCut";
+
+/// When audit lines reach the disk (`audit.fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fsync {
+    /// Each line is fsynced before the decision it records is answered: a power loss loses no
+    /// line that was answered for; every decision pays an fsync.
+    Always,
+    /// Lines are fsynced by a background task at most `audit.fsync_interval` after they are
+    /// written (the default): a power loss (not a crash of the broker: the kernel has the
+    /// lines) can lose up to that much.
+    #[default]
+    Interval,
+    /// Left to the kernel (typically within 30 s).
+    Never,
+}
+
+/// The open file, the hash of its last line, and its length up to the end of that line.
 #[derive(Debug)]
 struct Tail {
     file: File,
     last: String,
+    /// Bytes of whole lines: a failed write is cut back to here.
+    len: u64,
+    /// A failed write could not be cut back: the next write tries again first.
+    torn: bool,
 }
 
 /// Appends audit events to a file, chained.
@@ -131,40 +161,79 @@ pub struct AuditLog {
     path: PathBuf,
     tail: Mutex<Tail>,
     required: bool,
+    fsync: Fsync,
+    /// A second handle of the file, to fsync it without holding up the writers.
+    sync_handle: File,
+    /// Lines written since the last fsync.
+    dirty: std::sync::atomic::AtomicBool,
     stream: Option<stream::StreamQueue>,
 }
 
-/// Reads the last line of `file` (at most [`MAX_LINE_BYTES`] from the end): its hash, or
-/// [`GENESIS`] for an empty file; and whether the file ends with a newline.
-fn last_line(file: &mut File) -> std::io::Result<(String, bool)> {
+/// The end of a log as found at start.
+struct End {
+    /// The hash of the last whole line ([`GENESIS`] for none).
+    last: String,
+    /// Where the whole lines end.
+    len: u64,
+    /// Bytes after the last whole line: a line whose write was cut short.
+    torn: Option<Vec<u8>>,
+}
+
+/// Reads the end of `file` (at most two [`MAX_LINE_BYTES`] back): the last whole line's hash,
+/// and a torn fragment after it, if any.
+fn read_end(file: &mut File) -> std::io::Result<End> {
     let len = file.seek(SeekFrom::End(0))?;
-    if len == 0 {
-        return Ok((GENESIS.to_owned(), true));
+    // An empty file, or not a file (a device: nothing to read back, nothing to repair).
+    if len == 0 || !file.metadata()?.is_file() {
+        return Ok(End {
+            last: GENESIS.to_owned(),
+            len: 0,
+            torn: None,
+        });
     }
-    let start = len.saturating_sub(MAX_LINE_BYTES as u64);
+    let start = len.saturating_sub(2 * MAX_LINE_BYTES as u64);
     file.seek(SeekFrom::Start(start))?;
     let mut tail = Vec::new();
-    file.take(MAX_LINE_BYTES as u64).read_to_end(&mut tail)?;
-    let complete = tail.last() == Some(&b'\n');
-    let body = if complete {
-        &tail[..tail.len() - 1]
+    file.take(2 * MAX_LINE_BYTES as u64)
+        .read_to_end(&mut tail)?;
+    // The whole lines end after the last newline; what follows is torn.
+    let whole = tail.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let torn = (whole < tail.len()).then(|| tail[whole..].to_vec());
+    let body = &tail[..whole.saturating_sub(1)];
+    let last = if whole == 0 && start == 0 {
+        GENESIS.to_owned()
     } else {
-        &tail[..]
+        let line = match body.iter().rposition(|b| *b == b'\n') {
+            Some(i) => &body[i + 1..],
+            None => body,
+        };
+        crate::mint::sha256_hex(line)
     };
-    let line = match body.iter().rposition(|b| *b == b'\n') {
-        Some(i) => &body[i + 1..],
-        None => body,
-    };
-    Ok((crate::mint::sha256_hex(line), complete))
+    Ok(End {
+        last,
+        len: start + whole as u64,
+        torn,
+    })
+}
+
+/// Whether `fragment` is in fact a whole line that only lacks its newline: a JSON object chained
+/// to `last`.
+fn is_whole_line(fragment: &[u8], last: &str) -> bool {
+    serde_json::from_slice::<serde_json::Value>(fragment)
+        .ok()
+        .and_then(|v| v.get("prev").and_then(|p| p.as_str()).map(|p| p == last))
+        .unwrap_or(false)
 }
 
 impl AuditLog {
     /// Opens `path` for appending, creating it 0600, and continues the chain from its last
-    /// line. A last line cut short (a crash mid-write) is ended with a newline: the chain then
-    /// shows the break at that line, as it should.
+    /// whole line. A last line cut short (a crash or a full disk mid-write) is cut off and a
+    /// [`TORN_LINE_CUT`] line records the cut (its length and hash), chained to the last whole
+    /// line: the chain stays verifiable and the loss is on record. A last line that is whole but
+    /// for its newline gets its newline.
     ///
     /// # Errors
-    /// When the file cannot be opened or read.
+    /// When the file cannot be opened, read or repaired.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let mut file = OpenOptions::new()
             .create(true)
@@ -172,17 +241,80 @@ impl AuditLog {
             .append(true)
             .mode(0o600)
             .open(path)?;
-        let (last, complete) = last_line(&mut file)?;
-        if !complete {
-            tracing::error!(path = %path.display(), "the audit log's last line is incomplete; the chain breaks there");
-            file.write_all(b"\n")?;
+        let end = read_end(&mut file)?;
+        let sync_handle = file.try_clone()?;
+        let mut tail = Tail {
+            file,
+            last: end.last,
+            len: end.len,
+            torn: false,
+        };
+        let mut cut = None;
+        match end.torn {
+            None => {}
+            Some(fragment) if is_whole_line(&fragment, &tail.last) => {
+                tail.file.write_all(b"\n")?;
+                tail.last = crate::mint::sha256_hex(&fragment);
+                tail.len += fragment.len() as u64 + 1;
+            }
+            Some(fragment) => {
+                tracing::error!(
+                    path = %path.display(),
+                    bytes = fragment.len(),
+                    "the audit log's last line was cut short (a crash or a full disk while it \
+                     was written); it is cut off and the cut is recorded"
+                );
+                tail.file.set_len(tail.len)?;
+                cut = Some(fragment);
+            }
         }
-        Ok(Self {
+        let log = Self {
             path: path.to_owned(),
-            tail: Mutex::new(Tail { file, last }),
+            tail: Mutex::new(tail),
             required: true,
+            fsync: Fsync::default(),
+            sync_handle,
+            dirty: std::sync::atomic::AtomicBool::new(false),
             stream: None,
-        })
+        };
+        if let Some(fragment) = cut {
+            log.write(
+                &AuditEvent::new(SystemTime::now(), TORN_LINE_CUT, "audit", true)
+                    .reason("a line cut short at the end of the log was removed at start")
+                    .detail("cut_bytes", fragment.len())
+                    .detail("cut_sha256", crate::mint::sha256_hex(&fragment)),
+            )
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            log.sync()?;
+        }
+        Ok(log)
+    }
+
+    /// When lines reach the disk (`audit.fsync`).
+    #[must_use]
+    pub fn fsync(mut self, fsync: Fsync) -> Self {
+        self.fsync = fsync;
+        self
+    }
+
+    /// Fsyncs what was written (with [`Fsync::Interval`], the broker calls this every
+    /// `audit.fsync_interval`; without new lines it does nothing).
+    ///
+    /// # Errors
+    /// When the file cannot be synced.
+    pub fn sync(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            self.sync_handle.sync_data().inspect_err(|_| {
+                self.dirty.store(true, Ordering::Release);
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether the background fsync is asked for.
+    pub fn syncs_on_interval(&self) -> bool {
+        self.fsync == Fsync::Interval
     }
 
     /// Also sends every event to the shared Redis stream, through `queue`
@@ -252,15 +384,37 @@ impl AuditLog {
             stream::failed(&format!("event dropped: {e}"));
         }
         let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        if tail.torn {
+            // An earlier failed write left part of a line: cut it before going on.
+            let len = tail.len;
+            tail.file
+                .set_len(len)
+                .map_err(|e| fail(format!("cutting back a failed write: {e}")))?;
+            tail.torn = false;
+        }
         let mut line = stream::chain(json, &tail.last);
         let hash = crate::mint::sha256_hex(&line);
         line.push(b'\n');
-        tail.file
-            .write_all(&line)
-            .and_then(|()| tail.file.flush())
-            .map_err(|e| fail(e.to_string()))?;
+        if let Err(e) = tail.file.write_all(&line).and_then(|()| tail.file.flush()) {
+            // A full disk may have taken part of the line: cut the file back to the last whole
+            // line, so that the next line follows it (else the chain would break there for good).
+            let len = tail.len;
+            if tail.file.set_len(len).is_err() {
+                tail.torn = true;
+            }
+            return Err(fail(e.to_string()));
+        }
+        if self.fsync == Fsync::Always
+            && let Err(e) = tail.file.sync_data()
+        {
+            return Err(fail(format!("fsync: {e}")));
+        }
         tail.last = hash;
+        tail.len += line.len() as u64;
         drop(tail);
+        if self.fsync == Fsync::Interval {
+            self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        }
         if event.decision == "deny" && event.action != SUMMARY_ACTION {
             let reason = if event.principal == UNVERIFIED_CI {
                 "id_token"
@@ -446,14 +600,33 @@ mod tests {
             verify_chain(removed.as_slice()).unwrap(),
             ChainReport::Broken { line: 2, .. }
         ));
-        // A cut-short tail is ended on reopen and shows as broken.
+        // A cut-short tail (a crash, a full disk) is cut off on reopen and the cut recorded:
+        // the chain stays whole, and says what was lost.
         std::fs::write(&path, &text[..text.len() - 5]).unwrap();
         let log = AuditLog::open(&path).unwrap();
         log.record(&event(9));
         drop(log);
+        let repaired = std::fs::read_to_string(&path).unwrap();
         assert!(matches!(
-            verify_chain(std::fs::read(&path).unwrap().as_slice()).unwrap(),
-            ChainReport::Broken { line: 4, .. }
+            verify_chain(repaired.as_bytes()).unwrap(),
+            ChainReport::Intact { lines: 5, .. }
+        ));
+        let marker: serde_json::Value =
+            serde_json::from_str(repaired.lines().nth(3).unwrap()).unwrap();
+        assert_eq!(marker["action"], TORN_LINE_CUT);
+        assert_eq!(
+            marker["details"]["cut_bytes"],
+            text.split(|b| *b == b'\n').nth(3).unwrap().len() - 4
+        );
+        // A last line whole but for its newline is kept.
+        let whole = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        log.record(&event(10));
+        drop(log);
+        assert!(matches!(
+            verify_chain(std::fs::File::open(&path).unwrap()).unwrap(),
+            ChainReport::Intact { lines: 6, .. }
         ));
     }
 }

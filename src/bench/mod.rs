@@ -365,6 +365,8 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
         let mut env = vec![
             ("TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(), "0".into()),
             ("TASKCRED_LIMITS__CI_PER_SECOND".into(), "0".into()),
+            ("TASKCRED_LIMITS__RPC_PER_SECOND".into(), "0".into()),
+            ("TASKCRED_LIMITS__PUBLIC_PER_SECOND".into(), "0".into()),
             ("TASKCRED_LOG__LEVEL".into(), "warn".into()),
             ("TASKCRED_CI__ISSUERS".into(), ci_config.clone()),
         ];

@@ -17,6 +17,18 @@ use crate::task::{Task, TaskError, TaskId};
 pub const LOCK_ON_FAILURE_ERRORS: &str = "taskcred_lock_on_failure_errors_total";
 /// Longest lock reason, in bytes.
 pub const MAX_REASON_BYTES: usize = 512;
+/// Most locks in one page of `ListLocks`.
+pub const MAX_LOCK_PAGE: usize = 500;
+
+/// One page of locks, by agent id.
+#[derive(Debug, Clone, Default)]
+pub struct LockPage {
+    /// The locks in force.
+    pub locks: Vec<Lock>,
+    /// The last agent of this page, when more follow.
+    pub next: Option<WorkloadId>,
+}
+
 /// Longest lock with an end; a longer one is a lock without end.
 pub const MAX_LOCK_DURATION: Duration = Duration::from_secs(366 * 86400);
 
@@ -36,8 +48,10 @@ pub fn check_reason(reason: &str) -> Result<(), BrokerError> {
     if reason.len() > MAX_REASON_BYTES {
         return Err(bad(&format!("longer than {MAX_REASON_BYTES} bytes")));
     }
-    if reason.chars().any(char::is_control) {
-        return Err(bad("must not contain control characters"));
+    if crate::text::has_deceptive(reason) {
+        return Err(bad(
+            "must not contain control, separator or format characters",
+        ));
     }
     Ok(())
 }
@@ -154,10 +168,29 @@ impl Broker {
         policies: &[String],
     ) -> Result<LockOutcome, BrokerError> {
         let (agent, caller, reason, now) = (&lock.agent, &lock.operator, &lock.reason, lock.at);
-        let outcome = self
+        let outcome = match self
             .store
             .lock_agent(lock, self.settings.task_retention)
-            .await?;
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                let e = BrokerError::from(e);
+                if let BrokerError::OutcomeUnknown(detail) = &e {
+                    // The lock may hold (and its revocations are in the log, audited from it):
+                    // the record says what the broker knows.
+                    self.audit.record(
+                        &AuditEvent::new(now, "LockAgent", caller.as_str(), false)
+                            .outcome_unknown()
+                            .policies(policies)
+                            .reason(format!("outcome unknown: {detail}"))
+                            .detail("agent", agent.as_str())
+                            .detail("until", until_text(lock.until)),
+                    );
+                }
+                return Err(e);
+            }
+        };
         let in_force = outcome.in_force.as_ref().unwrap_or(lock);
         let kept = in_force != lock;
         tracing::warn!(
@@ -261,13 +294,35 @@ impl Broker {
         Ok((task, leases))
     }
 
-    /// The locks in force, if policy permits `caller`.
+    /// One page of the locks in force, by agent id after `after`, if policy permits `caller`.
+    /// `page_size` 0 means 100; at most [`MAX_LOCK_PAGE`].
     ///
     /// # Errors
-    /// [`BrokerError::Denied`], [`BrokerError::Unavailable`].
-    pub async fn list_locks(&self, caller: &WorkloadId) -> Result<Vec<Lock>, BrokerError> {
+    /// [`BrokerError::Denied`], [`BrokerError::Invalid`] (page size),
+    /// [`BrokerError::Unavailable`].
+    pub async fn list_locks(
+        &self,
+        caller: &WorkloadId,
+        page_size: usize,
+        after: Option<&WorkloadId>,
+    ) -> Result<LockPage, BrokerError> {
+        let size = match page_size {
+            0 => 100,
+            n if n <= MAX_LOCK_PAGE => n,
+            _ => {
+                return Err(BrokerError::Invalid {
+                    field: "page_size",
+                    reason: format!("at most {MAX_LOCK_PAGE}"),
+                });
+            }
+        };
         self.authorize(caller, PolicyAction::ListLocks, &Resource::Broker)?;
-        Ok(self.store.list_locks(self.clock.now()).await?)
+        let mut locks = self.store.list_locks(self.clock.now()).await?;
+        locks.sort_by(|a, b| a.agent.cmp(&b.agent));
+        locks.retain(|l| after.is_none_or(|a| &l.agent > a));
+        let next = (locks.len() > size).then(|| locks[size - 1].agent.clone());
+        locks.truncate(size);
+        Ok(LockPage { locks, next })
     }
 
     /// A refusal to issue or renew for `agent`, explained by its lock when one holds: a locked

@@ -309,6 +309,21 @@ impl Broker {
         let issuance = self
             .begin_issuance(&caller, &task.id, Some(ttl), action)
             .await?;
+        // The credential itself is decided as on every path that mints: whatever a policy
+        // forbids of IssueToken or IssueCertificate, it forbids here too.
+        let mint = self.authorize_mint(
+            Principal::CiJob(&v.job),
+            &v.job.subject,
+            &issuance,
+            &super::MintRequest {
+                kind,
+                audience: Some(x.audience.as_str()),
+                actions: &scope,
+                renewal: false,
+            },
+        )?;
+        let mut verdict = verdict;
+        verdict.policies.extend(mint.policies);
         let (credential_id, serial) = super::new_credential_id(kind)?;
         let lease = self
             .record_lease(

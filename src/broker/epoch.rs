@@ -44,6 +44,15 @@ impl EpochState {
 }
 
 impl Broker {
+    /// The issuance step found the store without its epoch marker (a reset since the last
+    /// check): start the new epoch now, so that what is issued next is issued in it, and
+    /// verifiers learn it at once.
+    pub(super) async fn after_store_reset(&self) {
+        if let Err(e) = self.check_store_epoch().await {
+            tracing::warn!(error = %e, "starting a new store epoch after a reset failed; will retry");
+        }
+    }
+
     /// Reads the store's epoch (making it on a new store) and compares it with the one this
     /// process saw before. Returns the reset, if this check found one.
     ///

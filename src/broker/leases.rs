@@ -1,4 +1,5 @@
-//! Listing leases for operators: by task, by agent, by state, newest task first, paged by task.
+//! Listing leases for operators: by task, by agent, by state, newest task first, paged by lease
+//! (a page never holds more than its size, whatever the size of a task).
 
 use super::{Broker, BrokerError};
 use crate::identity::WorkloadId;
@@ -14,6 +15,36 @@ const TASK_BATCH: usize = 64;
 /// Most tasks examined for one page (bounds a selective filter's cost).
 const MAX_SCAN: usize = 10_000;
 
+/// Where a page of leases starts: at the `skip`-th lease (in issuance order) of `task`, then the
+/// tasks after it (newest first). Written `<task>/<skip>` in page tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseCursor {
+    /// The task.
+    pub task: TaskId,
+    /// How many of its leases come before.
+    pub skip: usize,
+}
+
+impl LeaseCursor {
+    /// Parses `<task>/<skip>`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (task, skip) = s.split_once('/')?;
+        if skip.len() > 9 || !skip.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Self {
+            task: TaskId::parse(task).ok()?,
+            skip: skip.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for LeaseCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.task, self.skip)
+    }
+}
+
 /// Which leases to list.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseQuery {
@@ -25,17 +56,19 @@ pub struct LeaseQuery {
     pub state: Option<LeaseState>,
     /// Most leases in the page (1 to [`MAX_LEASE_PAGE`]; 0 means 100).
     pub page_size: usize,
-    /// Continue after this task (the previous page's `next`).
-    pub after_task: Option<TaskId>,
+    /// Where to continue (the previous page's `next`).
+    pub after: Option<LeaseCursor>,
 }
 
-/// One page of leases: the leases of whole tasks, newest task first.
+/// One page of leases, newest task first, each task's in issuance order; never more than the
+/// page size.
 #[derive(Debug, Clone, Default)]
 pub struct LeasePage {
-    /// The leases.
-    pub leases: Vec<Lease>,
+    /// The leases, each with the cursor a page starting at it would have (so that a caller
+    /// that must cut the page shorter, to fit a message, knows where to continue).
+    pub leases: Vec<(Lease, LeaseCursor)>,
     /// Where the next page starts, if there may be more.
-    pub next: Option<TaskId>,
+    pub next: Option<LeaseCursor>,
 }
 
 impl Broker {
@@ -43,7 +76,8 @@ impl Broker {
     ///
     /// # Errors
     /// [`BrokerError::Denied`], [`BrokerError::Invalid`] for a page size over
-    /// [`MAX_LEASE_PAGE`], [`BrokerError::Unavailable`].
+    /// [`MAX_LEASE_PAGE`] or a cursor of another task than the one asked,
+    /// [`BrokerError::Unavailable`].
     pub async fn list_leases(
         &self,
         caller: &WorkloadId,
@@ -65,19 +99,46 @@ impl Broker {
             query.agent.as_ref().is_none_or(|a| &l.agent == a)
                 && query.state.is_none_or(|s| l.state == s)
         };
-        let as_of_now = |mut l: Lease| {
-            l.expire(now);
-            l
+        let mut page = LeasePage::default();
+        // Adds the leases of `task` from `skip` on; false once the page is full (`next` set).
+        let take = |page: &mut LeasePage, task: TaskId, leases: Vec<Lease>, skip: usize| {
+            for (i, mut lease) in leases.into_iter().enumerate().skip(skip) {
+                let at = LeaseCursor { task, skip: i };
+                if page.leases.len() >= size {
+                    page.next = Some(at);
+                    return false;
+                }
+                lease.expire(now);
+                if wanted(&lease) {
+                    page.leases.push((lease, at));
+                }
+            }
+            true
         };
         if let Some(task) = query.task {
+            let skip = match query.after {
+                None => 0,
+                Some(c) if c.task == task => c.skip,
+                Some(_) => {
+                    return Err(BrokerError::Invalid {
+                        field: "page_token",
+                        reason: "from a listing of another task".into(),
+                    });
+                }
+            };
             let leases = self.store.task_leases(&task).await?;
-            return Ok(LeasePage {
-                leases: leases.into_iter().map(as_of_now).filter(wanted).collect(),
-                next: None,
-            });
+            take(&mut page, task, leases, skip);
+            return Ok(page);
         }
-        let mut page = LeasePage::default();
-        let mut before = query.after_task;
+        // The cursor's task first (from its lease), then the tasks before it.
+        let mut before = None;
+        if let Some(c) = query.after {
+            let leases = self.store.task_leases(&c.task).await?;
+            if !take(&mut page, c.task, leases, c.skip) {
+                return Ok(page);
+            }
+            before = Some(c.task);
+        }
         let mut scanned = 0;
         loop {
             let tasks = self
@@ -92,12 +153,16 @@ impl Broker {
                 })
                 .await?;
             for task in &tasks.tasks {
-                let leases = self.store.task_leases(&task.id).await?;
-                page.leases
-                    .extend(leases.into_iter().map(as_of_now).filter(wanted));
+                if scanned >= MAX_SCAN {
+                    page.next = Some(LeaseCursor {
+                        task: task.id,
+                        skip: 0,
+                    });
+                    return Ok(page);
+                }
                 scanned += 1;
-                if page.leases.len() >= size || scanned >= MAX_SCAN {
-                    page.next = Some(task.id);
+                let leases = self.store.task_leases(&task.id).await?;
+                if !take(&mut page, task.id, leases, 0) {
                     return Ok(page);
                 }
             }
@@ -105,6 +170,32 @@ impl Broker {
                 Some(n) => before = Some(n),
                 None => return Ok(page),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cursors_read_back_and_refuse_garbage() {
+        let c = LeaseCursor {
+            task: TaskId::generate(),
+            skip: 1994,
+        };
+        assert_eq!(LeaseCursor::parse(&c.to_string()), Some(c));
+        for bad in [
+            "",
+            "x/1",
+            "/1",
+            &format!("{}/", c.task),
+            &format!("{}/-1", c.task),
+            &format!("{}/1234567890", c.task),
+            &format!("{}/1/2", c.task),
+        ] {
+            assert_eq!(LeaseCursor::parse(bad), None, "{bad}");
         }
     }
 }

@@ -73,7 +73,15 @@ struct Bucket {
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: Option<Rate>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    by_key: HashMap<String, Bucket>,
+    /// When the map was last swept for quiet keys: at most once a second, so that a flood of
+    /// new keys (many source addresses) cannot make every call scan the whole map.
+    swept: Option<Instant>,
 }
 
 impl RateLimiter {
@@ -93,11 +101,19 @@ impl RateLimiter {
         let Some(rate) = self.rate else {
             return Ok(());
         };
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *guard;
+        let buckets = &mut state.by_key;
         if !buckets.contains_key(key) {
             if buckets.len() >= MAX_KEYS {
-                let full_after = Duration::from_secs_f64(rate.burst / rate.per_second);
-                buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+                if state
+                    .swept
+                    .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+                {
+                    state.swept = Some(now);
+                    let full_after = Duration::from_secs_f64(rate.burst / rate.per_second);
+                    buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+                }
                 if buckets.len() >= MAX_KEYS {
                     // Every bucket is busy: refuse the newcomer rather than grow without bound.
                     return Err(Duration::from_secs(1));

@@ -40,6 +40,8 @@ pub fn outcome<T>(result: &Result<T, BrokerError>) -> &'static str {
             BrokerError::Pending(_) => "pending",
             BrokerError::Unauthenticated(_) => "unauthenticated",
             BrokerError::Unavailable(_) => "unavailable",
+            BrokerError::AuditFailed(_) => "audit_failed",
+            BrokerError::OutcomeUnknown(_) => "outcome_unknown",
             BrokerError::Exhausted(_) => "exhausted",
             BrokerError::OutOfRange(_) => "out_of_range",
             BrokerError::RateLimited(_) => "rate_limited",

@@ -16,12 +16,15 @@ mod pages;
 mod reaper;
 mod revocations;
 
-pub use agents::{LOCK_ON_FAILURE_ERRORS, MAX_LOCK_DURATION, MAX_REASON_BYTES, check_reason};
+pub use agents::{
+    LOCK_ON_FAILURE_ERRORS, LockPage, MAX_LOCK_DURATION, MAX_LOCK_PAGE, MAX_REASON_BYTES,
+    check_reason,
+};
 pub use ci::{CiCredential, CiExchangeRequest, CiExchanged};
 pub use crl::CRL_REFRESH;
 pub use epoch::{EPOCH_CHECK, STORE_EPOCH_STARTED, STORE_RESETS, StoreReset};
 pub use keys::{KEY_REFRESH, Rotation};
-pub use leases::{LeasePage, LeaseQuery, MAX_LEASE_PAGE};
+pub use leases::{LeaseCursor, LeasePage, LeaseQuery, MAX_LEASE_PAGE};
 pub use reaper::{LEASES_EXPIRED, REAPER_FAILURES, Reaped, TASKS_EXPIRED};
 pub use revocations::{
     FED, HEARTBEAT, MAX_WATCHES, MAX_WATCHES_PER_IDENTITY, RevocationWatch, WATCHERS, WatchEvent,
@@ -38,7 +41,7 @@ use crate::mint::{
     AccessClaims, Confirmation, IssuedCertInfo, IssuingCa, KeyRing, SvidRequest, random_id,
     random_serial, serial_hex, verify_csr,
 };
-use crate::policy::{PolicyAction, PolicyEngine, Resource, Verdict};
+use crate::policy::{PolicyAction, PolicyEngine, Principal, Resource, Verdict};
 use crate::store::{IssueError, Store, StoreError, TaskQuery, UpdateError, check_renewable};
 use crate::task::{
     Action, Approval, Audience, Decision, Outcome, RawTaskRequest, Task, TaskError, TaskId,
@@ -76,6 +79,14 @@ pub enum BrokerError {
     /// The store cannot be reached (`UNAVAILABLE`); nothing was changed.
     #[error("store unavailable")]
     Unavailable(String),
+    /// The store did not answer a change it was sent (`UNAVAILABLE`, said so): it may have
+    /// been made. A retry with the same request id is safe.
+    #[error("outcome unknown")]
+    OutcomeUnknown(String),
+    /// The audit log cannot be written and is required (`audit.required`): the decision is not
+    /// made (`UNAVAILABLE`); nothing was changed.
+    #[error("the audit log cannot be written")]
+    AuditFailed(String),
     /// A limit of this broker is reached (`RESOURCE_EXHAUSTED`); retry later.
     #[error("{0}")]
     Exhausted(String),
@@ -128,6 +139,7 @@ impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(m) => Self::Unavailable(m),
+            StoreError::OutcomeUnknown(m) => Self::OutcomeUnknown(m),
             StoreError::Contention(id) => {
                 Self::Unavailable(format!("contention on task {id}; retry"))
             }
@@ -142,6 +154,11 @@ impl From<IssueError> for BrokerError {
             IssueError::NotFound => Self::NotFound(Missing::Task),
             IssueError::Refused(t) => t.into(),
             IssueError::Locked(reason) => Self::Denied(format!("agent is locked: {reason}")),
+            IssueError::StoreReset => Self::Unavailable(
+                "the store was reset (its data lost): nothing was issued; a new store epoch \
+                 began"
+                    .into(),
+            ),
             IssueError::Store(s) => s.into(),
         }
     }
@@ -441,6 +458,24 @@ impl Broker {
         self.unverified.flush(&self.audit, self.clock.now());
     }
 
+    /// Fsyncs the audit log if it is synced on an interval (`audit.fsync = "interval"`), off
+    /// the async threads.
+    pub async fn sync_audit(&self) {
+        if !self.audit.syncs_on_interval() {
+            return;
+        }
+        let audit = self.audit.clone();
+        match tokio::task::spawn_blocking(move || audit.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                ::metrics::counter!(crate::audit::AUDIT_WRITE_FAILURES, "sink" => "file")
+                    .increment(1);
+                tracing::error!(error = %e, "fsync of the audit log failed");
+            }
+            Err(e) => tracing::error!(error = %e, "fsync of the audit log did not run"),
+        }
+    }
+
     /// The policy engine (for reloads on SIGHUP).
     pub fn policy(&self) -> &Arc<PolicyEngine> {
         &self.policy
@@ -487,7 +522,10 @@ impl Broker {
             if action == PolicyAction::RequestTask {
                 event = event.detail("quorum", verdict.quorum);
             }
-            self.audit.record(&event);
+            // A decision that cannot be recorded is not made (with `audit.required`).
+            self.audit
+                .record_or_refuse(&event)
+                .map_err(|e| BrokerError::AuditFailed(e.to_string()))?;
             Ok(verdict)
         } else {
             self.audit
@@ -526,6 +564,15 @@ impl Broker {
                 &AuditEvent::new(self.clock.now(), action.name(), caller.as_str(), false)
                     .task(task)
                     .reason(e.to_string()),
+            );
+        }
+        if let BrokerError::OutcomeUnknown(detail) = e {
+            // Neither done nor refused, as far as the broker can know: the record says so.
+            self.audit.record(
+                &AuditEvent::new(self.clock.now(), action.name(), caller.as_str(), false)
+                    .outcome_unknown()
+                    .task(task)
+                    .reason(format!("outcome unknown: {detail}")),
             );
         }
     }
@@ -1088,14 +1135,17 @@ impl Broker {
         let renewed = self
             .store
             .renew_lease(id, &credential, expires_at, now)
-            .await
-            .map_err(|e| {
-                let e = match e {
-                    IssueError::NotFound => BrokerError::NotFound(Missing::Lease),
-                    e => e.into(),
-                };
-                self.refusal(PolicyAction::RenewLease, caller, lease.task, e)
-            })?;
+            .await;
+        if matches!(renewed, Err(IssueError::StoreReset)) {
+            self.after_store_reset().await;
+        }
+        let renewed = renewed.map_err(|e| {
+            let e = match e {
+                IssueError::NotFound => BrokerError::NotFound(Missing::Lease),
+                e => e.into(),
+            };
+            self.refusal(PolicyAction::RenewLease, caller, lease.task, e)
+        })?;
         let credential = match (serial, csr, &self.ca) {
             (Some(serial), Some(csr), Some(ca)) => Credential::Certificate {
                 certificate_pem: ca
@@ -1286,9 +1336,27 @@ impl Broker {
         issuance: &Issuance,
         mint: &MintRequest<'_>,
     ) -> Result<Verdict, BrokerError> {
+        self.authorize_mint(
+            Principal::Workload(&caller.id),
+            caller.id.as_str(),
+            issuance,
+            mint,
+        )
+    }
+
+    /// The issuance decision for any principal (a workload, or a CI job after its own
+    /// `ExchangeCiToken` decision): the kind's action, with the mint context. `who` names the
+    /// principal in the audit line.
+    fn authorize_mint(
+        &self,
+        principal: Principal<'_>,
+        who: &str,
+        issuance: &Issuance,
+        mint: &MintRequest<'_>,
+    ) -> Result<Verdict, BrokerError> {
         let action = mint.action();
-        let verdict = self.policy.decide_in(
-            &caller.id,
+        let verdict = self.policy.decide_as(
+            principal,
             action,
             &Resource::Task(&issuance.task),
             Some(mint.context(issuance.ttl_secs)),
@@ -1297,7 +1365,7 @@ impl Broker {
             return Ok(verdict);
         }
         self.audit.record(
-            &AuditEvent::new(issuance.now, action.name(), caller.id.as_str(), false)
+            &AuditEvent::new(issuance.now, action.name(), who, false)
                 .task(issuance.task.id)
                 .policies(&verdict.policies)
                 .reason(crate::audit::NOT_PERMITTED)
@@ -1341,10 +1409,11 @@ impl Broker {
             CredentialKind::Jwt => PolicyAction::IssueToken,
             CredentialKind::X509 => PolicyAction::IssueCertificate,
         };
-        self.store
-            .issue_lease(&lease, issuance.now)
-            .await
-            .map_err(|e| self.refusal(action, caller, issuance.task.id, e.into()))?;
+        let recorded = self.store.issue_lease(&lease, issuance.now).await;
+        if matches!(recorded, Err(IssueError::StoreReset)) {
+            self.after_store_reset().await;
+        }
+        recorded.map_err(|e| self.refusal(action, caller, issuance.task.id, e.into()))?;
         self.wake_reaper_for(lease.expires_at);
         Ok(lease)
     }
@@ -1386,7 +1455,7 @@ impl Broker {
                 tracing::warn!(error = %revoke, lease = %lease.id, "revoking an unaudited lease failed; it expires unused");
             }
             metrics::revoked("audit_failure", 1);
-            return Err(BrokerError::Unavailable(e.to_string()));
+            return Err(BrokerError::AuditFailed(e.to_string()));
         }
         Ok(())
     }

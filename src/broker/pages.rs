@@ -84,6 +84,19 @@ impl Broker {
         Ok(URL_SAFE_NO_PAD.encode(token))
     }
 
+    /// The token of a page of `caller`'s listing that continues after `task` (for an answer cut
+    /// short to fit a message).
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the key cannot be read from the store.
+    pub async fn page_token_after(
+        &self,
+        caller: &WorkloadId,
+        task: TaskId,
+    ) -> Result<String, BrokerError> {
+        self.seal_page(caller, task).await
+    }
+
     /// Where the page of `token` continues, if it is a token of `caller`.
     pub(super) async fn open_page(
         &self,

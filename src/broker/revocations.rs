@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, BrokerError};
 use crate::identity::WorkloadId;
 use crate::lease::{Cursor, Revocation};
+use crate::net::{KeyedSlot, KeyedSlots};
 use crate::policy::{PolicyAction, Resource};
 use crate::store::{Epoch, Store, unix_ms};
 
@@ -54,7 +55,7 @@ pub(super) struct RevocationHub {
     current_ms: AtomicU64,
     watches: Arc<Semaphore>,
     /// Open watches by identity.
-    per_identity: Arc<std::sync::Mutex<std::collections::HashMap<WorkloadId, usize>>>,
+    per_identity: KeyedSlots,
     /// Cancelled when the feed stops (the broker shuts down): watches end, so that the server
     /// can drain.
     stopping: CancellationToken,
@@ -67,7 +68,7 @@ impl Default for RevocationHub {
             ready: tokio::sync::watch::Sender::new(false),
             current_ms: AtomicU64::new(0),
             watches: Arc::new(Semaphore::new(MAX_WATCHES)),
-            per_identity: Arc::default(),
+            per_identity: KeyedSlots::new(MAX_WATCHES_PER_IDENTITY),
             stopping: CancellationToken::new(),
         }
     }
@@ -115,44 +116,7 @@ pub struct RevocationWatch {
     /// When the last event was delivered (heartbeats count from there).
     last_sent: tokio::time::Instant,
     _permit: OwnedSemaphorePermit,
-    _identity: IdentitySlot,
-}
-
-/// One watch of an identity, counted until dropped.
-#[derive(Debug)]
-struct IdentitySlot {
-    who: WorkloadId,
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<WorkloadId, usize>>>,
-}
-
-impl IdentitySlot {
-    fn take(
-        counts: &Arc<std::sync::Mutex<std::collections::HashMap<WorkloadId, usize>>>,
-        who: &WorkloadId,
-    ) -> Option<Self> {
-        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(who.clone()).or_default();
-        if *n >= MAX_WATCHES_PER_IDENTITY {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            who: who.clone(),
-            counts: counts.clone(),
-        })
-    }
-}
-
-impl Drop for IdentitySlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.who) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.who);
-            }
-        }
-    }
+    _identity: KeyedSlot,
 }
 
 impl Broker {
@@ -237,8 +201,11 @@ impl Broker {
                 )));
             }
         }
-        let identity =
-            IdentitySlot::take(&self.revocations.per_identity, caller).ok_or_else(|| {
+        let identity = self
+            .revocations
+            .per_identity
+            .try_take(caller.as_str())
+            .ok_or_else(|| {
                 BrokerError::Exhausted(format!(
                     "this identity has {MAX_WATCHES_PER_IDENTITY} revocation watches open"
                 ))

@@ -209,7 +209,7 @@ fn text(claims: &Map<String, Value>, name: &str) -> Result<Option<String>, CiErr
     if value.len() > MAX_CLAIM_BYTES {
         return Err(bad_claim(name, "too long"));
     }
-    if value.chars().any(char::is_control) {
+    if crate::text::has_deceptive(&value) {
         return Err(bad_claim(name, "control characters"));
     }
     Ok(Some(value))

@@ -150,10 +150,13 @@ fn parse_set(body: &[u8]) -> Result<HashMap<String, Key>, String> {
     Ok(keys)
 }
 
-/// The bytes of a JWK Set file, read with its bound (a file that grows while read included).
+/// The bytes of a JWK Set file, read with its bound (a file that grows while read included),
+/// if it is still one nobody else can change (checked at every read: the keys it holds are
+/// whom the broker trusts for CI jobs).
 fn read_jwks_file(path: &std::path::Path) -> Result<Vec<u8>, CiError> {
     use std::io::Read as _;
     let bad = |e: String| CiError::KeysUnavailable(format!("{}: {e}", path.display()));
+    crate::files::check_trusted(path).map_err(|e| bad(e.to_string()))?;
     let mut body = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_JWKS_BYTES as u64 + 1).read_to_end(&mut body))

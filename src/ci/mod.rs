@@ -182,11 +182,12 @@ impl CiIssuers {
             .repository_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
-        // An id that is not a plain path segment is named by its hash.
+        // An id that is not a plain path segment is named by its hash, marked so (a plain id has
+        // no '.'), so that no plain id can be another's hash.
         let id = if plain && job.repository_id.len() <= 128 {
             job.repository_id.clone()
         } else {
-            sha256_hex(job.repository_id.as_bytes())
+            format!("sha256.{}", sha256_hex(job.repository_id.as_bytes()))
         };
         WorkloadId::parse(&format!(
             "spiffe://{}/ci/{}/{id}",

@@ -132,18 +132,31 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
             }
         }
         AgentCommand::Locks => {
-            let r = client
-                .list_locks(pb::ListLocksRequest {})
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
+            // Every page: the broker pages its answer within the message limit.
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = client
+                    .list_locks(pb::ListLocksRequest {
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                    .map_err(ClientError::Refused)?
+                    .into_inner();
+                all.extend(r.locks);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
             if args.json {
-                let locks: Vec<Value> = r.locks.iter().map(lock_json).collect();
+                let locks: Vec<Value> = all.iter().map(lock_json).collect();
                 println!("{}", json!({ "locks": locks }));
-            } else if r.locks.is_empty() {
+            } else if all.is_empty() {
                 println!("no agent is locked");
             } else {
-                for l in &r.locks {
+                for l in &all {
                     println!("{}", lock_line(l));
                 }
             }

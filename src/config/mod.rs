@@ -62,6 +62,9 @@ pub struct LimitsConfig {
     /// Calls of the public RPCs (no client certificate) per source address, counted before
     /// anything is verified; `None`: unlimited.
     pub public: Option<crate::broker::limits::Rate>,
+    /// RPCs of any method per authenticated identity (each is a decision and an audit line);
+    /// `None`: unlimited.
+    pub rpc: Option<crate::broker::limits::Rate>,
 }
 
 /// The CI issuers whose ID tokens the broker exchanges.
@@ -126,6 +129,10 @@ pub struct AuditConfig {
     pub redis_stream: bool,
     /// The stream's approximate length limit (oldest entries trimmed); 0: none.
     pub redis_stream_max_len: u64,
+    /// When lines reach the disk.
+    pub fsync: crate::audit::Fsync,
+    /// With [`crate::audit::Fsync::Interval`], how often.
+    pub fsync_interval: Duration,
 }
 
 /// Listeners and limits of the gRPC and HTTP ports.
@@ -140,6 +147,12 @@ pub struct ServerConfig {
     pub http_tls: bool,
     /// Open connections of the HTTP port at once.
     pub max_http_connections: usize,
+    /// Of those, from one source address (an IPv6 /64).
+    pub max_http_connections_per_source: usize,
+    /// An HTTP connection that moves no byte for this long is closed.
+    pub http_idle_timeout: Duration,
+    /// An HTTP connection is closed this long after it began (clients reconnect).
+    pub http_max_age: Duration,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     /// RPCs in flight on one connection (HTTP/2 streams and the tower concurrency limit).
@@ -154,6 +167,12 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// The same for connections without a client certificate.
     pub anonymous_idle_timeout: Duration,
+    /// A connection without a client certificate is closed this long after it began.
+    pub anonymous_max_age: Duration,
+    /// Open gRPC connections of one identity at once.
+    pub max_connections_per_identity: usize,
+    /// Open gRPC connections without a client certificate from one source address.
+    pub max_anonymous_connections_per_source: usize,
     /// Time one RPC may take before it answers `DEADLINE_EXCEEDED`-like cancellation.
     pub request_timeout: Duration,
     /// On SIGINT/SIGTERM, how long in-flight RPCs may take to finish before the broker exits.
@@ -581,25 +600,13 @@ fn check_readable(key: &str, path: &Path) -> Result<fs::Metadata, ConfigError> {
 }
 
 /// A file (or directory) that decides whom the broker trusts (the config, a trust bundle, the
-/// policies, a CI issuer's keys) must not be writable by its group or others: whoever can
-/// write it can make the broker trust them.
+/// policy directory, a CI issuer's keys) must be one only the broker's user or root can change
+/// ([`crate::files::check_trusted`]).
 ///
 /// # Errors
 /// [`ConfigError::File`] naming the key and file.
 pub fn check_not_writable_by_others(key: &str, path: &Path) -> Result<(), ConfigError> {
-    let meta = fs::metadata(path).map_err(|e| file_error(key, path, e.to_string()))?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(file_error(
-            key,
-            path,
-            format!(
-                "writable by group or others (mode {mode:o}): whoever can write it decides whom \
-                 the broker trusts; run chmod go-w on it"
-            ),
-        ));
-    }
-    Ok(())
+    crate::files::check_trusted(path).map_err(|e| file_error(key, path, e.to_string()))
 }
 
 /// A private key file must be readable by us and by nobody in its group or beyond (0600 or

@@ -49,6 +49,8 @@ struct RawLimits {
     ci_burst: u32,
     public_per_second: f64,
     public_burst: u32,
+    rpc_per_second: f64,
+    rpc_burst: u32,
 }
 
 impl Default for RawLimits {
@@ -60,6 +62,8 @@ impl Default for RawLimits {
             ci_burst: 20,
             public_per_second: 20.0,
             public_burst: 100,
+            rpc_per_second: 200.0,
+            rpc_burst: 400,
         }
     }
 }
@@ -329,6 +333,24 @@ struct RawAudit {
     redis_stream: bool,
     #[serde(default = "stream_max_len")]
     redis_stream_max_len: u64,
+    #[serde(default)]
+    fsync: RawFsync,
+    #[serde(default = "default_fsync_interval", deserialize_with = "duration")]
+    fsync_interval: Duration,
+}
+
+/// `audit.fsync`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawFsync {
+    Always,
+    #[default]
+    Interval,
+    Never,
+}
+
+fn default_fsync_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn stream_max_len() -> u64 {
@@ -346,6 +368,11 @@ struct RawServer {
     http_addr: SocketAddr,
     http_tls: bool,
     max_http_connections: usize,
+    max_http_connections_per_source: usize,
+    #[serde(deserialize_with = "duration")]
+    http_idle_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    http_max_age: Duration,
     max_message_bytes: usize,
     max_concurrent_rpcs_per_connection: u32,
     max_connections: usize,
@@ -356,6 +383,10 @@ struct RawServer {
     idle_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     anonymous_idle_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    anonymous_max_age: Duration,
+    max_connections_per_identity: usize,
+    max_anonymous_connections_per_source: usize,
     #[serde(deserialize_with = "duration")]
     request_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -369,6 +400,9 @@ impl Default for RawServer {
             http_addr: parse_default(DEFAULT_HTTP_ADDR),
             http_tls: false,
             max_http_connections: 1024,
+            max_http_connections_per_source: 32,
+            http_idle_timeout: Duration::from_secs(10),
+            http_max_age: Duration::from_secs(60),
             max_message_bytes: 256 * 1024,
             max_concurrent_rpcs_per_connection: 128,
             max_connections: 10_000,
@@ -376,6 +410,9 @@ impl Default for RawServer {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(5 * 60),
             anonymous_idle_timeout: Duration::from_secs(30),
+            anonymous_max_age: Duration::from_secs(5 * 60),
+            max_connections_per_identity: 256,
+            max_anonymous_connections_per_source: 32,
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -612,6 +649,24 @@ impl Raw {
                 1,
                 1_000_000,
             )?,
+            max_http_connections_per_source: range(
+                "server.max_http_connections_per_source",
+                s.max_http_connections_per_source,
+                1,
+                1_000_000,
+            )?,
+            http_idle_timeout: range(
+                "server.http_idle_timeout",
+                s.http_idle_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            )?,
+            http_max_age: range(
+                "server.http_max_age",
+                s.http_max_age,
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+            )?,
             max_message_bytes: range(
                 "server.max_message_bytes",
                 s.max_message_bytes,
@@ -644,6 +699,24 @@ impl Raw {
                 s.anonymous_idle_timeout,
                 Duration::from_secs(1),
                 Duration::from_secs(3600),
+            )?,
+            anonymous_max_age: range(
+                "server.anonymous_max_age",
+                s.anonymous_max_age,
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+            )?,
+            max_connections_per_identity: range(
+                "server.max_connections_per_identity",
+                s.max_connections_per_identity,
+                1,
+                1_000_000,
+            )?,
+            max_anonymous_connections_per_source: range(
+                "server.max_anonymous_connections_per_source",
+                s.max_anonymous_connections_per_source,
+                1,
+                1_000_000,
             )?,
             handshake_timeout: range(
                 "server.handshake_timeout",
@@ -787,6 +860,7 @@ impl Raw {
                 l.public_per_second,
                 l.public_burst,
             )?,
+            rpc: rate("limits.rpc_per_second", l.rpc_per_second, l.rpc_burst)?,
         };
 
         Ok(Config {
@@ -806,6 +880,17 @@ impl Raw {
                 required: self.audit.required,
                 redis_stream: self.audit.redis_stream,
                 redis_stream_max_len: self.audit.redis_stream_max_len,
+                fsync: match self.audit.fsync {
+                    RawFsync::Always => crate::audit::Fsync::Always,
+                    RawFsync::Interval => crate::audit::Fsync::Interval,
+                    RawFsync::Never => crate::audit::Fsync::Never,
+                },
+                fsync_interval: range(
+                    "audit.fsync_interval",
+                    self.audit.fsync_interval,
+                    Duration::from_millis(10),
+                    Duration::from_secs(60),
+                )?,
             },
             log,
         })

@@ -1,7 +1,9 @@
 //! The HTTP port's listener: plain TCP, or TLS with the broker's own certificate
-//! (`server.http_tls`, so that verifiers fetch the JWK Set and the CRL over HTTPS), with a bound
-//! on open connections and on the TLS handshake's time. Handshakes run in tasks of their own: a
-//! slow client never holds up the others.
+//! (`server.http_tls`, so that verifiers fetch the JWK Set and the CRL over HTTPS), with budgets:
+//! open connections in all and per source address, the TLS handshake's time, and a connection's
+//! life (closed when it moves no byte for the idle timeout, and at its maximum age whatever it
+//! does, so that slow or silent clients cannot keep verifiers from the keys). Handshakes run in
+//! tasks of their own: a slow client never holds up the others.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+use crate::net::{KeyedSlot, KeyedSlots, Lifetime};
 
 /// Connections of the HTTP port, plain or TLS, each holding a slot of the limit.
 #[derive(Debug)]
@@ -30,25 +34,51 @@ enum Stream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// One accepted connection; its slot is freed when it is dropped.
+/// One accepted connection; its slots are freed when it is dropped.
 #[derive(Debug)]
 pub struct HttpConn {
     stream: Stream,
+    life: Lifetime,
+    /// When a byte last moved.
+    last: tokio::time::Instant,
     _slot: OwnedSemaphorePermit,
+    _per_source: KeyedSlot,
+}
+
+/// The budgets of the HTTP port.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Open connections at once (the others wait in the kernel's queue).
+    pub max_connections: usize,
+    /// Of those, from one source address (an IPv6 /64); more are closed at once.
+    pub max_connections_per_source: usize,
+    /// Time for a TLS handshake.
+    pub handshake_timeout: Duration,
+    /// A connection that moves no byte for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection is closed this long after it began.
+    pub max_age: Duration,
+}
+
+fn closed(reason: &'static str) {
+    metrics::counter!(crate::telemetry::CONNECTIONS_CLOSED, "port" => "http", "reason" => reason)
+        .increment(1);
 }
 
 impl HttpListener {
-    /// Accepts on `listener`: TLS with `tls` when given, at most `max_connections` open at
-    /// once (the others wait in the kernel's queue), `handshake_timeout` for a TLS handshake.
+    /// Accepts on `listener` (TLS with `tls` when given) within `limits`.
+    ///
+    /// # Errors
+    /// When the listener's address cannot be read.
     pub fn new(
         listener: TcpListener,
         tls: Option<Arc<rustls::ServerConfig>>,
-        max_connections: usize,
-        handshake_timeout: Duration,
+        limits: HttpLimits,
     ) -> io::Result<Self> {
         let addr = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
-        let slots = Arc::new(Semaphore::new(max_connections));
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let sources = KeyedSlots::new(limits.max_connections_per_source);
         let acceptor = tls.map(TlsAcceptor::from);
         tokio::spawn(async move {
             loop {
@@ -66,24 +96,30 @@ impl HttpListener {
                         }
                     },
                 };
+                let source = crate::broker::limits::source_key(remote.ip());
+                let Some(per_source) = sources.try_take(&source) else {
+                    closed("source_limit");
+                    continue;
+                };
+                let conn = move |stream| HttpConn {
+                    stream,
+                    life: Lifetime::new(limits.idle_timeout, Some(limits.max_age)),
+                    last: tokio::time::Instant::now(),
+                    _slot: slot,
+                    _per_source: per_source,
+                };
                 let Some(acceptor) = acceptor.clone() else {
-                    let conn = HttpConn {
-                        stream: Stream::Plain(tcp),
-                        _slot: slot,
-                    };
-                    if tx.send((conn, remote)).await.is_err() {
+                    if tx.send((conn(Stream::Plain(tcp)), remote)).await.is_err() {
                         return;
                     }
                     continue;
                 };
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await
+                    {
                         Ok(Ok(tls)) => {
-                            let conn = HttpConn {
-                                stream: Stream::Tls(Box::new(tls)),
-                                _slot: slot,
-                            };
+                            let conn = conn(Stream::Tls(Box::new(tls)));
                             // The server stopped: drop the connection.
                             let _ = tx.send((conn, remote)).await;
                         }
@@ -122,9 +158,25 @@ impl AsyncRead for HttpConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.stream {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let read = match &mut this.stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        match read {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.last = tokio::time::Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            // Nothing to read: the end of the connection once idle or at its maximum age.
+            Poll::Pending if this.life.poll_ended(cx, Some(this.last)) => {
+                closed("idle_or_age");
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -135,10 +187,17 @@ impl AsyncWrite for HttpConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.stream {
+        let this = &mut *self;
+        let written = match &mut this.stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        };
+        if let Poll::Ready(Ok(n)) = &written
+            && *n > 0
+        {
+            this.last = tokio::time::Instant::now();
         }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

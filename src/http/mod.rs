@@ -51,9 +51,14 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready or not, and a detected store reset on a line of its own. A reset does not make the
-/// broker unready: every replica would drop out at once; it is an alert (the log and
-/// `taskcred_store_resets_total`), not an outage.
+/// How long `/readyz` waits for the store: under the usual probe timeout (Kubernetes: 1 s), so
+/// that a hanging store answers 503 rather than a probe timeout.
+pub const READY_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Ready or not (the store answers and takes a write within [`READY_TIMEOUT`]), and a detected
+/// store reset on a line of its own. A reset does not make the broker unready: every replica
+/// would drop out at once; it is an alert (the log and `taskcred_store_resets_total`), not an
+/// outage.
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
     if !state.ready.load(Ordering::Acquire) {
         return (
@@ -61,14 +66,20 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
             "not ready: starting or draining\n".into(),
         );
     }
-    let (code, mut body) =
-        match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-            Ok(Ok(())) => (StatusCode::OK, String::from("ready\n")),
-            _ => (
+    let (code, mut body) = match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, String::from("ready\n")),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: the store refuses a write");
+            (
                 StatusCode::SERVICE_UNAVAILABLE,
-                String::from("not ready: the store does not answer\n"),
-            ),
-        };
+                String::from("not ready: the store refuses writes\n"),
+            )
+        }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            String::from("not ready: the store does not answer\n"),
+        ),
+    };
     if let Some(r) = state.broker.store_reset() {
         body.push_str(&format!(
             "store reset detected at {}: epoch {} -> {}; credentials issued before are \

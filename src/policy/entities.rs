@@ -170,10 +170,6 @@ pub(super) fn build(principal: Principal<'_>, resource: &Resource<'_>) -> Result
         Principal::Workload(w) => workload(w)?,
         Principal::CiJob(j) => ci_job(j)?,
     };
-    let caller = match principal {
-        Principal::Workload(w) => Some(w),
-        Principal::CiJob(_) => None,
-    };
     let mut list = vec![pe];
     let r = match resource {
         Resource::Broker => {
@@ -186,7 +182,7 @@ pub(super) fn build(principal: Principal<'_>, resource: &Resource<'_>) -> Result
         }
         Resource::Workload(w) => {
             let (u, e) = workload(w)?;
-            if Some(*w) != caller {
+            if !list.iter().any(|x| x.uid() == u) {
                 list.push(e);
             }
             u
@@ -195,9 +191,10 @@ pub(super) fn build(principal: Principal<'_>, resource: &Resource<'_>) -> Result
             let (u, e) = task(t)?;
             list.push(e);
             for w in [&t.executor, &t.requester] {
-                if Some(w) != caller && !list.iter().any(|e| e.uid().id().unescaped() == w.as_str())
-                {
-                    list.push(workload(w)?.1);
+                // By type and id: a CI job whose `sub` reads like a SPIFFE ID is no Workload.
+                let (wu, we) = workload(w)?;
+                if !list.iter().any(|e| e.uid() == wu) {
+                    list.push(we);
                 }
             }
             u

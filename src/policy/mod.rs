@@ -185,14 +185,14 @@ pub enum PolicyError {
         /// The annotation.
         value: String,
     },
-    /// The directory or a file of it is writable by its group or others: whoever can write
-    /// it writes the policy.
-    #[error("{path}: writable by group or others (mode {mode:o}); run chmod go-w on it")]
-    Writable {
+    /// The directory or a file of it can be changed by someone other than the broker's user
+    /// or root: whoever can write it writes the policy.
+    #[error("{path}: {problem}")]
+    Untrusted {
         /// The file or directory.
         path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
+        /// Why.
+        problem: crate::files::FileTrustError,
     },
     /// The built-in schema is broken (a bug, caught by the tests).
     #[error("built-in Cedar schema: {0}")]
@@ -273,19 +273,10 @@ pub fn load_dir(dir: &Path, schema: &Schema) -> Result<Policies, PolicyError> {
         move |source| PolicyError::Io { path, source }
     };
     let writable = |path: &Path| -> Result<(), PolicyError> {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(path)
-            .map_err(io(path))?
-            .permissions()
-            .mode()
-            & 0o7777;
-        if mode & 0o022 != 0 {
-            return Err(PolicyError::Writable {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        Ok(())
+        crate::files::check_trusted(path).map_err(|problem| PolicyError::Untrusted {
+            path: path.to_owned(),
+            problem,
+        })
     };
     writable(dir)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)

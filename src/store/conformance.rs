@@ -80,6 +80,7 @@ fn query() -> TaskQuery {
 /// Runs every case.
 pub async fn run_all(store: &dyn Store) {
     a_fresh_store_answers_the_reaper(store).await;
+    a_store_without_its_epoch_issues_nothing(store).await;
     create_get_round_trip(store).await;
     create_twice_is_refused(store).await;
     update_applies_atomically_or_not_at_all(store).await;
@@ -98,6 +99,22 @@ pub async fn run_all(store: &dyn Store) {
     claims_are_held_once(store).await;
     live_leases_counts_the_unrevoked(store).await;
     store.ping().await.unwrap();
+}
+
+/// A store without its epoch marker (a new one, or one reset since) records no lease: the
+/// broker must begin an epoch first, so that nothing is issued before the epoch verifiers see.
+pub async fn a_store_without_its_epoch_issues_nothing(store: &dyn Store) {
+    let t = approved_task(store).await;
+    let lease = sample_lease(&t, AGENT);
+    assert_eq!(
+        store.issue_lease(&lease, SystemTime::now()).await,
+        Err(IssueError::StoreReset)
+    );
+    store
+        .epoch(&super::Epoch::new(SystemTime::now()))
+        .await
+        .unwrap();
+    store.issue_lease(&lease, SystemTime::now()).await.unwrap();
 }
 
 /// The active-lease gauge's source: issuing adds one, revoking, ending the task and reaping

@@ -151,6 +151,20 @@ impl EmbeddedStore {
     }
 }
 
+/// A file without its epoch marker was replaced (its data lost) since the broker last looked:
+/// nothing is recorded in it until a new epoch begins (see the Redis store's `ISSUE`).
+fn has_epoch(txn: &redb::WriteTransaction) -> Result<(), IssueError> {
+    match txn
+        .open_table(META)
+        .map_err(backend)?
+        .get("epoch")
+        .map_err(backend)?
+    {
+        Some(_) => Ok(()),
+        None => Err(IssueError::StoreReset),
+    }
+}
+
 /// The lock of `agent` that holds at `now`, read inside write transaction `txn`.
 fn lock_in(
     txn: &redb::WriteTransaction,
@@ -441,6 +455,7 @@ impl Store for EmbeddedStore {
         tokio::task::spawn_blocking(move || -> Result<(), IssueError> {
             let task_id = lease.task.to_string();
             let txn = db.begin_write().map_err(backend)?;
+            has_epoch(&txn)?;
             {
                 let mut tasks = txn.open_table(TASKS).map_err(backend)?;
                 let mut task = match tasks.get(task_id.as_str()).map_err(backend)? {
@@ -526,6 +541,7 @@ impl Store for EmbeddedStore {
         let db = self.db.clone();
         let renewed = tokio::task::spawn_blocking(move || -> Result<Lease, IssueError> {
             let txn = db.begin_write().map_err(backend)?;
+            has_epoch(&txn)?;
             let lease = {
                 let Some((task_id, mut lease)) = lease_in(&txn, &id)? else {
                     return Err(IssueError::NotFound);
@@ -1257,8 +1273,13 @@ impl Store for EmbeddedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        // A write transaction (committed empty): a file that can no longer be written (a full
+        // or read-only disk) is not ready.
         self.blocking(|db| {
-            db.begin_read().map_err(backend)?;
+            db.begin_write()
+                .map_err(backend)?
+                .commit()
+                .map_err(backend)?;
             Ok(())
         })
         .await

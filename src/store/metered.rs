@@ -60,6 +60,7 @@ fn measured<T, E: Failure>(op: &'static str, start: Instant, result: Result<T, E
 fn count_failure(op: &'static str, e: &impl Failure) {
     let kind = match e.store_error() {
         Some(StoreError::Unavailable(_)) => "unavailable",
+        Some(StoreError::OutcomeUnknown(_)) => "outcome_unknown",
         Some(StoreError::Corrupt(_)) => "corrupt",
         Some(StoreError::Contention(_)) => "contention",
         _ => return,

@@ -29,6 +29,10 @@ pub enum StoreError {
     /// The backend cannot be reached or failed; nothing was changed. Callers answer `UNAVAILABLE`.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A change was sent and no answer came (a timeout, a connection lost): it may have been
+    /// made, or may still be. Callers say so; a retry must be safe to repeat.
+    #[error("store outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// A record does not decode: the data is damaged or from an incompatible version.
     #[error("store record damaged: {0}")]
     Corrupt(String),
@@ -72,6 +76,10 @@ pub enum IssueError {
     /// The agent is locked (force-revoked).
     #[error("agent is locked: {0}")]
     Locked(String),
+    /// The store has no epoch marker: it was reset (its data lost) since the broker last
+    /// looked. Nothing is recorded; the broker starts a new epoch first.
+    #[error("the store was reset")]
+    StoreReset,
     /// The store failed; nothing was recorded.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -356,7 +364,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError>;
 
-    /// Checks that the store answers.
+    /// Checks that the store answers and takes a write (a Redis that is read-only, out of memory
+    /// or failing to persist answers reads but refuses writes: that broker is not ready).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`].

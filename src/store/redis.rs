@@ -57,6 +57,8 @@ const SIGNING_KEYS: &str = "tc:signing-keys";
 const EPOCH: &str = "tc:epoch";
 /// The revocation log: a stream whose entry ids are the watchers' cursors.
 const REVOCATIONS: &str = "tc:revocations";
+/// Written by the readiness probe (a short-lived key): a store that refuses writes is not ready.
+const READY_PROBE: &str = "tc:ready-probe";
 
 /// A Lua function the revoking scripts begin with: appends the revocation of the lease at hash
 /// `lk` (its current credential and expiry) to the revocation log, in the same script.
@@ -134,10 +136,13 @@ return 1";
 
 /// Records a lease if the task is unchanged since it was checked and the agent is not locked,
 /// and files it by expiry for the reaper.
-/// KEYS: task, lock, lease, task's lease set, credential index, lease index, expiry index.
+/// A store without its epoch marker was reset (its data lost): nothing is recorded, and the broker
+/// starts a new epoch before anything is issued.
+/// KEYS: task, lock, lease, task's lease set, credential index, lease index, expiry index, epoch.
 /// ARGV: version read, new version ('' when the task is unchanged), new task data, lease JSON,
 /// lease id, credential id, expiry (ns since the epoch), task id, expiry (ms, rounded up).
 const ISSUE: &str = r"
+if redis.call('EXISTS', KEYS[8]) == 0 then return -4 end
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return -1 end
 if v ~= ARGV[1] then return 0 end
@@ -169,10 +174,12 @@ redis.call('HSET', KEYS[2], 'state', 'expired', 'reason', 'expired',
 return 1";
 
 /// Gives an active, unexpired lease a new credential if its task is unchanged since it was
-/// checked and the agent is not locked. KEYS: task, lock, lease, new credential index.
+/// checked and the agent is not locked, in a store with its epoch marker (see [`ISSUE`]).
+/// KEYS: task, lock, lease, new credential index, epoch.
 /// ARGV: task version read, new credential, new expiry, now (both ns since the epoch), lease id,
 /// now (ms). The previous credential is logged as revoked (superseded).
 const RENEW: &str = r"
+if redis.call('EXISTS', KEYS[5]) == 0 then return -4 end
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return -1 end
 if v ~= ARGV[1] then return 0 end
@@ -402,6 +409,18 @@ fn unavailable(e: &redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
+/// The failure of a write. Redis answered with an error (out of memory, read-only, a refused
+/// script), or the connection was refused: nothing was written. Anything else (a timeout, a
+/// connection lost after the command was sent) may have been applied, or may still be: the
+/// outcome is unknown, and the caller is told so.
+fn write_failed(e: &redis::RedisError) -> StoreError {
+    if matches!(e.kind(), redis::ErrorKind::Server(_)) || e.is_connection_refusal() {
+        unavailable(e)
+    } else {
+        StoreError::OutcomeUnknown(format!("redis: {e}"))
+    }
+}
+
 /// The Redis store. Connects on first use, so a broker starts while Redis is down and answers
 /// `UNAVAILABLE` until it is back.
 pub struct RedisStore {
@@ -623,7 +642,7 @@ impl Store for RedisStore {
             .arg(data)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| write_failed(&e))?;
         if created == 1 {
             Ok(())
         } else {
@@ -667,7 +686,7 @@ impl Store for RedisStore {
                 .arg(expire_at)
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|e| unavailable(&e))?;
+                .map_err(|e| write_failed(&e))?;
             match applied {
                 1 => return Ok(next),
                 -1 => return Err(UpdateError::NotFound),
@@ -770,6 +789,7 @@ impl Store for RedisStore {
                 .key(format!("{}{}", cred_prefix(&task_id), lease.credential))
                 .key(lease_index_key(lease.id.as_str()))
                 .key(EXPIRY)
+                .key(EPOCH)
                 .arg(&version)
                 .arg(next_version)
                 .arg(data)
@@ -781,10 +801,11 @@ impl Store for RedisStore {
                 .arg(unix_ms_ceil(lease.expires_at))
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|e| unavailable(&e))?;
+                .map_err(|e| write_failed(&e))?;
             match outcome {
                 1 => return Ok(()),
                 -1 => return Err(IssueError::NotFound),
+                -4 => return Err(IssueError::StoreReset),
                 -2 => {
                     let lock: Option<String> = conn
                         .get(lock_key(&lease.agent))
@@ -838,6 +859,7 @@ impl Store for RedisStore {
                 .key(lock_key(&lease.agent))
                 .key(format!("{}{}", lease_prefix(&task_id), id))
                 .key(format!("{}{credential}", cred_prefix(&task_id)))
+                .key(EPOCH)
                 .arg(&version)
                 .arg(credential)
                 .arg(unix_ns(expires_at))
@@ -846,7 +868,7 @@ impl Store for RedisStore {
                 .arg(unix_ms(now))
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|e| unavailable(&e))?;
+                .map_err(|e| write_failed(&e))?;
             match outcome {
                 1 => {
                     return self
@@ -856,6 +878,7 @@ impl Store for RedisStore {
                 }
                 -1 => return Err(IssueError::NotFound),
                 -2 => return Err(IssueError::Locked(String::new())),
+                -4 => return Err(IssueError::StoreReset),
                 -3 => {
                     return Err(TaskError::Precondition("lease is no longer active".into()).into());
                 }
@@ -888,7 +911,7 @@ impl Store for RedisStore {
             .arg(format!("{task_id}/{id}"))
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| write_failed(&e))?;
         match outcome {
             1 => self
                 .read_lease(&mut conn, &task_id, id.as_str())
@@ -973,7 +996,7 @@ impl Store for RedisStore {
                 .arg(&key)
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|e| unavailable(&e))?;
+                .map_err(|e| write_failed(&e))?;
             let revoked = match outcome.split_first() {
                 Some((status, revoked)) if status == "ok" => revoked,
                 Some((status, _)) if status == "missing" => return Err(UpdateError::NotFound),
@@ -1012,7 +1035,7 @@ impl Store for RedisStore {
             .arg(lock.agent.as_str())
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| write_failed(&e))?;
         // {lock in force, tasks..., '|', 'task/lease'...}
         let Some((in_force, outcome)) = outcome.split_first() else {
             return Err(StoreError::Corrupt("lock script: empty answer".into()));
@@ -1046,7 +1069,7 @@ impl Store for RedisStore {
             .srem(LOCKS, agent.as_str())
             .query_async(&mut conn)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| write_failed(&e))?;
         lock.map(|l| serde_json::from_slice(&l))
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))
@@ -1326,7 +1349,7 @@ impl Store for RedisStore {
             .arg(unix_ms_ceil(until).max(1))
             .query_async(&mut conn)
             .await
-            .map_err(|e| unavailable(&e))
+            .map_err(|e| write_failed(&e))
     }
 
     async fn claimed(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -1347,10 +1370,15 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        // A write: refused by a read-only replica, an out-of-memory `noeviction` Redis, or one
+        // whose persistence fails (MISCONF).
+        redis::cmd("SET")
+            .arg(READY_PROBE)
+            .arg(1)
+            .arg("PX")
+            .arg(60_000)
+            .query_async::<()>(&mut conn)
             .await
-            .map(|_| ())
             .map_err(|e| unavailable(&e))
     }
 

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::WorkloadId;
 
-/// Checks an approval or denial note: at most [`MAX_NOTE_BYTES`], and no control characters (a
-/// note is shown to people, in the CLI, logs and consoles: no escape sequences, no line break
-/// that could forge a line of its own).
+/// Checks an approval or denial note: at most [`MAX_NOTE_BYTES`], and nothing
+/// [`crate::text::is_deceptive`] refuses (a note is shown to people, in the CLI, logs and
+/// consoles: no escape sequences, no line break that could forge a line, no reordered text).
 ///
 /// # Errors
 /// [`TaskError::Invalid`] on field `note`.
@@ -28,10 +28,10 @@ pub fn check_note(note: &str) -> Result<(), TaskError> {
             reason: format!("longer than {MAX_NOTE_BYTES} bytes"),
         });
     }
-    if note.chars().any(char::is_control) {
+    if crate::text::has_deceptive(note) {
         return Err(TaskError::Invalid {
             field: "note",
-            reason: "must not contain control characters".into(),
+            reason: "must not contain control, separator or format characters".into(),
         });
     }
     Ok(())

@@ -26,6 +26,9 @@ pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_KEY_BYTES: usize = 63;
 /// Longest label value, in bytes.
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Most bytes of text one task holds in all (purpose, audiences, actions, label keys and
+/// values): a task is read whole by every listing, so its size is a budget too.
+pub const MAX_TASK_TEXT_BYTES: usize = 16 * 1024;
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> TaskError {
     TaskError::Invalid {
@@ -304,8 +307,11 @@ impl TaskRequest {
                 format!("longer than {MAX_PURPOSE_BYTES} bytes"),
             ));
         }
-        if purpose.chars().any(char::is_control) {
-            return Err(invalid("purpose", "must not contain control characters"));
+        if crate::text::has_deceptive(&purpose) {
+            return Err(invalid(
+                "purpose",
+                "must not contain control, separator or format characters",
+            ));
         }
 
         if raw.grants.is_empty() {
@@ -366,6 +372,24 @@ impl TaskRequest {
                 format!(
                     "must be between 1s and {}",
                     humantime::format_duration(limits.credential_ttl_max)
+                ),
+            ));
+        }
+        let text = purpose.len()
+            + grants
+                .iter()
+                .map(|g| {
+                    g.audience.as_str().len()
+                        + g.actions.iter().map(|a| a.as_str().len()).sum::<usize>()
+                })
+                .sum::<usize>()
+            + labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if text > MAX_TASK_TEXT_BYTES {
+            return Err(invalid(
+                "grants",
+                format!(
+                    "the task holds {text} bytes of text (purpose, grants, labels); at most \
+                     {MAX_TASK_TEXT_BYTES}"
                 ),
             ));
         }
