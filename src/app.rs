@@ -261,6 +261,7 @@ impl App {
                 ca,
                 key_file: config.issuer.jwt_key.clone(),
                 ci: ci_issuers(&config.ci)?,
+                trust_domains: config.identity.allowed_trust_domains.clone(),
             },
             settings,
         );
@@ -328,6 +329,7 @@ impl App {
                 anonymous_max_age: server.anonymous_max_age,
                 max_connections_per_identity: server.max_connections_per_identity,
                 max_anonymous_connections_per_source: server.max_anonymous_connections_per_source,
+                max_handshakes_per_source: server.max_handshakes_per_source,
             },
             shutdown.clone(),
         );
@@ -377,6 +379,8 @@ impl App {
         );
         let mut reaper = tokio::spawn(self.broker.clone().run_reaper(shutdown.clone()));
         let feed = tokio::spawn(self.broker.clone().run_revocation_feed(shutdown.clone()));
+        let mut auditor =
+            tokio::spawn(self.broker.clone().run_revocation_auditor(shutdown.clone()));
         // Its own task: a store that hangs must not hold up the loop below (or shutdown).
         let gauges = tokio::spawn(self.broker.clone().run_store_gauges(shutdown.clone()));
         // The stream writer stops after the RPCs have drained, so that their events reach it.
@@ -433,6 +437,7 @@ impl App {
             http.abort();
             reaper.abort();
             feed.abort();
+            auditor.abort();
             gauges.abort();
             stream_stop.cancel();
             let message = result.err().unwrap_or_else(|| "stopped".into());
@@ -444,6 +449,8 @@ impl App {
             let _ = (&mut grpc).await;
             let _ = (&mut http).await;
             let _ = (&mut reaper).await;
+            // The auditor finishes its step: lines written are committed.
+            let _ = (&mut auditor).await;
         })
         .await;
         if drained.is_err() {
@@ -451,6 +458,7 @@ impl App {
             grpc.abort();
             http.abort();
             reaper.abort();
+            auditor.abort();
         }
         stream_stop.cancel();
         if let Some(stream) = stream {

@@ -204,6 +204,21 @@ pub struct LockOutcome {
     pub tasks: Vec<TaskId>,
     /// Leases revoked (with their credential ids).
     pub leases: Vec<Lease>,
+    /// Whether some of the agent's tasks or leases are still to be ended: the store failed
+    /// during the sweep. The lock holds meanwhile (nothing is issued, renewed or introspected
+    /// active) and the reaper ends the rest.
+    pub pending: bool,
+}
+
+/// What one bounded step of a lock's sweep ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Tasks moved to `revoked`.
+    pub tasks: Vec<TaskId>,
+    /// Leases revoked.
+    pub leases: Vec<Lease>,
+    /// Open tasks and live leases of the agent still to be looked at.
+    pub remaining: usize,
 }
 
 /// Why a credential may not be issued for a task at this moment. The store re-checks these in

@@ -362,6 +362,8 @@ pub struct AcceptLimits {
     pub max_connections_per_identity: usize,
     /// Open connections without a client certificate from one source address (an IPv6 /64).
     pub max_anonymous_connections_per_source: usize,
+    /// Connections from one source address still in their TLS handshake.
+    pub max_handshakes_per_source: usize,
 }
 
 /// Accepts TLS connections on `listener` until `shutdown`, yielding them as a stream for
@@ -382,6 +384,9 @@ pub fn incoming(
         sources: KeyedSlots::new(limits.max_anonymous_connections_per_source),
     };
     let allowed = Arc::new(allowed);
+    // Before the handshake nothing is known but the address: one address cannot hold every
+    // slot with connections that never finish theirs.
+    let handshakes = KeyedSlots::new(limits.max_handshakes_per_source);
     tokio::spawn(async move {
         loop {
             let slot = tokio::select! {
@@ -403,6 +408,13 @@ pub fn incoming(
                     }
                 },
             };
+            let Some(pending) =
+                handshakes.try_take(&crate::broker::limits::source_key(remote.ip()))
+            else {
+                closed("handshakes_per_source");
+                tracing::debug!(%remote, "connection refused: server.max_handshakes_per_source reached");
+                continue;
+            };
             let (acceptor, tx, allowed) = (acceptor.clone(), tx.clone(), allowed.clone());
             let (anonymous, per_key) = (anonymous.clone(), per_key.clone());
             tokio::spawn(async move {
@@ -411,8 +423,9 @@ pub fn incoming(
                     anonymous: &anonymous,
                     per_key: &per_key,
                 };
-                if let Some(conn) = handshake(acceptor, tcp, remote, &allowed, limits, slots).await
-                {
+                let conn = handshake(acceptor, tcp, remote, &allowed, limits, slots).await;
+                drop(pending);
+                if let Some(conn) = conn {
                     // The receiver is gone only when the server stopped; drop the connection.
                     let _ = tx.send(Ok(conn)).await;
                 }

@@ -706,6 +706,7 @@ async fn a_csr_gets_a_certificate_and_a_lock_stops_the_repository() {
             agent: jwt.identity.clone(),
             reason: "compromised runner".into(),
             duration: None,
+            request_id: String::new(),
         })
         .await
         .unwrap();
@@ -958,4 +959,74 @@ async fn a_failing_jwks_url_is_not_hammered() {
     let n = hits.load(Ordering::SeqCst);
     assert!((1..=3).contains(&n), "{n} fetches for 30 tokens");
     b.stop().await;
+}
+
+/// An ID token without `jti` is exchanged once, even when its ECDSA signature is rewritten
+/// into the other valid one ((r, s) to (r, n - s)): replay is keyed on what was signed, never on
+/// the signature.
+#[tokio::test]
+async fn an_es256_token_without_jti_is_not_replayed_by_rewriting_its_signature() {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let key =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let point = key.public_key().as_ref();
+    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "es-1", "use": "sig", "alg": "ES256",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65])});
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("es-jwks.json");
+    std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).unwrap();
+    let env = issuer_env(&[format!(
+        r#"{{name = "github", preset = "github", issuer = "{GITHUB}", audience = "{AUDIENCE}", algorithms = ["ES256"], jwks_file = "{}"}}"#,
+        jwks.display()
+    )]);
+    let b = Broker::launch(dir, env, None).await;
+
+    let mut claims = github_claims("3001");
+    claims.as_object_mut().unwrap().remove("jti");
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "ES256", "typ": "JWT", "kid": "es-1"}).to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig = key.sign(&rng, input.as_bytes()).unwrap();
+    let sig = sig.as_ref();
+    // s' = n - s, big-endian, with the P-256 group order n.
+    let n = hex_bytes("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551");
+    let mut s2 = [0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = i16::from(n[i]) - i16::from(sig[32 + i]) - borrow;
+        (s2[i], borrow) = if d < 0 {
+            (u8::try_from(d + 256).unwrap(), 1)
+        } else {
+            (u8::try_from(d).unwrap(), 0)
+        };
+    }
+    let first = format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig));
+    let rewritten = format!(
+        "{input}.{}",
+        URL_SAFE_NO_PAD.encode([&sig[..32], &s2[..]].concat())
+    );
+    assert_ne!(first, rewritten);
+
+    let mut ci = ci_client(&b).await;
+    ci.exchange_ci_token(exchange(&first, "prod-cluster", "deploy"))
+        .await
+        .unwrap();
+    let replay = ci
+        .exchange_ci_token(exchange(&rewritten, "prod-cluster", "deploy"))
+        .await
+        .unwrap_err();
+    assert_eq!(replay.code(), Code::PermissionDenied, "{replay:?}");
+    assert!(replay.message().contains("already exchanged"), "{replay:?}");
+    b.stop().await;
+}
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }

@@ -364,6 +364,44 @@ fn a_ci_trust_domain_accepted_for_mtls_is_refused() {
     assert_names(&err, &["ci.trust_domain", "never accepted for mutual TLS"]);
 }
 
+/// With several trust domains, the CI domain is named, never guessed: a default could put CI
+/// identities in a partner's namespace, and reordering the domains would rename them.
+#[test]
+fn several_trust_domains_need_a_named_ci_domain() {
+    let s = Setup::new();
+    let partner = s.dir.join("partner-ca.pem");
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-subj", "/CN=partner", "-days", "1", "-keyout"])
+        .arg(s.dir.join("partner-key.pem"))
+        .arg("-out")
+        .arg(&partner)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let block = domain_block(&s);
+    let two = format!(
+        "[[identity.trust_domains]]\nname = \"aaa-partner.example\"\nbundle = \"{}\"\n{block}",
+        partner.display()
+    );
+    let issuers = r#"[{name = "github", preset = "github", issuer = "https://token.actions.githubusercontent.com", audience = "https://taskcred.example.org", jwks_file = "/nonexistent/jwks.json"}]"#;
+    let err = refused(
+        &s.edited(&block, &two),
+        &[("TASKCRED_CI__ISSUERS", issuers)],
+    );
+    assert_names(&err, &["ci.trust_domain", "more than one domain"]);
+}
+
 /// Issue 16, point 11: what decides whom the broker trusts is refused when others may write it.
 #[test]
 fn trust_files_writable_by_others_are_refused() {

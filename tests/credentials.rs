@@ -120,6 +120,7 @@ async fn token_lifecycle(b: &Broker) {
         .complete_task(pb::CompleteTaskRequest {
             task_id: task.id.clone(),
             outcome: pb::Outcome::Succeeded.into(),
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -144,6 +145,7 @@ async fn token_lifecycle(b: &Broker) {
         .complete_task(pb::CompleteTaskRequest {
             task_id: task.id.clone(),
             outcome: pb::Outcome::Succeeded.into(),
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -461,6 +463,7 @@ async fn issue_cert(
             task_id: task.into(),
             csr,
             ttl: secs(120),
+            request_id: String::new(),
         })
         .await
         .map(tonic::Response::into_inner)
@@ -612,6 +615,7 @@ async fn certificates_verify_with_openssl_and_die_with_their_task() {
         .complete_task(pb::CompleteTaskRequest {
             task_id: task.id.clone(),
             outcome: pb::Outcome::Failed.into(),
+            request_id: String::new(),
         })
         .await
         .unwrap()

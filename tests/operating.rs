@@ -107,6 +107,7 @@ async fn issuance_fails_closed_when_the_audit_log_cannot_be_written() {
             agent: common::flows::AGENT.into(),
             reason: "unaudited".into(),
             duration: None,
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -303,6 +304,7 @@ async fn locking_a_busy_agent_answers_counts_and_audits_every_credential() {
             agent: "spiffe://taskcred.dev/agent/demo".into(),
             reason: "key leaked".into(),
             duration: None,
+            request_id: String::new(),
         })
         .await
         .unwrap()

@@ -146,6 +146,7 @@ fn lock_request(agent: &str, reason: &str, duration: Option<i64>) -> pb::LockAge
         agent: agent.into(),
         reason: reason.into(),
         duration: duration.and_then(secs),
+        request_id: String::new(),
     }
 }
 
@@ -376,6 +377,7 @@ async fn failed_tasks(b: &Broker) {
     let fail = |id: String| pb::CompleteTaskRequest {
         task_id: id,
         outcome: pb::Outcome::Failed as i32,
+        request_id: String::new(),
     };
     // Not production: the failure locks nothing.
     let task = approved_task(b, &[], None).await;
@@ -519,6 +521,7 @@ async fn lists_page_within_their_size_and_the_message_limit() {
                 agent: format!("spiffe://taskcred.dev/agent/idle-{i:03}"),
                 reason: "paging".into(),
                 duration: None,
+                request_id: String::new(),
             })
             .await
             .unwrap();

@@ -86,6 +86,7 @@ async fn lock(b: &Broker, reason: &str) -> pb::LockAgentResponse {
             agent: AGENT.into(),
             reason: reason.into(),
             duration: None,
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -525,6 +526,7 @@ async fn the_crl_lists_revoked_certificates_across_replicas() {
             task_id: task.id.clone(),
             csr,
             ttl: None,
+            request_id: String::new(),
         })
         .await
         .unwrap()

@@ -29,6 +29,7 @@ fn lock_request(agent: &str, reason: &str, duration: Option<i64>) -> pb::LockAge
         agent: agent.into(),
         reason: reason.into(),
         duration: duration.and_then(secs),
+        request_id: String::new(),
     }
 }
 
@@ -179,6 +180,7 @@ fn fail(task: &str) -> pb::CompleteTaskRequest {
     pb::CompleteTaskRequest {
         task_id: task.into(),
         outcome: pb::Outcome::Failed as i32,
+        request_id: String::new(),
     }
 }
 
@@ -262,6 +264,27 @@ when { principal.path == "/human/approver" &&
     }
     approver
         .lock_agent(lock_request(AGENT, "pause", Some(600)))
+        .await
+        .unwrap();
+    // A lock on an identity of no trust domain of this broker would hold nothing: refused. The
+    // CI domain is one of the broker's.
+    let mut operator = admin_as(&b, "operator").await;
+    let err = operator
+        .lock_agent(lock_request(
+            "spiffe://elsewhere.example/agent/x",
+            "typo",
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("no trust domain"), "{err:?}");
+    operator
+        .lock_agent(lock_request(
+            "spiffe://ci.taskcred.dev/ci/github/123456789",
+            "stop this repository's CI",
+            None,
+        ))
         .await
         .unwrap();
     b.stop().await;
@@ -486,6 +509,7 @@ async fn errors_name_their_real_cause() {
             task_id: task.id.clone(),
             csr: std::fs::read(&csr_path).unwrap(),
             ttl: None,
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -499,6 +523,7 @@ async fn errors_name_their_real_cause() {
             task_id: task.id.clone(),
             csr: vec![0x30, 0x82, 0xff, 0xff, 1, 2, 3],
             ttl: None,
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -1102,6 +1127,7 @@ async fn the_production_cap_holds_for_certificates() {
             task_id: task.id.clone(),
             csr: csr.clone(),
             ttl: secs(3600),
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -1112,6 +1138,7 @@ async fn the_production_cap_holds_for_certificates() {
             task_id: task.id.clone(),
             csr,
             ttl: secs(300),
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -1198,6 +1225,72 @@ async fn tasks_and_listings_and_rpcs_have_budgets() {
     assert!(common::retry_after_ms(&e) > 0);
     // Another identity has its own.
     tasks_as(&b, "requester")
+        .await
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap();
+    b.stop().await;
+}
+
+/// Bytes that do not decode as the request message are the caller's fault: INVALID_ARGUMENT
+/// without the decoder's words, never INTERNAL (that would trip the operators' alerts), with or
+/// without a client certificate.
+#[tokio::test]
+async fn undecodable_requests_are_invalid_arguments() {
+    let b = Broker::start().await;
+    // Field 2 (a string in ExchangeCiTokenRequest) holding bytes that are not UTF-8.
+    let bad = pb::IssueCertificateRequest {
+        csr: vec![0xff, 0xfe, 0xfd],
+        ..Default::default()
+    };
+    for channel in [b.channel(None).await, b.channel_as("agent").await] {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<
+            pb::IssueCertificateRequest,
+            pb::ExchangeCiTokenResponse,
+        >::default();
+        let err = grpc
+            .unary(
+                tonic::Request::new(bad.clone()),
+                "/taskcred.v1.CiService/ExchangeCiToken".parse().unwrap(),
+                codec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(!err.message().contains("UTF-8"), "{err:?}");
+    }
+    let (_, metrics) = b.http_get("/metrics").await;
+    assert!(!metrics.contains("code=\"INTERNAL\""), "{metrics}");
+    b.stop().await;
+}
+
+/// R13: one address cannot hold every slot with connections that never finish their TLS
+/// handshake: past `server.max_handshakes_per_source` they are closed at once, and the address
+/// gets through again as soon as its pending ones go.
+#[tokio::test]
+async fn one_address_holds_few_unfinished_handshakes() {
+    let b = Broker::start_with_env(vec![(
+        "TASKCRED_SERVER__MAX_HANDSHAKES_PER_SOURCE".into(),
+        "4".into(),
+    )])
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(b.grpc).await.unwrap());
+    }
+    // Let the accept loop take them.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(b.grpc).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), fifth.read(&mut buf))
+        .await
+        .expect("the fifth pending handshake is closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    drop(silent);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    common::flows::tasks_as(&b, "requester")
         .await
         .list_tasks(pb::ListTasksRequest::default())
         .await

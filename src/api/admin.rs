@@ -9,7 +9,7 @@ use super::error::status;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
 use super::tasks::{duration, task_id, ts};
-use crate::broker::{Broker, LeaseCursor, LeaseQuery};
+use crate::broker::{Broker, LeaseCursor, LeaseQuery, RequestId};
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseState, Lock};
 
@@ -140,7 +140,13 @@ impl AdminService for AdminApi {
         let until = duration("duration", r.duration)?;
         let (lock, outcome) = self
             .broker
-            .lock_agent(&who, &target, &r.reason, until)
+            .lock_agent(
+                &who,
+                &target,
+                &r.reason,
+                until,
+                RequestId::parse(&r.request_id).map_err(status)?.as_ref(),
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(pb::LockAgentResponse {
@@ -160,6 +166,7 @@ impl AdminService for AdminApi {
                 .collect(),
             revoked_task_count: u32::try_from(outcome.tasks.len()).unwrap_or(u32::MAX),
             revoked_lease_count: u32::try_from(outcome.leases.len()).unwrap_or(u32::MAX),
+            pending: outcome.pending,
         }))
     }
 

@@ -9,7 +9,7 @@ use super::error::status;
 use super::pb;
 use super::pb::credential_service_server::CredentialService;
 use super::tasks::task_id;
-use crate::broker::{Broker, Credential, Introspection, TokenRequest};
+use crate::broker::{Broker, Credential, Introspection, RequestId, TokenRequest};
 use crate::lease::LeaseId;
 
 /// The credential service.
@@ -63,6 +63,7 @@ impl CredentialService for CredentialApi {
                     audience: r.audience,
                     actions: r.actions,
                     ttl,
+                    request_id: RequestId::parse(&r.request_id).map_err(status)?,
                 },
             )
             .await
@@ -86,7 +87,13 @@ impl CredentialService for CredentialApi {
         let ttl = ttl(r.ttl)?;
         let issued = self
             .broker
-            .issue_certificate(&peer, &task, &r.csr, ttl)
+            .issue_certificate(
+                &peer,
+                &task,
+                &r.csr,
+                ttl,
+                RequestId::parse(&r.request_id).map_err(status)?.as_ref(),
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(pb::IssueCertificateResponse {

@@ -8,6 +8,7 @@ mod ci;
 mod credentials;
 mod error;
 mod identity;
+mod malformed;
 mod metrics;
 mod ready_or;
 mod revocations;
@@ -188,6 +189,9 @@ where
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(RpcMetricsLayer::new(known_methods()))
         .layer(AuthLayer::new(clock, options.rpc_rate))
+        .layer(tower::util::MapResponseLayer::new(
+            malformed::hide_decode_errors::<tonic::body::Body>,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -8,7 +8,7 @@ use super::auth::caller;
 use super::error::status;
 use super::pb;
 use super::pb::task_service_server::TaskService;
-use crate::broker::{Broker, ListRequest};
+use crate::broker::{Broker, ListRequest, RequestId};
 use crate::identity::WorkloadId;
 use crate::task::{Decision, Outcome, RawTaskRequest, Task, TaskId, TaskState};
 
@@ -311,9 +311,10 @@ impl TaskApi {
         let r = request.into_inner();
         let id = task_id(&r.task_id)?;
         let outcome = outcome_from_pb(r.outcome)?;
+        let request_id = RequestId::parse(&r.request_id).map_err(status)?;
         let (task, revoked) = self
             .broker
-            .complete_task(&who, &id, outcome)
+            .complete_task(&who, &id, outcome, request_id.as_ref())
             .await
             .map_err(status)?;
         Ok(Response::new(pb::CompleteTaskResponse {

@@ -124,6 +124,15 @@ impl AuditEvent {
         self.details.insert(key.to_owned(), value.into());
         self
     }
+
+    /// Adds a fact that may be missing (nothing is written then).
+    #[must_use]
+    pub fn detail_opt(self, key: &str, value: Option<impl Into<serde_json::Value>>) -> Self {
+        match value {
+            Some(v) => self.detail(key, v),
+            None => self,
+        }
+    }
 }
 
 /// The action of the line that records a torn last line cut at start.

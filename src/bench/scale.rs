@@ -237,6 +237,7 @@ pub async fn run(
             agent: AGENT.into(),
             reason: "bench: force-revoke".into(),
             duration: None,
+            request_id: String::new(),
         })
         .await;
     let lock_ms = t0.elapsed().as_secs_f64() * 1000.0;

@@ -109,6 +109,25 @@ impl RedisProcess {
         }
     }
 
+    /// `CONFIG SET key value` on the server.
+    ///
+    /// # Errors
+    /// When Redis does not take it.
+    pub async fn config_set(&self, key: &str, value: &str) -> Result<(), String> {
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(key)
+            .arg(value)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// `used_memory` of `INFO memory`, in bytes.
     ///
     /// # Errors

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Broker, BrokerError};
+use super::{Broker, BrokerError, RequestId};
 use crate::audit::AuditEvent;
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, Lock, LockOutcome};
@@ -28,6 +28,9 @@ pub struct LockPage {
     /// The last agent of this page, when more follow.
     pub next: Option<WorkloadId>,
 }
+
+/// Tasks and leases a lock's sweep ends per store step.
+pub const SWEEP_CHUNK: usize = 500;
 
 /// Longest lock with an end; a longer one is a lock without end.
 pub const MAX_LOCK_DURATION: Duration = Duration::from_secs(366 * 86400);
@@ -93,8 +96,20 @@ impl Broker {
         agent: &WorkloadId,
         reason: &str,
         duration: Option<Duration>,
+        request: Option<&RequestId>,
     ) -> Result<(Lock, LockOutcome), BrokerError> {
         check_reason(reason)?;
+        // A lock on an identity no caller can have would hold nothing: say so.
+        if !self.trust_domains.allows(agent) && agent.trust_domain() != self.ci.trust_domain() {
+            return Err(BrokerError::Invalid {
+                field: "agent",
+                reason: format!(
+                    "{agent} is in no trust domain of this broker (identity.trust_domains, or \
+                     the CI domain {})",
+                    self.ci.trust_domain()
+                ),
+            });
+        }
         if let Some(d) = duration
             && (d < Duration::from_secs(1) || d > MAX_LOCK_DURATION)
         {
@@ -118,7 +133,7 @@ impl Broker {
             at: now,
             until,
         };
-        let outcome = self.apply_lock(&lock, &verdict.policies).await?;
+        let outcome = self.apply_lock(&lock, &verdict.policies, request).await?;
         let in_force = outcome.in_force.clone().unwrap_or(lock);
         Ok((in_force, outcome))
     }
@@ -150,7 +165,7 @@ impl Broker {
             at: now,
             until: Some(now + duration),
         };
-        if let Err(e) = self.apply_lock(&lock, &verdict.policies).await {
+        if let Err(e) = self.apply_lock(&lock, &verdict.policies, None).await {
             metrics::counter!(LOCK_ON_FAILURE_ERRORS).increment(1);
             tracing::error!(
                 agent = %lock.agent,
@@ -161,19 +176,21 @@ impl Broker {
         }
     }
 
-    /// Writes `lock` (revoking what it covers), logs and audits it.
+    /// Writes `lock` (it holds from then on), then ends what it covers in bounded steps; logs
+    /// and audits it. A sweep the store cannot finish is left to the reaper (`pending`).
     async fn apply_lock(
         &self,
         lock: &Lock,
         policies: &[String],
+        request: Option<&RequestId>,
     ) -> Result<LockOutcome, BrokerError> {
+        let request_id = request.map(RequestId::as_str);
         let (agent, caller, reason, now) = (&lock.agent, &lock.operator, &lock.reason, lock.at);
-        let outcome = match self
-            .store
-            .lock_agent(lock, self.settings.task_retention)
-            .await
-        {
-            Ok(o) => o,
+        let mut outcome = match self.store.lock_agent(lock).await {
+            Ok(in_force) => LockOutcome {
+                in_force: Some(in_force),
+                ..LockOutcome::default()
+            },
             Err(e) => {
                 let e = BrokerError::from(e);
                 if let BrokerError::OutcomeUnknown(detail) = &e {
@@ -185,12 +202,20 @@ impl Broker {
                             .policies(policies)
                             .reason(format!("outcome unknown: {detail}"))
                             .detail("agent", agent.as_str())
-                            .detail("until", until_text(lock.until)),
+                            .detail("until", until_text(lock.until))
+                            .detail_opt("request_id", request_id),
                     );
                 }
                 return Err(e);
             }
         };
+        if let Err(e) = self
+            .sweep_lock(agent, &format!("agent locked: {reason}"), now, &mut outcome)
+            .await
+        {
+            tracing::warn!(%agent, error = %e, "the lock holds; the reaper ends the rest of its tasks and leases");
+            outcome.pending = true;
+        }
         let in_force = outcome.in_force.as_ref().unwrap_or(lock);
         let kept = in_force != lock;
         tracing::warn!(
@@ -216,11 +241,61 @@ impl Broker {
                 .detail("revoked_tasks", tasks)
                 .detail("until", until_text(lock.until))
                 .detail("until_in_force", until_text(in_force.until))
-                .detail("kept_longer_lock", kept),
+                .detail("kept_longer_lock", kept)
+                .detail("pending", outcome.pending)
+                .detail_opt("request_id", request_id),
             "revoked_credentials",
             &credentials,
         );
         Ok(outcome)
+    }
+
+    /// Ends the open tasks and live leases of locked `agent`, [`SWEEP_CHUNK`] at a time (Redis
+    /// serves other callers between the steps), adding them to `outcome`.
+    async fn sweep_lock(
+        &self,
+        agent: &WorkloadId,
+        reason: &str,
+        at: std::time::SystemTime,
+        outcome: &mut LockOutcome,
+    ) -> Result<(), BrokerError> {
+        loop {
+            let swept = self
+                .store
+                .sweep_lock(agent, reason, at, self.settings.task_retention, SWEEP_CHUNK)
+                .await?;
+            outcome.tasks.extend(swept.tasks);
+            outcome.leases.extend(swept.leases);
+            if swept.remaining == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The reaper's catch-up: ends what a lock covers but a replica could not (it died inside
+    /// the lock, or the store failed during its sweep). Returns how many leases it revoked.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`].
+    pub async fn sweep_locks(&self) -> Result<usize, BrokerError> {
+        let mut revoked = 0;
+        for lock in self.store.list_locks(self.clock.now()).await? {
+            let mut outcome = LockOutcome::default();
+            let reason = format!("agent locked: {}", lock.reason);
+            self.sweep_lock(&lock.agent, &reason, lock.at, &mut outcome)
+                .await?;
+            if !outcome.tasks.is_empty() || !outcome.leases.is_empty() {
+                tracing::warn!(
+                    agent = %lock.agent,
+                    tasks = outcome.tasks.len(),
+                    leases = outcome.leases.len(),
+                    "ended what a lock covered and its replica could not"
+                );
+                super::metrics::revoked("lock", outcome.leases.len());
+            }
+            revoked += outcome.leases.len();
+        }
+        Ok(revoked)
     }
 
     /// Lifts the lock of `agent` if policy permits `caller`; returns it if there was one.

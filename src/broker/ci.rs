@@ -13,7 +13,7 @@ use super::{Broker, BrokerError, IssuedCertificate, IssuedToken};
 use crate::audit::AuditEvent;
 use crate::ci::{CiError, CiJob, TrustedIssuer, VerifiedIdToken};
 use crate::identity::{PeerIdentity, WorkloadId};
-use crate::lease::CredentialKind;
+use crate::lease::{CredentialKind, LeaseId};
 use crate::mint::{SvidRequest, random_id, sha256_hex, verify_csr};
 use crate::policy::{PolicyAction, Principal, Resource, Verdict};
 use crate::task::{
@@ -325,19 +325,19 @@ impl Broker {
         let mut verdict = verdict;
         verdict.policies.extend(mint.policies);
         let (credential_id, serial) = super::new_credential_id(kind)?;
-        let lease = self
-            .record_lease(
-                &caller,
-                &issuance,
-                kind,
-                credential_id,
-                (kind == CredentialKind::Jwt).then(|| x.audience.to_string()),
-                if kind == CredentialKind::Jwt {
-                    scope
-                } else {
-                    Vec::new()
-                },
-            )
+        // An ID token is exchanged once (its replay claim): no request id, no earlier attempt.
+        let new = super::NewLease {
+            kind,
+            credential: credential_id,
+            audience: (kind == CredentialKind::Jwt).then(|| x.audience.to_string()),
+            actions: if kind == CredentialKind::Jwt {
+                scope
+            } else {
+                Vec::new()
+            },
+        };
+        let (super::Recorded::New(lease) | super::Recorded::Earlier(lease)) = self
+            .record_lease(&caller, &issuance, LeaseId::generate(), new)
             .await?;
         let (identity, csr) = (x.identity, x.csr);
 
@@ -350,7 +350,7 @@ impl Broker {
                             id: identity,
                             task: &task.id,
                             serial,
-                            now: issuance.now,
+                            now: lease.issued_at,
                             not_after: lease.expires_at,
                         },
                     )
@@ -362,7 +362,15 @@ impl Broker {
                 })
             }
             _ => {
-                let mut claims = self.access_claims(&caller, &issuance, &lease);
+                let mut claims = self.access_claims(
+                    &caller,
+                    &issuance.task,
+                    &lease,
+                    (
+                        super::unix_secs(lease.issued_at),
+                        super::unix_secs(lease.expires_at),
+                    ),
+                );
                 claims.ci = Some(v.job.clone());
                 let token = self
                     .keys
@@ -374,8 +382,18 @@ impl Broker {
                 })
             }
         };
-        self.audit_issued(action.name(), &caller, &issuance, &verdict, &lease)
-            .await?;
+        self.audit_issued(
+            action.name(),
+            &caller,
+            &issuance,
+            &verdict,
+            &lease,
+            (
+                super::unix_secs(lease.issued_at),
+                super::unix_secs(lease.expires_at),
+            ),
+        )
+        .await?;
         self.audit.record(
             &AuditEvent::new(issuance.now, "CiTokenExchanged", &v.job.subject, true)
                 .task(task.id)

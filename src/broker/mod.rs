@@ -1,10 +1,12 @@
 //! The use cases of the broker: request, read, list, approve, deny, cancel and complete tasks;
 //! issue, renew, revoke and introspect task-bound credentials; reload policy. `agents` holds
-//! force-revoke (locks), `keys` the signing keys' publication and rotation. Each use case asks
-//! Cedar first (nothing is allowed by code alone), applies the rules through one atomic store
-//! operation, and audits the decision. No tonic types here.
+//! force-revoke (locks), `keys` the signing keys' publication and rotation, `auditor` the audit
+//! lines of the revocation log, `retries` request ids. Each use case asks Cedar first (nothing
+//! is allowed by code alone), applies the rules through one atomic store operation, and audits
+//! the decision. No tonic types here.
 
 mod agents;
+mod auditor;
 mod ci;
 mod crl;
 mod epoch;
@@ -14,11 +16,15 @@ pub mod limits;
 pub mod metrics;
 mod pages;
 mod reaper;
+mod retries;
 mod revocations;
 
 pub use agents::{
     LOCK_ON_FAILURE_ERRORS, LockPage, MAX_LOCK_DURATION, MAX_LOCK_PAGE, MAX_REASON_BYTES,
     check_reason,
+};
+pub use auditor::{
+    AUDITED_CURSOR, AUDITOR_CLAIM, AuditStep, REVOCATION_AUDIT_FAILURES, REVOCATIONS_AUDITED,
 };
 pub use ci::{CiCredential, CiExchangeRequest, CiExchanged};
 pub use crl::CRL_REFRESH;
@@ -26,6 +32,7 @@ pub use epoch::{EPOCH_CHECK, STORE_EPOCH_STARTED, STORE_RESETS, StoreReset};
 pub use keys::{KEY_REFRESH, Rotation};
 pub use leases::{LeaseCursor, LeasePage, LeaseQuery, MAX_LEASE_PAGE};
 pub use reaper::{LEASES_EXPIRED, REAPER_FAILURES, Reaped, TASKS_EXPIRED};
+pub use retries::{MAX_REQUEST_ID, RequestId};
 pub use revocations::{
     FED, HEARTBEAT, MAX_WATCHES, MAX_WATCHES_PER_IDENTITY, RevocationWatch, WATCHERS, WatchEvent,
 };
@@ -159,6 +166,7 @@ impl From<IssueError> for BrokerError {
                  began"
                     .into(),
             ),
+            IssueError::Exists => Self::Precondition("a lease with this id exists".into()),
             IssueError::Store(s) => s.into(),
         }
     }
@@ -179,6 +187,28 @@ fn csr_error(e: crate::mint::CsrError) -> BrokerError {
     BrokerError::Invalid {
         field: "csr",
         reason: e.to_string(),
+    }
+}
+
+/// Whole seconds since the Unix epoch (0 before it).
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The action that issues a credential of `kind`.
+fn issue_action(kind: CredentialKind) -> PolicyAction {
+    match kind {
+        CredentialKind::Jwt => PolicyAction::IssueToken,
+        CredentialKind::X509 => PolicyAction::IssueCertificate,
+    }
+}
+
+/// The kind of credential `action` issues.
+fn lease_kind(action: PolicyAction) -> CredentialKind {
+    if action == PolicyAction::IssueCertificate {
+        CredentialKind::X509
+    } else {
+        CredentialKind::Jwt
     }
 }
 
@@ -249,6 +279,8 @@ pub struct TokenRequest {
     pub actions: Vec<String>,
     /// Lifetime asked; `None` for the task's ceiling.
     pub ttl: Option<Duration>,
+    /// Makes a retry safe (see [`RequestId`]).
+    pub request_id: Option<RequestId>,
 }
 
 /// A token handed out, with its lease.
@@ -278,12 +310,32 @@ struct Issuance {
     now: SystemTime,
     now_secs: u64,
     ttl_secs: u64,
+    /// The caller's request id, if it gave one.
+    request: Option<RequestId>,
+    /// Whether the lease is an earlier attempt's (a retried request, answered again).
+    reanswer: bool,
 }
 
 impl Issuance {
     fn exp_secs(&self) -> u64 {
         self.now_secs + self.ttl_secs
     }
+}
+
+/// What a new lease is for.
+#[derive(Debug)]
+struct NewLease {
+    kind: CredentialKind,
+    credential: String,
+    audience: Option<String>,
+    actions: Vec<String>,
+}
+
+/// A lease recorded by this attempt, or by an earlier attempt of the same request id.
+#[derive(Debug)]
+enum Recorded {
+    New(Lease),
+    Earlier(Lease),
 }
 
 /// What is about to be minted, as policy is told it (the context of `IssueToken`,
@@ -376,6 +428,8 @@ pub struct Broker {
     /// The last CRL built.
     crl: Arc<crl::CrlCache>,
     /// The CI issuers trusted for the CI exchange.
+    /// The trust domains of workload identities: with the CI one, every identity there is.
+    trust_domains: Arc<crate::identity::TrustDomains>,
     ci: Arc<crate::ci::CiIssuers>,
     /// Issuance rate limits per agent and per CI repository, and the rate of the public
     /// (unauthenticated) RPCs per source address, before any verification.
@@ -409,6 +463,8 @@ pub struct BrokerParts {
     pub key_file: std::path::PathBuf,
     /// The CI issuers trusted for the CI exchange.
     pub ci: crate::ci::CiIssuers,
+    /// The trust domains of workload identities (mTLS).
+    pub trust_domains: crate::identity::TrustDomains,
 }
 
 impl Broker {
@@ -428,6 +484,7 @@ impl Broker {
             epoch: Arc::default(),
             crl: Arc::default(),
             ci: Arc::new(parts.ci),
+            trust_domains: Arc::new(parts.trust_domains),
             agent_limiter: Arc::new(limits::RateLimiter::new(settings.agent_rate)),
             ci_limiter: Arc::new(limits::RateLimiter::new(settings.ci_rate)),
             source_limiter: Arc::new(limits::RateLimiter::new(settings.public_rate)),
@@ -866,9 +923,10 @@ impl Broker {
                 reason: format!("{a:?} is not an action"),
             })?);
         }
-        let issuance = self
+        let mut issuance = self
             .begin_issuance(caller, &request.task, request.ttl, PolicyAction::IssueToken)
             .await?;
+        issuance.request = request.request_id.clone();
         let task = &issuance.task;
         let grant = task
             .grants
@@ -909,22 +967,41 @@ impl Broker {
             },
         )?;
         let jti = random_id().map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let lease = self
-            .record_lease(
+        let fingerprint = format!(
+            "jwt {} {audience} {} {:?}",
+            task.id,
+            actions.join(" "),
+            request.ttl
+        );
+        let new = NewLease {
+            kind: CredentialKind::Jwt,
+            credential: jti,
+            audience: Some(audience.to_string()),
+            actions,
+        };
+        let recorded = self
+            .lease_for(
                 caller,
                 &issuance,
-                CredentialKind::Jwt,
-                jti,
-                Some(audience.to_string()),
-                actions,
+                request.request_id.as_ref(),
+                &fingerprint,
+                new,
             )
             .await?;
-        let claims = self.access_claims(caller, &issuance, &lease);
+        let lease = match recorded {
+            Recorded::New(lease) => lease,
+            Recorded::Earlier(lease) => {
+                issuance.reanswer = true;
+                lease
+            }
+        };
+        let times = (unix_secs(lease.issued_at), unix_secs(lease.expires_at));
+        let claims = self.access_claims(caller, &issuance.task, &lease, times);
         let token = self
             .keys
             .sign_access_token(&claims)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        self.audit_issued("IssueToken", caller, &issuance, &verdict, &lease)
+        self.audit_issued("IssueToken", caller, &issuance, &verdict, &lease, times)
             .await?;
         Ok(IssuedToken { token, lease })
     }
@@ -942,11 +1019,12 @@ impl Broker {
         task: &TaskId,
         csr: &[u8],
         ttl: Option<Duration>,
+        request: Option<&RequestId>,
     ) -> Result<IssuedCertificate, BrokerError> {
         let start = std::time::Instant::now();
         let result = match self.rate_limit(limits::Limited::Agent, caller.id.as_str()) {
             Ok(()) => {
-                self.issue_certificate_unmetered(caller, task, csr, ttl)
+                self.issue_certificate_unmetered(caller, task, csr, ttl, request)
                     .await
             }
             Err(e) => Err(e),
@@ -961,6 +1039,7 @@ impl Broker {
         task: &TaskId,
         csr: &[u8],
         ttl: Option<Duration>,
+        request: Option<&RequestId>,
     ) -> Result<IssuedCertificate, BrokerError> {
         let csr = verify_csr(csr).map_err(csr_error)?;
         let Some(ca) = &self.ca else {
@@ -968,9 +1047,10 @@ impl Broker {
                 "this broker has no issuing CA configured (issuer.ca_cert)".into(),
             ));
         };
-        let issuance = self
+        let mut issuance = self
             .begin_issuance(caller, task, ttl, PolicyAction::IssueCertificate)
             .await?;
+        issuance.request = request.cloned();
         let verdict = self.authorize_issuance(
             caller,
             &issuance,
@@ -982,16 +1062,34 @@ impl Broker {
             },
         )?;
         let serial = random_serial().map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let lease = self
-            .record_lease(
-                caller,
-                &issuance,
-                CredentialKind::X509,
-                serial_hex(&serial),
-                None,
-                Vec::new(),
-            )
-            .await?;
+        // Not the CSR: a retry may come with a new key (an earlier attempt's certificate is
+        // never signed again, and a lease not yet recorded takes the key of the retry).
+        let fingerprint = format!("x509 {} {ttl:?}", issuance.task.id);
+        let new = NewLease {
+            kind: CredentialKind::X509,
+            credential: serial_hex(&serial),
+            audience: None,
+            actions: Vec::new(),
+        };
+        let lease = match self
+            .lease_for(caller, &issuance, request, &fingerprint, new)
+            .await?
+        {
+            Recorded::New(lease) => lease,
+            // A serial is never signed twice: the lease is the caller's to renew.
+            Recorded::Earlier(lease) => {
+                return Err(self.refusal(
+                    PolicyAction::IssueCertificate,
+                    caller,
+                    issuance.task.id,
+                    BrokerError::Precondition(format!(
+                        "this request_id already issued lease {} (serial {}); renew that lease \
+                         (RenewLease) for a certificate",
+                        lease.id, lease.credential
+                    )),
+                ));
+            }
+        };
         let certificate_pem = ca
             .issue(
                 &csr,
@@ -999,13 +1097,20 @@ impl Broker {
                     id: &caller.id,
                     task: &issuance.task.id,
                     serial,
-                    now: issuance.now,
+                    now: lease.issued_at,
                     not_after: lease.expires_at,
                 },
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        self.audit_issued("IssueCertificate", caller, &issuance, &verdict, &lease)
-            .await?;
+        self.audit_issued(
+            "IssueCertificate",
+            caller,
+            &issuance,
+            &verdict,
+            &lease,
+            (unix_secs(lease.issued_at), unix_secs(lease.expires_at)),
+        )
+        .await?;
         Ok(IssuedCertificate {
             certificate_pem,
             chain_pem: ca.chain_pem().to_owned(),
@@ -1115,10 +1220,12 @@ impl Broker {
             .min(left)
             .as_secs();
         let issuance = Issuance {
-            now_secs: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            now_secs: unix_secs(now),
             task,
             now,
             ttl_secs,
+            request: None,
+            reanswer: false,
         };
         let verdict = self.authorize_issuance(
             caller,
@@ -1169,7 +1276,12 @@ impl Broker {
             }
             (None, _, _) => Credential::Token(
                 self.keys
-                    .sign_access_token(&self.access_claims(caller, &issuance, &renewed))
+                    .sign_access_token(&self.access_claims(
+                        caller,
+                        &issuance.task,
+                        &renewed,
+                        (issuance.now_secs, issuance.exp_secs()),
+                    ))
                     .map_err(|e| BrokerError::Internal(e.to_string()))?,
             ),
         };
@@ -1179,6 +1291,7 @@ impl Broker {
             &issuance,
             &verdict,
             &renewed,
+            (issuance.now_secs, issuance.exp_secs()),
         )
         .await?;
         // The credential it replaces stops being active.
@@ -1233,25 +1346,26 @@ impl Broker {
         Ok(revoked)
     }
 
+    /// The claims of `lease`'s token, issued at `iat` and expiring at `exp` (Unix seconds).
     fn access_claims(
         &self,
         caller: &PeerIdentity,
-        issuance: &Issuance,
+        task: &Task,
         lease: &Lease,
+        (iat, exp): (u64, u64),
     ) -> AccessClaims {
         AccessClaims {
             iss: self.keys.issuer().to_owned(),
             sub: caller.id.to_string(),
             aud: lease.audience.clone().unwrap_or_default(),
-            exp: issuance.exp_secs(),
-            nbf: issuance.now_secs,
-            iat: issuance.now_secs,
+            exp,
+            nbf: iat,
+            iat,
             jti: lease.credential.clone(),
             client_id: caller.id.to_string(),
             scope: lease.actions.join(" "),
-            task_id: issuance.task.id.to_string(),
-            approval_ids: issuance
-                .task
+            task_id: task.id.to_string(),
+            approval_ids: task
                 .approvals
                 .iter()
                 .filter(|a| a.decision == Decision::Approve)
@@ -1322,8 +1436,10 @@ impl Broker {
         Ok(Issuance {
             task,
             now,
-            now_secs: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            now_secs: unix_secs(now),
             ttl_secs,
+            request: None,
+            reanswer: false,
         })
     }
 
@@ -1377,24 +1493,64 @@ impl Broker {
         )))
     }
 
-    /// Records the lease durably, in the store's atomic step that re-checks the task and lock.
+    /// The lease of a new credential: recorded now, or, for a retried request id, the one an
+    /// earlier attempt recorded (see [`retries`]). Only a lease recorded by this attempt or an
+    /// earlier one is returned: a credential is never handed out without one.
+    async fn lease_for(
+        &self,
+        caller: &PeerIdentity,
+        issuance: &Issuance,
+        request: Option<&RequestId>,
+        fingerprint: &str,
+        new: NewLease,
+    ) -> Result<Recorded, BrokerError> {
+        let action = issue_action(new.kind);
+        let Some(request) = request else {
+            return self
+                .record_lease(caller, issuance, LeaseId::generate(), new)
+                .await;
+        };
+        let claim = retries::IssueClaim::new(&caller.id, request, fingerprint);
+        let refuse = |e| self.refusal(action, caller, issuance.task.id, e);
+        let recorded = match self
+            .claim_issuance(&claim, issuance.task.deadline)
+            .await
+            .map_err(refuse)?
+        {
+            retries::Claimed::Record(id) => self.record_lease(caller, issuance, id, new).await?,
+            retries::Claimed::Recorded(lease) => Recorded::Earlier(*lease),
+        };
+        if let Recorded::Earlier(lease) = &recorded {
+            Self::check_reanswer(
+                lease,
+                caller,
+                issuance.task.id,
+                lease_kind(action),
+                issuance.now,
+            )
+            .map_err(refuse)?;
+        }
+        Ok(recorded)
+    }
+
+    /// Records the lease `id` durably, in the store's atomic step that re-checks the task and
+    /// lock. A lease already recorded under `id` (an earlier attempt of the same request) is
+    /// returned as it is.
     async fn record_lease(
         &self,
         caller: &PeerIdentity,
         issuance: &Issuance,
-        kind: CredentialKind,
-        credential: String,
-        audience: Option<String>,
-        actions: Vec<String>,
-    ) -> Result<Lease, BrokerError> {
+        id: LeaseId,
+        new: NewLease,
+    ) -> Result<Recorded, BrokerError> {
         let lease = Lease {
-            id: LeaseId::generate(),
+            id,
             task: issuance.task.id,
             agent: caller.id.clone(),
-            kind,
-            credential,
-            audience,
-            actions,
+            kind: new.kind,
+            credential: new.credential,
+            audience: new.audience,
+            actions: new.actions,
             cnf: caller.cert_sha256.clone(),
             // Whole seconds, as the credential's iat/notBefore and exp/notAfter say.
             issued_at: UNIX_EPOCH + Duration::from_secs(issuance.now_secs),
@@ -1405,17 +1561,39 @@ impl Broker {
             ended_at: None,
             reason: None,
         };
-        let action = match kind {
-            CredentialKind::Jwt => PolicyAction::IssueToken,
-            CredentialKind::X509 => PolicyAction::IssueCertificate,
-        };
-        let recorded = self.store.issue_lease(&lease, issuance.now).await;
+        let action = issue_action(new.kind);
+        let mut lease = lease;
+        let mut recorded = self.store.issue_lease(&lease, issuance.now).await;
         if matches!(recorded, Err(IssueError::StoreReset)) {
+            // The store lost its data since the last check: begin the new epoch, then issue in
+            // it, dated after its start (verifiers accept nothing issued before the epoch).
             self.after_store_reset().await;
+            let now = self.clock.now().max(issuance.now);
+            let issued = UNIX_EPOCH + Duration::from_secs(unix_secs(now));
+            lease.expires_at = (issued + Duration::from_secs(issuance.ttl_secs))
+                .min(issuance.task.deadline)
+                .max(issued);
+            lease.issued_at = issued;
+            recorded = self.store.issue_lease(&lease, now).await;
         }
-        recorded.map_err(|e| self.refusal(action, caller, issuance.task.id, e.into()))?;
+        match recorded {
+            Ok(()) => {}
+            Err(IssueError::Exists) => {
+                // Another attempt of the same request recorded it first.
+                return match self.store.get_lease(&lease.id).await {
+                    Ok(Some(earlier)) => Ok(Recorded::Earlier(earlier)),
+                    Ok(None) => Err(BrokerError::Precondition(format!(
+                        "this request_id issued lease {}, which is gone; use a new request_id",
+                        lease.id
+                    ))),
+                    Err(e) => Err(e.into()),
+                }
+                .map_err(|e| self.refusal(action, caller, issuance.task.id, e));
+            }
+            Err(e) => return Err(self.refusal(action, caller, issuance.task.id, e.into())),
+        }
         self.wake_reaper_for(lease.expires_at);
-        Ok(lease)
+        Ok(Recorded::New(lease))
     }
 
     /// Audits a credential about to be handed out. When the line cannot be written and the
@@ -1428,13 +1606,19 @@ impl Broker {
         issuance: &Issuance,
         verdict: &Verdict,
         lease: &Lease,
+        (iat, exp): (u64, u64),
     ) -> Result<(), BrokerError> {
         let mut event = AuditEvent::new(issuance.now, action, caller.id.as_str(), true)
             .task(issuance.task.id)
             .policies(&verdict.policies)
             .detail("lease_id", lease.id.as_str())
-            .detail("ttl_secs", issuance.ttl_secs)
-            .detail("exp", issuance.exp_secs());
+            .detail("ttl_secs", exp.saturating_sub(iat))
+            .detail("exp", exp)
+            .detail_opt(
+                "request_id",
+                issuance.request.as_ref().map(RequestId::as_str),
+            )
+            .detail_opt("answered_again", issuance.reanswer.then_some(true));
         event = match lease.kind {
             CredentialKind::Jwt => event
                 .detail("jti", lease.credential.as_str())
@@ -1471,10 +1655,31 @@ impl Broker {
         caller: &WorkloadId,
         id: &TaskId,
         outcome: Outcome,
+        request: Option<&RequestId>,
     ) -> Result<(Task, usize), BrokerError> {
         let task = self.load(id).await?;
         let verdict = self.authorize(caller, PolicyAction::CompleteTask, &Resource::Task(&task))?;
         let now = self.clock.now();
+        let request_id = request.map(RequestId::as_str);
+        if let Some(request) = request {
+            let retry = self
+                .claim_completion(caller, *id, request, outcome, now)
+                .await
+                .inspect_err(|e| self.audit_refusal(PolicyAction::CompleteTask, caller, *id, e))?;
+            // A retry of a completion that took effect: the same answer, not "already ended".
+            if retry && retries::ended_as(&task, caller, outcome) {
+                let revoked = self.revoked_by_end(&task).await?;
+                self.audit.record(
+                    &AuditEvent::new(now, "CompleteTask", caller.as_str(), true)
+                        .task(task.id)
+                        .policies(&verdict.policies)
+                        .detail("state", task.state.as_str())
+                        .detail_opt("request_id", request_id)
+                        .detail("answered_again", true),
+                );
+                return Ok((task, revoked));
+            }
+        }
         let who = caller.clone();
         let result = self
             .store
@@ -1492,7 +1697,8 @@ impl Broker {
                     AuditEvent::new(now, "CompleteTask", caller.as_str(), true)
                         .task(task.id)
                         .policies(&verdict.policies)
-                        .detail("state", task.state.as_str()),
+                        .detail("state", task.state.as_str())
+                        .detail_opt("request_id", request_id),
                     "revoked_credentials",
                     &ids,
                 );
@@ -1540,13 +1746,34 @@ impl Broker {
         let Ok(task) = TaskId::parse(&claims.task_id) else {
             return Ok(Introspection::Inactive);
         };
-        let lease = self.store.find_lease(&task, &claims.jti).await?;
+        let Ok(agent) = WorkloadId::parse(&claims.sub) else {
+            return Ok(Introspection::Inactive);
+        };
+        let lease = self.live_lease(&task, &claims.jti, &agent, now).await?;
         Ok(match lease {
-            Some(l) if l.is_active(&claims.jti, now) && l.agent.as_str() == claims.sub => {
-                Introspection::Active(Box::new(claims))
-            }
-            _ => Introspection::Inactive,
+            Some(_) => Introspection::Active(Box::new(claims)),
+            None => Introspection::Inactive,
         })
+    }
+
+    /// The lease of `task` whose current credential is `credential`, if it is active at `now`,
+    /// issued to `agent`, and `agent` is not locked: a lock holds from its first step on, before
+    /// its sweep has revoked every lease. The lease and the lock are read at once.
+    async fn live_lease(
+        &self,
+        task: &TaskId,
+        credential: &str,
+        agent: &WorkloadId,
+        now: SystemTime,
+    ) -> Result<Option<Lease>, BrokerError> {
+        let (lease, lock) = tokio::join!(
+            self.store.find_lease(task, credential),
+            self.store.agent_lock(agent, now)
+        );
+        if lock?.is_some() {
+            return Ok(None);
+        }
+        Ok(lease?.filter(|l| l.is_active(credential, now) && &l.agent == agent))
     }
 
     /// Tells whether a certificate this broker issued is active: signed by the issuing CA, its
@@ -1568,10 +1795,11 @@ impl Broker {
         let Ok(task) = TaskId::parse(&info.task) else {
             return Ok(None);
         };
-        let lease = self.store.find_lease(&task, &info.serial).await?;
-        Ok(lease
-            .filter(|l| l.is_active(&info.serial, now) && l.agent.as_str() == info.spiffe_id)
-            .map(|l| (info, l)))
+        let Ok(agent) = WorkloadId::parse(&info.spiffe_id) else {
+            return Ok(None);
+        };
+        let lease = self.live_lease(&task, &info.serial, &agent, now).await?;
+        Ok(lease.map(|l| (info, l)))
     }
 
     /// Deletes tasks whose retention has passed, and revocation log entries old enough that

@@ -1,5 +1,6 @@
 //! The reaper: ends leases whose credential has expired and tasks past their deadline
-//! (revoking their leases), in every broker process. It works from the store's indexes by
+//! (revoking their leases), in every broker process, and finishes the sweeps of locks that a
+//! replica could not finish. It works from the store's indexes by
 //! time, so its cost follows what falls due, not what lives; the store claims each lease
 //! atomically, so with several replicas each is ended once. It sleeps until the next thing is
 //! due (at most [`MAX_SLEEP`], which bounds how late it notices work filed by another
@@ -26,6 +27,9 @@ const MIN_SLEEP: Duration = Duration::from_millis(20);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// Leases or tasks taken per store call.
 const BATCH: usize = 256;
+/// How often the reaper finishes the sweeps of locks in force (what a replica that died inside
+/// a lock, or whose store failed during the sweep, left).
+pub const LOCK_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Counter of leases the reaper ended as expired.
 pub const LEASES_EXPIRED: &str = "taskcred_leases_expired_total";
@@ -145,7 +149,14 @@ impl Broker {
     pub async fn run_reaper(self, shutdown: CancellationToken) {
         let signal = Arc::clone(&self.reaper);
         let mut backoff = BACKOFF.0;
+        let mut locks_swept = std::time::Instant::now();
         loop {
+            if locks_swept.elapsed() >= LOCK_SWEEP_EVERY {
+                locks_swept = std::time::Instant::now();
+                if let Err(e) = self.sweep_locks().await {
+                    tracing::warn!(error = %e, "reaper: finishing lock sweeps failed; will retry");
+                }
+            }
             // While a round runs, any lease filed may be missed by it: every filing leaves a
             // wake-up, so the round after starts at once.
             signal.planned_ms.store(u64::MAX, Ordering::Relaxed);

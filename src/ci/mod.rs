@@ -104,7 +104,8 @@ pub struct VerifiedIdToken {
     pub issuer: Arc<TrustedIssuer>,
     /// The job it proves.
     pub job: CiJob,
-    /// Its `jti`, or the SHA-256 (hex) of the token when it has none: what replay is checked on.
+    /// Its `jti`, or the SHA-256 (hex) of its signing input (header and payload, never the
+    /// signature, which ECDSA lets anyone rewrite) when it has none: what replay is checked on.
     pub token_id: String,
     /// SHA-256 (hex) of the token, for audit lines.
     pub token_sha256: String,
@@ -298,7 +299,12 @@ impl CiIssuers {
             Some(j) if !j.is_empty() && j.len() <= 256 => {
                 format!("jti:{}", sha256_hex(j.as_bytes()))
             }
-            _ => format!("sha256:{token_sha256}"),
+            // The signed part only: an ECDSA signature can be rewritten into another valid
+            // one ((r, s) to (r, n - s)), which would make a new token of the same claims.
+            _ => {
+                let signed = token.rsplit_once('.').map_or(token, |(input, _)| input);
+                format!("signed:{}", sha256_hex(signed.as_bytes()))
+            }
         };
         Ok(VerifiedIdToken {
             issuer,

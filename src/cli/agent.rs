@@ -25,6 +25,10 @@ pub enum AgentCommand {
         /// lifts it.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         until: Option<Duration>,
+        /// Written in the audit line, so that a retry (safe: locks only grow) is seen as one
+        /// (1 to 64 of A-Z a-z 0-9 _ -).
+        #[arg(long, value_name = "ID", default_value = "")]
+        request_id: String,
     },
     /// Lift the lock of an agent (what it revoked stays revoked).
     Unlock {
@@ -71,12 +75,14 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
             spiffe_id,
             reason,
             until,
+            request_id,
         } => {
             let r = client
                 .lock_agent(pb::LockAgentRequest {
                     agent: spiffe_id.clone(),
                     reason: reason.clone(),
                     duration: until.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                    request_id: request_id.clone(),
                 })
                 .await
                 .map_err(ClientError::Refused)?
@@ -91,12 +97,20 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
                         "revoked_leases": r.revoked_leases,
                         "revoked_task_count": r.revoked_task_count,
                         "revoked_lease_count": r.revoked_lease_count,
+                        "pending": r.pending,
                     })
                 );
             } else {
                 println!(
-                    "locked {}: {} task(s) and {} lease(s) revoked",
-                    lock.agent, r.revoked_task_count, r.revoked_lease_count
+                    "locked {}: {} task(s) and {} lease(s) revoked{}",
+                    lock.agent,
+                    r.revoked_task_count,
+                    r.revoked_lease_count,
+                    if r.pending {
+                        " so far (the store failed; the lock holds and the broker ends the rest)"
+                    } else {
+                        ""
+                    }
                 );
                 for t in &r.revoked_tasks {
                     println!("  task  {t}");

@@ -39,6 +39,11 @@ pub enum CertCommand {
         /// Lifetime asked, e.g. 5m (at most the task's ceiling and deadline).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+        /// Makes a retry safe: run again with the same id (1 to 64 of A-Z a-z 0-9 _ -) after a
+        /// lost answer or "outcome unknown", and no second lease is made (a
+        /// certificate already issued under it is refused, naming its lease: renew that one).
+        #[arg(long, value_name = "ID", default_value = "")]
+        request_id: String,
     },
     /// Ask the broker whether a certificate it issued is active; prints the answer as JSON.
     Introspect {
@@ -84,6 +89,7 @@ async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientE
             out_key,
             csr,
             ttl,
+            request_id,
         } => {
             // The key is made (and the request signed) before anything is sent.
             let (csr, key_pem) = match (csr, out_key) {
@@ -108,6 +114,7 @@ async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientE
                     task_id: task.clone(),
                     csr,
                     ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                    request_id: request_id.clone(),
                 })
                 .await
                 .map_err(ClientError::Refused)?

@@ -51,6 +51,10 @@ pub enum TaskCommand {
         /// succeeded, failed or cancelled.
         #[arg(long, default_value = "succeeded")]
         outcome: String,
+        /// Makes a retry safe: run again with the same id (1 to 64 of A-Z a-z 0-9 _ -) after a
+        /// lost answer or "outcome unknown", and get OK once the task has ended as asked.
+        #[arg(long, value_name = "ID", default_value = "")]
+        request_id: String,
     },
     /// End an open task as an operator: it becomes revoked and every credential of it is
     /// revoked at once.
@@ -316,7 +320,11 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
             .await
             .map_err(refused)?
             .into_inner(),
-        TaskCommand::Complete { id, outcome } => {
+        TaskCommand::Complete {
+            id,
+            outcome,
+            request_id,
+        } => {
             let outcome = match outcome.as_str() {
                 "succeeded" => pb::Outcome::Succeeded,
                 "failed" => pb::Outcome::Failed,
@@ -331,6 +339,7 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
                 .complete_task(pb::CompleteTaskRequest {
                     task_id: id.clone(),
                     outcome: outcome.into(),
+                    request_id: request_id.clone(),
                 })
                 .await
                 .map_err(refused)?

@@ -29,6 +29,10 @@ pub enum TokenCommand {
         /// Lifetime asked, e.g. 30s, 5m (at most the task's ceiling and deadline).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+        /// Makes a retry safe: run again with the same id (1 to 64 of A-Z a-z 0-9 _ -) after a
+        /// lost answer or "outcome unknown", and get the same token, never a second one.
+        #[arg(long, value_name = "ID", default_value = "")]
+        request_id: String,
     },
     /// Ask the broker whether a token is active; prints the RFC 7662 answer as JSON.
     Introspect {
@@ -52,12 +56,14 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
             audience,
             actions,
             ttl,
+            request_id,
         } => {
             let request = pb::IssueTokenRequest {
                 task_id: task.clone(),
                 audience: audience.clone(),
                 actions: actions.clone(),
                 ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                request_id: request_id.clone(),
             };
             let r = CredentialServiceClient::new(connect(args).await?)
                 .issue_token(request)

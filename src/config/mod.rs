@@ -173,6 +173,8 @@ pub struct ServerConfig {
     pub max_connections_per_identity: usize,
     /// Open gRPC connections without a client certificate from one source address.
     pub max_anonymous_connections_per_source: usize,
+    /// gRPC connections of one source address still in their TLS handshake.
+    pub max_handshakes_per_source: usize,
     /// Time one RPC may take before it answers `DEADLINE_EXCEEDED`-like cancellation.
     pub request_timeout: Duration,
     /// On SIGINT/SIGTERM, how long in-flight RPCs may take to finish before the broker exits.

@@ -151,10 +151,22 @@ const CI_ALGORITHMS: &[&str] = &[
 ];
 
 impl RawCi {
-    fn check(self, domains: &TrustDomains) -> Result<CiConfig, CheckError> {
+    /// `first` is the first of `identity.trust_domains` as configured.
+    fn check(self, domains: &TrustDomains, first: &str) -> Result<CiConfig, CheckError> {
         let trust_domain = match self.trust_domain {
             Some(td) => td,
-            None => format!("ci.{}", domains.names().next().unwrap_or_default()),
+            // With several domains, which one CI identities belong to is the operator's
+            // choice: a default could put them in a partner's namespace, and reordering the
+            // list would rename them (and lift their locks).
+            None if domains.names().count() > 1 && !self.issuers.is_empty() => {
+                return Err((
+                    "ci.trust_domain",
+                    "must be set when identity.trust_domains lists more than one domain and \
+                     [[ci.issuers]] are configured (e.g. \"ci.<your own domain>\")"
+                        .into(),
+                ));
+            }
+            None => format!("ci.{first}"),
         };
         let id = WorkloadId::parse(&format!("spiffe://{trust_domain}/ci"))
             .map_err(|e| ("ci.trust_domain", e.to_string()))?;
@@ -387,6 +399,7 @@ struct RawServer {
     anonymous_max_age: Duration,
     max_connections_per_identity: usize,
     max_anonymous_connections_per_source: usize,
+    max_handshakes_per_source: usize,
     #[serde(deserialize_with = "duration")]
     request_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -413,6 +426,7 @@ impl Default for RawServer {
             anonymous_max_age: Duration::from_secs(5 * 60),
             max_connections_per_identity: 256,
             max_anonymous_connections_per_source: 32,
+            max_handshakes_per_source: 64,
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -718,6 +732,12 @@ impl Raw {
                 1,
                 1_000_000,
             )?,
+            max_handshakes_per_source: range(
+                "server.max_handshakes_per_source",
+                s.max_handshakes_per_source,
+                1,
+                1_000_000,
+            )?,
             handshake_timeout: range(
                 "server.handshake_timeout",
                 s.handshake_timeout,
@@ -846,7 +866,12 @@ impl Raw {
             level: self.log.level,
         };
 
-        let ci = self.ci.check(&identity.allowed_trust_domains)?;
+        let first = identity
+            .trust_domains
+            .first()
+            .map(|d| d.name.clone())
+            .unwrap_or_default();
+        let ci = self.ci.check(&identity.allowed_trust_domains, &first)?;
         let l = self.limits;
         let limits = LimitsConfig {
             issuance: rate(

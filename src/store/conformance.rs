@@ -77,10 +77,109 @@ fn query() -> TaskQuery {
     }
 }
 
+/// A lock holds from its own short step on (nothing more is issued), before its sweep; the
+/// sweep ends the agent's open tasks and live leases at most `limit` of each per step, each
+/// once, and never what had ended before.
+pub async fn a_lock_holds_at_once_and_is_swept_in_bounded_steps(store: &dyn Store) {
+    let now = SystemTime::now();
+    let agent = format!(
+        "spiffe://taskcred.dev/agent/swept-{}",
+        uuid::Uuid::now_v7().simple()
+    );
+    let tasks: Vec<Task> = (0..3).map(|_| sample_task(&agent, REQUESTER, 0)).collect();
+    for t in &tasks {
+        store.create_task(t).await.unwrap();
+    }
+    let mut leases = Vec::new();
+    for t in &tasks {
+        for _ in 0..3 {
+            let l = sample_lease(t, &agent);
+            store.issue_lease(&l, now).await.unwrap();
+            leases.push(l);
+        }
+    }
+    // One already revoked: never swept again.
+    store
+        .revoke_lease(&leases[0].id, "test", now)
+        .await
+        .unwrap();
+    let lock = Lock {
+        agent: w(&agent),
+        reason: "swept".into(),
+        operator: w(REQUESTER),
+        at: now,
+        until: None,
+    };
+    assert_eq!(store.lock_agent(&lock).await.unwrap(), lock);
+    let late = sample_lease(&tasks[0], &agent);
+    assert!(matches!(
+        store.issue_lease(&late, now).await,
+        Err(IssueError::Locked(_))
+    ));
+    assert_eq!(
+        store.get_lease(&leases[1].id).await.unwrap().unwrap().state,
+        LeaseState::Active,
+        "not swept yet"
+    );
+    let (mut ended_tasks, mut ended_leases, mut steps) = (Vec::new(), Vec::new(), 0);
+    loop {
+        let s = store
+            .sweep_lock(&lock.agent, "agent locked: swept", now, DAY, 2)
+            .await
+            .unwrap();
+        assert!(s.tasks.len() <= 2 && s.leases.len() <= 2, "{s:?}");
+        ended_tasks.extend(s.tasks);
+        ended_leases.extend(s.leases.into_iter().map(|l| l.id));
+        steps += 1;
+        assert!(steps < 20, "the sweep does not end");
+        if s.remaining == 0 {
+            break;
+        }
+    }
+    ended_tasks.sort();
+    let mut expected: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+    expected.sort();
+    assert_eq!(ended_tasks, expected);
+    ended_leases.sort();
+    let mut expected: Vec<LeaseId> = leases[1..].iter().map(|l| l.id.clone()).collect();
+    expected.sort();
+    assert_eq!(
+        ended_leases, expected,
+        "each live lease once, the revoked one never"
+    );
+    let again = store
+        .sweep_lock(&lock.agent, "agent locked: swept", now, DAY, 2)
+        .await
+        .unwrap();
+    assert_eq!(again, crate::lease::Swept::default());
+}
+
+/// Locks and sweeps to the end, as the broker does.
+pub async fn lock_and_sweep(store: &dyn Store, lock: &Lock) -> crate::lease::LockOutcome {
+    let in_force = store.lock_agent(lock).await.unwrap();
+    let mut outcome = crate::lease::LockOutcome {
+        in_force: Some(in_force),
+        ..Default::default()
+    };
+    let reason = format!("agent locked: {}", lock.reason);
+    loop {
+        let swept = store
+            .sweep_lock(&lock.agent, &reason, lock.at, DAY, 500)
+            .await
+            .unwrap();
+        outcome.tasks.extend(swept.tasks);
+        outcome.leases.extend(swept.leases);
+        if swept.remaining == 0 {
+            return outcome;
+        }
+    }
+}
+
 /// Runs every case.
 pub async fn run_all(store: &dyn Store) {
     a_fresh_store_answers_the_reaper(store).await;
     a_store_without_its_epoch_issues_nothing(store).await;
+    a_lease_id_is_recorded_once(store).await;
     create_get_round_trip(store).await;
     create_twice_is_refused(store).await;
     update_applies_atomically_or_not_at_all(store).await;
@@ -91,6 +190,7 @@ pub async fn run_all(store: &dyn Store) {
     ending_a_task_revokes_every_lease_even_concurrent_ones(store).await;
     renewal_replaces_the_credential_and_revocation_ends_one_lease(store).await;
     locking_an_agent_ends_its_tasks_and_leases_at_once(store).await;
+    a_lock_holds_at_once_and_is_swept_in_bounded_steps(store).await;
     signing_keys_are_published_until_their_time(store).await;
     the_reaper_ends_each_due_lease_once(store).await;
     overdue_tasks_are_found_by_deadline(store).await;
@@ -115,6 +215,30 @@ pub async fn a_store_without_its_epoch_issues_nothing(store: &dyn Store) {
         .await
         .unwrap();
     store.issue_lease(&lease, SystemTime::now()).await.unwrap();
+}
+
+/// A lease id is recorded once: a second attempt under the same id (a retried request) is
+/// refused and changes nothing, whatever its credential.
+pub async fn a_lease_id_is_recorded_once(store: &dyn Store) {
+    let t = approved_task(store).await;
+    let first = sample_lease(&t, AGENT);
+    store.issue_lease(&first, SystemTime::now()).await.unwrap();
+    let mut again = sample_lease(&t, AGENT);
+    again.id = first.id.clone();
+    assert_eq!(
+        store.issue_lease(&again, SystemTime::now()).await,
+        Err(IssueError::Exists)
+    );
+    let leases = store.task_leases(&t.id).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].credential, first.credential);
+    assert!(
+        store
+            .find_lease(&t.id, &again.credential)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// The active-lease gauge's source: issuing adds one, revoking, ending the task and reaping
@@ -677,7 +801,7 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
         at: now,
         until: None,
     };
-    let outcome = store.lock_agent(&lock, DAY).await.unwrap();
+    let outcome = lock_and_sweep(store, &lock).await;
     let mut tasks = outcome.tasks.clone();
     tasks.sort();
     let mut expected = vec![running.id, pending.id];
@@ -781,7 +905,7 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
         until: Some(SystemTime::now() + Duration::from_millis(300)),
         ..lock.clone()
     };
-    store.lock_agent(&brief, DAY).await.unwrap();
+    lock_and_sweep(store, &brief).await;
     assert!(
         store.get_lease(&l.id).await.unwrap().unwrap().state == LeaseState::Revoked,
         "swept again"
@@ -1126,7 +1250,7 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
     };
     let locker = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        store.lock_agent(&lock, DAY).await.unwrap();
+        lock_and_sweep(store, &lock).await;
     };
     let started = std::time::Instant::now();
     let (woken, ()) = tokio::join!(waiter, locker);
@@ -1186,4 +1310,14 @@ pub async fn claims_are_held_once(store: &dyn Store) {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(store.claimed(&short).await.unwrap(), None);
     assert_eq!(store.claim(&short, "y", until).await.unwrap(), None);
+    // Swapped only by what it holds: a holder keeps it longer, a mark moves forward once.
+    assert!(!store.swap_claim(&key, "a", "c", until).await.unwrap());
+    assert!(store.swap_claim(&key, "b", "c", until).await.unwrap());
+    assert!(!store.swap_claim(&key, "b", "d", until).await.unwrap());
+    assert_eq!(store.claimed(&key).await.unwrap().as_deref(), Some("c"));
+    let soon = SystemTime::now() + Duration::from_millis(200);
+    assert!(store.swap_claim(&key, "c", "c", soon).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.claimed(&key).await.unwrap(), None);
+    assert!(!store.swap_claim(&key, "c", "e", until).await.unwrap());
 }

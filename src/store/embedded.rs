@@ -22,7 +22,7 @@ use super::{
 };
 use crate::identity::WorkloadId;
 use crate::lease::{
-    Cursor, Lease, LeaseId, LeaseState, Lock, LockOutcome, Revocation, SUPERSEDED, check_issuable,
+    Cursor, Lease, LeaseId, LeaseState, Lock, Revocation, SUPERSEDED, Swept, check_issuable,
 };
 use crate::mint::PublishedKey;
 use crate::task::{Task, TaskError, TaskId};
@@ -68,6 +68,37 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// Makes the database file readable by its owner only (0600) if it is new, and refuses one
+/// that others may read or write: it holds tasks, approval notes, leases and the key that seals
+/// page tokens.
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let failed = |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", path.display()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(failed(e)),
+    }
+    let mode = std::fs::metadata(path)
+        .map_err(failed)?
+        .permissions()
+        .mode();
+    if mode & 0o007 != 0 {
+        return Err(StoreError::Unavailable(format!(
+            "{}: others may read or write it (mode {:o}): chmod 600 it; it holds the tasks, \
+             leases and the key that seals page tokens",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    Ok(())
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the store file at `path`; its directory must exist.
     ///
@@ -75,6 +106,7 @@ impl EmbeddedStore {
     /// [`StoreError::Unavailable`] when the file cannot be opened (another process holds it, it
     /// is not a redb file, permissions).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        private_file(path)?;
         let db = Database::create(path)
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
@@ -231,12 +263,30 @@ fn revoke_active_leases(
     reason: &str,
     at: SystemTime,
 ) -> Result<Vec<Lease>, StoreError> {
+    Ok(revoke_some_active_leases(txn, leases, task, reason, at, usize::MAX)?.0)
+}
+
+/// Revokes up to `limit` active leases of `task`; returns them and how many active ones are
+/// left.
+fn revoke_some_active_leases(
+    txn: &redb::WriteTransaction,
+    leases: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
+    task: &str,
+    reason: &str,
+    at: SystemTime,
+    limit: usize,
+) -> Result<(Vec<Lease>, usize), StoreError> {
     let mut active: Vec<Lease> = Vec::new();
+    let mut left = 0;
     for entry in leases.range((task, "")..=(task, "~")).map_err(backend)? {
         let (_, v) = entry.map_err(backend)?;
         let lease = decode_lease(v.value())?;
         if lease.state == LeaseState::Active {
-            active.push(lease);
+            if active.len() < limit {
+                active.push(lease);
+            } else {
+                left += 1;
+            }
         }
     }
     let mut expiry = txn.open_table(EXPIRY).map_err(backend)?;
@@ -252,7 +302,7 @@ fn revoke_active_leases(
         .map(|l| Revocation::of(l, reason, at))
         .collect();
     log_in(txn, &logged)?;
-    Ok(active)
+    Ok((active, left))
 }
 
 /// The task id and the lease `id`, read inside write transaction `txn`.
@@ -457,6 +507,15 @@ impl Store for EmbeddedStore {
             let txn = db.begin_write().map_err(backend)?;
             has_epoch(&txn)?;
             {
+                let known = txn
+                    .open_table(LEASE_TASKS)
+                    .map_err(backend)?
+                    .get(lease.id.as_str())
+                    .map_err(backend)?
+                    .is_some();
+                if known {
+                    return Err(IssueError::Exists);
+                }
                 let mut tasks = txn.open_table(TASKS).map_err(backend)?;
                 let mut task = match tasks.get(task_id.as_str()).map_err(backend)? {
                     Some(v) => decode(v.value())?,
@@ -717,46 +776,61 @@ impl Store for EmbeddedStore {
         done
     }
 
-    async fn lock_agent(
-        &self,
-        lock: &Lock,
-        retention: Duration,
-    ) -> Result<LockOutcome, StoreError> {
+    async fn lock_agent(&self, lock: &Lock) -> Result<Lock, StoreError> {
         let lock = lock.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let in_force = {
+                let agent = lock.agent.as_str();
+                let mut locks = txn.open_table(LOCKS).map_err(backend)?;
+                let current: Option<Lock> = locks
+                    .get(agent)
+                    .map_err(backend)?
+                    .map(|v| serde_json::from_slice(v.value()))
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
+                // Locks only grow: one in force that ends later (or never) stays.
+                match current {
+                    Some(c) if c.outlasts(&lock, lock.at) => c,
+                    _ => {
+                        let json = serde_json::to_vec(&lock)
+                            .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
+                        locks.insert(agent, json.as_slice()).map_err(backend)?;
+                        lock.clone()
+                    }
+                }
+            };
+            txn.commit().map_err(backend)?;
+            Ok(in_force)
+        })
+        .await
+        .map_err(store_only)
+    }
+
+    async fn sweep_lock(
+        &self,
+        agent: &WorkloadId,
+        reason: &str,
+        at: SystemTime,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<Swept, StoreError> {
+        // One node: the sweep walks the agent's tasks as executor (its history too), ending
+        // up to `limit` tasks and leases per transaction.
+        let (agent, reason) = (agent.as_str().to_owned(), reason.to_owned());
         let done = self
             .blocking(move |db| {
                 let txn = db.begin_write().map_err(backend)?;
-                let mut outcome = LockOutcome::default();
+                let mut swept = Swept::default();
                 {
-                    let agent = lock.agent.as_str();
-                    let mut locks = txn.open_table(LOCKS).map_err(backend)?;
-                    let current: Option<Lock> = locks
-                        .get(agent)
-                        .map_err(backend)?
-                        .map(|v| serde_json::from_slice(v.value()))
-                        .transpose()
-                        .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
-                    // Locks only grow: one in force that ends later (or never) stays.
-                    let in_force = match current {
-                        Some(c) if c.outlasts(&lock, lock.at) => c,
-                        _ => {
-                            let json = serde_json::to_vec(&lock)
-                                .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
-                            locks.insert(agent, json.as_slice()).map_err(backend)?;
-                            lock.clone()
-                        }
-                    };
-                    drop(locks);
-                    outcome.in_force = Some(in_force);
                     let task_ids: Vec<String> = txn
                         .open_table(BY_EXECUTOR)
                         .map_err(backend)?
-                        .range((agent, "")..=(agent, "~"))
+                        .range((agent.as_str(), "")..=(agent.as_str(), "~"))
                         .map_err(backend)?
                         .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
                         .collect::<Result<_, _>>()
                         .map_err(backend)?;
-                    let reason = format!("agent locked: {}", lock.reason);
                     let mut tasks = txn.open_table(TASKS).map_err(backend)?;
                     let mut leases = txn.open_table(LEASES).map_err(backend)?;
                     let mut ended = txn.open_table(ENDED).map_err(backend)?;
@@ -769,30 +843,30 @@ impl Store for EmbeddedStore {
                         else {
                             continue;
                         };
-                        if task.revoke(&reason, lock.at) {
+                        if !task.state.is_terminal() && swept.tasks.len() >= limit {
+                            swept.remaining += 1;
+                        } else if task.revoke(&reason, at) {
                             tasks
                                 .insert(id.as_str(), encode(&task)?.as_slice())
                                 .map_err(backend)?;
                             ended
-                                .insert((unix_ms(lock.at + retention), id.as_str()), ())
+                                .insert((unix_ms(at + retention), id.as_str()), ())
                                 .map_err(backend)?;
-                            outcome.tasks.push(task.id);
+                            swept.tasks.push(task.id);
                         }
-                        outcome.leases.extend(revoke_active_leases(
-                            &txn,
-                            &mut leases,
-                            &id,
-                            &reason,
-                            lock.at,
-                        )?);
+                        let budget = limit.saturating_sub(swept.leases.len());
+                        let (revoked, left) =
+                            revoke_some_active_leases(&txn, &mut leases, &id, &reason, at, budget)?;
+                        swept.leases.extend(revoked);
+                        swept.remaining += left;
                     }
                 }
                 txn.commit().map_err(backend)?;
-                Ok(outcome)
+                Ok(swept)
             })
             .await
             .map_err(store_only);
-        if done.is_ok() {
+        if done.as_ref().is_ok_and(|s| !s.leases.is_empty()) {
             self.logged();
         }
         done
@@ -1272,6 +1346,38 @@ impl Store for EmbeddedStore {
         .map_err(store_only)
     }
 
+    async fn swap_claim(
+        &self,
+        key: &str,
+        expected: &str,
+        value: &str,
+        until: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let (key, expected, value) = (key.to_owned(), expected.to_owned(), value.to_owned());
+        let now = unix_ms(SystemTime::now());
+        let until = unix_ms_ceil(until);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let holds = {
+                let mut claims = txn.open_table(CLAIMS).map_err(backend)?;
+                let holds = claims
+                    .get(key.as_str())
+                    .map_err(backend)?
+                    .is_some_and(|v| v.value().0 > now && v.value().1 == expected);
+                if holds {
+                    claims
+                        .insert(key.as_str(), (until, value.as_str()))
+                        .map_err(backend)?;
+                }
+                holds
+            };
+            txn.commit().map_err(backend)?;
+            Ok(holds)
+        })
+        .await
+        .map_err(store_only)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         // A write transaction (committed empty): a file that can no longer be written (a full
         // or read-only disk) is not ready.
@@ -1294,5 +1400,24 @@ impl Store for EmbeddedStore {
         })
         .await
         .map_err(store_only)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::EmbeddedStore;
+
+    #[test]
+    fn the_database_file_is_its_owners_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("taskcred.db");
+        drop(EmbeddedStore::open(&path).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = EmbeddedStore::open(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
     }
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::{Epoch, IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError};
 use crate::identity::WorkloadId;
-use crate::lease::{Cursor, Lease, LeaseId, Lock, LockOutcome, Revocation};
+use crate::lease::{Cursor, Lease, LeaseId, Lock, Revocation, Swept};
 use crate::mint::PublishedKey;
 use crate::task::{Task, TaskId};
 
@@ -155,12 +155,22 @@ impl<S: Store> Store for Metered<S> {
         metered!("end_task", self.0.end_task(id, change, retention))
     }
 
-    async fn lock_agent(
+    async fn lock_agent(&self, lock: &Lock) -> Result<Lock, StoreError> {
+        metered!("lock_agent", self.0.lock_agent(lock))
+    }
+
+    async fn sweep_lock(
         &self,
-        lock: &Lock,
+        agent: &WorkloadId,
+        reason: &str,
+        at: SystemTime,
         retention: Duration,
-    ) -> Result<LockOutcome, StoreError> {
-        metered!("lock_agent", self.0.lock_agent(lock, retention))
+        limit: usize,
+    ) -> Result<Swept, StoreError> {
+        metered!(
+            "sweep_lock",
+            self.0.sweep_lock(agent, reason, at, retention, limit)
+        )
     }
 
     async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
@@ -256,6 +266,16 @@ impl<S: Store> Store for Metered<S> {
 
     async fn release_claim(&self, key: &str, value: &str) -> Result<(), StoreError> {
         metered!("release_claim", self.0.release_claim(key, value))
+    }
+
+    async fn swap_claim(
+        &self,
+        key: &str,
+        expected: &str,
+        value: &str,
+        until: SystemTime,
+    ) -> Result<bool, StoreError> {
+        metered!("swap_claim", self.0.swap_claim(key, expected, value, until))
     }
 
     async fn live_leases(&self) -> Result<u64, StoreError> {

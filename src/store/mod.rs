@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::identity::WorkloadId;
-use crate::lease::{Cursor, Lease, LeaseId, Lock, LockOutcome, Revocation};
+use crate::lease::{Cursor, Lease, LeaseId, Lock, Revocation, Swept};
 use crate::mint::PublishedKey;
 use crate::task::{Task, TaskError, TaskId, TaskState};
 
@@ -80,6 +80,10 @@ pub enum IssueError {
     /// looked. Nothing is recorded; the broker starts a new epoch first.
     #[error("the store was reset")]
     StoreReset,
+    /// A lease with this id is recorded already (an earlier attempt of the same request);
+    /// nothing is changed.
+    #[error("a lease with this id exists")]
+    Exists,
     /// The store failed; nothing was recorded.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -179,7 +183,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records `lease` if, in the same atomic step, its task exists, is approved, is before its
     /// deadline, is executed by `lease.agent`, and the agent is not locked. Marks the task as
-    /// started. Only after this returns may the credential be signed and handed out.
+    /// started. Only after this returns may the credential be signed and handed out. A lease
+    /// id is recorded once: [`IssueError::Exists`] for a known one (a retried request).
     ///
     /// # Errors
     /// [`IssueError`]; nothing is recorded.
@@ -247,14 +252,32 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         retention: Duration,
     ) -> Result<(Task, Vec<Lease>), UpdateError>;
 
-    /// Locks an agent and, in the same atomic step, revokes every active lease of it and moves
-    /// every open task it executes to `revoked`. A lock with `until` lifts by itself then.
-    /// Locking a locked agent replaces the lock (and sweeps again).
+    /// Locks an agent, in one short atomic step, and returns the lock in force: the one asked
+    /// for, or the earlier one where that ends later (locks only grow). It takes effect at
+    /// once: issuance and renewal check it in their own atomic step, introspection reads it.
+    /// The agent's open tasks and live leases are then ended by [`Store::sweep_lock`]. A lock
+    /// with `until` lifts by itself then.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`]; nothing is changed.
-    async fn lock_agent(&self, lock: &Lock, retention: Duration)
-    -> Result<LockOutcome, StoreError>;
+    /// [`StoreError::Unavailable`], [`StoreError::OutcomeUnknown`].
+    async fn lock_agent(&self, lock: &Lock) -> Result<Lock, StoreError>;
+
+    /// Ends, in one bounded atomic step, up to `limit` open tasks (moved to `revoked`, kept
+    /// for `retention`) and up to `limit` live leases (revoked, logged) of the locked `agent`,
+    /// with `reason`, at `at`. Only what is open or live is walked, never the agent's history;
+    /// each task or lease is ended once whatever the number of sweepers. Call again while
+    /// [`Swept::remaining`] is not zero.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::OutcomeUnknown`]; what was ended stays ended.
+    async fn sweep_lock(
+        &self,
+        agent: &WorkloadId,
+        reason: &str,
+        at: SystemTime,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<Swept, StoreError>;
 
     /// Lifts the lock of `agent`, returning it if there was one.
     ///
@@ -387,6 +410,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Removes the claim `key` if it still holds `value` (work that claimed, then failed).
     async fn release_claim(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
+    /// Replaces the unexpired claim `key` by `value` until `until` if it still holds
+    /// `expected`, in one atomic step; returns whether it did. A holder keeps its claim
+    /// (`expected == value`, a later `until`), or moves a mark forward that only it may move.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::OutcomeUnknown`].
+    async fn swap_claim(
+        &self,
+        key: &str,
+        expected: &str,
+        value: &str,
+        until: SystemTime,
+    ) -> Result<bool, StoreError>;
 
     /// How many leases are unrevoked: live ones, and expired ones the reaper has not yet
     /// reached (the `taskcred_leases_active` gauge). Cheap: the size of the expiry index.

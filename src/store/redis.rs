@@ -33,8 +33,7 @@ use super::{
 };
 use crate::identity::WorkloadId;
 use crate::lease::{
-    CredentialKind, Cursor, Lease, LeaseId, LeaseState, Lock, LockOutcome, Revocation,
-    check_issuable,
+    CredentialKind, Cursor, Lease, LeaseId, LeaseState, Lock, Revocation, Swept, check_issuable,
 };
 use crate::mint::PublishedKey;
 use crate::task::{Task, TaskError, TaskId};
@@ -103,6 +102,17 @@ fn claim_key(key: &str) -> String {
     format!("tc:claim:{key}")
 }
 
+/// The agent's live leases (`task/lease`): issued, not yet revoked or expired. What a lock's
+/// sweep walks, instead of the agent's whole history.
+fn live_key(agent: &str) -> String {
+    format!("tc:live:{agent}")
+}
+
+/// The agent's open tasks (pending or approved) as executor: what a lock's sweep ends.
+fn open_key(agent: &str) -> String {
+    format!("tc:open:{agent}")
+}
+
 fn executor_key(who: &str) -> String {
     format!("tc:idx:executor:{who}")
 }
@@ -111,7 +121,6 @@ fn requester_key(who: &str) -> String {
     format!("tc:idx:requester:{who}")
 }
 
-/// Creates the task unless its key exists.
 /// Deletes a claim only if it still holds the value given.
 const RELEASE_CLAIM: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -120,9 +129,20 @@ end
 return 0
 ";
 
+/// Replaces a claim that still holds the expected value. KEYS: claim. ARGV: expected, value,
+/// until (ms). Returns 1 when it did.
+const SWAP_CLAIM: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
+  return 1
+end
+return 0
+";
+
 const CREATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'data', ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
 return 1";
 
 /// Replaces the task if its version is still ARGV[1]; sets an expiry time when ARGV[4] is given.
@@ -132,24 +152,30 @@ if not v then return -1 end
 if v ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3])
 if ARGV[4] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[4]) end
+if ARGV[5] == '1' then redis.call('SREM', KEYS[2], ARGV[6]) end
 return 1";
 
 /// Records a lease if the task is unchanged since it was checked and the agent is not locked,
 /// and files it by expiry for the reaper.
 /// A store without its epoch marker was reset (its data lost): nothing is recorded, and the broker
-/// starts a new epoch before anything is issued.
-/// KEYS: task, lock, lease, task's lease set, credential index, lease index, expiry index, epoch.
+/// starts a new epoch before anything is issued. A lease id recorded already (an earlier
+/// attempt of the same request) is refused: -5.
+/// KEYS: task, lock, lease, task's lease set, credential index, lease index, expiry index, epoch,
+/// the agent's live leases.
 /// ARGV: version read, new version ('' when the task is unchanged), new task data, lease JSON,
-/// lease id, credential id, expiry (ns since the epoch), task id, expiry (ms, rounded up).
+/// lease id, credential id, expiry (ns since the epoch), task id, expiry (ms, rounded up), agent.
 const ISSUE: &str = r"
 if redis.call('EXISTS', KEYS[8]) == 0 then return -4 end
+if redis.call('EXISTS', KEYS[6]) == 1 then return -5 end
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return -1 end
 if v ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3]) end
-redis.call('HSET', KEYS[3], 'data', ARGV[4], 'state', 'active', 'cred', ARGV[6], 'exp_ns', ARGV[7])
+redis.call('HSET', KEYS[3], 'data', ARGV[4], 'state', 'active', 'cred', ARGV[6], 'exp_ns', ARGV[7],
+  'agent', ARGV[10])
 redis.call('SADD', KEYS[4], ARGV[5])
+redis.call('SADD', KEYS[9], ARGV[8] .. '/' .. ARGV[5])
 redis.call('SET', KEYS[5], ARGV[5])
 redis.call('SET', KEYS[6], ARGV[8])
 redis.call('ZADD', KEYS[7], ARGV[9], ARGV[8] .. '/' .. ARGV[5])
@@ -171,6 +197,8 @@ if exp > tonumber(ARGV[2]) then
 end
 redis.call('HSET', KEYS[2], 'state', 'expired', 'reason', 'expired',
   'ended_ms', string.format('%.0f', math.floor(exp / 1000000)))
+local agent = lease_agent(KEYS[2])
+if agent then redis.call('SREM', 'tc:live:' .. agent, ARGV[1]) end
 return 1";
 
 /// Gives an active, unexpired lease a new credential if its task is unchanged since it was
@@ -192,69 +220,96 @@ redis.call('HSET', KEYS[3], 'cred', ARGV[2], 'exp_ns', ARGV[3])
 redis.call('SET', KEYS[4], ARGV[5])
 return 1";
 
-/// Locks an agent, moves its open tasks to revoked and revokes every active lease of its tasks,
-/// in one step. A lock in force that ends later (or never) stays as it is: locks only grow. Task state changes are laid over the task's JSON as hash fields (`state`,
-/// `ended_ms`, `end_reason`) and its version is bumped, so that concurrent compare-and-sets
-/// fail and re-read. KEYS: lock, the agent's task index, the set of locked agents, the expiry
-/// index.
-/// ARGV: lock JSON, now ms, reason, expire-at ms for ended tasks, lock expiry ms ('' none), agent.
-/// Returns `{lock in force, revoked task ids..., '|', 'task/lease' of revoked leases...}`.
+/// Locks an agent: one short step (the lock key is what issuance, renewal and introspection
+/// check, so it takes effect at once). A lock in force that ends later (or never) stays as it
+/// is: locks only grow. KEYS: lock, the set of locked agents. ARGV: lock JSON, now ms, lock
+/// expiry ms ('' none), agent. Returns the lock in force (JSON).
 const LOCK: &str = r"
 local cur = redis.call('GET', KEYS[1])
 local keep = false
 if cur then
   local pttl = redis.call('PTTL', KEYS[1])
   if pttl == -1 then keep = true
-  elseif pttl > 0 and ARGV[5] ~= '' and tonumber(ARGV[2]) + pttl >= tonumber(ARGV[5]) then
+  elseif pttl > 0 and ARGV[3] ~= '' and tonumber(ARGV[2]) + pttl >= tonumber(ARGV[3]) then
     keep = true
   end
 end
 if not keep then
   redis.call('SET', KEYS[1], ARGV[1])
-  if ARGV[5] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
+  if ARGV[3] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
   cur = ARGV[1]
 end
-redis.call('SADD', KEYS[3], ARGV[6])
-local tasks, leases = {cur}, {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+redis.call('SADD', KEYS[2], ARGV[4])
+return cur";
+
+/// One bounded step of a lock's sweep: takes up to `limit` of the agent's open tasks and up to
+/// `limit` of its live leases out of their sets (SPOP: each is taken by one sweeper) and ends
+/// those still open or active. Task state changes are laid over the task's JSON as hash fields
+/// (`state`, `ended_ms`, `end_reason`) and its version is bumped, so that concurrent
+/// compare-and-sets fail and re-read. KEYS: the agent's open tasks, its live leases, the expiry
+/// index. ARGV: ended ms, reason, expire-at ms for ended tasks, limit.
+/// Returns `{remaining, revoked task ids..., '|', 'task/lease' of revoked leases...}`.
+const SWEEP: &str = r"
+local tasks, leases = {}, {}
+for _, id in ipairs(redis.call('SPOP', KEYS[1], ARGV[4])) do
   local tk = 'tc:task:{' .. id .. '}'
   local data = redis.call('HGET', tk, 'data')
   if data then
     local st = redis.call('HGET', tk, 'state') or cjson.decode(data).state
     if st == 'pending_approval' or st == 'approved' then
-      redis.call('HSET', tk, 'state', 'revoked', 'ended_ms', ARGV[2], 'end_reason', ARGV[3])
+      redis.call('HSET', tk, 'state', 'revoked', 'ended_ms', ARGV[1], 'end_reason', ARGV[2])
       redis.call('HINCRBY', tk, 'v', 1)
-      redis.call('PEXPIREAT', tk, ARGV[4])
+      redis.call('PEXPIREAT', tk, ARGV[3])
       table.insert(tasks, id)
-    end
-    for _, lid in ipairs(redis.call('SMEMBERS', 'tc:leases:{' .. id .. '}')) do
-      local lk = 'tc:lease:{' .. id .. '}:' .. lid
-      if redis.call('HGET', lk, 'state') == 'active' then
-        redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[2], 'reason', ARGV[3])
-        redis.call('ZREM', KEYS[4], id .. '/' .. lid)
-        log_revocation(lk, ARGV[3], ARGV[2])
-        table.insert(leases, id .. '/' .. lid)
-      end
     end
   end
 end
-table.insert(tasks, '|')
-for _, l in ipairs(leases) do table.insert(tasks, l) end
-return tasks";
+for _, m in ipairs(redis.call('SPOP', KEYS[2], ARGV[4])) do
+  local slash = string.find(m, '/', 1, true)
+  if slash then
+    local id, lid = string.sub(m, 1, slash - 1), string.sub(m, slash + 1)
+    local lk = 'tc:lease:{' .. id .. '}:' .. lid
+    if redis.call('HGET', lk, 'state') == 'active' then
+      redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[1], 'reason', ARGV[2])
+      redis.call('ZREM', KEYS[3], m)
+      log_revocation(lk, ARGV[2], ARGV[1])
+      table.insert(leases, m)
+    end
+  end
+end
+local out = {tostring(redis.call('SCARD', KEYS[1]) + redis.call('SCARD', KEYS[2]))}
+for _, t in ipairs(tasks) do table.insert(out, t) end
+table.insert(out, '|')
+for _, l in ipairs(leases) do table.insert(out, l) end
+return out";
+
+/// The agent of a lease (its hash field; older leases only have it in their JSON).
+const LEASE_AGENT: &str = r"
+local function lease_agent(lk)
+  local a = redis.call('HGET', lk, 'agent')
+  if a then return a end
+  local d = redis.call('HGET', lk, 'data')
+  if d then return cjson.decode(d).agent end
+  return nil
+end
+";
 
 /// Revokes one active lease and takes it out of the expiry index (which so holds exactly the
-/// unrevoked leases). KEYS: lease, expiry index. ARGV: ended ms, reason, member (`task/lease`).
+/// unrevoked leases) and the agent's live leases. KEYS: lease, expiry index, the agent's live
+/// leases. ARGV: ended ms, reason, member (`task/lease`).
 const REVOKE_LEASE: &str = r"
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return -1 end
 if st ~= 'active' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'revoked', 'ended_ms', ARGV[1], 'reason', ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('SREM', KEYS[3], ARGV[3])
 log_revocation(KEYS[1], ARGV[2], ARGV[1])
 return 1";
 
 /// Ends a task and revokes every active lease in its set, atomically.
-/// KEYS: task, task's lease set, expiry index. ARGV: version read, new version, new task data,
+/// KEYS: task, task's lease set, expiry index, the executor's live leases, the executor's open
+/// tasks. ARGV: version read, new version, new task data,
 /// expire-at ms ('' for none), ended ms, reason, lease key prefix, credential key prefix, task id.
 /// Returns `{'missing'}`, `{'conflict'}`, or `{'ok', revoked lease ids...}`.
 const END_TASK: &str = r"
@@ -268,6 +323,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if redis.call('HGET', lk, 'state') == 'active' then
     redis.call('HSET', lk, 'state', 'revoked', 'ended_ms', ARGV[5], 'reason', ARGV[6])
     redis.call('ZREM', KEYS[3], ARGV[9] .. '/' .. id)
+    redis.call('SREM', KEYS[4], ARGV[9] .. '/' .. id)
     log_revocation(lk, ARGV[6], ARGV[5])
     table.insert(revoked, id)
   end
@@ -281,6 +337,7 @@ if ARGV[4] ~= '' then
   redis.call('PEXPIREAT', KEYS[1], ARGV[4])
   redis.call('PEXPIREAT', KEYS[2], ARGV[4])
 end
+redis.call('SREM', KEYS[5], ARGV[9])
 return revoked";
 
 /// The hash fields of a task as listed: `data`, and the overlay `state`, `ended_ms`,
@@ -414,7 +471,13 @@ fn unavailable(e: &redis::RedisError) -> StoreError {
 /// connection lost after the command was sent) may have been applied, or may still be: the
 /// outcome is unknown, and the caller is told so.
 fn write_failed(e: &redis::RedisError) -> StoreError {
-    if matches!(e.kind(), redis::ErrorKind::Server(_)) || e.is_connection_refusal() {
+    // Server errors the library knows (`Server`) and those it does not (`Extension`: OOM,
+    // MISCONF, READONLY...) are answers: the command was refused.
+    if matches!(
+        e.kind(),
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+    ) || e.is_connection_refusal()
+    {
         unavailable(e)
     } else {
         StoreError::OutcomeUnknown(format!("redis: {e}"))
@@ -433,8 +496,10 @@ pub struct RedisStore {
     renew: redis::Script,
     revoke_lease: redis::Script,
     lock: redis::Script,
+    sweep: redis::Script,
     expire: redis::Script,
     release: redis::Script,
+    swap: redis::Script,
     /// The connection that blocks in `XREAD` for [`Store::revocations`] waits: its own, so that
     /// a blocked read never delays other commands.
     watch: tokio::sync::Mutex<Option<MultiplexedConnection>>,
@@ -465,10 +530,12 @@ impl RedisStore {
             end_task: redis::Script::new(&format!("{LOG_REVOCATION}{END_TASK}")),
             renew: redis::Script::new(&format!("{LOG_REVOCATION}{RENEW}")),
             revoke_lease: redis::Script::new(&format!("{LOG_REVOCATION}{REVOKE_LEASE}")),
-            lock: redis::Script::new(&format!("{LOG_REVOCATION}{LOCK}")),
+            lock: redis::Script::new(LOCK),
+            sweep: redis::Script::new(&format!("{LOG_REVOCATION}{SWEEP}")),
             watch: tokio::sync::Mutex::new(None),
-            expire: redis::Script::new(EXPIRE),
+            expire: redis::Script::new(&format!("{LEASE_AGENT}{EXPIRE}")),
             release: redis::Script::new(RELEASE_CLAIM),
+            swap: redis::Script::new(SWAP_CLAIM),
         })
     }
 
@@ -639,7 +706,9 @@ impl Store for RedisStore {
         let created: i64 = self
             .create
             .key(task_key(&id))
+            .key(open_key(task.executor.as_str()))
             .arg(data)
+            .arg(&id)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| write_failed(&e))?;
@@ -680,10 +749,13 @@ impl Store for RedisStore {
             let applied: i64 = self
                 .cas
                 .key(task_key(&key))
+                .key(open_key(next.executor.as_str()))
                 .arg(&version)
                 .arg(next_version)
                 .arg(encode(&next)?)
                 .arg(expire_at)
+                .arg(if next.state.is_terminal() { "1" } else { "" })
+                .arg(&key)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;
@@ -790,6 +862,7 @@ impl Store for RedisStore {
                 .key(lease_index_key(lease.id.as_str()))
                 .key(EXPIRY)
                 .key(EPOCH)
+                .key(live_key(lease.agent.as_str()))
                 .arg(&version)
                 .arg(next_version)
                 .arg(data)
@@ -799,6 +872,7 @@ impl Store for RedisStore {
                 .arg(unix_ns(lease.expires_at))
                 .arg(&task_id)
                 .arg(unix_ms_ceil(lease.expires_at))
+                .arg(lease.agent.as_str())
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;
@@ -806,6 +880,7 @@ impl Store for RedisStore {
                 1 => return Ok(()),
                 -1 => return Err(IssueError::NotFound),
                 -4 => return Err(IssueError::StoreReset),
+                -5 => return Err(IssueError::Exists),
                 -2 => {
                     let lock: Option<String> = conn
                         .get(lock_key(&lease.agent))
@@ -906,6 +981,7 @@ impl Store for RedisStore {
             .revoke_lease
             .key(format!("{}{}", lease_prefix(&task_id), id))
             .key(EXPIRY)
+            .key(live_key(lease.agent.as_str()))
             .arg(unix_ms(now))
             .arg(reason)
             .arg(format!("{task_id}/{id}"))
@@ -985,6 +1061,8 @@ impl Store for RedisStore {
                 .key(task_key(&key))
                 .key(leases_key(&key))
                 .key(EXPIRY)
+                .key(live_key(current.executor.as_str()))
+                .key(open_key(current.executor.as_str()))
                 .arg(&version)
                 .arg(next_version)
                 .arg(encode(&next)?)
@@ -1009,24 +1087,16 @@ impl Store for RedisStore {
         Err(StoreError::Contention(*id).into())
     }
 
-    async fn lock_agent(
-        &self,
-        lock: &Lock,
-        retention: Duration,
-    ) -> Result<LockOutcome, StoreError> {
+    async fn lock_agent(&self, lock: &Lock) -> Result<Lock, StoreError> {
         let mut conn = self.conn().await?;
         let json = serde_json::to_vec(lock)
             .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
-        let outcome: Vec<String> = self
+        let in_force: String = self
             .lock
             .key(lock_key(&lock.agent))
-            .key(executor_key(lock.agent.as_str()))
             .key(LOCKS)
-            .key(EXPIRY)
             .arg(json)
             .arg(unix_ms(lock.at))
-            .arg(format!("agent locked: {}", lock.reason))
-            .arg(unix_ms(lock.at + retention))
             .arg(
                 lock.until
                     .map(|u| unix_ms(u).to_string())
@@ -1036,28 +1106,51 @@ impl Store for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| write_failed(&e))?;
-        // {lock in force, tasks..., '|', 'task/lease'...}
-        let Some((in_force, outcome)) = outcome.split_first() else {
-            return Err(StoreError::Corrupt("lock script: empty answer".into()));
+        serde_json::from_str(&in_force)
+            .map_err(|e| StoreError::Corrupt(format!("lock of {}: {e}", lock.agent)))
+    }
+
+    async fn sweep_lock(
+        &self,
+        agent: &WorkloadId,
+        reason: &str,
+        at: SystemTime,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<Swept, StoreError> {
+        let mut conn = self.conn().await?;
+        let outcome: Vec<String> = self
+            .sweep
+            .key(open_key(agent.as_str()))
+            .key(live_key(agent.as_str()))
+            .key(EXPIRY)
+            .arg(unix_ms(at))
+            .arg(reason)
+            .arg(unix_ms(at + retention))
+            .arg(limit.max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| write_failed(&e))?;
+        // {remaining, tasks..., '|', 'task/lease'...}
+        let Some((remaining, outcome)) = outcome.split_first() else {
+            return Err(StoreError::Corrupt("lock sweep: empty answer".into()));
         };
-        let mut result = LockOutcome {
-            in_force: Some(
-                serde_json::from_str(in_force)
-                    .map_err(|e| StoreError::Corrupt(format!("lock of {}: {e}", lock.agent)))?,
-            ),
-            ..LockOutcome::default()
-        };
+        let remaining = remaining
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("lock sweep: {remaining:?} left")))?;
         let (tasks, leases) = match outcome.iter().position(|i| i == "|") {
             Some(bar) => (&outcome[..bar], &outcome[bar + 1..]),
             None => (outcome, &[][..]),
         };
-        result.tasks = tasks.iter().filter_map(|t| TaskId::parse(t).ok()).collect();
         let pairs: Vec<(&str, &str)> = leases
             .iter()
             .filter_map(|item| item.split_once('/'))
             .collect();
-        result.leases = self.read_leases(&mut conn, &pairs).await?;
-        Ok(result)
+        Ok(Swept {
+            tasks: tasks.iter().filter_map(|t| TaskId::parse(t).ok()).collect(),
+            leases: self.read_leases(&mut conn, &pairs).await?,
+            remaining,
+        })
     }
 
     async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
@@ -1366,6 +1459,25 @@ impl Store for RedisStore {
             .await
             .map(|_| ())
             .map_err(|e| unavailable(&e))
+    }
+
+    async fn swap_claim(
+        &self,
+        key: &str,
+        expected: &str,
+        value: &str,
+        until: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        self.swap
+            .key(claim_key(key))
+            .arg(expected)
+            .arg(value)
+            .arg(unix_ms_ceil(until).max(1))
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|n| n == 1)
+            .map_err(|e| write_failed(&e))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -127,6 +127,18 @@ pub enum Outcome {
     Cancelled,
 }
 
+impl Outcome {
+    /// The state and end reason of a task completed with this outcome by `by`.
+    pub fn ends_as(self, by: &WorkloadId) -> (TaskState, String) {
+        let (state, reason) = match self {
+            Self::Succeeded => (TaskState::Completed, "completed: succeeded"),
+            Self::Failed => (TaskState::Failed, "completed: failed"),
+            Self::Cancelled => (TaskState::Cancelled, "completed: cancelled"),
+        };
+        (state, format!("{reason} (by {by})"))
+    }
+}
+
 /// One recorded decision on a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
@@ -350,12 +362,8 @@ impl Task {
                 self.state
             )));
         }
-        let (state, reason) = match outcome {
-            Outcome::Succeeded => (TaskState::Completed, "completed: succeeded"),
-            Outcome::Failed => (TaskState::Failed, "completed: failed"),
-            Outcome::Cancelled => (TaskState::Cancelled, "completed: cancelled"),
-        };
-        self.end(state, &format!("{reason} (by {by})"), now);
+        let (state, reason) = outcome.ends_as(by);
+        self.end(state, &reason, now);
         Ok(())
     }
 

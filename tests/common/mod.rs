@@ -128,11 +128,7 @@ impl Broker {
 
     /// The PEM files of dev identity `name`.
     pub fn dev_identity(&self, name: &str) -> Pem {
-        let (c, k) = devpki::identity_files(self.dir.path(), name);
-        Pem {
-            cert: std::fs::read_to_string(c).unwrap(),
-            key: std::fs::read_to_string(k).unwrap(),
-        }
+        dev_identity_in(self.dir.path(), name)
     }
 
     /// The dev root CA, to sign test certificates with.
@@ -145,20 +141,13 @@ impl Broker {
 
     /// A tonic channel to the broker, presenting `identity` if given.
     pub async fn channel(&self, identity: Option<&Pem>) -> Channel {
-        let ca = std::fs::read(self.path("ca.pem")).unwrap();
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name("localhost");
-        if let Some(id) = identity {
-            tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
-        }
-        Endpoint::from_shared(format!("https://{}", self.grpc))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        self.channel_to(self.grpc, identity).await
+    }
+
+    /// A tonic channel to `grpc`, another broker over the same dev PKI (a `serve` process
+    /// replica), presenting `identity` if given.
+    pub async fn channel_to(&self, grpc: SocketAddr, identity: Option<&Pem>) -> Channel {
+        channel_at(grpc, self.dir.path(), identity).await
     }
 
     pub async fn channel_as(&self, name: &str) -> Channel {
@@ -169,6 +158,34 @@ impl Broker {
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.http, path).await
     }
+}
+
+/// The PEM files of dev identity `name` in the dev PKI at `dev`.
+pub fn dev_identity_in(dev: &Path, name: &str) -> Pem {
+    let (c, k) = devpki::identity_files(dev, name);
+    Pem {
+        cert: std::fs::read_to_string(c).unwrap(),
+        key: std::fs::read_to_string(k).unwrap(),
+    }
+}
+
+/// A tonic channel to the broker at `grpc` serving the dev PKI at `dev`, presenting `identity`
+/// if given.
+pub async fn channel_at(grpc: SocketAddr, dev: &Path, identity: Option<&Pem>) -> Channel {
+    let ca = std::fs::read(dev.join("ca.pem")).unwrap();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
+    }
+    Endpoint::from_shared(format!("https://{grpc}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// A minimal HTTP/1.1 GET, enough for /healthz, /readyz and /metrics.
@@ -292,9 +309,15 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Runs `taskcred ARGS` and waits for its banner; panics with its stderr if it exits first.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_program(BIN, args, env)
+    }
+
+    /// Runs `program ARGS` (a wrapper that ends in `exec taskcred ...`) and waits for the
+    /// broker's banner.
+    pub fn start_program(program: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead as _;
         use std::process::{Command, Stdio};
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
             .env_remove("RUST_LOG")
@@ -338,6 +361,12 @@ impl ServeProcess {
             http: http.unwrap(),
             stderr: err_rx,
         }
+    }
+
+    /// Kills it at once (SIGKILL): whatever it was doing stops half-way.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits (at most 20 s) for the exit status.
@@ -454,6 +483,29 @@ impl RedisServer {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the server: `STOP` hangs it (connections stay
+    /// open, nothing answers), `CONT` lets it go on with what was queued.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
+    /// A command run on the server (as an operator would with redis-cli).
+    pub fn command(&self, args: &[&str]) -> redis::Value {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn).unwrap()
     }
 
     /// Stops the server (its data stays in its directory).
