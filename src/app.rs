@@ -377,12 +377,15 @@ impl App {
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
                 .into_future(),
         );
-        let mut reaper = tokio::spawn(self.broker.clone().run_reaper(shutdown.clone()));
-        let feed = tokio::spawn(self.broker.clone().run_revocation_feed(shutdown.clone()));
-        let mut auditor =
-            tokio::spawn(self.broker.clone().run_revocation_auditor(shutdown.clone()));
+        // The background tasks, under one owner: each ends on `shutdown`; they stop after the
+        // servers have drained, and are aborted when the grace period is over.
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(self.broker.reaper().run(shutdown.clone()));
+        background.spawn(self.broker.clone().run_revocation_feed(shutdown.clone()));
+        // The auditor finishes its step at shutdown: lines written are committed.
+        background.spawn(self.broker.clone().run_revocation_auditor(shutdown.clone()));
         // Its own task: a store that hangs must not hold up the loop below (or shutdown).
-        let gauges = tokio::spawn(self.broker.clone().run_store_gauges(shutdown.clone()));
+        background.spawn(self.broker.clone().run_store_gauges(shutdown.clone()));
         // The stream writer stops after the RPCs have drained, so that their events reach it.
         let stream_stop = CancellationToken::new();
         let stream = self
@@ -435,10 +438,7 @@ impl App {
             shutdown.cancel();
             grpc.abort();
             http.abort();
-            reaper.abort();
-            feed.abort();
-            auditor.abort();
-            gauges.abort();
+            background.abort_all();
             stream_stop.cancel();
             let message = result.err().unwrap_or_else(|| "stopped".into());
             return Err(AppError::Server { what, message });
@@ -448,17 +448,14 @@ impl App {
         let drained = tokio::time::timeout(server.shutdown_grace, async {
             let _ = (&mut grpc).await;
             let _ = (&mut http).await;
-            let _ = (&mut reaper).await;
-            // The auditor finishes its step: lines written are committed.
-            let _ = (&mut auditor).await;
+            while background.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
             tracing::warn!("shutdown grace period over; closing remaining connections");
             grpc.abort();
             http.abort();
-            reaper.abort();
-            auditor.abort();
+            background.abort_all();
         }
         stream_stop.cancel();
         if let Some(stream) = stream {

@@ -51,6 +51,24 @@ pub const ISSUING_CA_CERT: &str = "issuing-ca.pem";
 /// Its key.
 pub const ISSUING_CA_KEY: &str = "issuing-ca-key.pem";
 
+/// The development policies of `serve --dev` (`config/policies/`), built in so that `dev init`
+/// can write them into the dev directory.
+pub const DEV_POLICIES: &[(&str, &str)] = &[
+    (
+        "tasks.cedar",
+        include_str!("../config/policies/tasks.cedar"),
+    ),
+    (
+        "admin.cedar",
+        include_str!("../config/policies/admin.cedar"),
+    ),
+    (
+        "credentials.cedar",
+        include_str!("../config/policies/credentials.cedar"),
+    ),
+    ("ci.cedar", include_str!("../config/policies/ci.cedar")),
+];
+
 /// Why the dev PKI could not be made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -107,56 +125,42 @@ pub fn init(dir: &Path) -> Result<InitReport, DevPkiError> {
     let mut report = InitReport::default();
 
     let (ca_cert, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
-    if !pair_exists(&ca_cert, &ca_key)? {
-        let key = generate_key("the dev CA key")?;
-        let cert = ca_params()
-            .self_signed(&key)
-            .map_err(gen_err("the dev CA certificate"))?;
-        write_pair(
-            &ca_cert,
-            &cert.pem(),
-            &ca_key,
-            &key.serialize_pem(),
-            &mut report,
-        )?;
-    } else {
-        report.kept.extend([ca_cert.clone(), ca_key.clone()]);
-    }
+    keep_or_make_pair(
+        ca_cert.clone(),
+        ca_key.clone(),
+        "the dev CA key",
+        |key| {
+            ca_params()
+                .self_signed(key)
+                .map_err(gen_err("the dev CA certificate"))
+        },
+        &mut report,
+    )?;
     let issuer = load_issuer(&ca_cert, &ca_key)?;
 
-    let (server_cert, server_key) = (dir.join(SERVER_CERT), dir.join(SERVER_KEY));
-    if !pair_exists(&server_cert, &server_key)? {
-        let key = generate_key("the server key")?;
-        let cert = server_params()?
-            .signed_by(&key, &issuer)
-            .map_err(gen_err("the server certificate"))?;
-        write_pair(
-            &server_cert,
-            &cert.pem(),
-            &server_key,
-            &key.serialize_pem(),
-            &mut report,
-        )?;
-    } else {
-        report.kept.extend([server_cert, server_key]);
-    }
+    keep_or_make_pair(
+        dir.join(SERVER_CERT),
+        dir.join(SERVER_KEY),
+        "the server key",
+        |key| {
+            server_params()?
+                .signed_by(key, &issuer)
+                .map_err(gen_err("the server certificate"))
+        },
+        &mut report,
+    )?;
 
-    let (issuing_cert, issuing_key) = (dir.join(ISSUING_CA_CERT), dir.join(ISSUING_CA_KEY));
-    if pair_exists(&issuing_cert, &issuing_key)? {
-        report.kept.extend([issuing_cert, issuing_key]);
-    } else {
-        let key = generate_key("the issuing CA key")?;
-        let cert = issuing_ca_params()?
-            .signed_by(&key, &issuer)
-            .map_err(gen_err("the issuing CA certificate"))?;
-        write_pair(
-            &issuing_cert,
-            &cert.pem(),
-            &issuing_key,
-            &key.serialize_pem(),
-            &mut report,
-        )?;
-    }
+    keep_or_make_pair(
+        dir.join(ISSUING_CA_CERT),
+        dir.join(ISSUING_CA_KEY),
+        "the issuing CA key",
+        |key| {
+            issuing_ca_params()?
+                .signed_by(key, &issuer)
+                .map_err(gen_err("the issuing CA certificate"))
+        },
+        &mut report,
+    )?;
 
     let jwt_key = dir.join(JWT_KEY);
     if jwt_key.exists() {
@@ -175,7 +179,7 @@ pub fn init(dir: &Path) -> Result<InitReport, DevPkiError> {
             .mode(0o700)
             .create(&policies)
             .map_err(io(&policies))?;
-        for (name, text) in crate::policy::DEV_POLICIES {
+        for (name, text) in DEV_POLICIES {
             let path = policies.join(name);
             write_new(&path, text, 0o644)?;
             report.created.push(path);
@@ -184,19 +188,15 @@ pub fn init(dir: &Path) -> Result<InitReport, DevPkiError> {
 
     for (name, spiffe_id) in IDENTITIES {
         let (cert_path, key_path) = identity_files(dir, name);
-        if pair_exists(&cert_path, &key_path)? {
-            report.kept.extend([cert_path, key_path]);
-            continue;
-        }
-        let key = generate_key(&format!("the key of {name}"))?;
-        let cert = client_params(name, spiffe_id)?
-            .signed_by(&key, &issuer)
-            .map_err(gen_err(&format!("the certificate of {name}")))?;
-        write_pair(
-            &cert_path,
-            &cert.pem(),
-            &key_path,
-            &key.serialize_pem(),
+        keep_or_make_pair(
+            cert_path,
+            key_path,
+            &format!("the key of {name}"),
+            |key| {
+                client_params(name, spiffe_id)?
+                    .signed_by(key, &issuer)
+                    .map_err(gen_err(&format!("the certificate of {name}")))
+            },
             &mut report,
         )?;
     }
@@ -267,18 +267,24 @@ fn load_issuer(cert: &Path, key: &Path) -> Result<Issuer<'static, KeyPair>, DevP
     Issuer::from_ca_cert_pem(&read(cert)?, key).map_err(gen_err("loading the dev CA certificate"))
 }
 
-fn write_pair(
-    cert_path: &Path,
-    cert_pem: &str,
-    key_path: &Path,
-    key_pem: &str,
+/// Keeps the certificate/key pair at `cert_path` and `key_path` when both exist; else makes a
+/// P-256 key (`key_what` names it in errors), its certificate by `sign`, and writes both.
+fn keep_or_make_pair(
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    key_what: &str,
+    sign: impl FnOnce(&KeyPair) -> Result<rcgen::Certificate, DevPkiError>,
     report: &mut InitReport,
 ) -> Result<(), DevPkiError> {
-    write_new(key_path, key_pem, 0o600)?;
-    write_new(cert_path, cert_pem, 0o644)?;
-    report
-        .created
-        .extend([cert_path.to_owned(), key_path.to_owned()]);
+    if pair_exists(&cert_path, &key_path)? {
+        report.kept.extend([cert_path, key_path]);
+        return Ok(());
+    }
+    let key = generate_key(key_what)?;
+    let cert = sign(&key)?;
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    report.created.extend([cert_path, key_path]);
     Ok(())
 }
 
@@ -387,6 +393,7 @@ mod tests {
 
     use super::*;
     use crate::identity::{PeerIdentity, TrustDomains};
+    use crate::mint::{JwtAlgorithm, JwtKey};
 
     #[test]
     fn init_writes_everything_with_private_keys_0600_and_keeps_it() {
@@ -440,5 +447,39 @@ mod tests {
             init(tmp.path()),
             Err(DevPkiError::HalfPair { .. })
         ));
+    }
+
+    /// The key `init` writes is what the broker loads: ES256, and only as ES256.
+    #[test]
+    fn loads_the_dev_key() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        let key = JwtKey::load(&dir.path().join("jwt-key.pem"), JwtAlgorithm::ES256).unwrap();
+        assert_eq!(key.kid().len(), 43);
+        assert!(JwtKey::load(&dir.path().join("jwt-key.pem"), JwtAlgorithm::EdDSA).is_err());
+        assert!(JwtKey::load(&dir.path().join("ca.pem"), JwtAlgorithm::ES256).is_err());
+    }
+
+    #[test]
+    fn built_in_dev_policies_are_exactly_the_shipped_files() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies");
+        let mut shipped: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cedar"))
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read_to_string(&p).unwrap(),
+                )
+            })
+            .collect();
+        shipped.sort();
+        let mut built_in: Vec<(String, String)> = DEV_POLICIES
+            .iter()
+            .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+            .collect();
+        built_in.sort();
+        assert_eq!(built_in, shipped);
     }
 }

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::WorkloadId;
-use crate::task::{Task, TaskError, TaskId, TaskState};
+use crate::task::{Forbidden, Task, TaskError, TaskId, TaskState, Unmet};
 
 /// A lease id (UUIDv7, lowercase hyphenated).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -229,20 +229,13 @@ pub struct Swept {
 /// the task is not approved or its deadline has passed.
 pub fn check_issuable(task: &Task, agent: &WorkloadId, now: SystemTime) -> Result<(), TaskError> {
     if &task.executor != agent {
-        return Err(TaskError::Forbidden(
-            "only the task's executor may get credentials for it".into(),
-        ));
+        return Err(TaskError::Forbidden(Forbidden::NotExecutor));
     }
     if task.state != TaskState::Approved {
-        return Err(TaskError::Precondition(format!(
-            "task is {}, not approved",
-            task.state
-        )));
+        return Err(TaskError::Precondition(Unmet::NotApproved(task.state)));
     }
     if now >= task.deadline {
-        return Err(TaskError::Precondition(
-            "the task's deadline has passed".into(),
-        ));
+        return Err(TaskError::Precondition(Unmet::DeadlinePassed));
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ServerConfig;
+use rustls::server::danger::ClientCertVerifier;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
@@ -68,7 +69,8 @@ pub fn server_config(
     identity: &IdentityConfig,
     issuing_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let (chain, key) = own_identity(tls)?;
+    // Read first: a broken tls.cert or tls.key is reported before any bundle.
+    let own = own_identity(tls)?;
     let mut bundles = Vec::with_capacity(identity.trust_domains.len());
     // Each CA certificate, and the domain whose bundle holds it.
     let mut owner: std::collections::HashMap<Vec<u8>, &str> = std::collections::HashMap::new();
@@ -116,14 +118,7 @@ pub fn server_config(
             verifier = verifier.refusing_issuer(ca.subject().as_raw().to_vec());
         }
     }
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions(tls.min_version))
-        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsSetupError::Rustls(format!("tls.cert / tls.key: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    build(tls, provider, Some(Arc::new(verifier)), own, b"h2")
 }
 
 /// The HTTP port's rustls configuration (`server.http_tls`): the broker's certificate, no client
@@ -132,14 +127,30 @@ pub fn server_config(
 /// # Errors
 /// [`TlsSetupError`] naming the file that cannot be read, or what rustls refused.
 pub fn http_server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let (chain, key) = own_identity(tls)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    build(tls, provider(), None, own_identity(tls)?, b"http/1.1")
+}
+
+/// What both ports' configurations share: `provider`, the versions from `tls.min_version`, the
+/// broker's own chain and key, and one ALPN protocol. `client_auth` verifies client
+/// certificates; `None`: no client authentication.
+fn build(
+    tls: &TlsConfig,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    client_auth: Option<Arc<dyn ClientCertVerifier>>,
+    (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    alpn: &[u8],
+) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions(tls.min_version))
-        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+    let builder = match client_auth {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsSetupError::Rustls(format!("tls.cert / tls.key: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -398,14 +409,9 @@ pub fn incoming(
             };
             let (tcp, remote) = tokio::select! {
                 () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                accepted = accept_or_back_off(&listener, "accept failed") => match accepted {
+                    Some(a) => a,
+                    None => continue,
                 },
             };
             let Some(pending) =
@@ -433,6 +439,23 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Accepts one TCP connection, for the accept loops of both ports. A failed accept (EMFILE and
+/// friends) is logged with `failed` and answered `None` after a short pause: the caller loops,
+/// without spinning.
+pub(crate) async fn accept_or_back_off(
+    listener: &TcpListener,
+    failed: &'static str,
+) -> Option<(TcpStream, SocketAddr)> {
+    match listener.accept().await {
+        Ok(accepted) => Some(accepted),
+        Err(e) => {
+            tracing::warn!(error = %e, "{failed}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
 }
 
 /// The slot a connection holds, the pool of anonymous ones, and the budgets per key.

@@ -5,13 +5,13 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::auth::caller;
+use super::convert::{agent, duration, task_id, ts};
 use super::error::status;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
-use super::tasks::{duration, task_id, ts};
 use crate::broker::{Broker, LeaseCursor, LeaseQuery, RequestId};
 use crate::identity::WorkloadId;
-use crate::lease::{Lease, LeaseState, Lock};
+use crate::lease::LeaseState;
 
 /// Ids a `LockAgentResponse` lists at most (the counts are complete; the audit log names all).
 const LISTED: usize = 1000;
@@ -50,38 +50,6 @@ pub(super) fn fitting(sizes: impl Iterator<Item = usize>, budget: usize) -> usiz
         n += 1;
     }
     n
-}
-
-fn agent(s: &str) -> Result<WorkloadId, Status> {
-    WorkloadId::parse(s).map_err(|e| Status::invalid_argument(format!("agent: {e}")))
-}
-
-fn lock_to_pb(l: Lock) -> pb::Lock {
-    pb::Lock {
-        agent: l.agent.to_string(),
-        reason: l.reason,
-        operator: l.operator.to_string(),
-        locked_at: ts(l.at),
-        until: l.until.and_then(ts),
-    }
-}
-
-fn lease_to_pb(l: Lease) -> pb::Lease {
-    pb::Lease {
-        lease_id: l.id.to_string(),
-        task_id: l.task.to_string(),
-        agent: l.agent.to_string(),
-        kind: l.kind.as_str().into(),
-        credential_id: l.credential,
-        audience: l.audience.unwrap_or_default(),
-        actions: l.actions,
-        state: l.state.as_str().into(),
-        issued_at: ts(l.issued_at),
-        expires_at: ts(l.expires_at),
-        renew_until: ts(l.renew_until),
-        ended_at: l.ended_at.and_then(ts),
-        reason: l.reason.unwrap_or_default(),
-    }
 }
 
 #[tonic::async_trait]
@@ -150,7 +118,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::LockAgentResponse {
-            lock: Some(lock_to_pb(lock)),
+            lock: Some(pb::Lock::from(lock)),
             // Bounded: an agent may hold more leases than one message can name.
             revoked_tasks: outcome
                 .tasks
@@ -182,7 +150,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::UnlockAgentResponse {
-            lock: lifted.map(lock_to_pb),
+            lock: lifted.map(pb::Lock::from),
         }))
     }
 
@@ -217,7 +185,7 @@ impl AdminService for AdminApi {
         let mut leases: Vec<(pb::Lease, LeaseCursor)> = page
             .leases
             .into_iter()
-            .map(|(l, at)| (lease_to_pb(l), at))
+            .map(|(l, at)| (pb::Lease::from(l), at))
             .collect();
         // Cut the page where it outgrows the message limit; the next page starts there.
         let budget = self.max_message_bytes.saturating_sub(ENVELOPE);
@@ -261,7 +229,7 @@ impl AdminService for AdminApi {
             .into_iter()
             .map(|l| {
                 let agent = l.agent.clone();
-                (lock_to_pb(l), agent)
+                (pb::Lock::from(l), agent)
             })
             .collect();
         let budget = self.max_message_bytes.saturating_sub(ENVELOPE);

@@ -4,11 +4,11 @@
 use tonic::{Request, Response, Status};
 
 use super::auth::Caller;
-use super::credentials::granted;
+use super::convert::granted;
+use super::convert::{duration, outcome_from_pb, ts};
 use super::error::status;
 use super::pb;
 use super::pb::ci_service_server::CiService;
-use super::tasks::{duration, outcome_from_pb, task_to_pb, ts};
 use crate::broker::{Broker, CiCredential, CiExchangeRequest};
 
 /// The CI service.
@@ -91,7 +91,7 @@ impl CiService for CiApi {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::CompleteTaskResponse {
-            task: Some(task_to_pb(task)),
+            task: Some(pb::Task::from(task)),
             revoked_leases: u32::try_from(revoked).unwrap_or(u32::MAX),
         }))
     }

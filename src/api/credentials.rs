@@ -1,16 +1,13 @@
 //! `taskcred.v1.CredentialService`: thin handlers over [`Broker`].
 
-use std::time::Duration;
-
 use tonic::{Request, Response, Status};
 
 use super::auth::caller;
+use super::convert::{lease_id, request_id, task_id, ttl};
 use super::error::status;
 use super::pb;
 use super::pb::credential_service_server::CredentialService;
-use super::tasks::task_id;
-use crate::broker::{Broker, Credential, Introspection, RequestId, TokenRequest};
-use crate::lease::LeaseId;
+use crate::broker::{Broker, Introspection, TokenRequest};
 
 /// The credential service.
 #[derive(Debug, Clone)]
@@ -25,25 +22,6 @@ impl CredentialApi {
     }
 }
 
-fn ttl(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
-    super::tasks::duration("ttl", d)
-}
-
-fn lease_id(s: &str) -> Result<LeaseId, Status> {
-    LeaseId::parse(s)
-        .map_err(|_| Status::invalid_argument("lease_id: not a lease id (a lowercase UUIDv7)"))
-}
-
-/// The lifetime granted: the lease's expiry less its issue time.
-/// The lifetime a lease's credential was granted.
-pub(super) fn granted(lease: &crate::lease::Lease) -> Option<prost_types::Duration> {
-    let d = lease
-        .expires_at
-        .duration_since(lease.issued_at)
-        .unwrap_or_default();
-    prost_types::Duration::try_from(d).ok()
-}
-
 #[tonic::async_trait]
 impl CredentialService for CredentialApi {
     async fn issue_token(
@@ -51,30 +29,13 @@ impl CredentialService for CredentialApi {
         request: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
         let peer = caller(&request)?.clone();
-        let r = request.into_inner();
-        let task = task_id(&r.task_id)?;
-        let ttl = ttl(r.ttl)?;
+        let asked = TokenRequest::try_from(request.into_inner())?;
         let issued = self
             .broker
-            .issue_token(
-                &peer,
-                TokenRequest {
-                    task,
-                    audience: r.audience,
-                    actions: r.actions,
-                    ttl,
-                    request_id: RequestId::parse(&r.request_id).map_err(status)?,
-                },
-            )
+            .issue_token(&peer, asked)
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::IssueTokenResponse {
-            token: issued.token,
-            lease_id: issued.lease.id.to_string(),
-            jti: issued.lease.credential.clone(),
-            expires_at: Some(issued.lease.expires_at.into()),
-            ttl: granted(&issued.lease),
-        }))
+        Ok(Response::new(issued.into()))
     }
 
     async fn issue_certificate(
@@ -92,18 +53,11 @@ impl CredentialService for CredentialApi {
                 &task,
                 &r.csr,
                 ttl,
-                RequestId::parse(&r.request_id).map_err(status)?.as_ref(),
+                request_id(&r.request_id)?.as_ref(),
             )
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::IssueCertificateResponse {
-            certificate_pem: issued.certificate_pem,
-            chain_pem: issued.chain_pem,
-            lease_id: issued.lease.id.to_string(),
-            serial: issued.lease.credential.clone(),
-            expires_at: Some(issued.lease.expires_at.into()),
-            ttl: granted(&issued.lease),
-        }))
+        Ok(Response::new(issued.into()))
     }
 
     async fn renew_lease(
@@ -119,23 +73,7 @@ impl CredentialService for CredentialApi {
             .renew_lease(&peer, &id, ttl(r.ttl)?, csr)
             .await
             .map_err(status)?;
-        let (token, certificate_pem, chain_pem) = match renewed.credential {
-            Credential::Token(t) => (t, String::new(), String::new()),
-            Credential::Certificate {
-                certificate_pem,
-                chain_pem,
-            } => (String::new(), certificate_pem, chain_pem),
-        };
-        Ok(Response::new(pb::RenewLeaseResponse {
-            lease_id: renewed.lease.id.to_string(),
-            credential_id: renewed.lease.credential.clone(),
-            expires_at: Some(renewed.lease.expires_at.into()),
-            ttl: prost_types::Duration::try_from(renewed.ttl).ok(),
-            renewal_left: prost_types::Duration::try_from(renewed.renewal_left).ok(),
-            token,
-            certificate_pem,
-            chain_pem,
-        }))
+        Ok(Response::new(renewed.into()))
     }
 
     async fn revoke_lease(

@@ -5,6 +5,7 @@
 mod admin;
 pub mod auth;
 mod ci;
+mod convert;
 mod credentials;
 mod error;
 mod identity;
@@ -25,11 +26,13 @@ use tonic::transport::Server;
 
 pub use admin::AdminApi;
 pub use ci::CiApi;
+pub use convert::{state_from_pb, state_to_pb};
 pub use credentials::CredentialApi;
+pub use error::{ERROR_DOMAIN, reason_of};
 pub use identity::IdentityApi;
 pub use metrics::RpcMetricsLayer;
 pub use revocations::RevocationApi;
-pub use tasks::{TaskApi, state_from_pb, state_to_pb, task_to_pb};
+pub use tasks::TaskApi;
 
 use crate::broker::Broker;
 use crate::clock::Clock;

@@ -8,10 +8,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::caller;
+use super::convert::ts;
 use super::error::status;
 use super::pb;
 use super::pb::revocation_service_server::RevocationService;
-use super::tasks::ts;
 use crate::broker::{Broker, WatchEvent};
 use crate::lease::{Cursor, Revocation};
 use crate::store::Epoch;

@@ -22,8 +22,7 @@ use crate::api::pb::ci_service_client::CiServiceClient;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
 use crate::api::pb::identity_service_client::IdentityServiceClient;
 use crate::api::pb::task_service_client::TaskServiceClient;
-use crate::config::JwtAlgorithm;
-use crate::mint::JwtKey;
+use crate::mint::{JwtAlgorithm, JwtKey};
 use load::{Shape, Stats, drive};
 use setup::{BrokerProcess, RedisProcess};
 

@@ -16,16 +16,69 @@ use super::{AGENT, approved_task, token_request};
 use crate::api::pb;
 use crate::api::pb::admin_service_client::AdminServiceClient;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
+use crate::identity::WorkloadId;
+use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState};
 use crate::store::Store as _;
 use crate::store::redis::RedisStore;
+use crate::task::{RawTaskRequest, Task, TaskId, TaskLimits, TaskRequest};
 
 /// Leases expiring per second in the reaper run.
 const EXPIRING_PER_SEC: usize = 1_000;
 
+/// An approved task of `executor` (no quorum), as the bulk runs write them straight into the
+/// store.
+fn bulk_task(executor: &str) -> Result<Task, String> {
+    let limits = TaskLimits {
+        deadline_max: Duration::from_secs(86_400),
+        deadline_default: Duration::from_secs(3600),
+        credential_ttl_default: Duration::from_secs(300),
+        credential_ttl_max: Duration::from_secs(3600),
+    };
+    let raw = RawTaskRequest {
+        executor: executor.into(),
+        purpose: "bench".into(),
+        grants: vec![("db".into(), vec!["read".into()])],
+        ..RawTaskRequest::default()
+    };
+    let request = TaskRequest::parse(raw, &limits).map_err(|e| e.to_string())?;
+    let requester =
+        WorkloadId::parse("spiffe://taskcred.dev/human/requester").map_err(|e| e.to_string())?;
+    let now = SystemTime::now();
+    Ok(Task::new(
+        TaskId::generate(),
+        request,
+        requester,
+        0,
+        Vec::new(),
+        now,
+    ))
+}
+
+/// A JWT lease of `task` for its executor, expiring at `expires_at`.
+fn bulk_lease(task: &Task, expires_at: SystemTime) -> Result<Lease, String> {
+    let now = SystemTime::now();
+    Ok(Lease {
+        id: LeaseId::generate(),
+        task: task.id,
+        agent: task.executor.clone(),
+        kind: CredentialKind::Jwt,
+        credential: crate::mint::random_id().map_err(|e| e.to_string())?,
+        audience: Some("db".into()),
+        actions: vec!["read".into()],
+        cnf: "bench".into(),
+        issued_at: now,
+        expires_at,
+        renew_until: now + Duration::from_secs(3600),
+        state: LeaseState::Active,
+        ended_at: None,
+        reason: None,
+    })
+}
+
 /// Writes leases `range` (lease `i` in task `i / 1000`), expiring at `expiry(i)`, 64 at a time.
 async fn write_leases(
     store: &Arc<RedisStore>,
-    tasks: &Arc<Vec<crate::task::Task>>,
+    tasks: &Arc<Vec<Task>>,
     range: std::ops::Range<usize>,
     expiry: impl Fn(usize) -> SystemTime + Send + Sync + 'static,
 ) -> Result<(), String> {
@@ -47,10 +100,7 @@ async fn write_leases(
                         return Ok::<(), String>(());
                     }
                     let task = tasks.get(i / 1000).ok_or("no task")?;
-                    let mut lease =
-                        crate::store::conformance::sample_lease(task, task.executor.as_str());
-                    lease.renew_until = SystemTime::now() + Duration::from_secs(3600);
-                    lease.expires_at = expiry(i);
+                    let lease = bulk_lease(task, expiry(i))?;
                     store
                         .issue_lease(&lease, SystemTime::now())
                         .await
@@ -100,11 +150,7 @@ pub async fn run(
     let mut tasks = Vec::new();
     for _ in 0..leases.div_ceil(per_task) {
         // Other agents' leases: the store's load, not the force-revoked agent's.
-        let task = crate::store::conformance::sample_task(
-            &format!("spiffe://taskcred.dev/agent/bulk-{}", tasks.len()),
-            "spiffe://taskcred.dev/human/requester",
-            0,
-        );
+        let task = bulk_task(&format!("spiffe://taskcred.dev/agent/bulk-{}", tasks.len()))?;
         store.create_task(&task).await.map_err(|e| e.to_string())?;
         tasks.push(task);
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
-use crate::cli::ClientArgs;
+use crate::client::{ClientArgs, connect};
 
 /// A port free now on loopback.
 fn free_port() -> Result<u16, String> {
@@ -303,7 +303,5 @@ pub async fn channel(
         dev_dir: dev_dir.to_owned(),
         json: false,
     };
-    crate::cli::connect(&args)
-        .await
-        .map_err(|e| format!("{e:?}"))
+    connect(&args).await.map_err(|e| format!("{e:?}"))
 }

@@ -2,16 +2,18 @@
 //! nothing new is issued to it) by an operator or, after a failed task, by policy; lifting the
 //! lock, listing locks, revoking one task, and explaining a refusal by the lock that caused it.
 
+use crate::broker::Denial;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::revoker::Cause;
 use super::{Broker, BrokerError, RequestId};
 use crate::audit::AuditEvent;
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, Lock, LockOutcome};
 use crate::policy::{PolicyAction, Resource};
 use crate::store::TaskChange;
-use crate::task::{Task, TaskError, TaskId};
+use crate::task::{Task, TaskError, TaskId, Unmet};
 
 /// Counter of locks policy asked for after a failed task that could not be written.
 pub const LOCK_ON_FAILURE_ERRORS: &str = "taskcred_lock_on_failure_errors_total";
@@ -28,9 +30,6 @@ pub struct LockPage {
     /// The last agent of this page, when more follow.
     pub next: Option<WorkloadId>,
 }
-
-/// Tasks and leases a lock's sweep ends per store step.
-pub const SWEEP_CHUNK: usize = 500;
 
 /// Longest lock with an end; a longer one is a lock without end.
 pub const MAX_LOCK_DURATION: Duration = Duration::from_secs(366 * 86400);
@@ -210,6 +209,7 @@ impl Broker {
             }
         };
         if let Err(e) = self
+            .revoker
             .sweep_lock(agent, &format!("agent locked: {reason}"), now, &mut outcome)
             .await
         {
@@ -226,7 +226,6 @@ impl Broker {
             kept_longer_lock = kept,
             "agent locked"
         );
-        super::metrics::revoked("lock", outcome.leases.len());
         let credentials: Vec<&str> = outcome
             .leases
             .iter()
@@ -248,54 +247,6 @@ impl Broker {
             &credentials,
         );
         Ok(outcome)
-    }
-
-    /// Ends the open tasks and live leases of locked `agent`, [`SWEEP_CHUNK`] at a time (Redis
-    /// serves other callers between the steps), adding them to `outcome`.
-    async fn sweep_lock(
-        &self,
-        agent: &WorkloadId,
-        reason: &str,
-        at: std::time::SystemTime,
-        outcome: &mut LockOutcome,
-    ) -> Result<(), BrokerError> {
-        loop {
-            let swept = self
-                .store
-                .sweep_lock(agent, reason, at, self.settings.task_retention, SWEEP_CHUNK)
-                .await?;
-            outcome.tasks.extend(swept.tasks);
-            outcome.leases.extend(swept.leases);
-            if swept.remaining == 0 {
-                return Ok(());
-            }
-        }
-    }
-
-    /// The reaper's catch-up: ends what a lock covers but a replica could not (it died inside
-    /// the lock, or the store failed during its sweep). Returns how many leases it revoked.
-    ///
-    /// # Errors
-    /// [`BrokerError::Unavailable`].
-    pub async fn sweep_locks(&self) -> Result<usize, BrokerError> {
-        let mut revoked = 0;
-        for lock in self.store.list_locks(self.clock.now()).await? {
-            let mut outcome = LockOutcome::default();
-            let reason = format!("agent locked: {}", lock.reason);
-            self.sweep_lock(&lock.agent, &reason, lock.at, &mut outcome)
-                .await?;
-            if !outcome.tasks.is_empty() || !outcome.leases.is_empty() {
-                tracing::warn!(
-                    agent = %lock.agent,
-                    tasks = outcome.tasks.len(),
-                    leases = outcome.leases.len(),
-                    "ended what a lock covered and its replica could not"
-                );
-                super::metrics::revoked("lock", outcome.leases.len());
-            }
-            revoked += outcome.leases.len();
-        }
-        Ok(revoked)
     }
 
     /// Lifts the lock of `agent` if policy permits `caller`; returns it if there was one.
@@ -344,28 +295,21 @@ impl Broker {
             if t.revoke(&why, now) {
                 Ok(())
             } else {
-                Err(TaskError::Precondition(format!(
-                    "task is already {}",
-                    t.state
-                )))
+                Err(TaskError::Precondition(Unmet::Ended(t.state)))
             }
         });
         let (task, leases) = self
-            .store
-            .end_task(id, change, self.settings.task_retention)
+            .revoker
+            .end_task(id, change, Cause::Revoke, |task| {
+                AuditEvent::new(now, "RevokeTask", caller.as_str(), true)
+                    .task(task.id)
+                    .policies(&verdict.policies)
+                    .reason(reason)
+            })
             .await
             .map_err(BrokerError::from)
             .inspect_err(|e| self.audit_refusal(PolicyAction::RevokeTask, caller, *id, e))?;
         tracing::warn!(task = %id, operator = %caller, leases = leases.len(), "task revoked");
-        super::metrics::revoked("revoke", leases.len());
-        let credentials: Vec<&str> = leases.iter().map(|l| l.credential.as_str()).collect();
-        self.audit.record(
-            &AuditEvent::new(now, "RevokeTask", caller.as_str(), true)
-                .task(task.id)
-                .policies(&verdict.policies)
-                .reason(reason)
-                .detail("revoked_credentials", credentials),
-        );
         Ok((task, leases))
     }
 
@@ -408,7 +352,7 @@ impl Broker {
             return e;
         }
         match self.store.agent_lock(agent, self.clock.now()).await {
-            Ok(Some(lock)) => BrokerError::Denied(format!("agent is locked: {}", lock.reason)),
+            Ok(Some(lock)) => BrokerError::Denied(Denial::Locked(lock.reason)),
             _ => e,
         }
     }

@@ -4,6 +4,7 @@
 //! them all, rotates its own key on an operator's request, and drops a revoked (compromised) key
 //! everywhere: at once on the replica asked, at the next refresh on the others.
 
+use crate::broker::Precondition;
 use std::time::{Duration, SystemTime};
 
 use super::{Broker, BrokerError};
@@ -107,11 +108,7 @@ impl Broker {
             e
         };
         if self.keys.current().kid() == kid {
-            return Err(refuse(BrokerError::Precondition(
-                "this replica signs with that key: rotate it first (`taskcred key rotate`), then \
-                 revoke it"
-                    .into(),
-            )));
+            return Err(refuse(BrokerError::Precondition(Precondition::KeyInUse)));
         }
         let Some(published) = self
             .store

@@ -23,7 +23,7 @@ pub const LEASES_ACTIVE: &str = "taskcred_leases_active";
 /// Agents locked now (force-revoked), the whole deployment's.
 pub const AGENTS_LOCKED: &str = "taskcred_agents_locked";
 /// Credentials revoked before their expiry, by `cause` (`task_end`, `lock`, `revoke`,
-/// `renewal`, `audit_failure`).
+/// `deadline`, `renewal`, `audit_failure`); counted by the revoker.
 pub const REVOCATIONS: &str = "taskcred_revocations_total";
 /// CI exchanges, by `issuer` (configured name, or `unknown`) and `outcome`.
 pub const CI_EXCHANGES: &str = "taskcred_ci_exchanges_total";
@@ -43,19 +43,26 @@ pub fn outcome<T>(result: &Result<T, BrokerError>) -> &'static str {
             BrokerError::AuditFailed(_) => "audit_failed",
             BrokerError::OutcomeUnknown(_) => "outcome_unknown",
             BrokerError::Exhausted(_) => "exhausted",
-            BrokerError::OutOfRange(_) => "out_of_range",
+            BrokerError::OutOfRange { .. } => "out_of_range",
             BrokerError::RateLimited(_) => "rate_limited",
             BrokerError::Internal(_) => "internal",
         },
     }
 }
 
-/// Counts one issuance of `kind` that started at `start`.
-pub(super) fn issuance<T>(kind: &'static str, result: &Result<T, BrokerError>, start: Instant) {
-    let outcome = outcome(result);
+/// Runs one issuance of `kind` and counts it, whatever its outcome (each refusal too), with
+/// its latency: the one wrapper of every issuance path.
+pub(super) async fn metered<T>(
+    kind: &'static str,
+    issuance: impl Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    let start = Instant::now();
+    let result = issuance.await;
+    let outcome = outcome(&result);
     metrics::counter!(ISSUANCE, "kind" => kind, "outcome" => outcome).increment(1);
     metrics::histogram!(ISSUANCE_DURATION, "kind" => kind, "outcome" => outcome)
         .record(start.elapsed().as_secs_f64());
+    result
 }
 
 /// How often [`Broker::run_store_gauges`] samples the store.
@@ -96,13 +103,6 @@ impl Broker {
                 .unwrap_or_default();
             metrics::gauge!(REAPER_LAG).set(lag.as_secs_f64());
         }
-    }
-}
-
-/// Counts `n` revocations of `cause`.
-pub(super) fn revoked(cause: &'static str, n: usize) {
-    if n > 0 {
-        metrics::counter!(REVOCATIONS, "cause" => cause).increment(n as u64);
     }
 }
 

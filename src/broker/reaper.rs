@@ -14,9 +14,12 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, BrokerError};
+use super::Broker;
+use super::revoker::{Cause, Revoker};
 use crate::audit::AuditEvent;
-use crate::store::{TaskChange, UpdateError, unix_ms};
+use crate::clock::Clock;
+use crate::lease::LockOutcome;
+use crate::store::{Store, StoreError, TaskChange, UpdateError, unix_ms};
 use crate::task::Task;
 
 /// Longest sleep between two rounds.
@@ -59,40 +62,52 @@ pub(super) struct ReaperSignal {
     planned_ms: AtomicU64,
 }
 
+/// The reaper: holds only what it needs (the store, the revocation owner, the clock and its
+/// wake-up signal), never the broker.
+#[derive(Debug, Clone)]
+pub struct Reaper {
+    store: Arc<dyn Store>,
+    revoker: Arc<Revoker>,
+    clock: Arc<dyn Clock>,
+    signal: Arc<ReaperSignal>,
+}
+
+impl ReaperSignal {
+    /// Wakes the reaper if a lease filed now expires before it would wake.
+    pub(super) fn wake_for(&self, expires_at: SystemTime) {
+        if unix_ms(expires_at) < self.planned_ms.load(Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
+    }
+}
+
 impl Broker {
     /// Wakes the reaper if a lease filed now expires before it would wake.
     pub(super) fn wake_reaper_for(&self, expires_at: SystemTime) {
-        if unix_ms(expires_at) < self.reaper.planned_ms.load(Ordering::Relaxed) {
-            self.reaper.wake.notify_one();
-        }
+        self.reaper.wake_for(expires_at);
     }
 
+    /// The reaper of this broker's store, woken by its issuances.
+    pub fn reaper(&self) -> Reaper {
+        Reaper {
+            store: Arc::clone(&self.store),
+            revoker: Arc::clone(&self.revoker),
+            clock: Arc::clone(&self.clock),
+            signal: Arc::clone(&self.reaper),
+        }
+    }
+}
+
+impl Reaper {
     /// One round: ends every lease and task due now, then says when the next is due.
     ///
     /// # Errors
-    /// [`BrokerError::Unavailable`]; what was ended stays ended.
-    pub async fn reap(&self) -> Result<Reaped, BrokerError> {
+    /// [`StoreError`]; what was ended stays ended.
+    pub async fn reap(&self) -> Result<Reaped, StoreError> {
         let now = self.clock.now();
         let mut reaped = Reaped::default();
         loop {
-            let ended = self.store.expire_leases(now, BATCH).await?;
-            for lease in &ended {
-                self.audit.record(
-                    &AuditEvent::new(now, "LeaseExpired", "reaper", true)
-                        .task(lease.task)
-                        .detail("lease_id", lease.id.as_str())
-                        .detail("credential", lease.credential.as_str())
-                        .detail("agent", lease.agent.as_str()),
-                );
-            }
-            metrics::counter!(LEASES_EXPIRED).increment(ended.len() as u64);
-            for lease in &ended {
-                let late = now
-                    .duration_since(lease.expires_at)
-                    .unwrap_or_default()
-                    .as_secs_f64();
-                metrics::histogram!(super::metrics::REAPER_LATENESS).record(late);
-            }
+            let ended = self.revoker.expire_leases(now, BATCH).await?;
             reaped.leases += ended.len();
             if ended.len() < BATCH {
                 break;
@@ -106,22 +121,16 @@ impl Broker {
             let due = self.store.overdue_tasks(now, BATCH + failed).await?;
             let mut progressed = false;
             for id in due.iter().skip(failed) {
-                match self
-                    .store
-                    .end_task(id, expire.clone(), self.settings.task_retention)
-                    .await
-                {
-                    Ok((task, leases)) => {
-                        tracing::info!(task = %id, leases = leases.len(), "task expired at its deadline");
-                        let credentials: Vec<&str> =
-                            leases.iter().map(|l| l.credential.as_str()).collect();
-                        self.audit.record_listing(
-                            AuditEvent::new(now, "TaskExpired", "reaper", true)
-                                .task(task.id)
-                                .reason("deadline passed"),
-                            "revoked_credentials",
-                            &credentials,
-                        );
+                let ended = self
+                    .revoker
+                    .end_task(id, expire.clone(), Cause::Deadline, |task| {
+                        AuditEvent::new(now, "TaskExpired", "reaper", true)
+                            .task(task.id)
+                            .reason("deadline passed")
+                    })
+                    .await;
+                match ended {
+                    Ok(_) => {
                         metrics::counter!(TASKS_EXPIRED).increment(1);
                         reaped.tasks += 1;
                     }
@@ -145,9 +154,27 @@ impl Broker {
         Ok(reaped)
     }
 
+    /// The catch-up of locks: ends what a lock covers but a replica could not (it died inside
+    /// the lock, or the store failed during its sweep). Returns how many leases it revoked.
+    ///
+    /// # Errors
+    /// [`StoreError`]; what was ended stays ended.
+    pub async fn sweep_locks(&self) -> Result<usize, StoreError> {
+        let mut revoked = 0;
+        for lock in self.store.list_locks(self.clock.now()).await? {
+            let mut outcome = LockOutcome::default();
+            let reason = format!("agent locked: {}", lock.reason);
+            self.revoker
+                .sweep_lock(&lock.agent, &reason, lock.at, &mut outcome)
+                .await?;
+            revoked += outcome.leases.len();
+        }
+        Ok(revoked)
+    }
+
     /// Runs the reaper until `shutdown`.
-    pub async fn run_reaper(self, shutdown: CancellationToken) {
-        let signal = Arc::clone(&self.reaper);
+    pub async fn run(self, shutdown: CancellationToken) {
+        let signal = Arc::clone(&self.signal);
         let mut backoff = BACKOFF.0;
         let mut locks_swept = std::time::Instant::now();
         loop {

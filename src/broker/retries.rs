@@ -5,6 +5,7 @@
 //! refuses a lease id twice) or re-answers from it; a completion retried by its caller answers
 //! OK once the task ended as asked.
 
+use crate::broker::Precondition;
 use std::time::SystemTime;
 
 use super::{Broker, BrokerError};
@@ -146,10 +147,10 @@ impl Broker {
         }
         if lease.state != LeaseState::Active || now >= lease.expires_at {
             let why = lease.reason.as_deref().unwrap_or("expired");
-            return Err(BrokerError::Precondition(format!(
-                "this request_id issued lease {}, which has ended ({why}); use a new request_id",
-                lease.id
-            )));
+            return Err(BrokerError::Precondition(Precondition::RequestLeaseEnded {
+                lease: lease.id.clone(),
+                why: why.to_owned(),
+            }));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! watch first delivers the current revoked-and-unexpired set (or, resuming after a cursor,
 //! every entry since), then live entries, with heartbeats while the feed is known to be current.
 
+use super::Exhaustion;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -195,27 +196,20 @@ impl Broker {
         if let Some(after) = after {
             let head = self.store.revocation_head().await?;
             if after > head {
-                return Err(BrokerError::OutOfRange(format!(
-                    "after: cursor {after} is past the end of the revocation log ({head}); \
-                     resume from an earlier cursor, or start over without one"
-                )));
+                return Err(BrokerError::OutOfRange { after, head });
             }
         }
         let identity = self
             .revocations
             .per_identity
             .try_take(caller.as_str())
-            .ok_or_else(|| {
-                BrokerError::Exhausted(format!(
-                    "this identity has {MAX_WATCHES_PER_IDENTITY} revocation watches open"
-                ))
-            })?;
+            .ok_or(BrokerError::Exhausted(Exhaustion::WatchesOfIdentity))?;
         let permit = self
             .revocations
             .watches
             .clone()
             .try_acquire_owned()
-            .map_err(|_| BrokerError::Exhausted("too many revocation watches open".into()))?;
+            .map_err(|_| BrokerError::Exhausted(Exhaustion::Watches))?;
         tracing::debug!(%caller, ?after, ?audience, "revocation watch opened");
         Ok(RevocationWatch {
             store: self.store.clone(),

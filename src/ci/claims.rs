@@ -1,10 +1,11 @@
 //! What a CI ID token says about its job: the claim names of each provider (presets for GitHub
 //! Actions and GitLab CI, overridable per issuer) and the normalized [`CiJob`] policy sees.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::CiError;
+use crate::identity::CiJob;
 
 /// Longest claim value taken from an ID token, in bytes.
 pub const MAX_CLAIM_BYTES: usize = 1024;
@@ -145,54 +146,6 @@ impl ClaimNames {
     }
 }
 
-/// A CI job as its ID token proves it: the Cedar principal `CiJob` and the `ci` claim of the
-/// credentials it gets. Every value was bounded and checked for control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CiJob {
-    /// The configured name of the issuer (e.g. `github`).
-    pub issuer_name: String,
-    /// The token's `iss`.
-    pub issuer: String,
-    /// The token's `sub`.
-    pub subject: String,
-    /// e.g. `org/app` (GitLab: the project path).
-    pub repository: String,
-    /// The immutable repository (project) id.
-    pub repository_id: String,
-    /// e.g. `org` (GitLab: the namespace path).
-    pub repository_owner: String,
-    /// The immutable owner (namespace) id.
-    pub repository_owner_id: String,
-    /// e.g. `refs/heads/main` (GitLab: `main`).
-    #[serde(rename = "ref")]
-    pub git_ref: String,
-    /// `branch` or `tag`.
-    pub ref_type: String,
-    /// Whether the ref is protected (GitLab); `false` when the provider does not say.
-    pub ref_protected: bool,
-    /// The deployment environment, empty when none.
-    pub environment: String,
-    /// What started the run (`push`, `pull_request`, GitLab's pipeline source...).
-    pub event: String,
-    /// The workflow (GitLab: CI config) with its ref.
-    pub workflow_ref: String,
-    /// The workflow the job runs (a reusable workflow's ref, when one is used).
-    pub job_workflow_ref: String,
-    /// The run (GitLab: pipeline) id.
-    pub run_id: String,
-    /// The attempt of the run, from 1.
-    pub run_attempt: i64,
-    /// The job's signed id (GitHub's `check_run_id`, GitLab's `job_id`); empty when the token
-    /// carries none. Never a name the pipeline gave: that is not signed.
-    pub job: String,
-    /// Who triggered the run.
-    pub actor: String,
-    /// The commit.
-    pub sha: String,
-    /// `github-hosted`, `self-hosted`...
-    pub runner_environment: String,
-}
-
 /// Why a claim value is refused.
 fn bad_claim(name: &str, why: &str) -> CiError {
     CiError::Claims(format!("claim {name}: {why}"))
@@ -230,6 +183,8 @@ fn field(
     }
 }
 
+// `CiJob` lives in `identity`, below the modules that use it; reading one out of the claims of a
+// verified ID token is this module's job, so these methods are written here.
 impl CiJob {
     /// The job the verified `claims` describe, read with `names`: signed claims only.
     ///

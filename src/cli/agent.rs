@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::{ClientArgs, ClientError, connect, rfc3339_opt};
+use super::shared::{answer, duration_pb, emit, exit_code, open, rfc3339_opt};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::admin_service_client::AdminServiceClient;
 
@@ -41,10 +42,7 @@ pub enum AgentCommand {
 
 /// Runs an `agent` subcommand.
 pub async fn run(args: &ClientArgs, command: &AgentCommand) -> ExitCode {
-    match execute(args, command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(),
-    }
+    exit_code(execute(args, command).await)
 }
 
 fn lock_json(l: &pb::Lock) -> Value {
@@ -69,7 +67,7 @@ fn lock_line(l: &pb::Lock) -> String {
 }
 
 async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), ClientError> {
-    let mut client = AdminServiceClient::new(connect(args).await?);
+    let mut client = open(args, AdminServiceClient::new).await?;
     match command {
         AgentCommand::Lock {
             spiffe_id,
@@ -77,16 +75,13 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
             until,
             request_id,
         } => {
-            let r = client
-                .lock_agent(pb::LockAgentRequest {
-                    agent: spiffe_id.clone(),
-                    reason: reason.clone(),
-                    duration: until.and_then(|d| prost_types::Duration::try_from(d).ok()),
-                    request_id: request_id.clone(),
-                })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
+            let r = answer(client.lock_agent(pb::LockAgentRequest {
+                agent: spiffe_id.clone(),
+                reason: reason.clone(),
+                duration: duration_pb(*until),
+                request_id: request_id.clone(),
+            }))
+            .await?;
             let lock = r.lock.unwrap_or_default();
             if args.json {
                 println!(
@@ -127,37 +122,30 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
             }
         }
         AgentCommand::Unlock { spiffe_id } => {
-            let r = client
-                .unlock_agent(pb::UnlockAgentRequest {
-                    agent: spiffe_id.clone(),
-                })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"agent": spiffe_id, "was_locked": r.lock.is_some(), "lock": r.lock.as_ref().map(lock_json)})
-                );
-            } else if r.lock.is_some() {
-                println!("unlocked {spiffe_id}");
-            } else {
-                println!("{spiffe_id} was not locked");
-            }
+            let r = answer(client.unlock_agent(pb::UnlockAgentRequest {
+                agent: spiffe_id.clone(),
+            }))
+            .await?;
+            emit(
+                args,
+                &json!({"agent": spiffe_id, "was_locked": r.lock.is_some(), "lock": r.lock.as_ref().map(lock_json)}),
+                if r.lock.is_some() {
+                    format!("unlocked {spiffe_id}")
+                } else {
+                    format!("{spiffe_id} was not locked")
+                },
+            );
         }
         AgentCommand::Locks => {
             // Every page: the broker pages its answer within the message limit.
             let mut all = Vec::new();
             let mut page_token = String::new();
             loop {
-                let r = client
-                    .list_locks(pb::ListLocksRequest {
-                        page_size: 0,
-                        page_token,
-                    })
-                    .await
-                    .map_err(ClientError::Refused)?
-                    .into_inner();
+                let r = answer(client.list_locks(pb::ListLocksRequest {
+                    page_size: 0,
+                    page_token,
+                }))
+                .await?;
                 all.extend(r.locks);
                 if r.next_page_token.is_empty() {
                     break;

@@ -9,9 +9,13 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{ClientArgs, ClientError, connect, rfc3339};
+use super::shared::{
+    answer, cannot_write, duration_pb, emit, exit_code, introspect, open, rfc3339, write_chain,
+};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
+use crate::client::read;
 
 /// `taskcred cert ...`.
 #[derive(Debug, Subcommand)]
@@ -54,30 +58,21 @@ pub enum CertCommand {
 
 /// Runs a `cert` subcommand.
 pub async fn run(args: &ClientArgs, command: &CertCommand) -> ExitCode {
-    match execute(args, command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(),
-    }
-}
-
-fn read(what: &str, p: &Path) -> Result<Vec<u8>, ClientError> {
-    std::fs::read(p)
-        .map_err(|e| ClientError::Usage(format!("cannot read {what} {}: {e}", p.display())))
+    exit_code(execute(args, command).await)
 }
 
 /// Writes `contents` to `path` readable by its owner only, whatever mode it had.
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), ClientError> {
-    let err =
-        |e: std::io::Error| ClientError::Usage(format!("cannot write {}: {e}", path.display()));
+    let err = cannot_write(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(err)?;
+        .map_err(&err)?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(err)?;
+        .map_err(&err)?;
     f.write_all(contents).map_err(err)
 }
 
@@ -109,55 +104,44 @@ async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientE
                     return Err(ClientError::Usage("--out-key or --csr is required".into()));
                 }
             };
-            let r = CredentialServiceClient::new(connect(args).await?)
-                .issue_certificate(pb::IssueCertificateRequest {
-                    task_id: task.clone(),
-                    csr,
-                    ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
-                    request_id: request_id.clone(),
-                })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
+            let mut client = open(args, CredentialServiceClient::new).await?;
+            let r = answer(client.issue_certificate(pb::IssueCertificateRequest {
+                task_id: task.clone(),
+                csr,
+                ttl: duration_pb(*ttl),
+                request_id: request_id.clone(),
+            }))
+            .await?;
             if let (Some(path), Some(pem)) = (out_key, &key_pem) {
                 write_private(path, pem.as_bytes())?;
             }
-            let full_chain = format!("{}{}", r.certificate_pem, r.chain_pem);
-            std::fs::write(out_cert, full_chain).map_err(|e| {
-                ClientError::Usage(format!("cannot write {}: {e}", out_cert.display()))
-            })?;
+            write_chain(out_cert, &r.certificate_pem, &r.chain_pem)?;
             let expires = rfc3339(r.expires_at);
-            if args.json {
-                println!(
-                    "{}",
-                    json!({
-                        "cert": out_cert,
-                        "key": out_key,
-                        "lease_id": r.lease_id,
-                        "serial": r.serial,
-                        "expires_at": expires,
-                        "ttl_secs": r.ttl.map(|d| d.seconds),
-                    })
-                );
-            } else {
-                println!(
+            emit(
+                args,
+                &json!({
+                    "cert": out_cert,
+                    "key": out_key,
+                    "lease_id": r.lease_id,
+                    "serial": r.serial,
+                    "expires_at": expires,
+                    "ttl_secs": r.ttl.map(|d| d.seconds),
+                }),
+                format_args!(
                     "certificate {} (serial {}, lease {}) expires {expires}",
                     out_cert.display(),
                     r.serial,
                     r.lease_id
-                );
-            }
+                ),
+            );
         }
         CertCommand::Introspect { file } => {
-            let r = CredentialServiceClient::new(connect(args).await?)
-                .introspect(pb::IntrospectRequest {
-                    token: String::new(),
-                    certificate: read("certificate", file)?,
-                })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
-            let answer = if r.active {
+            let mut client = open(args, CredentialServiceClient::new).await?;
+            let request = pb::IntrospectRequest {
+                token: String::new(),
+                certificate: read("certificate", file)?,
+            };
+            introspect(&mut client, request, |r| {
                 json!({
                     "active": true,
                     "sub": r.sub,
@@ -166,10 +150,8 @@ async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientE
                     "serial": r.serial,
                     "task_id": r.task_id,
                 })
-            } else {
-                json!({"active": false})
-            };
-            println!("{answer}");
+            })
+            .await?;
         }
     }
     Ok(())

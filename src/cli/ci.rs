@@ -10,7 +10,8 @@ use std::time::Duration;
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::{ClientArgs, ClientError, connect, rfc3339};
+use super::shared::{answer, duration_pb, emit, exit_code, open, read_csr, rfc3339};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::ci_service_client::CiServiceClient;
 use crate::ci::MAX_ID_TOKEN_BYTES;
@@ -76,10 +77,7 @@ pub enum CiCommand {
 
 /// Runs a `ci` subcommand.
 pub async fn run(args: &ClientArgs, command: &CiCommand) -> ExitCode {
-    match execute(args, command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(),
-    }
+    exit_code(execute(args, command).await)
 }
 
 fn read_token(path: &PathBuf) -> Result<String, ClientError> {
@@ -118,24 +116,16 @@ async fn execute(args: &ClientArgs, command: &CiCommand) -> Result<(), ClientErr
             csr,
             format,
         } => {
-            let csr = match csr {
-                Some(p) => std::fs::read(p).map_err(|e| {
-                    ClientError::Usage(format!("cannot read CSR {}: {e}", p.display()))
-                })?,
-                None => Vec::new(),
-            };
+            let csr = read_csr(csr.as_ref())?;
             let request = pb::ExchangeCiTokenRequest {
                 id_token: read_token(id_token)?,
                 audience: audience.clone(),
                 actions: actions.clone(),
-                ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                ttl: duration_pb(*ttl),
                 csr,
             };
-            let r = CiServiceClient::new(connect(args).await?)
-                .exchange_ci_token(request)
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
+            let mut client = open(args, CiServiceClient::new).await?;
+            let r = answer(client.exchange_ci_token(request)).await?;
             let expires_at = rfc3339(r.expires_at);
             match (format, args.json) {
                 (Format::Json, _) | (_, true) => println!(
@@ -182,26 +172,21 @@ async fn execute(args: &ClientArgs, command: &CiCommand) -> Result<(), ClientErr
                 CiOutcome::Failed => pb::Outcome::Failed,
                 CiOutcome::Cancelled => pb::Outcome::Cancelled,
             };
-            let r = CiServiceClient::new(connect(args).await?)
-                .complete_ci_task(pb::CompleteCiTaskRequest {
-                    id_token: read_token(id_token)?,
-                    outcome: outcome.into(),
-                })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
+            let mut client = open(args, CiServiceClient::new).await?;
+            let r = answer(client.complete_ci_task(pb::CompleteCiTaskRequest {
+                id_token: read_token(id_token)?,
+                outcome: outcome.into(),
+            }))
+            .await?;
             let task = r.task.unwrap_or_default();
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"task_id": task.id, "revoked_leases": r.revoked_leases})
-                );
-            } else {
-                println!(
+            emit(
+                args,
+                &json!({"task_id": task.id, "revoked_leases": r.revoked_leases}),
+                format_args!(
                     "task {} ended; {} credential(s) revoked",
                     task.id, r.revoked_leases
-                );
-            }
+                ),
+            );
         }
     }
     Ok(())

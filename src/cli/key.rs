@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{ClientArgs, ClientError, connect, rfc3339};
+use super::shared::{answer, emit, exit_code, open, rfc3339};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::admin_service_client::AdminServiceClient;
 
@@ -25,42 +26,34 @@ pub enum KeyCommand {
 
 /// Runs a `key` subcommand.
 pub async fn run(args: &ClientArgs, command: &KeyCommand) -> ExitCode {
-    match execute(args, command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(),
-    }
+    exit_code(execute(args, command).await)
 }
 
 async fn execute(args: &ClientArgs, command: &KeyCommand) -> Result<(), ClientError> {
     match command {
         KeyCommand::Rotate => {
-            let r = AdminServiceClient::new(connect(args).await?)
-                .rotate_signing_key(pb::RotateSigningKeyRequest {})
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
+            let mut admin = open(args, AdminServiceClient::new).await?;
+            let r = answer(admin.rotate_signing_key(pb::RotateSigningKeyRequest {})).await?;
             let until = rfc3339(r.previous_published_until);
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"kid": r.kid, "previous_kid": r.previous_kid, "previous_published_until": until})
-                );
-            } else {
-                println!("signing with {}", r.kid);
-                println!("{} stays published until {until}", r.previous_kid);
-            }
+            emit(
+                args,
+                &json!({"kid": r.kid, "previous_kid": r.previous_kid, "previous_published_until": until}),
+                format_args!(
+                    "signing with {}\n{} stays published until {until}",
+                    r.kid, r.previous_kid
+                ),
+            );
         }
         KeyCommand::Revoke { kid } => {
-            let r = AdminServiceClient::new(connect(args).await?)
-                .revoke_signing_key(pb::RevokeSigningKeyRequest { kid: kid.clone() })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
-            if args.json {
-                println!("{}", json!({"revoked": kid, "kids": r.kids}));
-            } else {
-                println!("{kid} revoked; the JWK Set keeps {}", r.kids.join(", "));
-            }
+            let mut admin = open(args, AdminServiceClient::new).await?;
+            let r =
+                answer(admin.revoke_signing_key(pb::RevokeSigningKeyRequest { kid: kid.clone() }))
+                    .await?;
+            emit(
+                args,
+                &json!({"revoked": kid, "kids": r.kids}),
+                format_args!("{kid} revoked; the JWK Set keeps {}", r.kids.join(", ")),
+            );
         }
     }
     Ok(())

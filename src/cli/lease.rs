@@ -7,7 +7,10 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::{ClientArgs, ClientError, connect, rfc3339, rfc3339_opt};
+use super::shared::{
+    answer, duration_pb, emit, exit_code, open, read_csr, rfc3339, rfc3339_opt, write_chain,
+};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::admin_service_client::AdminServiceClient;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
@@ -55,10 +58,7 @@ pub enum LeaseCommand {
 
 /// Runs a `lease` subcommand.
 pub async fn run(args: &ClientArgs, command: &LeaseCommand) -> ExitCode {
-    match execute(args, command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(),
-    }
+    exit_code(execute(args, command).await)
 }
 
 async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), ClientError> {
@@ -69,25 +69,16 @@ async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), Client
             csr,
             out_cert,
         } => {
-            let csr = match csr {
-                Some(p) => std::fs::read(p).map_err(|e| {
-                    ClientError::Usage(format!("cannot read CSR {}: {e}", p.display()))
-                })?,
-                None => Vec::new(),
-            };
-            let r = CredentialServiceClient::new(connect(args).await?)
-                .renew_lease(pb::RenewLeaseRequest {
-                    lease_id: id.clone(),
-                    ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
-                    csr,
-                })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
+            let csr = read_csr(csr.as_ref())?;
+            let mut client = open(args, CredentialServiceClient::new).await?;
+            let r = answer(client.renew_lease(pb::RenewLeaseRequest {
+                lease_id: id.clone(),
+                ttl: duration_pb(*ttl),
+                csr,
+            }))
+            .await?;
             if let Some(out) = out_cert {
-                std::fs::write(out, format!("{}{}", r.certificate_pem, r.chain_pem)).map_err(
-                    |e| ClientError::Usage(format!("cannot write {}: {e}", out.display())),
-                )?;
+                write_chain(out, &r.certificate_pem, &r.chain_pem)?;
             }
             let expires = rfc3339(r.expires_at);
             let left = r.renewal_left.map_or(0, |d| d.seconds);
@@ -126,24 +117,19 @@ async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), Client
             .await?;
         }
         LeaseCommand::Revoke { id } => {
-            let r = CredentialServiceClient::new(connect(args).await?)
-                .revoke_lease(pb::RevokeLeaseRequest {
-                    lease_id: id.clone(),
-                })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"lease_id": r.lease_id, "revoked": r.credential_id})
-                );
-            } else {
-                println!(
+            let mut client = open(args, CredentialServiceClient::new).await?;
+            let r = answer(client.revoke_lease(pb::RevokeLeaseRequest {
+                lease_id: id.clone(),
+            }))
+            .await?;
+            emit(
+                args,
+                &json!({"lease_id": r.lease_id, "revoked": r.credential_id}),
+                format_args!(
                     "lease {} revoked (credential {})",
                     r.lease_id, r.credential_id
-                );
-            }
+                ),
+            );
         }
     }
     Ok(())
@@ -156,21 +142,18 @@ async fn list(
     state: Option<&str>,
     limit: usize,
 ) -> Result<(), ClientError> {
-    let mut client = AdminServiceClient::new(connect(args).await?);
+    let mut client = open(args, AdminServiceClient::new).await?;
     let mut leases = Vec::new();
     let mut page_token = String::new();
     loop {
-        let page = client
-            .list_leases(pb::ListLeasesRequest {
-                agent: agent.unwrap_or_default().to_owned(),
-                task_id: task.unwrap_or_default().to_owned(),
-                state: state.unwrap_or_default().to_owned(),
-                page_size: 500,
-                page_token,
-            })
-            .await
-            .map_err(ClientError::Refused)?
-            .into_inner();
+        let page = answer(client.list_leases(pb::ListLeasesRequest {
+            agent: agent.unwrap_or_default().to_owned(),
+            task_id: task.unwrap_or_default().to_owned(),
+            state: state.unwrap_or_default().to_owned(),
+            page_size: 500,
+            page_token,
+        }))
+        .await?;
         leases.extend(page.leases);
         if page.next_page_token.is_empty() || leases.len() >= limit {
             break;

@@ -8,11 +8,11 @@ pub mod audit;
 pub mod bench;
 pub mod cert;
 pub mod ci;
-mod client;
 pub mod key;
 pub mod lease;
 pub mod policy;
 pub mod revocations;
+mod shared;
 pub mod task;
 pub mod token;
 
@@ -21,11 +21,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use client::{ClientError, connect};
+pub use crate::client::{ClientArgs, ClientError, connect};
 
 use crate::api::pb::WhoAmIRequest;
 use crate::api::pb::identity_service_client::IdentityServiceClient;
 use crate::devpki;
+use shared::{answer, open, rfc3339};
 
 /// taskcred: credentials that live exactly as long as one approved task.
 #[derive(Debug, Parser)]
@@ -37,37 +38,6 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Global client flags; each also reads its `TASKCRED_*` variable.
-#[derive(Debug, Clone, Args)]
-pub struct ClientArgs {
-    /// The broker's gRPC URL.
-    #[arg(
-        long,
-        global = true,
-        env = "TASKCRED_BROKER",
-        default_value = "https://127.0.0.1:7443"
-    )]
-    pub broker: String,
-    /// CA bundle (PEM) that signed the broker's certificate [default: <dev-dir>/ca.pem].
-    #[arg(long, global = true, env = "TASKCRED_CA")]
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) presenting your SPIFFE ID.
-    #[arg(long, global = true, env = "TASKCRED_CERT", requires = "key")]
-    pub cert: Option<PathBuf>,
-    /// Private key (PEM) of the client certificate.
-    #[arg(long, global = true, env = "TASKCRED_KEY", requires = "cert")]
-    pub key: Option<PathBuf>,
-    /// Use dev identity NAME from the dev dir (agent, requester, approver, approver2, operator).
-    #[arg(long = "as", global = true, value_name = "NAME", conflicts_with_all = ["cert", "key"])]
-    pub as_name: Option<String>,
-    /// The dev directory of `dev init` and `serve --dev`.
-    #[arg(long, global = true, env = "TASKCRED_DEV_DIR", default_value = devpki::DEFAULT_DIR)]
-    pub dev_dir: PathBuf,
-    /// Print one JSON object instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
 }
 
 /// The subcommands.
@@ -184,17 +154,6 @@ pub enum DevCommand {
     },
 }
 
-/// A protobuf timestamp as RFC 3339 to the second, `None` when unset or out of range.
-fn rfc3339_opt(t: Option<prost_types::Timestamp>) -> Option<String> {
-    t.and_then(|t| std::time::SystemTime::try_from(t).ok())
-        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-}
-
-/// A protobuf timestamp as RFC 3339 to the second, empty when unset or out of range.
-fn rfc3339(t: Option<prost_types::Timestamp>) -> String {
-    rfc3339_opt(t).unwrap_or_default()
-}
-
 /// Runs `dev init`.
 pub fn dev_init(args: &ClientArgs, dir: Option<PathBuf>) -> ExitCode {
     let dir = dir.unwrap_or_else(|| args.dev_dir.clone());
@@ -230,12 +189,8 @@ pub fn dev_init(args: &ClientArgs, dir: Option<PathBuf>) -> ExitCode {
 /// Runs `whoami`.
 pub async fn whoami(args: &ClientArgs) -> ExitCode {
     let result = async {
-        let channel = connect(args).await?;
-        let response = IdentityServiceClient::new(channel)
-            .who_am_i(WhoAmIRequest {})
-            .await
-            .map_err(ClientError::Refused)?;
-        Ok::<_, ClientError>(response.into_inner())
+        let mut client = open(args, IdentityServiceClient::new).await?;
+        answer(client.who_am_i(WhoAmIRequest {})).await
     }
     .await;
     let me = match result {

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::{ClientArgs, ClientError, connect};
+use super::shared::{answer, emit, exit_code, open};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::admin_service_client::AdminServiceClient;
 use crate::policy;
@@ -27,10 +28,7 @@ pub enum PolicyCommand {
 pub async fn run(args: &ClientArgs, command: &PolicyCommand) -> ExitCode {
     match command {
         PolicyCommand::Check { dir } => check(args, dir),
-        PolicyCommand::Reload => match reload(args).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => e.report(),
-        },
+        PolicyCommand::Reload => exit_code(reload(args).await),
     }
 }
 
@@ -38,20 +36,16 @@ fn check(args: &ClientArgs, dir: &Path) -> ExitCode {
     let result = policy::schema().and_then(|s| policy::load_dir(dir, &s));
     match result {
         Ok(p) => {
-            if args.json {
-                let files: Vec<String> =
-                    p.files().iter().map(|f| f.display().to_string()).collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"valid": true, "policies": p.len(), "files": files})
-                );
-            } else {
-                println!(
+            let files: Vec<String> = p.files().iter().map(|f| f.display().to_string()).collect();
+            emit(
+                args,
+                &serde_json::json!({"valid": true, "policies": p.len(), "files": files}),
+                format_args!(
                     "ok: {} policies in {} files valid against the schema",
                     p.len(),
-                    p.files().len()
-                );
-            }
+                    files.len()
+                ),
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -68,22 +62,16 @@ fn check(args: &ClientArgs, dir: &Path) -> ExitCode {
 }
 
 async fn reload(args: &ClientArgs) -> Result<(), ClientError> {
-    let r = AdminServiceClient::new(connect(args).await?)
-        .reload_policy(pb::ReloadPolicyRequest {})
-        .await
-        .map_err(ClientError::Refused)?
-        .into_inner();
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"policies": r.policies, "files": r.files})
-        );
-    } else {
-        println!(
+    let mut admin = open(args, AdminServiceClient::new).await?;
+    let r = answer(admin.reload_policy(pb::ReloadPolicyRequest {})).await?;
+    emit(
+        args,
+        &serde_json::json!({"policies": r.policies, "files": r.files}),
+        format_args!(
             "reloaded: {} policies from {} files",
             r.policies,
             r.files.len()
-        );
-    }
+        ),
+    );
     Ok(())
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::{ClientArgs, ClientError, connect, rfc3339_opt};
+use super::shared::{answer, open, rfc3339_opt};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::revocation_event::Event;
 use crate::api::pb::revocation_service_client::RevocationServiceClient;
@@ -75,15 +76,12 @@ async fn follow(
     audience: Option<&str>,
     heartbeats: bool,
 ) -> Result<(), ClientError> {
-    let mut client = RevocationServiceClient::new(connect(args).await?);
-    let mut stream = client
-        .watch_revocations(pb::WatchRevocationsRequest {
-            after: cursor.clone(),
-            audience: audience.unwrap_or_default().to_owned(),
-        })
-        .await
-        .map_err(ClientError::Refused)?
-        .into_inner();
+    let mut client = open(args, RevocationServiceClient::new).await?;
+    let mut stream = answer(client.watch_revocations(pb::WatchRevocationsRequest {
+        after: cursor.clone(),
+        audience: audience.unwrap_or_default().to_owned(),
+    }))
+    .await?;
     while let Some(event) = stream.message().await.map_err(ClientError::Refused)? {
         cursor.clone_from(&event.cursor);
         let line = match event.event {

@@ -1,12 +1,13 @@
 //! `taskcred task ...`: request, show, list, approve, deny and cancel tasks.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::{ClientArgs, ClientError, connect};
+use super::shared::{answer, duration_pb, exit_code, open, rfc3339_opt};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::task_service_client::TaskServiceClient;
 use crate::task::TaskState;
@@ -141,10 +142,15 @@ fn state_pb(s: &str) -> Result<pb::TaskState, ClientError> {
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> Value {
-    t.and_then(|t| SystemTime::try_from(*t).ok())
-        .map_or(Value::Null, |t| {
-            Value::String(humantime::format_rfc3339_seconds(t).to_string())
-        })
+    json!(rfc3339_opt(t.copied()))
+}
+
+/// The request of `task approve` and `task deny`.
+fn decision(id: &str, note: &str) -> pb::DecideTaskRequest {
+    pb::DecideTaskRequest {
+        task_id: id.to_owned(),
+        note: note.to_owned(),
+    }
 }
 
 fn state_name(v: i32) -> &'static str {
@@ -238,10 +244,7 @@ fn print_task(t: &pb::Task) {
 
 /// Runs a `task` subcommand.
 pub async fn run(args: &ClientArgs, command: &TaskCommand) -> ExitCode {
-    match execute(args, command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(),
-    }
+    exit_code(execute(args, command).await)
 }
 
 async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientError> {
@@ -264,62 +267,41 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
                         .ok_or_else(|| usage(format!("--label {l:?}: expected KEY=VALUE")))
                 })
                 .collect::<Result<_, _>>()?,
-            deadline: r
-                .deadline
-                .and_then(|d| prost_types::Duration::try_from(d).ok()),
-            credential_ttl: r.ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+            deadline: duration_pb(r.deadline),
+            credential_ttl: duration_pb(r.ttl),
             parent_id: r.parent.clone().unwrap_or_default(),
         }),
         _ => None,
     };
-    let mut client = TaskServiceClient::new(connect(args).await?);
-    let refused = ClientError::Refused;
+    let mut client = open(args, TaskServiceClient::new).await?;
     let task = match command {
         TaskCommand::Request(_) => {
             let Some(req) = request else {
                 return Err(usage("internal: no request"));
             };
-            let t = client
-                .request_task(req)
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let t = answer(client.request_task(req)).await?;
             if !args.json {
                 println!("{}", t.id);
                 return Ok(());
             }
             t
         }
-        TaskCommand::Show { id } => client
-            .get_task(pb::GetTaskRequest {
+        TaskCommand::Show { id } => {
+            answer(client.get_task(pb::GetTaskRequest {
                 task_id: id.clone(),
-            })
-            .await
-            .map_err(refused)?
-            .into_inner(),
-        TaskCommand::Approve { id, note } => client
-            .approve_task(pb::DecideTaskRequest {
+            }))
+            .await?
+        }
+        TaskCommand::Approve { id, note } => {
+            answer(client.approve_task(decision(id, note))).await?
+        }
+        TaskCommand::Deny { id, note } => answer(client.deny_task(decision(id, note))).await?,
+        TaskCommand::Cancel { id } => {
+            answer(client.cancel_task(pb::CancelTaskRequest {
                 task_id: id.clone(),
-                note: note.clone(),
-            })
-            .await
-            .map_err(refused)?
-            .into_inner(),
-        TaskCommand::Deny { id, note } => client
-            .deny_task(pb::DecideTaskRequest {
-                task_id: id.clone(),
-                note: note.clone(),
-            })
-            .await
-            .map_err(refused)?
-            .into_inner(),
-        TaskCommand::Cancel { id } => client
-            .cancel_task(pb::CancelTaskRequest {
-                task_id: id.clone(),
-            })
-            .await
-            .map_err(refused)?
-            .into_inner(),
+            }))
+            .await?
+        }
         TaskCommand::Complete {
             id,
             outcome,
@@ -335,33 +317,27 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
                     )));
                 }
             };
-            let r = client
-                .complete_task(pb::CompleteTaskRequest {
-                    task_id: id.clone(),
-                    outcome: outcome.into(),
-                    request_id: request_id.clone(),
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let r = answer(client.complete_task(pb::CompleteTaskRequest {
+                task_id: id.clone(),
+                outcome: outcome.into(),
+                request_id: request_id.clone(),
+            }))
+            .await?;
             print_ended(args, r);
             return Ok(());
         }
         TaskCommand::Revoke { id, reason } => {
-            let r = client
-                .revoke_task(pb::RevokeTaskRequest {
-                    task_id: id.clone(),
-                    reason: reason.clone(),
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let r = answer(client.revoke_task(pb::RevokeTaskRequest {
+                task_id: id.clone(),
+                reason: reason.clone(),
+            }))
+            .await?;
             print_ended(args, r);
             return Ok(());
         }
         TaskCommand::List(l) => {
-            let list = client
-                .list_tasks(pb::ListTasksRequest {
+            let list = answer(
+                client.list_tasks(pb::ListTasksRequest {
                     state: l
                         .state
                         .as_deref()
@@ -372,10 +348,9 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
                     requester: l.requester.clone().unwrap_or_default(),
                     page_size: l.limit,
                     page_token: l.page_token.clone().unwrap_or_default(),
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+                }),
+            )
+            .await?;
             if args.json {
                 let tasks: Vec<Value> = list.tasks.iter().map(task_json).collect();
                 println!(

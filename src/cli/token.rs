@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{ClientArgs, ClientError, connect, rfc3339};
+use super::shared::{answer, duration_pb, exit_code, introspect, open, rfc3339};
+use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
 
@@ -43,10 +44,7 @@ pub enum TokenCommand {
 
 /// Runs a `token` subcommand.
 pub async fn run(args: &ClientArgs, command: &TokenCommand) -> ExitCode {
-    match execute(args, command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(),
-    }
+    exit_code(execute(args, command).await)
 }
 
 async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), ClientError> {
@@ -62,14 +60,11 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
                 task_id: task.clone(),
                 audience: audience.clone(),
                 actions: actions.clone(),
-                ttl: ttl.and_then(|d| prost_types::Duration::try_from(d).ok()),
+                ttl: duration_pb(*ttl),
                 request_id: request_id.clone(),
             };
-            let r = CredentialServiceClient::new(connect(args).await?)
-                .issue_token(request)
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
+            let mut client = open(args, CredentialServiceClient::new).await?;
+            let r = answer(client.issue_token(request)).await?;
             if args.json {
                 println!(
                     "{}",
@@ -98,15 +93,12 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
             } else {
                 token.clone()
             };
-            let r = CredentialServiceClient::new(connect(args).await?)
-                .introspect(pb::IntrospectRequest {
-                    token,
-                    certificate: Vec::new(),
-                })
-                .await
-                .map_err(ClientError::Refused)?
-                .into_inner();
-            let answer = if r.active {
+            let mut client = open(args, CredentialServiceClient::new).await?;
+            let request = pb::IntrospectRequest {
+                token,
+                certificate: Vec::new(),
+            };
+            introspect(&mut client, request, |r| {
                 json!({
                     "active": true,
                     "sub": r.sub,
@@ -121,10 +113,8 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
                     "task_id": r.task_id,
                     "cnf": {"x5t#S256": r.cnf_x5t_s256},
                 })
-            } else {
-                json!({"active": false})
-            };
-            println!("{answer}");
+            })
+            .await?;
         }
     }
     Ok(())

@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use crate::identity::TrustDomains;
 
-pub use raw::{JwtAlgorithm, LogFormat, StoreBackend, TlsVersion};
+pub use raw::{LogFormat, StoreBackend, TlsVersion};
+// Mint's; also named here, where `issuer.jwt_algorithm` is read into it (and where older
+// callers, `store::conformance` and tests/, still find it).
+pub use crate::mint::JwtAlgorithm;
 
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "TASKCRED_";

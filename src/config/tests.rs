@@ -1,5 +1,5 @@
 //! Unit tests of the environment overlay; file and key errors are tested end to end in
-//! `tests/config.rs` through the binary.
+//! `tests/testsuite/config.rs` through the binary.
 
 use super::*;
 
@@ -26,44 +26,28 @@ fn env_sets_nested_keys_and_names_itself_in_errors() {
     let dir = tempfile::tempdir().unwrap();
     crate::devpki::init(dir.path()).unwrap();
     let source = Source::Dev(dir.path().to_owned());
-    let env = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+    // The dev configuration with one environment variable set.
+    let load_with = |var: &str, value: &str| {
+        load(
+            &source,
+            vec![(var.to_owned(), value.to_owned())],
+            &Overrides::default(),
+        )
+    };
+    let error_with = |var: &str, value: &str| load_with(var, value).unwrap_err().to_string();
 
-    let c = load(
-        &source,
-        env("TASKCRED_SERVER__MAX_CONNECTIONS", "12"),
-        &Overrides::default(),
-    )
-    .unwrap();
+    let c = load_with("TASKCRED_SERVER__MAX_CONNECTIONS", "12").unwrap();
     assert_eq!(c.server.max_connections, 12);
 
-    let err = load(
-        &source,
-        env("TASKCRED_SERVER__GRPC_ADDR", "nowhere"),
-        &Overrides::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = error_with("TASKCRED_SERVER__GRPC_ADDR", "nowhere");
     assert!(err.contains("TASKCRED_SERVER__GRPC_ADDR"), "{err}");
     assert!(err.contains("server.grpc_addr"), "{err}");
 
-    let err = load(
-        &source,
-        env("TASKCRED_SERVR__GRPC_ADDR", "1"),
-        &Overrides::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = error_with("TASKCRED_SERVR__GRPC_ADDR", "1");
     assert!(err.contains("unknown field `servr`"), "{err}");
 
     // Client variables (no `__`) are not configuration keys.
-    assert!(
-        load(
-            &source,
-            env("TASKCRED_BROKER", "https://x"),
-            &Overrides::default()
-        )
-        .is_ok()
-    );
+    assert!(load_with("TASKCRED_BROKER", "https://x").is_ok());
 }
 
 #[test]

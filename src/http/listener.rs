@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::net::{KeyedSlot, KeyedSlots, Lifetime};
+use crate::tls::accept_or_back_off;
 
 /// Connections of the HTTP port, plain or TLS, each holding a slot of the limit.
 #[derive(Debug)]
@@ -87,13 +88,9 @@ impl HttpListener {
                 };
                 let (tcp, remote) = tokio::select! {
                     () = tx.closed() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "HTTP accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
+                    accepted = accept_or_back_off(&listener, "HTTP accept failed") => match accepted {
+                        Some(a) => a,
+                        None => continue,
                     },
                 };
                 let source = crate::broker::limits::source_key(remote.ip());

@@ -6,12 +6,17 @@
 //! the [`bundle`] of that trust domain alone, before anything is authorized.
 //! [`SpiffeClientVerifier`] runs both during the handshake, so a certificate that fails either
 //! never completes a connection.
+//!
+//! A CI job has no certificate: it is known by the [`CiJob`] its verified ID token proved (read
+//! by `ci`, seen by policy, carried in the `ci` claim of what is minted for it).
 
 pub mod bundle;
+mod ci_job;
 mod peer;
 mod spiffe_id;
 mod verifier;
 
+pub use ci_job::CiJob;
 pub use peer::{PeerIdentity, cert_thumbprint_sha256};
 pub use spiffe_id::{TrustDomains, WorkloadId};
 pub use verifier::{SpiffeClientVerifier, VerifierSetupError};

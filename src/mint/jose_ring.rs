@@ -191,8 +191,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::config::JwtAlgorithm;
-    use crate::mint::JwtKey;
+    use crate::mint::{JwtAlgorithm, JwtKey};
 
     fn claims() -> Value {
         let now = std::time::SystemTime::now()

@@ -172,8 +172,8 @@ mod tests {
     #[test]
     fn a_published_jwk_reads_back_only_when_consistent() {
         for alg in [
-            crate::config::JwtAlgorithm::ES256,
-            crate::config::JwtAlgorithm::EdDSA,
+            crate::mint::JwtAlgorithm::ES256,
+            crate::mint::JwtAlgorithm::EdDSA,
         ] {
             let key = crate::mint::JwtKey::generate(alg).unwrap();
             let jwk = key.public_jwk();

@@ -278,8 +278,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::config::JwtAlgorithm;
-    use crate::mint::Confirmation;
+    use crate::mint::{Confirmation, JwtAlgorithm};
 
     fn claims(now: u64) -> AccessClaims {
         AccessClaims {

@@ -45,7 +45,7 @@ pub struct AccessClaims {
     pub cnf: Option<Confirmation>,
     /// For a CI job: what its ID token proved (the attributes policy decided on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ci: Option<crate::ci::CiJob>,
+    pub ci: Option<crate::identity::CiJob>,
 }
 
 /// 128 bits from the system's CSPRNG, as 32 lowercase hex digits.

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use cedar_policy::{Entity, EntityUid, RestrictedExpression};
 
-use crate::ci::CiJob;
-use crate::identity::WorkloadId;
+use crate::identity::{CiJob, WorkloadId};
 use crate::task::Task;
 
 /// What a request is about.

@@ -27,24 +27,6 @@ use crate::identity::WorkloadId;
 /// The schema every policy is validated against, built into the broker.
 pub const SCHEMA_SOURCE: &str = include_str!("../../config/taskcred.cedarschema");
 
-/// The development policies of `serve --dev` (`config/policies/`), built in so that `dev init`
-/// can write them into the dev directory.
-pub const DEV_POLICIES: &[(&str, &str)] = &[
-    (
-        "tasks.cedar",
-        include_str!("../../config/policies/tasks.cedar"),
-    ),
-    (
-        "admin.cedar",
-        include_str!("../../config/policies/admin.cedar"),
-    ),
-    (
-        "credentials.cedar",
-        include_str!("../../config/policies/credentials.cedar"),
-    ),
-    ("ci.cedar", include_str!("../../config/policies/ci.cedar")),
-];
-
 /// The actions policy decides. Their names are the Cedar action ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

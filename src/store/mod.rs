@@ -1,14 +1,13 @@
 //! The `Store`: where tasks, leases, locks and the published signing keys live. One trait of coarse
 //! atomic operations, two backends: [`embedded`] (a redb file, one broker process) and
-//! [`redis`] (any number of stateless replicas). [`conformance`] holds the one test suite both
-//! must pass.
+//! [`redis`] (any number of stateless replicas). One conformance suite (`tests/testsuite/store/`)
+//! holds the cases both must pass.
 //!
 //! A change to a task is a pure function of the task (the rules of [`crate::task`]) applied by
 //! [`Store::update_task`] atomically: a redb write transaction, or a compare-and-set on a version
 //! in Redis, retried on conflict. A store that cannot be reached answers
 //! [`StoreError::Unavailable`] and leaves nothing half-written.
 
-pub mod conformance;
 pub mod embedded;
 pub mod metered;
 pub mod redis;
@@ -20,7 +19,7 @@ use async_trait::async_trait;
 use crate::identity::WorkloadId;
 use crate::lease::{Cursor, Lease, LeaseId, Lock, Revocation, Swept};
 use crate::mint::PublishedKey;
-use crate::task::{Task, TaskError, TaskId, TaskState};
+use crate::task::{Task, TaskError, TaskId, TaskState, Unmet};
 
 /// Why the store could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -476,18 +475,15 @@ pub(crate) fn decode_lease(bytes: &[u8]) -> Result<Lease, StoreError> {
 /// [`TaskError::Precondition`] when it is not active or has expired.
 pub fn check_renewable(lease: &Lease, now: SystemTime) -> Result<(), TaskError> {
     if lease.state != crate::lease::LeaseState::Active {
-        return Err(TaskError::Precondition(format!(
-            "lease is {}",
+        return Err(TaskError::Precondition(Unmet::LeaseEnded(
             match lease.state {
                 crate::lease::LeaseState::Revoked => "revoked",
                 _ => "expired",
-            }
+            },
         )));
     }
     if now >= lease.expires_at {
-        return Err(TaskError::Precondition(
-            "lease has expired; ask for a new credential".into(),
-        ));
+        return Err(TaskError::Precondition(Unmet::LeaseExpired));
     }
     Ok(())
 }

@@ -209,10 +209,111 @@ pub enum TaskError {
     },
     /// The caller may not do this, whatever policy says (separation of duties).
     #[error("{0}")]
-    Forbidden(String),
-    /// The task is not in a state that allows this.
+    Forbidden(Forbidden),
+    /// The task (or lease) is not in a state that allows this.
     #[error("{0}")]
-    Precondition(String),
+    Precondition(Unmet),
+}
+
+/// What the rules forbid whoever asks, whatever policy says (`PERMISSION_DENIED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Forbidden {
+    /// Separation of duties: no one decides on a task they requested.
+    #[error("separation of duties: the requester may not decide on its own task")]
+    RequesterDecides,
+    /// Separation of duties: no one decides on a task they execute.
+    #[error("separation of duties: the executor may not decide on its own task")]
+    ExecutorDecides,
+    /// Only the requester cancels.
+    #[error("only the requester may cancel a task")]
+    NotRequester,
+    /// Only the executor or the requester completes.
+    #[error("only the task's executor or requester may complete it")]
+    NotParty,
+    /// Only the executor gets credentials.
+    #[error("only the task's executor may get credentials for it")]
+    NotExecutor,
+}
+
+impl Forbidden {
+    /// The stable, machine-readable reason (`google.rpc.ErrorInfo.reason`).
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Self::RequesterDecides => "REQUESTER_MAY_NOT_DECIDE",
+            Self::ExecutorDecides => "EXECUTOR_MAY_NOT_DECIDE",
+            Self::NotRequester => "NOT_THE_REQUESTER",
+            Self::NotParty => "NOT_EXECUTOR_OR_REQUESTER",
+            Self::NotExecutor => "NOT_THE_EXECUTOR",
+        }
+    }
+}
+
+/// A state of a task or lease that does not allow the change (`FAILED_PRECONDITION`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unmet {
+    /// Decisions are taken only while the task is pending.
+    #[error("task is {0}, not pending approval")]
+    NotPending(TaskState),
+    /// The task's deadline has passed.
+    #[error("the task's deadline has passed")]
+    DeadlinePassed,
+    /// An approver counts once.
+    #[error("this approver has already decided on the task; an approver counts once")]
+    AlreadyDecided,
+    /// The task has ended.
+    #[error("task is already {0}")]
+    Ended(TaskState),
+    /// A running task is completed or revoked, not cancelled.
+    #[error("task is running (credentials were issued); complete or revoke it instead")]
+    Running,
+    /// Only an approved task is completed.
+    #[error("task is {0}, not approved; nothing to complete")]
+    NothingToComplete(TaskState),
+    /// Only an approved task gets credentials.
+    #[error("task is {0}, not approved")]
+    NotApproved(TaskState),
+    /// A task is expired only past its deadline.
+    #[error("the deadline is ahead")]
+    DeadlineAhead,
+    /// A change that was to end the task did not.
+    #[error("the change does not end the task")]
+    NotAnEnd,
+    /// The lease was revoked or has expired (as recorded).
+    #[error("lease is {0}")]
+    LeaseEnded(&'static str),
+    /// The lease's credential has expired.
+    #[error("lease has expired; ask for a new credential")]
+    LeaseExpired,
+    /// The lease is not active (any more).
+    #[error("lease is not active")]
+    LeaseNotActive,
+    /// The lease stopped being active while it was being renewed.
+    #[error("lease is no longer active")]
+    LeaseNoLongerActive,
+    /// A change a caller composed refused itself (test and tool changes).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Unmet {
+    /// The stable, machine-readable reason (`google.rpc.ErrorInfo.reason`).
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            Self::NotPending(_) => "TASK_NOT_PENDING",
+            Self::DeadlinePassed => "TASK_DEADLINE_PASSED",
+            Self::AlreadyDecided => "ALREADY_DECIDED",
+            Self::Ended(_) => "TASK_ENDED",
+            Self::Running => "TASK_RUNNING",
+            Self::NothingToComplete(_) | Self::NotApproved(_) => "TASK_NOT_APPROVED",
+            Self::DeadlineAhead => "TASK_DEADLINE_AHEAD",
+            Self::NotAnEnd => "NOT_AN_END",
+            Self::LeaseEnded(_) | Self::LeaseExpired => "LEASE_ENDED",
+            Self::LeaseNotActive | Self::LeaseNoLongerActive => "LEASE_NOT_ACTIVE",
+            Self::Other(_) => "TASK_PRECONDITION",
+        }
+    }
 }
 
 impl Task {
@@ -270,34 +371,23 @@ impl Task {
     /// [`TaskError::Forbidden`] or [`TaskError::Precondition`]; the task is then unchanged.
     pub fn decide(&mut self, approval: Approval, now: SystemTime) -> Result<(), TaskError> {
         if self.state != TaskState::PendingApproval {
-            return Err(TaskError::Precondition(format!(
-                "task is {}, not pending approval",
-                self.state
-            )));
+            return Err(TaskError::Precondition(Unmet::NotPending(self.state)));
         }
         if now >= self.deadline {
-            return Err(TaskError::Precondition(
-                "the task's deadline has passed".into(),
-            ));
+            return Err(TaskError::Precondition(Unmet::DeadlinePassed));
         }
         if approval.approver == self.requester {
-            return Err(TaskError::Forbidden(
-                "separation of duties: the requester may not decide on its own task".into(),
-            ));
+            return Err(TaskError::Forbidden(Forbidden::RequesterDecides));
         }
         if approval.approver == self.executor {
-            return Err(TaskError::Forbidden(
-                "separation of duties: the executor may not decide on its own task".into(),
-            ));
+            return Err(TaskError::Forbidden(Forbidden::ExecutorDecides));
         }
         if self
             .approvals
             .iter()
             .any(|a| a.approver == approval.approver)
         {
-            return Err(TaskError::Precondition(
-                "this approver has already decided on the task; an approver counts once".into(),
-            ));
+            return Err(TaskError::Precondition(Unmet::AlreadyDecided));
         }
         check_note(&approval.note)?;
         let decision = approval.decision;
@@ -320,20 +410,13 @@ impl Task {
     /// task has ended or started running.
     pub fn cancel(&mut self, by: &WorkloadId, now: SystemTime) -> Result<(), TaskError> {
         if by != &self.requester {
-            return Err(TaskError::Forbidden(
-                "only the requester may cancel a task".into(),
-            ));
+            return Err(TaskError::Forbidden(Forbidden::NotRequester));
         }
         if self.state.is_terminal() {
-            return Err(TaskError::Precondition(format!(
-                "task is already {}",
-                self.state
-            )));
+            return Err(TaskError::Precondition(Unmet::Ended(self.state)));
         }
         if self.started_at.is_some() {
-            return Err(TaskError::Precondition(
-                "task is running (credentials were issued); complete or revoke it instead".into(),
-            ));
+            return Err(TaskError::Precondition(Unmet::Running));
         }
         self.end(TaskState::Cancelled, "cancelled by the requester", now);
         Ok(())
@@ -352,14 +435,11 @@ impl Task {
         now: SystemTime,
     ) -> Result<(), TaskError> {
         if by != &self.executor && by != &self.requester {
-            return Err(TaskError::Forbidden(
-                "only the task's executor or requester may complete it".into(),
-            ));
+            return Err(TaskError::Forbidden(Forbidden::NotParty));
         }
         if self.state != TaskState::Approved {
-            return Err(TaskError::Precondition(format!(
-                "task is {}, not approved; nothing to complete",
-                self.state
+            return Err(TaskError::Precondition(Unmet::NothingToComplete(
+                self.state,
             )));
         }
         let (state, reason) = outcome.ends_as(by);
@@ -383,13 +463,10 @@ impl Task {
     /// [`TaskError::Precondition`] when the task has ended or its deadline is still ahead.
     pub fn expire(&mut self, now: SystemTime) -> Result<(), TaskError> {
         if self.state.is_terminal() {
-            return Err(TaskError::Precondition(format!(
-                "task is already {}",
-                self.state
-            )));
+            return Err(TaskError::Precondition(Unmet::Ended(self.state)));
         }
         if now < self.deadline {
-            return Err(TaskError::Precondition("the deadline is ahead".into()));
+            return Err(TaskError::Precondition(Unmet::DeadlineAhead));
         }
         self.end(TaskState::Expired, "deadline passed", now);
         Ok(())

@@ -37,6 +37,26 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> TaskError {
     }
 }
 
+/// `value` if it lies within 1 s and `max`, else [`TaskError::Invalid`] naming `field` and
+/// the bounds (`suffix` ends the message).
+fn between_1s_and(
+    field: &'static str,
+    value: Duration,
+    max: Duration,
+    suffix: &str,
+) -> Result<Duration, TaskError> {
+    if value < Duration::from_secs(1) || value > max {
+        return Err(invalid(
+            field,
+            format!(
+                "must be between 1s and {}{suffix}",
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
 /// A task id: a UUIDv7 in canonical lowercase hyphenated form, so ids sort by creation time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TaskId(Uuid);
@@ -355,26 +375,18 @@ impl TaskRequest {
 
         let labels = Labels::parse(raw.labels)?;
 
-        let deadline_in = raw.deadline_in.unwrap_or(limits.deadline_default);
-        if deadline_in < Duration::from_secs(1) || deadline_in > limits.deadline_max {
-            return Err(invalid(
-                "deadline",
-                format!(
-                    "must be between 1s and {} from now",
-                    humantime::format_duration(limits.deadline_max)
-                ),
-            ));
-        }
-        let credential_ttl = raw.credential_ttl.unwrap_or(limits.credential_ttl_default);
-        if credential_ttl < Duration::from_secs(1) || credential_ttl > limits.credential_ttl_max {
-            return Err(invalid(
-                "credential_ttl",
-                format!(
-                    "must be between 1s and {}",
-                    humantime::format_duration(limits.credential_ttl_max)
-                ),
-            ));
-        }
+        let deadline_in = between_1s_and(
+            "deadline",
+            raw.deadline_in.unwrap_or(limits.deadline_default),
+            limits.deadline_max,
+            " from now",
+        )?;
+        let credential_ttl = between_1s_and(
+            "credential_ttl",
+            raw.credential_ttl.unwrap_or(limits.credential_ttl_default),
+            limits.credential_ttl_max,
+            "",
+        )?;
         let text = purpose.len()
             + grants
                 .iter()

@@ -1,0 +1,220 @@
+//! The one owner of revocation: every way a credential ends early or at its expiry (a task
+//! completed, revoked or past its deadline; a lease revoked; a lock; an expiry; an issuance whose
+//! audit line could not be written; a renewal superseding a credential) goes through
+//! [`Revoker`], which makes the store step, writes the decision's audit line with what it ended,
+//! counts it by cause and logs it. (The audit line of each revoked credential comes from the
+//! revocation log, written by the store in the same step: see `auditor`.)
+//!
+//! As in openbao's `ExpirationManager` (`revokeCommon`): the use cases decide, the revoker ends.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::identity::WorkloadId;
+use crate::lease::{Lease, LeaseId, LockOutcome};
+use crate::store::{Store, StoreError, TaskChange, UpdateError};
+use crate::task::{Task, TaskId};
+
+/// Leases and tasks a lock's sweep ends per store step (Redis serves other callers between the
+/// steps).
+pub const SWEEP_CHUNK: usize = 500;
+
+/// Why credentials end: the `cause` label of [`super::metrics::REVOCATIONS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cause {
+    /// Their task was completed (by its executor, its requester or its CI job).
+    TaskEnd,
+    /// An operator revoked their task or the lease.
+    Revoke,
+    /// Their agent was locked.
+    Lock,
+    /// Their task passed its deadline (the reaper).
+    Deadline,
+    /// The audit line of the issuance could not be written: never handed out.
+    AuditFailure,
+    /// A renewal gave the lease a new credential.
+    Renewal,
+}
+
+impl Cause {
+    /// The metric label.
+    const fn label(self) -> &'static str {
+        match self {
+            Self::TaskEnd => "task_end",
+            Self::Revoke => "revoke",
+            Self::Lock => "lock",
+            Self::Deadline => "deadline",
+            Self::AuditFailure => "audit_failure",
+            Self::Renewal => "renewal",
+        }
+    }
+}
+
+/// Ends credentials: the store step, the audit line, the metric, the log line.
+#[derive(Debug)]
+pub(super) struct Revoker {
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    /// How long ended tasks (and their leases) stay readable.
+    task_retention: Duration,
+}
+
+impl Revoker {
+    /// A revoker over `store`, auditing to `audit`.
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        task_retention: Duration,
+    ) -> Self {
+        Self {
+            store,
+            audit,
+            task_retention,
+        }
+    }
+
+    /// Ends task `id` by `change`, revoking every active lease of it in the same atomic store
+    /// step; the audit line `describe` makes of the ended task lists the credentials revoked.
+    ///
+    /// # Errors
+    /// What the store or the change refused: nothing was ended.
+    pub(super) async fn end_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        cause: Cause,
+        describe: impl FnOnce(&Task) -> AuditEvent,
+    ) -> Result<(Task, Vec<Lease>), UpdateError> {
+        let (task, leases) = self.store.end_task(id, change, self.task_retention).await?;
+        let credentials: Vec<&str> = leases.iter().map(|l| l.credential.as_str()).collect();
+        self.audit
+            .record_listing(describe(&task), "revoked_credentials", &credentials);
+        tracing::info!(task = %task.id, state = %task.state, cause = cause.label(), revoked = leases.len(), "task ended");
+        count(cause, leases.len());
+        Ok((task, leases))
+    }
+
+    /// Revokes lease `id` for `reason`; `event`, if any, is the decision's audit line (it gets
+    /// the lease and credential ids).
+    ///
+    /// # Errors
+    /// [`UpdateError::NotFound`], [`UpdateError::Rejected`] (not active), or the store's.
+    pub(super) async fn revoke_lease(
+        &self,
+        id: &LeaseId,
+        reason: &str,
+        at: SystemTime,
+        cause: Cause,
+        event: Option<AuditEvent>,
+    ) -> Result<Lease, UpdateError> {
+        let revoked = self.store.revoke_lease(id, reason, at).await?;
+        if let Some(event) = event {
+            self.audit.record(
+                &event
+                    .detail("lease_id", id.as_str())
+                    .detail("credential", revoked.credential.as_str()),
+            );
+        }
+        tracing::info!(lease = %id, task = %revoked.task, cause = cause.label(), "lease revoked");
+        count(cause, 1);
+        Ok(revoked)
+    }
+
+    /// Revokes the lease of an issuance whose audit line could not be written: its credential
+    /// is never handed out. A failure is logged: the lease then expires unused.
+    pub(super) async fn revoke_unaudited(&self, lease: &LeaseId, at: SystemTime) {
+        match self
+            .revoke_lease(
+                lease,
+                "the audit log could not be written",
+                at,
+                Cause::AuditFailure,
+                None,
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, %lease, "revoking an unaudited lease failed; it expires unused");
+            }
+        }
+    }
+
+    /// Ends up to `limit` leases whose credential expired by `now`, each once whatever the
+    /// number of replicas, with an audit line each.
+    ///
+    /// # Errors
+    /// The store's; what was ended stays ended.
+    pub(super) async fn expire_leases(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let ended = self.store.expire_leases(now, limit).await?;
+        for lease in &ended {
+            self.audit.record(
+                &AuditEvent::new(now, "LeaseExpired", "reaper", true)
+                    .task(lease.task)
+                    .detail("lease_id", lease.id.as_str())
+                    .detail("credential", lease.credential.as_str())
+                    .detail("agent", lease.agent.as_str()),
+            );
+            let late = now
+                .duration_since(lease.expires_at)
+                .unwrap_or_default()
+                .as_secs_f64();
+            metrics::histogram!(super::metrics::REAPER_LATENESS).record(late);
+        }
+        metrics::counter!(super::reaper::LEASES_EXPIRED).increment(ended.len() as u64);
+        Ok(ended)
+    }
+
+    /// Counts the credential a renewal superseded (the store logged its revocation in the
+    /// renewal's own step).
+    pub(super) fn superseded(&self) {
+        count(Cause::Renewal, 1);
+    }
+
+    /// Ends the open tasks and live leases of locked `agent`, [`SWEEP_CHUNK`] at a time,
+    /// adding them to `outcome` (what was ended stays in it when a step fails).
+    ///
+    /// # Errors
+    /// The store's: the lock holds, and the reaper ends the rest.
+    pub(super) async fn sweep_lock(
+        &self,
+        agent: &WorkloadId,
+        reason: &str,
+        at: SystemTime,
+        outcome: &mut LockOutcome,
+    ) -> Result<(), StoreError> {
+        let result = loop {
+            let swept = match self
+                .store
+                .sweep_lock(agent, reason, at, self.task_retention, SWEEP_CHUNK)
+                .await
+            {
+                Ok(swept) => swept,
+                Err(e) => break Err(e),
+            };
+            count(Cause::Lock, swept.leases.len());
+            outcome.tasks.extend(swept.tasks);
+            outcome.leases.extend(swept.leases);
+            if swept.remaining == 0 {
+                break Ok(());
+            }
+        };
+        if !outcome.tasks.is_empty() || !outcome.leases.is_empty() {
+            tracing::info!(%agent, tasks = outcome.tasks.len(), leases = outcome.leases.len(), "a lock's sweep ended tasks and leases");
+        }
+        result
+    }
+}
+
+/// Counts `n` credentials ended by `cause`.
+fn count(cause: Cause, n: usize) {
+    if n > 0 {
+        metrics::counter!(super::metrics::REVOCATIONS, "cause" => cause.label())
+            .increment(n as u64);
+    }
+}

@@ -1,0 +1,100 @@
+//! What the client subcommands do alike: connect and build a generated client, await a call,
+//! print `--json` or text, read and write the files they share, and format times.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use super::{ClientArgs, ClientError, connect};
+use crate::api::pb;
+use crate::api::pb::credential_service_client::CredentialServiceClient;
+use crate::client::read;
+
+/// The exit code of a client subcommand: 0, or the error reported on stderr.
+pub(super) fn exit_code(result: Result<(), ClientError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
+    }
+}
+
+/// Connects to the broker and wraps the channel in the generated client that `new` makes
+/// (e.g. `AdminServiceClient::new`).
+pub(super) async fn open<C>(
+    args: &ClientArgs,
+    new: impl FnOnce(Channel) -> C,
+) -> Result<C, ClientError> {
+    Ok(new(connect(args).await?))
+}
+
+/// Awaits a unary call: the broker's answer, or its refusal.
+pub(super) async fn answer<T>(
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, ClientError> {
+    call.await
+        .map(tonic::Response::into_inner)
+        .map_err(ClientError::Refused)
+}
+
+/// Prints `json` as one line with `--json`, else `text` and a newline.
+pub(super) fn emit(args: &ClientArgs, json: &serde_json::Value, text: impl std::fmt::Display) {
+    if args.json {
+        println!("{json}");
+    } else {
+        println!("{text}");
+    }
+}
+
+/// Asks the broker whether a credential is active and prints its answer as one JSON object:
+/// what `active` makes of the answer, or `{"active": false}` alone.
+pub(super) async fn introspect(
+    client: &mut CredentialServiceClient<Channel>,
+    request: pb::IntrospectRequest,
+    active: impl FnOnce(&pb::IntrospectResponse) -> serde_json::Value,
+) -> Result<(), ClientError> {
+    let r = answer(client.introspect(request)).await?;
+    let json = if r.active {
+        active(&r)
+    } else {
+        serde_json::json!({"active": false})
+    };
+    println!("{json}");
+    Ok(())
+}
+
+/// A `--ttl`-like flag as a protobuf duration, `None` when unset or out of range.
+pub(super) fn duration_pb(d: Option<Duration>) -> Option<prost_types::Duration> {
+    d.and_then(|d| prost_types::Duration::try_from(d).ok())
+}
+
+/// The bytes of the `--csr` file, empty without one.
+pub(super) fn read_csr(csr: Option<&PathBuf>) -> Result<Vec<u8>, ClientError> {
+    csr.map_or_else(|| Ok(Vec::new()), |p| read("CSR", p))
+}
+
+/// The error for a file that cannot be written.
+pub(super) fn cannot_write(path: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
+    |e| ClientError::Usage(format!("cannot write {}: {e}", path.display()))
+}
+
+/// Writes a certificate followed by its chain (PEM) to `path`.
+pub(super) fn write_chain(
+    path: &Path,
+    certificate_pem: &str,
+    chain_pem: &str,
+) -> Result<(), ClientError> {
+    std::fs::write(path, format!("{certificate_pem}{chain_pem}")).map_err(cannot_write(path))
+}
+
+/// A protobuf timestamp as RFC 3339 to the second, `None` when unset or out of range.
+pub(super) fn rfc3339_opt(t: Option<prost_types::Timestamp>) -> Option<String> {
+    t.and_then(|t| std::time::SystemTime::try_from(t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+}
+
+/// A protobuf timestamp as RFC 3339 to the second, empty when unset or out of range.
+pub(super) fn rfc3339(t: Option<prost_types::Timestamp>) -> String {
+    rfc3339_opt(t).unwrap_or_default()
+}

@@ -1,0 +1,163 @@
+//! A gRPC client over mutual TLS to the broker: how to reach it and who to be ([`ClientArgs`],
+//! the global flags of every client subcommand), and [`connect`], which opens the channel with
+//! the CA bundle and a client certificate from `--cert/--key` or the dev identity named by
+//! `--as`. The `cli` subcommands and `bench` both use it; it uses neither.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::devpki;
+
+/// Global client flags; each also reads its `TASKCRED_*` variable.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The broker's gRPC URL.
+    #[arg(
+        long,
+        global = true,
+        env = "TASKCRED_BROKER",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub broker: String,
+    /// CA bundle (PEM) that signed the broker's certificate [default: <dev-dir>/ca.pem].
+    #[arg(long, global = true, env = "TASKCRED_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) presenting your SPIFFE ID.
+    #[arg(long, global = true, env = "TASKCRED_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, global = true, env = "TASKCRED_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Use dev identity NAME from the dev dir (agent, requester, approver, approver2, operator).
+    #[arg(long = "as", global = true, value_name = "NAME", conflicts_with_all = ["cert", "key"])]
+    pub as_name: Option<String>,
+    /// The dev directory of `dev init` and `serve --dev`.
+    #[arg(long, global = true, env = "TASKCRED_DEV_DIR", default_value = devpki::DEFAULT_DIR)]
+    pub dev_dir: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Flags or files are wrong; nothing was sent.
+    #[error("{0}")]
+    Usage(String),
+    /// The broker could not be reached or the TLS handshake failed.
+    #[error("cannot reach the broker at {broker}: {message}")]
+    Unreachable {
+        /// The URL.
+        broker: String,
+        /// Why, with the whole error chain.
+        message: String,
+    },
+    /// The broker answered with an error status: its code, its stable reason (the status's
+    /// `google.rpc.ErrorInfo`, when it has one) and its message.
+    #[error("broker refused: {}{}: {}", crate::api::code_name(.0.code()), reason_suffix(.0), .0.message())]
+    Refused(tonic::Status),
+}
+
+/// ` (REASON)` for a status with a stable reason, else nothing.
+fn reason_suffix(status: &tonic::Status) -> String {
+    crate::api::reason_of(status).map_or_else(String::new, |r| format!(" ({r})"))
+}
+
+impl ClientError {
+    /// Prints the error as one line on stderr and gives the exit code.
+    pub fn report(&self) -> ExitCode {
+        eprintln!("error: {self}");
+        match self {
+            Self::Usage(_) => ExitCode::from(2),
+            Self::Unreachable { .. } | Self::Refused(_) => ExitCode::from(1),
+        }
+    }
+}
+
+/// Reads the file at `path`; `what` names it in the error.
+///
+/// # Errors
+/// [`ClientError::Usage`] when the file cannot be read.
+pub(crate) fn read(what: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path)
+        .map_err(|e| ClientError::Usage(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// The certificate and key files to present, if any.
+fn identity_files(args: &ClientArgs) -> Result<Option<(PathBuf, PathBuf)>, ClientError> {
+    if let Some(name) = &args.as_name {
+        if !devpki::IDENTITIES.iter().any(|(n, _)| n == name) {
+            let names: Vec<&str> = devpki::IDENTITIES.iter().map(|(n, _)| *n).collect();
+            return Err(ClientError::Usage(format!(
+                "--as {name:?}: not a dev identity (one of {})",
+                names.join(", ")
+            )));
+        }
+        return Ok(Some(devpki::identity_files(&args.dev_dir, name)));
+    }
+    Ok(match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        _ => return Err(ClientError::Usage("--cert and --key go together".into())),
+    })
+}
+
+/// Opens a channel to the broker.
+///
+/// # Errors
+/// [`ClientError::Usage`] for bad flags or unreadable files, [`ClientError::Unreachable`] when
+/// the connection or handshake fails.
+pub async fn connect(args: &ClientArgs) -> Result<Channel, ClientError> {
+    if !args.broker.starts_with("https://") {
+        return Err(ClientError::Usage(format!(
+            "--broker {}: the broker speaks TLS only; use an https:// URL",
+            args.broker
+        )));
+    }
+    let ca_path = args
+        .ca
+        .clone()
+        .unwrap_or_else(|| args.dev_dir.join(devpki::CA_CERT));
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("CA bundle", &ca_path)?));
+    if let Some((cert, key)) = identity_files(args)? {
+        tls = tls.identity(Identity::from_pem(
+            read("client certificate", &cert)?,
+            read("client key", &key)?,
+        ));
+    }
+    let endpoint = Endpoint::from_shared(args.broker.clone())
+        .map_err(|e| ClientError::Usage(format!("--broker {}: {e}", args.broker)))?
+        .tls_config(tls)
+        .map_err(|e| ClientError::Usage(format!("TLS settings: {}", chain(&e))))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| ClientError::Unreachable {
+            broker: args.broker.clone(),
+            message: chain(&e),
+        })
+}
+
+/// An error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}

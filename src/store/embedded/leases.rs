@@ -1,0 +1,387 @@
+//! Leases: recording one (checked against its task, the agent's lock and the epoch marker in
+//! the same transaction), renewal, revocation, expiry through the `lease_expiry` index, and
+//! the revocation of a task's active leases when it ends or its agent is locked.
+//!
+//! The `lease_expiry` index holds exactly the unrevoked leases: every path that ends a lease
+//! before its expiry takes it out ([`unfile`]), so the reaper never visits an ended one.
+
+use std::time::SystemTime;
+
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, Table, WriteTransaction};
+
+use super::EmbeddedStore;
+use super::locks::lock_in;
+use super::log::log_in;
+use super::tables::{CREDENTIALS, EXPIRY, LEASE_TASKS, LEASES, META, TASKS};
+use crate::lease::{Lease, LeaseId, LeaseState, Revocation, SUPERSEDED, check_issuable};
+use crate::store::{
+    IssueError, StoreError, UpdateError, check_renewable, decode, decode_lease, encode,
+    encode_lease, unix_ms, unix_ms_ceil,
+};
+use crate::task::{TaskError, TaskId, Unmet};
+
+impl EmbeddedStore {
+    /// [`Store::issue_lease`](crate::store::Store::issue_lease): checks the task, the lock and
+    /// the epoch marker, marks the task started, and files the lease, in one transaction.
+    pub(super) async fn record_lease(
+        &self,
+        lease: &Lease,
+        now: SystemTime,
+    ) -> Result<(), IssueError> {
+        let lease = lease.clone();
+        self.blocking(move |db| {
+            let task_id = lease.task.to_string();
+            let txn = db.begin_write()?;
+            has_epoch(&txn)?;
+            {
+                let known = txn
+                    .open_table(LEASE_TASKS)?
+                    .get(lease.id.as_str())?
+                    .is_some();
+                if known {
+                    return Err(IssueError::Exists);
+                }
+                let mut tasks = txn.open_table(TASKS)?;
+                let mut task = match tasks.get(task_id.as_str())? {
+                    Some(v) => decode(v.value())?,
+                    None => return Err(IssueError::NotFound),
+                };
+                check_issuable(&task, &lease.agent, now)?;
+                if let Some(lock) = lock_in(&txn, &lease.agent, now)? {
+                    return Err(IssueError::Locked(lock.reason));
+                }
+                if task.started_at.is_none() {
+                    task.started_at = Some(now);
+                    tasks.insert(task_id.as_str(), encode(&task)?.as_slice())?;
+                }
+                txn.open_table(LEASES)?.insert(
+                    (task_id.as_str(), lease.id.as_str()),
+                    encode_lease(&lease)?.as_slice(),
+                )?;
+                txn.open_table(EXPIRY)?.insert(
+                    (
+                        unix_ms_ceil(lease.expires_at),
+                        task_id.as_str(),
+                        lease.id.as_str(),
+                    ),
+                    (),
+                )?;
+                txn.open_table(CREDENTIALS)?.insert(
+                    (task_id.as_str(), lease.credential.as_str()),
+                    lease.id.as_str(),
+                )?;
+                txn.open_table(LEASE_TASKS)?
+                    .insert(lease.id.as_str(), task_id.as_str())?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// [`Store::get_lease`](crate::store::Store::get_lease): the lease `id`, found through
+    /// the lease's task.
+    pub(super) async fn lease_by_id(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+        let id = id.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let Some(task) = txn
+                .open_table(LEASE_TASKS)?
+                .get(id.as_str())?
+                .map(|v| v.value().to_owned())
+            else {
+                return Ok(None);
+            };
+            let leases = txn.open_table(LEASES)?;
+            let got = leases.get((task.as_str(), id.as_str()))?;
+            got.map(|v| decode_lease(v.value())).transpose()
+        })
+        .await
+    }
+
+    /// [`Store::find_lease`](crate::store::Store::find_lease): the lease of `task` whose
+    /// current credential is `credential`.
+    pub(super) async fn lease_by_credential(
+        &self,
+        task: &TaskId,
+        credential: &str,
+    ) -> Result<Option<Lease>, StoreError> {
+        let (task, credential) = (task.to_string(), credential.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let creds = txn.open_table(CREDENTIALS)?;
+            let Some(lease_id) = creds
+                .get((task.as_str(), credential.as_str()))?
+                .map(|v| v.value().to_owned())
+            else {
+                return Ok(None);
+            };
+            let leases = txn.open_table(LEASES)?;
+            let got = leases.get((task.as_str(), lease_id.as_str()))?;
+            got.map(|v| decode_lease(v.value())).transpose()
+        })
+        .await
+    }
+
+    /// [`Store::task_leases`](crate::store::Store::task_leases): every lease of `task`, in
+    /// issuance order.
+    pub(super) async fn leases_of_task(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
+        let task = task.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let leases = txn.open_table(LEASES)?;
+            let mut out = Vec::new();
+            for entry in leases.range((task.as_str(), "")..=(task.as_str(), "~"))? {
+                let (_, v) = entry?;
+                out.push(decode_lease(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// [`Store::renew_lease`](crate::store::Store::renew_lease): re-checks the task, the lease
+    /// and the lock, logs the superseded credential, and files the lease under its new expiry,
+    /// in one transaction.
+    pub(super) async fn renew_credential(
+        &self,
+        id: &LeaseId,
+        credential: &str,
+        expires_at: SystemTime,
+        now: SystemTime,
+    ) -> Result<Lease, IssueError> {
+        let (id, credential) = (id.as_str().to_owned(), credential.to_owned());
+        let renewed = self
+            .blocking(move |db| {
+                let txn = db.begin_write()?;
+                has_epoch(&txn)?;
+                let lease = {
+                    let Some((task_id, mut lease)) = lease_in(&txn, &id)? else {
+                        return Err(IssueError::NotFound);
+                    };
+                    let mut leases = txn.open_table(LEASES)?;
+                    let task = match txn.open_table(TASKS)?.get(task_id.as_str())? {
+                        Some(v) => decode(v.value())?,
+                        None => return Err(IssueError::NotFound),
+                    };
+                    check_issuable(&task, &lease.agent, now)?;
+                    check_renewable(&lease, now)?;
+                    if let Some(lock) = lock_in(&txn, &lease.agent, now)? {
+                        return Err(IssueError::Locked(lock.reason));
+                    }
+                    log_in(&txn, &[Revocation::of(&lease, SUPERSEDED, now)])?;
+                    // Filed again under its new expiry.
+                    let mut expiry = txn.open_table(EXPIRY)?;
+                    unfile(&mut expiry, &task_id, &lease)?;
+                    lease.credential = credential;
+                    lease.expires_at = expires_at;
+                    expiry.insert(
+                        (unix_ms_ceil(expires_at), task_id.as_str(), id.as_str()),
+                        (),
+                    )?;
+                    leases.insert(
+                        (task_id.as_str(), id.as_str()),
+                        encode_lease(&lease)?.as_slice(),
+                    )?;
+                    txn.open_table(CREDENTIALS)?
+                        .insert((task_id.as_str(), lease.credential.as_str()), id.as_str())?;
+                    lease
+                };
+                txn.commit()?;
+                Ok(lease)
+            })
+            .await;
+        if renewed.is_ok() {
+            self.logged();
+        }
+        renewed
+    }
+
+    /// [`Store::revoke_lease`](crate::store::Store::revoke_lease): ends the lease as revoked,
+    /// logs it, and takes it out of the expiry index, in one transaction.
+    pub(super) async fn revoke_by_id(
+        &self,
+        id: &LeaseId,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Lease, UpdateError> {
+        let (id, reason) = (id.as_str().to_owned(), reason.to_owned());
+        let done = self
+            .blocking(move |db| {
+                let txn = db.begin_write()?;
+                let lease = {
+                    let Some((task_id, mut lease)) = lease_in(&txn, &id)? else {
+                        return Err(UpdateError::NotFound);
+                    };
+                    let mut leases = txn.open_table(LEASES)?;
+                    if !lease.revoke(&reason, now) {
+                        return Err(TaskError::Precondition(Unmet::LeaseNotActive).into());
+                    }
+                    log_in(&txn, &[Revocation::of(&lease, &reason, now)])?;
+                    leases.insert(
+                        (task_id.as_str(), id.as_str()),
+                        encode_lease(&lease)?.as_slice(),
+                    )?;
+                    unfile(&mut txn.open_table(EXPIRY)?, &task_id, &lease)?;
+                    lease
+                };
+                txn.commit()?;
+                Ok(lease)
+            })
+            .await;
+        if done.is_ok() {
+            self.logged();
+        }
+        done
+    }
+
+    /// [`Store::expire_leases`](crate::store::Store::expire_leases): ends the due leases found
+    /// through the expiry index, re-filing renewed ones under their new expiry.
+    pub(super) async fn reap_expired(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.blocking(move |db| expire_in(db, now, limit)).await
+    }
+}
+
+/// The body of [`EmbeddedStore::reap_expired`], on the blocking pool.
+fn expire_in(db: &Database, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
+    // Most rounds find nothing due: answer from a read transaction, without a commit.
+    let first_due = db
+        .begin_read()?
+        .open_table(EXPIRY)?
+        .first()?
+        .map(|(k, _)| k.value().0);
+    if first_due.is_none_or(|ms| ms > unix_ms(now)) {
+        return Ok(Vec::new());
+    }
+    let txn = db.begin_write()?;
+    let mut ended = Vec::new();
+    {
+        let mut expiry = txn.open_table(EXPIRY)?;
+        let mut leases = txn.open_table(LEASES)?;
+        let due: Vec<(u64, String, String)> = expiry
+            .range((0, "", "")..=(unix_ms(now), "~", "~"))?
+            .take(limit)
+            .map(|r| {
+                r.map(|(k, _)| {
+                    let (ms, task, lease) = k.value();
+                    (ms, task.to_owned(), lease.to_owned())
+                })
+            })
+            .collect::<Result<_, redb::StorageError>>()?;
+        for (ms, task, id) in due {
+            expiry.remove((ms, task.as_str(), id.as_str()))?;
+            let Some(mut lease) = leases
+                .get((task.as_str(), id.as_str()))?
+                .map(|v| decode_lease(v.value()))
+                .transpose()?
+            else {
+                continue;
+            };
+            if lease.expire(now) {
+                leases.insert(
+                    (task.as_str(), id.as_str()),
+                    encode_lease(&lease)?.as_slice(),
+                )?;
+                ended.push(lease);
+            } else if lease.state == LeaseState::Active {
+                // Renewed since it was filed: file it under its new expiry.
+                expiry.insert(
+                    (unix_ms_ceil(lease.expires_at), task.as_str(), id.as_str()),
+                    (),
+                )?;
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(ended)
+}
+
+/// A file without its epoch marker was replaced (its data lost) since the broker last looked:
+/// nothing is recorded in it until a new epoch begins (see the Redis store's `ISSUE`).
+fn has_epoch(txn: &WriteTransaction) -> Result<(), IssueError> {
+    match txn.open_table(META)?.get("epoch")? {
+        Some(_) => Ok(()),
+        None => Err(IssueError::StoreReset),
+    }
+}
+
+/// The task id and the lease `id`, read inside write transaction `txn`.
+fn lease_in(txn: &WriteTransaction, id: &str) -> Result<Option<(String, Lease)>, StoreError> {
+    let Some(task_id) = txn
+        .open_table(LEASE_TASKS)?
+        .get(id)?
+        .map(|v| v.value().to_owned())
+    else {
+        return Ok(None);
+    };
+    let leases = txn.open_table(LEASES)?;
+    let lease = leases
+        .get((task_id.as_str(), id))?
+        .map(|v| decode_lease(v.value()))
+        .transpose()?;
+    Ok(lease.map(|l| (task_id, l)))
+}
+
+/// Takes `lease` of `task` out of the expiry index (it ended before its expiry): the index holds
+/// exactly the unrevoked leases, and the reaper never visits an ended one.
+fn unfile(
+    expiry: &mut Table<'_, (u64, &'static str, &'static str), ()>,
+    task: &str,
+    lease: &Lease,
+) -> Result<(), StoreError> {
+    expiry.remove((unix_ms_ceil(lease.expires_at), task, lease.id.as_str()))?;
+    Ok(())
+}
+
+/// Revokes every active lease of `task` in `leases` (a table of a write transaction), logs the
+/// revocations, and returns the leases.
+pub(super) fn revoke_active_leases(
+    txn: &WriteTransaction,
+    leases: &mut Table<'_, (&'static str, &'static str), &'static [u8]>,
+    task: &str,
+    reason: &str,
+    at: SystemTime,
+) -> Result<Vec<Lease>, StoreError> {
+    Ok(revoke_some_active_leases(txn, leases, task, reason, at, usize::MAX)?.0)
+}
+
+/// Revokes up to `limit` active leases of `task`; returns them and how many active ones are
+/// left.
+pub(super) fn revoke_some_active_leases(
+    txn: &WriteTransaction,
+    leases: &mut Table<'_, (&'static str, &'static str), &'static [u8]>,
+    task: &str,
+    reason: &str,
+    at: SystemTime,
+    limit: usize,
+) -> Result<(Vec<Lease>, usize), StoreError> {
+    let mut active: Vec<Lease> = Vec::new();
+    let mut left = 0;
+    for entry in leases.range((task, "")..=(task, "~"))? {
+        let (_, v) = entry?;
+        let lease = decode_lease(v.value())?;
+        if lease.state == LeaseState::Active {
+            if active.len() < limit {
+                active.push(lease);
+            } else {
+                left += 1;
+            }
+        }
+    }
+    let mut expiry = txn.open_table(EXPIRY)?;
+    for lease in &mut active {
+        lease.revoke(reason, at);
+        leases.insert((task, lease.id.as_str()), encode_lease(lease)?.as_slice())?;
+        unfile(&mut expiry, task, lease)?;
+    }
+    let logged: Vec<Revocation> = active
+        .iter()
+        .map(|l| Revocation::of(l, reason, at))
+        .collect();
+    log_in(txn, &logged)?;
+    Ok((active, left))
+}

@@ -1,0 +1,171 @@
+//! Agent locks: setting one (locks only grow), the sweep that ends a locked agent's open tasks
+//! and live leases in bounded steps, lifting one, and reading them.
+
+use std::time::{Duration, SystemTime};
+
+use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
+
+use super::EmbeddedStore;
+use super::leases::revoke_some_active_leases;
+use super::tables::{BY_EXECUTOR, ENDED, LEASES, LOCKS, TASKS, from_json, to_json};
+use crate::identity::WorkloadId;
+use crate::lease::{Lock, Swept};
+use crate::store::{StoreError, decode, encode, unix_ms};
+
+impl EmbeddedStore {
+    /// [`Store::lock_agent`](crate::store::Store::lock_agent): writes `lock` unless one in
+    /// force ends later; returns the lock in force.
+    pub(super) async fn put_lock(&self, lock: &Lock) -> Result<Lock, StoreError> {
+        let lock = lock.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            let in_force = {
+                let agent = lock.agent.as_str();
+                let mut locks = txn.open_table(LOCKS)?;
+                let current: Option<Lock> = locks
+                    .get(agent)?
+                    .map(|v| from_json(v.value(), format_args!("lock of {agent}")))
+                    .transpose()?;
+                // Locks only grow: one in force that ends later (or never) stays.
+                match current {
+                    Some(c) if c.outlasts(&lock, lock.at) => c,
+                    _ => {
+                        let json = to_json(&lock, "encoding lock")?;
+                        locks.insert(agent, json.as_slice())?;
+                        lock.clone()
+                    }
+                }
+            };
+            txn.commit()?;
+            Ok(in_force)
+        })
+        .await
+    }
+
+    /// [`Store::sweep_lock`](crate::store::Store::sweep_lock): one bounded step of ending the
+    /// locked agent's open tasks and live leases.
+    pub(super) async fn sweep_locked_agent(
+        &self,
+        agent: &WorkloadId,
+        reason: &str,
+        at: SystemTime,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<Swept, StoreError> {
+        // One node: the sweep walks the agent's tasks as executor (its history too), ending
+        // up to `limit` tasks and leases per transaction.
+        let (agent, reason) = (agent.as_str().to_owned(), reason.to_owned());
+        let done = self
+            .blocking(move |db| {
+                let txn = db.begin_write()?;
+                let mut swept = Swept::default();
+                {
+                    let task_ids: Vec<String> = txn
+                        .open_table(BY_EXECUTOR)?
+                        .range((agent.as_str(), "")..=(agent.as_str(), "~"))?
+                        .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
+                        .collect::<Result<_, redb::StorageError>>()?;
+                    let mut tasks = txn.open_table(TASKS)?;
+                    let mut leases = txn.open_table(LEASES)?;
+                    let mut ended = txn.open_table(ENDED)?;
+                    for id in task_ids {
+                        let Some(mut task) = tasks
+                            .get(id.as_str())?
+                            .map(|v| decode(v.value()))
+                            .transpose()?
+                        else {
+                            continue;
+                        };
+                        if !task.state.is_terminal() && swept.tasks.len() >= limit {
+                            swept.remaining += 1;
+                        } else if task.revoke(&reason, at) {
+                            tasks.insert(id.as_str(), encode(&task)?.as_slice())?;
+                            ended.insert((unix_ms(at + retention), id.as_str()), ())?;
+                            swept.tasks.push(task.id);
+                        }
+                        let budget = limit.saturating_sub(swept.leases.len());
+                        let (revoked, left) =
+                            revoke_some_active_leases(&txn, &mut leases, &id, &reason, at, budget)?;
+                        swept.leases.extend(revoked);
+                        swept.remaining += left;
+                    }
+                }
+                txn.commit()?;
+                Ok(swept)
+            })
+            .await;
+        if done.as_ref().is_ok_and(|s| !s.leases.is_empty()) {
+            self.logged();
+        }
+        done
+    }
+
+    /// [`Store::unlock_agent`](crate::store::Store::unlock_agent): removes the lock of `agent`
+    /// and returns it.
+    pub(super) async fn remove_lock(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
+        let agent = agent.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            let removed = txn
+                .open_table(LOCKS)?
+                .remove(agent.as_str())?
+                .map(|v| from_json::<Lock>(v.value(), format_args!("lock of {agent}")))
+                .transpose()?;
+            txn.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// [`Store::agent_lock`](crate::store::Store::agent_lock): the lock of `agent` if it holds
+    /// at `now`.
+    pub(super) async fn read_lock(
+        &self,
+        agent: &WorkloadId,
+        now: SystemTime,
+    ) -> Result<Option<Lock>, StoreError> {
+        let agent = agent.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let lock = txn
+                .open_table(LOCKS)?
+                .get(agent.as_str())?
+                .map(|v| from_json::<Lock>(v.value(), format_args!("lock of {agent}")))
+                .transpose()?;
+            Ok(lock.filter(|l| l.holds_at(now)))
+        })
+        .await
+    }
+
+    /// [`Store::list_locks`](crate::store::Store::list_locks): every lock that holds at `now`.
+    pub(super) async fn read_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let locks = txn.open_table(LOCKS)?;
+            let mut out = Vec::new();
+            for entry in locks.iter()? {
+                let (_, v) = entry?;
+                let lock: Lock = from_json(v.value(), "lock")?;
+                if lock.holds_at(now) {
+                    out.push(lock);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// The lock of `agent` that holds at `now`, read inside write transaction `txn`.
+pub(super) fn lock_in(
+    txn: &WriteTransaction,
+    agent: &WorkloadId,
+    now: SystemTime,
+) -> Result<Option<Lock>, StoreError> {
+    let locks = txn.open_table(LOCKS)?;
+    let Some(v) = locks.get(agent.as_str())? else {
+        return Ok(None);
+    };
+    let lock: Lock = from_json(v.value(), format_args!("lock of {agent}"))?;
+    Ok(lock.holds_at(now).then_some(lock))
+}

@@ -1,0 +1,283 @@
+//! Tasks: creating one with its index entries, listing them through the narrowest index,
+//! changing one inside a write transaction, ending one with its leases, forgetting a deadline,
+//! and pruning ended tasks with their history (and claims past their expiry).
+
+use std::time::{Duration, SystemTime};
+
+use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
+
+use super::EmbeddedStore;
+use super::leases::revoke_active_leases;
+use super::tables::{
+    BY_EXECUTOR, BY_REQUESTER, CLAIMS, CREDENTIALS, DEADLINES, ENDED, LEASE_TASKS, LEASES, TASKS,
+};
+use crate::lease::Lease;
+use crate::store::{
+    StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode, encode, task_ended_reason,
+    unix_ms, unix_ms_ceil,
+};
+use crate::task::{Task, TaskError, TaskId, Unmet};
+
+impl EmbeddedStore {
+    /// [`Store::create_task`](crate::store::Store::create_task): the task, its executor and
+    /// requester index entries and its deadline, in one transaction.
+    pub(super) async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+        let task = task.clone();
+        self.blocking(move |db| {
+            let bytes = encode(&task)?;
+            let id = task.id.to_string();
+            let txn = db.begin_write()?;
+            {
+                let mut tasks = txn.open_table(TASKS)?;
+                if tasks.get(id.as_str())?.is_some() {
+                    return Err(StoreError::Exists(task.id));
+                }
+                tasks.insert(id.as_str(), bytes.as_slice())?;
+                txn.open_table(BY_EXECUTOR)?
+                    .insert((task.executor.as_str(), id.as_str()), ())?;
+                txn.open_table(BY_REQUESTER)?
+                    .insert((task.requester.as_str(), id.as_str()), ())?;
+                txn.open_table(DEADLINES)?
+                    .insert((unix_ms_ceil(task.deadline), id.as_str()), ())?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// [`Store::list_tasks`](crate::store::Store::list_tasks): a page of tasks, newest first.
+    pub(super) async fn scan_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+        let query = query.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let tasks = txn.open_table(TASKS)?;
+            let before = query.before.map(|b| b.to_string());
+            // Candidate ids, newest first, from the narrowest index available.
+            let ids: Box<dyn Iterator<Item = Result<String, StoreError>>> =
+                match (&query.executor, &query.requester) {
+                    (Some(who), _) | (None, Some(who)) => {
+                        let table = if query.executor.is_some() {
+                            BY_EXECUTOR
+                        } else {
+                            BY_REQUESTER
+                        };
+                        let index = txn.open_table(table)?;
+                        let who = who.as_str().to_owned();
+                        let end = before.clone().unwrap_or_else(|| "~".into());
+                        let range =
+                            index.range((who.as_str(), "")..(who.as_str(), end.as_str()))?;
+                        Box::new(
+                            range
+                                .rev()
+                                .map(|r| Ok::<_, StoreError>(r?.0.value().1.to_owned()))
+                                .take(query.max_scan.saturating_add(1))
+                                .collect::<Vec<_>>()
+                                .into_iter(),
+                        )
+                    }
+                    (None, None) => {
+                        let range = match &before {
+                            Some(b) => tasks.range(..b.as_str()),
+                            None => tasks.range::<&str>(..),
+                        }?;
+                        Box::new(
+                            range
+                                .rev()
+                                .map(|r| Ok::<_, StoreError>(r?.0.value().to_owned()))
+                                .take(query.max_scan.saturating_add(1))
+                                .collect::<Vec<_>>()
+                                .into_iter(),
+                        )
+                    }
+                };
+            let mut page = TaskPage::default();
+            let mut last = None;
+            for (scanned, id) in ids.enumerate() {
+                let id = id?;
+                if page.tasks.len() >= query.limit || scanned >= query.max_scan {
+                    page.next = last
+                        .map(|l: String| TaskId::parse(&l))
+                        .transpose()
+                        .ok()
+                        .flatten();
+                    break;
+                }
+                if let Some(v) = tasks.get(id.as_str())? {
+                    let task = decode(v.value())?;
+                    if query.matches(&task) {
+                        page.tasks.push(task);
+                    }
+                }
+                last = Some(id);
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    /// [`Store::end_task`](crate::store::Store::end_task): the change, which must end the task,
+    /// and the revocation of its active leases, in one transaction.
+    pub(super) async fn end_task_and_leases(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<(Task, Vec<Lease>), UpdateError> {
+        let key = id.to_string();
+        let done = self
+            .blocking(move |db| {
+                let txn = db.begin_write()?;
+                let result = {
+                    let next = change_in(&txn, &key, &change, retention)?;
+                    let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
+                        // Not committed: the change is dropped.
+                        return Err(TaskError::Precondition(Unmet::NotAnEnd).into());
+                    };
+                    let reason = task_ended_reason(&next);
+                    let mut leases = txn.open_table(LEASES)?;
+                    let active = revoke_active_leases(&txn, &mut leases, &key, &reason, ended)?;
+                    (next, active)
+                };
+                txn.commit()?;
+                Ok(result)
+            })
+            .await;
+        if done.is_ok() {
+            self.logged();
+        }
+        done
+    }
+
+    /// [`Store::overdue_tasks`](crate::store::Store::overdue_tasks): up to `limit` tasks filed
+    /// under a deadline at or before `now`, earliest first.
+    pub(super) async fn due_tasks(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(DEADLINES)?;
+            let mut due = Vec::new();
+            for entry in table.range((0, "")..=(unix_ms(now), "~"))?.take(limit) {
+                let (k, _) = entry?;
+                if let Ok(id) = TaskId::parse(k.value().1) {
+                    due.push(id);
+                }
+            }
+            Ok(due)
+        })
+        .await
+    }
+
+    /// [`Store::forget_deadline`](crate::store::Store::forget_deadline): drops the task's entry
+    /// from the index of deadlines.
+    pub(super) async fn unfile_deadline(&self, id: &TaskId) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            {
+                let deadline = match txn.open_table(TASKS)?.get(id.as_str())? {
+                    Some(v) => Some(decode(v.value())?.deadline),
+                    None => None,
+                };
+                let mut table = txn.open_table(DEADLINES)?;
+                match deadline {
+                    Some(d) => {
+                        table.remove((unix_ms_ceil(d), id.as_str()))?;
+                    }
+                    // Pruned: find it by id (rare; the index is small).
+                    None => {
+                        table.retain(|(_, task), ()| task != id.as_str())?;
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// [`Store::prune_ended`](crate::store::Store::prune_ended): deletes the tasks that ended
+    /// before `ended_before` with their index entries and leases, and the claims past their
+    /// expiry.
+    pub(super) async fn prune_ended_tasks(
+        &self,
+        ended_before: SystemTime,
+    ) -> Result<usize, StoreError> {
+        let cutoff = unix_ms(ended_before);
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            let mut pruned = 0;
+            {
+                let mut ended = txn.open_table(ENDED)?;
+                let mut tasks = txn.open_table(TASKS)?;
+                let mut by_executor = txn.open_table(BY_EXECUTOR)?;
+                let mut by_requester = txn.open_table(BY_REQUESTER)?;
+                let mut leases = txn.open_table(LEASES)?;
+                let mut credentials = txn.open_table(CREDENTIALS)?;
+                let mut lease_tasks = txn.open_table(LEASE_TASKS)?;
+                let due: Vec<(u64, String)> = ended
+                    .range((0, "")..(cutoff, ""))?
+                    .map(|r| r.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+                    .collect::<Result<_, redb::StorageError>>()?;
+                for (at, id) in due {
+                    ended.remove((at, id.as_str()))?;
+                    let Some(task) = tasks
+                        .remove(id.as_str())?
+                        .map(|v| decode(v.value()))
+                        .transpose()?
+                    else {
+                        continue;
+                    };
+                    by_executor.remove((task.executor.as_str(), id.as_str()))?;
+                    by_requester.remove((task.requester.as_str(), id.as_str()))?;
+                    let range = (id.as_str(), "")..=(id.as_str(), "~");
+                    let lease_ids: Vec<String> = leases
+                        .range(range.clone())?
+                        .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
+                        .collect::<Result<_, redb::StorageError>>()?;
+                    for lease in &lease_ids {
+                        lease_tasks.remove(lease.as_str())?;
+                    }
+                    leases.retain_in(range.clone(), |_, _| false)?;
+                    credentials.retain_in(range, |_, _| false)?;
+                    pruned += 1;
+                }
+            }
+            // Claims past their expiry (Redis drops its own).
+            let now = unix_ms(SystemTime::now());
+            txn.open_table(CLAIMS)?
+                .retain(|_, (until, _)| until > now)?;
+            txn.commit()?;
+            Ok(pruned)
+        })
+        .await
+    }
+}
+
+/// Applies `change` to task `key` inside write transaction `txn` and writes the result; a task
+/// this change ends is filed to be pruned `retention` after it ended. Returns the task as
+/// changed. Nothing is kept unless the caller commits.
+pub(super) fn change_in(
+    txn: &WriteTransaction,
+    key: &str,
+    change: &TaskChange,
+    retention: Duration,
+) -> Result<Task, UpdateError> {
+    let mut tasks = txn.open_table(TASKS)?;
+    let current = match tasks.get(key)? {
+        Some(v) => decode(v.value())?,
+        None => return Err(UpdateError::NotFound),
+    };
+    let mut next = current.clone();
+    change(&mut next)?;
+    tasks.insert(key, encode(&next)?.as_slice())?;
+    if let (None, Some(ended)) = (current.ended_at, next.ended_at) {
+        // Kept for `retention` after it ends: index by the time it may be pruned.
+        txn.open_table(ENDED)?
+            .insert((unix_ms(ended + retention), key), ())?;
+    }
+    Ok(next)
+}

@@ -1,0 +1,157 @@
+//! Agent locks in Redis: writing a lock (locks only grow), the bounded sweep that ends what a
+//! locked agent holds, lifting a lock, and reading the locks in force.
+
+use std::time::{Duration, SystemTime};
+
+use redis::AsyncCommands as _;
+
+use super::keys::{
+    EXPIRY, LOCKS, REVOCATIONS, lease_prefix_template, live_key, lock_key, lock_key_of, open_key,
+    task_template,
+};
+use super::{RedisStore, unavailable, write_failed};
+use crate::identity::WorkloadId;
+use crate::lease::{Lock, Swept};
+use crate::store::{StoreError, unix_ms};
+use crate::task::TaskId;
+
+impl RedisStore {
+    /// [`Store::lock_agent`](crate::store::Store::lock_agent): one script; the lock in force
+    /// comes back.
+    pub(super) async fn write_lock(&self, lock: &Lock) -> Result<Lock, StoreError> {
+        let mut conn = self.conn().await?;
+        let json = serde_json::to_vec(lock)
+            .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
+        let in_force: String = self
+            .scripts
+            .lock
+            .key(lock_key(&lock.agent))
+            .key(LOCKS)
+            .arg(json)
+            .arg(unix_ms(lock.at))
+            .arg(
+                lock.until
+                    .map(|u| unix_ms(u).to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(lock.agent.as_str())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| write_failed(&e))?;
+        serde_json::from_str(&in_force)
+            .map_err(|e| StoreError::Corrupt(format!("lock of {}: {e}", lock.agent)))
+    }
+
+    /// [`Store::sweep_lock`](crate::store::Store::sweep_lock): one bounded step, one script.
+    pub(super) async fn sweep_step(
+        &self,
+        agent: &WorkloadId,
+        reason: &str,
+        at: SystemTime,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<Swept, StoreError> {
+        let mut conn = self.conn().await?;
+        let outcome: Vec<String> = self
+            .scripts
+            .sweep
+            .key(open_key(agent.as_str()))
+            .key(live_key(agent.as_str()))
+            .key(EXPIRY)
+            .key(REVOCATIONS)
+            .arg(unix_ms(at))
+            .arg(reason)
+            .arg(unix_ms(at + retention))
+            .arg(limit.max(1))
+            .arg(task_template())
+            .arg(lease_prefix_template())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| write_failed(&e))?;
+        // {remaining, tasks..., '|', 'task/lease'...}
+        let Some((remaining, outcome)) = outcome.split_first() else {
+            return Err(StoreError::Corrupt("lock sweep: empty answer".into()));
+        };
+        let remaining = remaining
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("lock sweep: {remaining:?} left")))?;
+        let (tasks, leases) = match outcome.iter().position(|i| i == "|") {
+            Some(bar) => (&outcome[..bar], &outcome[bar + 1..]),
+            None => (outcome, &[][..]),
+        };
+        let pairs: Vec<(&str, &str)> = leases
+            .iter()
+            .filter_map(|item| item.split_once('/'))
+            .collect();
+        Ok(Swept {
+            tasks: tasks.iter().filter_map(|t| TaskId::parse(t).ok()).collect(),
+            leases: self.read_leases(&mut conn, &pairs).await?,
+            remaining,
+        })
+    }
+
+    /// [`Store::unlock_agent`](crate::store::Store::unlock_agent): the lock that was lifted.
+    pub(super) async fn lift_lock(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (lock, _, _): (Option<Vec<u8>>, i64, i64) = redis::pipe()
+            .atomic()
+            .get(lock_key(agent))
+            .del(lock_key(agent))
+            .srem(LOCKS, agent.as_str())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| write_failed(&e))?;
+        lock.map(|l| serde_json::from_slice(&l))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))
+    }
+
+    /// [`Store::agent_lock`](crate::store::Store::agent_lock): the agent's lock if it holds at
+    /// `now`.
+    pub(super) async fn lock_in_force(
+        &self,
+        agent: &WorkloadId,
+        now: SystemTime,
+    ) -> Result<Option<Lock>, StoreError> {
+        let mut conn = self.conn().await?;
+        let lock: Option<Vec<u8>> = conn
+            .get(lock_key(agent))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let lock = lock
+            .map(|l| serde_json::from_slice::<Lock>(&l))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
+        Ok(lock.filter(|l| l.holds_at(now)))
+    }
+
+    /// [`Store::list_locks`](crate::store::Store::list_locks): the locks that hold at `now`;
+    /// agents whose lock expired are dropped from [`LOCKS`].
+    pub(super) async fn locks_in_force(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
+        let mut conn = self.conn().await?;
+        let agents: Vec<String> = conn.smembers(LOCKS).await.map_err(|e| unavailable(&e))?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for agent in agents {
+            let lock: Option<Vec<u8>> = conn
+                .get(lock_key_of(&agent))
+                .await
+                .map_err(|e| unavailable(&e))?;
+            match lock {
+                Some(l) => {
+                    let lock: Lock = serde_json::from_slice(&l)
+                        .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))?;
+                    if lock.holds_at(now) {
+                        out.push(lock);
+                    }
+                }
+                // Lifted by its own expiry.
+                None => gone.push(agent),
+            }
+        }
+        if !gone.is_empty() {
+            let _: Result<i64, _> = conn.srem(LOCKS, &gone).await;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,71 @@
+//! The Lua scripts of the Redis store: every multi-step change, one script each, kept as files in
+//! `lua/` (each opens with what it takes as `KEYS` and `ARGV` and what it returns) and built once
+//! into [`Scripts`]. Helpers (`lua/log_revocation.lua`, `lua/revoke.lua`,
+//! `lua/lease_agent.lua`) are prepended to the scripts that call them, so that the revocation
+//! step is written once. Scripts take every key they can as `KEYS`, and the ones they can only
+//! build from what they read as templates from [`super::keys`].
+
+use redis::Script;
+
+/// Appends a revocation to the log (`log_revocation`).
+const LOG_REVOCATION: &str = include_str!("lua/log_revocation.lua");
+/// Ends one lease as revoked (`revoke_lease`); needs [`LOG_REVOCATION`] before it.
+const REVOKE: &str = include_str!("lua/revoke.lua");
+/// The agent of a lease (`lease_agent`).
+const LEASE_AGENT: &str = include_str!("lua/lease_agent.lua");
+
+/// The scripts, each loaded by redis-rs on first use (`EVALSHA`, then `EVAL` if the server does
+/// not know it).
+pub(super) struct Scripts {
+    /// Writes a new task (`lua/create.lua`).
+    pub(super) create: Script,
+    /// Replaces a task at the version read (`lua/compare_and_set.lua`).
+    pub(super) cas: Script,
+    /// Records a lease (`lua/issue.lua`).
+    pub(super) issue: Script,
+    /// Ends a task and revokes its active leases (`lua/end_task.lua`).
+    pub(super) end_task: Script,
+    /// Gives a lease a new credential (`lua/renew.lua`).
+    pub(super) renew: Script,
+    /// Revokes one lease (`lua/revoke_lease.lua`).
+    pub(super) revoke_lease: Script,
+    /// Locks an agent (`lua/lock.lua`).
+    pub(super) lock: Script,
+    /// One bounded step of a lock's sweep (`lua/sweep.lua`).
+    pub(super) sweep: Script,
+    /// Claims one due lease and ends it as expired (`lua/expire.lua`).
+    pub(super) expire: Script,
+    /// Deletes a claim still holding a value (`lua/release_claim.lua`).
+    pub(super) release: Script,
+    /// Replaces a claim still holding a value (`lua/swap_claim.lua`).
+    pub(super) swap: Script,
+}
+
+impl Scripts {
+    /// The scripts, with their helpers prepended.
+    pub(super) fn new() -> Self {
+        Self {
+            create: Script::new(include_str!("lua/create.lua")),
+            cas: Script::new(include_str!("lua/compare_and_set.lua")),
+            issue: Script::new(include_str!("lua/issue.lua")),
+            end_task: with_helpers(&[LOG_REVOCATION, REVOKE], include_str!("lua/end_task.lua")),
+            renew: with_helpers(&[LOG_REVOCATION], include_str!("lua/renew.lua")),
+            revoke_lease: with_helpers(
+                &[LOG_REVOCATION, REVOKE],
+                include_str!("lua/revoke_lease.lua"),
+            ),
+            lock: Script::new(include_str!("lua/lock.lua")),
+            sweep: with_helpers(&[LOG_REVOCATION, REVOKE], include_str!("lua/sweep.lua")),
+            expire: with_helpers(&[LEASE_AGENT], include_str!("lua/expire.lua")),
+            release: Script::new(include_str!("lua/release_claim.lua")),
+            swap: Script::new(include_str!("lua/swap_claim.lua")),
+        }
+    }
+}
+
+/// A script that begins with the helper functions it calls.
+fn with_helpers(helpers: &[&str], body: &str) -> Script {
+    let mut code = helpers.concat();
+    code.push_str(body);
+    Script::new(&code)
+}

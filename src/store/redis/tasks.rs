@@ -1,0 +1,260 @@
+//! Tasks in Redis: creating one with its index entries, reading it (JSON and overlay), the
+//! compare-and-set update and the end of a task with its leases, and listing by index.
+
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use redis::aio::ConnectionManager;
+
+use super::codec::{TASK_FIELDS, TaskFields, TaskRecord};
+use super::keys::{
+    ALL_TASKS, DEADLINES, EXPIRY, REVOCATIONS, cred_prefix, executor_key, lease_prefix, leases_key,
+    live_key, open_key, requester_key, task_key,
+};
+use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
+use crate::lease::Lease;
+use crate::store::{
+    StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, encode, task_ended_reason, unix_ms,
+    unix_ms_ceil,
+};
+use crate::task::{Task, TaskError, TaskId, Unmet};
+
+/// Ids read from an index per round trip when listing.
+const LIST_BATCH: usize = 64;
+
+impl RedisStore {
+    /// [`Store::create_task`](crate::store::Store::create_task): the index entries, then the task.
+    pub(super) async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let id = task.id.to_string();
+        let data = encode(task)?;
+        // Index entries first: if the create below fails they point nowhere and are skipped.
+        redis::pipe()
+            .zadd(ALL_TASKS, &id, 0)
+            .ignore()
+            .zadd(executor_key(task.executor.as_str()), &id, 0)
+            .ignore()
+            .zadd(requester_key(task.requester.as_str()), &id, 0)
+            .ignore()
+            .zadd(DEADLINES, &id, unix_ms_ceil(task.deadline))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let created: i64 = self
+            .scripts
+            .create
+            .key(task_key(&id))
+            .key(open_key(task.executor.as_str()))
+            .arg(data)
+            .arg(&id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| write_failed(&e))?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Exists(task.id))
+        }
+    }
+
+    /// Reads a task and its version; `None` when it does not exist.
+    pub(super) async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        id: &str,
+    ) -> Result<Option<(String, Task)>, StoreError> {
+        let TaskRecord { version, fields }: TaskRecord = redis::cmd("HMGET")
+            .arg(task_key(id))
+            .arg("v")
+            .arg(&TASK_FIELDS)
+            .query_async(conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some(version) = version else {
+            return Ok(None);
+        };
+        Ok(fields.into_task()?.map(|task| (version, task)))
+    }
+
+    /// [`Store::update_task`](crate::store::Store::update_task): the change applied to the task
+    /// as read, written if nobody changed it since; else read again, up to [`CAS_ATTEMPTS`]
+    /// times.
+    pub(super) async fn compare_and_set_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<Task, UpdateError> {
+        let mut conn = self.conn().await?;
+        let key = id.to_string();
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((version, current)) = self.read(&mut conn, &key).await? else {
+                return Err(UpdateError::NotFound);
+            };
+            let mut next = current.clone();
+            change(&mut next)?;
+            let next_version = version
+                .parse::<u64>()
+                .map_err(|_| StoreError::Corrupt(format!("task {key}: bad version")))?
+                + 1;
+            let expire_at = match (current.ended_at, next.ended_at) {
+                (None, Some(ended)) => unix_ms(ended + retention).to_string(),
+                _ => String::new(),
+            };
+            let applied: i64 = self
+                .scripts
+                .cas
+                .key(task_key(&key))
+                .key(open_key(next.executor.as_str()))
+                .arg(&version)
+                .arg(next_version)
+                .arg(encode(&next)?)
+                .arg(expire_at)
+                .arg(if next.state.is_terminal() { "1" } else { "" })
+                .arg(&key)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| write_failed(&e))?;
+            match applied {
+                1 => return Ok(next),
+                -1 => return Err(UpdateError::NotFound),
+                _ => continue, // another writer changed it: apply the change to its version
+            }
+        }
+        Err(StoreError::Contention(*id).into())
+    }
+
+    /// [`Store::end_task`](crate::store::Store::end_task): the change, which must end the task,
+    /// and the revocation of its active leases in one script, retried like
+    /// [`Self::compare_and_set_task`].
+    pub(super) async fn end_task_and_leases(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<(Task, Vec<Lease>), UpdateError> {
+        let mut conn = self.conn().await?;
+        let key = id.to_string();
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((version, current)) = self.read(&mut conn, &key).await? else {
+                return Err(UpdateError::NotFound);
+            };
+            let mut next = current.clone();
+            change(&mut next)?;
+            let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
+                return Err(TaskError::Precondition(Unmet::NotAnEnd).into());
+            };
+            let next_version = version
+                .parse::<u64>()
+                .map_err(|_| StoreError::Corrupt(format!("task {key}: bad version")))?
+                + 1;
+            let expire_at = if current.ended_at.is_none() {
+                unix_ms(ended + retention).to_string()
+            } else {
+                String::new()
+            };
+            let outcome: Vec<String> = self
+                .scripts
+                .end_task
+                .key(task_key(&key))
+                .key(leases_key(&key))
+                .key(EXPIRY)
+                .key(live_key(current.executor.as_str()))
+                .key(open_key(current.executor.as_str()))
+                .key(REVOCATIONS)
+                .arg(&version)
+                .arg(next_version)
+                .arg(encode(&next)?)
+                .arg(expire_at)
+                .arg(unix_ms(ended))
+                .arg(task_ended_reason(&next))
+                .arg(lease_prefix(&key))
+                .arg(cred_prefix(&key))
+                .arg(&key)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| write_failed(&e))?;
+            let revoked = match outcome.split_first() {
+                Some((status, revoked)) if status == "ok" => revoked,
+                Some((status, _)) if status == "missing" => return Err(UpdateError::NotFound),
+                _ => continue, // the task changed since it was read: apply the change again
+            };
+            let pairs: Vec<(&str, &str)> =
+                revoked.iter().map(|l| (key.as_str(), l.as_str())).collect();
+            return Ok((next, self.read_leases(&mut conn, &pairs).await?));
+        }
+        Err(StoreError::Contention(*id).into())
+    }
+
+    /// [`Store::list_tasks`](crate::store::Store::list_tasks): walks the index the query names,
+    /// newest first, [`LIST_BATCH`] ids per round trip.
+    pub(super) async fn scan_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+        let mut conn = self.conn().await?;
+        let index = match (&query.executor, &query.requester) {
+            (Some(e), _) => executor_key(e.as_str()),
+            (None, Some(r)) => requester_key(r.as_str()),
+            (None, None) => ALL_TASKS.to_owned(),
+        };
+        let mut page = TaskPage::default();
+        let mut upper = query
+            .before
+            .map_or_else(|| "+".to_owned(), |b| format!("({b}"));
+        let mut scanned = 0usize;
+        loop {
+            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(&index)
+                .arg(&upper)
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(LIST_BATCH)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            if ids.is_empty() {
+                return Ok(page);
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET").arg(task_key(id)).arg(&TASK_FIELDS);
+            }
+            let data: Vec<TaskFields> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let mut dangling = Vec::new();
+            for (id, data) in ids.iter().zip(data) {
+                if page.tasks.len() >= query.limit || scanned >= query.max_scan {
+                    // Continue after the last id examined.
+                    page.next = TaskId::parse(upper.trim_start_matches('(')).ok();
+                    self.drop_dangling(&mut conn, &index, &dangling).await;
+                    return Ok(page);
+                }
+                scanned += 1;
+                upper = format!("({id}");
+                match data.into_task()? {
+                    Some(task) => {
+                        if query.matches(&task) {
+                            page.tasks.push(task);
+                        }
+                    }
+                    None => dangling.push(id.clone()),
+                }
+            }
+            self.drop_dangling(&mut conn, &index, &dangling).await;
+            if ids.len() < LIST_BATCH {
+                return Ok(page);
+            }
+        }
+    }
+
+    /// Removes index entries whose task no longer exists (pruned, or a create that failed after
+    /// writing its index entries). Best effort: a failure leaves them for the next reader.
+    async fn drop_dangling(&self, conn: &mut ConnectionManager, key: &str, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let _: Result<i64, _> = conn.zrem(key, ids).await;
+    }
+}

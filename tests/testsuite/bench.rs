@@ -1,0 +1,97 @@
+//! `taskcred bench` runs end to end (short windows, debug build: the figures mean nothing here,
+//! only that every one is measured without a failed call and reported with its floor).
+#[test]
+fn bench_reports_every_figure_with_its_floor() {
+    let (code, out, err) = crate::common::run(&[
+        "--json",
+        "bench",
+        "--quick",
+        "--seconds",
+        "0.5",
+        "--concurrency",
+        "8",
+        "--channels",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["store"], "redis", "tests have redis-server on PATH");
+    for figure in [
+        "noop",
+        "issue_token",
+        "issue_token_es256",
+        "issue_token_embedded",
+        "issue_certificate",
+        "introspect",
+        "ci_exchange_fresh_tls",
+    ] {
+        let f = &report[figure];
+        assert!(f["per_sec"].as_f64().unwrap() > 0.0, "{figure}: {f}");
+        assert_eq!(f["errors"], 0, "{figure}: {f}");
+        for q in ["p50_ms", "p99_ms", "p999_ms"] {
+            assert!(f[q].as_f64().is_some(), "{figure}.{q}");
+        }
+    }
+    for ratio in [
+        "ratio_to_noop",
+        "ratio_to_sign_ed25519",
+        "ratio_to_redis_lease_write",
+    ] {
+        assert!(
+            report["issue_token"][ratio].as_f64().unwrap() > 0.0,
+            "{ratio}"
+        );
+    }
+    for floor in [
+        "noop_per_sec",
+        "sign_ed25519_per_sec",
+        "sign_p256_per_sec",
+        "redis_lease_write_per_sec",
+    ] {
+        assert!(report["floors"][floor].as_f64().unwrap() > 0.0, "{floor}");
+    }
+    assert!(
+        report.get("force_revoke_10k_ms").is_none(),
+        "--quick has no scale runs"
+    );
+}
+
+/// The scale runs, small: every lease of the locked agent introspects inactive after the lock,
+/// the reaper ends what expires, and the memory and CPU figures are there.
+#[test]
+fn the_scale_runs_report_their_figures() {
+    let (code, out, err) = crate::common::run(&[
+        "--json",
+        "bench",
+        "--quick",
+        "--scale",
+        "true",
+        "--scale-leases",
+        "3000",
+        "--revoke-leases",
+        "300",
+        "--seconds",
+        "0.3",
+        "--concurrency",
+        "4",
+        "--channels",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["force_revoke_leases"], 300);
+    assert!(
+        r["force_revoke_10k_revoked"].as_u64().unwrap() >= 300,
+        "{r}"
+    );
+    assert_eq!(r["force_revoke_10k_inactive"], 300, "{r}");
+    assert!(r["force_revoke_10k_ms"].as_f64().unwrap() > 0.0);
+    let per_lease = r["redis_bytes_per_lease"].as_f64().unwrap();
+    assert!(per_lease > 50.0 && per_lease < 10_000.0, "{per_lease}");
+    assert!(r["reaper_lag_p99_ms"].as_f64().is_some());
+    assert!(r["broker_rss_bytes_after"].as_u64().unwrap() > 0);
+    assert!(r["broker_idle_cpu_percent"].as_f64().is_some());
+    // What expired in the window was reaped (every one, and nothing else).
+    assert_eq!(r["scale_expiring"], 3000);
+    assert_eq!(r["scale_reaped"], r["scale_expiring"], "{r}");
+}

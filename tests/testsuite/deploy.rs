@@ -1,0 +1,336 @@
+//! deploy/ as CI can check it without a container runtime or a cluster: every YAML file parses;
+//! the Kubernetes manifests run 2+ probed replicas with a disruption budget, keys from Secrets
+//! and the shipped policies; Compose runs Redis with AOF and two replicas; the configurations
+//! they carry build a broker; the Dockerfile builds with the README's command on the crate's
+//! Rust; the systemd unit passes `systemd-analyze verify` (where systemd is); the Grafana
+//! dashboard only charts series the broker exports.
+use std::path::{Path, PathBuf};
+
+use taskcred::app::App;
+use taskcred::config::{self, Overrides, Source};
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn yaml(path: &str) -> Vec<Yaml> {
+    YamlLoader::load_from_str(&read(path))
+        .unwrap_or_else(|e| panic!("{path} does not parse: {e}"))
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn str_of<'a>(y: &'a Yaml, what: &str) -> &'a str {
+    y.as_str()
+        .unwrap_or_else(|| panic!("{what} is not a string: {y:?}"))
+}
+
+/// Builds a broker (without serving) from `toml` whose paths are moved by `moves` into a fresh
+/// dev PKI: the configuration is accepted and its keys, certificates and policies load.
+fn builds_a_broker(toml: &str, moves: &[(&str, &str)], env: &[(&str, &str)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    taskcred::devpki::init(&pki).unwrap();
+    let mut text = toml.to_owned();
+    for (from, to) in moves {
+        text = text.replace(from, &format!("{}/{to}", pki.display()));
+    }
+    let path = dir.path().join("taskcred.toml");
+    std::fs::write(&path, text).unwrap();
+    let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+    let config = config::load(
+        &Source::File(path),
+        env,
+        &Overrides {
+            grpc_addr: Some("127.0.0.1:0".into()),
+            http_addr: Some("127.0.0.1:0".into()),
+            ..Overrides::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("refused: {e}"));
+    crate::common::install_provider();
+    if let Err(e) = App::build(config) {
+        panic!("the broker does not build: {e}");
+    }
+}
+
+#[test]
+fn every_yaml_file_parses() {
+    let mut found = 0;
+    let mut dirs = vec![repo("deploy")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                YamlLoader::load_from_str(&text)
+                    .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+                found += 1;
+            }
+        }
+    }
+    assert!(found >= 4, "{found} YAML files");
+}
+
+#[test]
+fn kubernetes_runs_probed_replicas_with_a_budget_secrets_and_the_shipped_policies() {
+    let docs = yaml("deploy/kubernetes/taskcred.yaml");
+    let of = |kind: &str| -> Vec<&Yaml> {
+        docs.iter()
+            .filter(|d| d["kind"].as_str() == Some(kind))
+            .collect()
+    };
+    let deployment = of("Deployment")[0];
+    assert!(deployment["spec"]["replicas"].as_i64().unwrap() >= 2);
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(&deployment["spec"]["selector"]["matchLabels"], labels);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(
+        str_of(&container["livenessProbe"]["httpGet"]["path"], "liveness"),
+        "/healthz"
+    );
+    assert_eq!(
+        str_of(&container["readinessProbe"]["httpGet"]["path"], "readiness"),
+        "/readyz"
+    );
+    assert_eq!(
+        container["securityContext"]["readOnlyRootFilesystem"],
+        Yaml::Boolean(true)
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], Yaml::Boolean(true));
+
+    // Keys come from Secrets, copied 0600 by the init container; nothing secret in a ConfigMap.
+    let volumes = pod["volumes"].as_vec().unwrap();
+    let secrets: Vec<&str> = volumes
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert!(secrets.contains(&"taskcred-tls") && secrets.contains(&"taskcred-signing"));
+    let init = str_of(&pod["initContainers"][0]["command"][2], "init command");
+    for key in ["server-key.pem", "jwt-key.pem", "issuing-ca-key.pem"] {
+        assert!(init.contains(key), "{key} not copied: {init}");
+    }
+    assert!(init.starts_with("install -m 0600"), "{init}");
+
+    let service = of("Service")[0];
+    assert_eq!(&service["spec"]["selector"], labels);
+    let budget = of("PodDisruptionBudget")[0];
+    assert_eq!(&budget["spec"]["selector"]["matchLabels"], labels);
+
+    let maps = of("ConfigMap");
+    let policies = maps
+        .iter()
+        .find(|m| m["metadata"]["name"].as_str() == Some("taskcred-policies"))
+        .unwrap();
+    let shipped: Vec<PathBuf> = std::fs::read_dir(repo("config/policies"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(policies["data"].as_hash().unwrap().len(), shipped.len());
+    for file in shipped {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            str_of(&policies["data"][name], name),
+            std::fs::read_to_string(&file).unwrap(),
+            "the ConfigMap's {name} differs from config/policies/{name}"
+        );
+    }
+    let toml = maps
+        .iter()
+        .find(|m| m["metadata"]["name"].as_str() == Some("taskcred-config"))
+        .unwrap();
+    builds_a_broker(
+        str_of(&toml["data"]["taskcred.toml"], "taskcred.toml"),
+        &[
+            ("/etc/taskcred/tls/", ""),
+            ("/etc/taskcred/signing/", ""),
+            ("/run/taskcred/keys/", ""),
+            ("/etc/taskcred/policies", "policies"),
+            ("/var/log/taskcred/", ""),
+        ],
+        &[("TASKCRED_STORE__REDIS_URL", "redis://127.0.0.1:1/0")],
+    );
+}
+
+/// A Compose service's `key`, or the one it takes from an anchor merged with `<<`.
+fn field<'a>(service: &'a Yaml, key: &str) -> &'a Yaml {
+    if service[key].is_badvalue() {
+        &service["<<"][key]
+    } else {
+        &service[key]
+    }
+}
+
+#[test]
+fn compose_runs_redis_with_aof_and_two_replicas_of_the_image() {
+    let doc = &yaml("deploy/compose/docker-compose.yml")[0];
+    let brokers: Vec<&Yaml> = doc["services"]
+        .as_hash()
+        .unwrap()
+        .values()
+        .filter(|s| field(s, "command")[0].as_str() == Some("serve"))
+        .collect();
+    assert!(brokers.len() >= 2, "{} broker services", brokers.len());
+    for b in &brokers {
+        assert_eq!(
+            str_of(&field(b, "build")["dockerfile"], "dockerfile"),
+            "deploy/Dockerfile"
+        );
+        assert!(field(b, "depends_on")["redis"].as_hash().is_some());
+    }
+    let redis = &doc["services"]["redis"];
+    let mounts: Vec<&str> = redis["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|v| str_of(v, "volume"))
+        .collect();
+    assert!(mounts.iter().any(|m| m.starts_with("../redis/redis.conf:")));
+    let conf = read("deploy/redis/redis.conf");
+    for setting in [
+        "appendonly yes",
+        "appendfsync always",
+        "maxmemory-policy noeviction",
+    ] {
+        assert!(conf.lines().any(|l| l.trim() == setting), "{setting}");
+    }
+    builds_a_broker(
+        &read("deploy/compose/taskcred.toml"),
+        &[
+            ("/var/lib/taskcred/pki/", ""),
+            ("/var/lib/taskcred/pki/policies", "policies"),
+            ("/var/log/taskcred/", ""),
+        ],
+        &[],
+    );
+}
+
+#[test]
+fn the_dockerfile_builds_as_the_readme_says_on_the_crates_rust() {
+    let dockerfile = read("deploy/Dockerfile");
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert!(stages.len() >= 2, "multi-stage: {stages:?}");
+    let cargo = read("Cargo.toml");
+    let msrv = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"');
+    assert!(
+        stages[0].starts_with(&format!("FROM rust:{msrv}-")),
+        "build stage {} is not on rust-version {msrv}",
+        stages[0]
+    );
+    let builds: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("RUN cargo "))
+        .collect();
+    assert_eq!(builds.len(), 1, "{builds:?}");
+    let readme = read("README.md");
+    let command = format!("cargo {}", builds[0]);
+    assert!(
+        readme.lines().any(|l| l.trim() == command),
+        "the README does not give the Dockerfile's build command `{command}`"
+    );
+    let user = dockerfile
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .unwrap();
+    assert!(
+        !user.starts_with('0') && !user.starts_with("root"),
+        "USER {user}"
+    );
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed here: the unit was not verified");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("taskcred.service");
+    std::fs::write(
+        &unit,
+        read("deploy/systemd/taskcred.service")
+            .replace("/usr/local/bin/taskcred", env!("CARGO_BIN_EXE_taskcred")),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
+
+/// Metric names the broker source defines.
+fn exported_series() -> Vec<String> {
+    let mut names = Vec::new();
+    let mut dirs = vec![repo("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for piece in text.split('"').skip(1).step_by(2) {
+                if piece.starts_with("taskcred_")
+                    && piece.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    names.push(piece.to_owned());
+                }
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_grafana_dashboard_charts_only_exported_series() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/taskcred.json")).unwrap();
+    let exported = exported_series();
+    let mut charted = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("taskcred_") {
+                    continue;
+                }
+                let base = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    exported.iter().any(|n| n == base),
+                    "panel {} charts {word}, which the broker does not export",
+                    panel["title"]
+                );
+                charted += 1;
+            }
+        }
+    }
+    assert!(charted >= 10, "{charted} series charted");
+}
