@@ -377,8 +377,8 @@ impl App {
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
                 .into_future(),
         );
-        // The background tasks, under one owner: each ends on `shutdown`; they stop after the
-        // servers have drained, and are aborted when the grace period is over.
+        // The background tasks, under one owner: each ends when `shutdown` is signalled; they are
+        // awaited after the servers have drained, and aborted when the grace period is over.
         let mut background = tokio::task::JoinSet::new();
         background.spawn(self.broker.reaper().run(shutdown.clone()));
         background.spawn(self.broker.clone().run_revocation_feed(shutdown.clone()));

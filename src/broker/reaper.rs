@@ -167,6 +167,14 @@ impl Reaper {
             self.revoker
                 .sweep_lock(&lock.agent, &reason, lock.at, &mut outcome)
                 .await?;
+            if !outcome.tasks.is_empty() || !outcome.leases.is_empty() {
+                tracing::warn!(
+                    agent = %lock.agent,
+                    tasks = outcome.tasks.len(),
+                    leases = outcome.leases.len(),
+                    "ended what a lock covered and its replica could not"
+                );
+            }
             revoked += outcome.leases.len();
         }
         Ok(revoked)

@@ -124,21 +124,15 @@ impl Revoker {
     /// Revokes the lease of an issuance whose audit line could not be written: its credential
     /// is never handed out. A failure is logged: the lease then expires unused.
     pub(super) async fn revoke_unaudited(&self, lease: &LeaseId, at: SystemTime) {
-        match self
-            .revoke_lease(
-                lease,
-                "the audit log could not be written",
-                at,
-                Cause::AuditFailure,
-                None,
-            )
+        if let Err(e) = self
+            .store
+            .revoke_lease(lease, "the audit log could not be written", at)
             .await
         {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, %lease, "revoking an unaudited lease failed; it expires unused");
-            }
+            tracing::warn!(error = %e, %lease, "revoking an unaudited lease failed; it expires unused");
         }
+        // Counted either way: the credential was never handed out.
+        count(Cause::AuditFailure, 1);
     }
 
     /// Ends up to `limit` leases whose credential expired by `now`, each once whatever the
@@ -205,7 +199,7 @@ impl Revoker {
             }
         };
         if !outcome.tasks.is_empty() || !outcome.leases.is_empty() {
-            tracing::info!(%agent, tasks = outcome.tasks.len(), leases = outcome.leases.len(), "a lock's sweep ended tasks and leases");
+            tracing::debug!(%agent, tasks = outcome.tasks.len(), leases = outcome.leases.len(), "a lock's sweep ended tasks and leases");
         }
         result
     }
