@@ -307,9 +307,11 @@ impl App {
         let server = &self.config.server;
         // Publish this replica's key and learn the others' before serving: the JWK Set and
         // introspection know every live key from the first request on.
+        // The recorder first: what the checks below record is in the first scrape.
+        let metrics = telemetry::metrics_handle();
+        api::metrics::register_at_zero(&api::known_methods());
         self.refresh_signing_keys().await;
         self.check_store_epoch().await;
-        let metrics = telemetry::metrics_handle();
         let ready = Arc::new(AtomicBool::new(false));
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter

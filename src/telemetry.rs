@@ -20,6 +20,9 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "taskcred_tls_handshake_failures_total"
 /// `idle_or_age`).
 pub const CONNECTIONS_CLOSED: &str = "taskcred_connections_closed_total";
 
+/// The build, as a gauge of 1 with labels (`version`): which broker answers, on a dashboard.
+pub const BUILD_INFO: &str = "taskcred_build_info";
+
 /// Latency buckets in seconds: from 100 us (an in-memory check) to 10 s (a stuck store).
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -62,12 +65,54 @@ pub fn metrics_handle() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
             describe();
+            register_at_zero();
             handle
         })
         .clone()
 }
 
+/// Registers at zero every counter whose label values are known, and the gauges: each series is
+/// there from the first scrape (alerts on `increase()` fire on the first event; panels are not
+/// empty), and the build and process metrics.
+fn register_at_zero() {
+    crate::broker::metrics::register_at_zero();
+    for op in crate::store::metered::OPERATIONS {
+        for kind in crate::store::metered::FAILURE_KINDS {
+            metrics::counter!(crate::store::metered::STORE_ERRORS, "op" => *op, "kind" => *kind)
+                .absolute(0);
+        }
+    }
+    for reason in ["client_certificate", "protocol", "timeout"] {
+        metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).absolute(0);
+    }
+    for action in crate::policy::PolicyAction::ALL {
+        for reason in ["policy", "rule", "id_token"] {
+            metrics::counter!(crate::audit::DENIALS, "action" => action.name(), "reason" => reason)
+                .absolute(0);
+        }
+    }
+    for sink in ["file", "redis"] {
+        metrics::counter!(crate::audit::AUDIT_WRITE_FAILURES, "sink" => sink).absolute(0);
+    }
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    process_collector().describe();
+    process_collector().collect();
+}
+
+/// The collector of the standard `process_*` metrics (CPU seconds, resident memory, open file
+/// descriptors, threads, start time), read from the OS at each scrape.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Brings the `process_*` metrics up to date (before each `/metrics` answer).
+pub fn collect_process_metrics() {
+    process_collector().collect();
+}
+
 fn describe() {
+    metrics::describe_gauge!(BUILD_INFO, "the broker's build: 1, labelled by version");
     metrics::describe_counter!(GRPC_REQUESTS, "gRPC requests by method and status code");
     metrics::describe_histogram!(
         GRPC_DURATION,

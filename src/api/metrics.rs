@@ -32,6 +32,18 @@ impl RpcMetricsLayer {
     }
 }
 
+/// Registers each of `known` methods' series at zero, for the codes the alerts watch (and the
+/// latency of `OK` answers), so that they are served from the first scrape.
+pub fn register_at_zero(known: &HashSet<String>) {
+    for method in known {
+        for code in ["OK", "INTERNAL", "UNAVAILABLE"] {
+            metrics::counter!(GRPC_REQUESTS, "method" => method.clone(), "code" => code)
+                .absolute(0);
+        }
+        let _ = metrics::histogram!(GRPC_DURATION, "method" => method.clone(), "code" => "OK");
+    }
+}
+
 impl<S> Layer<S> for RpcMetricsLayer {
     type Service = RpcMetrics<S>;
 

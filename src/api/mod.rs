@@ -10,7 +10,7 @@ mod credentials;
 mod error;
 mod identity;
 mod malformed;
-mod metrics;
+pub mod metrics;
 mod ready_or;
 mod revocations;
 mod tasks;

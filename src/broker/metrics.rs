@@ -28,6 +28,27 @@ pub const REVOCATIONS: &str = "taskcred_revocations_total";
 /// CI exchanges, by `issuer` (configured name, or `unknown`) and `outcome`.
 pub const CI_EXCHANGES: &str = "taskcred_ci_exchanges_total";
 
+/// Every `kind` of [`ISSUANCE`].
+pub const ISSUANCE_KINDS: &[&str] = &["jwt", "x509", "renewal", "ci_jwt", "ci_x509"];
+
+/// Every `outcome` label [`outcome`] gives.
+pub const OUTCOMES: &[&str] = &[
+    "issued",
+    "invalid",
+    "denied",
+    "not_found",
+    "precondition",
+    "pending",
+    "unauthenticated",
+    "unavailable",
+    "audit_failed",
+    "outcome_unknown",
+    "exhausted",
+    "out_of_range",
+    "rate_limited",
+    "internal",
+];
+
 /// The label of a use case's outcome.
 pub fn outcome<T>(result: &Result<T, BrokerError>) -> &'static str {
     match result {
@@ -145,4 +166,100 @@ pub fn describe() {
         super::limits::RATE_LIMITED,
         "issuances refused over an identity's rate, by kind (alert on bursts)"
     );
+}
+
+/// Registers the CI exchanges of `issuer` at zero, for each outcome.
+pub(super) fn register_issuer_at_zero(issuer: &str) {
+    for outcome in OUTCOMES {
+        metrics::counter!(CI_EXCHANGES, "issuer" => issuer.to_owned(), "outcome" => *outcome)
+            .absolute(0);
+    }
+}
+
+/// Registers the use cases' series at zero, each with every label value it can have where those
+/// are few: a series that appears only at its first event loses that event to `increase()` and
+/// leaves dashboards empty.
+pub fn register_at_zero() {
+    for kind in ISSUANCE_KINDS {
+        for outcome in OUTCOMES {
+            metrics::counter!(ISSUANCE, "kind" => *kind, "outcome" => *outcome).absolute(0);
+            // A histogram is served from its first observation on; its handle is made here.
+            let _ = metrics::histogram!(ISSUANCE_DURATION, "kind" => *kind, "outcome" => *outcome);
+        }
+    }
+    for outcome in OUTCOMES {
+        metrics::counter!(CI_EXCHANGES, "issuer" => "unknown", "outcome" => *outcome).absolute(0);
+    }
+    for cause in super::revoker::Cause::ALL {
+        metrics::counter!(REVOCATIONS, "cause" => cause.label()).absolute(0);
+    }
+    for kind in [
+        super::limits::Limited::Agent,
+        super::limits::Limited::CiRepository,
+        super::limits::Limited::Source,
+    ] {
+        metrics::counter!(super::limits::RATE_LIMITED, "kind" => kind.name()).absolute(0);
+    }
+    for name in [
+        super::LEASES_EXPIRED,
+        super::TASKS_EXPIRED,
+        super::REAPER_FAILURES,
+        super::LOCK_ON_FAILURE_ERRORS,
+        super::REVOCATIONS_AUDITED,
+        super::REVOCATION_AUDIT_FAILURES,
+        super::STORE_RESETS,
+        super::revocations::FED,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    let _ = metrics::histogram!(REAPER_LATENESS);
+    for name in [
+        LEASES_ACTIVE,
+        AGENTS_LOCKED,
+        REAPER_LAG,
+        super::revocations::WATCHERS,
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{Denial, Exhaustion, Missing, Precondition};
+    use crate::policy::PolicyAction;
+
+    #[test]
+    fn every_outcome_is_registered_at_zero() {
+        let errors = [
+            BrokerError::Invalid {
+                field: "ttl",
+                reason: String::new(),
+            },
+            BrokerError::Denied(Denial::Policy(PolicyAction::IssueToken)),
+            BrokerError::NotFound(Missing::Task),
+            BrokerError::Precondition(Precondition::NoIssuingCa),
+            BrokerError::Pending(crate::task::TaskId::generate()),
+            BrokerError::Unauthenticated(crate::ci::CiError::TooLarge),
+            BrokerError::Unavailable(String::new()),
+            BrokerError::AuditFailed(String::new()),
+            BrokerError::OutcomeUnknown(String::new()),
+            BrokerError::Exhausted(Exhaustion::Watches),
+            BrokerError::OutOfRange {
+                after: crate::lease::Cursor::default(),
+                head: crate::lease::Cursor::default(),
+            },
+            BrokerError::RateLimited(std::time::Duration::from_secs(1)),
+            BrokerError::Internal(String::new()),
+        ];
+        let mut seen: Vec<&str> = errors
+            .into_iter()
+            .map(|e| outcome::<()>(&Err(e)))
+            .chain([outcome(&Ok(()))])
+            .collect();
+        seen.sort_unstable();
+        let mut listed = OUTCOMES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(seen, listed);
+    }
 }

@@ -153,6 +153,9 @@ pub struct BrokerParts {
 impl Broker {
     /// Assembles the use cases.
     pub fn new(parts: BrokerParts, settings: BrokerSettings) -> Self {
+        for issuer in parts.ci.names() {
+            metrics::register_issuer_at_zero(issuer);
+        }
         let revoker = revoker::Revoker::new(
             Arc::clone(&parts.store),
             Arc::clone(&parts.audit),

@@ -38,8 +38,18 @@ pub(super) enum Cause {
 }
 
 impl Cause {
+    /// Every cause.
+    pub(super) const ALL: [Self; 6] = [
+        Self::TaskEnd,
+        Self::Revoke,
+        Self::Lock,
+        Self::Deadline,
+        Self::AuditFailure,
+        Self::Renewal,
+    ];
+
     /// The metric label.
-    const fn label(self) -> &'static str {
+    pub(super) const fn label(self) -> &'static str {
         match self {
             Self::TaskEnd => "task_end",
             Self::Revoke => "revoke",

@@ -169,6 +169,11 @@ impl CiIssuers {
         &self.trust_domain
     }
 
+    /// The configured names of the trusted issuers.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_iss.values().map(|i| i.name.as_str())
+    }
+
     /// Whether any issuer is trusted (without one, the exchange is refused).
     pub fn is_empty(&self) -> bool {
         self.by_iss.is_empty()

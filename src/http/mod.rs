@@ -144,6 +144,9 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        {
+            crate::telemetry::collect_process_metrics();
+            state.metrics.render()
+        },
     )
 }

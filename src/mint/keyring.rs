@@ -262,9 +262,16 @@ impl KeyRing {
             .collect();
         algs.sort_unstable();
         algs.dedup();
+        // The fields OpenID Connect Discovery 1.0 marks REQUIRED are all given, so that libraries
+        // do not fall back to their defaults (RS256): the broker issues access tokens only (no
+        // ID tokens, no authorization endpoint), signed with `algs`, to public subjects (the
+        // SPIFFE ID is the same for every audience).
         json!({
             "issuer": &*self.issuer,
             "jwks_uri": format!("{}/.well-known/jwks.json", self.issuer),
+            "response_types_supported": ["token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": algs,
             "token_endpoint_auth_methods_supported": ["tls_client_auth"],
             "tls_client_certificate_bound_access_tokens": true,
             "access_token_signing_alg_values_supported": algs,

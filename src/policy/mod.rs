@@ -85,6 +85,34 @@ pub enum PolicyAction {
 }
 
 impl PolicyAction {
+    /// Every action.
+    pub const ALL: [Self; 24] = [
+        Self::RequestTask,
+        Self::GetTask,
+        Self::ListTasks,
+        Self::ApproveTask,
+        Self::DenyTask,
+        Self::CancelTask,
+        Self::ReloadPolicy,
+        Self::IssueToken,
+        Self::IssueCertificate,
+        Self::CompleteTask,
+        Self::RenewLease,
+        Self::RevokeLease,
+        Self::LockAgent,
+        Self::UnlockAgent,
+        Self::ListLocks,
+        Self::ListLeases,
+        Self::LockOnFailure,
+        Self::RevokeTask,
+        Self::RotateSigningKey,
+        Self::RevokeSigningKey,
+        Self::WatchRevocations,
+        Self::Introspect,
+        Self::ExchangeCiToken,
+        Self::CompleteCiTask,
+    ];
+
     /// The Cedar action id.
     pub fn name(self) -> &'static str {
         match self {

@@ -56,6 +56,9 @@ fn measured<T, E: Failure>(op: &'static str, start: Instant, result: Result<T, E
     result
 }
 
+/// The `kind` label of a store failure, for each kind.
+pub const FAILURE_KINDS: &[&str] = &["unavailable", "outcome_unknown", "corrupt", "contention"];
+
 /// Counts `e` of `op` if it is a store failure (not a domain answer).
 fn count_failure(op: &'static str, e: &impl Failure) {
     let kind = match e.store_error() {
@@ -77,6 +80,9 @@ pub struct Metered<S>(pub S);
 /// revocation read is written out: its duration is mostly waiting, so only failures count.
 macro_rules! measured_store {
     ($( $op:ident($($arg:ident: $ty:ty),*) -> $ret:ty; )*) => {
+        /// Every operation's `op` label.
+        pub const OPERATIONS: &[&str] = &[$(stringify!($op),)* "revocations"];
+
         #[async_trait]
         impl<S: Store> Store for Metered<S> {
             $(

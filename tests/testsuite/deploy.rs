@@ -334,3 +334,95 @@ fn the_grafana_dashboard_charts_only_exported_series() {
     }
     assert!(charted >= 10, "{charted} series charted");
 }
+
+/// The `taskcred_*` words of `text` (metric names, as PromQL writes them).
+fn series_in(text: &str) -> Vec<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("taskcred_") && w.len() > "taskcred_".len())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The series named by the runbook's alert table.
+fn alerted_series() -> Vec<String> {
+    let runbook = read("docs/runbook.md");
+    let table = runbook
+        .split("| alert | expression (PromQL) | why |")
+        .nth(1)
+        .expect("the runbook has its alert table");
+    let rows: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(rows.len() >= 10, "{} alerts", rows.len());
+    rows.iter().flat_map(|r| series_in(r)).collect()
+}
+
+/// A broker that has just started (its own process, so that no other test's events are in its
+/// metrics) already serves every series the shipped dashboard charts and the runbook's alerts
+/// use, so that a panel is never empty and an `increase()` alert fires on the first event.
+#[tokio::test]
+async fn a_fresh_broker_serves_every_series_the_dashboard_and_the_alerts_use() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/taskcred.json")).unwrap();
+    let mut wanted: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .flat_map(|t| series_in(t["expr"].as_str().unwrap_or_default()))
+        .chain(alerted_series())
+        .collect();
+    wanted.sort();
+    wanted.dedup();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev");
+    let serve = crate::common::ServeProcess::start(
+        &[
+            "serve",
+            "--dev",
+            "--dev-dir",
+            dev.to_str().unwrap(),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let (status, metrics) = crate::common::http_get(serve.http, "/metrics").await;
+    assert_eq!(status, 200);
+    let served: Vec<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|w| !served.contains(&w.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not served by a fresh broker: {missing:?}\n{metrics}"
+    );
+    // And the series any deployment expects of a process.
+    for name in [
+        "taskcred_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(served.contains(&name), "{name} missing:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(&format!(
+            "taskcred_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
+    serve.kill();
+}

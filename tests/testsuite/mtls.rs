@@ -553,5 +553,19 @@ async fn http_port_publishes_the_signing_key_and_discovery() {
     let d: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(d["issuer"], "http://127.0.0.1:7480");
     assert_eq!(d["jwks_uri"], "http://127.0.0.1:7480/.well-known/jwks.json");
+    // Every field OpenID Connect Discovery 1.0 marks REQUIRED, so that libraries do not assume
+    // RS256: the algorithms are the broker's.
+    assert_eq!(d["response_types_supported"], serde_json::json!(["token"]));
+    assert_eq!(d["subject_types_supported"], serde_json::json!(["public"]));
+    assert_eq!(
+        d["id_token_signing_alg_values_supported"],
+        d["access_token_signing_alg_values_supported"]
+    );
+    assert!(
+        !d["id_token_signing_alg_values_supported"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     broker.stop().await;
 }

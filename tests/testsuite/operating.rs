@@ -159,28 +159,40 @@ async fn metrics_show_issuance_denials_and_reaper_lag() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let metrics = loop {
         let (_, m) = b.http_get("/metrics").await;
-        if m.contains("taskcred_reaper_lateness_seconds_count")
+        if crate::common::sample(&m, "taskcred_reaper_lateness_seconds_count") > 0.0
             || std::time::Instant::now() > deadline
         {
             break m;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
+    // Counted (served at zero from the start: the values tell).
     for series in [
         "taskcred_issuance_total{kind=\"jwt\",outcome=\"issued\"}",
         "taskcred_issuance_total{kind=\"jwt\",outcome=\"denied\"}",
-        "taskcred_issuance_duration_seconds_bucket{kind=\"jwt\",outcome=\"issued\"",
+        "taskcred_issuance_duration_seconds_count{kind=\"jwt\",outcome=\"issued\"}",
         "taskcred_denials_total{action=\"IssueToken\",reason=\"rule\"}",
-        "taskcred_reaper_lag_seconds ",
         "taskcred_reaper_lateness_seconds_count",
+        "taskcred_store_operation_duration_seconds_count{op=\"issue_lease\"}",
+    ] {
+        assert!(
+            crate::common::sample(&metrics, series) > 0.0,
+            "{series} not counted in\n{metrics}"
+        );
+    }
+    // Sampled from the store.
+    for series in [
+        "taskcred_reaper_lag_seconds ",
         "taskcred_leases_active ",
         "taskcred_agents_locked ",
-        "taskcred_store_operation_duration_seconds_bucket{op=\"issue_lease\"",
     ] {
         assert!(metrics.contains(series), "{series} missing in\n{metrics}");
     }
     b.stop().await;
 }
+
+/// The series of the agents' rate limit.
+const LIMITED_AGENT: &str = "taskcred_rate_limited_total{kind=\"agent\"}";
 
 /// Over its rate, an agent is refused with RESOURCE_EXHAUSTED and when to retry; it gets tokens
 /// again once its bucket has refilled; the burst alert counts.
@@ -191,6 +203,7 @@ async fn an_agent_over_its_issuance_rate_is_told_when_to_retry() {
         ("TASKCRED_LIMITS__ISSUANCE_BURST".into(), "3".into()),
     ])
     .await;
+    let limited_before = crate::common::sample(&b.http_get("/metrics").await.1, LIMITED_AGENT);
     let task = approved_task(&b, &[("env", "staging")], None).await;
     let mut agent = creds_as(&b, "agent").await;
     for _ in 0..3 {
@@ -213,7 +226,7 @@ async fn an_agent_over_its_issuance_rate_is_told_when_to_retry() {
         .unwrap();
     let (_, metrics) = b.http_get("/metrics").await;
     assert!(
-        metrics.contains("taskcred_rate_limited_total{kind=\"agent\"}"),
+        crate::common::sample(&metrics, LIMITED_AGENT) > limited_before,
         "{metrics}"
     );
     b.stop().await;

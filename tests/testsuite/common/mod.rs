@@ -572,3 +572,20 @@ pub fn retry_after_ms(status: &tonic::Status) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// The sum of the samples of `series` (a metric name, or a name and its labels as written, e.g.
+/// `taskcred_rate_limited_total{kind="agent"}`) in a Prometheus exposition; 0 when absent. Every
+/// known series is served at zero from a broker's start, so tests compare values, not presence;
+/// the metrics are the test process's, shared by every broker of the suite, so they compare a
+/// value before and after.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(series).is_some_and(|rest| {
+                rest.starts_with(' ') || (rest.starts_with(',') || rest.starts_with('{'))
+            })
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
