@@ -1,9 +1,11 @@
-//! The use cases of the broker: request, read, list, approve, deny, cancel and complete tasks;
-//! issue, renew, revoke and introspect task-bound credentials; reload policy. `agents` holds
-//! force-revoke (locks), `keys` the signing keys' publication and rotation, `auditor` the audit
-//! lines of the revocation log, `retries` request ids. Each use case asks Cedar first (nothing
-//! is allowed by code alone), applies the rules through one atomic store operation, and audits
-//! the decision. No tonic types here.
+//! The use cases of the broker, one module each: `tasks` (request, read, list, approve, deny,
+//! cancel, complete), `issue` and `issuance` (tokens and certificates, and the steps they share),
+//! `renew`, `introspect`, `revoke`, `policy_reload`, `agents` (force-revoke locks), `ci` (the CI
+//! exchange), `keys` (the signing keys' publication and rotation). `revoker` is the one owner of
+//! revocation, `reaper` ends what expires, `auditor` writes the audit lines of the revocation log,
+//! `retries` holds request ids. This module holds only [`Broker`], its parts and its settings.
+//! Each use case asks Cedar first (nothing is allowed by code alone), applies the rules through
+//! one atomic store operation, and audits the decision. No tonic types here.
 
 mod agents;
 mod auditor;
@@ -69,6 +71,7 @@ use crate::task::TaskLimits;
 pub const MAX_PAGE_SIZE: usize = 100;
 /// Page size when none is asked.
 pub const DEFAULT_PAGE_SIZE: usize = 20;
+
 /// Settings of the use cases.
 #[derive(Debug, Clone, Copy)]
 pub struct BrokerSettings {
