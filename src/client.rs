@@ -62,7 +62,21 @@ pub enum ClientError {
     /// `google.rpc.ErrorInfo`, when it has one) and its message.
     #[error("broker refused: {}{}: {}", crate::api::code_name(.0.code()), reason_suffix(.0), .0.message())]
     Refused(tonic::Status),
+    /// The broker answered that the credential asked about is not active (its answer was
+    /// printed).
+    #[error("the credential is not active")]
+    Inactive,
 }
+
+/// Exit code of a refusal: the broker said no, or the command failed for good.
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code of bad usage: flags or files are wrong, nothing was sent.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code of an introspection whose credential is not active.
+pub const EXIT_INACTIVE: u8 = 3;
+/// Exit code of a failure worth retrying: the broker unreachable, unavailable, over a rate
+/// limit, or timed out (`EX_UNAVAILABLE` of sysexits.h).
+pub const EXIT_RETRY: u8 = 69;
 
 /// ` (REASON)` for a status with a stable reason, else nothing.
 fn reason_suffix(status: &tonic::Status) -> String {
@@ -70,13 +84,63 @@ fn reason_suffix(status: &tonic::Status) -> String {
 }
 
 impl ClientError {
-    /// Prints the error as one line on stderr and gives the exit code.
-    pub fn report(&self) -> ExitCode {
-        eprintln!("error: {self}");
+    /// Whether trying again later may succeed (the broker unreachable or unavailable, a rate
+    /// limit, a timeout), as opposed to a refusal that stands.
+    pub fn retryable(&self) -> bool {
         match self {
-            Self::Usage(_) => ExitCode::from(2),
-            Self::Unreachable { .. } | Self::Refused(_) => ExitCode::from(1),
+            Self::Unreachable { .. } => true,
+            Self::Refused(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Aborted
+            ),
+            Self::Usage(_) | Self::Inactive => false,
         }
+    }
+
+    /// The exit code: [`EXIT_USAGE`], [`EXIT_INACTIVE`], [`EXIT_RETRY`] or [`EXIT_REFUSED`].
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => EXIT_USAGE,
+            Self::Inactive => EXIT_INACTIVE,
+            e if e.retryable() => EXIT_RETRY,
+            _ => EXIT_REFUSED,
+        }
+    }
+
+    /// The error as one JSON object: `{"error": {"code", "reason", "message", "retryable"}}`;
+    /// `code` is the gRPC code's name (or `USAGE`, `UNREACHABLE`), `reason` the broker's stable
+    /// reason when it gave one.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (code, reason, message) = match self {
+            Self::Usage(m) => ("USAGE", None, m.clone()),
+            Self::Unreachable { .. } => ("UNREACHABLE", None, self.to_string()),
+            Self::Refused(s) => (
+                crate::api::code_name(s.code()),
+                crate::api::reason_of(s),
+                s.message().to_owned(),
+            ),
+            Self::Inactive => ("INACTIVE", None, self.to_string()),
+        };
+        serde_json::json!({"error": {
+            "code": code,
+            "reason": reason,
+            "message": message,
+            "retryable": self.retryable(),
+        }})
+    }
+
+    /// Reports the error (one line on stderr; with `json`, one JSON object on stdout instead)
+    /// and gives the exit code. An inactive credential's answer was printed already.
+    pub fn report(&self, json: bool) -> ExitCode {
+        match (self, json) {
+            (Self::Inactive, _) => {}
+            (_, true) => println!("{}", self.to_json()),
+            (_, false) => eprintln!("error: {self}"),
+        }
+        ExitCode::from(self.exit_code())
     }
 }
 

@@ -10,7 +10,8 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::shared::{
-    answer, cannot_write, duration_pb, emit, exit_code, introspect, open, rfc3339, write_chain,
+    answer, cannot_write, capped, duration_pb, emit, exit_code, introspect, open, rfc3339,
+    write_chain,
 };
 use super::{ClientArgs, ClientError};
 use crate::api::pb;
@@ -58,7 +59,7 @@ pub enum CertCommand {
 
 /// Runs a `cert` subcommand.
 pub async fn run(args: &ClientArgs, command: &CertCommand) -> ExitCode {
-    exit_code(execute(args, command).await)
+    exit_code(args, execute(args, command).await)
 }
 
 /// Writes `contents` to `path` readable by its owner only, whatever mode it had.
@@ -116,6 +117,7 @@ async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientE
                 write_private(path, pem.as_bytes())?;
             }
             write_chain(out_cert, &r.certificate_pem, &r.chain_pem)?;
+            let ttl_capped = capped(*ttl, r.ttl);
             let expires = rfc3339(r.expires_at);
             emit(
                 args,
@@ -126,6 +128,7 @@ async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientE
                     "serial": r.serial,
                     "expires_at": expires,
                     "ttl_secs": r.ttl.map(|d| d.seconds),
+                    "ttl_capped": ttl_capped,
                 }),
                 format_args!(
                     "certificate {} (serial {}, lease {}) expires {expires}",

@@ -44,7 +44,7 @@ pub async fn run(args: &ClientArgs, command: &RevocationsCommand) -> ExitCode {
     loop {
         match follow(args, &mut cursor, audience.as_deref(), *heartbeats).await {
             // Only what retrying cannot fix ends the watch.
-            Err(e) if !retryable(&e) => return e.report(),
+            Err(e) if !retryable(&e) => return e.report(args.json),
             Err(e) => eprintln!("warning: {e}; resuming after {cursor:?} in {backoff:?}"),
             Ok(()) => eprintln!("warning: the stream ended; resuming after {cursor:?}"),
         }
@@ -55,7 +55,7 @@ pub async fn run(args: &ClientArgs, command: &RevocationsCommand) -> ExitCode {
 
 fn retryable(e: &ClientError) -> bool {
     match e {
-        ClientError::Usage(_) => false,
+        ClientError::Usage(_) | ClientError::Inactive => false,
         ClientError::Unreachable { .. } => true,
         ClientError::Refused(s) => matches!(
             s.code(),

@@ -12,11 +12,12 @@ use crate::api::pb;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
 use crate::client::read;
 
-/// The exit code of a client subcommand: 0, or the error reported on stderr.
-pub(super) fn exit_code(result: Result<(), ClientError>) -> ExitCode {
+/// The exit code of a client subcommand: 0, or the error reported (see
+/// [`ClientError::report`]).
+pub(super) fn exit_code(args: &ClientArgs, result: Result<(), ClientError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(),
+        Err(e) => e.report(args.json),
     }
 }
 
@@ -55,18 +56,36 @@ pub(super) async fn introspect(
     active: impl FnOnce(&pb::IntrospectResponse) -> serde_json::Value,
 ) -> Result<(), ClientError> {
     let r = answer(client.introspect(request)).await?;
-    let json = if r.active {
-        active(&r)
-    } else {
-        serde_json::json!({"active": false})
-    };
-    println!("{json}");
+    if !r.active {
+        println!("{}", serde_json::json!({"active": false}));
+        return Err(ClientError::Inactive);
+    }
+    println!("{}", active(&r));
     Ok(())
 }
 
 /// A `--ttl`-like flag as a protobuf duration, `None` when unset or out of range.
 pub(super) fn duration_pb(d: Option<Duration>) -> Option<prost_types::Duration> {
     d.and_then(|d| prost_types::Duration::try_from(d).ok())
+}
+
+/// Whether the lifetime `granted` is less than the `asked` one; if so, says so on stderr (the
+/// broker gives the least of what was asked, the task's ceiling, `ttl.credential_max` and the
+/// time to the task's deadline).
+pub(super) fn capped(asked: Option<Duration>, granted: Option<prost_types::Duration>) -> bool {
+    let (Some(asked), Some(granted)) = (asked, granted) else {
+        return false;
+    };
+    let granted = u64::try_from(granted.seconds).unwrap_or(0);
+    if granted >= asked.as_secs() {
+        return false;
+    }
+    eprintln!(
+        "note: the broker granted {granted}s, less than the {}s asked (the task's ceiling, \
+         ttl.credential_max or the time left to the task's deadline)",
+        asked.as_secs()
+    );
+    true
 }
 
 /// The bytes of the `--csr` file, empty without one.

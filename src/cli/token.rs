@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::shared::{answer, duration_pb, exit_code, introspect, open, rfc3339};
+use super::shared::{answer, capped, duration_pb, exit_code, introspect, open, rfc3339};
 use super::{ClientArgs, ClientError};
 use crate::api::pb;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
@@ -44,7 +44,7 @@ pub enum TokenCommand {
 
 /// Runs a `token` subcommand.
 pub async fn run(args: &ClientArgs, command: &TokenCommand) -> ExitCode {
-    exit_code(execute(args, command).await)
+    exit_code(args, execute(args, command).await)
 }
 
 async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), ClientError> {
@@ -65,6 +65,7 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
             };
             let mut client = open(args, CredentialServiceClient::new).await?;
             let r = answer(client.issue_token(request)).await?;
+            let ttl_capped = capped(*ttl, r.ttl);
             if args.json {
                 println!(
                     "{}",
@@ -74,6 +75,7 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
                         "jti": r.jti,
                         "expires_at": rfc3339(r.expires_at),
                         "ttl_secs": r.ttl.map(|d| d.seconds),
+                        "ttl_capped": ttl_capped,
                     })
                 );
             } else {

@@ -168,7 +168,7 @@ fn serve_dev_answers_whoami_for_each_identity_and_exits_zero_on_sigterm() {
     let status = serve.terminate();
     assert_eq!(status.code(), Some(0));
 
-    // The broker is gone: a client cannot reach it (exit 1).
+    // The broker is gone: a client cannot reach it (exit 69: try again later).
     let (code, _, err) = run(&[
         "--broker",
         &broker,
@@ -178,7 +178,7 @@ fn serve_dev_answers_whoami_for_each_identity_and_exits_zero_on_sigterm() {
         "agent",
         "whoami",
     ]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 69, "{err}");
     assert!(err.contains("cannot reach the broker"), "{err}");
 }
 
@@ -427,14 +427,30 @@ fn operator_commands_lock_agents_and_rotate_the_key() {
     let lock = ["agent", "lock", agent, "--reason", "leaked token"];
     let (code, _, err) = as_("requester", &lock);
     assert_eq!(code, 1);
-    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    assert!(err.contains("PERMISSION_DENIED (POLICY_DENIED)"), "{err}");
+    // With --json, the refusal is one JSON object a script reads: code, stable reason, message.
+    let (code, out, _) = as_("requester", &[&["--json"][..], &lock].concat());
+    assert_eq!(code, 1);
+    let refused: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(refused["error"]["code"], "PERMISSION_DENIED", "{out}");
+    assert_eq!(refused["error"]["reason"], "POLICY_DENIED", "{out}");
+    assert_eq!(refused["error"]["retryable"], false, "{out}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("LockAgent"),
+        "{out}"
+    );
     let (code, out, err) = as_("operator", &[&["--json"][..], &lock].concat());
     assert_eq!(code, 0, "{err}");
     let locked: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(locked["revoked_tasks"][0], id.as_str());
     assert_eq!(locked["lock"]["reason"], "leaked token");
-    let (_, out, _) = as_("approver", &["token", "introspect", token.trim()]);
+    // An inactive credential: the answer, and exit code 3 for scripts.
+    let (code, out, _) = as_("approver", &["token", "introspect", token.trim()]);
     assert_eq!(out.trim(), r#"{"active":false}"#);
+    assert_eq!(code, 3);
     let (code, _, err) = as_("agent", &issue);
     assert_eq!(code, 1);
     assert!(
@@ -515,5 +531,68 @@ fn operator_commands_lock_agents_and_rotate_the_key() {
     let (code, _, err) = as_("agent", &["key", "rotate"]);
     assert_eq!(code, 1);
     assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    assert_eq!(serve.terminate().code(), Some(0));
+}
+
+/// Exit codes tell a script what to do: 69 (retry later) when the broker cannot be reached, with
+/// `--json` a JSON error saying so; a lifetime the broker cut is said, not silently granted.
+#[test]
+fn exit_codes_and_json_errors_say_whether_to_retry_and_a_capped_ttl_is_said() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev");
+    let dev_s = dev.to_str().unwrap();
+    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+
+    // Nobody listens on port 1.
+    let unreachable = [
+        "--broker",
+        "https://127.0.0.1:1",
+        "--dev-dir",
+        dev_s,
+        "--as",
+        "agent",
+    ];
+    let (code, _, err) = run(&[&unreachable[..], &["whoami"]].concat());
+    assert_eq!(code, 69, "{err}");
+    let (code, out, _) = run(&[&unreachable[..], &["--json", "whoami"]].concat());
+    assert_eq!(code, 69);
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["error"]["code"], "UNREACHABLE", "{out}");
+    assert_eq!(e["error"]["retryable"], true, "{out}");
+
+    // Bad usage stays 2.
+    let (code, _, _) = run_as(serve.grpc, dev_s, "nobody", &["whoami"]);
+    assert_eq!(code, 2);
+
+    // A day asked, less granted (the task's ceiling): said on stderr and in the JSON.
+    let request = [
+        "task",
+        "request",
+        "--executor",
+        "spiffe://taskcred.dev/agent/demo",
+        "--grant",
+        "db.staging=read",
+        "--purpose",
+        "p",
+    ];
+    let (code, id, err) = run_as(serve.grpc, dev_s, "requester", &request);
+    assert_eq!(code, 0, "{err}");
+    let issue = [
+        "--json",
+        "token",
+        "issue",
+        "--task",
+        id.trim(),
+        "--audience",
+        "db.staging",
+        "--ttl",
+        "1d",
+    ];
+    let (code, out, err) = run_as(serve.grpc, dev_s, "agent", &issue);
+    assert_eq!(code, 0, "{err}");
+    let issued: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(issued["ttl_capped"], true, "{out}");
+    assert!(issued["ttl_secs"].as_i64().unwrap() < 86_400, "{out}");
+    assert!(err.contains("less than the 86400s asked"), "{err}");
     assert_eq!(serve.terminate().code(), Some(0));
 }
