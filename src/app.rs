@@ -178,20 +178,21 @@ fn ci_issuers(config: &crate::config::CiConfig) -> Result<crate::ci::CiIssuers, 
     ))
 }
 
-impl App {
-    /// Builds the broker from a checked configuration, on the system clock.
-    ///
-    /// # Errors
-    /// [`AppError`] naming what is unusable: TLS material, a policy file, the store, the audit log.
-    pub fn build(config: Config) -> Result<Self, AppError> {
-        Self::build_with_clock(config, Arc::new(SystemClock))
-    }
+/// Everything the broker trusts and signs with, loaded from the configuration: what `serve` and
+/// `config check` both load (the latter without binding a port or opening the store).
+struct Trust {
+    tls: Arc<rustls::ServerConfig>,
+    http_tls: Option<Arc<rustls::ServerConfig>>,
+    keys: KeyRing,
+    ca: Option<Arc<IssuingCa>>,
+    policy: Arc<PolicyEngine>,
+    ci: crate::ci::CiIssuers,
+}
 
-    /// Builds the broker on `clock` (tests use a manual clock).
-    ///
-    /// # Errors
-    /// As [`App::build`].
-    pub fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
+impl Trust {
+    /// Loads and checks the TLS material, the signing key, the issuing CA, the policies and the
+    /// CI issuers of `config`.
+    fn load(config: &Config) -> Result<Self, AppError> {
         let tls = tls::server_config(
             &config.tls,
             &config.identity,
@@ -210,7 +211,118 @@ impl App {
             Some((cert, key)) => Some(Arc::new(IssuingCa::load(cert, key)?)),
             None => None,
         };
-        let policy = Arc::new(PolicyEngine::load(&config.policy.dir)?);
+        Ok(Self {
+            tls,
+            http_tls,
+            keys,
+            ca,
+            policy: Arc::new(PolicyEngine::load(&config.policy.dir)?),
+            ci: ci_issuers(&config.ci)?,
+        })
+    }
+}
+
+/// What `taskcred config check` found: everything `serve` loads, loaded and checked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Checked {
+    /// The trust domains whose workloads may connect.
+    pub trust_domains: Vec<String>,
+    /// How many policies load, and from which files.
+    pub policies: usize,
+    /// The policy files.
+    pub policy_files: Vec<std::path::PathBuf>,
+    /// The signing key's `kid` and algorithm.
+    pub signing_key: String,
+    /// Whether certificates can be issued (an issuing CA is configured).
+    pub issuing_ca: bool,
+    /// The CI issuers trusted, by configured name.
+    pub ci_issuers: Vec<String>,
+    /// The store: `embedded <path>` or `redis`.
+    pub store: String,
+    /// The audit log's file.
+    pub audit: std::path::PathBuf,
+    /// The gRPC and HTTP addresses `serve` would bind.
+    pub listen: (String, String),
+}
+
+impl App {
+    /// Loads and checks everything `serve` would from `config` (TLS material, the signing key,
+    /// the issuing CA, the policies, the CI issuers' key files; the store's URL; that the audit
+    /// log's directory exists), without binding a port, opening the store or writing a file.
+    ///
+    /// # Errors
+    /// As [`App::build`].
+    pub fn check(config: &Config) -> Result<Checked, AppError> {
+        let trust = Trust::load(config)?;
+        let store = match config.store.backend {
+            StoreBackend::Embedded => format!("embedded {}", config.store.path.display()),
+            StoreBackend::Redis => {
+                RedisStore::new(config.store.redis_url.as_deref().unwrap_or_default())
+                    .map_err(AppError::Store)?;
+                "redis".to_owned()
+            }
+        };
+        let audit_dir = config
+            .audit
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| std::path::Path::new("."));
+        if !audit_dir.is_dir() {
+            return Err(AppError::Audit {
+                path: config.audit.path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("directory {} does not exist", audit_dir.display()),
+                ),
+            });
+        }
+        let current = trust.policy.current();
+        let key = trust.keys.current();
+        let mut ci_issuers: Vec<String> = trust.ci.names().map(str::to_owned).collect();
+        ci_issuers.sort();
+        Ok(Checked {
+            trust_domains: config
+                .identity
+                .allowed_trust_domains
+                .names()
+                .map(str::to_owned)
+                .collect(),
+            policies: current.len(),
+            policy_files: current.files().to_vec(),
+            signing_key: format!("{} ({})", key.kid(), key.alg()),
+            issuing_ca: trust.ca.is_some(),
+            ci_issuers,
+            store,
+            audit: config.audit.path.clone(),
+            listen: (
+                config.server.grpc_addr.to_string(),
+                config.server.http_addr.to_string(),
+            ),
+        })
+    }
+
+    /// Builds the broker from a checked configuration, on the system clock.
+    ///
+    /// # Errors
+    /// [`AppError`] naming what is unusable: TLS material, a policy file, the store, the audit log.
+    pub fn build(config: Config) -> Result<Self, AppError> {
+        Self::build_with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// Builds the broker on `clock` (tests use a manual clock).
+    ///
+    /// # Errors
+    /// As [`App::build`].
+    pub fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
+        let Trust {
+            tls,
+            http_tls,
+            keys,
+            ca,
+            policy,
+            ci,
+        } = Trust::load(&config)?;
         let store: Arc<dyn Store> = match config.store.backend {
             StoreBackend::Embedded => Arc::new(Metered(
                 EmbeddedStore::open(&config.store.path).map_err(AppError::Store)?,
@@ -260,7 +372,7 @@ impl App {
                 keys: keys.clone(),
                 ca,
                 key_file: config.issuer.jwt_key.clone(),
-                ci: ci_issuers(&config.ci)?,
+                ci,
                 trust_domains: config.identity.allowed_trust_domains.clone(),
             },
             settings,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use taskcred::app::{App, AppError, Listeners};
 use taskcred::broker::Broker;
-use taskcred::cli::{self, Cli, Command, DevCommand, ServeArgs};
+use taskcred::cli::{self, Cli, Command, ConfigCommand, DevCommand, ServeArgs};
 use taskcred::config::{self, Overrides, Source};
 use taskcred::{devpki, telemetry};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -35,6 +35,9 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(ref serve_args) => serve(&cli, serve_args).await,
+            Command::Config {
+                command: ConfigCommand::Check(ref args),
+            } => check_config(&cli, args),
             Command::Dev {
                 command: DevCommand::Init { ref dir },
             } => cli::dev_init(&cli.client, dir.clone()),
@@ -56,8 +59,90 @@ fn main() -> ExitCode {
     })
 }
 
-async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
+/// `config check`: what `serve` would load, loaded, and said.
+fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
+    if args.dev && !devpki::is_complete(&cli.client.dev_dir) {
+        eprintln!(
+            "error: no dev PKI in {} (`taskcred dev init` makes one)",
+            cli.client.dev_dir.display()
+        );
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let config = match load_config(cli, args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match App::check(&config) {
+        Ok(found) => {
+            if cli.client.json {
+                println!("{}", serde_json::json!({"ok": true, "found": found}));
+            } else {
+                println!("configuration OK");
+                println!("  trust domains: {}", found.trust_domains.join(", "));
+                println!(
+                    "  policies:      {} in {} files",
+                    found.policies,
+                    found.policy_files.len()
+                );
+                println!("  signing key:   {}", found.signing_key);
+                println!(
+                    "  issuing CA:    {}",
+                    if found.issuing_ca {
+                        "yes"
+                    } else {
+                        "none (no certificates)"
+                    }
+                );
+                println!("  CI issuers:    {}", found.ci_issuers.join(", "));
+                println!("  store:         {}", found.store);
+                println!("  audit log:     {}", found.audit.display());
+                println!(
+                    "  listen:        gRPC {}, HTTP {}",
+                    found.listen.0, found.listen.1
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if cli.client.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": e.to_string()})
+                );
+            } else {
+                eprintln!("error: configuration refused: {e}");
+            }
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+/// The configuration `serve` and `config check` read: `--config FILE`, or the dev PKI's with
+/// `--dev`, with the flags' overrides; a refusal is reported and is the exit code.
+fn load_config(cli: &Cli, args: &ServeArgs) -> Result<taskcred::config::Config, ExitCode> {
     let source = if args.dev {
+        Source::Dev(cli.client.dev_dir.clone())
+    } else if let Some(path) = &args.config {
+        Source::File(path.clone())
+    } else {
+        // clap's argument group makes one of the two required.
+        eprintln!("error: needs --config FILE or --dev");
+        return Err(ExitCode::from(2));
+    };
+    let overrides = Overrides {
+        grpc_addr: args.grpc_addr.clone(),
+        http_addr: args.http_addr.clone(),
+        log_format: args.log_format.clone(),
+        redis_url: args.redis.clone(),
+    };
+    config::load(&source, std::env::vars(), &overrides).map_err(|e| {
+        eprintln!("error: configuration refused: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
+    if args.dev {
         let dir = &cli.client.dev_dir;
         if !devpki::is_complete(dir) {
             match devpki::init(dir) {
@@ -72,26 +157,10 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
                 }
             }
         }
-        Source::Dev(dir.clone())
-    } else if let Some(path) = &args.config {
-        Source::File(path.clone())
-    } else {
-        // clap's argument group makes one of the two required.
-        eprintln!("error: serve needs --config FILE or --dev");
-        return ExitCode::from(2);
-    };
-    let overrides = Overrides {
-        grpc_addr: args.grpc_addr.clone(),
-        http_addr: args.http_addr.clone(),
-        log_format: args.log_format.clone(),
-        redis_url: args.redis.clone(),
-    };
-    let config = match config::load(&source, std::env::vars(), &overrides) {
+    }
+    let config = match load_config(cli, args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: configuration refused: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
+        Err(code) => return code,
     };
     telemetry::init_logging(config.log.format, &config.log.level);
     let server = config.server.clone();

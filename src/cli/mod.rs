@@ -45,6 +45,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Check a configuration without running the broker.
+    Config {
+        /// Which.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Development helpers.
     Dev {
         /// Which helper.
@@ -141,6 +147,15 @@ pub struct ServeArgs {
     /// store; the same as store.backend = "redis" with store.redis_url.
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
+}
+
+/// `taskcred config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load and check the configuration, the policies and the key files exactly as `serve`
+    /// would, without binding a port, opening the store or writing anything; say what was found
+    /// (exit 0) or what is wrong (exit 64).
+    Check(ServeArgs),
 }
 
 /// `taskcred dev ...`.

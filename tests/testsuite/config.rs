@@ -46,20 +46,27 @@ impl Setup {
     }
 }
 
-/// Runs `serve --config path` expecting a refusal: returns stderr.
+/// Runs `serve --config path` expecting a refusal: returns stderr. `config check` on the same
+/// file and environment refuses it too, with the same line.
 fn refused(path: &Path, env: &[(&str, &str)]) -> String {
-    let out = Command::new(BIN)
-        .args(["serve", "--config", path.to_str().unwrap()])
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(64),
-        "expected exit 64, stderr: {err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg(path)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{args:?}: expected exit 64, stderr: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        err
+    };
+    let err = run(&["serve", "--config"]);
+    assert_eq!(run(&["config", "check", "--config"]), err);
     err
 }
 
@@ -73,7 +80,49 @@ fn assert_names(err: &str, needles: &[&str]) {
 fn the_shipped_example_starts_a_broker() {
     let s = Setup::new();
     let path = s.write(&s.example);
+    // `config check` says what serve will load, without binding or opening anything: it
+    // passes while the broker runs and holds the store.
     let serve = ServeProcess::start(&["serve", "--config", path.to_str().unwrap()], &[]);
+    let out = Command::new(BIN)
+        .args([
+            "--json",
+            "config",
+            "check",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(found["ok"], true);
+    assert_eq!(
+        found["found"]["trust_domains"],
+        serde_json::json!(["example.org"]),
+        "{found}"
+    );
+    assert!(found["found"]["policies"].as_u64().unwrap() > 5, "{found}");
+    assert!(
+        found["found"]["store"]
+            .as_str()
+            .unwrap()
+            .starts_with("embedded "),
+        "{found}"
+    );
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("configuration OK"),
+        "{out:?}"
+    );
     assert_eq!(serve.terminate().code(), Some(0));
 }
 
@@ -433,7 +482,49 @@ fn trust_files_writable_by_others_are_refused() {
         ],
     );
     chmod(&bundle, 0o644);
+    // `config check` says what serve will load, without binding or opening anything: it
+    // passes while the broker runs and holds the store.
     let serve = ServeProcess::start(&["serve", "--config", path.to_str().unwrap()], &[]);
+    let out = Command::new(BIN)
+        .args([
+            "--json",
+            "config",
+            "check",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(found["ok"], true);
+    assert_eq!(
+        found["found"]["trust_domains"],
+        serde_json::json!(["example.org"]),
+        "{found}"
+    );
+    assert!(found["found"]["policies"].as_u64().unwrap() > 5, "{found}");
+    assert!(
+        found["found"]["store"]
+            .as_str()
+            .unwrap()
+            .starts_with("embedded "),
+        "{found}"
+    );
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("configuration OK"),
+        "{out:?}"
+    );
     assert_eq!(serve.terminate().code(), Some(0));
 }
 
