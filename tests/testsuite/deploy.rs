@@ -136,18 +136,53 @@ fn kubernetes_runs_probed_replicas_with_a_budget_secrets_and_the_shipped_policie
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(policies["data"].as_hash().unwrap().len(), shipped.len());
-    for file in shipped {
-        let name = file.file_name().unwrap().to_str().unwrap();
-        assert_eq!(
-            str_of(&policies["data"][name], name),
-            std::fs::read_to_string(&file).unwrap(),
-            "the ConfigMap's {name} differs from config/policies/{name}"
-        );
-    }
     let toml = maps
         .iter()
         .find(|m| m["metadata"]["name"].as_str() == Some("taskcred-config"))
         .unwrap();
+    // The shipped policies, for the trust domain the ConfigMap's configuration names: a policy
+    // set naming another domain's identities would refuse every call.
+    let config: toml::Value =
+        toml::from_str(str_of(&toml["data"]["taskcred.toml"], "toml")).unwrap();
+    let domains: Vec<&str> = config["identity"]["trust_domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(domains, ["example.org"]);
+    for file in shipped {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let deployed = str_of(&policies["data"][name], name);
+        let expected = format!(
+            "// config/policies/{name} for the trust domain example.org: edit the names for \
+             yours.\n{}",
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .replace("spiffe://taskcred.dev/", "spiffe://example.org/")
+                .replace("\"taskcred.dev\"", "\"example.org\"")
+        );
+        assert_eq!(
+            deployed, expected,
+            "the ConfigMap's {name} is not config/policies/{name} for example.org"
+        );
+        for named in deployed
+            .split("spiffe://")
+            .skip(1)
+            .map(|rest| rest.split('/').next().unwrap())
+            .chain(
+                deployed
+                    .split("trust_domain == \"")
+                    .skip(1)
+                    .map(|rest| rest.split('"').next().unwrap()),
+            )
+        {
+            assert!(
+                domains.contains(&named),
+                "{name} names the trust domain {named}, which the configuration does not have"
+            );
+        }
+    }
     builds_a_broker(
         str_of(&toml["data"]["taskcred.toml"], "taskcred.toml"),
         &[
@@ -203,6 +238,16 @@ fn compose_runs_redis_with_aof_and_two_replicas_of_the_image() {
     ] {
         assert!(conf.lines().any(|l| l.trim() == setting), "{setting}");
     }
+    // The issuer URL is where verifiers find the JWK Set (`<issuer>/.well-known/jwks.json`): the
+    // HTTP port replica a publishes, in the scheme that port speaks; never the gRPC port.
+    let config: toml::Value = toml::from_str(&read("deploy/compose/taskcred.toml")).unwrap();
+    let issuer = config["issuer"]["url"].as_str().unwrap();
+    let https = config["server"]
+        .get("http_tls")
+        .and_then(toml::Value::as_bool)
+        .unwrap_or(false);
+    let scheme = if https { "https" } else { "http" };
+    assert_eq!(issuer, format!("{scheme}://127.0.0.1:7480"), "issuer.url");
     builds_a_broker(
         &read("deploy/compose/taskcred.toml"),
         &[
