@@ -66,6 +66,75 @@ pub enum ClientError {
     /// printed).
     #[error("the credential is not active")]
     Inactive,
+    /// The TLS connection was refused, by the broker (its alert) or by this client (the
+    /// broker's certificate): what it means, and the error as it came.
+    #[error("TLS refused: {explanation} ({detail})")]
+    Tls {
+        /// What the refusal means, in words.
+        explanation: &'static str,
+        /// The error chain.
+        detail: String,
+    },
+}
+
+/// What a failed TLS connection means, from the rustls error in `error`'s chain: the alert the
+/// broker sent about this client's certificate, or why this client refused the broker's.
+pub fn explain_tls(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert};
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let found = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        let said = match found {
+            Some(rustls::Error::AlertReceived(alert)) => match alert {
+                Alert::UnknownCA => Some(
+                    "the broker does not trust the CA that signed your certificate: it must \
+                     chain to the bundle of its SPIFFE ID's trust domain",
+                ),
+                Alert::CertificateExpired => {
+                    Some("the broker refused your certificate as expired or not yet valid")
+                }
+                Alert::CertificateRevoked => Some("the broker refused your certificate as revoked"),
+                Alert::CertificateRequired => Some(
+                    "the broker requires a client certificate here (--as NAME, or --cert and --key)",
+                ),
+                Alert::AccessDenied => Some(
+                    "the broker refused your certificate's identity: its SPIFFE ID must be in a \
+                     trust domain the broker serves, bound to that domain's bundle",
+                ),
+                Alert::BadCertificate
+                | Alert::UnsupportedCertificate
+                | Alert::CertificateUnknown => Some(
+                    "the broker refused your certificate: it must be an X509-SVID (one URI \
+                         SAN spiffe://<trust domain>/<path>, key usage digitalSignature, extended \
+                         key usage clientAuth, not a CA)",
+                ),
+                _ => None,
+            },
+            Some(rustls::Error::InvalidCertificate(cert)) => match cert {
+                Cert::UnknownIssuer => Some(
+                    "the broker's certificate is not signed by the CA given with --ca (or \
+                     <dev-dir>/ca.pem)",
+                ),
+                Cert::Expired | Cert::ExpiredContext { .. } => {
+                    Some("the broker's certificate has expired")
+                }
+                Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                    Some("the broker's certificate does not name the host of --broker")
+                }
+                _ => Some("this client refused the broker's certificate"),
+            },
+            _ => None,
+        };
+        if said.is_some() {
+            return said;
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// Exit code of a refusal: the broker said no, or the command failed for good.
@@ -96,7 +165,7 @@ impl ClientError {
                     | tonic::Code::DeadlineExceeded
                     | tonic::Code::Aborted
             ),
-            Self::Usage(_) | Self::Inactive => false,
+            Self::Usage(_) | Self::Inactive | Self::Tls { .. } => false,
         }
     }
 
@@ -123,6 +192,7 @@ impl ClientError {
                 s.message().to_owned(),
             ),
             Self::Inactive => ("INACTIVE", None, self.to_string()),
+            Self::Tls { .. } => ("TLS_REFUSED", None, self.to_string()),
         };
         serde_json::json!({"error": {
             "code": code,
@@ -202,17 +272,20 @@ pub async fn connect(args: &ClientArgs) -> Result<Channel, ClientError> {
         .map_err(|e| ClientError::Usage(format!("TLS settings: {}", chain(&e))))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| ClientError::Unreachable {
+    endpoint.connect().await.map_err(|e| match explain_tls(&e) {
+        Some(explanation) => ClientError::Tls {
+            explanation,
+            detail: chain(&e),
+        },
+        None => ClientError::Unreachable {
             broker: args.broker.clone(),
             message: chain(&e),
-        })
+        },
+    })
 }
 
 /// An error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -224,4 +297,81 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+/// A refusal that came as a bare transport error (`UNKNOWN` or `CANCELLED`, no reason from the
+/// broker: with TLS 1.3 the broker judges a client certificate after the client thinks the
+/// handshake done, and its alert is lost in the connection's teardown) is explained by one more
+/// handshake with the same files, whose alert this client reads itself. Anything else is
+/// returned as it is.
+pub async fn explained(args: &ClientArgs, e: ClientError) -> ClientError {
+    let ClientError::Refused(status) = &e else {
+        return e;
+    };
+    if !matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+        || crate::api::reason_of(status).is_some()
+    {
+        return e;
+    }
+    match diagnose(args).await {
+        Some((explanation, detail)) => ClientError::Tls {
+            explanation,
+            detail,
+        },
+        None => e,
+    }
+}
+
+/// One TLS handshake with the broker presenting the client's files, then a read: the broker's
+/// alert, if it sends one, explained.
+async fn diagnose(args: &ClientArgs) -> Option<(&'static str, String)> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt as _;
+
+    let uri: http::Uri = args.broker.parse().ok()?;
+    let host = uri
+        .host()?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let ca_path = args
+        .ca
+        .clone()
+        .unwrap_or_else(|| args.dev_dir.join(devpki::CA_CERT));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&ca_path).ok()? {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots);
+    let mut config = match identity_files(args).ok()? {
+        Some((cert, key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+                .ok()?
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let key = PrivateKeyDer::from_pem_file(&key).ok()?;
+            builder.with_client_auth_cert(chain, key).ok()?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = ServerName::try_from(host.clone()).ok()?;
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let mut tls = connector.connect(name, tcp).await?;
+        // The broker's first bytes (its HTTP/2 SETTINGS), or its alert.
+        let mut buf = [0u8; 64];
+        tls.read(&mut buf).await.map(|_| ())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Err(e)) => explain_tls(&e).map(|x| (x, chain(&e))),
+        _ => None,
+    }
 }

@@ -42,7 +42,7 @@ pub enum AgentCommand {
 
 /// Runs an `agent` subcommand.
 pub async fn run(args: &ClientArgs, command: &AgentCommand) -> ExitCode {
-    exit_code(args, execute(args, command).await)
+    exit_code(args, execute(args, command).await).await
 }
 
 fn lock_json(l: &pb::Lock) -> Value {

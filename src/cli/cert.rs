@@ -59,7 +59,7 @@ pub enum CertCommand {
 
 /// Runs a `cert` subcommand.
 pub async fn run(args: &ClientArgs, command: &CertCommand) -> ExitCode {
-    exit_code(args, execute(args, command).await)
+    exit_code(args, execute(args, command).await).await
 }
 
 /// Writes `contents` to `path` readable by its owner only, whatever mode it had.

@@ -77,7 +77,7 @@ pub enum CiCommand {
 
 /// Runs a `ci` subcommand.
 pub async fn run(args: &ClientArgs, command: &CiCommand) -> ExitCode {
-    exit_code(args, execute(args, command).await)
+    exit_code(args, execute(args, command).await).await
 }
 
 fn read_token(path: &PathBuf) -> Result<String, ClientError> {

@@ -26,7 +26,7 @@ pub enum KeyCommand {
 
 /// Runs a `key` subcommand.
 pub async fn run(args: &ClientArgs, command: &KeyCommand) -> ExitCode {
-    exit_code(args, execute(args, command).await)
+    exit_code(args, execute(args, command).await).await
 }
 
 async fn execute(args: &ClientArgs, command: &KeyCommand) -> Result<(), ClientError> {

@@ -58,7 +58,7 @@ pub enum LeaseCommand {
 
 /// Runs a `lease` subcommand.
 pub async fn run(args: &ClientArgs, command: &LeaseCommand) -> ExitCode {
-    exit_code(args, execute(args, command).await)
+    exit_code(args, execute(args, command).await).await
 }
 
 async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), ClientError> {

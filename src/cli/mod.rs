@@ -210,7 +210,7 @@ pub async fn whoami(args: &ClientArgs) -> ExitCode {
     .await;
     let me = match result {
         Ok(me) => me,
-        Err(e) => return e.report(args.json),
+        Err(e) => return crate::client::explained(args, e).await.report(args.json),
     };
     let expires = rfc3339(me.cert_not_after);
     if args.json {

@@ -28,7 +28,7 @@ pub enum PolicyCommand {
 pub async fn run(args: &ClientArgs, command: &PolicyCommand) -> ExitCode {
     match command {
         PolicyCommand::Check { dir } => check(args, dir),
-        PolicyCommand::Reload => exit_code(args, reload(args).await),
+        PolicyCommand::Reload => exit_code(args, reload(args).await).await,
     }
 }
 

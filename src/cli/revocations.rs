@@ -55,7 +55,7 @@ pub async fn run(args: &ClientArgs, command: &RevocationsCommand) -> ExitCode {
 
 fn retryable(e: &ClientError) -> bool {
     match e {
-        ClientError::Usage(_) | ClientError::Inactive => false,
+        ClientError::Usage(_) | ClientError::Inactive | ClientError::Tls { .. } => false,
         ClientError::Unreachable { .. } => true,
         ClientError::Refused(s) => matches!(
             s.code(),

@@ -13,11 +13,12 @@ use crate::api::pb::credential_service_client::CredentialServiceClient;
 use crate::client::read;
 
 /// The exit code of a client subcommand: 0, or the error reported (see
-/// [`ClientError::report`]).
-pub(super) fn exit_code(args: &ClientArgs, result: Result<(), ClientError>) -> ExitCode {
+/// [`ClientError::report`]), a bare transport error first explained
+/// ([`crate::client::explained`]).
+pub(super) async fn exit_code(args: &ClientArgs, result: Result<(), ClientError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => e.report(args.json),
+        Err(e) => crate::client::explained(args, e).await.report(args.json),
     }
 }
 
@@ -36,7 +37,13 @@ pub(super) async fn answer<T>(
 ) -> Result<T, ClientError> {
     call.await
         .map(tonic::Response::into_inner)
-        .map_err(ClientError::Refused)
+        .map_err(|status| match crate::client::explain_tls(&status) {
+            Some(explanation) => ClientError::Tls {
+                explanation,
+                detail: crate::client::chain(&status),
+            },
+            None => ClientError::Refused(status),
+        })
 }
 
 /// Prints `json` as one line with `--json`, else `text` and a newline.

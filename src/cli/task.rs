@@ -244,7 +244,7 @@ fn print_task(t: &pb::Task) {
 
 /// Runs a `task` subcommand.
 pub async fn run(args: &ClientArgs, command: &TaskCommand) -> ExitCode {
-    exit_code(args, execute(args, command).await)
+    exit_code(args, execute(args, command).await).await
 }
 
 async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientError> {

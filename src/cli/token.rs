@@ -44,7 +44,7 @@ pub enum TokenCommand {
 
 /// Runs a `token` subcommand.
 pub async fn run(args: &ClientArgs, command: &TokenCommand) -> ExitCode {
-    exit_code(args, execute(args, command).await)
+    exit_code(args, execute(args, command).await).await
 }
 
 async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), ClientError> {

@@ -596,3 +596,66 @@ fn exit_codes_and_json_errors_say_whether_to_retry_and_a_capped_ttl_is_said() {
     assert!(err.contains("less than the 86400s asked"), "{err}");
     assert_eq!(serve.terminate().code(), Some(0));
 }
+
+/// A certificate the broker refuses at the TLS handshake is explained in words (not `UNKNOWN:
+/// transport error`), with exit 1: retrying does not help.
+#[test]
+fn refused_certificates_are_explained() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev");
+    let dev_s = dev.to_str().unwrap();
+    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+    let broker = format!("https://{}", serve.grpc);
+    let ca = dev.join("ca.pem");
+    let present = |name: &str, pem: &crate::common::Pem| {
+        let cert = tmp.path().join(format!("{name}.pem"));
+        let key = tmp.path().join(format!("{name}-key.pem"));
+        std::fs::write(&cert, &pem.cert).unwrap();
+        std::fs::write(&key, &pem.key).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        run(&[
+            "--broker",
+            &broker,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "whoami",
+        ])
+    };
+
+    // Signed by a CA the broker does not trust.
+    let mut other_ca = CertificateParams::default();
+    other_ca
+        .distinguished_name
+        .push(DnType::CommonName, "another CA");
+    other_ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    other_ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let other = rcgen::Issuer::new(other_ca, KeyPair::generate().unwrap());
+    let stranger = crate::common::issue(
+        &crate::common::svid_params(&["spiffe://taskcred.dev/agent/demo"]),
+        &other,
+    );
+    let (code, _, err) = present("stranger", &stranger);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not trust the CA"), "{err}");
+
+    // Signed by the right CA, but expired.
+    let dev_ca = {
+        let key =
+            KeyPair::from_pem(&std::fs::read_to_string(dev.join("ca-key.pem")).unwrap()).unwrap();
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(&ca).unwrap(), key).unwrap()
+    };
+    let mut expired = crate::common::svid_params(&["spiffe://taskcred.dev/agent/demo"]);
+    expired.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    expired.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let old = crate::common::issue(&expired, &dev_ca);
+    let (code, _, err) = present("old", &old);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("expired"), "{err}");
+    assert_eq!(serve.terminate().code(), Some(0));
+}
