@@ -222,6 +222,61 @@ impl Trust {
     }
 }
 
+/// What a configuration that loads may still get wrong, said at start (and by `config check`):
+/// an issuing CA that is also a CA of a trust bundle (task certificates are never identities, so
+/// every client certificate it signed is refused at the gRPC port), and the dev PKI in use
+/// outside `--dev` (its keys were made on one machine for trials). Files that cannot be read
+/// were refused by the checks before, so they are skipped here.
+pub fn startup_warnings(config: &Config, dev: bool) -> Vec<String> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let subjects = |path: &std::path::Path| -> Vec<(Vec<u8>, bool)> {
+        crate::identity::bundle::load(path)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|der| {
+                let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+                let dev_made = cert
+                    .subject()
+                    .iter_organization()
+                    .any(|o| o.as_str().ok() == Some(crate::devpki::ORGANIZATION));
+                Some((cert.subject().as_raw().to_vec(), dev_made))
+            })
+            .collect()
+    };
+    let mut warnings = Vec::new();
+    let issuing = config
+        .issuer
+        .ca
+        .as_ref()
+        .map(|(cert, _)| subjects(cert))
+        .unwrap_or_default();
+    let mut dev_made = false;
+    for domain in &config.identity.trust_domains {
+        let bundle = subjects(&domain.bundle);
+        dev_made |= bundle.iter().any(|(_, d)| *d);
+        if issuing
+            .iter()
+            .take(1)
+            .any(|(s, _)| bundle.iter().any(|(b, _)| b == s))
+        {
+            warnings.push(format!(
+                "issuer.ca_cert is also a CA of the bundle of trust domain {}: the certificates \
+                 the broker issues are never identities, so every client certificate this CA \
+                 signed is refused at the gRPC port; give the broker an issuing CA of its own",
+                domain.name
+            ));
+        }
+    }
+    if dev_made && !dev {
+        warnings.push(format!(
+            "the trust bundle is the dev PKI's (organization \"{}\"): its keys were made on one \
+             machine for trials; make your own CA for anything but a trial",
+            crate::devpki::ORGANIZATION
+        ));
+    }
+    warnings
+}
+
 /// What `taskcred config check` found: everything `serve` loads, loaded and checked.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Checked {
@@ -243,6 +298,8 @@ pub struct Checked {
     pub audit: std::path::PathBuf,
     /// The gRPC and HTTP addresses `serve` would bind.
     pub listen: (String, String),
+    /// What `serve` would warn of at start ([`startup_warnings`]).
+    pub warnings: Vec<String>,
 }
 
 impl App {
@@ -252,7 +309,7 @@ impl App {
     ///
     /// # Errors
     /// As [`App::build`].
-    pub fn check(config: &Config) -> Result<Checked, AppError> {
+    pub fn check(config: &Config, dev: bool) -> Result<Checked, AppError> {
         let trust = Trust::load(config)?;
         let store = match config.store.backend {
             StoreBackend::Embedded => format!("embedded {}", config.store.path.display()),
@@ -299,6 +356,7 @@ impl App {
                 config.server.grpc_addr.to_string(),
                 config.server.http_addr.to_string(),
             ),
+            warnings: startup_warnings(config, dev),
         })
     }
 

@@ -46,6 +46,9 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const JWT_KEY: &str = "jwt-key.pem";
 /// The dev policy directory.
 pub const POLICY_DIR: &str = "policies";
+/// The organization of the dev PKI's CA certificates: how a trust bundle made by `dev init` is
+/// recognized outside `--dev`.
+pub const ORGANIZATION: &str = "taskcred development";
 /// The issuing CA of X509-SVIDs (an intermediate below the root).
 pub const ISSUING_CA_CERT: &str = "issuing-ca.pem";
 /// Its key.
@@ -322,7 +325,7 @@ fn ca_params() -> CertificateParams {
     p.distinguished_name
         .push(DnType::CommonName, "taskcred dev root CA");
     p.distinguished_name
-        .push(DnType::OrganizationName, "taskcred development");
+        .push(DnType::OrganizationName, ORGANIZATION);
     // One intermediate below is allowed: the issuing CA of X509-SVIDs.
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -335,7 +338,7 @@ fn issuing_ca_params() -> Result<CertificateParams, DevPkiError> {
     p.distinguished_name
         .push(DnType::CommonName, "taskcred dev issuing CA");
     p.distinguished_name
-        .push(DnType::OrganizationName, "taskcred development");
+        .push(DnType::OrganizationName, ORGANIZATION);
     // A signing certificate's SPIFFE ID is the trust domain's, without a path.
     p.subject_alt_names = vec![SanType::URI(
         format!("spiffe://{TRUST_DOMAIN}")

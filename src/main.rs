@@ -72,7 +72,7 @@ fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match App::check(&config) {
+    match App::check(&config, args.dev) {
         Ok(found) => {
             if cli.client.json {
                 println!("{}", serde_json::json!({"ok": true, "found": found}));
@@ -100,6 +100,9 @@ fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
                     "  listen:        gRPC {}, HTTP {}",
                     found.listen.0, found.listen.1
                 );
+                for w in &found.warnings {
+                    println!("  warning: {w}");
+                }
             }
             ExitCode::SUCCESS
         }
@@ -164,6 +167,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
     };
     telemetry::init_logging(config.log.format, &config.log.level);
     let server = config.server.clone();
+    let warnings = taskcred::app::startup_warnings(&config, args.dev);
     let app = match App::build(config) {
         Ok(app) => app,
         // The store is configured right but cannot be opened (another broker holds the file).
@@ -195,6 +199,9 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals.run(app.broker().clone(), shutdown.clone()));
     print_banner(&listeners, server.http_tls, args.dev, cli);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     match app.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
