@@ -188,3 +188,66 @@ fn the_policy_guides_examples_are_accepted() {
     }
     assert!(checked >= 3, "{checked} example policy sets");
 }
+
+/// The shell blocks of `docs/production.md` marked `<!-- checked: NAME -->`, in order.
+fn checked_blocks(text: &str) -> Vec<(String, String)> {
+    text.split("<!-- checked: ")
+        .skip(1)
+        .map(|rest| {
+            let (name, after) = rest.split_once(" -->").unwrap();
+            let body = after
+                .split_once("```sh\n")
+                .unwrap()
+                .1
+                .split_once("```")
+                .unwrap()
+                .0;
+            (name.to_owned(), body.to_owned())
+        })
+        .collect()
+}
+
+/// The production bootstrap runs as written: the PKI made with openssl, the policies for one's
+/// own trust domain and the configuration pointing at them pass `config check`, with no warning.
+#[test]
+fn the_production_bootstrap_runs_as_written() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("docs/production.md")).unwrap();
+    let blocks = checked_blocks(&text);
+    let names: Vec<&str> = blocks.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["pki", "policies", "config"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in &blocks {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(body)
+            .current_dir(dir.path())
+            .env("TASKCRED_SRC", root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "block {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = std::process::Command::new(crate::common::BIN)
+        .args(["--json", "config", "check", "--config"])
+        .arg(dir.path().join("taskcred.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        found["found"]["trust_domains"],
+        serde_json::json!(["example.org"])
+    );
+    assert_eq!(found["found"]["issuing_ca"], true);
+    assert_eq!(found["found"]["warnings"], serde_json::json!([]), "{found}");
+}
