@@ -224,7 +224,7 @@ pub(crate) fn read(what: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
 }
 
 /// The certificate and key files to present, if any.
-fn identity_files(args: &ClientArgs) -> Result<Option<(PathBuf, PathBuf)>, ClientError> {
+pub(crate) fn identity_files(args: &ClientArgs) -> Result<Option<(PathBuf, PathBuf)>, ClientError> {
     if let Some(name) = &args.as_name {
         if !devpki::IDENTITIES.iter().any(|(n, _)| n == name) {
             let names: Vec<&str> = devpki::IDENTITIES.iter().map(|(n, _)| *n).collect();

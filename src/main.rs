@@ -42,6 +42,7 @@ fn main() -> ExitCode {
                 command: DevCommand::Init { ref dir },
             } => cli::dev_init(&cli.client, dir.clone()),
             Command::Whoami => cli::whoami(&cli.client).await,
+            Command::Doctor => cli::doctor::run(&cli.client).await,
             Command::Task { ref command } => cli::task::run(&cli.client, command).await,
             Command::Policy { ref command } => cli::policy::run(&cli.client, command).await,
             Command::Bench(ref args) => cli::bench::run_bench(&cli.client, args).await,

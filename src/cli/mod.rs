@@ -8,6 +8,7 @@ pub mod audit;
 pub mod bench;
 pub mod cert;
 pub mod ci;
+pub mod doctor;
 pub mod key;
 pub mod lease;
 pub mod policy;
@@ -59,6 +60,9 @@ pub enum Command {
     },
     /// Print the identity the broker sees in your client certificate.
     Whoami,
+    /// Check what a connection needs (the address, the CA bundle, your certificate's X509-SVID
+    /// profile and validity, a handshake and WhoAmI) and say what is wrong.
+    Doctor,
     /// Request, approve, deny, cancel, show and list tasks.
     Task {
         /// Which.

@@ -608,7 +608,7 @@ fn refused_certificates_are_explained() {
     let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
     let broker = format!("https://{}", serve.grpc);
     let ca = dev.join("ca.pem");
-    let present = |name: &str, pem: &crate::common::Pem| {
+    let present_to = |command: &str, name: &str, pem: &crate::common::Pem| {
         let cert = tmp.path().join(format!("{name}.pem"));
         let key = tmp.path().join(format!("{name}-key.pem"));
         std::fs::write(&cert, &pem.cert).unwrap();
@@ -624,9 +624,10 @@ fn refused_certificates_are_explained() {
             cert.to_str().unwrap(),
             "--key",
             key.to_str().unwrap(),
-            "whoami",
+            command,
         ])
     };
+    let present = |name: &str, pem: &crate::common::Pem| present_to("whoami", name, pem);
 
     // Signed by a CA the broker does not trust.
     let mut other_ca = CertificateParams::default();
@@ -657,5 +658,21 @@ fn refused_certificates_are_explained() {
     let (code, _, err) = present("old", &old);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("expired"), "{err}");
+
+    // `doctor` checks the same from the client's side, one line a check.
+    let (code, out, _) = present_to("doctor", "old", &old);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL client certificate") && out.contains("expired"),
+        "{out}"
+    );
+    assert!(out.contains("FAIL handshake and WhoAmI"), "{out}");
+    assert!(out.contains("ok   CA bundle"), "{out}");
+    let (code, out, _) = run_as(serve.grpc, dev_s, "agent", &["doctor"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("the broker knows you as spiffe://taskcred.dev/agent/demo"),
+        "{out}"
+    );
     assert_eq!(serve.terminate().code(), Some(0));
 }
