@@ -53,20 +53,14 @@ pub async fn run(args: &ClientArgs, command: &RevocationsCommand) -> ExitCode {
     }
 }
 
+/// Whether the watch reconnects after `e`: what any command may retry, and a stream that broke
+/// (a replica restarting ends its streams with these codes).
 fn retryable(e: &ClientError) -> bool {
-    match e {
-        ClientError::Usage(_) | ClientError::Inactive | ClientError::Tls { .. } => false,
-        ClientError::Unreachable { .. } => true,
-        ClientError::Refused(s) => matches!(
+    e.retryable()
+        || matches!(e, ClientError::Refused(s) if matches!(
             s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Internal
-                | tonic::Code::Cancelled
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::ResourceExhausted
-        ),
-    }
+            tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+        ))
 }
 
 /// One connection: prints events until the stream ends or fails, keeping `cursor` current.
