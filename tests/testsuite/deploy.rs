@@ -360,14 +360,11 @@ fn the_grafana_dashboard_charts_only_exported_series() {
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
-            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if !word.starts_with("taskcred_") {
-                    continue;
-                }
+            for word in series_in(expr) {
                 let base = ["_bucket", "_count", "_sum"]
                     .iter()
                     .find_map(|s| word.strip_suffix(s))
-                    .unwrap_or(word);
+                    .unwrap_or(&word);
                 assert!(
                     exported.iter().any(|n| n == base),
                     "panel {} charts {word}, which the broker does not export",

@@ -389,14 +389,6 @@ fn two_serve_processes_share_revocations() {
     assert_eq!(b.terminate().code(), Some(0));
 }
 
-/// The value of the unlabelled counter `name` in a Prometheus exposition (0 when absent).
-fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The epoch and its start carried by a `Synced` or `Heartbeat`.
 fn epoch_of(e: &pb::RevocationEvent) -> Option<(String, prost_types::Timestamp)> {
     match e.event.as_ref()? {
@@ -422,7 +414,7 @@ async fn a_redis_that_comes_back_empty_is_detected() {
 
     // Metrics are the test process's (every broker of the suite counts into them): the reset
     // is seen as one more than before.
-    let resets_before = counter(
+    let resets_before = crate::common::sample(
         &b.http_get("/metrics").await.1,
         "taskcred_store_resets_total",
     );
@@ -440,7 +432,7 @@ async fn a_redis_that_comes_back_empty_is_detected() {
     }
     let (_, metrics) = b.http_get("/metrics").await;
     assert!(
-        counter(&metrics, "taskcred_store_resets_total") > resets_before,
+        crate::common::sample(&metrics, "taskcred_store_resets_total") > resets_before,
         "{metrics}"
     );
     // What was issued before is inactive.
