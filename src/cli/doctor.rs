@@ -107,7 +107,7 @@ fn svid(path: &std::path::Path) -> Check {
     let checked = (|| -> Result<String, String> {
         let pem = read("client certificate", path).map_err(|e| e.to_string())?;
         let der = crate::identity::bundle::parse(&pem)
-            .map_err(|e| e.to_string())?
+            .map_err(|_| format!("{}: not a PEM certificate", path.display()))?
             .into_iter()
             .next()
             .ok_or("no certificate in the file")?;

@@ -357,7 +357,7 @@ pub fn load(
                 .parse::<toml::Table>()
                 .map_err(|e| ConfigError::Syntax {
                     path: path.clone(),
-                    message: e.to_string().trim_end().replace('\n', " "),
+                    message: syntax_message(&text, &e),
                 })?;
             (table, format!("config file {}", path.display()))
         }
@@ -502,6 +502,21 @@ fn apply_env(
         origins.insert(path.join("."), format!("environment variable {var}"));
     }
     Ok(())
+}
+
+/// The parser's complaint with its line and column, without the source line the parser quotes:
+/// that line may hold a secret (a Redis URL with its password).
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
+    }
 }
 
 /// Reads an environment value as a TOML value where it is one (`8080`, `true`, `["a", "b"]`),

@@ -138,6 +138,12 @@ fn missing_and_malformed_files() {
 
     let p = s.write("[server\ngrpc_addr = 1");
     assert_names(&refused(&p, &[]), &["taskcred.toml", "line 1"]);
+
+    // The parser's quote of the line is not repeated: it may hold a secret.
+    let p = s.write("[store]\nredis_url = \"redis://u:S3CRETPW@127.0.0.1:1/0\" x\n");
+    let err = refused(&p, &[]);
+    assert_names(&err, &["taskcred.toml", "line 2"]);
+    assert!(!err.contains("S3CRETPW"), "{err}");
 }
 
 #[test]
