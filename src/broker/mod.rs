@@ -46,7 +46,10 @@ pub use introspect::Introspection;
 pub use issue::{IssuedCertificate, IssuedToken, TokenRequest};
 pub use keys::{KEY_REFRESH, Rotation};
 pub use leases::{LeaseCursor, LeasePage, LeaseQuery, MAX_LEASE_PAGE};
-pub use reaper::{LEASES_EXPIRED, REAPER_FAILURES, Reaped, Reaper, TASKS_EXPIRED};
+pub use reaper::{
+    LEASES_EXPIRED, LOCK_SWEEP_EVERY, LOCK_SWEEP_GRACE, REAPER_FAILURES, Reaped, Reaper,
+    TASKS_EXPIRED,
+};
 pub use renew::{Credential, Renewed};
 pub use retries::{MAX_REQUEST_ID, RequestId};
 pub use revocations::{

@@ -33,6 +33,9 @@ const BATCH: usize = 256;
 /// How often the reaper finishes the sweeps of locks in force (what a replica that died inside
 /// a lock, or whose store failed during the sweep, left).
 pub const LOCK_SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How long a new lock is left to the replica that wrote it: its own sweep answers the operator
+/// with everything it ended, so the reaper does not take chunks from under it.
+pub const LOCK_SWEEP_GRACE: Duration = Duration::from_secs(10);
 
 /// Counter of leases the reaper ended as expired.
 pub const LEASES_EXPIRED: &str = "taskcred_leases_expired_total";
@@ -155,13 +158,18 @@ impl Reaper {
     }
 
     /// The catch-up of locks: ends what a lock covers but a replica could not (it died inside
-    /// the lock, or the store failed during its sweep). Returns how many leases it revoked.
+    /// the lock, or the store failed during its sweep), once the lock is older than
+    /// [`LOCK_SWEEP_GRACE`]. Returns how many leases it revoked.
     ///
     /// # Errors
     /// [`StoreError`]; what was ended stays ended.
     pub async fn sweep_locks(&self) -> Result<usize, StoreError> {
         let mut revoked = 0;
-        for lock in self.store.list_locks(self.clock.now()).await? {
+        let now = self.clock.now();
+        for lock in self.store.list_locks(now).await? {
+            if now.duration_since(lock.at).unwrap_or_default() < LOCK_SWEEP_GRACE {
+                continue;
+            }
             let mut outcome = LockOutcome::default();
             let reason = format!("agent locked: {}", lock.reason);
             self.revoker

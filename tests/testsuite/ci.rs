@@ -182,11 +182,7 @@ fn payload(token: &str) -> Value {
 }
 
 fn audit_lines(b: &Broker) -> Vec<Value> {
-    std::fs::read_to_string(b.path("audit.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    crate::common::audit_lines(&b.path("audit.jsonl"))
 }
 
 /// The Checked-by of the issue, and the job's end.

@@ -12,18 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::common::flows::{
     AGENT, admin_as, approved_task, creds_as, introspect, tasks_as, token_request,
 };
-use crate::common::{Broker, RedisServer, redis_env};
+use crate::common::{Broker, RedisServer, audit_lines, redis_env};
 use taskcred::api::pb;
 use tonic::Code;
-
-/// The audit lines of the file at `path`.
-fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn outcome_unknown(s: &tonic::Status) -> bool {
     s.metadata()
@@ -836,8 +827,12 @@ async fn a_replica_killed_inside_a_lock_leaves_nothing_live() {
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(!introspect(&b, &token.token).await.active);
 
-    // B's reaper finishes the sweep; every live lease is revoked exactly once.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // B's reaper finishes the sweep once the lock is older than its grace; every live lease is
+    // revoked exactly once.
+    let deadline = Instant::now()
+        + taskcred::broker::LOCK_SWEEP_GRACE
+        + taskcred::broker::LOCK_SWEEP_EVERY
+        + Duration::from_secs(30);
     while redis.command(&["SCARD", &format!("tc:live:{AGENT}")]) != redis::Value::Int(0) {
         assert!(Instant::now() < deadline, "the sweep was not finished");
         tokio::time::sleep(Duration::from_millis(200)).await;

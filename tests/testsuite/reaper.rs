@@ -3,7 +3,7 @@
 //! 1,000 short leases is ended exactly once; while Redis is down issuance fails closed, and the
 //! reaper catches up when it is back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -16,9 +16,8 @@ use tonic::Code;
 
 /// The `LeaseExpired` events of an audit log: lease id to the time the reaper ended it.
 fn expirations(audit: &Path) -> Vec<(String, SystemTime)> {
-    let text = std::fs::read_to_string(audit).unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    crate::common::audit_lines(audit)
+        .into_iter()
         .filter(|e| e["action"] == "LeaseExpired")
         .map(|e| {
             (
@@ -131,10 +130,25 @@ async fn two_replicas_end_each_of_1000_leases_exactly_once() {
     };
     let a = Broker::launch(tempfile::tempdir().unwrap(), env("a.jsonl"), None).await;
     let b = a.replica(env("b.jsonl")).await;
-    let task = approved_task(&a, &[], None).await;
+    // The replicas race for due leases, and under load one may take them all: the burst is
+    // repeated (each check holding every time) until both took part, at most three times.
+    for attempt in 1..=3 {
+        if burst_reaped_once(&a, &b, logs.path()).await {
+            break;
+        }
+        assert!(attempt < 3, "one replica reaped every burst");
+    }
+    b.stop().await;
+    a.stop().await;
+}
+
+/// 1,000 leases of 1 or 2 s issued through `a` and `b`: each ends exactly once, at most 1 s
+/// after its expiry. Returns whether both replicas ended some.
+async fn burst_reaped_once(a: &Broker, b: &Broker, logs: &Path) -> bool {
+    let task = approved_task(a, &[], None).await;
 
     // 1,000 leases of 1 or 2 s, issued on both replicas, eight at a time on each.
-    let clients = [creds_as(&a, "agent").await, creds_as(&b, "agent").await];
+    let clients = [creds_as(a, "agent").await, creds_as(b, "agent").await];
     let mut issued: Vec<pb::IssueTokenResponse> = Vec::new();
     for round in 0..63 {
         let mut batch = tokio::task::JoinSet::new();
@@ -160,10 +174,13 @@ async fn two_replicas_end_each_of_1000_leases_exactly_once() {
 
     let mut ended: HashMap<String, Vec<SystemTime>> = HashMap::new();
     let (on_a, on_b) = (
-        expirations(&logs.path().join("a.jsonl")),
-        expirations(&logs.path().join("b.jsonl")),
+        expirations(&logs.join("a.jsonl")),
+        expirations(&logs.join("b.jsonl")),
     );
-    assert!(!on_a.is_empty() && !on_b.is_empty(), "both replicas reaped");
+    let mine: HashSet<&str> = issued.iter().map(|r| r.lease_id.as_str()).collect();
+    let took_part =
+        |on: &[(String, SystemTime)]| on.iter().any(|(id, _)| mine.contains(id.as_str()));
+    let both = took_part(&on_a) && took_part(&on_b);
     for (id, at) in on_a.into_iter().chain(on_b) {
         ended.entry(id).or_default().push(at);
     }
@@ -187,8 +204,7 @@ async fn two_replicas_end_each_of_1000_leases_exactly_once() {
         worst <= Duration::from_secs(1),
         "worst: {worst:?} after expiry"
     );
-    b.stop().await;
-    a.stop().await;
+    both
 }
 
 #[tokio::test]

@@ -589,3 +589,14 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The whole lines of the audit file at `path`, parsed (none when it does not exist yet). A
+/// running broker may be halfway through writing the last line: that one is left out.
+pub fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
