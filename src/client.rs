@@ -207,7 +207,7 @@ impl ClientError {
     pub fn report(&self, json: bool) -> ExitCode {
         match (self, json) {
             (Self::Inactive, _) => {}
-            (_, true) => println!("{}", self.to_json()),
+            (_, true) => crate::outln!("{}", self.to_json()),
             (_, false) => eprintln!("error: {self}"),
         }
         ExitCode::from(self.exit_code())

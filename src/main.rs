@@ -76,17 +76,17 @@ fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
     match App::check(&config, args.dev) {
         Ok(found) => {
             if cli.client.json {
-                println!("{}", serde_json::json!({"ok": true, "found": found}));
+                taskcred::outln!("{}", serde_json::json!({"ok": true, "found": found}));
             } else {
-                println!("configuration OK");
-                println!("  trust domains: {}", found.trust_domains.join(", "));
-                println!(
+                taskcred::outln!("configuration OK");
+                taskcred::outln!("  trust domains: {}", found.trust_domains.join(", "));
+                taskcred::outln!(
                     "  policies:      {} in {} files",
                     found.policies,
                     found.policy_files.len()
                 );
-                println!("  signing key:   {}", found.signing_key);
-                println!(
+                taskcred::outln!("  signing key:   {}", found.signing_key);
+                taskcred::outln!(
                     "  issuing CA:    {}",
                     if found.issuing_ca {
                         "yes"
@@ -94,22 +94,23 @@ fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
                         "none (no certificates)"
                     }
                 );
-                println!("  CI issuers:    {}", found.ci_issuers.join(", "));
-                println!("  store:         {}", found.store);
-                println!("  audit log:     {}", found.audit.display());
-                println!(
+                taskcred::outln!("  CI issuers:    {}", found.ci_issuers.join(", "));
+                taskcred::outln!("  store:         {}", found.store);
+                taskcred::outln!("  audit log:     {}", found.audit.display());
+                taskcred::outln!(
                     "  listen:        gRPC {}, HTTP {}",
-                    found.listen.0, found.listen.1
+                    found.listen.0,
+                    found.listen.1
                 );
                 for w in &found.warnings {
-                    println!("  warning: {w}");
+                    taskcred::outln!("  warning: {w}");
                 }
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
             if cli.client.json {
-                println!(
+                taskcred::outln!(
                     "{}",
                     serde_json::json!({"ok": false, "error": e.to_string()})
                 );
@@ -214,16 +215,16 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
 
 fn print_banner(listeners: &Listeners, http_tls: bool, dev: bool, cli: &Cli) {
     let show = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "?".into(), |a| a.to_string());
-    println!("taskcred broker listening");
-    println!("  gRPC (mTLS): {}", show(listeners.grpc_addr()));
-    println!(
+    taskcred::outln!("taskcred broker listening");
+    taskcred::outln!("  gRPC (mTLS): {}", show(listeners.grpc_addr()));
+    taskcred::outln!(
         "  HTTP:        {}://{}  (/healthz /readyz /metrics)",
         if http_tls { "https" } else { "http" },
         show(listeners.http_addr())
     );
     if dev {
-        println!("  dev PKI:     {}", cli.client.dev_dir.display());
-        println!("try:  cargo run --release -- --as agent whoami");
+        taskcred::outln!("  dev PKI:     {}", cli.client.dev_dir.display());
+        taskcred::outln!("try:  cargo run --release -- --as agent whoami");
     }
 }
 

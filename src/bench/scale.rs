@@ -18,8 +18,8 @@ use crate::api::pb::admin_service_client::AdminServiceClient;
 use crate::api::pb::credential_service_client::CredentialServiceClient;
 use crate::identity::WorkloadId;
 use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState};
-use crate::store::Store as _;
 use crate::store::redis::RedisStore;
+use crate::store::{DueStore as _, LeaseStore as _, MetaStore as _, TaskStore as _};
 use crate::task::{RawTaskRequest, Task, TaskId, TaskLimits, TaskRequest};
 
 /// Leases expiring per second in the reaper run.

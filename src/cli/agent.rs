@@ -84,7 +84,7 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
             .await?;
             let lock = r.lock.unwrap_or_default();
             if args.json {
-                println!(
+                crate::outln!(
                     "{}",
                     json!({
                         "lock": lock_json(&lock),
@@ -96,7 +96,7 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
                     })
                 );
             } else {
-                println!(
+                crate::outln!(
                     "locked {}: {} task(s) and {} lease(s) revoked{}",
                     lock.agent,
                     r.revoked_task_count,
@@ -108,13 +108,13 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
                     }
                 );
                 for t in &r.revoked_tasks {
-                    println!("  task  {t}");
+                    crate::outln!("  task  {t}");
                 }
                 for l in &r.revoked_leases {
-                    println!("  lease {l}");
+                    crate::outln!("  lease {l}");
                 }
                 if r.revoked_leases.len() < r.revoked_lease_count as usize {
-                    println!(
+                    crate::outln!(
                         "  (the first {} leases; the audit log lists every one)",
                         r.revoked_leases.len()
                     );
@@ -154,12 +154,12 @@ async fn execute(args: &ClientArgs, command: &AgentCommand) -> Result<(), Client
             }
             if args.json {
                 let locks: Vec<Value> = all.iter().map(lock_json).collect();
-                println!("{}", json!({ "locks": locks }));
+                crate::outln!("{}", json!({ "locks": locks }));
             } else if all.is_empty() {
-                println!("no agent is locked");
+                crate::outln!("no agent is locked");
             } else {
                 for l in &all {
-                    println!("{}", lock_line(l));
+                    crate::outln!("{}", lock_line(l));
                 }
             }
         }

@@ -75,27 +75,27 @@ fn verify(args: &ClientArgs, file: &std::path::Path) -> ExitCode {
             head,
         } => {
             if args.json {
-                println!(
+                crate::outln!(
                     "{}",
                     json!({"intact": true, "lines": lines, "anchor": anchor, "head": head})
                 );
             } else {
-                println!("ok: {lines} lines, the chain is intact");
+                crate::outln!("ok: {lines} lines, the chain is intact");
                 if anchor != GENESIS {
-                    println!("  the first line continues a chain ending in {anchor}");
+                    crate::outln!("  the first line continues a chain ending in {anchor}");
                 }
-                println!("  hash of the last line: {head}");
+                crate::outln!("  hash of the last line: {head}");
             }
             ExitCode::SUCCESS
         }
         ChainReport::Broken { line, problem } => {
             if args.json {
-                println!(
+                crate::outln!(
                     "{}",
                     json!({"intact": false, "line": line, "problem": problem})
                 );
             } else {
-                println!("broken at line {line}: {problem}");
+                crate::outln!("broken at line {line}: {problem}");
             }
             ExitCode::from(1)
         }

@@ -47,9 +47,9 @@ pub async fn run_bench(client: &ClientArgs, args: &BenchArgs) -> ExitCode {
     match run(&opts).await {
         Ok(report) => {
             if client.json {
-                println!("{report}");
+                crate::outln!("{report}");
             } else {
-                print!("{}", table(&report));
+                crate::out!("{}", table(&report));
             }
             ExitCode::SUCCESS
         }

@@ -128,7 +128,7 @@ async fn execute(args: &ClientArgs, command: &CiCommand) -> Result<(), ClientErr
             let r = answer(client.exchange_ci_token(request)).await?;
             let expires_at = rfc3339(r.expires_at);
             match (format, args.json) {
-                (Format::Json, _) | (_, true) => println!(
+                (Format::Json, _) | (_, true) => crate::outln!(
                     "{}",
                     json!({
                         "token": r.token,
@@ -154,14 +154,14 @@ async fn execute(args: &ClientArgs, command: &CiCommand) -> Result<(), ClientErr
                         ("TASKCRED_TASK_ID", &r.task_id),
                         ("TASKCRED_EXPIRES_AT", &expires_at),
                     ] {
-                        println!("export {k}={}", shell_quote(v));
+                        crate::outln!("export {k}={}", shell_quote(v));
                     }
                 }
                 (Format::Token, false) => {
                     if r.token.is_empty() {
-                        print!("{}", r.certificate_pem);
+                        crate::out!("{}", r.certificate_pem);
                     } else {
-                        println!("{}", r.token);
+                        crate::outln!("{}", r.token);
                     }
                 }
             }

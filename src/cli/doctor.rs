@@ -45,10 +45,10 @@ pub async fn run(args: &ClientArgs) -> ExitCode {
             .iter()
             .map(|c| json!({"check": c.name, "ok": c.ok, "said": c.said}))
             .collect();
-        println!("{}", json!({"ok": all, "checks": list}));
+        crate::outln!("{}", json!({"ok": all, "checks": list}));
     } else {
         for c in &checks {
-            println!(
+            crate::outln!(
                 "{} {}: {}",
                 if c.ok { "ok  " } else { "FAIL" },
                 c.name,

@@ -83,7 +83,7 @@ async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), Client
             let expires = rfc3339(r.expires_at);
             let left = r.renewal_left.map_or(0, |d| d.seconds);
             if args.json {
-                println!(
+                crate::outln!(
                     "{}",
                     json!({
                         "lease_id": r.lease_id,
@@ -95,10 +95,10 @@ async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), Client
                     })
                 );
             } else if !r.token.is_empty() {
-                println!("{}", r.token);
+                crate::outln!("{}", r.token);
                 eprintln!("renewed until {expires}; renewable for {left}s more");
             } else {
-                println!("renewed until {expires}; renewable for {left}s more");
+                crate::outln!("renewed until {expires}; renewable for {left}s more");
             }
         }
         LeaseCommand::List {
@@ -182,12 +182,12 @@ async fn list(
                 })
             })
             .collect();
-        println!("{}", json!({ "leases": all }));
+        crate::outln!("{}", json!({ "leases": all }));
     } else if leases.is_empty() {
-        println!("no lease");
+        crate::outln!("no lease");
     } else {
         for l in &leases {
-            println!(
+            crate::outln!(
                 "{}  {:<7}  {:<4}  expires {}  task {}  {}{}",
                 l.lease_id,
                 l.state,

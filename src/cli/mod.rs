@@ -14,6 +14,7 @@ pub mod lease;
 pub mod policy;
 pub mod revocations;
 mod shared;
+pub mod stdout;
 pub mod task;
 pub mod token;
 
@@ -184,12 +185,12 @@ pub fn dev_init(args: &ClientArgs, dir: Option<PathBuf>) -> ExitCode {
                     "created": report.created,
                     "kept": report.kept,
                 });
-                println!("{json}");
+                crate::outln!("{json}");
             } else {
                 for f in &report.created {
-                    println!("created {}", f.display());
+                    crate::outln!("created {}", f.display());
                 }
-                println!(
+                crate::outln!(
                     "dev PKI ready in {} ({} created, {} kept)",
                     dir.display(),
                     report.created.len(),
@@ -225,13 +226,13 @@ pub async fn whoami(args: &ClientArgs) -> ExitCode {
             "cert_not_after": expires,
             "cert_sha256": me.cert_sha256,
         });
-        println!("{json}");
+        crate::outln!("{json}");
     } else {
-        println!("{}", me.spiffe_id);
-        println!("  trust domain:        {}", me.trust_domain);
-        println!("  path:                {}", me.path);
-        println!("  certificate expires: {expires}");
-        println!("  certificate sha256:  {}", me.cert_sha256);
+        crate::outln!("{}", me.spiffe_id);
+        crate::outln!("  trust domain:        {}", me.trust_domain);
+        crate::outln!("  path:                {}", me.path);
+        crate::outln!("  certificate expires: {expires}");
+        crate::outln!("  certificate sha256:  {}", me.cert_sha256);
     }
     ExitCode::SUCCESS
 }

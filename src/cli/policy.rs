@@ -50,7 +50,7 @@ fn check(args: &ClientArgs, dir: &Path) -> ExitCode {
         }
         Err(e) => {
             if args.json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::json!({"valid": false, "error": e.to_string()})
                 );

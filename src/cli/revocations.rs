@@ -93,7 +93,7 @@ async fn follow(
             }),
             Some(Event::Heartbeat(_)) | None => continue,
         };
-        println!("{line}");
+        crate::outln!("{line}");
     }
     Ok(())
 }

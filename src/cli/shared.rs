@@ -49,9 +49,9 @@ pub(super) async fn answer<T>(
 /// Prints `json` as one line with `--json`, else `text` and a newline.
 pub(super) fn emit(args: &ClientArgs, json: &serde_json::Value, text: impl std::fmt::Display) {
     if args.json {
-        println!("{json}");
+        crate::outln!("{json}");
     } else {
-        println!("{text}");
+        crate::outln!("{text}");
     }
 }
 
@@ -64,10 +64,10 @@ pub(super) async fn introspect(
 ) -> Result<(), ClientError> {
     let r = answer(client.introspect(request)).await?;
     if !r.active {
-        println!("{}", serde_json::json!({"active": false}));
+        crate::outln!("{}", serde_json::json!({"active": false}));
         return Err(ClientError::Inactive);
     }
-    println!("{}", active(&r));
+    crate::outln!("{}", active(&r));
     Ok(())
 }
 

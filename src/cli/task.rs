@@ -195,20 +195,20 @@ fn print_task(t: &pb::Task) {
         .iter()
         .filter(|a| a.decision == pb::Decision::Approve as i32)
         .count();
-    println!("task {}", t.id);
-    println!("  state:      {}", state_name(t.state));
-    println!("  executor:   {}", t.executor);
-    println!("  requester:  {}", t.requester);
-    println!("  purpose:    {}", t.purpose);
+    crate::outln!("task {}", t.id);
+    crate::outln!("  state:      {}", state_name(t.state));
+    crate::outln!("  executor:   {}", t.executor);
+    crate::outln!("  requester:  {}", t.requester);
+    crate::outln!("  purpose:    {}", t.purpose);
     for g in &t.grants {
-        println!("  grant:      {} = {}", g.audience, g.actions.join(","));
+        crate::outln!("  grant:      {} = {}", g.audience, g.actions.join(","));
     }
     let mut labels: Vec<_> = t.labels.iter().collect();
     labels.sort();
     for (k, v) in labels {
-        println!("  label:      {k}={v}");
+        crate::outln!("  label:      {k}={v}");
     }
-    println!("  approvals:  {approvals} of {} needed", t.quorum);
+    crate::outln!("  approvals:  {approvals} of {} needed", t.quorum);
     for a in &t.approvals {
         let d = if a.decision == pb::Decision::Deny as i32 {
             "denied"
@@ -220,21 +220,21 @@ fn print_task(t: &pb::Task) {
         } else {
             format!(": {}", a.note)
         };
-        println!(
+        crate::outln!(
             "    {d} by {} at {}{note}",
             a.approver,
             time(a.decided_at.as_ref()).as_str().unwrap_or("?")
         );
     }
     if let Some(d) = t.credential_ttl {
-        println!("  credential ttl: {}s", d.seconds);
+        crate::outln!("  credential ttl: {}s", d.seconds);
     }
-    println!(
+    crate::outln!(
         "  deadline:   {}",
         time(t.deadline.as_ref()).as_str().unwrap_or("?")
     );
     if !t.end_reason.is_empty() {
-        println!(
+        crate::outln!(
             "  ended:      {} ({})",
             time(t.ended_at.as_ref()).as_str().unwrap_or("?"),
             t.end_reason
@@ -281,7 +281,7 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
             };
             let t = answer(client.request_task(req)).await?;
             if !args.json {
-                println!("{}", t.id);
+                crate::outln!("{}", t.id);
                 return Ok(());
             }
             t
@@ -353,13 +353,13 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
             .await?;
             if args.json {
                 let tasks: Vec<Value> = list.tasks.iter().map(task_json).collect();
-                println!(
+                crate::outln!(
                     "{}",
                     json!({"tasks": tasks, "next_page_token": list.next_page_token})
                 );
             } else {
                 for t in &list.tasks {
-                    println!(
+                    crate::outln!(
                         "{}  {:<16}  {}  {}",
                         t.id,
                         state_name(t.state),
@@ -368,14 +368,14 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
                     );
                 }
                 if !list.next_page_token.is_empty() {
-                    println!("more: --page-token {}", list.next_page_token);
+                    crate::outln!("more: --page-token {}", list.next_page_token);
                 }
             }
             return Ok(());
         }
     };
     if args.json {
-        println!("{}", task_json(&task));
+        crate::outln!("{}", task_json(&task));
     } else {
         print_task(&task);
     }
@@ -388,9 +388,9 @@ fn print_ended(args: &ClientArgs, r: pb::CompleteTaskResponse) {
     if args.json {
         let mut v = task_json(&task);
         v["revoked_leases"] = json!(r.revoked_leases);
-        println!("{v}");
+        crate::outln!("{v}");
     } else {
-        println!(
+        crate::outln!(
             "task {}: {} ({} credentials revoked)",
             task.id,
             state_name(task.state),

@@ -67,7 +67,7 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
             let r = answer(client.issue_token(request)).await?;
             let ttl_capped = capped(*ttl, r.ttl);
             if args.json {
-                println!(
+                crate::outln!(
                     "{}",
                     json!({
                         "token": r.token,
@@ -79,7 +79,7 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
                     })
                 );
             } else {
-                println!("{}", r.token);
+                crate::outln!("{}", r.token);
             }
         }
         TokenCommand::Introspect { token } => {

@@ -1,4 +1,5 @@
-//! A [`Store`] that measures another: the latency of every operation
+//! A [`Store`] that measures another (each concern trait implemented for [`Metered`] by one
+//! macro): the latency of every operation
 //! (`taskcred_store_operation_duration_seconds{op}`) and its failures
 //! (`taskcred_store_errors_total{op,kind}`: the backend unreachable, a damaged record, contention;
 //! a domain answer such as "no such task" is no failure). The broker's store is always wrapped.
@@ -7,7 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{Epoch, IssueError, Store, StoreError, TaskChange, TaskPage, TaskQuery, UpdateError};
+use super::{
+    ClaimStore, DueStore, Epoch, IssueError, LeaseStore, LockStore, MetaStore, RevocationLog,
+    Store, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError,
+};
 use crate::identity::WorkloadId;
 use crate::lease::{Cursor, Lease, LeaseId, Lock, Revocation, Swept};
 use crate::mint::PublishedKey;
@@ -75,75 +79,99 @@ fn count_failure(op: &'static str, e: &impl Failure) {
 #[derive(Debug)]
 pub struct Metered<S>(pub S);
 
-/// Implements [`Store`] for [`Metered`] from one line per operation: each times the inner
-/// store's operation of the same name (its `op` label) and counts its failures. The blocking
-/// revocation read is written out: its duration is mostly waiting, so only failures count.
+/// Implements each concern trait of [`Store`] for [`Metered`], one impl per trait from one line
+/// per operation: each times the inner store's operation of the same name (its `op` label) and
+/// counts its failures. What follows a trait's operations in braces is written out into its impl:
+/// the blocking revocation read, whose duration is mostly waiting, so only failures count.
 macro_rules! measured_store {
-    ($( $op:ident($($arg:ident: $ty:ty),*) -> $ret:ty; )*) => {
+    ($(
+        $concern:ident {
+            $( $op:ident($($arg:ident: $ty:ty),*) -> $ret:ty; )*
+        } $({ $($written:tt)* })?
+    )*) => {
         /// Every operation's `op` label.
-        pub const OPERATIONS: &[&str] = &[$(stringify!($op),)* "revocations"];
+        pub const OPERATIONS: &[&str] = &[$($(stringify!($op),)*)* "revocations"];
 
-        #[async_trait]
-        impl<S: Store> Store for Metered<S> {
-            $(
-                async fn $op(&self, $($arg: $ty),*) -> $ret {
-                    let start = Instant::now();
-                    let result = self.0.$op($($arg),*).await;
-                    measured(stringify!($op), start, result)
-                }
-            )*
-
-            async fn revocations(
-                &self,
-                after: Option<Cursor>,
-                limit: usize,
-                wait: Duration,
-            ) -> Result<Vec<Revocation>, StoreError> {
-                let result = self.0.revocations(after, limit, wait).await;
-                if let Err(e) = &result {
-                    count_failure("revocations", e);
-                }
-                result
+        $(
+            #[async_trait]
+            impl<S: Store> $concern for Metered<S> {
+                $(
+                    async fn $op(&self, $($arg: $ty),*) -> $ret {
+                        let start = Instant::now();
+                        let result = self.0.$op($($arg),*).await;
+                        measured(stringify!($op), start, result)
+                    }
+                )*
+                $($($written)*)?
             }
-        }
+        )*
     };
 }
 
 measured_store! {
-    create_task(task: &Task) -> Result<(), StoreError>;
-    get_task(id: &TaskId) -> Result<Option<Task>, StoreError>;
-    update_task(id: &TaskId, change: TaskChange, retention: Duration) -> Result<Task, UpdateError>;
-    list_tasks(query: &TaskQuery) -> Result<TaskPage, StoreError>;
-    issue_lease(lease: &Lease, now: SystemTime) -> Result<(), IssueError>;
-    find_lease(task: &TaskId, credential: &str) -> Result<Option<Lease>, StoreError>;
-    get_lease(id: &LeaseId) -> Result<Option<Lease>, StoreError>;
-    task_leases(task: &TaskId) -> Result<Vec<Lease>, StoreError>;
-    renew_lease(id: &LeaseId, credential: &str, expires_at: SystemTime, now: SystemTime)
-        -> Result<Lease, IssueError>;
-    revoke_lease(id: &LeaseId, reason: &str, now: SystemTime) -> Result<Lease, UpdateError>;
-    end_task(id: &TaskId, change: TaskChange, retention: Duration)
-        -> Result<(Task, Vec<Lease>), UpdateError>;
-    lock_agent(lock: &Lock) -> Result<Lock, StoreError>;
-    sweep_lock(agent: &WorkloadId, reason: &str, at: SystemTime, retention: Duration, limit: usize)
-        -> Result<Swept, StoreError>;
-    unlock_agent(agent: &WorkloadId) -> Result<Option<Lock>, StoreError>;
-    agent_lock(agent: &WorkloadId, now: SystemTime) -> Result<Option<Lock>, StoreError>;
-    list_locks(now: SystemTime) -> Result<Vec<Lock>, StoreError>;
-    expire_leases(now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError>;
-    overdue_tasks(now: SystemTime, limit: usize) -> Result<Vec<TaskId>, StoreError>;
-    forget_deadline(id: &TaskId) -> Result<(), StoreError>;
-    next_due() -> Result<Option<SystemTime>, StoreError>;
-    revocation_head() -> Result<Cursor, StoreError>;
-    prune_revocations(before: SystemTime) -> Result<(), StoreError>;
-    publish_key(key: &PublishedKey) -> Result<(), StoreError>;
-    published_keys(now: SystemTime) -> Result<Vec<PublishedKey>, StoreError>;
-    prune_ended(ended_before: SystemTime) -> Result<usize, StoreError>;
-    epoch(fresh: &Epoch) -> Result<Epoch, StoreError>;
-    ping() -> Result<(), StoreError>;
-    claim(key: &str, value: &str, until: SystemTime) -> Result<Option<String>, StoreError>;
-    claimed(key: &str) -> Result<Option<String>, StoreError>;
-    release_claim(key: &str, value: &str) -> Result<(), StoreError>;
-    swap_claim(key: &str, expected: &str, value: &str, until: SystemTime)
-        -> Result<bool, StoreError>;
-    live_leases() -> Result<u64, StoreError>;
+    TaskStore {
+        create_task(task: &Task) -> Result<(), StoreError>;
+        get_task(id: &TaskId) -> Result<Option<Task>, StoreError>;
+        update_task(id: &TaskId, change: TaskChange, retention: Duration)
+            -> Result<Task, UpdateError>;
+        list_tasks(query: &TaskQuery) -> Result<TaskPage, StoreError>;
+        end_task(id: &TaskId, change: TaskChange, retention: Duration)
+            -> Result<(Task, Vec<Lease>), UpdateError>;
+        prune_ended(ended_before: SystemTime) -> Result<usize, StoreError>;
+    }
+    LeaseStore {
+        issue_lease(lease: &Lease, now: SystemTime) -> Result<(), IssueError>;
+        find_lease(task: &TaskId, credential: &str) -> Result<Option<Lease>, StoreError>;
+        get_lease(id: &LeaseId) -> Result<Option<Lease>, StoreError>;
+        task_leases(task: &TaskId) -> Result<Vec<Lease>, StoreError>;
+        renew_lease(id: &LeaseId, credential: &str, expires_at: SystemTime, now: SystemTime)
+            -> Result<Lease, IssueError>;
+        revoke_lease(id: &LeaseId, reason: &str, now: SystemTime) -> Result<Lease, UpdateError>;
+        live_leases() -> Result<u64, StoreError>;
+    }
+    LockStore {
+        lock_agent(lock: &Lock) -> Result<Lock, StoreError>;
+        sweep_lock(
+            agent: &WorkloadId, reason: &str, at: SystemTime, retention: Duration, limit: usize
+        ) -> Result<Swept, StoreError>;
+        unlock_agent(agent: &WorkloadId) -> Result<Option<Lock>, StoreError>;
+        agent_lock(agent: &WorkloadId, now: SystemTime) -> Result<Option<Lock>, StoreError>;
+        list_locks(now: SystemTime) -> Result<Vec<Lock>, StoreError>;
+    }
+    DueStore {
+        expire_leases(now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError>;
+        overdue_tasks(now: SystemTime, limit: usize) -> Result<Vec<TaskId>, StoreError>;
+        forget_deadline(id: &TaskId) -> Result<(), StoreError>;
+        next_due() -> Result<Option<SystemTime>, StoreError>;
+    }
+    RevocationLog {
+        revocation_head() -> Result<Cursor, StoreError>;
+        prune_revocations(before: SystemTime) -> Result<(), StoreError>;
+    } {
+        async fn revocations(
+            &self,
+            after: Option<Cursor>,
+            limit: usize,
+            wait: Duration,
+        ) -> Result<Vec<Revocation>, StoreError> {
+            let result = self.0.revocations(after, limit, wait).await;
+            if let Err(e) = &result {
+                count_failure("revocations", e);
+            }
+            result
+        }
+    }
+    MetaStore {
+        epoch(fresh: &Epoch) -> Result<Epoch, StoreError>;
+        publish_key(key: &PublishedKey) -> Result<(), StoreError>;
+        published_keys(now: SystemTime) -> Result<Vec<PublishedKey>, StoreError>;
+        ping() -> Result<(), StoreError>;
+    }
+    ClaimStore {
+        claim(key: &str, value: &str, until: SystemTime) -> Result<Option<String>, StoreError>;
+        claimed(key: &str) -> Result<Option<String>, StoreError>;
+        release_claim(key: &str, value: &str) -> Result<(), StoreError>;
+        swap_claim(key: &str, expected: &str, value: &str, until: SystemTime)
+            -> Result<bool, StoreError>;
+    }
 }

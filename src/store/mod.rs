@@ -1,11 +1,15 @@
-//! The `Store`: where tasks, leases, locks and the published signing keys live. One trait of coarse
-//! atomic operations, two backends: [`embedded`] (a redb file, one broker process) and
-//! [`redis`] (any number of stateless replicas). One conformance suite (`tests/testsuite/store/`)
-//! holds the cases both must pass.
+//! The store: where tasks, leases, locks and the published signing keys live. Coarse atomic
+//! operations, one trait per concern ([`TaskStore`], [`LeaseStore`], [`LockStore`], [`DueStore`],
+//! [`RevocationLog`], [`MetaStore`], [`ClaimStore`]); [`Store`] is all of them, implemented for
+//! every type that implements each, and is what the broker holds (`Arc<dyn Store>`). Two
+//! backends implement each concern trait in the file of its topic: [`embedded`] (a redb file,
+//! one broker process) and [`redis`] (any number of stateless replicas); [`metered`] wraps
+//! either with metrics. One conformance suite (`tests/testsuite/store/`) holds the cases both
+//! must pass.
 //!
 //! A change to a task is a pure function of the task (the rules of [`crate::task`]) applied by
-//! [`Store::update_task`] atomically: a redb write transaction, or a compare-and-set on a version
-//! in Redis, retried on conflict. A store that cannot be reached answers
+//! [`TaskStore::update_task`] atomically: a redb write transaction, or a compare-and-set on a
+//! version in Redis, retried on conflict. A store that cannot be reached answers
 //! [`StoreError::Unavailable`] and leaves nothing half-written.
 
 pub mod embedded;
@@ -43,7 +47,7 @@ pub enum StoreError {
     Contention(TaskId),
 }
 
-/// Why [`Store::update_task`] did not apply a change.
+/// Why [`TaskStore::update_task`] did not apply a change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpdateError {
@@ -62,7 +66,7 @@ pub enum UpdateError {
 /// (Redis retries on conflict), so it must be a pure function of the task.
 pub type TaskChange = std::sync::Arc<dyn Fn(&mut Task) -> Result<(), TaskError> + Send + Sync>;
 
-/// Why [`Store::issue_lease`] did not record a lease.
+/// Why [`LeaseStore::issue_lease`] did not record a lease.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum IssueError {
@@ -144,12 +148,13 @@ impl Epoch {
     }
 }
 
-/// Longest wait [`Store::revocations`] accepts.
+/// Longest wait [`RevocationLog::revocations`] accepts.
 pub const MAX_REVOCATION_WAIT: Duration = Duration::from_secs(10);
 
-/// Tasks, kept atomically. See the module docs.
+/// Tasks, kept atomically (see the module docs): writing, reading, changing, listing, ending
+/// (with their leases) and pruning them.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub trait TaskStore: Send + Sync {
     /// Writes a new task.
     ///
     /// # Errors
@@ -180,6 +185,31 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError>;
 
+    /// Ends a task and revokes every active lease of it, atomically: `change` must move the task
+    /// to a terminal state. A lease recorded concurrently is either refused (the task changed)
+    /// or revoked with the others; never left active on an ended task. Returns the task and the
+    /// leases revoked.
+    ///
+    /// # Errors
+    /// [`UpdateError`]; nothing is changed.
+    async fn end_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<(Task, Vec<Lease>), UpdateError>;
+
+    /// Deletes tasks that ended before `ended_before`, with their history. Returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    async fn prune_ended(&self, ended_before: SystemTime) -> Result<usize, StoreError>;
+}
+
+/// Leases: recording one against its task, finding, renewing and revoking them, and counting
+/// the unrevoked ones.
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
     /// Records `lease` if, in the same atomic step, its task exists, is approved, is before its
     /// deadline, is executed by `lease.agent`, and the agent is not locked. Marks the task as
     /// started. Only after this returns may the credential be signed and handed out. A lease
@@ -237,24 +267,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: SystemTime,
     ) -> Result<Lease, UpdateError>;
 
-    /// Ends a task and revokes every active lease of it, atomically: `change` must move the task
-    /// to a terminal state. A lease recorded concurrently is either refused (the task changed)
-    /// or revoked with the others; never left active on an ended task. Returns the task and the
-    /// leases revoked.
-    ///
-    /// # Errors
-    /// [`UpdateError`]; nothing is changed.
-    async fn end_task(
-        &self,
-        id: &TaskId,
-        change: TaskChange,
-        retention: Duration,
-    ) -> Result<(Task, Vec<Lease>), UpdateError>;
+    /// How many leases are unrevoked: live ones, and expired ones the reaper has not yet
+    /// reached (the `taskcred_leases_active` gauge). Cheap: the size of the expiry index.
+    async fn live_leases(&self) -> Result<u64, StoreError>;
+}
 
+/// Agent locks (force-revoke): setting one, the sweep that ends what it covers, lifting and
+/// reading them.
+#[async_trait]
+pub trait LockStore: Send + Sync {
     /// Locks an agent, in one short atomic step, and returns the lock in force: the one asked
     /// for, or the earlier one where that ends later (locks only grow). It takes effect at
     /// once: issuance and renewal check it in their own atomic step, introspection reads it.
-    /// The agent's open tasks and live leases are then ended by [`Store::sweep_lock`]. A lock
+    /// The agent's open tasks and live leases are then ended by [`LockStore::sweep_lock`]. A lock
     /// with `until` lifts by itself then.
     ///
     /// # Errors
@@ -299,7 +324,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError>;
+}
 
+/// What falls due, for the reaper: expiring leases, tasks past their deadline, and the next
+/// moment anything is due.
+#[async_trait]
+pub trait DueStore: Send + Sync {
     /// Ends as expired up to `limit` active leases whose credential expired at or before
     /// `now`, earliest first, found through an index by expiry (never a scan of all leases).
     /// Each is claimed atomically: of several brokers reaping at once, exactly one ends a
@@ -312,7 +342,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Up to `limit` tasks whose deadline passed at or before `now`, earliest first, as filed
     /// when created (some may have ended since). The reaper ends the open ones with
-    /// [`Store::end_task`] and then [`Store::forget_deadline`]s them.
+    /// [`TaskStore::end_task`] and then [`DueStore::forget_deadline`]s them.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`].
@@ -330,7 +360,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Unavailable`].
     async fn next_due(&self) -> Result<Option<SystemTime>, StoreError>;
+}
 
+/// The durable revocation log: every revocation, in order, read by cursor and pruned by age.
+#[async_trait]
+pub trait RevocationLog: Send + Sync {
     /// Up to `limit` entries of the revocation log after `after` (from its start when `None`),
     /// oldest first. Every revocation (by an operator, a task's end, a lock, or a renewal that
     /// supersedes a credential) is logged in the same atomic step as the revocation itself;
@@ -359,6 +393,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Unavailable`].
     async fn prune_revocations(&self, before: SystemTime) -> Result<(), StoreError>;
+}
+
+/// Store-wide records: the epoch marker, the published signing keys, and the readiness probe.
+#[async_trait]
+pub trait MetaStore: Send + Sync {
+    /// The store's epoch marker; `fresh` is written (atomically, if there is none yet) and
+    /// returned when the store has none.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError>;
 
     /// Publishes a public signing key until `key.until`, replacing an earlier publication of
     /// the same `kid` (so a later `until` extends it and an earlier one shortens it).
@@ -373,26 +418,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
     async fn published_keys(&self, now: SystemTime) -> Result<Vec<PublishedKey>, StoreError>;
 
-    /// Deletes tasks that ended before `ended_before`, with their history. Returns how many.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`].
-    async fn prune_ended(&self, ended_before: SystemTime) -> Result<usize, StoreError>;
-
-    /// The store's epoch marker; `fresh` is written (atomically, if there is none yet) and
-    /// returned when the store has none.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
-    async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError>;
-
     /// Checks that the store answers and takes a write (a Redis that is read-only, out of memory
     /// or failing to persist answers reads but refuses writes: that broker is not ready).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`].
     async fn ping(&self) -> Result<(), StoreError>;
+}
 
+/// Claims: a value under a key until an expiry, held once across replicas.
+#[async_trait]
+pub trait ClaimStore: Send + Sync {
     /// Records `value` under `key` until `until`, unless `key` holds an unexpired value: then
     /// that value comes back and nothing changes. One atomic step, shared by every replica.
     /// What must happen once (a CI ID token exchanged for an audience) and what must be one
@@ -423,10 +459,32 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         value: &str,
         until: SystemTime,
     ) -> Result<bool, StoreError>;
+}
 
-    /// How many leases are unrevoked: live ones, and expired ones the reaper has not yet
-    /// reached (the `taskcred_leases_active` gauge). Cheap: the size of the expiry index.
-    async fn live_leases(&self) -> Result<u64, StoreError>;
+/// The whole store: every concern above, as the broker holds it (`Arc<dyn Store>`). Implemented
+/// for every type that implements them all; a backend implements each concern trait.
+pub trait Store:
+    TaskStore
+    + LeaseStore
+    + LockStore
+    + DueStore
+    + RevocationLog
+    + MetaStore
+    + ClaimStore
+    + std::fmt::Debug
+{
+}
+
+impl<T> Store for T where
+    T: TaskStore
+        + LeaseStore
+        + LockStore
+        + DueStore
+        + RevocationLog
+        + MetaStore
+        + ClaimStore
+        + std::fmt::Debug
+{
 }
 
 /// Milliseconds since the Unix epoch (0 before it).

@@ -676,3 +676,26 @@ fn refused_certificates_are_explained() {
     );
     assert_eq!(serve.terminate().code(), Some(0));
 }
+
+/// A reader that goes away (`taskcred ... | head`) ends a command quietly, as it ends `cat`:
+/// no panic, exit 0.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/config/policies");
+    // The reader closes its end before the command writes (the sleep keeps the pipe open on
+    // the writer's side until then).
+    let script = format!(
+        "( sleep 0.3; \"{}\" policy check {policies} ) | ( exec 0<&- ); echo \"status ${{PIPESTATUS[0]}}\"",
+        crate::common::BIN
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stdout.trim(), "status 0", "{stderr}");
+}

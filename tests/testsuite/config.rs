@@ -353,12 +353,15 @@ fn invalid_policies_refuse_to_start_naming_file_and_line() {
     assert_names(&refused(&path, &[]), &["/nonexistent"]);
 }
 
-/// The `[[identity.trust_domains]]` of the example, with its bundle path.
+/// The `[[identity.trust_domains]]` of the example (its comments included), with its bundle
+/// path.
 fn domain_block(s: &Setup) -> String {
-    format!(
-        "[[identity.trust_domains]]\nname = \"example.org\"\nbundle = \"{}/ca.pem\"\n",
-        s.dir.display()
-    )
+    let start = s.example.find("[[identity.trust_domains]]\n").unwrap();
+    let end = start + s.example[start..].find("\n\n").unwrap() + 1;
+    let block = s.example[start..end].to_owned();
+    let bundle = format!("bundle = \"{}/ca.pem\"\n", s.dir.display());
+    assert!(block.ends_with(&bundle), "{block}");
+    block
 }
 
 /// Issue 16, point 1: a trust domain is bound to its own bundle. A configuration that lets two

@@ -10,7 +10,7 @@ use taskcred::app::App;
 use taskcred::config::{self, Overrides, Source};
 use yaml_rust2::{Yaml, YamlLoader};
 
-fn repo(path: &str) -> PathBuf {
+pub(crate) fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
@@ -18,7 +18,7 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-fn yaml(path: &str) -> Vec<Yaml> {
+pub(crate) fn yaml(path: &str) -> Vec<Yaml> {
     YamlLoader::load_from_str(&read(path))
         .unwrap_or_else(|e| panic!("{path} does not parse: {e}"))
         .into_iter()
@@ -26,17 +26,28 @@ fn yaml(path: &str) -> Vec<Yaml> {
         .collect()
 }
 
-fn str_of<'a>(y: &'a Yaml, what: &str) -> &'a str {
+pub(crate) fn str_of<'a>(y: &'a Yaml, what: &str) -> &'a str {
     y.as_str()
         .unwrap_or_else(|| panic!("{what} is not a string: {y:?}"))
 }
 
 /// Builds a broker (without serving) from `toml` whose paths are moved by `moves` into a fresh
-/// dev PKI: the configuration is accepted and its keys, certificates and policies load.
-fn builds_a_broker(toml: &str, moves: &[(&str, &str)], env: &[(&str, &str)]) {
+/// dev PKI, with `files` (path under the PKI, text) written there first: the configuration is
+/// accepted and its keys, certificates and policies load.
+fn builds_a_broker(
+    toml: &str,
+    moves: &[(&str, &str)],
+    env: &[(&str, &str)],
+    files: &[(String, String)],
+) {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     taskcred::devpki::init(&pki).unwrap();
+    for (path, text) in files {
+        let path = pki.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
     let mut text = toml.to_owned();
     for (from, to) in moves {
         text = text.replace(from, &format!("{}/{to}", pki.display()));
@@ -68,7 +79,10 @@ fn every_yaml_file_parses() {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
-                dirs.push(path);
+                // Helm templates are YAML only once rendered: helm.rs checks them so.
+                if !path.ends_with("helm/taskcred/templates") {
+                    dirs.push(path);
+                }
             } else if path.extension().is_some_and(|e| e == "yml" || e == "yaml") {
                 let text = std::fs::read_to_string(&path).unwrap();
                 YamlLoader::load_from_str(&text)
@@ -82,13 +96,28 @@ fn every_yaml_file_parses() {
 
 #[test]
 fn kubernetes_runs_probed_replicas_with_a_budget_secrets_and_the_shipped_policies() {
-    let docs = yaml("deploy/kubernetes/taskcred.yaml");
-    let of = |kind: &str| -> Vec<&Yaml> {
-        docs.iter()
-            .filter(|d| d["kind"].as_str() == Some(kind))
-            .collect()
-    };
-    let deployment = of("Deployment")[0];
+    check_kubernetes(
+        &yaml("deploy/kubernetes/taskcred.yaml"),
+        "taskcred",
+        "example.org",
+    );
+}
+
+/// The objects of `kind` among `docs`.
+pub(crate) fn of_kind<'a>(docs: &'a [Yaml], kind: &str) -> Vec<&'a Yaml> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect()
+}
+
+/// What a Kubernetes deployment of taskcred must hold, the shipped manifests and the rendered
+/// Helm chart alike (objects named after `release`): 2+ replicas probed on `/healthz` and
+/// `/readyz`, read-only and non-root, keys from Secrets copied 0600 by the init container, a
+/// Service and a budget selecting its pods; a configuration naming the one trust domain
+/// `domain`, with `config/policies` for that domain beside it (no other domain named), that
+/// together build a broker. Returns the configuration's TOML.
+pub(crate) fn check_kubernetes(docs: &[Yaml], release: &str, domain: &str) -> toml::Value {
+    let deployment = of_kind(docs, "Deployment")[0];
     assert!(deployment["spec"]["replicas"].as_i64().unwrap() >= 2);
     let labels = &deployment["spec"]["template"]["metadata"]["labels"];
     assert_eq!(&deployment["spec"]["selector"]["matchLabels"], labels);
@@ -121,50 +150,53 @@ fn kubernetes_runs_probed_replicas_with_a_budget_secrets_and_the_shipped_policie
     }
     assert!(init.starts_with("install -m 0600"), "{init}");
 
-    let service = of("Service")[0];
+    let service = of_kind(docs, "Service")[0];
     assert_eq!(&service["spec"]["selector"], labels);
-    let budget = of("PodDisruptionBudget")[0];
+    let budget = of_kind(docs, "PodDisruptionBudget")[0];
     assert_eq!(&budget["spec"]["selector"]["matchLabels"], labels);
 
-    let maps = of("ConfigMap");
-    let policies = maps
-        .iter()
-        .find(|m| m["metadata"]["name"].as_str() == Some("taskcred-policies"))
-        .unwrap();
+    let maps = of_kind(docs, "ConfigMap");
+    let named = |name: String| {
+        *maps
+            .iter()
+            .find(|m| m["metadata"]["name"].as_str() == Some(&name))
+            .unwrap_or_else(|| panic!("no ConfigMap {name}"))
+    };
+    let policies = named(format!("{release}-policies"));
+    let toml_text = str_of(
+        &named(format!("{release}-config"))["data"]["taskcred.toml"],
+        "toml",
+    );
     let shipped: Vec<PathBuf> = std::fs::read_dir(repo("config/policies"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(policies["data"].as_hash().unwrap().len(), shipped.len());
-    let toml = maps
-        .iter()
-        .find(|m| m["metadata"]["name"].as_str() == Some("taskcred-config"))
-        .unwrap();
     // The shipped policies, for the trust domain the ConfigMap's configuration names: a policy
     // set naming another domain's identities would refuse every call.
-    let config: toml::Value =
-        toml::from_str(str_of(&toml["data"]["taskcred.toml"], "toml")).unwrap();
+    let config: toml::Value = toml::from_str(toml_text).unwrap();
     let domains: Vec<&str> = config["identity"]["trust_domains"]
         .as_array()
         .unwrap()
         .iter()
         .map(|d| d["name"].as_str().unwrap())
         .collect();
-    assert_eq!(domains, ["example.org"]);
+    assert_eq!(domains, [domain]);
+    let mut files = Vec::new();
     for file in shipped {
         let name = file.file_name().unwrap().to_str().unwrap();
         let deployed = str_of(&policies["data"][name], name);
         let expected = format!(
-            "// config/policies/{name} for the trust domain example.org: edit the names for \
+            "// config/policies/{name} for the trust domain {domain}: edit the names for \
              yours.\n{}",
             std::fs::read_to_string(&file)
                 .unwrap()
-                .replace("spiffe://taskcred.dev/", "spiffe://example.org/")
-                .replace("\"taskcred.dev\"", "\"example.org\"")
+                .replace("spiffe://taskcred.dev/", &format!("spiffe://{domain}/"))
+                .replace("\"taskcred.dev\"", &format!("\"{domain}\""))
         );
         assert_eq!(
             deployed, expected,
-            "the ConfigMap's {name} is not config/policies/{name} for example.org"
+            "the ConfigMap's {name} is not config/policies/{name} for {domain}"
         );
         for named in deployed
             .split("spiffe://")
@@ -182,18 +214,21 @@ fn kubernetes_runs_probed_replicas_with_a_budget_secrets_and_the_shipped_policie
                 "{name} names the trust domain {named}, which the configuration does not have"
             );
         }
+        files.push((format!("deployed-policies/{name}"), deployed.to_owned()));
     }
     builds_a_broker(
-        str_of(&toml["data"]["taskcred.toml"], "taskcred.toml"),
+        toml_text,
         &[
             ("/etc/taskcred/tls/", ""),
             ("/etc/taskcred/signing/", ""),
             ("/run/taskcred/keys/", ""),
-            ("/etc/taskcred/policies", "policies"),
+            ("/etc/taskcred/policies", "deployed-policies"),
             ("/var/log/taskcred/", ""),
         ],
         &[("TASKCRED_STORE__REDIS_URL", "redis://127.0.0.1:1/0")],
+        &files,
     );
+    config
 }
 
 /// A Compose service's `key`, or the one it takes from an anchor merged with `<<`.
@@ -255,6 +290,7 @@ fn compose_runs_redis_with_aof_and_two_replicas_of_the_image() {
             ("/var/lib/taskcred/pki/policies", "policies"),
             ("/var/log/taskcred/", ""),
         ],
+        &[],
         &[],
     );
 }
@@ -335,7 +371,10 @@ fn exported_series() -> Vec<String> {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
-                dirs.push(path);
+                // Helm templates are YAML only once rendered: helm.rs checks them so.
+                if !path.ends_with("helm/taskcred/templates") {
+                    dirs.push(path);
+                }
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();

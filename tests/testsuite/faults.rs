@@ -714,7 +714,7 @@ async fn every_revocation_is_audited_once_though_its_replica_dies() {
 /// every lease revoked once, each revocation logged once and audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_inside_a_lock_leaves_nothing_live() {
-    use taskcred::store::Store as _;
+    use taskcred::store::{LeaseStore as _, TaskStore as _};
     let redis = RedisServer::start();
     let logs = tempfile::tempdir().unwrap();
     let (a_log, b_log) = (logs.path().join("a.jsonl"), logs.path().join("b.jsonl"));

@@ -1,19 +1,20 @@
-//! Claims: a value under a key until an expiry, taken, read, released and swapped each in one
-//! transaction. Expired claims are dropped by [`Store::prune_ended`](crate::store::Store::prune_ended)
-//! (Redis drops its own).
+//! Claims, the [`ClaimStore`] of the embedded store: a value under a key until an expiry, taken,
+//! read, released and swapped each in one transaction. Expired claims are dropped by
+//! [`TaskStore::prune_ended`](crate::store::TaskStore::prune_ended) (Redis drops its own).
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use redb::{ReadableDatabase as _, ReadableTable as _};
 
 use super::EmbeddedStore;
 use super::tables::CLAIMS;
-use crate::store::{StoreError, unix_ms, unix_ms_ceil};
+use crate::store::{ClaimStore, StoreError, unix_ms, unix_ms_ceil};
 
-impl EmbeddedStore {
-    /// [`Store::claim`](crate::store::Store::claim): records `value` under `key` unless `key`
-    /// holds an unexpired value, which comes back.
-    pub(super) async fn take_claim(
+#[async_trait]
+impl ClaimStore for EmbeddedStore {
+    /// Records `value` under `key` unless `key` holds an unexpired value, which comes back.
+    async fn claim(
         &self,
         key: &str,
         value: &str,
@@ -42,8 +43,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::claimed`](crate::store::Store::claimed): the value of the unexpired claim `key`.
-    pub(super) async fn read_claim(&self, key: &str) -> Result<Option<String>, StoreError> {
+    /// Read, then kept if unexpired.
+    async fn claimed(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = key.to_owned();
         let now = unix_ms(SystemTime::now());
         self.blocking(move |db| {
@@ -58,9 +59,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::release_claim`](crate::store::Store::release_claim): removes the claim `key`
-    /// if it still holds `value`.
-    pub(super) async fn drop_claim(&self, key: &str, value: &str) -> Result<(), StoreError> {
+    /// Removes the claim `key` if it still holds `value`, in one transaction.
+    async fn release_claim(&self, key: &str, value: &str) -> Result<(), StoreError> {
         let (key, value) = (key.to_owned(), value.to_owned());
         self.blocking(move |db| {
             let txn = db.begin_write()?;
@@ -79,9 +79,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::swap_claim`](crate::store::Store::swap_claim): replaces the unexpired claim
-    /// `key` if it still holds `expected`; returns whether it did.
-    pub(super) async fn replace_claim(
+    /// Replaces the unexpired claim `key` if it still holds `expected`, in one transaction.
+    async fn swap_claim(
         &self,
         key: &str,
         expected: &str,

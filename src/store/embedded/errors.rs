@@ -3,8 +3,8 @@
 //! Every redb error is [`StoreError::Unavailable`] with the message `embedded store: {error}`:
 //! the file could not be read or written, and the transaction that failed committed nothing.
 //! The same error reaches [`UpdateError::Store`] and [`IssueError::Store`] unchanged, so the
-//! bodies of [`Store::update_task`](crate::store::Store::update_task) and
-//! [`Store::issue_lease`](crate::store::Store::issue_lease) use `?` too.
+//! bodies of [`TaskStore::update_task`](crate::store::TaskStore::update_task) and
+//! [`LeaseStore::issue_lease`](crate::store::LeaseStore::issue_lease) use `?` too.
 //!
 //! [`redb::DatabaseError`] has no conversion on purpose: the one place that opens the file
 //! names the file in its message (see [`EmbeddedStore::open`](super::EmbeddedStore::open)).

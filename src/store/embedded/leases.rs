@@ -1,13 +1,15 @@
-//! Leases: recording one (checked against its task, the agent's lock and the epoch marker in
-//! the same transaction), renewal, revocation, expiry through the `lease_expiry` index, and
-//! the revocation of a task's active leases when it ends or its agent is locked.
+//! Leases, the [`LeaseStore`] of the embedded store: recording one (checked against its task,
+//! the agent's lock and the epoch marker in the same transaction), reading, renewal, revocation,
+//! the count of unrevoked ones, and the revocation of a task's active leases when it ends or its
+//! agent is locked. Their expiry is in `expiry`.
 //!
 //! The `lease_expiry` index holds exactly the unrevoked leases: every path that ends a lease
 //! before its expiry takes it out ([`unfile`]), so the reaper never visits an ended one.
 
 use std::time::SystemTime;
 
-use redb::{Database, ReadableDatabase as _, ReadableTable as _, Table, WriteTransaction};
+use async_trait::async_trait;
+use redb::{ReadableDatabase as _, ReadableTable as _, Table, WriteTransaction};
 
 use super::EmbeddedStore;
 use super::locks::lock_in;
@@ -15,19 +17,16 @@ use super::log::log_in;
 use super::tables::{CREDENTIALS, EXPIRY, LEASE_TASKS, LEASES, META, TASKS};
 use crate::lease::{Lease, LeaseId, LeaseState, Revocation, SUPERSEDED, check_issuable};
 use crate::store::{
-    IssueError, StoreError, UpdateError, check_renewable, decode, decode_lease, encode,
-    encode_lease, unix_ms, unix_ms_ceil,
+    IssueError, LeaseStore, StoreError, UpdateError, check_renewable, decode, decode_lease, encode,
+    encode_lease, unix_ms_ceil,
 };
 use crate::task::{TaskError, TaskId, Unmet};
 
-impl EmbeddedStore {
-    /// [`Store::issue_lease`](crate::store::Store::issue_lease): checks the task, the lock and
-    /// the epoch marker, marks the task started, and files the lease, in one transaction.
-    pub(super) async fn record_lease(
-        &self,
-        lease: &Lease,
-        now: SystemTime,
-    ) -> Result<(), IssueError> {
+#[async_trait]
+impl LeaseStore for EmbeddedStore {
+    /// Checks the task, the lock and the epoch marker, marks the task started, and files the
+    /// lease, in one transaction.
+    async fn issue_lease(&self, lease: &Lease, now: SystemTime) -> Result<(), IssueError> {
         let lease = lease.clone();
         self.blocking(move |db| {
             let task_id = lease.task.to_string();
@@ -79,9 +78,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::get_lease`](crate::store::Store::get_lease): the lease `id`, found through
-    /// the lease's task.
-    pub(super) async fn lease_by_id(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+    /// Found through the lease's task.
+    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
         let id = id.as_str().to_owned();
         self.blocking(move |db| {
             let txn = db.begin_read()?;
@@ -99,9 +97,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::find_lease`](crate::store::Store::find_lease): the lease of `task` whose
-    /// current credential is `credential`.
-    pub(super) async fn lease_by_credential(
+    /// Found through the `credentials` table.
+    async fn find_lease(
         &self,
         task: &TaskId,
         credential: &str,
@@ -123,9 +120,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::task_leases`](crate::store::Store::task_leases): every lease of `task`, in
-    /// issuance order.
-    pub(super) async fn leases_of_task(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
+    /// In key order, which is issuance order.
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
         let task = task.to_string();
         self.blocking(move |db| {
             let txn = db.begin_read()?;
@@ -140,10 +136,9 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::renew_lease`](crate::store::Store::renew_lease): re-checks the task, the lease
-    /// and the lock, logs the superseded credential, and files the lease under its new expiry,
-    /// in one transaction.
-    pub(super) async fn renew_credential(
+    /// Re-checks the task, the lease and the lock, logs the superseded credential, and files
+    /// the lease under its new expiry, in one transaction.
+    async fn renew_lease(
         &self,
         id: &LeaseId,
         credential: &str,
@@ -197,9 +192,9 @@ impl EmbeddedStore {
         renewed
     }
 
-    /// [`Store::revoke_lease`](crate::store::Store::revoke_lease): ends the lease as revoked,
-    /// logs it, and takes it out of the expiry index, in one transaction.
-    pub(super) async fn revoke_by_id(
+    /// Ends the lease as revoked, logs it, and takes it out of the expiry index, in one
+    /// transaction.
+    async fn revoke_lease(
         &self,
         id: &LeaseId,
         reason: &str,
@@ -235,69 +230,15 @@ impl EmbeddedStore {
         done
     }
 
-    /// [`Store::expire_leases`](crate::store::Store::expire_leases): ends the due leases found
-    /// through the expiry index, re-filing renewed ones under their new expiry.
-    pub(super) async fn reap_expired(
-        &self,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<Vec<Lease>, StoreError> {
-        self.blocking(move |db| expire_in(db, now, limit)).await
+    /// The size of the expiry index.
+    async fn live_leases(&self) -> Result<u64, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read()?;
+            let expiry = txn.open_table(EXPIRY)?;
+            Ok(redb::ReadableTableMetadata::len(&expiry)?)
+        })
+        .await
     }
-}
-
-/// The body of [`EmbeddedStore::reap_expired`], on the blocking pool.
-fn expire_in(db: &Database, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
-    // Most rounds find nothing due: answer from a read transaction, without a commit.
-    let first_due = db
-        .begin_read()?
-        .open_table(EXPIRY)?
-        .first()?
-        .map(|(k, _)| k.value().0);
-    if first_due.is_none_or(|ms| ms > unix_ms(now)) {
-        return Ok(Vec::new());
-    }
-    let txn = db.begin_write()?;
-    let mut ended = Vec::new();
-    {
-        let mut expiry = txn.open_table(EXPIRY)?;
-        let mut leases = txn.open_table(LEASES)?;
-        let due: Vec<(u64, String, String)> = expiry
-            .range((0, "", "")..=(unix_ms(now), "~", "~"))?
-            .take(limit)
-            .map(|r| {
-                r.map(|(k, _)| {
-                    let (ms, task, lease) = k.value();
-                    (ms, task.to_owned(), lease.to_owned())
-                })
-            })
-            .collect::<Result<_, redb::StorageError>>()?;
-        for (ms, task, id) in due {
-            expiry.remove((ms, task.as_str(), id.as_str()))?;
-            let Some(mut lease) = leases
-                .get((task.as_str(), id.as_str()))?
-                .map(|v| decode_lease(v.value()))
-                .transpose()?
-            else {
-                continue;
-            };
-            if lease.expire(now) {
-                leases.insert(
-                    (task.as_str(), id.as_str()),
-                    encode_lease(&lease)?.as_slice(),
-                )?;
-                ended.push(lease);
-            } else if lease.state == LeaseState::Active {
-                // Renewed since it was filed: file it under its new expiry.
-                expiry.insert(
-                    (unix_ms_ceil(lease.expires_at), task.as_str(), id.as_str()),
-                    (),
-                )?;
-            }
-        }
-    }
-    txn.commit()?;
-    Ok(ended)
 }
 
 /// A file without its epoch marker was replaced (its data lost) since the broker last looked:

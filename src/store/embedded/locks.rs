@@ -1,8 +1,10 @@
-//! Agent locks: setting one (locks only grow), the sweep that ends a locked agent's open tasks
-//! and live leases in bounded steps, lifting one, and reading them.
+//! Agent locks, the [`LockStore`] of the embedded store: setting one (locks only grow), the
+//! sweep that ends a locked agent's open tasks and live leases in bounded steps, lifting one, and
+//! reading them.
 
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
 
 use super::EmbeddedStore;
@@ -10,12 +12,12 @@ use super::leases::revoke_some_active_leases;
 use super::tables::{BY_EXECUTOR, ENDED, LEASES, LOCKS, TASKS, from_json, to_json};
 use crate::identity::WorkloadId;
 use crate::lease::{Lock, Swept};
-use crate::store::{StoreError, decode, encode, unix_ms};
+use crate::store::{LockStore, StoreError, decode, encode, unix_ms};
 
-impl EmbeddedStore {
-    /// [`Store::lock_agent`](crate::store::Store::lock_agent): writes `lock` unless one in
-    /// force ends later; returns the lock in force.
-    pub(super) async fn put_lock(&self, lock: &Lock) -> Result<Lock, StoreError> {
+#[async_trait]
+impl LockStore for EmbeddedStore {
+    /// Writes `lock` unless one in force ends later; returns the lock in force.
+    async fn lock_agent(&self, lock: &Lock) -> Result<Lock, StoreError> {
         let lock = lock.clone();
         self.blocking(move |db| {
             let txn = db.begin_write()?;
@@ -42,9 +44,9 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::sweep_lock`](crate::store::Store::sweep_lock): one bounded step of ending the
-    /// locked agent's open tasks and live leases.
-    pub(super) async fn sweep_locked_agent(
+    /// One bounded step of ending the locked agent's open tasks and live leases, in one
+    /// transaction.
+    async fn sweep_lock(
         &self,
         agent: &WorkloadId,
         reason: &str,
@@ -100,9 +102,8 @@ impl EmbeddedStore {
         done
     }
 
-    /// [`Store::unlock_agent`](crate::store::Store::unlock_agent): removes the lock of `agent`
-    /// and returns it.
-    pub(super) async fn remove_lock(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
+    /// Removes the lock of `agent` and returns it.
+    async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
         let agent = agent.as_str().to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write()?;
@@ -117,9 +118,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::agent_lock`](crate::store::Store::agent_lock): the lock of `agent` if it holds
-    /// at `now`.
-    pub(super) async fn read_lock(
+    /// Read, then kept if it holds at `now`.
+    async fn agent_lock(
         &self,
         agent: &WorkloadId,
         now: SystemTime,
@@ -137,8 +137,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::list_locks`](crate::store::Store::list_locks): every lock that holds at `now`.
-    pub(super) async fn read_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
+    /// Every lock read, kept if it holds at `now`.
+    async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
         self.blocking(move |db| {
             let txn = db.begin_read()?;
             let locks = txn.open_table(LOCKS)?;

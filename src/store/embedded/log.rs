@@ -1,45 +1,24 @@
-//! The revocation log: appended inside the transaction that revokes, read by cursor, waited on
-//! through a watch channel bumped after each commit that logged, and pruned by age.
+//! The revocation log, the [`RevocationLog`] of the embedded store: appended inside the
+//! transaction that revokes ([`log_in`]), read by cursor, waited on through a watch channel bumped
+//! after each commit that logged, and pruned by age.
 //!
 //! A waiter subscribes before it reads, so a commit after its read still wakes it.
 
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
 
 use super::EmbeddedStore;
 use super::tables::{REVOCATIONS, from_json, to_json};
 use crate::lease::{Cursor, Revocation};
-use crate::store::{MAX_REVOCATION_WAIT, StoreError, unix_ms};
+use crate::store::{MAX_REVOCATION_WAIT, RevocationLog, StoreError, unix_ms};
 
 impl EmbeddedStore {
-    /// Wakes the waiters of [`Store::revocations`](crate::store::Store::revocations) after a
-    /// commit that may have logged one.
+    /// Wakes the waiters of [`RevocationLog::revocations`] after a commit that may have logged
+    /// one.
     pub(super) fn logged(&self) {
         self.logged.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// [`Store::revocations`](crate::store::Store::revocations): the entries after `after`,
-    /// waiting up to `wait` for one when there are none yet.
-    pub(super) async fn wait_for_revocations(
-        &self,
-        after: Option<Cursor>,
-        limit: usize,
-        wait: Duration,
-    ) -> Result<Vec<Revocation>, StoreError> {
-        let deadline = tokio::time::Instant::now() + wait.min(MAX_REVOCATION_WAIT);
-        // Subscribed before reading, so a commit after the read still wakes this waiter.
-        let mut logged = self.logged.subscribe();
-        loop {
-            let found = self.read_revocations(after, limit).await?;
-            if !found.is_empty() || wait.is_zero() {
-                return Ok(found);
-            }
-            match tokio::time::timeout_at(deadline, logged.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return Ok(Vec::new()),
-            }
-        }
     }
 
     /// Reads up to `limit` log entries after `after`.
@@ -72,10 +51,34 @@ impl EmbeddedStore {
         })
         .await
     }
+}
 
-    /// [`Store::revocation_head`](crate::store::Store::revocation_head): the cursor of the last
-    /// entry.
-    pub(super) async fn last_revocation(&self) -> Result<Cursor, StoreError> {
+#[async_trait]
+impl RevocationLog for EmbeddedStore {
+    /// The entries after `after`, waiting up to `wait` for one when there are none yet.
+    async fn revocations(
+        &self,
+        after: Option<Cursor>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Vec<Revocation>, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_REVOCATION_WAIT);
+        // Subscribed before reading, so a commit after the read still wakes this waiter.
+        let mut logged = self.logged.subscribe();
+        loop {
+            let found = self.read_revocations(after, limit).await?;
+            if !found.is_empty() || wait.is_zero() {
+                return Ok(found);
+            }
+            match tokio::time::timeout_at(deadline, logged.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    /// The key of the last entry.
+    async fn revocation_head(&self) -> Result<Cursor, StoreError> {
         self.blocking(|db| {
             let txn = db.begin_read()?;
             let log = txn.open_table(REVOCATIONS)?;
@@ -87,9 +90,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::prune_revocations`](crate::store::Store::prune_revocations): drops the entries
-    /// logged before `before`.
-    pub(super) async fn drop_revocations(&self, before: SystemTime) -> Result<(), StoreError> {
+    /// One transaction.
+    async fn prune_revocations(&self, before: SystemTime) -> Result<(), StoreError> {
         let before = unix_ms(before);
         self.blocking(move |db| {
             let txn = db.begin_write()?;

@@ -1,18 +1,20 @@
-//! Store-wide records: the epoch marker (in `meta`) and the published signing keys.
+//! Store-wide records, the [`MetaStore`] of the embedded store: the epoch marker (in `meta`),
+//! the published signing keys, and the readiness probe.
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use redb::ReadableTable as _;
 
 use super::EmbeddedStore;
 use super::tables::{META, SIGNING_KEYS, from_json, to_json};
 use crate::mint::PublishedKey;
-use crate::store::{Epoch, StoreError};
+use crate::store::{Epoch, MetaStore, StoreError};
 
-impl EmbeddedStore {
-    /// [`Store::epoch`](crate::store::Store::epoch): the epoch marker, `fresh` written first
-    /// when there is none.
-    pub(super) async fn epoch_or(&self, fresh: &Epoch) -> Result<Epoch, StoreError> {
+#[async_trait]
+impl MetaStore for EmbeddedStore {
+    /// The epoch marker, `fresh` written first when there is none, in one transaction.
+    async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError> {
         let fresh = fresh.clone();
         self.blocking(move |db| {
             let txn = db.begin_write()?;
@@ -36,8 +38,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::publish_key`](crate::store::Store::publish_key): writes `key` under its `kid`.
-    pub(super) async fn write_key(&self, key: &PublishedKey) -> Result<(), StoreError> {
+    /// Writes `key` under its `kid`.
+    async fn publish_key(&self, key: &PublishedKey) -> Result<(), StoreError> {
         let bytes = to_json(key, format_args!("encoding key {}", key.kid))?;
         let kid = key.kid.clone();
         self.blocking(move |db| {
@@ -50,9 +52,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::published_keys`](crate::store::Store::published_keys): the keys published
-    /// until after `now`, dropping the others.
-    pub(super) async fn live_keys(&self, now: SystemTime) -> Result<Vec<PublishedKey>, StoreError> {
+    /// The keys published until after `now`, dropping the others.
+    async fn published_keys(&self, now: SystemTime) -> Result<Vec<PublishedKey>, StoreError> {
         self.blocking(move |db| {
             let txn = db.begin_write()?;
             let mut live = Vec::new();
@@ -75,6 +76,16 @@ impl EmbeddedStore {
             }
             txn.commit()?;
             Ok(live)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // A write transaction (committed empty): a file that can no longer be written (a full
+        // or read-only disk) is not ready.
+        self.blocking(|db| {
+            db.begin_write()?.commit()?;
+            Ok(())
         })
         .await
     }

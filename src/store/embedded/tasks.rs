@@ -1,9 +1,11 @@
-//! Tasks: creating one with its index entries, listing them through the narrowest index,
-//! changing one inside a write transaction, ending one with its leases, forgetting a deadline,
-//! and pruning ended tasks with their history (and claims past their expiry).
+//! Tasks, the [`TaskStore`] of the embedded store: creating one with its index entries, reading
+//! one, listing them through the narrowest index, changing one inside a write transaction, ending
+//! one with its leases, and pruning ended tasks with their history (and claims past their
+//! expiry).
 
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
 
 use super::EmbeddedStore;
@@ -13,15 +15,15 @@ use super::tables::{
 };
 use crate::lease::Lease;
 use crate::store::{
-    StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, decode, encode, task_ended_reason,
-    unix_ms, unix_ms_ceil,
+    StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError, decode, encode,
+    task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::task::{Task, TaskError, TaskId, Unmet};
 
-impl EmbeddedStore {
-    /// [`Store::create_task`](crate::store::Store::create_task): the task, its executor and
-    /// requester index entries and its deadline, in one transaction.
-    pub(super) async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+#[async_trait]
+impl TaskStore for EmbeddedStore {
+    /// The task, its executor and requester index entries and its deadline, in one transaction.
+    async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
         let task = task.clone();
         self.blocking(move |db| {
             let bytes = encode(&task)?;
@@ -46,8 +48,37 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::list_tasks`](crate::store::Store::list_tasks): a page of tasks, newest first.
-    pub(super) async fn scan_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let tasks = txn.open_table(TASKS)?;
+            let got = tasks.get(id.as_str())?;
+            got.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn update_task(
+        &self,
+        id: &TaskId,
+        change: TaskChange,
+        retention: Duration,
+    ) -> Result<Task, UpdateError> {
+        // Running the change inside the write transaction (redb has one writer at a time) makes
+        // read-modify-write atomic.
+        let key = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            let updated = change_in(&txn, &key, &change, retention)?;
+            txn.commit()?;
+            Ok(updated)
+        })
+        .await
+    }
+
+    /// A page of tasks, newest first.
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
         let query = query.clone();
         self.blocking(move |db| {
             let txn = db.begin_read()?;
@@ -116,9 +147,9 @@ impl EmbeddedStore {
         .await
     }
 
-    /// [`Store::end_task`](crate::store::Store::end_task): the change, which must end the task,
-    /// and the revocation of its active leases, in one transaction.
-    pub(super) async fn end_task_and_leases(
+    /// The change, which must end the task, and the revocation of its active leases, in one
+    /// transaction.
+    async fn end_task(
         &self,
         id: &TaskId,
         change: TaskChange,
@@ -149,63 +180,9 @@ impl EmbeddedStore {
         done
     }
 
-    /// [`Store::overdue_tasks`](crate::store::Store::overdue_tasks): up to `limit` tasks filed
-    /// under a deadline at or before `now`, earliest first.
-    pub(super) async fn due_tasks(
-        &self,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<Vec<TaskId>, StoreError> {
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(DEADLINES)?;
-            let mut due = Vec::new();
-            for entry in table.range((0, "")..=(unix_ms(now), "~"))?.take(limit) {
-                let (k, _) = entry?;
-                if let Ok(id) = TaskId::parse(k.value().1) {
-                    due.push(id);
-                }
-            }
-            Ok(due)
-        })
-        .await
-    }
-
-    /// [`Store::forget_deadline`](crate::store::Store::forget_deadline): drops the task's entry
-    /// from the index of deadlines.
-    pub(super) async fn unfile_deadline(&self, id: &TaskId) -> Result<(), StoreError> {
-        let id = id.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
-            {
-                let deadline = match txn.open_table(TASKS)?.get(id.as_str())? {
-                    Some(v) => Some(decode(v.value())?.deadline),
-                    None => None,
-                };
-                let mut table = txn.open_table(DEADLINES)?;
-                match deadline {
-                    Some(d) => {
-                        table.remove((unix_ms_ceil(d), id.as_str()))?;
-                    }
-                    // Pruned: find it by id (rare; the index is small).
-                    None => {
-                        table.retain(|(_, task), ()| task != id.as_str())?;
-                    }
-                }
-            }
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// [`Store::prune_ended`](crate::store::Store::prune_ended): deletes the tasks that ended
-    /// before `ended_before` with their index entries and leases, and the claims past their
-    /// expiry.
-    pub(super) async fn prune_ended_tasks(
-        &self,
-        ended_before: SystemTime,
-    ) -> Result<usize, StoreError> {
+    /// Deletes the tasks that ended before `ended_before` with their index entries and leases,
+    /// and the claims past their expiry.
+    async fn prune_ended(&self, ended_before: SystemTime) -> Result<usize, StoreError> {
         let cutoff = unix_ms(ended_before);
         self.blocking(move |db| {
             let txn = db.begin_write()?;
@@ -260,7 +237,7 @@ impl EmbeddedStore {
 /// Applies `change` to task `key` inside write transaction `txn` and writes the result; a task
 /// this change ends is filed to be pruned `retention` after it ended. Returns the task as
 /// changed. Nothing is kept unless the caller commits.
-pub(super) fn change_in(
+fn change_in(
     txn: &WriteTransaction,
     key: &str,
     change: &TaskChange,

@@ -1,25 +1,24 @@
-//! What the reaper reads in Redis: leases due to expire (claimed and ended once each whatever the
-//! number of reapers), tasks past their deadline, and the next moment anything falls due.
+//! What falls due, the [`DueStore`] of the Redis store (what the reaper reads): leases due to
+//! expire (claimed and ended once each whatever the number of reapers), tasks past their
+//! deadline, forgetting a deadline, and the next moment anything falls due.
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
 use super::codec::unix_ns;
 use super::keys::{DEADLINES, EXPIRY, lease_key, live_template, member};
 use super::{RedisStore, unavailable};
 use crate::lease::Lease;
-use crate::store::{StoreError, from_unix_ms, unix_ms};
+use crate::store::{DueStore, StoreError, from_unix_ms, unix_ms};
 use crate::task::TaskId;
 
-impl RedisStore {
-    /// [`Store::expire_leases`](crate::store::Store::expire_leases): up to `limit` leases due by
-    /// `now`, each claimed by its own script, all in one pipelined round trip.
-    pub(super) async fn claim_expired(
-        &self,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<Vec<Lease>, StoreError> {
+#[async_trait]
+impl DueStore for RedisStore {
+    /// Up to `limit` leases due by `now`, each claimed by its own script, all in one pipelined
+    /// round trip.
+    async fn expire_leases(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
         let mut conn = self.conn().await?;
         let due: Vec<String> = conn
             .zrangebyscore_limit(
@@ -75,9 +74,8 @@ impl RedisStore {
         self.read_leases(&mut conn, &mine).await
     }
 
-    /// [`Store::overdue_tasks`](crate::store::Store::overdue_tasks): up to `limit` tasks whose
-    /// deadline is past at `now`.
-    pub(super) async fn past_deadline(
+    /// Up to `limit` tasks whose deadline is past at `now`.
+    async fn overdue_tasks(
         &self,
         now: SystemTime,
         limit: usize,
@@ -96,9 +94,16 @@ impl RedisStore {
         Ok(due.iter().filter_map(|id| TaskId::parse(id).ok()).collect())
     }
 
-    /// [`Store::next_due`](crate::store::Store::next_due): the earlier of the first lease expiry
-    /// and the first task deadline.
-    pub(super) async fn earliest_due(&self) -> Result<Option<SystemTime>, StoreError> {
+    async fn forget_deadline(&self, id: &TaskId) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        conn.zrem::<_, _, i64>(DEADLINES, id.to_string())
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(&e))
+    }
+
+    /// The earlier of the first lease expiry and the first task deadline.
+    async fn next_due(&self) -> Result<Option<SystemTime>, StoreError> {
         let mut conn = self.conn().await?;
         #[expect(
             clippy::type_complexity,

@@ -105,7 +105,7 @@ pub(super) fn lock_key_of(agent: &str) -> String {
     format!("tc:lock:{agent}")
 }
 
-/// A claim (see [`Store::claim`](crate::store::Store::claim)).
+/// A claim (see [`ClaimStore::claim`](crate::store::ClaimStore::claim)).
 pub(super) fn claim_key(key: &str) -> String {
     format!("tc:claim:{key}")
 }

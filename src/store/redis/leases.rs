@@ -1,8 +1,9 @@
-//! Leases in Redis: recording one as issued, renewing and revoking it, and reading leases by id,
-//! by credential and by task.
+//! Leases, the [`LeaseStore`] of the Redis store: recording one as issued, renewing and revoking
+//! it, reading leases by id, by credential and by task, and counting the unrevoked ones.
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 
@@ -14,19 +15,16 @@ use super::keys::{
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
 use crate::lease::{Lease, LeaseId, check_issuable};
 use crate::store::{
-    IssueError, StoreError, UpdateError, check_renewable, encode, encode_lease, unix_ms,
-    unix_ms_ceil,
+    IssueError, LeaseStore, StoreError, UpdateError, check_renewable, encode, encode_lease,
+    unix_ms, unix_ms_ceil,
 };
 use crate::task::{TaskError, TaskId, Unmet};
 
-impl RedisStore {
-    /// [`Store::issue_lease`](crate::store::Store::issue_lease): checks the task, then records
-    /// the lease if the task is unchanged since; else checks again, up to [`CAS_ATTEMPTS`] times.
-    pub(super) async fn record_lease(
-        &self,
-        lease: &Lease,
-        now: SystemTime,
-    ) -> Result<(), IssueError> {
+#[async_trait]
+impl LeaseStore for RedisStore {
+    /// Checks the task, then records the lease if the task is unchanged since; else checks
+    /// again, up to `CAS_ATTEMPTS` times.
+    async fn issue_lease(&self, lease: &Lease, now: SystemTime) -> Result<(), IssueError> {
         let mut conn = self.conn().await?;
         let task_id = lease.task.to_string();
         let lease_json = encode_lease(lease)?;
@@ -91,8 +89,8 @@ impl RedisStore {
         Err(StoreError::Contention(lease.task).into())
     }
 
-    /// [`Store::get_lease`](crate::store::Store::get_lease): the lease index names its task.
-    pub(super) async fn lease_by_id(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+    /// The lease index names its task.
+    async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
         let mut conn = self.conn().await?;
         let task: Option<String> = conn
             .get(lease_index_key(id.as_str()))
@@ -104,10 +102,9 @@ impl RedisStore {
         }
     }
 
-    /// [`Store::renew_lease`](crate::store::Store::renew_lease): checks the task and the lease,
-    /// then gives the lease its new credential if the task is unchanged since; else checks
-    /// again, up to [`CAS_ATTEMPTS`] times.
-    pub(super) async fn renew_credential(
+    /// Checks the task and the lease, then gives the lease its new credential if the task is
+    /// unchanged since; else checks again, up to `CAS_ATTEMPTS` times.
+    async fn renew_lease(
         &self,
         id: &LeaseId,
         credential: &str,
@@ -116,7 +113,7 @@ impl RedisStore {
     ) -> Result<Lease, IssueError> {
         let mut conn = self.conn().await?;
         for _ in 0..CAS_ATTEMPTS {
-            let Some(lease) = self.lease_by_id(id).await? else {
+            let Some(lease) = self.get_lease(id).await? else {
                 return Err(IssueError::NotFound);
             };
             let task_id = lease.task.to_string();
@@ -165,16 +162,16 @@ impl RedisStore {
         )
     }
 
-    /// [`Store::revoke_lease`](crate::store::Store::revoke_lease): one script, which also takes
-    /// the lease out of the expiry index and the agent's live leases and logs the revocation.
-    pub(super) async fn revoke_active(
+    /// One script, which also takes the lease out of the expiry index and the agent's live
+    /// leases and logs the revocation.
+    async fn revoke_lease(
         &self,
         id: &LeaseId,
         reason: &str,
         now: SystemTime,
     ) -> Result<Lease, UpdateError> {
         let mut conn = self.conn().await?;
-        let Some(lease) = self.lease_by_id(id).await? else {
+        let Some(lease) = self.get_lease(id).await? else {
             return Err(UpdateError::NotFound);
         };
         let task_id = lease.task.to_string();
@@ -201,8 +198,8 @@ impl RedisStore {
         }
     }
 
-    /// [`Store::task_leases`](crate::store::Store::task_leases): in issuance order.
-    pub(super) async fn leases_of_task(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
+    /// In issuance order.
+    async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
         let mut conn = self.conn().await?;
         let task = task.to_string();
         let mut ids: Vec<String> = conn
@@ -215,9 +212,8 @@ impl RedisStore {
         self.read_leases(&mut conn, &pairs).await
     }
 
-    /// [`Store::find_lease`](crate::store::Store::find_lease): the credential index names the
-    /// lease.
-    pub(super) async fn lease_by_credential(
+    /// The credential index names the lease.
+    async fn find_lease(
         &self,
         task: &TaskId,
         credential: &str,
@@ -234,8 +230,16 @@ impl RedisStore {
         }
     }
 
+    /// The size of the expiry index.
+    async fn live_leases(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn().await?;
+        conn.zcard(EXPIRY).await.map_err(|e| unavailable(&e))
+    }
+}
+
+impl RedisStore {
     /// Reads a lease: the JSON as issued, with the fields that change in place laid over it.
-    pub(super) async fn read_lease(
+    async fn read_lease(
         &self,
         conn: &mut ConnectionManager,
         task: &str,

@@ -1,8 +1,10 @@
-//! Agent locks in Redis: writing a lock (locks only grow), the bounded sweep that ends what a
-//! locked agent holds, lifting a lock, and reading the locks in force.
+//! Agent locks, the [`LockStore`] of the Redis store: writing a lock (locks only grow), the
+//! bounded sweep that ends what a locked agent holds, lifting a lock, and reading the locks in
+//! force.
 
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
 use super::keys::{
@@ -12,13 +14,13 @@ use super::keys::{
 use super::{RedisStore, unavailable, write_failed};
 use crate::identity::WorkloadId;
 use crate::lease::{Lock, Swept};
-use crate::store::{StoreError, unix_ms};
+use crate::store::{LockStore, StoreError, unix_ms};
 use crate::task::TaskId;
 
-impl RedisStore {
-    /// [`Store::lock_agent`](crate::store::Store::lock_agent): one script; the lock in force
-    /// comes back.
-    pub(super) async fn write_lock(&self, lock: &Lock) -> Result<Lock, StoreError> {
+#[async_trait]
+impl LockStore for RedisStore {
+    /// One script; the lock in force comes back.
+    async fn lock_agent(&self, lock: &Lock) -> Result<Lock, StoreError> {
         let mut conn = self.conn().await?;
         let json = serde_json::to_vec(lock)
             .map_err(|e| StoreError::Corrupt(format!("encoding lock: {e}")))?;
@@ -42,8 +44,8 @@ impl RedisStore {
             .map_err(|e| StoreError::Corrupt(format!("lock of {}: {e}", lock.agent)))
     }
 
-    /// [`Store::sweep_lock`](crate::store::Store::sweep_lock): one bounded step, one script.
-    pub(super) async fn sweep_step(
+    /// One bounded step, one script.
+    async fn sweep_lock(
         &self,
         agent: &WorkloadId,
         reason: &str,
@@ -90,8 +92,8 @@ impl RedisStore {
         })
     }
 
-    /// [`Store::unlock_agent`](crate::store::Store::unlock_agent): the lock that was lifted.
-    pub(super) async fn lift_lock(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
+    /// The lock read and deleted in one transaction (`MULTI`).
+    async fn unlock_agent(&self, agent: &WorkloadId) -> Result<Option<Lock>, StoreError> {
         let mut conn = self.conn().await?;
         let (lock, _, _): (Option<Vec<u8>>, i64, i64) = redis::pipe()
             .atomic()
@@ -106,9 +108,8 @@ impl RedisStore {
             .map_err(|e| StoreError::Corrupt(format!("lock of {agent}: {e}")))
     }
 
-    /// [`Store::agent_lock`](crate::store::Store::agent_lock): the agent's lock if it holds at
-    /// `now`.
-    pub(super) async fn lock_in_force(
+    /// The agent's lock, kept if it holds at `now`.
+    async fn agent_lock(
         &self,
         agent: &WorkloadId,
         now: SystemTime,
@@ -125,9 +126,8 @@ impl RedisStore {
         Ok(lock.filter(|l| l.holds_at(now)))
     }
 
-    /// [`Store::list_locks`](crate::store::Store::list_locks): the locks that hold at `now`;
-    /// agents whose lock expired are dropped from [`LOCKS`].
-    pub(super) async fn locks_in_force(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
+    /// The locks that hold at `now`; agents whose lock expired are dropped from `LOCKS`.
+    async fn list_locks(&self, now: SystemTime) -> Result<Vec<Lock>, StoreError> {
         let mut conn = self.conn().await?;
         let agents: Vec<String> = conn.smembers(LOCKS).await.map_err(|e| unavailable(&e))?;
         let mut out = Vec::new();

@@ -1,19 +1,21 @@
-//! The revocation log in Redis (the stream keys.rs names `REVOCATIONS`, appended by the revoking
-//! scripts): reading it after a cursor, waiting for new entries on a connection of its own, its
-//! head, and trimming it.
+//! The revocation log, the [`RevocationLog`] of the Redis store (the stream keys.rs names
+//! `REVOCATIONS`, appended by the revoking scripts): reading it after a cursor, waiting for new
+//! entries on a connection of its own, its head, and trimming it.
 
 use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
 
 use super::codec::{StreamEntry, StreamReply, revocation_from_entry};
 use super::keys::REVOCATIONS;
 use super::{RedisStore, unavailable};
 use crate::lease::{Cursor, Revocation};
-use crate::store::{MAX_REVOCATION_WAIT, StoreError, unix_ms};
+use crate::store::{MAX_REVOCATION_WAIT, RevocationLog, StoreError, unix_ms};
 
-impl RedisStore {
-    /// [`Store::revocations`](crate::store::Store::revocations): `XRANGE` when not waiting, else
-    /// a blocking read.
-    pub(super) async fn read_revocations(
+#[async_trait]
+impl RevocationLog for RedisStore {
+    /// `XRANGE` when not waiting, else a blocking read.
+    async fn revocations(
         &self,
         after: Option<Cursor>,
         limit: usize,
@@ -38,6 +40,40 @@ impl RedisStore {
         entries.into_iter().map(revocation_from_entry).collect()
     }
 
+    /// The id of the last entry, or the start for an empty log.
+    async fn revocation_head(&self) -> Result<Cursor, StoreError> {
+        let mut conn = self.conn().await?;
+        let last: Vec<StreamEntry> = redis::cmd("XREVRANGE")
+            .arg(REVOCATIONS)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match last.first() {
+            Some((id, _)) => Cursor::parse(id)
+                .ok_or_else(|| StoreError::Corrupt(format!("revocation id {id:?}"))),
+            None => Ok(Cursor::START),
+        }
+    }
+
+    /// `XTRIM MINID`.
+    async fn prune_revocations(&self, before: SystemTime) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("XTRIM")
+            .arg(REVOCATIONS)
+            .arg("MINID")
+            .arg(unix_ms(before))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
+    }
+}
+
+impl RedisStore {
     /// Blocks in `XREAD` on the watch connection for up to `wait` for log entries after
     /// `after`. A failed connection is dropped and made again on the next call.
     async fn wait_revocations(
@@ -84,38 +120,5 @@ impl RedisStore {
                 Err(unavailable(&e))
             }
         }
-    }
-
-    /// [`Store::revocation_head`](crate::store::Store::revocation_head): the id of the last
-    /// entry, or the start for an empty log.
-    pub(super) async fn last_revocation(&self) -> Result<Cursor, StoreError> {
-        let mut conn = self.conn().await?;
-        let last: Vec<StreamEntry> = redis::cmd("XREVRANGE")
-            .arg(REVOCATIONS)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        match last.first() {
-            Some((id, _)) => Cursor::parse(id)
-                .ok_or_else(|| StoreError::Corrupt(format!("revocation id {id:?}"))),
-            None => Ok(Cursor::START),
-        }
-    }
-
-    /// [`Store::prune_revocations`](crate::store::Store::prune_revocations): `XTRIM MINID`.
-    pub(super) async fn trim_revocations(&self, before: SystemTime) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        let _: i64 = redis::cmd("XTRIM")
-            .arg(REVOCATIONS)
-            .arg("MINID")
-            .arg(unix_ms(before))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        Ok(())
     }
 }

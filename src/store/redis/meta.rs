@@ -1,19 +1,21 @@
-//! The records in Redis that replicas share beside tasks and leases: the store's epoch marker,
-//! the published signing keys, claims (short-lived named values with a holder), and the
-//! readiness probe.
+//! Store-wide records, the [`MetaStore`] of the Redis store: what replicas share beside tasks,
+//! leases and claims (those are in `claims.rs`): the store's epoch marker, the published signing
+//! keys, and the readiness probe.
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
-use super::keys::{EPOCH, READY_PROBE, SIGNING_KEYS, claim_key};
-use super::{RedisStore, unavailable, write_failed};
+use super::keys::{EPOCH, READY_PROBE, SIGNING_KEYS};
+use super::{RedisStore, unavailable};
 use crate::mint::PublishedKey;
-use crate::store::{Epoch, StoreError, unix_ms_ceil};
+use crate::store::{Epoch, MetaStore, StoreError};
 
-impl RedisStore {
-    /// [`Store::epoch`](crate::store::Store::epoch): `SET NX GET`, one round trip.
-    pub(super) async fn epoch_marker(&self, fresh: &Epoch) -> Result<Epoch, StoreError> {
+#[async_trait]
+impl MetaStore for RedisStore {
+    /// `SET NX GET`, one round trip.
+    async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError> {
         let mut conn = self.conn().await?;
         let json =
             serde_json::to_string(fresh).map_err(|e| StoreError::Corrupt(format!("epoch: {e}")))?;
@@ -34,8 +36,8 @@ impl RedisStore {
         }
     }
 
-    /// [`Store::publish_key`](crate::store::Store::publish_key).
-    pub(super) async fn put_signing_key(&self, key: &PublishedKey) -> Result<(), StoreError> {
+    /// `HSET` under its `kid`.
+    async fn publish_key(&self, key: &PublishedKey) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(key)
             .map_err(|e| StoreError::Corrupt(format!("encoding key {}: {e}", key.kid)))?;
         let mut conn = self.conn().await?;
@@ -45,12 +47,8 @@ impl RedisStore {
             .map_err(|e| unavailable(&e))
     }
 
-    /// [`Store::published_keys`](crate::store::Store::published_keys): those still valid at
-    /// `now`; the others are deleted.
-    pub(super) async fn live_signing_keys(
-        &self,
-        now: SystemTime,
-    ) -> Result<Vec<PublishedKey>, StoreError> {
+    /// Those still valid at `now`; the others are deleted.
+    async fn published_keys(&self, now: SystemTime) -> Result<Vec<PublishedKey>, StoreError> {
         let mut conn = self.conn().await?;
         let all: Vec<(String, Vec<u8>)> = conn
             .hgetall(SIGNING_KEYS)
@@ -74,66 +72,8 @@ impl RedisStore {
         Ok(live)
     }
 
-    /// [`Store::claim`](crate::store::Store::claim): `SET NX GET PXAT`.
-    pub(super) async fn set_claim(
-        &self,
-        key: &str,
-        value: &str,
-        until: SystemTime,
-    ) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn().await?;
-        // Written only if absent, expiring by itself; the holder (if any) comes back.
-        redis::cmd("SET")
-            .arg(claim_key(key))
-            .arg(value)
-            .arg("NX")
-            .arg("GET")
-            .arg("PXAT")
-            .arg(unix_ms_ceil(until).max(1))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| write_failed(&e))
-    }
-
-    /// [`Store::release_claim`](crate::store::Store::release_claim): only if it still holds
-    /// `value`.
-    pub(super) async fn drop_claim(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        self.scripts
-            .release
-            .key(claim_key(key))
-            .arg(value)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| unavailable(&e))
-    }
-
-    /// [`Store::swap_claim`](crate::store::Store::swap_claim): only if it still holds
-    /// `expected`.
-    pub(super) async fn replace_claim(
-        &self,
-        key: &str,
-        expected: &str,
-        value: &str,
-        until: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        self.scripts
-            .swap
-            .key(claim_key(key))
-            .arg(expected)
-            .arg(value)
-            .arg(unix_ms_ceil(until).max(1))
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|n| n == 1)
-            .map_err(|e| write_failed(&e))
-    }
-
-    /// [`Store::ping`](crate::store::Store::ping): a write, so that a store that refuses writes
-    /// is not ready.
-    pub(super) async fn write_probe(&self) -> Result<(), StoreError> {
+    /// A write, so that a store that refuses writes is not ready.
+    async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         // A write: refused by a read-only replica, an out-of-memory `noeviction` Redis, or one
         // whose persistence fails (MISCONF).

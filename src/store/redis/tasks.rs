@@ -1,8 +1,10 @@
-//! Tasks in Redis: creating one with its index entries, reading it (JSON and overlay), the
-//! compare-and-set update and the end of a task with its leases, and listing by index.
+//! Tasks, the [`TaskStore`] of the Redis store: creating one with its index entries, reading it
+//! (JSON and overlay), the compare-and-set update and the end of a task with its leases, listing
+//! by index, and pruning (which Redis does by itself).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 
@@ -14,17 +16,18 @@ use super::keys::{
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
 use crate::lease::Lease;
 use crate::store::{
-    StoreError, TaskChange, TaskPage, TaskQuery, UpdateError, encode, task_ended_reason, unix_ms,
-    unix_ms_ceil,
+    StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError, encode, task_ended_reason,
+    unix_ms, unix_ms_ceil,
 };
 use crate::task::{Task, TaskError, TaskId, Unmet};
 
 /// Ids read from an index per round trip when listing.
 const LIST_BATCH: usize = 64;
 
-impl RedisStore {
-    /// [`Store::create_task`](crate::store::Store::create_task): the index entries, then the task.
-    pub(super) async fn insert_task(&self, task: &Task) -> Result<(), StoreError> {
+#[async_trait]
+impl TaskStore for RedisStore {
+    /// The index entries, then the task.
+    async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         let id = task.id.to_string();
         let data = encode(task)?;
@@ -58,29 +61,14 @@ impl RedisStore {
         }
     }
 
-    /// Reads a task and its version; `None` when it does not exist.
-    pub(super) async fn read(
-        &self,
-        conn: &mut ConnectionManager,
-        id: &str,
-    ) -> Result<Option<(String, Task)>, StoreError> {
-        let TaskRecord { version, fields }: TaskRecord = redis::cmd("HMGET")
-            .arg(task_key(id))
-            .arg("v")
-            .arg(&TASK_FIELDS)
-            .query_async(conn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let Some(version) = version else {
-            return Ok(None);
-        };
-        Ok(fields.into_task()?.map(|task| (version, task)))
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(self.read(&mut conn, &id.to_string()).await?.map(|(_, t)| t))
     }
 
-    /// [`Store::update_task`](crate::store::Store::update_task): the change applied to the task
-    /// as read, written if nobody changed it since; else read again, up to [`CAS_ATTEMPTS`]
-    /// times.
-    pub(super) async fn compare_and_set_task(
+    /// The change applied to the task as read, written if nobody changed it since; else read
+    /// again, up to `CAS_ATTEMPTS` times.
+    async fn update_task(
         &self,
         id: &TaskId,
         change: TaskChange,
@@ -125,10 +113,9 @@ impl RedisStore {
         Err(StoreError::Contention(*id).into())
     }
 
-    /// [`Store::end_task`](crate::store::Store::end_task): the change, which must end the task,
-    /// and the revocation of its active leases in one script, retried like
-    /// [`Self::compare_and_set_task`].
-    pub(super) async fn end_task_and_leases(
+    /// The change, which must end the task, and the revocation of its active leases in one
+    /// script, retried like `update_task`.
+    async fn end_task(
         &self,
         id: &TaskId,
         change: TaskChange,
@@ -187,9 +174,8 @@ impl RedisStore {
         Err(StoreError::Contention(*id).into())
     }
 
-    /// [`Store::list_tasks`](crate::store::Store::list_tasks): walks the index the query names,
-    /// newest first, [`LIST_BATCH`] ids per round trip.
-    pub(super) async fn scan_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+    /// Walks the index the query names, newest first, `LIST_BATCH` ids per round trip.
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
         let mut conn = self.conn().await?;
         let index = match (&query.executor, &query.requester) {
             (Some(e), _) => executor_key(e.as_str()),
@@ -247,6 +233,33 @@ impl RedisStore {
                 return Ok(page);
             }
         }
+    }
+
+    async fn prune_ended(&self, _ended_before: SystemTime) -> Result<usize, StoreError> {
+        // Redis expires ended tasks itself (PEXPIREAT set when they end); readers drop the index
+        // entries left behind.
+        Ok(0)
+    }
+}
+
+impl RedisStore {
+    /// Reads a task and its version; `None` when it does not exist.
+    pub(super) async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        id: &str,
+    ) -> Result<Option<(String, Task)>, StoreError> {
+        let TaskRecord { version, fields }: TaskRecord = redis::cmd("HMGET")
+            .arg(task_key(id))
+            .arg("v")
+            .arg(&TASK_FIELDS)
+            .query_async(conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some(version) = version else {
+            return Ok(None);
+        };
+        Ok(fields.into_task()?.map(|task| (version, task)))
     }
 
     /// Removes index entries whose task no longer exists (pruned, or a create that failed after

@@ -8,7 +8,7 @@ use crate::common::RedisServer;
 use conformance::sample_task;
 use taskcred::store::embedded::EmbeddedStore;
 use taskcred::store::redis::RedisStore;
-use taskcred::store::{Epoch, Store, StoreError};
+use taskcred::store::{Epoch, MetaStore as _, Store, StoreError, TaskStore as _};
 
 pub mod conformance;
 
@@ -20,7 +20,7 @@ const REQUESTER: &str = "spiffe://taskcred.dev/human/requester";
 macro_rules! cases {
     (fresh: [$($fresh:ident),* $(,)?], begun: [$($begun:ident),* $(,)?] $(,)?) => {
         mod embedded {
-            use taskcred::store::Store as _;
+            use taskcred::store::MetaStore as _;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $fresh() {
@@ -40,7 +40,7 @@ macro_rules! cases {
             )*
         }
         mod redis {
-            use taskcred::store::Store as _;
+            use taskcred::store::MetaStore as _;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $fresh() {

@@ -1,0 +1,36 @@
+//! Command output on stdout. A reader that went away (`taskcred audit export | head`) ends the
+//! command quietly, as it ends `cat`, instead of a panic; any other write failure is said on
+//! stderr and exits 1. Use [`crate::outln!`] and [`crate::out!`] where `println!` would be.
+
+use std::io::{self, Write as _};
+
+/// Writes `args` to stdout and flushes it.
+pub fn write(args: std::fmt::Arguments<'_>) {
+    let mut out = io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` on [`write`].
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::stdout::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::stdout::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` on [`write`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::stdout::write(format_args!($($arg)*))
+    };
+}
