@@ -23,7 +23,7 @@ use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
 use crate::task::TaskLimits;
 use crate::telemetry;
-use crate::tls::{self, AcceptLimits, TlsSetupError};
+use crate::tls::{self, TlsSetupError};
 
 /// Why the broker could not start or stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -492,17 +492,7 @@ impl App {
             listeners.grpc,
             self.tls.clone(),
             self.config.identity.allowed_trust_domains.clone(),
-            AcceptLimits {
-                max_connections: server.max_connections,
-                max_anonymous_connections: server.max_anonymous_connections,
-                handshake_timeout: server.handshake_timeout,
-                idle_timeout: server.idle_timeout,
-                anonymous_idle_timeout: server.anonymous_idle_timeout,
-                anonymous_max_age: server.anonymous_max_age,
-                max_connections_per_identity: server.max_connections_per_identity,
-                max_anonymous_connections_per_source: server.max_anonymous_connections_per_source,
-                max_handshakes_per_source: server.max_handshakes_per_source,
-            },
+            server.accept,
             shutdown.clone(),
         );
         let options = GrpcOptions {
@@ -535,7 +525,7 @@ impl App {
             crate::http::listener::HttpLimits {
                 max_connections: server.max_http_connections,
                 max_connections_per_source: server.max_http_connections_per_source,
-                handshake_timeout: server.handshake_timeout,
+                handshake_timeout: server.accept.handshake_timeout,
                 idle_timeout: server.http_idle_timeout,
                 max_age: server.http_max_age,
             },

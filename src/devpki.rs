@@ -141,29 +141,30 @@ pub fn init(dir: &Path) -> Result<InitReport, DevPkiError> {
     )?;
     let issuer = load_issuer(&ca_cert, &ca_key)?;
 
-    keep_or_make_pair(
-        dir.join(SERVER_CERT),
-        dir.join(SERVER_KEY),
-        "the server key",
-        |key| {
-            server_params()?
-                .signed_by(key, &issuer)
-                .map_err(gen_err("the server certificate"))
-        },
-        &mut report,
-    )?;
-
-    keep_or_make_pair(
-        dir.join(ISSUING_CA_CERT),
-        dir.join(ISSUING_CA_KEY),
-        "the issuing CA key",
-        |key| {
-            issuing_ca_params()?
-                .signed_by(key, &issuer)
-                .map_err(gen_err("the issuing CA certificate"))
-        },
-        &mut report,
-    )?;
+    // Signed by the dev CA: the broker's server certificate, and the issuing CA of X509-SVIDs.
+    type Params = fn() -> Result<CertificateParams, DevPkiError>;
+    let signed: [(&str, &str, &str, Params); 2] = [
+        (SERVER_CERT, SERVER_KEY, "the server", server_params),
+        (
+            ISSUING_CA_CERT,
+            ISSUING_CA_KEY,
+            "the issuing CA",
+            issuing_ca_params,
+        ),
+    ];
+    for (cert, key, what, params) in signed {
+        keep_or_make_pair(
+            dir.join(cert),
+            dir.join(key),
+            &format!("{what} key"),
+            |key| {
+                params()?
+                    .signed_by(key, &issuer)
+                    .map_err(gen_err(&format!("{what} certificate")))
+            },
+            &mut report,
+        )?;
+    }
 
     let jwt_key = dir.join(JWT_KEY);
     if jwt_key.exists() {

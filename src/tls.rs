@@ -30,7 +30,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{IdentityConfig, TlsConfig, TlsVersion};
+use crate::config::{AcceptLimits, IdentityConfig, TlsConfig, TlsVersion};
 use crate::identity::{PeerIdentity, SpiffeClientVerifier, TrustDomains, bundle};
 use crate::net::{KeyedSlot, KeyedSlots, Lifetime};
 
@@ -351,30 +351,6 @@ impl AsyncWrite for TlsConn {
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
-}
-
-/// Limits of the accept loop.
-#[derive(Debug, Clone, Copy)]
-pub struct AcceptLimits {
-    /// Open connections at once.
-    pub max_connections: usize,
-    /// Of those, connections without a client certificate (only the public RPCs answer them).
-    pub max_anonymous_connections: usize,
-    /// Time allowed for the TLS handshake, and then again for the HTTP/2 preface.
-    pub handshake_timeout: Duration,
-    /// A connection with a client certificate and no RPC in flight for this long is closed.
-    pub idle_timeout: Duration,
-    /// The same for a connection without one.
-    pub anonymous_idle_timeout: Duration,
-    /// A connection without a client certificate is closed this long after it began, whatever
-    /// it does (a public stream cannot hold a slot for ever).
-    pub anonymous_max_age: Duration,
-    /// Open connections of one identity at once.
-    pub max_connections_per_identity: usize,
-    /// Open connections without a client certificate from one source address (an IPv6 /64).
-    pub max_anonymous_connections_per_source: usize,
-    /// Connections from one source address still in their TLS handshake.
-    pub max_handshakes_per_source: usize,
 }
 
 /// Accepts TLS connections on `listener` until `shutdown`, yielding them as a stream for

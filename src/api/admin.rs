@@ -4,11 +4,17 @@
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use super::auth::caller;
+use super::Reply;
+use super::auth::{caller_and_message, caller_id};
 use super::convert::{agent, duration, task_id, ts};
-use super::error::status;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
+use super::pb::{
+    ListLeasesRequest, ListLeasesResponse, ListLocksRequest, ListLocksResponse, LockAgentRequest,
+    LockAgentResponse, ReloadPolicyRequest, ReloadPolicyResponse, RevokeSigningKeyRequest,
+    RevokeSigningKeyResponse, RotateSigningKeyRequest, RotateSigningKeyResponse,
+    UnlockAgentRequest, UnlockAgentResponse,
+};
 use crate::broker::{Broker, LeaseCursor, LeaseQuery, RequestId};
 use crate::identity::WorkloadId;
 use crate::lease::LeaseState;
@@ -56,11 +62,11 @@ pub(super) fn fitting(sizes: impl Iterator<Item = usize>, budget: usize) -> usiz
 impl AdminService for AdminApi {
     async fn reload_policy(
         &self,
-        request: Request<pb::ReloadPolicyRequest>,
-    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
-        let who = caller(&request)?.id.clone();
-        let (n, files) = self.broker.reload_policy(&who).map_err(status)?;
-        Ok(Response::new(pb::ReloadPolicyResponse {
+        request: Request<ReloadPolicyRequest>,
+    ) -> Reply<ReloadPolicyResponse> {
+        let who = caller_id(&request)?;
+        let (n, files) = self.broker.reload_policy(&who)?;
+        Ok(Response::new(ReloadPolicyResponse {
             policies: u32::try_from(n).unwrap_or(u32::MAX),
             files,
         }))
@@ -68,42 +74,34 @@ impl AdminService for AdminApi {
 
     async fn revoke_signing_key(
         &self,
-        request: Request<pb::RevokeSigningKeyRequest>,
-    ) -> Result<Response<pb::RevokeSigningKeyResponse>, Status> {
-        let who = caller(&request)?.id.clone();
+        request: Request<RevokeSigningKeyRequest>,
+    ) -> Reply<RevokeSigningKeyResponse> {
+        let who = caller_id(&request)?;
         let kid = request.into_inner().kid;
         if kid.is_empty() || kid.len() > 128 || kid.chars().any(char::is_control) {
             return Err(Status::invalid_argument(
                 "kid: 1 to 128 bytes, no control characters",
             ));
         }
-        let kids = self
-            .broker
-            .revoke_signing_key(&who, &kid)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::RevokeSigningKeyResponse { kids }))
+        let kids = self.broker.revoke_signing_key(&who, &kid).await?;
+        Ok(Response::new(RevokeSigningKeyResponse { kids }))
     }
 
     async fn rotate_signing_key(
         &self,
-        request: Request<pb::RotateSigningKeyRequest>,
-    ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
-        let who = caller(&request)?.id.clone();
-        let r = self.broker.rotate_signing_key(&who).await.map_err(status)?;
-        Ok(Response::new(pb::RotateSigningKeyResponse {
+        request: Request<RotateSigningKeyRequest>,
+    ) -> Reply<RotateSigningKeyResponse> {
+        let who = caller_id(&request)?;
+        let r = self.broker.rotate_signing_key(&who).await?;
+        Ok(Response::new(RotateSigningKeyResponse {
             previous_kid: r.previous_kid,
             kid: r.kid,
             previous_published_until: ts(r.previous_published_until),
         }))
     }
 
-    async fn lock_agent(
-        &self,
-        request: Request<pb::LockAgentRequest>,
-    ) -> Result<Response<pb::LockAgentResponse>, Status> {
-        let who = caller(&request)?.id.clone();
-        let r = request.get_ref();
+    async fn lock_agent(&self, request: Request<LockAgentRequest>) -> Reply<LockAgentResponse> {
+        let (who, r) = caller_and_message(request)?;
         let target = agent(&r.agent)?;
         let until = duration("duration", r.duration)?;
         let (lock, outcome) = self
@@ -113,11 +111,10 @@ impl AdminService for AdminApi {
                 &target,
                 &r.reason,
                 until,
-                RequestId::parse(&r.request_id).map_err(status)?.as_ref(),
+                RequestId::parse(&r.request_id)?.as_ref(),
             )
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::LockAgentResponse {
+            .await?;
+        Ok(Response::new(LockAgentResponse {
             lock: Some(pb::Lock::from(lock)),
             // Bounded: an agent may hold more leases than one message can name.
             revoked_tasks: outcome
@@ -140,26 +137,18 @@ impl AdminService for AdminApi {
 
     async fn unlock_agent(
         &self,
-        request: Request<pb::UnlockAgentRequest>,
-    ) -> Result<Response<pb::UnlockAgentResponse>, Status> {
-        let who = caller(&request)?.id.clone();
+        request: Request<UnlockAgentRequest>,
+    ) -> Reply<UnlockAgentResponse> {
+        let who = caller_id(&request)?;
         let target = agent(&request.get_ref().agent)?;
-        let lifted = self
-            .broker
-            .unlock_agent(&who, &target)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::UnlockAgentResponse {
+        let lifted = self.broker.unlock_agent(&who, &target).await?;
+        Ok(Response::new(UnlockAgentResponse {
             lock: lifted.map(pb::Lock::from),
         }))
     }
 
-    async fn list_leases(
-        &self,
-        request: Request<pb::ListLeasesRequest>,
-    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let who = caller(&request)?.id.clone();
-        let req = request.into_inner();
+    async fn list_leases(&self, request: Request<ListLeasesRequest>) -> Reply<ListLeasesResponse> {
+        let (who, req) = caller_and_message(request)?;
         let optional = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
         let query = LeaseQuery {
             agent: optional(&req.agent).map(|a| agent(&a)).transpose()?,
@@ -180,7 +169,7 @@ impl AdminService for AdminApi {
                 })
                 .transpose()?,
         };
-        let page = self.broker.list_leases(&who, query).await.map_err(status)?;
+        let page = self.broker.list_leases(&who, query).await?;
         let mut next = page.next;
         let mut leases: Vec<(pb::Lease, LeaseCursor)> = page
             .leases
@@ -195,18 +184,14 @@ impl AdminService for AdminApi {
             next = Some(leases[keep].1);
             leases.truncate(keep);
         }
-        Ok(Response::new(pb::ListLeasesResponse {
+        Ok(Response::new(ListLeasesResponse {
             leases: leases.into_iter().map(|(l, _)| l).collect(),
             next_page_token: next.map(|t| t.to_string()).unwrap_or_default(),
         }))
     }
 
-    async fn list_locks(
-        &self,
-        request: Request<pb::ListLocksRequest>,
-    ) -> Result<Response<pb::ListLocksResponse>, Status> {
-        let who = caller(&request)?.id.clone();
-        let req = request.into_inner();
+    async fn list_locks(&self, request: Request<ListLocksRequest>) -> Reply<ListLocksResponse> {
+        let (who, req) = caller_and_message(request)?;
         let after =
             match req.page_token.as_str() {
                 "" => None,
@@ -221,8 +206,7 @@ impl AdminService for AdminApi {
                 usize::try_from(req.page_size).unwrap_or(usize::MAX),
                 after.as_ref(),
             )
-            .await
-            .map_err(status)?;
+            .await?;
         let mut next = page.next;
         let mut locks: Vec<(pb::Lock, WorkloadId)> = page
             .locks
@@ -239,7 +223,7 @@ impl AdminService for AdminApi {
             next = Some(locks[keep - 1].1.clone());
             locks.truncate(keep);
         }
-        Ok(Response::new(pb::ListLocksResponse {
+        Ok(Response::new(ListLocksResponse {
             locks: locks.into_iter().map(|(l, _)| l).collect(),
             next_page_token: next.map(|a| a.to_string()).unwrap_or_default(),
         }))

@@ -16,7 +16,7 @@ use tower_service::Service;
 use super::ready_or;
 use crate::broker::limits::{RATE_LIMITED, Rate, RateLimiter};
 use crate::clock::Clock;
-use crate::identity::PeerIdentity;
+use crate::identity::{PeerIdentity, WorkloadId};
 use crate::tls::ConnInfo;
 
 /// Methods any caller may use without a client certificate: unary calls only, so that no
@@ -43,6 +43,22 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<&PeerIdentity, Status> {
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))
 }
 
+/// The SPIFFE ID of `request`'s caller, or `UNAUTHENTICATED`.
+///
+/// # Errors
+/// As [`caller`].
+pub fn caller_id<T>(request: &tonic::Request<T>) -> Result<WorkloadId, Status> {
+    caller(request).map(|p| p.id.clone())
+}
+
+/// The SPIFFE ID of `request`'s caller, and its message.
+///
+/// # Errors
+/// As [`caller`].
+pub fn caller_and_message<T>(request: tonic::Request<T>) -> Result<(WorkloadId, T), Status> {
+    Ok((caller_id(&request)?, request.into_inner()))
+}
+
 /// Adds [`Auth`] to a service stack.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
@@ -67,8 +83,7 @@ impl<S> Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Auth<S> {
         Auth {
             inner,
-            clock: self.clock.clone(),
-            rpcs: self.rpcs.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -77,8 +92,8 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Debug, Clone)]
 pub struct Auth<S> {
     inner: S,
-    clock: Arc<dyn Clock>,
-    rpcs: Arc<RateLimiter>,
+    /// The clock and the RPC budgets, shared by every connection's stack.
+    layer: AuthLayer,
 }
 
 /// Decides whether a request may proceed, and as whom.
@@ -132,8 +147,8 @@ where
         let decision = authenticate(
             req.uri().path(),
             req.extensions().get::<ConnInfo>(),
-            self.clock.as_ref(),
-            &self.rpcs,
+            self.layer.clock.as_ref(),
+            &self.layer.rpcs,
         );
         match decision {
             Ok(caller) => {
@@ -155,7 +170,6 @@ mod tests {
 
     use super::*;
     use crate::clock::ManualClock;
-    use crate::identity::WorkloadId;
 
     fn open() -> RateLimiter {
         RateLimiter::new(None)

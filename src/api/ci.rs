@@ -1,14 +1,16 @@
 //! `taskcred.v1.CiService`: the CI exchange and the end of a CI job's task. Public methods (no
 //! client certificate needed); a certificate presented anyway is bound into `cnf`.
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
+use super::Reply;
 use super::auth::Caller;
-use super::convert::granted;
-use super::convert::{duration, outcome_from_pb, ts};
-use super::error::status;
+use super::convert::{duration, lease_fields, outcome_from_pb};
 use super::pb;
 use super::pb::ci_service_server::CiService;
+use super::pb::{
+    CompleteCiTaskRequest, CompleteTaskResponse, ExchangeCiTokenRequest, ExchangeCiTokenResponse,
+};
 use crate::broker::{Broker, CiCredential, CiExchangeRequest};
 
 /// The CI service.
@@ -36,8 +38,8 @@ fn source<T>(request: &Request<T>) -> Option<std::net::IpAddr> {
 impl CiService for CiApi {
     async fn exchange_ci_token(
         &self,
-        request: Request<pb::ExchangeCiTokenRequest>,
-    ) -> Result<Response<pb::ExchangeCiTokenResponse>, Status> {
+        request: Request<ExchangeCiTokenRequest>,
+    ) -> Reply<ExchangeCiTokenResponse> {
         let bound = request
             .extensions()
             .get::<Caller>()
@@ -55,24 +57,22 @@ impl CiService for CiApi {
                 csr: (!r.csr.is_empty()).then_some(r.csr),
                 client_cert_sha256: bound,
             })
-            .await
-            .map_err(status)?;
+            .await?;
         let (token, certificate_pem, chain_pem, lease) = match exchanged.credential {
             CiCredential::Token(t) => (t.token, String::new(), String::new(), t.lease),
             CiCredential::Certificate(c) => {
                 (String::new(), c.certificate_pem, c.chain_pem, c.lease)
             }
         };
-        Ok(Response::new(pb::ExchangeCiTokenResponse {
+        let (lease_id, credential_id, expires_at, ttl) = lease_fields(lease);
+        Ok(Response::new(ExchangeCiTokenResponse {
             token,
             certificate_pem,
             chain_pem,
-            lease_id: lease.id.to_string(),
-
-            expires_at: ts(lease.expires_at),
-            ttl: granted(&lease),
-            credential_id: lease.credential,
-
+            lease_id,
+            credential_id,
+            expires_at,
+            ttl,
             task_id: exchanged.task.to_string(),
             identity: exchanged.identity.to_string(),
         }))
@@ -80,17 +80,16 @@ impl CiService for CiApi {
 
     async fn complete_ci_task(
         &self,
-        request: Request<pb::CompleteCiTaskRequest>,
-    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        request: Request<CompleteCiTaskRequest>,
+    ) -> Reply<CompleteTaskResponse> {
         let source = source(&request);
         let r = request.into_inner();
         let outcome = outcome_from_pb(r.outcome)?;
         let (task, revoked) = self
             .broker
             .complete_ci_task(&r.id_token, source, outcome)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::CompleteTaskResponse {
+            .await?;
+        Ok(Response::new(CompleteTaskResponse {
             task: Some(pb::Task::from(task)),
             revoked_leases: u32::try_from(revoked).unwrap_or(u32::MAX),
         }))

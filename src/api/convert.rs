@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use tonic::Status;
 
-use super::error::status;
 use super::pb;
 use crate::broker::{
     IssuedCertificate, IssuedToken, ListRequest, Renewed, RequestId, TokenRequest,
@@ -209,9 +208,8 @@ pub(super) fn lease_id(s: &str) -> Result<LeaseId, Status> {
         .map_err(|_| Status::invalid_argument("lease_id: not a lease id (a lowercase UUIDv7)"))
 }
 
-/// The lifetime granted: the lease's expiry less its issue time.
-/// The lifetime a lease's credential was granted.
-pub(super) fn granted(lease: &crate::lease::Lease) -> Option<prost_types::Duration> {
+/// The lifetime a lease's credential was granted: the lease's expiry less its issue time.
+fn granted(lease: &crate::lease::Lease) -> Option<prost_types::Duration> {
     let d = lease
         .expires_at
         .duration_since(lease.issued_at)
@@ -272,30 +270,46 @@ impl TryFrom<pb::IssueTokenRequest> for TokenRequest {
 /// # Errors
 /// `INVALID_ARGUMENT` for one out of bounds.
 pub(super) fn request_id(s: &str) -> Result<Option<RequestId>, Status> {
-    RequestId::parse(s).map_err(status)
+    RequestId::parse(s).map_err(Status::from)
+}
+
+/// What an issuance answer says of the lease behind its credential: the lease id, the
+/// credential's id (`jti` or serial), when it expires and the lifetime granted.
+pub(super) type LeaseFields = (
+    String,
+    String,
+    Option<prost_types::Timestamp>,
+    Option<prost_types::Duration>,
+);
+
+pub(super) fn lease_fields(lease: Lease) -> LeaseFields {
+    let (expires_at, ttl) = (ts(lease.expires_at), granted(&lease));
+    (lease.id.to_string(), lease.credential, expires_at, ttl)
 }
 
 impl From<IssuedToken> for pb::IssueTokenResponse {
     fn from(issued: IssuedToken) -> Self {
+        let (lease_id, jti, expires_at, ttl) = lease_fields(issued.lease);
         Self {
-            ttl: granted(&issued.lease),
-            expires_at: ts(issued.lease.expires_at),
-            lease_id: issued.lease.id.to_string(),
-            jti: issued.lease.credential,
             token: issued.token,
+            lease_id,
+            jti,
+            expires_at,
+            ttl,
         }
     }
 }
 
 impl From<IssuedCertificate> for pb::IssueCertificateResponse {
     fn from(issued: IssuedCertificate) -> Self {
+        let (lease_id, serial, expires_at, ttl) = lease_fields(issued.lease);
         Self {
-            ttl: granted(&issued.lease),
-            expires_at: ts(issued.lease.expires_at),
-            lease_id: issued.lease.id.to_string(),
-            serial: issued.lease.credential,
             certificate_pem: issued.certificate_pem,
             chain_pem: issued.chain_pem,
+            lease_id,
+            serial,
+            expires_at,
+            ttl,
         }
     }
 }

@@ -2,11 +2,15 @@
 
 use tonic::{Request, Response, Status};
 
-use super::auth::caller;
+use super::Reply;
+use super::auth::{caller, caller_and_message, caller_id};
 use super::convert::{lease_id, request_id, task_id, ttl};
-use super::error::status;
-use super::pb;
 use super::pb::credential_service_server::CredentialService;
+use super::pb::{
+    IntrospectRequest, IntrospectResponse, IssueCertificateRequest, IssueCertificateResponse,
+    IssueTokenRequest, IssueTokenResponse, RenewLeaseRequest, RenewLeaseResponse,
+    RevokeLeaseRequest, RevokeLeaseResponse,
+};
 use crate::broker::{Broker, Introspection, TokenRequest};
 
 /// The credential service.
@@ -24,24 +28,17 @@ impl CredentialApi {
 
 #[tonic::async_trait]
 impl CredentialService for CredentialApi {
-    async fn issue_token(
-        &self,
-        request: Request<pb::IssueTokenRequest>,
-    ) -> Result<Response<pb::IssueTokenResponse>, Status> {
+    async fn issue_token(&self, request: Request<IssueTokenRequest>) -> Reply<IssueTokenResponse> {
         let peer = caller(&request)?.clone();
         let asked = TokenRequest::try_from(request.into_inner())?;
-        let issued = self
-            .broker
-            .issue_token(&peer, asked)
-            .await
-            .map_err(status)?;
+        let issued = self.broker.issue_token(&peer, asked).await?;
         Ok(Response::new(issued.into()))
     }
 
     async fn issue_certificate(
         &self,
-        request: Request<pb::IssueCertificateRequest>,
-    ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
+        request: Request<IssueCertificateRequest>,
+    ) -> Reply<IssueCertificateResponse> {
         let peer = caller(&request)?.clone();
         let r = request.into_inner();
         let task = task_id(&r.task_id)?;
@@ -55,15 +52,11 @@ impl CredentialService for CredentialApi {
                 ttl,
                 request_id(&r.request_id)?.as_ref(),
             )
-            .await
-            .map_err(status)?;
+            .await?;
         Ok(Response::new(issued.into()))
     }
 
-    async fn renew_lease(
-        &self,
-        request: Request<pb::RenewLeaseRequest>,
-    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+    async fn renew_lease(&self, request: Request<RenewLeaseRequest>) -> Reply<RenewLeaseResponse> {
         let peer = caller(&request)?.clone();
         let r = request.into_inner();
         let id = lease_id(&r.lease_id)?;
@@ -71,30 +64,25 @@ impl CredentialService for CredentialApi {
         let renewed = self
             .broker
             .renew_lease(&peer, &id, ttl(r.ttl)?, csr)
-            .await
-            .map_err(status)?;
+            .await?;
         Ok(Response::new(renewed.into()))
     }
 
     async fn revoke_lease(
         &self,
-        request: Request<pb::RevokeLeaseRequest>,
-    ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
-        let who = caller(&request)?.id.clone();
+        request: Request<RevokeLeaseRequest>,
+    ) -> Reply<RevokeLeaseResponse> {
+        let who = caller_id(&request)?;
         let id = lease_id(&request.get_ref().lease_id)?;
-        let lease = self.broker.revoke_lease(&who, &id).await.map_err(status)?;
-        Ok(Response::new(pb::RevokeLeaseResponse {
+        let lease = self.broker.revoke_lease(&who, &id).await?;
+        Ok(Response::new(RevokeLeaseResponse {
             lease_id: lease.id.to_string(),
             credential_id: lease.credential,
         }))
     }
 
-    async fn introspect(
-        &self,
-        request: Request<pb::IntrospectRequest>,
-    ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let who = caller(&request)?.id.clone();
-        let r = request.into_inner();
+    async fn introspect(&self, request: Request<IntrospectRequest>) -> Reply<IntrospectResponse> {
+        let (who, r) = caller_and_message(request)?;
         let secs = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         match (r.token.is_empty(), r.certificate.is_empty()) {
             // An empty token is simply not active (after policy has been asked).
@@ -103,11 +91,10 @@ impl CredentialService for CredentialApi {
                 let found = self
                     .broker
                     .introspect_certificate(&who, &r.certificate)
-                    .await
-                    .map_err(status)?;
+                    .await?;
                 return Ok(Response::new(match found {
-                    None => pb::IntrospectResponse::default(),
-                    Some((info, lease)) => pb::IntrospectResponse {
+                    None => IntrospectResponse::default(),
+                    Some((info, lease)) => IntrospectResponse {
                         active: true,
                         sub: info.spiffe_id,
                         exp: secs(info.not_after),
@@ -130,14 +117,10 @@ impl CredentialService for CredentialApi {
                 ));
             }
         }
-        let answer = self
-            .broker
-            .introspect(&who, &r.token)
-            .await
-            .map_err(status)?;
+        let answer = self.broker.introspect(&who, &r.token).await?;
         Ok(Response::new(match answer {
-            Introspection::Inactive => pb::IntrospectResponse::default(),
-            Introspection::Active(c) => pb::IntrospectResponse {
+            Introspection::Inactive => IntrospectResponse::default(),
+            Introspection::Active(c) => IntrospectResponse {
                 active: true,
                 sub: c.sub,
                 aud: c.aud,

@@ -30,6 +30,13 @@ pub fn status(e: BrokerError) -> Status {
     with_info
 }
 
+/// Handlers answer a use-case error with `?`: the status is [`status`]'s.
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Self {
+        status(e)
+    }
+}
+
 /// The stable reason of a status made by [`status`], if it has one (for clients).
 pub fn reason_of(status: &Status) -> Option<String> {
     status

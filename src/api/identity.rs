@@ -1,7 +1,8 @@
 //! `taskcred.v1.IdentityService`: tells the caller who the broker believes it is.
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
+use super::Reply;
 use super::auth::caller;
 use super::pb::identity_service_server::IdentityService;
 use super::pb::{WhoAmIRequest, WhoAmIResponse};
@@ -12,10 +13,7 @@ pub struct IdentityApi;
 
 #[tonic::async_trait]
 impl IdentityService for IdentityApi {
-    async fn who_am_i(
-        &self,
-        request: Request<WhoAmIRequest>,
-    ) -> Result<Response<WhoAmIResponse>, Status> {
+    async fn who_am_i(&self, request: Request<WhoAmIRequest>) -> Reply<WhoAmIResponse> {
         let peer = caller(&request)?;
         Ok(Response::new(WhoAmIResponse {
             spiffe_id: peer.id.to_string(),

@@ -39,6 +39,9 @@ use crate::clock::Clock;
 use crate::tls::TlsConn;
 use auth::AuthLayer;
 
+/// What a handler answers: its response, or the status of a refusal.
+type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
+
 /// Code generated from `proto/taskcred/v1`.
 #[allow(
     missing_docs,

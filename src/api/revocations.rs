@@ -7,10 +7,11 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::auth::caller;
+use super::Reply;
+use super::auth::caller_and_message;
 use super::convert::ts;
-use super::error::status;
 use super::pb;
+use super::pb::WatchRevocationsRequest;
 use super::pb::revocation_service_server::RevocationService;
 use crate::broker::{Broker, WatchEvent};
 use crate::lease::{Cursor, Revocation};
@@ -87,10 +88,9 @@ impl RevocationService for RevocationApi {
 
     async fn watch_revocations(
         &self,
-        request: Request<pb::WatchRevocationsRequest>,
-    ) -> Result<Response<EventStream>, Status> {
-        let who = caller(&request)?.id.clone();
-        let req = request.into_inner();
+        request: Request<WatchRevocationsRequest>,
+    ) -> Reply<EventStream> {
+        let (who, req) = caller_and_message(request)?;
         // `Cursor::parse` bounds the length (two numbers of at most 20 digits).
         let after = match req.after.as_str() {
             "" => None,
@@ -100,11 +100,7 @@ impl RevocationService for RevocationApi {
             ),
         };
         let audience = Some(req.audience).filter(|a| !a.is_empty());
-        let mut watch = self
-            .broker
-            .watch_revocations(&who, after, audience)
-            .await
-            .map_err(status)?;
+        let mut watch = self.broker.watch_revocations(&who, after, audience).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             loop {
@@ -116,7 +112,7 @@ impl RevocationService for RevocationApi {
                 let item = match next {
                     Ok(Some(e)) => Ok(event_to_pb(&e)),
                     Ok(None) => break,
-                    Err(e) => Err(status(e)),
+                    Err(e) => Err(Status::from(e)),
                 };
                 let last = item.is_err();
                 if tx.send(item).await.is_err() || last {

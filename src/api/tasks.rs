@@ -1,12 +1,16 @@
 //! `taskcred.v1.TaskService`: thin handlers over [`Broker`] with the proto conversions.
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
-use super::auth::caller;
+use super::Reply;
+use super::auth::{caller_and_message, caller_id};
 use super::convert::{outcome_from_pb, request_id, task_id};
-use super::error::status;
 use super::pb;
 use super::pb::task_service_server::TaskService;
+use super::pb::{
+    CancelTaskRequest, CompleteTaskRequest, CompleteTaskResponse, DecideTaskRequest,
+    GetTaskRequest, ListTasksRequest, ListTasksResponse, RequestTaskRequest, RevokeTaskRequest,
+};
 use crate::broker::{Broker, ListRequest};
 use crate::task::{Decision, RawTaskRequest, TaskId};
 
@@ -30,33 +34,24 @@ impl TaskApi {
 
 #[tonic::async_trait]
 impl TaskService for TaskApi {
-    async fn request_task(
-        &self,
-        request: Request<pb::RequestTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request)?.id.clone();
+    async fn request_task(&self, request: Request<RequestTaskRequest>) -> Reply<pb::Task> {
+        let who = caller_id(&request)?;
         let raw = RawTaskRequest::try_from(request.into_inner())?;
-        let task = self.broker.request_task(&who, raw).await.map_err(status)?;
+        let task = self.broker.request_task(&who, raw).await?;
         Ok(Response::new(pb::Task::from(task)))
     }
 
-    async fn get_task(
-        &self,
-        request: Request<pb::GetTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request)?.id.clone();
+    async fn get_task(&self, request: Request<GetTaskRequest>) -> Reply<pb::Task> {
+        let who = caller_id(&request)?;
         let id = task_id(&request.get_ref().task_id)?;
-        let task = self.broker.get_task(&who, &id).await.map_err(status)?;
+        let task = self.broker.get_task(&who, &id).await?;
         Ok(Response::new(pb::Task::from(task)))
     }
 
-    async fn list_tasks(
-        &self,
-        request: Request<pb::ListTasksRequest>,
-    ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let who = caller(&request)?.id.clone();
+    async fn list_tasks(&self, request: Request<ListTasksRequest>) -> Reply<ListTasksResponse> {
+        let who = caller_id(&request)?;
         let list = ListRequest::try_from(request.into_inner())?;
-        let page = self.broker.list_tasks(&who, list).await.map_err(status)?;
+        let page = self.broker.list_tasks(&who, list).await?;
         let mut next_page_token = page.next_page_token;
         let ids: Vec<TaskId> = page.tasks.iter().map(|t| t.id).collect();
         let mut tasks: Vec<pb::Task> = page.tasks.into_iter().map(pb::Task::from).collect();
@@ -69,85 +64,61 @@ impl TaskService for TaskApi {
             super::admin::fitting(tasks.iter().map(prost::Message::encoded_len), budget).max(1);
         if keep < tasks.len() {
             tasks.truncate(keep);
-            next_page_token = Some(
-                self.broker
-                    .page_token_after(&who, ids[keep - 1])
-                    .await
-                    .map_err(status)?,
-            );
+            next_page_token = Some(self.broker.page_token_after(&who, ids[keep - 1]).await?);
         }
-        Ok(Response::new(pb::ListTasksResponse {
+        Ok(Response::new(ListTasksResponse {
             tasks,
             next_page_token: next_page_token.unwrap_or_default(),
         }))
     }
 
-    async fn approve_task(
-        &self,
-        request: Request<pb::DecideTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
+    async fn approve_task(&self, request: Request<DecideTaskRequest>) -> Reply<pb::Task> {
         self.decide(request, Decision::Approve).await
     }
 
-    async fn deny_task(
-        &self,
-        request: Request<pb::DecideTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
+    async fn deny_task(&self, request: Request<DecideTaskRequest>) -> Reply<pb::Task> {
         self.decide(request, Decision::Deny).await
     }
 
     async fn complete_task(
         &self,
-        request: Request<pb::CompleteTaskRequest>,
-    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        request: Request<CompleteTaskRequest>,
+    ) -> Reply<CompleteTaskResponse> {
         self.complete(request).await
     }
 
     async fn revoke_task(
         &self,
-        request: Request<pb::RevokeTaskRequest>,
-    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let who = caller(&request)?.id.clone();
-        let r = request.get_ref();
+        request: Request<RevokeTaskRequest>,
+    ) -> Reply<CompleteTaskResponse> {
+        let (who, r) = caller_and_message(request)?;
         let id = task_id(&r.task_id)?;
-        let (task, leases) = self
-            .broker
-            .revoke_task(&who, &id, &r.reason)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::CompleteTaskResponse {
+        let (task, leases) = self.broker.revoke_task(&who, &id, &r.reason).await?;
+        Ok(Response::new(CompleteTaskResponse {
             task: Some(pb::Task::from(task)),
             revoked_leases: u32::try_from(leases.len()).unwrap_or(u32::MAX),
         }))
     }
 
-    async fn cancel_task(
-        &self,
-        request: Request<pb::CancelTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request)?.id.clone();
+    async fn cancel_task(&self, request: Request<CancelTaskRequest>) -> Reply<pb::Task> {
+        let who = caller_id(&request)?;
         let id = task_id(&request.get_ref().task_id)?;
-        let task = self.broker.cancel_task(&who, &id).await.map_err(status)?;
+        let task = self.broker.cancel_task(&who, &id).await?;
         Ok(Response::new(pb::Task::from(task)))
     }
 }
 
 impl TaskApi {
-    async fn complete(
-        &self,
-        request: Request<pb::CompleteTaskRequest>,
-    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let who = caller(&request)?.id.clone();
-        let r = request.into_inner();
+    async fn complete(&self, request: Request<CompleteTaskRequest>) -> Reply<CompleteTaskResponse> {
+        let (who, r) = caller_and_message(request)?;
         let id = task_id(&r.task_id)?;
         let outcome = outcome_from_pb(r.outcome)?;
         let request_id = request_id(&r.request_id)?;
         let (task, revoked) = self
             .broker
             .complete_task(&who, &id, outcome, request_id.as_ref())
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::CompleteTaskResponse {
+            .await?;
+        Ok(Response::new(CompleteTaskResponse {
             task: Some(pb::Task::from(task)),
             revoked_leases: u32::try_from(revoked).unwrap_or(u32::MAX),
         }))
@@ -155,17 +126,12 @@ impl TaskApi {
 
     async fn decide(
         &self,
-        request: Request<pb::DecideTaskRequest>,
+        request: Request<DecideTaskRequest>,
         decision: Decision,
-    ) -> Result<Response<pb::Task>, Status> {
-        let who = caller(&request)?.id.clone();
-        let r = request.into_inner();
+    ) -> Reply<pb::Task> {
+        let (who, r) = caller_and_message(request)?;
         let id = task_id(&r.task_id)?;
-        let task = self
-            .broker
-            .decide(&who, &id, decision, r.note)
-            .await
-            .map_err(status)?;
+        let task = self.broker.decide(&who, &id, decision, r.note).await?;
         Ok(Response::new(pb::Task::from(task)))
     }
 }

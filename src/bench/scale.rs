@@ -28,12 +28,7 @@ const EXPIRING_PER_SEC: usize = 1_000;
 /// An approved task of `executor` (no quorum), as the bulk runs write them straight into the
 /// store.
 fn bulk_task(executor: &str) -> Result<Task, String> {
-    let limits = TaskLimits {
-        deadline_max: Duration::from_secs(86_400),
-        deadline_default: Duration::from_secs(3600),
-        credential_ttl_default: Duration::from_secs(300),
-        credential_ttl_max: Duration::from_secs(3600),
-    };
+    let limits = TaskLimits::default();
     let raw = RawTaskRequest {
         executor: executor.into(),
         purpose: "bench".into(),

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use redis::aio::MultiplexedConnection;
 use tonic::transport::Channel;
 
 use crate::client::{ClientArgs, connect};
@@ -19,6 +20,15 @@ fn free_port() -> Result<u16, String> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("no free port: {e}"))
+}
+
+/// `INFO memory`.
+async fn memory_info(c: &mut MultiplexedConnection) -> Result<String, String> {
+    redis::cmd("INFO")
+        .arg("memory")
+        .query_async(c)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// A scratch Redis.
@@ -74,16 +84,21 @@ impl RedisProcess {
         }
     }
 
+    /// A connection to it.
+    async fn connection(&self) -> Result<MultiplexedConnection, String> {
+        redis::Client::open(self.url.as_str())
+            .map_err(|e| e.to_string())?
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Empties it (it is the bench's own scratch Redis).
     ///
     /// # Errors
     /// When Redis does not answer.
     pub async fn flush(&self) -> Result<(), String> {
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
-        let mut c = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut c = self.connection().await?;
         // Freed in the background (a synchronous flush of the load runs' keys outlasts the
         // client's response timeout); wait until it is done, so memory figures start clean.
         redis::cmd("FLUSHALL")
@@ -93,11 +108,7 @@ impl RedisProcess {
             .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let info: String = redis::cmd("INFO")
-                .arg("memory")
-                .query_async(&mut c)
-                .await
-                .map_err(|e| e.to_string())?;
+            let info = memory_info(&mut c).await?;
             let pending = info
                 .lines()
                 .find_map(|l| l.strip_prefix("lazyfree_pending_objects:"))
@@ -114,11 +125,7 @@ impl RedisProcess {
     /// # Errors
     /// When Redis does not take it.
     pub async fn config_set(&self, key: &str, value: &str) -> Result<(), String> {
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
-        let mut c = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut c = self.connection().await?;
         redis::cmd("CONFIG")
             .arg("SET")
             .arg(key)
@@ -133,17 +140,10 @@ impl RedisProcess {
     /// # Errors
     /// When Redis does not answer.
     pub async fn used_memory(&self) -> Result<u64, String> {
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
-        let mut c = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| e.to_string())?;
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut c)
-            .await
-            .map_err(|e| e.to_string())?;
-        info.lines()
+        let mut c = self.connection().await?;
+        memory_info(&mut c)
+            .await?
+            .lines()
             .find_map(|l| l.strip_prefix("used_memory:"))
             .and_then(|v| v.trim().parse().ok())
             .ok_or_else(|| "INFO memory has no used_memory".into())

@@ -325,16 +325,7 @@ impl Broker {
         page_size: usize,
         after: Option<&WorkloadId>,
     ) -> Result<LockPage, BrokerError> {
-        let size = match page_size {
-            0 => 100,
-            n if n <= MAX_LOCK_PAGE => n,
-            _ => {
-                return Err(BrokerError::Invalid {
-                    field: "page_size",
-                    reason: format!("at most {MAX_LOCK_PAGE}"),
-                });
-            }
-        };
+        let size = super::leases::page_size(page_size, MAX_LOCK_PAGE)?;
         self.authorize(caller, PolicyAction::ListLocks, &Resource::Broker)?;
         let mut locks = self.store.list_locks(self.clock.now()).await?;
         locks.sort_by(|a, b| a.agent.cmp(&b.agent));

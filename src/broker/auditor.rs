@@ -9,6 +9,7 @@
 //! by which a reader tells it apart. Expiry is not logged (verifiers check `exp`): the reaper's
 //! `LeaseExpired` lines cover it.
 
+use crate::store::{Claim, LogRead};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -61,7 +62,11 @@ impl Broker {
         let start = Cursor::START.to_string();
         let committed = match self
             .store
-            .claim(AUDITED_CURSOR, &start, SystemTime::now() + CURSOR_TTL)
+            .claim(&Claim {
+                key: AUDITED_CURSOR,
+                value: &start,
+                until: SystemTime::now() + CURSOR_TTL,
+            })
             .await?
         {
             Some(c) => c,
@@ -70,7 +75,12 @@ impl Broker {
         let after = Cursor::parse(&committed).ok_or_else(|| {
             BrokerError::Internal(format!("audited revocation cursor {committed:?}"))
         })?;
-        let entries = self.store.revocations(Some(after), BATCH, WAIT).await?;
+        let read = LogRead {
+            after: Some(after),
+            limit: BATCH,
+            wait: WAIT,
+        };
+        let entries = self.store.revocations(read).await?;
         let Some(last) = entries.last().map(|e| e.cursor) else {
             return Ok(AuditStep {
                 auditor: true,
@@ -110,10 +120,12 @@ impl Broker {
         let moved = self
             .store
             .swap_claim(
-                AUDITED_CURSOR,
                 &committed,
-                &last.to_string(),
-                SystemTime::now() + CURSOR_TTL,
+                &Claim {
+                    key: AUDITED_CURSOR,
+                    value: &last.to_string(),
+                    until: SystemTime::now() + CURSOR_TTL,
+                },
             )
             .await?;
         if !moved {
@@ -135,11 +147,14 @@ impl Broker {
     /// Takes or keeps the auditor's claim for `me`; whether `me` holds it.
     async fn hold_auditor_claim(&self, me: &str) -> Result<bool, BrokerError> {
         let until = SystemTime::now() + LEADER_TTL;
-        Ok(match self.store.claim(AUDITOR_CLAIM, me, until).await? {
+        let claim = Claim {
+            key: AUDITOR_CLAIM,
+            value: me,
+            until,
+        };
+        Ok(match self.store.claim(&claim).await? {
             None => true,
-            Some(holder) if holder == me => {
-                self.store.swap_claim(AUDITOR_CLAIM, me, me, until).await?
-            }
+            Some(holder) if holder == me => self.store.swap_claim(me, &claim).await?,
             Some(_) => false,
         })
     }

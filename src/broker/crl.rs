@@ -6,6 +6,7 @@
 //! one read (a full read only at start, or when the log went back: a store reset), and re-signs
 //! when something changed or the last CRL is [`CRL_REFRESH`] old.
 
+use crate::store::LogRead;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -85,7 +86,12 @@ impl Broker {
         };
         let mut changed = signed.is_none();
         loop {
-            let page = self.store.revocations(after, PAGE, Duration::ZERO).await?;
+            let read = LogRead {
+                after,
+                limit: PAGE,
+                wait: Duration::ZERO,
+            };
+            let page = self.store.revocations(read).await?;
             for r in &page {
                 if r.kind != CredentialKind::X509 || r.expires_at <= now {
                     continue;

@@ -33,19 +33,19 @@ impl Broker {
         caller: &WorkloadId,
         token: &str,
     ) -> Result<Introspection, BrokerError> {
+        let now = self.clock.now();
         let verdict = self
             .policy
             .decide(caller, PolicyAction::Introspect, &Resource::Broker);
         if !verdict.allowed {
             self.audit.record(
-                &AuditEvent::new(self.clock.now(), "Introspect", caller.as_str(), false)
+                &AuditEvent::new(now, "Introspect", caller.as_str(), false)
                     .reason(crate::audit::NOT_PERMITTED),
             );
             return Err(BrokerError::Denied(Denial::Policy(
                 PolicyAction::Introspect,
             )));
         }
-        let now = self.clock.now();
         let Ok(claims) = self.keys.verify_access_token(token, now) else {
             return Ok(Introspection::Inactive);
         };

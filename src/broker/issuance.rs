@@ -9,7 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::audit::AuditEvent;
 use crate::identity::PeerIdentity;
 use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState, check_issuable};
-use crate::mint::{AccessClaims, Confirmation, random_id, random_serial, serial_hex};
+use crate::mint::{
+    AccessClaims, Confirmation, IssuingCa, SvidRequest, VerifiedCsr, random_id, random_serial,
+    serial_hex,
+};
 use crate::policy::{PolicyAction, Principal, Resource, Verdict};
 use crate::store::IssueError;
 use crate::task::{Decision, Task, TaskId};
@@ -69,6 +72,29 @@ pub(super) struct Issuance {
 impl Issuance {
     pub(super) fn exp_secs(&self) -> u64 {
         self.now_secs + self.ttl_secs
+    }
+
+    /// The X509-SVID of `caller` for this issuance's task, signed by `ca` for `csr`'s key,
+    /// valid from `now` to `not_after`.
+    pub(super) fn sign_svid(
+        &self,
+        ca: &IssuingCa,
+        csr: &VerifiedCsr,
+        caller: &PeerIdentity,
+        serial: [u8; 16],
+        (now, not_after): (SystemTime, SystemTime),
+    ) -> Result<String, BrokerError> {
+        ca.issue(
+            csr,
+            &SvidRequest {
+                id: &caller.id,
+                task: &self.task.id,
+                serial,
+                now,
+                not_after,
+            },
+        )
+        .map_err(|e| BrokerError::Internal(e.to_string()))
     }
 }
 
@@ -155,6 +181,23 @@ impl Broker {
         }
     }
 
+    /// The lifetime granted, in whole seconds: `asked` (`None`: the task's ceiling) within the
+    /// task's ceiling, the configured one and `room` (what is left to the deadline, or to the
+    /// renewal ceiling).
+    pub(super) fn lifetime_secs(
+        &self,
+        task: &Task,
+        asked: Option<Duration>,
+        room: Duration,
+    ) -> u64 {
+        asked
+            .unwrap_or(task.credential_ttl)
+            .min(task.credential_ttl)
+            .min(self.settings.limits.credential_ttl_max)
+            .min(room)
+            .as_secs()
+    }
+
     /// The checks every issuance shares, cheapest first, and the lifetime granted.
     pub(super) async fn begin_issuance(
         &self,
@@ -173,36 +216,23 @@ impl Broker {
         }
         let task = self.load(task).await?;
         let now = self.clock.now();
+        let refuse = |e| self.refusal(action, caller, task.id, e);
         // A CI job's credentials come from ExchangeCiToken alone (its identity cannot pass the
         // TLS layer either: the CI trust domain is never one of mTLS).
         if (task.executor.trust_domain() == self.ci.trust_domain())
             != (action == PolicyAction::ExchangeCiToken)
         {
-            return Err(self.refusal(
-                action,
-                caller,
-                task.id,
-                BrokerError::Denied(Denial::CiOnlyByExchange),
-            ));
+            return Err(refuse(BrokerError::Denied(Denial::CiOnlyByExchange)));
         }
         if let Err(e) = check_issuable(&task, &caller.id, now) {
-            let e = self.explain_by_lock(&caller.id, e.into()).await;
-            return Err(self.refusal(action, caller, task.id, e));
+            return Err(refuse(self.explain_by_lock(&caller.id, e.into()).await));
         }
         let to_deadline = task.deadline.duration_since(now).unwrap_or_default();
-        let ttl_secs = ttl
-            .unwrap_or(task.credential_ttl)
-            .min(task.credential_ttl)
-            .min(self.settings.limits.credential_ttl_max)
-            .min(to_deadline)
-            .as_secs();
+        let ttl_secs = self.lifetime_secs(&task, ttl, to_deadline);
         if ttl_secs < 1 {
-            return Err(self.refusal(
-                action,
-                caller,
-                task.id,
-                BrokerError::Precondition(Precondition::DeadlineTooClose),
-            ));
+            return Err(refuse(BrokerError::Precondition(
+                Precondition::DeadlineTooClose,
+            )));
         }
         Ok(Issuance {
             task,

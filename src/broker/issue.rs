@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::identity::PeerIdentity;
 use crate::lease::{CredentialKind, Lease};
-use crate::mint::{SvidRequest, random_id, random_serial, serial_hex, verify_csr};
+use crate::mint::{random_id, random_serial, serial_hex, verify_csr};
 use crate::policy::PolicyAction;
 use crate::task::{Action, Audience, TaskId};
 
@@ -89,28 +89,21 @@ impl Broker {
                 .await?;
             issuance.request = request.request_id.clone();
             let task = &issuance.task;
+            let refuse = |e| self.refusal(PolicyAction::IssueToken, caller, task.id, e);
             let grant = task
                 .grants
                 .iter()
                 .find(|g| g.audience == audience)
                 .ok_or_else(|| {
-                    self.refusal(
-                        PolicyAction::IssueToken,
-                        caller,
-                        task.id,
-                        BrokerError::Denied(Denial::AudienceNotGranted(audience.to_string())),
-                    )
+                    refuse(BrokerError::Denied(Denial::AudienceNotGranted(
+                        audience.to_string(),
+                    )))
                 })?;
             if let Some(a) = asked.iter().find(|a| !grant.actions.contains(*a)) {
-                return Err(self.refusal(
-                    PolicyAction::IssueToken,
-                    caller,
-                    task.id,
-                    BrokerError::Denied(Denial::ActionNotGranted {
-                        action: a.to_string(),
-                        audience: audience.to_string(),
-                    }),
-                ));
+                return Err(refuse(BrokerError::Denied(Denial::ActionNotGranted {
+                    action: a.to_string(),
+                    audience: audience.to_string(),
+                })));
             }
             let mut actions: Vec<String> = if asked.is_empty() {
                 grant.actions.iter().map(ToString::to_string).collect()
@@ -235,18 +228,13 @@ impl Broker {
                     ));
                 }
             };
-            let certificate_pem = ca
-                .issue(
-                    &csr,
-                    &SvidRequest {
-                        id: &caller.id,
-                        task: &issuance.task.id,
-                        serial,
-                        now: lease.issued_at,
-                        not_after: lease.expires_at,
-                    },
-                )
-                .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            let certificate_pem = issuance.sign_svid(
+                ca,
+                &csr,
+                caller,
+                serial,
+                (lease.issued_at, lease.expires_at),
+            )?;
             self.audit_issued(
                 "IssueCertificate",
                 caller,

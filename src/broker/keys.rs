@@ -5,6 +5,7 @@
 //! everywhere: at once on the replica asked, at the next refresh on the others.
 
 use crate::broker::Precondition;
+use crate::store::Claim;
 use std::time::{Duration, SystemTime};
 
 use super::{Broker, BrokerError};
@@ -122,7 +123,11 @@ impl Broker {
         // The mark first: every replica refuses the key once it sees it, whatever else fails.
         let until = now + self.key_lifetime() + 2 * KEY_REFRESH;
         self.store
-            .claim(&format!("{REVOKED_KEY_CLAIM}:{kid}"), "revoked", until)
+            .claim(&Claim {
+                key: &format!("{REVOKED_KEY_CLAIM}:{kid}"),
+                value: "revoked",
+                until,
+            })
             .await?;
         self.store
             .publish_key(&PublishedKey {

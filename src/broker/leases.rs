@@ -15,6 +15,21 @@ const TASK_BATCH: usize = 64;
 /// Most tasks examined for one page (bounds a selective filter's cost).
 const MAX_SCAN: usize = 10_000;
 
+/// The size of an operator's listing page (of leases, or of locks): 0 means 100.
+///
+/// # Errors
+/// [`BrokerError::Invalid`] over `max`.
+pub(super) fn page_size(asked: usize, max: usize) -> Result<usize, BrokerError> {
+    match asked {
+        0 => Ok(100),
+        n if n <= max => Ok(n),
+        _ => Err(BrokerError::Invalid {
+            field: "page_size",
+            reason: format!("at most {max}"),
+        }),
+    }
+}
+
 /// Where a page of leases starts: at the `skip`-th lease (in issuance order) of `task`, then the
 /// tasks after it (newest first). Written `<task>/<skip>` in page tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,16 +99,7 @@ impl Broker {
         query: LeaseQuery,
     ) -> Result<LeasePage, BrokerError> {
         self.authorize(caller, PolicyAction::ListLeases, &Resource::Broker)?;
-        let size = match query.page_size {
-            0 => 100,
-            n if n <= MAX_LEASE_PAGE => n,
-            _ => {
-                return Err(BrokerError::Invalid {
-                    field: "page_size",
-                    reason: format!("at most {MAX_LEASE_PAGE}"),
-                });
-            }
-        };
+        let size = page_size(query.page_size, MAX_LEASE_PAGE)?;
         let now = self.clock.now();
         let wanted = |l: &Lease| {
             query.agent.as_ref().is_none_or(|a| &l.agent == a)

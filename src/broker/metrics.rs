@@ -129,21 +129,38 @@ impl Broker {
 
 /// Describes the metrics for `/metrics`.
 pub fn describe() {
-    metrics::describe_counter!(
-        ISSUANCE,
-        "credentials issued or refused, by kind and outcome"
-    );
-    metrics::describe_histogram!(
-        ISSUANCE_DURATION,
-        metrics::Unit::Seconds,
-        "issuance latency by kind and outcome"
-    );
-    metrics::describe_counter!(DENIALS, "refusals by action and reason");
-    metrics::describe_histogram!(
-        REAPER_LATENESS,
-        metrics::Unit::Seconds,
-        "how late the reaper ended each expired lease"
-    );
+    for (name, help) in [
+        (
+            ISSUANCE,
+            "credentials issued or refused, by kind and outcome",
+        ),
+        (DENIALS, "refusals by action and reason"),
+        (
+            crate::store::metered::STORE_ERRORS,
+            "store failures by op and kind",
+        ),
+        (REVOCATIONS, "credentials revoked before expiry, by cause"),
+        (CI_EXCHANGES, "CI exchanges by issuer and outcome"),
+        (
+            super::limits::RATE_LIMITED,
+            "issuances refused over an identity's rate, by kind (alert on bursts)",
+        ),
+    ] {
+        metrics::describe_counter!(name, help);
+    }
+    for (name, help) in [
+        (ISSUANCE_DURATION, "issuance latency by kind and outcome"),
+        (
+            REAPER_LATENESS,
+            "how late the reaper ended each expired lease",
+        ),
+        (
+            crate::store::metered::STORE_DURATION,
+            "store operation latency by op",
+        ),
+    ] {
+        metrics::describe_histogram!(name, metrics::Unit::Seconds, help);
+    }
     metrics::describe_gauge!(
         REAPER_LAG,
         metrics::Unit::Seconds,
@@ -151,21 +168,6 @@ pub fn describe() {
     );
     metrics::describe_gauge!(LEASES_ACTIVE, "unrevoked leases in the store");
     metrics::describe_gauge!(AGENTS_LOCKED, "agents locked now");
-    metrics::describe_histogram!(
-        crate::store::metered::STORE_DURATION,
-        metrics::Unit::Seconds,
-        "store operation latency by op"
-    );
-    metrics::describe_counter!(
-        crate::store::metered::STORE_ERRORS,
-        "store failures by op and kind"
-    );
-    metrics::describe_counter!(REVOCATIONS, "credentials revoked before expiry, by cause");
-    metrics::describe_counter!(CI_EXCHANGES, "CI exchanges by issuer and outcome");
-    metrics::describe_counter!(
-        super::limits::RATE_LIMITED,
-        "issuances refused over an identity's rate, by kind (alert on bursts)"
-    );
 }
 
 /// Registers the CI exchanges of `issuer` at zero, for each outcome.

@@ -5,6 +5,7 @@
 //! first replica that needs it; after a store reset tokens from before are refused, and the
 //! caller starts its listing again.
 
+use crate::store::Claim;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -54,7 +55,12 @@ impl Broker {
                     crate::mint::random_id().map_err(|_| internal("random"))?
                 );
                 let until = self.clock.now() + std::time::Duration::from_secs(3650 * 86_400);
-                let held = self.store.claim(KEY_CLAIM, &fresh, until).await?;
+                let claim = Claim {
+                    key: KEY_CLAIM,
+                    value: &fresh,
+                    until,
+                };
+                let held = self.store.claim(&claim).await?;
                 key_from_hex(held.as_deref().unwrap_or(&fresh))
                     .ok_or_else(|| internal("the stored key is damaged"))
             })

@@ -1,11 +1,12 @@
 //! `RenewLease`: a fresh credential for an active lease, within its renewal ceiling.
 
 use crate::broker::{Denial, Precondition};
+use crate::store::Renewal;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::identity::PeerIdentity;
 use crate::lease::{CredentialKind, Lease, LeaseId, check_issuable};
-use crate::mint::{SvidRequest, verify_csr};
+use crate::mint::verify_csr;
 use crate::policy::PolicyAction;
 use crate::store::{IssueError, check_renewable};
 
@@ -87,48 +88,32 @@ impl Broker {
             };
             let task = self.load(&lease.task).await?;
             let now = self.clock.now();
+            let refuse = |e| self.refusal(PolicyAction::RenewLease, caller, task.id, e);
             if lease.agent != caller.id {
-                return Err(self.refusal(
-                    PolicyAction::RenewLease,
-                    caller,
-                    task.id,
-                    BrokerError::Denied(Denial::NotLeaseAgent),
-                ));
+                return Err(refuse(BrokerError::Denied(Denial::NotLeaseAgent)));
             }
             if let Err(e) =
                 check_issuable(&task, &caller.id, now).and_then(|()| check_renewable(&lease, now))
             {
-                let e = self.explain_by_lock(&caller.id, e.into()).await;
-                return Err(self.refusal(PolicyAction::RenewLease, caller, task.id, e));
+                return Err(refuse(self.explain_by_lock(&caller.id, e.into()).await));
             }
             let left = lease.renew_until.duration_since(now).unwrap_or_default();
             if left.as_secs() < 1 {
-                return Err(self.refusal(
-                    PolicyAction::RenewLease,
-                    caller,
-                    task.id,
-                    BrokerError::Precondition(Precondition::RenewalCeilingReached),
-                ));
+                return Err(refuse(BrokerError::Precondition(
+                    Precondition::RenewalCeilingReached,
+                )));
             }
             if let Some(asked) = ttl
                 && asked > left
             {
-                return Err(self.refusal(
-                    PolicyAction::RenewLease,
-                    caller,
-                    task.id,
-                    BrokerError::Precondition(Precondition::PastRenewalCeiling {
+                return Err(refuse(BrokerError::Precondition(
+                    Precondition::PastRenewalCeiling {
                         asked: asked.as_secs(),
                         left: left.as_secs(),
-                    }),
-                ));
+                    },
+                )));
             }
-            let ttl_secs = ttl
-                .unwrap_or(task.credential_ttl)
-                .min(task.credential_ttl)
-                .min(self.settings.limits.credential_ttl_max)
-                .min(left)
-                .as_secs();
+            let ttl_secs = self.lifetime_secs(&task, ttl, left);
             let issuance = Issuance {
                 now_secs: unix_secs(now),
                 task,
@@ -151,7 +136,14 @@ impl Broker {
             let expires_at = UNIX_EPOCH + Duration::from_secs(issuance.exp_secs());
             let renewed = self
                 .store
-                .renew_lease(id, &credential, expires_at, now)
+                .renew_lease(
+                    id,
+                    &Renewal {
+                        credential: &credential,
+                        expires_at,
+                        now,
+                    },
+                )
                 .await;
             if matches!(renewed, Err(IssueError::StoreReset)) {
                 self.after_store_reset().await;
@@ -165,18 +157,13 @@ impl Broker {
             })?;
             let credential = match (serial, csr, &self.ca) {
                 (Some(serial), Some(csr), Some(ca)) => Credential::Certificate {
-                    certificate_pem: ca
-                        .issue(
-                            &csr,
-                            &SvidRequest {
-                                id: &caller.id,
-                                task: &issuance.task.id,
-                                serial,
-                                now,
-                                not_after: expires_at,
-                            },
-                        )
-                        .map_err(|e| BrokerError::Internal(e.to_string()))?,
+                    certificate_pem: issuance.sign_svid(
+                        ca,
+                        &csr,
+                        caller,
+                        serial,
+                        (now, expires_at),
+                    )?,
                     chain_pem: ca.chain_pem().to_owned(),
                 },
                 (Some(_), _, _) => {

@@ -6,6 +6,7 @@
 //! OK once the task ended as asked.
 
 use crate::broker::Precondition;
+use crate::store::Claim;
 use std::time::SystemTime;
 
 use super::{Broker, BrokerError};
@@ -97,7 +98,12 @@ impl Broker {
     ) -> Result<Claimed, BrokerError> {
         let fresh = LeaseId::generate();
         let value = format!("{fresh} {}", claim.fingerprint);
-        let Some(held) = self.store.claim(&claim.key, &value, until).await? else {
+        let asked = Claim {
+            key: &claim.key,
+            value: &value,
+            until,
+        };
+        let Some(held) = self.store.claim(&asked).await? else {
             return Ok(Claimed::Record(fresh));
         };
         let (lease, fingerprint) = held
@@ -176,7 +182,12 @@ impl Broker {
             outcome.ends_as(caller).0
         );
         let until = now + self.settings.task_retention;
-        let held = self.store.claim(&key, &value, until).await?;
+        let claim = Claim {
+            key: &key,
+            value: &value,
+            until,
+        };
+        let held = self.store.claim(&claim).await?;
         Ok(held.as_deref() == Some(value.as_str()))
     }
 

@@ -5,6 +5,7 @@
 //! every entry since), then live entries, with heartbeats while the feed is known to be current.
 
 use super::Exhaustion;
+use crate::store::LogRead;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -134,7 +135,12 @@ impl Broker {
                     Some(c) => c,
                     None => self.store.revocation_head().await?,
                 };
-                let got = self.store.revocations(Some(after), PAGE, FEED_WAIT).await?;
+                let read = LogRead {
+                    after: Some(after),
+                    limit: PAGE,
+                    wait: FEED_WAIT,
+                };
+                let got = self.store.revocations(read).await?;
                 Ok::<_, crate::store::StoreError>((after, got))
             };
             let result = tokio::select! {
@@ -278,7 +284,11 @@ impl RevocationWatch {
             if self.catching_up {
                 let page = self
                     .store
-                    .revocations(Some(self.at), PAGE, Duration::ZERO)
+                    .revocations(LogRead {
+                        after: Some(self.at),
+                        limit: PAGE,
+                        wait: Duration::ZERO,
+                    })
                     .await?;
                 if page.is_empty() {
                     self.catching_up = false;

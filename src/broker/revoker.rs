@@ -7,6 +7,7 @@
 //!
 //! As in openbao's `ExpirationManager` (`revokeCommon`): the use cases decide, the revoker ends.
 
+use crate::store::LockSweep;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -195,7 +196,13 @@ impl Revoker {
         let result = loop {
             let swept = match self
                 .store
-                .sweep_lock(agent, reason, at, self.task_retention, SWEEP_CHUNK)
+                .sweep_lock(&LockSweep {
+                    agent,
+                    reason,
+                    at,
+                    retention: self.task_retention,
+                    limit: SWEEP_CHUNK,
+                })
                 .await
             {
                 Ok(swept) => swept,

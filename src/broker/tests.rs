@@ -72,12 +72,7 @@ async fn fixture() -> Fixture {
             trust_domains: TrustDomains::parse(["taskcred.dev"]).unwrap(),
         },
         BrokerSettings {
-            limits: TaskLimits {
-                deadline_max: Duration::from_secs(86_400),
-                deadline_default: Duration::from_secs(3600),
-                credential_ttl_default: Duration::from_secs(300),
-                credential_ttl_max: Duration::from_secs(3600),
-            },
+            limits: TaskLimits::default(),
             task_retention: Duration::from_secs(86_400),
             lease_renewal_max: Duration::from_secs(3600),
             agent_rate: None,
@@ -167,10 +162,16 @@ impl Fixture {
     }
 }
 
-#[tokio::test]
-async fn an_approved_task_gets_a_token_bound_to_its_executor() {
+/// A fixture, and a task approved in it (executor [`AGENT`], reading `db.staging`).
+async fn fixture_with_approved_task() -> (Fixture, TaskId) {
     let f = fixture().await;
     let task = f.approved_task().await;
+    (f, task)
+}
+
+#[tokio::test]
+async fn an_approved_task_gets_a_token_bound_to_its_executor() {
+    let (f, task) = fixture_with_approved_task().await;
     let token = f.token(task, "db.staging", 60).await.unwrap();
     assert!(f.active(&token).await);
     let Introspection::Active(claims) = f.broker.introspect(&id(OPERATOR), &token).await.unwrap()
@@ -190,8 +191,7 @@ async fn an_approved_task_gets_a_token_bound_to_its_executor() {
 
 #[tokio::test]
 async fn nothing_outside_the_grant_or_for_another_agent_is_issued() {
-    let f = fixture().await;
-    let task = f.approved_task().await;
+    let (f, task) = fixture_with_approved_task().await;
     for refused in [
         f.token(task, "db.production", 60).await,
         f.token_as(AGENT, task, "db.staging", &["write"], 60).await,
@@ -210,8 +210,7 @@ async fn nothing_outside_the_grant_or_for_another_agent_is_issued() {
 
 #[tokio::test]
 async fn completing_a_task_revokes_all_its_credentials_at_once() {
-    let f = fixture().await;
-    let task = f.approved_task().await;
+    let (f, task) = fixture_with_approved_task().await;
     let first = f.token(task, "db.staging", 60).await.unwrap();
     let second = f.token(task, "db.staging", 60).await.unwrap();
     let (ended, revoked) = f
@@ -230,8 +229,7 @@ async fn completing_a_task_revokes_all_its_credentials_at_once() {
 
 #[tokio::test]
 async fn the_reaper_ends_what_expired_on_the_clock() {
-    let f = fixture().await;
-    let task = f.approved_task().await;
+    let (f, task) = fixture_with_approved_task().await;
     let short = f.token(task, "db.staging", 30).await.unwrap();
     let long = f.token(task, "db.staging", 600).await.unwrap();
     let reaper = f.broker.reaper();
@@ -253,8 +251,7 @@ async fn the_reaper_ends_what_expired_on_the_clock() {
 
 #[tokio::test]
 async fn a_locked_agent_loses_its_credentials_and_gets_no_more() {
-    let f = fixture().await;
-    let task = f.approved_task().await;
+    let (f, task) = fixture_with_approved_task().await;
     let token = f.token(task, "db.staging", 60).await.unwrap();
     let (_, outcome) = f
         .broker
@@ -278,8 +275,7 @@ async fn a_locked_agent_loses_its_credentials_and_gets_no_more() {
 
 #[tokio::test]
 async fn a_renewal_replaces_the_credential() {
-    let f = fixture().await;
-    let task = f.approved_task().await;
+    let (f, task) = fixture_with_approved_task().await;
     let issued = f
         .broker
         .issue_token(

@@ -160,28 +160,37 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// RPCs in flight on one connection (HTTP/2 streams and the tower concurrency limit).
     pub max_concurrent_rpcs_per_connection: u32,
-    /// Open gRPC connections at once; further connections wait in the accept queue.
-    pub max_connections: usize,
-    /// Of those, connections without a client certificate; more are closed at once.
-    pub max_anonymous_connections: usize,
-    /// Time a client has to finish the TLS handshake, and then to send the HTTP/2 preface.
-    pub handshake_timeout: Duration,
-    /// A connection with no RPC in flight for this long is closed.
-    pub idle_timeout: Duration,
-    /// The same for connections without a client certificate.
-    pub anonymous_idle_timeout: Duration,
-    /// A connection without a client certificate is closed this long after it began.
-    pub anonymous_max_age: Duration,
-    /// Open gRPC connections of one identity at once.
-    pub max_connections_per_identity: usize,
-    /// Open gRPC connections without a client certificate from one source address.
-    pub max_anonymous_connections_per_source: usize,
-    /// gRPC connections of one source address still in their TLS handshake.
-    pub max_handshakes_per_source: usize,
+    /// The gRPC port's connection limits, which its accept loop ([`crate::tls`]) enforces.
+    pub accept: AcceptLimits,
     /// Time one RPC may take before it answers `DEADLINE_EXCEEDED`-like cancellation.
     pub request_timeout: Duration,
     /// On SIGINT/SIGTERM, how long in-flight RPCs may take to finish before the broker exits.
     pub shutdown_grace: Duration,
+}
+
+/// Connection limits of the gRPC port.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptLimits {
+    /// Open connections at once; further connections wait in the accept queue.
+    pub max_connections: usize,
+    /// Of those, connections without a client certificate (only the public RPCs answer them);
+    /// more are closed at once.
+    pub max_anonymous_connections: usize,
+    /// Time a client has to finish the TLS handshake, and then to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// A connection with a client certificate and no RPC in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// The same for a connection without one.
+    pub anonymous_idle_timeout: Duration,
+    /// A connection without a client certificate is closed this long after it began, whatever
+    /// it does (a public stream cannot hold a slot for ever).
+    pub anonymous_max_age: Duration,
+    /// Open connections of one identity at once.
+    pub max_connections_per_identity: usize,
+    /// Open connections without a client certificate from one source address (an IPv6 /64).
+    pub max_anonymous_connections_per_source: usize,
+    /// Connections from one source address still in their TLS handshake.
+    pub max_handshakes_per_source: usize,
 }
 
 /// TLS material of the gRPC port.

@@ -37,7 +37,7 @@ fn env_sets_nested_keys_and_names_itself_in_errors() {
     let error_with = |var: &str, value: &str| load_with(var, value).unwrap_err().to_string();
 
     let c = load_with("TASKCRED_SERVER__MAX_CONNECTIONS", "12").unwrap();
-    assert_eq!(c.server.max_connections, 12);
+    assert_eq!(c.server.accept.max_connections, 12);
 
     let err = error_with("TASKCRED_SERVER__GRPC_ADDR", "nowhere");
     assert!(err.contains("TASKCRED_SERVER__GRPC_ADDR"), "{err}");

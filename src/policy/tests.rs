@@ -1,5 +1,5 @@
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use super::*;
 use crate::task::{RawTaskRequest, Task, TaskId, TaskLimits, TaskRequest};
@@ -20,12 +20,7 @@ fn task(executor: &str, labels: &[(&str, &str)]) -> Task {
 }
 
 fn task_granting(executor: &str, labels: &[(&str, &str)], grants: &[(&str, &[&str])]) -> Task {
-    let limits = TaskLimits {
-        deadline_max: Duration::from_secs(86400),
-        deadline_default: Duration::from_secs(3600),
-        credential_ttl_default: Duration::from_secs(300),
-        credential_ttl_max: Duration::from_secs(3600),
-    };
+    let limits = TaskLimits::default();
     let raw = RawTaskRequest {
         executor: executor.into(),
         purpose: "test".into(),

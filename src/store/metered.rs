@@ -9,8 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 
 use super::{
-    ClaimStore, DueStore, Epoch, IssueError, LeaseStore, LockStore, MetaStore, RevocationLog,
-    Store, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError,
+    Claim, ClaimStore, DueStore, Epoch, IssueError, LeaseStore, LockStore, LockSweep, LogRead,
+    MetaStore, Renewal, RevocationLog, Store, StoreError, TaskChange, TaskPage, TaskQuery,
+    TaskStore, UpdateError,
 };
 use crate::identity::WorkloadId;
 use crate::lease::{Cursor, Lease, LeaseId, Lock, Revocation, Swept};
@@ -79,6 +80,8 @@ fn count_failure(op: &'static str, e: &impl Failure) {
 #[derive(Debug)]
 pub struct Metered<S>(pub S);
 
+impl<S: Store> Store for Metered<S> {}
+
 /// Implements each concern trait of [`Store`] for [`Metered`], one impl per trait from one line
 /// per operation: each times the inner store's operation of the same name (its `op` label) and
 /// counts its failures. What follows a trait's operations in braces is written out into its impl:
@@ -124,16 +127,13 @@ measured_store! {
         find_lease(task: &TaskId, credential: &str) -> Result<Option<Lease>, StoreError>;
         get_lease(id: &LeaseId) -> Result<Option<Lease>, StoreError>;
         task_leases(task: &TaskId) -> Result<Vec<Lease>, StoreError>;
-        renew_lease(id: &LeaseId, credential: &str, expires_at: SystemTime, now: SystemTime)
-            -> Result<Lease, IssueError>;
+        renew_lease(id: &LeaseId, to: &Renewal<'_>) -> Result<Lease, IssueError>;
         revoke_lease(id: &LeaseId, reason: &str, now: SystemTime) -> Result<Lease, UpdateError>;
         live_leases() -> Result<u64, StoreError>;
     }
     LockStore {
         lock_agent(lock: &Lock) -> Result<Lock, StoreError>;
-        sweep_lock(
-            agent: &WorkloadId, reason: &str, at: SystemTime, retention: Duration, limit: usize
-        ) -> Result<Swept, StoreError>;
+        sweep_lock(step: &LockSweep<'_>) -> Result<Swept, StoreError>;
         unlock_agent(agent: &WorkloadId) -> Result<Option<Lock>, StoreError>;
         agent_lock(agent: &WorkloadId, now: SystemTime) -> Result<Option<Lock>, StoreError>;
         list_locks(now: SystemTime) -> Result<Vec<Lock>, StoreError>;
@@ -148,13 +148,8 @@ measured_store! {
         revocation_head() -> Result<Cursor, StoreError>;
         prune_revocations(before: SystemTime) -> Result<(), StoreError>;
     } {
-        async fn revocations(
-            &self,
-            after: Option<Cursor>,
-            limit: usize,
-            wait: Duration,
-        ) -> Result<Vec<Revocation>, StoreError> {
-            let result = self.0.revocations(after, limit, wait).await;
+        async fn revocations(&self, read: LogRead) -> Result<Vec<Revocation>, StoreError> {
+            let result = self.0.revocations(read).await;
             if let Err(e) = &result {
                 count_failure("revocations", e);
             }
@@ -168,10 +163,9 @@ measured_store! {
         ping() -> Result<(), StoreError>;
     }
     ClaimStore {
-        claim(key: &str, value: &str, until: SystemTime) -> Result<Option<String>, StoreError>;
+        claim(claim: &Claim<'_>) -> Result<Option<String>, StoreError>;
         claimed(key: &str) -> Result<Option<String>, StoreError>;
         release_claim(key: &str, value: &str) -> Result<(), StoreError>;
-        swap_claim(key: &str, expected: &str, value: &str, until: SystemTime)
-            -> Result<bool, StoreError>;
+        swap_claim(expected: &str, claim: &Claim<'_>) -> Result<bool, StoreError>;
     }
 }

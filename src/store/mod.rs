@@ -148,6 +148,54 @@ impl Epoch {
     }
 }
 
+/// The next credential of a renewed lease ([`LeaseStore::renew_lease`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Renewal<'a> {
+    /// The new credential's id (a `jti` or a certificate serial).
+    pub credential: &'a str,
+    /// When it expires.
+    pub expires_at: SystemTime,
+    /// The time the renewal is checked at.
+    pub now: SystemTime,
+}
+
+/// One step of a lock's sweep ([`LockStore::sweep_lock`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LockSweep<'a> {
+    /// The locked agent.
+    pub agent: &'a WorkloadId,
+    /// The reason the ended tasks and revoked leases carry.
+    pub reason: &'a str,
+    /// The time they were ended at (the lock's).
+    pub at: SystemTime,
+    /// How long the ended tasks stay readable.
+    pub retention: Duration,
+    /// The most tasks, and the most leases, one step ends.
+    pub limit: usize,
+}
+
+/// A read of the revocation log ([`RevocationLog::revocations`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LogRead {
+    /// Entries after this cursor; from the log's start when `None`.
+    pub after: Option<Cursor>,
+    /// The most entries returned.
+    pub limit: usize,
+    /// How long to wait for an entry when there is none yet (zero: answer at once).
+    pub wait: Duration,
+}
+
+/// A claim: `value` under `key` until `until` ([`ClaimStore`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// What is claimed.
+    pub key: &'a str,
+    /// Who or what holds it.
+    pub value: &'a str,
+    /// When the claim lapses.
+    pub until: SystemTime,
+}
+
 /// Longest wait [`RevocationLog::revocations`] accepts.
 pub const MAX_REVOCATION_WAIT: Duration = Duration::from_secs(10);
 
@@ -243,18 +291,12 @@ pub trait LeaseStore: Send + Sync {
 
     /// Replaces the credential of an active lease (renewal), re-checking in the same atomic
     /// step its task (approved, before its deadline, executed by the lease's agent), the
-    /// agent's lock, and that the lease is active and unexpired at `now`. The previous
-    /// credential stops being active.
+    /// agent's lock, and that the lease is active and unexpired at [`Renewal::now`]. The
+    /// previous credential stops being active.
     ///
     /// # Errors
     /// [`IssueError`]: `NotFound` for no such lease; `Refused` when the task or lease forbids.
-    async fn renew_lease(
-        &self,
-        id: &LeaseId,
-        credential: &str,
-        expires_at: SystemTime,
-        now: SystemTime,
-    ) -> Result<Lease, IssueError>;
+    async fn renew_lease(&self, id: &LeaseId, to: &Renewal<'_>) -> Result<Lease, IssueError>;
 
     /// Ends one lease as revoked.
     ///
@@ -294,14 +336,7 @@ pub trait LockStore: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`], [`StoreError::OutcomeUnknown`]; what was ended stays ended.
-    async fn sweep_lock(
-        &self,
-        agent: &WorkloadId,
-        reason: &str,
-        at: SystemTime,
-        retention: Duration,
-        limit: usize,
-    ) -> Result<Swept, StoreError>;
+    async fn sweep_lock(&self, step: &LockSweep<'_>) -> Result<Swept, StoreError>;
 
     /// Lifts the lock of `agent`, returning it if there was one.
     ///
@@ -374,12 +409,7 @@ pub trait RevocationLog: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
-    async fn revocations(
-        &self,
-        after: Option<Cursor>,
-        limit: usize,
-        wait: Duration,
-    ) -> Result<Vec<Revocation>, StoreError>;
+    async fn revocations(&self, read: LogRead) -> Result<Vec<Revocation>, StoreError>;
 
     /// The cursor of the log's last entry ([`Cursor::START`] when it is empty).
     ///
@@ -433,12 +463,7 @@ pub trait ClaimStore: Send + Sync {
     /// that value comes back and nothing changes. One atomic step, shared by every replica.
     /// What must happen once (a CI ID token exchanged for an audience) and what must be one
     /// record for many callers (the task of a CI job) are claims.
-    async fn claim(
-        &self,
-        key: &str,
-        value: &str,
-        until: SystemTime,
-    ) -> Result<Option<String>, StoreError>;
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<String>, StoreError>;
 
     /// The value of the unexpired claim `key`, if any.
     async fn claimed(&self, key: &str) -> Result<Option<String>, StoreError>;
@@ -452,17 +477,11 @@ pub trait ClaimStore: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`], [`StoreError::OutcomeUnknown`].
-    async fn swap_claim(
-        &self,
-        key: &str,
-        expected: &str,
-        value: &str,
-        until: SystemTime,
-    ) -> Result<bool, StoreError>;
+    async fn swap_claim(&self, expected: &str, claim: &Claim<'_>) -> Result<bool, StoreError>;
 }
 
-/// The whole store: every concern above, as the broker holds it (`Arc<dyn Store>`). Implemented
-/// for every type that implements them all; a backend implements each concern trait.
+/// The whole store: every concern above, as the broker holds it (`Arc<dyn Store>`). Each
+/// backend implements every concern trait, then this one (empty).
 pub trait Store:
     TaskStore
     + LeaseStore
@@ -472,18 +491,6 @@ pub trait Store:
     + MetaStore
     + ClaimStore
     + std::fmt::Debug
-{
-}
-
-impl<T> Store for T where
-    T: TaskStore
-        + LeaseStore
-        + LockStore
-        + DueStore
-        + RevocationLog
-        + MetaStore
-        + ClaimStore
-        + std::fmt::Debug
 {
 }
 

@@ -270,6 +270,19 @@ pub struct TaskLimits {
     pub credential_ttl_max: Duration,
 }
 
+impl Default for TaskLimits {
+    /// What the default `[ttl]` configuration gives: deadlines up to a day (an hour when none is
+    /// asked), credentials of 5 minutes when no lifetime is asked and of an hour at most.
+    fn default() -> Self {
+        Self {
+            deadline_max: Duration::from_secs(24 * 60 * 60),
+            deadline_default: Duration::from_secs(60 * 60),
+            credential_ttl_default: Duration::from_secs(5 * 60),
+            credential_ttl_max: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
 /// A task request as it arrives, before any check.
 #[derive(Debug, Clone, Default)]
 pub struct RawTaskRequest {
@@ -375,18 +388,10 @@ impl TaskRequest {
 
         let labels = Labels::parse(raw.labels)?;
 
-        let deadline_in = between_1s_and(
-            "deadline",
-            raw.deadline_in.unwrap_or(limits.deadline_default),
-            limits.deadline_max,
-            " from now",
-        )?;
-        let credential_ttl = between_1s_and(
-            "credential_ttl",
-            raw.credential_ttl.unwrap_or(limits.credential_ttl_default),
-            limits.credential_ttl_max,
-            "",
-        )?;
+        let deadline = raw.deadline_in.unwrap_or(limits.deadline_default);
+        let deadline_in = between_1s_and("deadline", deadline, limits.deadline_max, " from now")?;
+        let ttl = raw.credential_ttl.unwrap_or(limits.credential_ttl_default);
+        let credential_ttl = between_1s_and("credential_ttl", ttl, limits.credential_ttl_max, "")?;
         let text = purpose.len()
             + grants
                 .iter()

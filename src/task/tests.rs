@@ -7,15 +7,6 @@ fn id(s: &str) -> WorkloadId {
     WorkloadId::parse(s).unwrap()
 }
 
-fn limits() -> TaskLimits {
-    TaskLimits {
-        deadline_max: Duration::from_secs(24 * 3600),
-        deadline_default: Duration::from_secs(3600),
-        credential_ttl_default: Duration::from_secs(300),
-        credential_ttl_max: Duration::from_secs(3600),
-    }
-}
-
 fn raw() -> RawTaskRequest {
     RawTaskRequest {
         executor: "spiffe://taskcred.dev/agent/demo".into(),
@@ -27,7 +18,7 @@ fn raw() -> RawTaskRequest {
 }
 
 fn task(quorum: u32, now: SystemTime) -> Task {
-    let req = TaskRequest::parse(raw(), &limits()).unwrap();
+    let req = TaskRequest::parse(raw(), &TaskLimits::default()).unwrap();
     Task::new(
         TaskId::generate(),
         req,
@@ -160,7 +151,7 @@ fn field_of(r: Result<TaskRequest, TaskError>) -> &'static str {
 
 #[test]
 fn request_bounds_name_the_field() {
-    let l = limits();
+    let l = TaskLimits::default();
     let with = |f: &dyn Fn(&mut RawTaskRequest)| {
         let mut r = raw();
         f(&mut r);

@@ -115,7 +115,10 @@ const EVERYTHING_ELSE: &str = r#"{
     "replicas": 4,
     "ingress": {"enabled": true, "host": "broker.corp.example", "className": "nginx"},
     "serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
-    "networkPolicy": {"grpcFrom": [{"namespaceSelector": {"matchLabels": {"agents": "yes"}}}]}
+    "networkPolicy": {"grpcFrom": [{"namespaceSelector": {"matchLabels": {"agents": "yes"}}}]},
+    "redis": {"existingSecret": "taskcred-redis", "urlKey": "url", "port": 6379,
+              "networkPeers": [{"ipBlock": {"cidr": "10.20.0.5/32"}}]},
+    "extraEnv": [{"name": "TASKCRED_SERVER__MAX_HTTP_CONNECTIONS_PER_SOURCE", "value": "512"}]
 }"#;
 
 #[test]
@@ -251,7 +254,29 @@ fn the_chart_for_another_domain_publishes_only_the_verification_endpoints() {
         .flat_map(|r| r["ports"].as_vec().unwrap())
         .map(|p| p["port"].as_i64().unwrap())
         .collect();
-    assert_eq!(egress, [53, 53, 6379, 443]);
+    assert_eq!(
+        egress,
+        [53, 53, 6379],
+        "DNS and Redis only, unless extraEgress adds"
+    );
+    let rules = policy["spec"]["egress"].as_vec().unwrap();
+    assert_eq!(
+        rules[0]["to"][0]["podSelector"]["matchLabels"]["k8s-app"].as_str(),
+        Some("kube-dns"),
+        "DNS to the cluster's DNS pods only"
+    );
+    assert_eq!(
+        rules[1]["to"][0]["ipBlock"]["cidr"].as_str(),
+        Some("10.20.0.5/32"),
+        "Redis where redis.networkPeers says"
+    );
+    // More environment for the broker, as given (here: a limit of a table the chart writes).
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_vec()
+        .unwrap();
+    assert!(env.iter().any(|e| e["name"].as_str()
+        == Some("TASKCRED_SERVER__MAX_HTTP_CONNECTIONS_PER_SOURCE")
+        && e["value"].as_str() == Some("512")));
 }
 
 #[test]
@@ -273,6 +298,40 @@ fn the_chart_refuses_values_that_would_deploy_a_broken_broker() {
         (
             r#"{"issuerUrl": "https://taskcred.example.org", "jwtAlgorithm": "HS256"}"#,
             "/jwtAlgorithm",
+        ),
+        // The broker refuses an issuer with a trailing slash: so does the chart.
+        (
+            r#"{"issuerUrl": "https://taskcred.example.org/"}"#,
+            "/issuerUrl",
+        ),
+        // A typo is no silent default.
+        (
+            r#"{"issuerUrl": "https://taskcred.example.org", "networkPolicy": {"grpcfrom": []}}"#,
+            "'grpcfrom' not allowed",
+        ),
+        // The issuer's host is the Ingress's, or verifiers fetch keys from a host nobody
+        // serves (or somebody else does).
+        (
+            r#"{"issuerUrl": "https://creds.corp.example", "ingress": {"enabled": true}}"#,
+            "does not serve",
+        ),
+        // The development policies permit example repository ids: never with CI issuers.
+        (
+            r#"{"issuerUrl": "https://taskcred.example.org", "extraConfig": "[[ci.issuers]]\nname = \"github\""}"#,
+            "give your own policies",
+        ),
+        // A value cannot add YAML (here: an environment variable turning the audit off).
+        (
+            r#"{"issuerUrl": "https://taskcred.example.org", "redis": {"existingSecret": "taskcred-redis", "port": 6379, "networkPeers": [{"namespaceSelector": {}}], "urlKey": "url\n            - name: TASKCRED_AUDIT__REQUIRED\n              value: \"false\""}}"#,
+            "/redis/urlKey",
+        ),
+        (
+            r#"{"issuerUrl": "https://taskcred.example.org", "serviceMonitor": {"enabled": true, "interval": "30s\n      basicAuth: {}"}}"#,
+            "/serviceMonitor/interval",
+        ),
+        (
+            r#"{"issuerUrl": "https://taskcred.example.org", "networkPolicy": {"extraEgress": [{}]}}"#,
+            "/networkPolicy/extraEgress",
         ),
     ] {
         let refused =

@@ -6,6 +6,7 @@
 mod task;
 
 use crate::broker::{Denial, Precondition};
+use crate::store::Claim;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -248,7 +249,11 @@ impl Broker {
         let marker = random_id().map_err(|e| BrokerError::Internal(e.to_string()))?;
         let held = self
             .store
-            .claim(&replay_key, &marker, v.expires_at + v.issuer.leeway)
+            .claim(&Claim {
+                key: &replay_key,
+                value: &marker,
+                until: v.expires_at + v.issuer.leeway,
+            })
             .await
             .map_err(BrokerError::from)?;
         if held.is_some() {

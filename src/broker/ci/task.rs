@@ -2,6 +2,7 @@
 //! policy with the CI job as principal), and completed by `CompleteCiTask`.
 
 use crate::broker::{Denial, Precondition};
+use crate::store::Claim;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -42,7 +43,11 @@ impl Broker {
             let candidate = task.id;
             let held = self
                 .store
-                .claim(&key, &candidate.to_string(), v.expires_at + retention)
+                .claim(&Claim {
+                    key: &key,
+                    value: &candidate.to_string(),
+                    until: v.expires_at + retention,
+                })
                 .await?;
             let task = match held {
                 None => {

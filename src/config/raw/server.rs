@@ -9,7 +9,7 @@ use super::{
     CheckError, DAY, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR, HOUR, MINUTE, SECOND, TENTH_OF_A_SECOND,
     budget, duration, range,
 };
-use crate::config::ServerConfig;
+use crate::config::{AcceptLimits, ServerConfig};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -109,41 +109,48 @@ impl RawServer {
                 1,
                 10_000,
             )?,
-            max_connections: budget("server.max_connections", s.max_connections)?,
-            // Part of max_connections: never more than it.
-            max_anonymous_connections: range(
-                "server.max_anonymous_connections",
-                s.max_anonymous_connections,
-                0,
-                1_000_000,
-            )?
-            .min(s.max_connections),
-            idle_timeout: range("server.idle_timeout", s.idle_timeout, SECOND, DAY)?,
-            anonymous_idle_timeout: range(
-                "server.anonymous_idle_timeout",
-                s.anonymous_idle_timeout,
-                SECOND,
-                HOUR,
-            )?,
-            anonymous_max_age: range("server.anonymous_max_age", s.anonymous_max_age, SECOND, DAY)?,
-            max_connections_per_identity: budget(
-                "server.max_connections_per_identity",
-                s.max_connections_per_identity,
-            )?,
-            max_anonymous_connections_per_source: budget(
-                "server.max_anonymous_connections_per_source",
-                s.max_anonymous_connections_per_source,
-            )?,
-            max_handshakes_per_source: budget(
-                "server.max_handshakes_per_source",
-                s.max_handshakes_per_source,
-            )?,
-            handshake_timeout: range(
-                "server.handshake_timeout",
-                s.handshake_timeout,
-                TENTH_OF_A_SECOND,
-                2 * MINUTE,
-            )?,
+            accept: AcceptLimits {
+                max_connections: budget("server.max_connections", s.max_connections)?,
+                // Part of max_connections: never more than it.
+                max_anonymous_connections: range(
+                    "server.max_anonymous_connections",
+                    s.max_anonymous_connections,
+                    0,
+                    1_000_000,
+                )?
+                .min(s.max_connections),
+                idle_timeout: range("server.idle_timeout", s.idle_timeout, SECOND, DAY)?,
+                anonymous_idle_timeout: range(
+                    "server.anonymous_idle_timeout",
+                    s.anonymous_idle_timeout,
+                    SECOND,
+                    HOUR,
+                )?,
+                anonymous_max_age: range(
+                    "server.anonymous_max_age",
+                    s.anonymous_max_age,
+                    SECOND,
+                    DAY,
+                )?,
+                max_connections_per_identity: budget(
+                    "server.max_connections_per_identity",
+                    s.max_connections_per_identity,
+                )?,
+                max_anonymous_connections_per_source: budget(
+                    "server.max_anonymous_connections_per_source",
+                    s.max_anonymous_connections_per_source,
+                )?,
+                max_handshakes_per_source: budget(
+                    "server.max_handshakes_per_source",
+                    s.max_handshakes_per_source,
+                )?,
+                handshake_timeout: range(
+                    "server.handshake_timeout",
+                    s.handshake_timeout,
+                    TENTH_OF_A_SECOND,
+                    2 * MINUTE,
+                )?,
+            },
             request_timeout: range(
                 "server.request_timeout",
                 s.request_timeout,

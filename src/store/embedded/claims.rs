@@ -9,17 +9,13 @@ use redb::{ReadableDatabase as _, ReadableTable as _};
 
 use super::EmbeddedStore;
 use super::tables::CLAIMS;
-use crate::store::{ClaimStore, StoreError, unix_ms, unix_ms_ceil};
+use crate::store::{Claim, ClaimStore, StoreError, unix_ms, unix_ms_ceil};
 
 #[async_trait]
 impl ClaimStore for EmbeddedStore {
     /// Records `value` under `key` unless `key` holds an unexpired value, which comes back.
-    async fn claim(
-        &self,
-        key: &str,
-        value: &str,
-        until: SystemTime,
-    ) -> Result<Option<String>, StoreError> {
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<String>, StoreError> {
+        let (key, value, until) = (claim.key, claim.value, claim.until);
         let (key, value) = (key.to_owned(), value.to_owned());
         let now = unix_ms(SystemTime::now());
         let until = unix_ms_ceil(until);
@@ -80,13 +76,8 @@ impl ClaimStore for EmbeddedStore {
     }
 
     /// Replaces the unexpired claim `key` if it still holds `expected`, in one transaction.
-    async fn swap_claim(
-        &self,
-        key: &str,
-        expected: &str,
-        value: &str,
-        until: SystemTime,
-    ) -> Result<bool, StoreError> {
+    async fn swap_claim(&self, expected: &str, claim: &Claim<'_>) -> Result<bool, StoreError> {
+        let (key, value, until) = (claim.key, claim.value, claim.until);
         let (key, expected, value) = (key.to_owned(), expected.to_owned(), value.to_owned());
         let now = unix_ms(SystemTime::now());
         let until = unix_ms_ceil(until);

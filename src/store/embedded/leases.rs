@@ -17,8 +17,8 @@ use super::log::log_in;
 use super::tables::{CREDENTIALS, EXPIRY, LEASE_TASKS, LEASES, META, TASKS};
 use crate::lease::{Lease, LeaseId, LeaseState, Revocation, SUPERSEDED, check_issuable};
 use crate::store::{
-    IssueError, LeaseStore, StoreError, UpdateError, check_renewable, decode, decode_lease, encode,
-    encode_lease, unix_ms_ceil,
+    IssueError, LeaseStore, Renewal, StoreError, UpdateError, check_renewable, decode,
+    decode_lease, encode, encode_lease, unix_ms_ceil,
 };
 use crate::task::{TaskError, TaskId, Unmet};
 
@@ -138,13 +138,8 @@ impl LeaseStore for EmbeddedStore {
 
     /// Re-checks the task, the lease and the lock, logs the superseded credential, and files
     /// the lease under its new expiry, in one transaction.
-    async fn renew_lease(
-        &self,
-        id: &LeaseId,
-        credential: &str,
-        expires_at: SystemTime,
-        now: SystemTime,
-    ) -> Result<Lease, IssueError> {
+    async fn renew_lease(&self, id: &LeaseId, to: &Renewal<'_>) -> Result<Lease, IssueError> {
+        let (credential, expires_at, now) = (to.credential, to.expires_at, to.now);
         let (id, credential) = (id.as_str().to_owned(), credential.to_owned());
         let renewed = self
             .blocking(move |db| {

@@ -2,7 +2,7 @@
 //! sweep that ends a locked agent's open tasks and live leases in bounded steps, lifting one, and
 //! reading them.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
@@ -12,7 +12,7 @@ use super::leases::revoke_some_active_leases;
 use super::tables::{BY_EXECUTOR, ENDED, LEASES, LOCKS, TASKS, from_json, to_json};
 use crate::identity::WorkloadId;
 use crate::lease::{Lock, Swept};
-use crate::store::{LockStore, StoreError, decode, encode, unix_ms};
+use crate::store::{LockStore, LockSweep, StoreError, decode, encode, unix_ms};
 
 #[async_trait]
 impl LockStore for EmbeddedStore {
@@ -46,14 +46,9 @@ impl LockStore for EmbeddedStore {
 
     /// One bounded step of ending the locked agent's open tasks and live leases, in one
     /// transaction.
-    async fn sweep_lock(
-        &self,
-        agent: &WorkloadId,
-        reason: &str,
-        at: SystemTime,
-        retention: Duration,
-        limit: usize,
-    ) -> Result<Swept, StoreError> {
+    async fn sweep_lock(&self, step: &LockSweep<'_>) -> Result<Swept, StoreError> {
+        let (agent, reason, at) = (step.agent, step.reason, step.at);
+        let (retention, limit) = (step.retention, step.limit);
         // One node: the sweep walks the agent's tasks as executor (its history too), ending
         // up to `limit` tasks and leases per transaction.
         let (agent, reason) = (agent.as_str().to_owned(), reason.to_owned());

@@ -4,7 +4,7 @@
 //!
 //! A waiter subscribes before it reads, so a commit after its read still wakes it.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
@@ -12,7 +12,7 @@ use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
 use super::EmbeddedStore;
 use super::tables::{REVOCATIONS, from_json, to_json};
 use crate::lease::{Cursor, Revocation};
-use crate::store::{MAX_REVOCATION_WAIT, RevocationLog, StoreError, unix_ms};
+use crate::store::{LogRead, MAX_REVOCATION_WAIT, RevocationLog, StoreError, unix_ms};
 
 impl EmbeddedStore {
     /// Wakes the waiters of [`RevocationLog::revocations`] after a commit that may have logged
@@ -56,12 +56,8 @@ impl EmbeddedStore {
 #[async_trait]
 impl RevocationLog for EmbeddedStore {
     /// The entries after `after`, waiting up to `wait` for one when there are none yet.
-    async fn revocations(
-        &self,
-        after: Option<Cursor>,
-        limit: usize,
-        wait: Duration,
-    ) -> Result<Vec<Revocation>, StoreError> {
+    async fn revocations(&self, read: LogRead) -> Result<Vec<Revocation>, StoreError> {
+        let (after, limit, wait) = (read.after, read.limit, read.wait);
         let deadline = tokio::time::Instant::now() + wait.min(MAX_REVOCATION_WAIT);
         // Subscribed before reading, so a commit after the read still wakes this waiter.
         let mut logged = self.logged.subscribe();

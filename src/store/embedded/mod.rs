@@ -47,6 +47,8 @@ pub struct EmbeddedStore {
     logged: Arc<watch::Sender<u64>>,
 }
 
+impl super::Store for EmbeddedStore {}
+
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedStore")

@@ -2,24 +2,18 @@
 //! under its own key expiring by itself (see `keys.rs`), taken, read, released and swapped in one
 //! step each.
 
-use std::time::SystemTime;
-
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
 use super::keys::claim_key;
 use super::{RedisStore, unavailable, write_failed};
-use crate::store::{ClaimStore, StoreError, unix_ms_ceil};
+use crate::store::{Claim, ClaimStore, StoreError, unix_ms_ceil};
 
 #[async_trait]
 impl ClaimStore for RedisStore {
     /// `SET NX GET PXAT`.
-    async fn claim(
-        &self,
-        key: &str,
-        value: &str,
-        until: SystemTime,
-    ) -> Result<Option<String>, StoreError> {
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<String>, StoreError> {
+        let (key, value, until) = (claim.key, claim.value, claim.until);
         let mut conn = self.conn().await?;
         // Written only if absent, expiring by itself; the holder (if any) comes back.
         redis::cmd("SET")
@@ -53,13 +47,8 @@ impl ClaimStore for RedisStore {
     }
 
     /// Only if it still holds `expected` (one script).
-    async fn swap_claim(
-        &self,
-        key: &str,
-        expected: &str,
-        value: &str,
-        until: SystemTime,
-    ) -> Result<bool, StoreError> {
+    async fn swap_claim(&self, expected: &str, claim: &Claim<'_>) -> Result<bool, StoreError> {
+        let (key, value, until) = (claim.key, claim.value, claim.until);
         let mut conn = self.conn().await?;
         self.scripts
             .swap

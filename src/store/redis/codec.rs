@@ -129,14 +129,8 @@ pub(super) fn lease_from_fields(
     lease: &str,
     fields: LeaseFields,
 ) -> Result<Option<Lease>, StoreError> {
-    let LeaseFields {
-        data,
-        state,
-        ended_ms,
-        reason,
-        cred,
-        exp_ns,
-    } = fields;
+    let (data, state, ended_ms) = (fields.data, fields.state, fields.ended_ms);
+    let (reason, cred, exp_ns) = (fields.reason, fields.cred, fields.exp_ns);
     let Some(data) = data else {
         return Ok(None);
     };

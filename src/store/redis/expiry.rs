@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
+use redis::aio::ConnectionManager;
 
 use super::codec::unix_ns;
 use super::keys::{DEADLINES, EXPIRY, lease_key, live_template, member};
@@ -20,16 +21,7 @@ impl DueStore for RedisStore {
     /// round trip.
     async fn expire_leases(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
         let mut conn = self.conn().await?;
-        let due: Vec<String> = conn
-            .zrangebyscore_limit(
-                EXPIRY,
-                "-inf",
-                unix_ms(now),
-                0,
-                isize::try_from(limit).unwrap_or(isize::MAX),
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let due = due_in(&mut conn, EXPIRY, now, limit).await?;
         // One round trip claims them all (each claim is its own atomic script), one more reads
         // the leases this call ended.
         let (due, malformed): (Vec<&String>, Vec<&String>) =
@@ -81,16 +73,7 @@ impl DueStore for RedisStore {
         limit: usize,
     ) -> Result<Vec<TaskId>, StoreError> {
         let mut conn = self.conn().await?;
-        let due: Vec<String> = conn
-            .zrangebyscore_limit(
-                DEADLINES,
-                "-inf",
-                unix_ms(now),
-                0,
-                isize::try_from(limit).unwrap_or(isize::MAX),
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let due = due_in(&mut conn, DEADLINES, now, limit).await?;
         Ok(due.iter().filter_map(|id| TaskId::parse(id).ok()).collect())
     }
 
@@ -122,4 +105,22 @@ impl DueStore for RedisStore {
             .min()
             .map(from_unix_ms))
     }
+}
+
+/// Up to `limit` members of the time index `index` due at `now`, earliest first.
+async fn due_in(
+    conn: &mut ConnectionManager,
+    index: &str,
+    now: SystemTime,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    conn.zrangebyscore_limit(
+        index,
+        "-inf",
+        unix_ms(now),
+        0,
+        isize::try_from(limit).unwrap_or(isize::MAX),
+    )
+    .await
+    .map_err(|e| unavailable(&e))
 }

@@ -15,8 +15,8 @@ use super::keys::{
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
 use crate::lease::{Lease, LeaseId, check_issuable};
 use crate::store::{
-    IssueError, LeaseStore, StoreError, UpdateError, check_renewable, encode, encode_lease,
-    unix_ms, unix_ms_ceil,
+    IssueError, LeaseStore, Renewal, StoreError, UpdateError, check_renewable, encode,
+    encode_lease, unix_ms, unix_ms_ceil,
 };
 use crate::task::{TaskError, TaskId, Unmet};
 
@@ -104,13 +104,8 @@ impl LeaseStore for RedisStore {
 
     /// Checks the task and the lease, then gives the lease its new credential if the task is
     /// unchanged since; else checks again, up to `CAS_ATTEMPTS` times.
-    async fn renew_lease(
-        &self,
-        id: &LeaseId,
-        credential: &str,
-        expires_at: SystemTime,
-        now: SystemTime,
-    ) -> Result<Lease, IssueError> {
+    async fn renew_lease(&self, id: &LeaseId, to: &Renewal<'_>) -> Result<Lease, IssueError> {
+        let (credential, expires_at, now) = (to.credential, to.expires_at, to.now);
         let mut conn = self.conn().await?;
         for _ in 0..CAS_ATTEMPTS {
             let Some(lease) = self.get_lease(id).await? else {

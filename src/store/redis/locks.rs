@@ -2,7 +2,7 @@
 //! bounded sweep that ends what a locked agent holds, lifting a lock, and reading the locks in
 //! force.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
@@ -14,7 +14,7 @@ use super::keys::{
 use super::{RedisStore, unavailable, write_failed};
 use crate::identity::WorkloadId;
 use crate::lease::{Lock, Swept};
-use crate::store::{LockStore, StoreError, unix_ms};
+use crate::store::{LockStore, LockSweep, StoreError, unix_ms};
 use crate::task::TaskId;
 
 #[async_trait]
@@ -45,14 +45,9 @@ impl LockStore for RedisStore {
     }
 
     /// One bounded step, one script.
-    async fn sweep_lock(
-        &self,
-        agent: &WorkloadId,
-        reason: &str,
-        at: SystemTime,
-        retention: Duration,
-        limit: usize,
-    ) -> Result<Swept, StoreError> {
+    async fn sweep_lock(&self, step: &LockSweep<'_>) -> Result<Swept, StoreError> {
+        let (agent, reason, at) = (step.agent, step.reason, step.at);
+        let (retention, limit) = (step.retention, step.limit);
         let mut conn = self.conn().await?;
         let outcome: Vec<String> = self
             .scripts

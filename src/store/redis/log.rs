@@ -10,17 +10,13 @@ use super::codec::{StreamEntry, StreamReply, revocation_from_entry};
 use super::keys::REVOCATIONS;
 use super::{RedisStore, unavailable};
 use crate::lease::{Cursor, Revocation};
-use crate::store::{MAX_REVOCATION_WAIT, RevocationLog, StoreError, unix_ms};
+use crate::store::{LogRead, MAX_REVOCATION_WAIT, RevocationLog, StoreError, unix_ms};
 
 #[async_trait]
 impl RevocationLog for RedisStore {
     /// `XRANGE` when not waiting, else a blocking read.
-    async fn revocations(
-        &self,
-        after: Option<Cursor>,
-        limit: usize,
-        wait: Duration,
-    ) -> Result<Vec<Revocation>, StoreError> {
+    async fn revocations(&self, read: LogRead) -> Result<Vec<Revocation>, StoreError> {
+        let (after, limit, wait) = (read.after, read.limit, read.wait);
         let entries: Vec<StreamEntry> = if wait.is_zero() {
             let mut conn = self.conn().await?;
             let start = after.map_or_else(|| "-".to_owned(), |c| format!("({c}"));

@@ -69,6 +69,8 @@ pub struct RedisStore {
     watch: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
+impl super::Store for RedisStore {}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The connection info may hold a password: never print it.

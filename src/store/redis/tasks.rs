@@ -77,15 +77,11 @@ impl TaskStore for RedisStore {
         let mut conn = self.conn().await?;
         let key = id.to_string();
         for _ in 0..CAS_ATTEMPTS {
-            let Some((version, current)) = self.read(&mut conn, &key).await? else {
-                return Err(UpdateError::NotFound);
-            };
-            let mut next = current.clone();
-            change(&mut next)?;
-            let next_version = version
-                .parse::<u64>()
-                .map_err(|_| StoreError::Corrupt(format!("task {key}: bad version")))?
-                + 1;
+            let Changed {
+                version,
+                current,
+                next,
+            } = self.changed(&mut conn, &key, &change).await?;
             let expire_at = match (current.ended_at, next.ended_at) {
                 (None, Some(ended)) => unix_ms(ended + retention).to_string(),
                 _ => String::new(),
@@ -96,7 +92,7 @@ impl TaskStore for RedisStore {
                 .key(task_key(&key))
                 .key(open_key(next.executor.as_str()))
                 .arg(&version)
-                .arg(next_version)
+                .arg(next_version(&key, &version)?)
                 .arg(encode(&next)?)
                 .arg(expire_at)
                 .arg(if next.state.is_terminal() { "1" } else { "" })
@@ -124,18 +120,11 @@ impl TaskStore for RedisStore {
         let mut conn = self.conn().await?;
         let key = id.to_string();
         for _ in 0..CAS_ATTEMPTS {
-            let Some((version, current)) = self.read(&mut conn, &key).await? else {
-                return Err(UpdateError::NotFound);
-            };
-            let mut next = current.clone();
-            change(&mut next)?;
+            let step = self.changed(&mut conn, &key, &change).await?;
+            let (version, current, next) = (step.version, step.current, step.next);
             let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
                 return Err(TaskError::Precondition(Unmet::NotAnEnd).into());
             };
-            let next_version = version
-                .parse::<u64>()
-                .map_err(|_| StoreError::Corrupt(format!("task {key}: bad version")))?
-                + 1;
             let expire_at = if current.ended_at.is_none() {
                 unix_ms(ended + retention).to_string()
             } else {
@@ -151,7 +140,7 @@ impl TaskStore for RedisStore {
                 .key(open_key(current.executor.as_str()))
                 .key(REVOCATIONS)
                 .arg(&version)
-                .arg(next_version)
+                .arg(next_version(&key, &version)?)
                 .arg(encode(&next)?)
                 .arg(expire_at)
                 .arg(unix_ms(ended))
@@ -270,4 +259,42 @@ impl RedisStore {
         }
         let _: Result<i64, _> = conn.zrem(key, ids).await;
     }
+}
+
+/// A task as read, with its version, and the change applied to a copy: what one
+/// compare-and-set attempt writes.
+struct Changed {
+    version: String,
+    current: Task,
+    next: Task,
+}
+
+impl RedisStore {
+    /// Reads task `key` and applies `change` to a copy (the first half of every
+    /// compare-and-set attempt of `update_task` and `end_task`).
+    async fn changed(
+        &self,
+        conn: &mut ConnectionManager,
+        key: &str,
+        change: &TaskChange,
+    ) -> Result<Changed, UpdateError> {
+        let Some((version, current)) = self.read(conn, key).await? else {
+            return Err(UpdateError::NotFound);
+        };
+        let mut next = current.clone();
+        change(&mut next)?;
+        Ok(Changed {
+            version,
+            current,
+            next,
+        })
+    }
+}
+
+/// The version a compare-and-set writes after `version` of task `key`.
+fn next_version(key: &str, version: &str) -> Result<u64, StoreError> {
+    version
+        .parse::<u64>()
+        .map(|v| v + 1)
+        .map_err(|_| StoreError::Corrupt(format!("task {key}: bad version")))
 }

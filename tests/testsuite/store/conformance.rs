@@ -9,7 +9,9 @@ use taskcred::identity::WorkloadId;
 use taskcred::lease::{
     CredentialKind, Cursor, Lease, LeaseId, LeaseState, Lock, Revocation, SUPERSEDED,
 };
-use taskcred::store::{IssueError, Store, StoreError, TaskQuery, UpdateError};
+use taskcred::store::{
+    Claim, IssueError, LockSweep, LogRead, Renewal, Store, StoreError, TaskQuery, UpdateError,
+};
 use taskcred::task::{
     Approval, Decision, RawTaskRequest, Task, TaskError, TaskId, TaskLimits, TaskRequest,
     TaskState, Unmet,
@@ -59,6 +61,38 @@ fn approval(who: &str, decision: Decision) -> Approval {
 
 const AGENT: &str = "spiffe://taskcred.dev/agent/demo";
 const REQUESTER: &str = "spiffe://taskcred.dev/human/requester";
+
+fn sweep<'a>(
+    agent: &'a WorkloadId,
+    reason: &'a str,
+    at: SystemTime,
+    retention: Duration,
+    limit: usize,
+) -> LockSweep<'a> {
+    LockSweep {
+        agent,
+        reason,
+        at,
+        retention,
+        limit,
+    }
+}
+
+fn renewal(credential: &str, expires_at: SystemTime, now: SystemTime) -> Renewal<'_> {
+    Renewal {
+        credential,
+        expires_at,
+        now,
+    }
+}
+
+fn read(after: Option<Cursor>, limit: usize, wait: Duration) -> LogRead {
+    LogRead { after, limit, wait }
+}
+
+fn claim<'a>(key: &'a str, value: &'a str, until: SystemTime) -> Claim<'a> {
+    Claim { key, value, until }
+}
 
 fn query() -> TaskQuery {
     TaskQuery {
@@ -118,7 +152,7 @@ pub async fn a_lock_holds_at_once_and_is_swept_in_bounded_steps(store: &dyn Stor
     let (mut ended_tasks, mut ended_leases, mut steps) = (Vec::new(), Vec::new(), 0);
     loop {
         let s = store
-            .sweep_lock(&lock.agent, "agent locked: swept", now, DAY, 2)
+            .sweep_lock(&sweep(&lock.agent, "agent locked: swept", now, DAY, 2))
             .await
             .unwrap();
         assert!(s.tasks.len() <= 2 && s.leases.len() <= 2, "{s:?}");
@@ -142,7 +176,7 @@ pub async fn a_lock_holds_at_once_and_is_swept_in_bounded_steps(store: &dyn Stor
         "each live lease once, the revoked one never"
     );
     let again = store
-        .sweep_lock(&lock.agent, "agent locked: swept", now, DAY, 2)
+        .sweep_lock(&sweep(&lock.agent, "agent locked: swept", now, DAY, 2))
         .await
         .unwrap();
     assert_eq!(again, taskcred::lease::Swept::default());
@@ -158,7 +192,7 @@ pub async fn lock_and_sweep(store: &dyn Store, lock: &Lock) -> taskcred::lease::
     let reason = format!("agent locked: {}", lock.reason);
     loop {
         let swept = store
-            .sweep_lock(&lock.agent, &reason, lock.at, DAY, 500)
+            .sweep_lock(&sweep(&lock.agent, &reason, lock.at, DAY, 500))
             .await
             .unwrap();
         outcome.tasks.extend(swept.tasks);
@@ -237,7 +271,10 @@ pub async fn live_leases_counts_the_unrevoked(store: &dyn Store) {
 }
 
 async fn log_is_empty(store: &dyn Store) -> bool {
-    let log = store.revocations(None, 10, Duration::ZERO).await.unwrap();
+    let log = store
+        .revocations(read(None, 10, Duration::ZERO))
+        .await
+        .unwrap();
     log.is_empty()
 }
 
@@ -658,7 +695,7 @@ pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store
 
     let later = now + Duration::from_secs(600);
     let renewed = store
-        .renew_lease(&lease.id, "second-credential", later, now)
+        .renew_lease(&lease.id, &renewal("second-credential", later, now))
         .await
         .unwrap();
     assert_eq!(renewed.credential, "second-credential");
@@ -682,9 +719,7 @@ pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store
     let err = store
         .renew_lease(
             &lease.id,
-            "third",
-            later + Duration::from_secs(60),
-            expired_at,
+            &renewal("third", later + Duration::from_secs(60), expired_at),
         )
         .await;
     assert!(matches!(err, Err(IssueError::Refused(_))), "{err:?}");
@@ -719,7 +754,9 @@ pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store
         Err(UpdateError::Rejected(_))
     ));
     assert!(matches!(
-        store.renew_lease(&lease.id, "fourth", later, now).await,
+        store
+            .renew_lease(&lease.id, &renewal("fourth", later, now))
+            .await,
         Err(IssueError::Refused(_))
     ));
     assert_eq!(
@@ -730,7 +767,9 @@ pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store
     // After the task ends, no renewal.
     store.end_task(&t.id, complete(), DAY).await.unwrap();
     assert!(matches!(
-        store.renew_lease(&other.id, "fifth", later, now).await,
+        store
+            .renew_lease(&other.id, &renewal("fifth", later, now))
+            .await,
         Err(IssueError::Refused(_))
     ));
 }
@@ -999,7 +1038,10 @@ pub async fn the_reaper_ends_each_due_lease_once(store: &dyn Store) {
 
     // Renewed before its expiry: re-filed under the new one, ended then.
     store
-        .renew_lease(&b.id, "renewed-credential", now + ms(5000), now + ms(100))
+        .renew_lease(
+            &b.id,
+            &renewal("renewed-credential", now + ms(5000), now + ms(100)),
+        )
         .await
         .unwrap();
     assert!(
@@ -1107,7 +1149,7 @@ pub async fn overdue_tasks_are_found_by_deadline(store: &dyn Store) {
 pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
     let now = SystemTime::now();
     let head = store.revocation_head().await.unwrap();
-    let after_head = |limit| store.revocations(Some(head), limit, Duration::ZERO);
+    let after_head = |limit| store.revocations(read(Some(head), limit, Duration::ZERO));
 
     // A renewal supersedes the first credential; revoking the lease ends the second.
     let t = approved_task(store).await;
@@ -1115,7 +1157,7 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
     store.issue_lease(&renewed, now).await.unwrap();
     let later = now + Duration::from_secs(600);
     store
-        .renew_lease(&renewed.id, "renewed-credential", later, now)
+        .renew_lease(&renewed.id, &renewal("renewed-credential", later, now))
         .await
         .unwrap();
     store
@@ -1187,12 +1229,12 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
     // Paging and resuming: after any cursor come exactly the later entries.
     assert_eq!(after_head(1).await.unwrap(), log[..1]);
     let rest = store
-        .revocations(Some(log[0].cursor), 100, Duration::ZERO)
+        .revocations(read(Some(log[0].cursor), 100, Duration::ZERO))
         .await
         .unwrap();
     assert_eq!(rest, log[1..]);
     let none = store
-        .revocations(Some(log[2].cursor), 100, Duration::from_millis(200))
+        .revocations(read(Some(log[2].cursor), 100, Duration::from_millis(200)))
         .await
         .unwrap();
     assert!(none.is_empty());
@@ -1203,7 +1245,7 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
     store.create_task(&task).await.unwrap();
     let lease = sample_lease(&task, &locked);
     store.issue_lease(&lease, now).await.unwrap();
-    let waiter = store.revocations(Some(log[2].cursor), 100, Duration::from_secs(5));
+    let waiter = store.revocations(read(Some(log[2].cursor), 100, Duration::from_secs(5)));
     let lock = Lock {
         agent: w(&locked),
         reason: "compromised".into(),
@@ -1252,35 +1294,68 @@ pub async fn claims_are_held_once(store: &dyn Store) {
     let key = format!("conformance:{}", uuid::Uuid::now_v7());
     let until = SystemTime::now() + Duration::from_secs(60);
     assert_eq!(store.claimed(&key).await.unwrap(), None);
-    assert_eq!(store.claim(&key, "a", until).await.unwrap(), None);
+    assert_eq!(store.claim(&claim(&key, "a", until)).await.unwrap(), None);
     assert_eq!(store.claimed(&key).await.unwrap().as_deref(), Some("a"));
     assert_eq!(
-        store.claim(&key, "b", until).await.unwrap().as_deref(),
+        store
+            .claim(&claim(&key, "b", until))
+            .await
+            .unwrap()
+            .as_deref(),
         Some("a")
     );
     // Only the holder releases it.
     store.release_claim(&key, "b").await.unwrap();
     assert_eq!(
-        store.claim(&key, "b", until).await.unwrap().as_deref(),
+        store
+            .claim(&claim(&key, "b", until))
+            .await
+            .unwrap()
+            .as_deref(),
         Some("a")
     );
     store.release_claim(&key, "a").await.unwrap();
-    assert_eq!(store.claim(&key, "b", until).await.unwrap(), None);
+    assert_eq!(store.claim(&claim(&key, "b", until)).await.unwrap(), None);
     // An expired claim is no claim.
     let short = format!("{key}:short");
     let soon = SystemTime::now() + Duration::from_millis(200);
-    assert_eq!(store.claim(&short, "x", soon).await.unwrap(), None);
+    assert_eq!(store.claim(&claim(&short, "x", soon)).await.unwrap(), None);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(store.claimed(&short).await.unwrap(), None);
-    assert_eq!(store.claim(&short, "y", until).await.unwrap(), None);
+    assert_eq!(store.claim(&claim(&short, "y", until)).await.unwrap(), None);
     // Swapped only by what it holds: a holder keeps it longer, a mark moves forward once.
-    assert!(!store.swap_claim(&key, "a", "c", until).await.unwrap());
-    assert!(store.swap_claim(&key, "b", "c", until).await.unwrap());
-    assert!(!store.swap_claim(&key, "b", "d", until).await.unwrap());
+    assert!(
+        !store
+            .swap_claim("a", &claim(&key, "c", until))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .swap_claim("b", &claim(&key, "c", until))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .swap_claim("b", &claim(&key, "d", until))
+            .await
+            .unwrap()
+    );
     assert_eq!(store.claimed(&key).await.unwrap().as_deref(), Some("c"));
     let soon = SystemTime::now() + Duration::from_millis(200);
-    assert!(store.swap_claim(&key, "c", "c", soon).await.unwrap());
+    assert!(
+        store
+            .swap_claim("c", &claim(&key, "c", soon))
+            .await
+            .unwrap()
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(store.claimed(&key).await.unwrap(), None);
-    assert!(!store.swap_claim(&key, "c", "e", until).await.unwrap());
+    assert!(
+        !store
+            .swap_claim("c", &claim(&key, "e", until))
+            .await
+            .unwrap()
+    );
 }
