@@ -208,20 +208,39 @@ impl ClientError {
         match (self, json) {
             (Self::Inactive, _) => {}
             (_, true) => crate::outln!("{}", self.to_json()),
-            (_, false) => eprintln!("error: {self}"),
+            (_, false) => crate::errln!("error: {self}"),
         }
         ExitCode::from(self.exit_code())
     }
 }
 
-/// Reads the file at `path`; `what` names it in the error.
+/// Reads the file at `path` (at most 1 MiB); `what` names it in the error.
 ///
 /// # Errors
 /// [`ClientError::Usage`] when the file cannot be read.
 pub(crate) fn read(what: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
-    std::fs::read(path)
-        .map_err(|e| ClientError::Usage(format!("cannot read {what} {}: {e}", path.display())))
+    use std::io::Read as _;
+    let cannot = |e: std::io::Error| {
+        ClientError::Usage(format!("cannot read {what} {}: {e}", path.display()))
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ClientError::Usage(format!(
+            "{what} {} is over {} KiB: not a certificate, key or CSR",
+            path.display(),
+            MAX_FILE_BYTES / 1024
+        )));
+    }
+    Ok(bytes)
 }
+
+/// The largest certificate, key, CA bundle or CSR file the client reads.
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The certificate and key files to present, if any.
 pub(crate) fn identity_files(args: &ClientArgs) -> Result<Option<(PathBuf, PathBuf)>, ClientError> {

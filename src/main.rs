@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            taskcred::errln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
 /// `config check`: what `serve` would load, loaded, and said.
 fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
     if args.dev && !devpki::is_complete(&cli.client.dev_dir) {
-        eprintln!(
+        taskcred::errln!(
             "error: no dev PKI in {} (`taskcred dev init` makes one)",
             cli.client.dev_dir.display()
         );
@@ -115,7 +115,7 @@ fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
                     serde_json::json!({"ok": false, "error": e.to_string()})
                 );
             } else {
-                eprintln!("error: configuration refused: {e}");
+                taskcred::errln!("error: configuration refused: {e}");
             }
             ExitCode::from(EXIT_BAD_CONFIG)
         }
@@ -131,7 +131,7 @@ fn load_config(cli: &Cli, args: &ServeArgs) -> Result<taskcred::config::Config, 
         Source::File(path.clone())
     } else {
         // clap's argument group makes one of the two required.
-        eprintln!("error: needs --config FILE or --dev");
+        taskcred::errln!("error: needs --config FILE or --dev");
         return Err(ExitCode::from(2));
     };
     let overrides = Overrides {
@@ -141,7 +141,7 @@ fn load_config(cli: &Cli, args: &ServeArgs) -> Result<taskcred::config::Config, 
         redis_url: args.redis.clone(),
     };
     config::load(&source, std::env::vars(), &overrides).map_err(|e| {
-        eprintln!("error: configuration refused: {e}");
+        taskcred::errln!("error: configuration refused: {e}");
         ExitCode::from(EXIT_BAD_CONFIG)
     })
 }
@@ -151,13 +151,13 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
         let dir = &cli.client.dev_dir;
         if !devpki::is_complete(dir) {
             match devpki::init(dir) {
-                Ok(report) => eprintln!(
+                Ok(report) => taskcred::errln!(
                     "dev PKI: {} files created in {}",
                     report.created.len(),
                     dir.display()
                 ),
                 Err(e) => {
-                    eprintln!("error: dev init: {e}");
+                    taskcred::errln!("error: dev init: {e}");
                     return ExitCode::from(1);
                 }
             }
@@ -174,18 +174,18 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
         Ok(app) => app,
         // The store is configured right but cannot be opened (another broker holds the file).
         Err(e @ AppError::Store(_)) => {
-            eprintln!("error: {e}");
+            taskcred::errln!("error: {e}");
             return ExitCode::from(1);
         }
         Err(e) => {
-            eprintln!("error: configuration refused: {e}");
+            taskcred::errln!("error: configuration refused: {e}");
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
     let listeners = match Listeners::bind(&server).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: {e}");
+            taskcred::errln!("error: {e}");
             return ExitCode::from(1);
         }
     };
@@ -194,7 +194,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
     let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
+            taskcred::errln!("error: cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
     };
@@ -207,7 +207,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
     match app.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            taskcred::errln!("error: {e}");
             ExitCode::from(1)
         }
     }

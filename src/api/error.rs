@@ -80,6 +80,7 @@ fn bare_status(e: BrokerError) -> Status {
         BrokerError::Exhausted(limit) => Status::resource_exhausted(limit.to_string()),
         e @ BrokerError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
         BrokerError::Unauthenticated(refused) => Status::unauthenticated(refused.to_string()),
+        e @ BrokerError::CertificateExpired => Status::unauthenticated(e.to_string()),
         BrokerError::RateLimited(wait) => {
             let mut s = Status::resource_exhausted(BrokerError::RateLimited(wait).to_string());
             if let Ok(v) = wait.as_millis().max(1).to_string().parse() {

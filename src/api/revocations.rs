@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Reply;
-use super::auth::caller_and_message;
+use super::auth::caller;
 use super::convert::ts;
 use super::pb;
 use super::pb::WatchRevocationsRequest;
@@ -90,7 +90,8 @@ impl RevocationService for RevocationApi {
         &self,
         request: Request<WatchRevocationsRequest>,
     ) -> Reply<EventStream> {
-        let (who, req) = caller_and_message(request)?;
+        let peer = caller(&request)?.clone();
+        let req = request.into_inner();
         // `Cursor::parse` bounds the length (two numbers of at most 20 digits).
         let after = match req.after.as_str() {
             "" => None,
@@ -100,7 +101,10 @@ impl RevocationService for RevocationApi {
             ),
         };
         let audience = Some(req.audience).filter(|a| !a.is_empty());
-        let mut watch = self.broker.watch_revocations(&who, after, audience).await?;
+        let mut watch = self
+            .broker
+            .watch_revocations(&peer, after, audience)
+            .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             loop {

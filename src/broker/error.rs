@@ -59,6 +59,10 @@ pub enum BrokerError {
     /// The proof of identity is refused (`UNAUTHENTICATED`): a CI ID token that fails a check.
     #[error("{0}")]
     Unauthenticated(CiError),
+    /// The caller's certificate expired during a long call (a revocation watch): its identity
+    /// is no longer honoured (`UNAUTHENTICATED`).
+    #[error("the client certificate expired; reconnect with a fresh one")]
+    CertificateExpired,
     /// The caller went over its issuance rate (`RESOURCE_EXHAUSTED`, with when to retry).
     #[error("issuance rate limit reached; retry in {} ms", .0.as_millis().max(1))]
     RateLimited(Duration),
@@ -259,6 +263,7 @@ impl BrokerError {
             Self::Exhausted(_) => "WATCH_LIMIT_REACHED",
             Self::OutOfRange { .. } => "CURSOR_OUT_OF_RANGE",
             Self::Unauthenticated(_) => "ID_TOKEN_REFUSED",
+            Self::CertificateExpired => "CERTIFICATE_EXPIRED",
             Self::RateLimited(_) => "RATE_LIMITED",
             Self::Pending(_) => "TASK_PENDING_APPROVAL",
             Self::Internal(_) => "INTERNAL",

@@ -59,7 +59,7 @@ pub fn outcome<T>(result: &Result<T, BrokerError>) -> &'static str {
             BrokerError::NotFound(_) => "not_found",
             BrokerError::Precondition(_) => "precondition",
             BrokerError::Pending(_) => "pending",
-            BrokerError::Unauthenticated(_) => "unauthenticated",
+            BrokerError::Unauthenticated(_) | BrokerError::CertificateExpired => "unauthenticated",
             BrokerError::Unavailable(_) => "unavailable",
             BrokerError::AuditFailed(_) => "audit_failed",
             BrokerError::OutcomeUnknown(_) => "outcome_unknown",

@@ -14,10 +14,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, BrokerError};
-use crate::identity::WorkloadId;
+use crate::identity::PeerIdentity;
 use crate::lease::{Cursor, Revocation};
 use crate::net::{KeyedSlot, KeyedSlots};
-use crate::policy::{PolicyAction, Resource};
+use crate::policy::{Policies, PolicyAction, Resource};
 use crate::store::{Epoch, Store, unix_ms};
 
 /// How long one read of the log waits for an entry; also how often an idle feed proves the
@@ -101,6 +101,12 @@ pub enum WatchEvent {
 /// One watcher's view: the backlog from the store, then the live entries of the hub.
 #[derive(Debug)]
 pub struct RevocationWatch {
+    /// The broker that authorized the watch: it authorizes it again when the policies change.
+    broker: Broker,
+    /// Who watches, and until when its certificate is honoured.
+    caller: PeerIdentity,
+    /// The policies the watch was last authorized under.
+    policies: Arc<Policies>,
     store: Arc<dyn Store>,
     hub: Arc<RevocationHub>,
     epoch: Arc<super::epoch::EpochState>,
@@ -184,7 +190,7 @@ impl Broker {
     /// [`MAX_WATCHES_PER_IDENTITY`]; [`BrokerError::Unavailable`].
     pub async fn watch_revocations(
         &self,
-        caller: &WorkloadId,
+        peer: &PeerIdentity,
         after: Option<Cursor>,
         audience: Option<String>,
     ) -> Result<RevocationWatch, BrokerError> {
@@ -198,6 +204,8 @@ impl Broker {
                 ),
             });
         }
+        let caller = &peer.id;
+        let policies = self.policy.current();
         self.authorize(caller, PolicyAction::WatchRevocations, &Resource::Broker)?;
         if let Some(after) = after {
             let head = self.store.revocation_head().await?;
@@ -218,6 +226,9 @@ impl Broker {
             .map_err(|_| BrokerError::Exhausted(Exhaustion::Watches))?;
         tracing::debug!(%caller, ?after, ?audience, "revocation watch opened");
         Ok(RevocationWatch {
+            broker: self.clone(),
+            caller: peer.clone(),
+            policies,
             store: self.store.clone(),
             hub: self.revocations.clone(),
             epoch: self.epoch_state(),
@@ -254,13 +265,36 @@ impl RevocationWatch {
     /// [`BrokerError::Unavailable`] when the store fails while reading the backlog or catching
     /// up (the watcher reconnects and resumes from its last cursor).
     pub async fn next(&mut self) -> Result<Option<WatchEvent>, BrokerError> {
+        self.still_authorized()?;
         let stopping = self.hub.stopping.clone();
         let event = tokio::select! {
             () = stopping.cancelled() => Ok(None),
             e = self.next_event() => e,
         };
         self.last_sent = tokio::time::Instant::now();
+        // An event waits at most a heartbeat: the watch ends within one of the certificate's
+        // expiry or of a policy set that no longer permits it.
+        self.still_authorized()?;
         event
+    }
+
+    /// The watch's authorization, checked again before each event: the certificate is
+    /// unexpired, and policy still permits `WatchRevocations` (asked again, and audited, when
+    /// the policies in force changed since it last was).
+    fn still_authorized(&mut self) -> Result<(), BrokerError> {
+        if self.clock.now() >= self.caller.not_after {
+            return Err(BrokerError::CertificateExpired);
+        }
+        let current = self.broker.policy.current();
+        if !Arc::ptr_eq(&current, &self.policies) {
+            self.broker.authorize(
+                &self.caller.id,
+                PolicyAction::WatchRevocations,
+                &Resource::Broker,
+            )?;
+            self.policies = current;
+        }
+        Ok(())
     }
 
     /// As [`RevocationWatch::next`]; `None` too if the hub's senders are gone (they live as

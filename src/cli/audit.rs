@@ -45,11 +45,11 @@ async fn export(url: &str) -> ExitCode {
     .await;
     match written.and_then(|n| out.flush().map(|()| n).map_err(|e| e.to_string())) {
         Ok(n) => {
-            eprintln!("exported {n} lines");
+            crate::errln!("exported {n} lines");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::errln!("error: {e}");
             ExitCode::from(1)
         }
     }
@@ -64,7 +64,7 @@ fn verify(args: &ClientArgs, file: &std::path::Path) -> ExitCode {
     let report = match report {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot read {}: {e}", file.display());
+            crate::errln!("error: cannot read {}: {e}", file.display());
             return ExitCode::from(2);
         }
     };

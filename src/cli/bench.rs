@@ -54,7 +54,7 @@ pub async fn run_bench(client: &ClientArgs, args: &BenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: bench: {e}");
+            crate::errln!("error: bench: {e}");
             ExitCode::from(1)
         }
     }

@@ -96,7 +96,7 @@ async fn execute(args: &ClientArgs, command: &LeaseCommand) -> Result<(), Client
                 );
             } else if !r.token.is_empty() {
                 crate::outln!("{}", r.token);
-                eprintln!("renewed until {expires}; renewable for {left}s more");
+                crate::errln!("renewed until {expires}; renewable for {left}s more");
             } else {
                 crate::outln!("renewed until {expires}; renewable for {left}s more");
             }

@@ -200,7 +200,7 @@ pub fn dev_init(args: &ClientArgs, dir: Option<PathBuf>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: dev init: {e}");
+            crate::errln!("error: dev init: {e}");
             ExitCode::from(1)
         }
     }

@@ -55,7 +55,7 @@ fn check(args: &ClientArgs, dir: &Path) -> ExitCode {
                     serde_json::json!({"valid": false, "error": e.to_string()})
                 );
             }
-            eprintln!("error: {e}");
+            crate::errln!("error: {e}");
             ExitCode::from(1)
         }
     }

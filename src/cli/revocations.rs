@@ -45,8 +45,8 @@ pub async fn run(args: &ClientArgs, command: &RevocationsCommand) -> ExitCode {
         match follow(args, &mut cursor, audience.as_deref(), *heartbeats).await {
             // Only what retrying cannot fix ends the watch.
             Err(e) if !retryable(&e) => return e.report(args.json),
-            Err(e) => eprintln!("warning: {e}; resuming after {cursor:?} in {backoff:?}"),
-            Ok(()) => eprintln!("warning: the stream ended; resuming after {cursor:?}"),
+            Err(e) => crate::errln!("warning: {e}; resuming after {cursor:?} in {backoff:?}"),
+            Ok(()) => crate::errln!("warning: the stream ended; resuming after {cursor:?}"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));

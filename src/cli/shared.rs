@@ -87,7 +87,7 @@ pub(super) fn capped(asked: Option<Duration>, granted: Option<prost_types::Durat
     if granted >= asked.as_secs() {
         return false;
     }
-    eprintln!(
+    crate::errln!(
         "note: the broker granted {granted}s, less than the {}s asked (the task's ceiling, \
          ttl.credential_max or the time left to the task's deadline)",
         asked.as_secs()

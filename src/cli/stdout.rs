@@ -1,6 +1,7 @@
 //! Command output on stdout. A reader that went away (`taskcred audit export | head`) ends the
 //! command quietly, as it ends `cat`, instead of a panic; any other write failure is said on
-//! stderr and exits 1. Use [`crate::outln!`] and [`crate::out!`] where `println!` would be.
+//! stderr and exits 1; a stderr that cannot be written is passed over. Use [`crate::outln!`],
+//! [`crate::out!`] and [`crate::errln!`] where `println!`, `print!` and `eprintln!` would be.
 
 use std::io::{self, Write as _};
 
@@ -11,7 +12,7 @@ pub fn write(args: std::fmt::Arguments<'_>) {
         if e.kind() == io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
-        eprintln!("error: cannot write the output: {e}");
+        warn(format_args!("error: cannot write the output: {e}\n"));
         std::process::exit(1);
     }
 }
@@ -32,5 +33,19 @@ macro_rules! outln {
 macro_rules! out {
     ($($arg:tt)*) => {
         $crate::cli::stdout::write(format_args!($($arg)*))
+    };
+}
+
+/// Writes `args` to stderr; a stderr that cannot be written (closed, a full disk) is passed over:
+/// what failed is said by the exit code.
+pub fn warn(args: std::fmt::Arguments<'_>) {
+    let _ = io::stderr().lock().write_fmt(args);
+}
+
+/// `eprintln!` on [`warn`]: never a panic.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::cli::stdout::warn(format_args!("{}\n", format_args!($($arg)*)))
     };
 }

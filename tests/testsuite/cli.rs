@@ -699,3 +699,40 @@ fn a_closed_stdout_ends_a_command_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(stdout.trim(), "status 0", "{stderr}");
 }
+
+/// A stderr that cannot be written (a full disk) never turns an error into a panic, and the
+/// client reads no file without bound (`--cert /dev/zero`): found by an attack review.
+#[test]
+fn a_full_stderr_and_an_endless_file_are_errors_not_crashes() {
+    let script = format!(
+        "\"{}\" --dev-dir /nonexistent --as agent whoami 2>/dev/full; echo \"status $?\"",
+        crate::common::BIN
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.trim().starts_with("status "), "{said}");
+    assert_ne!(said.trim(), "status 101", "a panic");
+    assert_ne!(said.trim(), "status 0");
+
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().to_str().unwrap();
+    let (code, _, err) = crate::common::run(&["dev", "init", "--dir", dev]);
+    assert_eq!(code, 0, "{err}");
+    let key = format!("{dev}/agent-key.pem");
+    let (code, _, err) = crate::common::run(&[
+        "--broker",
+        "https://127.0.0.1:1",
+        "--ca",
+        &format!("{dev}/ca.pem"),
+        "--cert",
+        "/dev/zero",
+        "--key",
+        &key,
+        "whoami",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("over 1024 KiB"), "{err}");
+}

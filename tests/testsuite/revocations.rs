@@ -577,3 +577,67 @@ async fn the_crl_lists_revoked_certificates_across_replicas() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A watch holds only while its caller is honoured: it ends `UNAUTHENTICATED`
+/// (`CERTIFICATE_EXPIRED`) within a heartbeat of the watcher's certificate expiring, and
+/// `PERMISSION_DENIED` within a heartbeat of a policy set that no longer permits it (found by an
+/// attack review: both went on streaming).
+#[tokio::test]
+async fn a_watch_ends_when_its_certificate_expires_or_policy_withdraws_it() {
+    use taskcred::broker::HEARTBEAT;
+    let b = Broker::start().await;
+    let within = HEARTBEAT + Duration::from_secs(5);
+    let reason = |s: &tonic::Status| taskcred::api::reason_of(s);
+
+    // A verifier whose certificate lives 3 seconds.
+    let mut params = crate::common::svid_params(&["spiffe://taskcred.dev/verifier/short"]);
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let short = crate::common::issue(&params, &b.dev_ca());
+    let mut stream = RevocationServiceClient::new(b.channel(Some(&short)).await)
+        .watch_revocations(pb::WatchRevocationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(3) + within, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(s) => return s,
+            }
+        }
+    })
+    .await
+    .expect("the watch outlived its certificate");
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert_eq!(reason(&ended).as_deref(), Some("CERTIFICATE_EXPIRED"));
+
+    // The dev verifier watches; then policy stops permitting verifiers to.
+    let mut stream = watch(&b, "", "").await;
+    next(&mut stream, within).await;
+    let path = b.path("policies/credentials.cedar");
+    let policies = std::fs::read_to_string(&path).unwrap();
+    let withdrawn = policies.replace("principal.path like \"/verifier/*\" || ", "");
+    assert_ne!(withdrawn, policies);
+    std::fs::write(&path, withdrawn).unwrap();
+    crate::common::flows::admin_as(&b, "operator")
+        .await
+        .reload_policy(pb::ReloadPolicyRequest {})
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(within, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(s) => return s,
+            }
+        }
+    })
+    .await
+    .expect("the watch outlived its permission");
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    assert_eq!(reason(&ended).as_deref(), Some("POLICY_DENIED"));
+    b.stop().await;
+}
