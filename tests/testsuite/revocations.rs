@@ -578,6 +578,17 @@ async fn the_crl_lists_revoked_certificates_across_replicas() {
     b.stop().await;
 }
 
+/// The status a stream ends with, whatever messages come before it.
+async fn ended_with(stream: &mut Streaming<pb::RevocationEvent>) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(s) => return s,
+        }
+    }
+}
+
 /// A watch holds only while its caller is honoured: it ends `UNAUTHENTICATED`
 /// (`CERTIFICATE_EXPIRED`) within a heartbeat of the watcher's certificate expiring, and
 /// `PERMISSION_DENIED` within a heartbeat of a policy set that no longer permits it (found by an
@@ -599,17 +610,9 @@ async fn a_watch_ends_when_its_certificate_expires_or_policy_withdraws_it() {
         .await
         .unwrap()
         .into_inner();
-    let ended = tokio::time::timeout(Duration::from_secs(3) + within, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(s) => return s,
-            }
-        }
-    })
-    .await
-    .expect("the watch outlived its certificate");
+    let ended = tokio::time::timeout(Duration::from_secs(3) + within, ended_with(&mut stream))
+        .await
+        .expect("the watch outlived its certificate");
     assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
     assert_eq!(reason(&ended).as_deref(), Some("CERTIFICATE_EXPIRED"));
 
@@ -626,17 +629,9 @@ async fn a_watch_ends_when_its_certificate_expires_or_policy_withdraws_it() {
         .reload_policy(pb::ReloadPolicyRequest {})
         .await
         .unwrap();
-    let ended = tokio::time::timeout(within, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(s) => return s,
-            }
-        }
-    })
-    .await
-    .expect("the watch outlived its permission");
+    let ended = tokio::time::timeout(within, ended_with(&mut stream))
+        .await
+        .expect("the watch outlived its permission");
     assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
     assert_eq!(reason(&ended).as_deref(), Some("POLICY_DENIED"));
     b.stop().await;
