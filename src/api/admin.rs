@@ -2,7 +2,7 @@
 //! force-revoke).
 
 use prost::Message as _;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use super::Reply;
 use super::auth::{caller_and_message, caller_id};
@@ -79,8 +79,9 @@ impl AdminService for AdminApi {
         let who = caller_id(&request)?;
         let kid = request.into_inner().kid;
         if kid.is_empty() || kid.len() > 128 || kid.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(
-                "kid: 1 to 128 bytes, no control characters",
+            return Err(super::convert::invalid(
+                "kid",
+                "1 to 128 bytes, no control characters",
             ));
         }
         let kids = self.broker.revoke_signing_key(&who, &kid).await?;
@@ -156,7 +157,7 @@ impl AdminService for AdminApi {
             state: optional(&req.state)
                 .map(|s| {
                     LeaseState::parse(&s).ok_or_else(|| {
-                        Status::invalid_argument("state: one of active, revoked, expired")
+                        super::convert::invalid("state", "one of active, revoked, expired")
                     })
                 })
                 .transpose()?,
@@ -164,7 +165,7 @@ impl AdminService for AdminApi {
             after: optional(&req.page_token)
                 .map(|t| {
                     LeaseCursor::parse(&t).ok_or_else(|| {
-                        Status::invalid_argument("page_token: not from a previous page")
+                        super::convert::invalid("page_token", "not from a previous page")
                     })
                 })
                 .transpose()?,
@@ -196,7 +197,7 @@ impl AdminService for AdminApi {
             match req.page_token.as_str() {
                 "" => None,
                 t => Some(WorkloadId::parse(t).map_err(|_| {
-                    Status::invalid_argument("page_token: not from a previous page")
+                    super::convert::invalid("page_token", "not from a previous page")
                 })?),
             };
         let page = self

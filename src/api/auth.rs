@@ -40,7 +40,12 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<&PeerIdentity, Status> {
         .extensions()
         .get::<Caller>()
         .map(|c| c.0.as_ref())
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))
+        .ok_or_else(|| {
+            refused(
+                Status::unauthenticated("a client certificate is required"),
+                NO_CERT,
+            )
+        })
 }
 
 /// The SPIFFE ID of `request`'s caller, or `UNAUTHENTICATED`.
@@ -97,6 +102,14 @@ pub struct Auth<S> {
 }
 
 /// Decides whether a request may proceed, and as whom.
+/// The reason of a call without a client certificate where one is needed.
+const NO_CERT: &str = "CLIENT_CERTIFICATE_REQUIRED";
+
+/// `status` with its stable `reason`.
+fn refused(status: Status, reason: &str) -> Status {
+    super::error::with_reason(&status, reason, std::collections::HashMap::new())
+}
+
 fn authenticate(
     path: &str,
     conn: Option<&ConnInfo>,
@@ -107,8 +120,9 @@ fn authenticate(
     let public = PUBLIC_METHODS.contains(&path);
     match peer {
         // A certificate that expired while its connection stayed open proves nothing anymore.
-        Some(p) if p.expired_at(clock.now()) => Err(Status::unauthenticated(
-            "the client certificate has expired",
+        Some(p) if p.expired_at(clock.now()) => Err(refused(
+            Status::unauthenticated("the client certificate has expired"),
+            "CERTIFICATE_EXPIRED",
         )),
         Some(p) => match rpcs.take(p.id.as_str(), std::time::Instant::now()) {
             Ok(()) => Ok(Some(Caller(p))),
@@ -121,12 +135,13 @@ fn authenticate(
                 if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
                     s.metadata_mut().insert("retry-after-ms", v);
                 }
-                Err(s)
+                Err(refused(s, "RATE_LIMITED"))
             }
         },
         None if public => Ok(None),
-        None => Err(Status::unauthenticated(
-            "this method requires a client certificate (mutual TLS)",
+        None => Err(refused(
+            Status::unauthenticated("this method requires a client certificate (mutual TLS)"),
+            NO_CERT,
         )),
     }
 }

@@ -14,8 +14,14 @@ use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseId, Lock};
 use crate::task::{Decision, Outcome, RawTaskRequest, Task, TaskId, TaskState};
 
+/// `INVALID_ARGUMENT` for `field`, with the reason `INVALID_FIELD` and the field in its
+/// `ErrorInfo` (as the use cases' own refusals of a field).
 pub(super) fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {reason}"))
+    super::error::with_reason(
+        &Status::invalid_argument(format!("{field}: {reason}")),
+        "INVALID_FIELD",
+        std::collections::HashMap::from([("field".to_owned(), field.to_owned())]),
+    )
 }
 
 /// A `google.protobuf.Duration` as its specification defines one, refused otherwise (never
@@ -164,7 +170,7 @@ impl From<Task> for pb::Task {
 }
 
 pub(super) fn agent(s: &str) -> Result<WorkloadId, Status> {
-    WorkloadId::parse(s).map_err(|e| Status::invalid_argument(format!("agent: {e}")))
+    WorkloadId::parse(s).map_err(|e| invalid("agent", e))
 }
 
 impl From<Lock> for pb::Lock {
@@ -204,8 +210,7 @@ pub(super) fn ttl(d: Option<prost_types::Duration>) -> Result<Option<Duration>, 
 }
 
 pub(super) fn lease_id(s: &str) -> Result<LeaseId, Status> {
-    LeaseId::parse(s)
-        .map_err(|_| Status::invalid_argument("lease_id: not a lease id (a lowercase UUIDv7)"))
+    LeaseId::parse(s).map_err(|_| invalid("lease_id", "not a lease id (a lowercase UUIDv7)"))
 }
 
 /// The lifetime a lease's credential was granted: the lease's expiry less its issue time.

@@ -1,6 +1,6 @@
 //! `taskcred.v1.CredentialService`: thin handlers over [`Broker`].
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use super::Reply;
 use super::auth::{caller, caller_and_message, caller_id};
@@ -112,8 +112,9 @@ impl CredentialService for CredentialApi {
                 }));
             }
             (false, false) => {
-                return Err(Status::invalid_argument(
-                    "token, certificate: one or the other, not both",
+                return Err(super::convert::invalid(
+                    "token, certificate",
+                    "one or the other, not both",
                 ));
             }
         }

@@ -20,13 +20,18 @@ pub fn status(e: BrokerError) -> Status {
     if let BrokerError::Invalid { field, .. } = &e {
         metadata.insert("field".to_owned(), (*field).to_owned());
     }
-    let bare = bare_status(e);
+    with_reason(&bare_status(e), reason, metadata)
+}
+
+/// `status` with a stable reason of its own and `metadata`, its code, message and metadata kept:
+/// for the refusals made outside the use cases (the authentication layer, the protobuf edge).
+pub fn with_reason(status: &Status, reason: &str, metadata: HashMap<String, String>) -> Status {
     let mut with_info = Status::with_error_details(
-        bare.code(),
-        bare.message(),
+        status.code(),
+        status.message(),
         ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
     );
-    *with_info.metadata_mut() = bare.metadata().clone();
+    *with_info.metadata_mut() = status.metadata().clone();
     with_info
 }
 

@@ -97,7 +97,7 @@ impl RevocationService for RevocationApi {
             "" => None,
             s => Some(
                 Cursor::parse(s)
-                    .ok_or_else(|| Status::invalid_argument("after: not a cursor (<ms>-<seq>)"))?,
+                    .ok_or_else(|| super::convert::invalid("after", "not a cursor (<ms>-<seq>)"))?,
             ),
         };
         let audience = Some(req.audience).filter(|a| !a.is_empty());

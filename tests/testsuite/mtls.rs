@@ -569,3 +569,40 @@ async fn http_port_publishes_the_signing_key_and_discovery() {
     );
     broker.stop().await;
 }
+
+/// Refusals made before a use case runs carry a stable reason too (`google.rpc.ErrorInfo`):
+/// a call without a client certificate, and a field the protobuf edge refuses (with the field).
+#[tokio::test]
+async fn refusals_at_the_edge_carry_a_reason() {
+    use taskcred::api::pb::credential_service_client::CredentialServiceClient;
+    let broker = Broker::start().await;
+    let err = IdentityServiceClient::new(broker.channel(None).await)
+        .who_am_i(WhoAmIRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(
+        taskcred::api::reason_of(&err).as_deref(),
+        Some("CLIENT_CERTIFICATE_REQUIRED")
+    );
+    let err = CredentialServiceClient::new(broker.channel_as("agent").await)
+        .revoke_lease(taskcred::api::pb::RevokeLeaseRequest {
+            lease_id: "not-a-lease".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        taskcred::api::reason_of(&err).as_deref(),
+        Some("INVALID_FIELD")
+    );
+    let info = tonic_types::StatusExt::get_error_details(&err)
+        .error_info()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        info.metadata.get("field").map(String::as_str),
+        Some("lease_id")
+    );
+    broker.stop().await;
+}
