@@ -90,7 +90,8 @@ pub fn explain_tls(error: &(dyn std::error::Error + 'static)) -> Option<&'static
         });
         let said = match found {
             Some(rustls::Error::AlertReceived(alert)) => match alert {
-                Alert::UnknownCA => Some(
+                // A CA of the same name that did not sign it (a bad signature) is another CA.
+                Alert::UnknownCA | Alert::DecryptError | Alert::BadCertificateHashValue => Some(
                     "the broker does not trust the CA that signed your certificate: it must \
                      chain to the bundle of its SPIFFE ID's trust domain",
                 ),

@@ -30,7 +30,7 @@ use rustls::{
     SignatureScheme,
 };
 
-use super::{PeerIdentity, TrustDomains};
+use super::{IdentityError, PeerIdentity, TrustDomains};
 
 /// Verifies client certificates as X509-SVIDs, each against the bundle of its own trust domain.
 #[derive(Debug)]
@@ -142,7 +142,15 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         // 1. The leaf rules, and which bundle: its own trust domain's (nothing trusted yet).
-        let claimed = PeerIdentity::from_leaf(end_entity, &self.allowed).map_err(refused)?;
+        let claimed = PeerIdentity::from_leaf(end_entity, &self.allowed).map_err(|e| match e {
+            // An identity of no trust domain served here: the `access_denied` alert, so that
+            // the client can tell it from a certificate that is no X509-SVID.
+            IdentityError::TrustDomainNotAllowed(domain) => {
+                tracing::info!(%domain, "client certificate refused: its trust domain is not one this broker serves");
+                Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+            }
+            other => refused(other),
+        })?;
         let Some(chain) = self.domains.get(claimed.id.trust_domain()) else {
             return Err(Error::InvalidCertificate(CertificateError::UnknownIssuer));
         };

@@ -659,6 +659,25 @@ fn refused_certificates_are_explained() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("expired"), "{err}");
 
+    // Signed by the right CA, for a trust domain the broker does not serve: the identity is
+    // refused, not the certificate's profile.
+    let foreign = crate::common::issue(
+        &crate::common::svid_params(&["spiffe://evil.example/agent/demo"]),
+        &dev_ca,
+    );
+    let (code, _, err) = present("foreign", &foreign);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("trust domain the broker serves"), "{err}");
+
+    // Signed by a CA of the same name as the trusted one but another key (a second dev PKI): a
+    // signature that does not verify is another CA too.
+    let twin_dir = tempfile::tempdir().unwrap();
+    taskcred::devpki::init(twin_dir.path()).unwrap();
+    let twin = crate::common::dev_identity_in(twin_dir.path(), "agent");
+    let (code, _, err) = present("twin", &twin);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not trust the CA"), "{err}");
+
     // `doctor` checks the same from the client's side, one line a check.
     let (code, out, _) = present_to("doctor", "old", &old);
     assert_eq!(code, 1, "{out}");

@@ -100,10 +100,12 @@ fn bad_certificates(broker: &Broker) -> Vec<Bad> {
         );
     }
 
+    // An identity of a trust domain not served here: `access_denied`, so that the client can
+    // tell it from a certificate that is no X509-SVID.
     add(
         "trust_domain_not_allowed",
         svid_params(&["spiffe://evil.dev/agent/demo"]),
-        AlertDescription::CertificateUnknown,
+        AlertDescription::AccessDenied,
     );
 
     let mut key_cert_sign = svid_params(&[AGENT]);
@@ -480,9 +482,7 @@ async fn trust_domains_come_from_config() {
     .await;
     assert_eq!(
         result,
-        Err(TlsError::AlertReceived(
-            AlertDescription::CertificateUnknown
-        ))
+        Err(TlsError::AlertReceived(AlertDescription::AccessDenied))
     );
     broker.stop().await;
 }
@@ -503,7 +503,7 @@ async fn ci_identities_are_not_mtls_identities() {
         &Bad {
             defect: "ci_identity_as_client_certificate",
             pem: ci.clone(),
-            alert: AlertDescription::CertificateUnknown,
+            alert: AlertDescription::AccessDenied,
         },
     );
     // Nobody may ask for a task executed by a CI identity either.
