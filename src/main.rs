@@ -62,16 +62,27 @@ fn main() -> ExitCode {
 
 /// `config check`: what `serve` would load, loaded, and said.
 fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
+    // Under --json a refusal is JSON too: {"ok": false, "error": "..."}.
+    let refuse = |message: String, code: u8| {
+        if cli.client.json {
+            taskcred::outln!("{}", serde_json::json!({"ok": false, "error": message}));
+        } else {
+            taskcred::errln!("error: {message}");
+        }
+        ExitCode::from(code)
+    };
     if args.dev && !devpki::is_complete(&cli.client.dev_dir) {
-        taskcred::errln!(
-            "error: no dev PKI in {} (`taskcred dev init` makes one)",
-            cli.client.dev_dir.display()
+        return refuse(
+            format!(
+                "no dev PKI in {} (`taskcred dev init` makes one)",
+                cli.client.dev_dir.display()
+            ),
+            EXIT_BAD_CONFIG,
         );
-        return ExitCode::from(EXIT_BAD_CONFIG);
     }
-    let config = match load_config(cli, args) {
+    let config = match load_config_or(cli, args) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err((message, code)) => return refuse(message, code),
     };
     match App::check(&config, args.dev) {
         Ok(found) => {
@@ -108,31 +119,28 @@ fn check_config(cli: &Cli, args: &ServeArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            if cli.client.json {
-                taskcred::outln!(
-                    "{}",
-                    serde_json::json!({"ok": false, "error": e.to_string()})
-                );
-            } else {
-                taskcred::errln!("error: configuration refused: {e}");
-            }
-            ExitCode::from(EXIT_BAD_CONFIG)
-        }
+        Err(e) => refuse(format!("configuration refused: {e}"), EXIT_BAD_CONFIG),
     }
 }
 
 /// The configuration `serve` and `config check` read: `--config FILE`, or the dev PKI's with
 /// `--dev`, with the flags' overrides; a refusal is reported and is the exit code.
 fn load_config(cli: &Cli, args: &ServeArgs) -> Result<taskcred::config::Config, ExitCode> {
+    load_config_or(cli, args).map_err(|(message, code)| {
+        taskcred::errln!("error: {message}");
+        ExitCode::from(code)
+    })
+}
+
+/// As [`load_config`], the refusal and its exit code returned instead of said.
+fn load_config_or(cli: &Cli, args: &ServeArgs) -> Result<taskcred::config::Config, (String, u8)> {
     let source = if args.dev {
         Source::Dev(cli.client.dev_dir.clone())
     } else if let Some(path) = &args.config {
         Source::File(path.clone())
     } else {
         // clap's argument group makes one of the two required.
-        taskcred::errln!("error: needs --config FILE or --dev");
-        return Err(ExitCode::from(2));
+        return Err(("needs --config FILE or --dev".into(), 2));
     };
     let overrides = Overrides {
         grpc_addr: args.grpc_addr.clone(),
@@ -140,10 +148,8 @@ fn load_config(cli: &Cli, args: &ServeArgs) -> Result<taskcred::config::Config, 
         log_format: args.log_format.clone(),
         redis_url: args.redis.clone(),
     };
-    config::load(&source, std::env::vars(), &overrides).map_err(|e| {
-        taskcred::errln!("error: configuration refused: {e}");
-        ExitCode::from(EXIT_BAD_CONFIG)
-    })
+    config::load(&source, std::env::vars(), &overrides)
+        .map_err(|e| (format!("configuration refused: {e}"), EXIT_BAD_CONFIG))
 }
 
 async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {

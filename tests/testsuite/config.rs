@@ -558,3 +558,23 @@ fn an_issuing_ca_that_is_an_identity_ca_is_warned_of() {
     assert!(said, "serve did not warn");
     assert_eq!(serve.terminate().code(), Some(0));
 }
+
+/// `config check --json` answers in JSON whatever refuses the configuration, a file that does
+/// not parse included, with exit 64.
+#[test]
+fn config_check_refusals_are_json_under_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, "[server\n").unwrap();
+    let (code, out, err) = crate::common::run(&[
+        "--json",
+        "config",
+        "check",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 64, "{out}{err}");
+    let said: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(said["ok"], serde_json::Value::Bool(false));
+    assert!(said["error"].as_str().unwrap().contains("line 1"), "{said}");
+}
