@@ -176,6 +176,23 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
     telemetry::init_logging(config.log.format, &config.log.level);
     let server = config.server.clone();
     let warnings = taskcred::app::startup_warnings(&config, args.dev);
+    let listeners = match Listeners::bind(&server).await {
+        Ok(l) => l,
+        Err(e) => {
+            taskcred::errln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // A dev broker on a port the kernel picked: its issuer (the JWK Set's address in
+    // discovery) is the address it really listens on.
+    let mut config = config;
+    if args.dev
+        && server.http_addr.port() == 0
+        && let Some(addr) = listeners.http_addr()
+    {
+        let scheme = if server.http_tls { "https" } else { "http" };
+        config.issuer.url = format!("{scheme}://{addr}");
+    }
     let app = match App::build(config) {
         Ok(app) => app,
         // The store is configured right but cannot be opened (another broker holds the file).
@@ -186,13 +203,6 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> ExitCode {
         Err(e) => {
             taskcred::errln!("error: configuration refused: {e}");
             return ExitCode::from(EXIT_BAD_CONFIG);
-        }
-    };
-    let listeners = match Listeners::bind(&server).await {
-        Ok(l) => l,
-        Err(e) => {
-            taskcred::errln!("error: {e}");
-            return ExitCode::from(1);
         }
     };
     // Signal handlers are installed before the banner: whoever waits for the banner may signal

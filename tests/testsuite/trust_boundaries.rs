@@ -875,6 +875,26 @@ async fn the_dev_issuer_follows_the_http_address() {
         format!("http://{http}/.well-known/jwks.json")
     );
     assert_eq!(serve.terminate().code(), Some(0));
+
+    // On a port the kernel picks (`:0`), the issuer is the port it picked, never the default
+    // 7480 that something else may own (found by an attack review).
+    let serve = crate::common::ServeProcess::start(
+        &[
+            "--dev-dir",
+            dev.to_str().unwrap(),
+            "serve",
+            "--dev",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let (_, body) = crate::common::http_get(serve.http, "/.well-known/openid-configuration").await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["issuer"], format!("http://{}", serve.http));
+    assert_eq!(serve.terminate().code(), Some(0));
 }
 
 /// Point 6b: the public RPCs have a budget per source address before any verification, and
