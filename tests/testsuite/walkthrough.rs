@@ -5,7 +5,7 @@
 //! binary built for the tests; the task ids the README shows stand for the ids the broker
 //! printed in their place. Each command must end as the README shows it: an `error:` line where
 //! it shows one (with the same code and reason), success and output of the same shape (first
-//! word, JSON key, or id) otherwise; a stream (`revocations watch`) is read for a few seconds.
+//! word, JSON key, or id) otherwise; a stream (`revocations watch`) is read for 8 seconds.
 //!
 //! Not run: `grpcurl` (a third-party tool the machine may not have; reflection and health are
 //! tested in `mtls`) and the block of the `resource_server` example (it needs the example built;
@@ -232,7 +232,7 @@ fn the_readme_walkthrough_runs_as_written() {
             "the walkthrough runs `{command}`, which this test does not know"
         );
         let stream = command.contains("revocations watch");
-        let limit = Duration::from_secs(if stream { 4 } else { 30 });
+        let limit = Duration::from_secs(if stream { 8 } else { 30 });
         let (code, out, err) = run(&command, dir.path(), &env, limit);
         ran += 1;
         let said = format!("`{command}`\nexit {code:?}\nstdout:\n{out}\nstderr:\n{err}");
