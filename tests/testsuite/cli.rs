@@ -3,20 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use crate::common::{ServeProcess, http_get, run, run_as};
-
-fn ephemeral(dev_dir: &str) -> Vec<&str> {
-    vec![
-        "serve",
-        "--dev",
-        "--dev-dir",
-        dev_dir,
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-    ]
-}
+use crate::common::{ServeProcess, http_get, run, run_as, serve_dev_args};
 
 #[test]
 fn dev_init_writes_keys_0600_and_keeps_what_exists() {
@@ -58,7 +45,7 @@ fn serve_dev_answers_whoami_for_each_identity_and_exits_zero_on_sigterm() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = tmp.path().join("dev");
     let dev_s = dev.to_str().unwrap();
-    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+    let serve = ServeProcess::start(&serve_dev_args(dev_s), &[]);
     let broker = format!("https://{}", serve.grpc);
 
     let (code, out, err) = run(&[
@@ -186,7 +173,7 @@ fn serve_dev_answers_whoami_for_each_identity_and_exits_zero_on_sigterm() {
 fn serve_logs_json_lines_with_log_format_json() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = tmp.path().join("dev");
-    let mut args = ephemeral(dev.to_str().unwrap());
+    let mut args = serve_dev_args(dev.to_str().unwrap());
     args.extend(["--log-format", "json"]);
     let serve = ServeProcess::start(&args, &[]);
     let line = serve
@@ -213,7 +200,7 @@ fn task_commands_and_policy_reload_on_sighup() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = tmp.path().join("dev");
     let dev_s = dev.to_str().unwrap();
-    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+    let serve = ServeProcess::start(&serve_dev_args(dev_s), &[]);
     let as_ = |name: &'static str, args: &[&str]| run_as(serve.grpc, dev_s, name, args);
     let request = [
         "task",
@@ -353,7 +340,7 @@ fn serve_dev_with_redis_keeps_tasks_in_redis() {
     let dev_s = dev.to_str().unwrap();
     let url = redis.url();
     let with_redis = |extra: bool| {
-        let mut a = ephemeral(dev_s);
+        let mut a = serve_dev_args(dev_s);
         if extra {
             a.extend(["--redis", url.as_str()]);
         }
@@ -401,7 +388,7 @@ fn operator_commands_lock_agents_and_rotate_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = tmp.path().join("dev");
     let dev_s = dev.to_str().unwrap();
-    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+    let serve = ServeProcess::start(&serve_dev_args(dev_s), &[]);
     let as_ = |name: &'static str, args: &[&str]| run_as(serve.grpc, dev_s, name, args);
     let agent = "spiffe://taskcred.dev/agent/demo";
     let request = [
@@ -541,7 +528,7 @@ fn exit_codes_and_json_errors_say_whether_to_retry_and_a_capped_ttl_is_said() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = tmp.path().join("dev");
     let dev_s = dev.to_str().unwrap();
-    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+    let serve = ServeProcess::start(&serve_dev_args(dev_s), &[]);
 
     // Nobody listens on port 1.
     let unreachable = [
@@ -601,11 +588,11 @@ fn exit_codes_and_json_errors_say_whether_to_retry_and_a_capped_ttl_is_said() {
 /// transport error`), with exit 1: retrying does not help.
 #[test]
 fn refused_certificates_are_explained() {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use rcgen::KeyPair;
     let tmp = tempfile::tempdir().unwrap();
     let dev = tmp.path().join("dev");
     let dev_s = dev.to_str().unwrap();
-    let serve = ServeProcess::start(&ephemeral(dev_s), &[]);
+    let serve = ServeProcess::start(&serve_dev_args(dev_s), &[]);
     let broker = format!("https://{}", serve.grpc);
     let ca = dev.join("ca.pem");
     let present_to = |command: &str, name: &str, pem: &crate::common::Pem| {
@@ -630,13 +617,7 @@ fn refused_certificates_are_explained() {
     let present = |name: &str, pem: &crate::common::Pem| present_to("whoami", name, pem);
 
     // Signed by a CA the broker does not trust.
-    let mut other_ca = CertificateParams::default();
-    other_ca
-        .distinguished_name
-        .push(DnType::CommonName, "another CA");
-    other_ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    other_ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let other = rcgen::Issuer::new(other_ca, KeyPair::generate().unwrap());
+    let other = crate::common::another_ca();
     let stranger = crate::common::issue(
         &crate::common::svid_params(&["spiffe://taskcred.dev/agent/demo"]),
         &other,

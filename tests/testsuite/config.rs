@@ -83,25 +83,7 @@ fn the_shipped_example_starts_a_broker() {
     // `config check` says what serve will load, without binding or opening anything: it
     // passes while the broker runs and holds the store.
     let serve = ServeProcess::start(&["serve", "--config", path.to_str().unwrap()], &[]);
-    let out = Command::new(BIN)
-        .args([
-            "--json",
-            "config",
-            "check",
-            "--config",
-            path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(found["ok"], true);
+    let found = crate::common::config_check_json(&path);
     assert_eq!(
         found["found"]["trust_domains"],
         serde_json::json!(["example.org"]),

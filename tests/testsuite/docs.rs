@@ -231,19 +231,7 @@ fn the_production_bootstrap_runs_as_written() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = std::process::Command::new(crate::common::BIN)
-        .args(["--json", "config", "check", "--config"])
-        .arg(dir.path().join("taskcred.toml"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let found = crate::common::config_check_json(&dir.path().join("taskcred.toml"));
     assert_eq!(
         found["found"]["trust_domains"],
         serde_json::json!(["example.org"])

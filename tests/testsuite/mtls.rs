@@ -176,13 +176,7 @@ async fn refuses_every_bad_client_certificate_over_real_tls() {
 #[tokio::test]
 async fn refuses_a_certificate_from_another_ca() {
     let broker = Broker::start().await;
-    let mut other_ca = CertificateParams::default();
-    other_ca
-        .distinguished_name
-        .push(DnType::CommonName, "another CA");
-    other_ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    other_ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let other = rcgen::Issuer::new(other_ca, KeyPair::generate().unwrap());
+    let other = crate::common::another_ca();
     let pem = issue(&svid_params(&[AGENT]), &other);
     let bad = Bad {
         defect: "signed_by_another_ca",

@@ -853,48 +853,37 @@ async fn the_dev_issuer_follows_the_http_address() {
         .port();
     let tmp = tempfile::tempdir().unwrap();
     let dev = tmp.path().join("dev");
-    let http = format!("127.0.0.1:{port}");
-    let serve = crate::common::ServeProcess::start(
-        &[
-            "--dev-dir",
-            dev.to_str().unwrap(),
-            "serve",
-            "--dev",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            &http,
-        ],
-        &[],
-    );
-    let (_, body) = crate::common::http_get(serve.http, "/.well-known/openid-configuration").await;
-    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(doc["issuer"], format!("http://{http}"));
-    assert_eq!(
-        doc["jwks_uri"],
-        format!("http://{http}/.well-known/jwks.json")
-    );
-    assert_eq!(serve.terminate().code(), Some(0));
-
-    // On a port the kernel picks (`:0`), the issuer is the port it picked, never the default
-    // 7480 that something else may own (found by an attack review).
-    let serve = crate::common::ServeProcess::start(
-        &[
-            "--dev-dir",
-            dev.to_str().unwrap(),
-            "serve",
-            "--dev",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
-    let (_, body) = crate::common::http_get(serve.http, "/.well-known/openid-configuration").await;
-    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(doc["issuer"], format!("http://{}", serve.http));
-    assert_eq!(serve.terminate().code(), Some(0));
+    // A port given, and one the kernel picks (`:0`): the issuer is the port served, never the
+    // default 7480 that something else may own (the second found by an attack review).
+    for http in [format!("127.0.0.1:{port}"), "127.0.0.1:0".to_owned()] {
+        let serve = crate::common::ServeProcess::start(
+            &[
+                "--dev-dir",
+                dev.to_str().unwrap(),
+                "serve",
+                "--dev",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                &http,
+            ],
+            &[],
+        );
+        let (_, body) =
+            crate::common::http_get(serve.http, "/.well-known/openid-configuration").await;
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["issuer"], format!("http://{}", serve.http));
+        assert_eq!(
+            doc["jwks_uri"],
+            format!("http://{}/.well-known/jwks.json", serve.http)
+        );
+        if http.ends_with(":0") {
+            assert_ne!(serve.http.port(), 0);
+        } else {
+            assert_eq!(serve.http.to_string(), http);
+        }
+        assert_eq!(serve.terminate().code(), Some(0));
+    }
 }
 
 /// Point 6b: the public RPCs have a budget per source address before any verification, and

@@ -180,19 +180,7 @@ fn the_readme_walkthrough_runs_as_written() {
     // The broker as the walkthrough's first command starts it, on free ports.
     let serve = &steps[0];
     assert_eq!(serve.command, "cargo run --release -- serve --dev");
-    let broker = ServeProcess::start(
-        &[
-            "serve",
-            "--dev",
-            "--dev-dir",
-            dev_dir,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let broker = ServeProcess::start(&crate::common::serve_dev_args(dev_dir), &[]);
     let (grpc, http) = (broker.grpc.to_string(), broker.http.to_string());
     let mut env: HashMap<String, String> = HashMap::new();
     env.insert("TASKCRED_BROKER".into(), format!("https://{grpc}"));

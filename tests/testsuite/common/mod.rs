@@ -600,3 +600,47 @@ pub fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// `taskcred serve --dev` on ephemeral loopback ports, with the dev PKI in `dev_dir`.
+pub fn serve_dev_args(dev_dir: &str) -> Vec<&str> {
+    vec![
+        "serve",
+        "--dev",
+        "--dev-dir",
+        dev_dir,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]
+}
+
+/// A CA nobody trusts, to sign certificates a broker must refuse.
+pub fn another_ca() -> Issuer<'static, KeyPair> {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "another CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    Issuer::new(params, KeyPair::generate().unwrap())
+}
+
+/// What `taskcred --json config check --config PATH` found, which must pass (exit 0).
+pub fn config_check_json(path: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(["--json", "config", "check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(found["ok"], true);
+    found
+}
