@@ -420,6 +420,7 @@ impl App {
             ci_rate: config.limits.ci,
             public_rate: config.limits.public,
             lock_on_failure: ttl.lock_on_failure,
+            delegation: config.delegation,
         };
         let broker = Broker::new(
             BrokerParts {

@@ -25,8 +25,10 @@ pub const TRUST_DOMAIN: &str = "taskcred.dev";
 pub const DEFAULT_DIR: &str = ".taskcred-dev";
 
 /// The dev identities: the short name used by `--as` and file names, and the SPIFFE ID.
-pub const IDENTITIES: [(&str, &str); 6] = [
+pub const IDENTITIES: [(&str, &str); 8] = [
     ("agent", "spiffe://taskcred.dev/agent/demo"),
+    ("agent2", "spiffe://taskcred.dev/agent/helper"),
+    ("agent3", "spiffe://taskcred.dev/agent/tester"),
     ("requester", "spiffe://taskcred.dev/human/requester"),
     ("approver", "spiffe://taskcred.dev/human/approver"),
     ("approver2", "spiffe://taskcred.dev/human/approver2"),

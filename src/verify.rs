@@ -7,6 +7,12 @@
 //! When that view is stale (no heartbeat for longer than the configured bound) it refuses
 //! everything (strict, the default) or keeps the last view (best-effort, opt-in).
 //!
+//! A credential of a delegated task carries its chain: `sub` is the root task's executor (whose
+//! approved authority it uses), `act` the actors (RFC 8693), the current one outermost
+//! ([`AccessClaims::act`], [`crate::mint::Actor::subjects`]), and `root_task_id` and
+//! `parent_task_id`. Decide on `sub` and the current actor; refuse chains longer than you accept
+//! with [`VerifierConfig::max_delegation_depth`].
+//!
 //! ```no_run
 //! # async fn demo(channel: tonic::transport::Channel, token: &str, cert_der: &[u8]) {
 //! use taskcred::verify::{Verifier, VerifierConfig};
@@ -82,6 +88,11 @@ pub struct VerifierConfig {
     /// the path could hand the verifier keys of their own). Only behind a mesh that encrypts
     /// and authenticates the hop.
     pub danger_allow_plain_http_jwks: bool,
+    /// The longest delegation chain accepted: the most actors in a token's `act` claim (RFC
+    /// 8693; a credential of a task delegated `n` times below its root carries `n` actors).
+    /// `None` (default): whatever the broker issued (it bounds chains by
+    /// `delegation.max_depth`); `Some(0)`: no delegated token.
+    pub max_delegation_depth: Option<usize>,
 }
 
 impl VerifierConfig {
@@ -98,6 +109,7 @@ impl VerifierConfig {
             require_cnf: true,
             tls: None,
             danger_allow_plain_http_jwks: false,
+            max_delegation_depth: None,
         }
     }
 }
@@ -121,6 +133,14 @@ pub enum VerifyError {
     /// Revoked before its expiry.
     #[error("the token was revoked")]
     Revoked,
+    /// Its delegation chain is longer than this resource server accepts.
+    #[error("the token's delegation chain has {actors} actors; this verifier accepts {max}")]
+    ChainTooDeep {
+        /// Actors in the token's `act`.
+        actors: usize,
+        /// The most accepted ([`VerifierConfig::max_delegation_depth`]).
+        max: usize,
+    },
     /// Issued before the broker's store was reset: its revocations may be lost.
     #[error("the token was issued before the broker's store was reset")]
     BeforeStoreReset,
@@ -359,6 +379,12 @@ impl Verifier {
         };
         if !bound {
             return Err(VerifyError::Unbound);
+        }
+        let actors = claims.act.as_ref().map_or(0, |a| a.subjects().len());
+        if let Some(max) = config.max_delegation_depth
+            && actors > max
+        {
+            return Err(VerifyError::ChainTooDeep { actors, max });
         }
         if !self.revocations_current() && config.stale == StalePolicy::Strict {
             return Err(VerifyError::Stale);

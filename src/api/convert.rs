@@ -121,6 +121,7 @@ pub(super) fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
 
 impl From<Task> for pb::Task {
     fn from(t: Task) -> Self {
+        let (root_id, depth) = (t.root_id().to_string(), t.depth());
         pb::Task {
             id: t.id.to_string(),
             executor: t.executor.to_string(),
@@ -165,6 +166,14 @@ impl From<Task> for pb::Task {
             started_at: t.started_at.and_then(ts),
             ended_at: t.ended_at.and_then(ts),
             end_reason: t.end_reason.unwrap_or_default(),
+            root_id,
+            depth: u32::try_from(depth).unwrap_or(u32::MAX),
+            chain: t
+                .delegation
+                .iter()
+                .flat_map(|d| d.chain.iter().map(ToString::to_string))
+                .collect(),
+            children: t.children.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -226,6 +235,12 @@ impl TryFrom<pb::RequestTaskRequest> for RawTaskRequest {
     type Error = Status;
 
     fn try_from(r: pb::RequestTaskRequest) -> Result<Self, Status> {
+        if !r.parent_id.is_empty() {
+            return Err(invalid(
+                "parent_id",
+                "a child task is made with DelegateTask, by the parent task's executor",
+            ));
+        }
         Ok(Self {
             executor: r.executor,
             purpose: r.purpose,
@@ -237,8 +252,30 @@ impl TryFrom<pb::RequestTaskRequest> for RawTaskRequest {
             labels: r.labels.into_iter().collect(),
             deadline_in: duration("deadline", r.deadline)?,
             credential_ttl: duration("credential_ttl", r.credential_ttl)?,
-            parent: Some(r.parent_id),
         })
+    }
+}
+
+/// The parent and the child asked for of a `DelegateTask` request.
+pub(super) fn delegation(r: pb::DelegateTaskRequest) -> Result<(TaskId, RawTaskRequest), Status> {
+    {
+        let parent = TaskId::parse(&r.parent_id)
+            .map_err(|_| invalid("parent_id", "not a task id (a lowercase UUIDv7)"))?;
+        Ok((
+            parent,
+            RawTaskRequest {
+                executor: r.executor,
+                purpose: r.purpose,
+                grants: r
+                    .grants
+                    .into_iter()
+                    .map(|g| (g.audience, g.actions))
+                    .collect(),
+                labels: r.labels.into_iter().collect(),
+                deadline_in: duration("deadline", r.deadline)?,
+                credential_ttl: duration("credential_ttl", r.credential_ttl)?,
+            },
+        ))
     }
 }
 

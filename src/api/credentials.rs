@@ -107,6 +107,8 @@ impl CredentialService for CredentialApi {
                         task_id: info.task,
                         serial: info.serial,
                         cnf_x5t_s256: lease.cnf,
+                        root_task_id: info.delegated.clone().map(|d| d.0).unwrap_or_default(),
+                        parent_task_id: info.delegated.map(|d| d.1).unwrap_or_default(),
                         ..Default::default()
                     },
                 }));
@@ -135,6 +137,13 @@ impl CredentialService for CredentialApi {
                 task_id: c.task_id,
                 cnf_x5t_s256: c.cnf.map(|c| c.x5t_s256).unwrap_or_default(),
                 serial: String::new(),
+                actors: c
+                    .act
+                    .as_ref()
+                    .map(|a| a.subjects().into_iter().map(str::to_owned).collect())
+                    .unwrap_or_default(),
+                root_task_id: c.root_task_id.unwrap_or_default(),
+                parent_task_id: c.parent_task_id.unwrap_or_default(),
             },
         }))
     }

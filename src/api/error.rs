@@ -93,6 +93,7 @@ fn bare_status(e: BrokerError) -> Status {
             }
             s
         }
+        BrokerError::Incomplete(what) => Status::unavailable(what),
         BrokerError::Pending(task) => {
             let mut s = Status::failed_precondition(BrokerError::Pending(task).to_string());
             // Machine-readable too, for pipelines that wait for the approval.

@@ -9,7 +9,8 @@ use super::pb;
 use super::pb::task_service_server::TaskService;
 use super::pb::{
     CancelTaskRequest, CompleteTaskRequest, CompleteTaskResponse, DecideTaskRequest,
-    GetTaskRequest, ListTasksRequest, ListTasksResponse, RequestTaskRequest, RevokeTaskRequest,
+    DelegateTaskRequest, GetTaskRequest, GetTaskTreeRequest, GetTaskTreeResponse, ListTasksRequest,
+    ListTasksResponse, RequestTaskRequest, RevokeTaskRequest,
 };
 use crate::broker::{Broker, ListRequest};
 use crate::task::{Decision, RawTaskRequest, TaskId};
@@ -97,6 +98,36 @@ impl TaskService for TaskApi {
         Ok(Response::new(CompleteTaskResponse {
             task: Some(pb::Task::from(task)),
             revoked_leases: u32::try_from(leases.len()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn delegate_task(&self, request: Request<DelegateTaskRequest>) -> Reply<pb::Task> {
+        let (who, r) = caller_and_message(request)?;
+        let (parent, raw) = super::convert::delegation(r)?;
+        let task = self.broker.delegate_task(&who, &parent, raw).await?;
+        Ok(Response::new(pb::Task::from(task)))
+    }
+
+    async fn get_task_tree(
+        &self,
+        request: Request<GetTaskTreeRequest>,
+    ) -> Reply<GetTaskTreeResponse> {
+        let who = caller_id(&request)?;
+        let id = task_id(&request.get_ref().task_id)?;
+        let tree = self.broker.task_tree(&who, &id).await?;
+        let mut tasks: Vec<pb::Task> = tree.tasks.into_iter().map(pb::Task::from).collect();
+        // Cut where the tree outgrows the message limit (the task asked for always stays).
+        let budget = self
+            .max_message_bytes
+            .saturating_sub(super::admin::ENVELOPE);
+        let keep =
+            super::admin::fitting(tasks.iter().map(prost::Message::encoded_len), budget).max(1);
+        let truncated = keep < tasks.len();
+        tasks.truncate(keep);
+        Ok(Response::new(GetTaskTreeResponse {
+            tasks,
+            hidden: u32::try_from(tree.hidden).unwrap_or(u32::MAX),
+            truncated,
         }))
     }
 

@@ -216,6 +216,20 @@ impl Broker {
             tracing::warn!(%agent, error = %e, "the lock holds; the reaper ends the rest of its tasks and leases");
             outcome.pending = true;
         }
+        // The tasks the lock ended end the tasks delegated below them (to other agents).
+        for id in outcome.tasks.clone() {
+            let ended = match self.store.get_task(&id).await {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
+                Err(_) => {
+                    outcome.pending = true;
+                    continue;
+                }
+            };
+            if self.end_tree_below(&ended, caller.as_str()).await.is_err() {
+                outcome.pending = true;
+            }
+        }
         let in_force = outcome.in_force.as_ref().unwrap_or(lock);
         let kept = in_force != lock;
         tracing::warn!(
@@ -310,6 +324,7 @@ impl Broker {
             .map_err(BrokerError::from)
             .inspect_err(|e| self.audit_refusal(PolicyAction::RevokeTask, caller, *id, e))?;
         tracing::warn!(task = %id, operator = %caller, leases = leases.len(), "task revoked");
+        self.end_tree_below(&task, caller.as_str()).await?;
         Ok((task, leases))
     }
 

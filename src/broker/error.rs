@@ -66,6 +66,10 @@ pub enum BrokerError {
     /// The caller went over its issuance rate (`RESOURCE_EXHAUSTED`, with when to retry).
     #[error("issuance rate limit reached; retry in {} ms", .0.as_millis().max(1))]
     RateLimited(Duration),
+    /// A task ended, but the tasks delegated below it could not all be ended yet (the store
+    /// failed half way): `UNAVAILABLE`, saying so; the reaper ends the rest.
+    #[error("{0}")]
+    Incomplete(String),
     /// The task awaits approvals (`FAILED_PRECONDITION`, naming the task).
     #[error("task {0} is pending approval; retry once it is approved")]
     Pending(TaskId),
@@ -143,6 +147,9 @@ pub enum Denial {
     /// Only the lease's agent renews it.
     #[error("only the lease's agent may renew it")]
     NotLeaseAgent,
+    /// A delegation would give the child more than its parent holds.
+    #[error("a delegation may only narrow: {0}")]
+    Widens(String),
 }
 
 impl Denial {
@@ -159,6 +166,7 @@ impl Denial {
             Self::Replayed(_) => "ID_TOKEN_REPLAYED",
             Self::CiGrantsFixed(_) => "CI_GRANTS_FIXED",
             Self::NotLeaseAgent => "NOT_THE_LEASE_AGENT",
+            Self::Widens(_) => "DELEGATION_WIDENS",
         }
     }
 }
@@ -266,6 +274,7 @@ impl BrokerError {
             Self::CertificateExpired => "CERTIFICATE_EXPIRED",
             Self::RateLimited(_) => "RATE_LIMITED",
             Self::Pending(_) => "TASK_PENDING_APPROVAL",
+            Self::Incomplete(_) => "CASCADE_PENDING",
             Self::Internal(_) => "INTERNAL",
         }
     }
@@ -289,6 +298,7 @@ impl From<TaskError> for BrokerError {
             TaskError::Invalid { field, reason } => Self::Invalid { field, reason },
             TaskError::Forbidden(f) => Self::Denied(Denial::Rule(f)),
             TaskError::Precondition(u) => Self::Precondition(Precondition::Task(u)),
+            TaskError::Widens(what) => Self::Denied(Denial::Widens(what)),
         }
     }
 }

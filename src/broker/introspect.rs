@@ -52,7 +52,9 @@ impl Broker {
         let Ok(task) = TaskId::parse(&claims.task_id) else {
             return Ok(Introspection::Inactive);
         };
-        let Ok(agent) = WorkloadId::parse(&claims.sub) else {
+        // The lease is the current actor's: `sub` names the root executor of a delegated task.
+        let holder = claims.act.as_ref().map_or(&claims.sub, |a| &a.sub);
+        let Ok(agent) = WorkloadId::parse(holder) else {
             return Ok(Introspection::Inactive);
         };
         let lease = self.live_lease(&task, &claims.jti, &agent, now).await?;

@@ -10,8 +10,8 @@ use crate::audit::AuditEvent;
 use crate::identity::PeerIdentity;
 use crate::lease::{CredentialKind, Lease, LeaseId, LeaseState, check_issuable};
 use crate::mint::{
-    AccessClaims, Confirmation, IssuingCa, SvidRequest, VerifiedCsr, random_id, random_serial,
-    serial_hex,
+    AccessClaims, Actor, Confirmation, IssuingCa, SvidRequest, VerifiedCsr, random_id,
+    random_serial, serial_hex,
 };
 use crate::policy::{PolicyAction, Principal, Resource, Verdict};
 use crate::store::IssueError;
@@ -89,6 +89,7 @@ impl Issuance {
             &SvidRequest {
                 id: &caller.id,
                 task: &self.task.id,
+                delegated: self.task.parent.map(|parent| (self.task.root_id(), parent)),
                 serial,
                 now,
                 not_after,
@@ -156,9 +157,11 @@ impl Broker {
         lease: &Lease,
         (iat, exp): (u64, u64),
     ) -> AccessClaims {
+        let delegated = task.delegation.is_some();
         AccessClaims {
             iss: self.keys.issuer().to_owned(),
-            sub: caller.id.to_string(),
+            // A delegated task's token carries the root executor's approved authority.
+            sub: task.subject().to_string(),
             aud: lease.audience.clone().unwrap_or_default(),
             exp,
             nbf: iat,
@@ -167,17 +170,26 @@ impl Broker {
             client_id: caller.id.to_string(),
             scope: lease.actions.join(" "),
             task_id: task.id.to_string(),
+            // The approvals of the chain above, then the task's own.
             approval_ids: task
-                .approvals
+                .delegation
                 .iter()
-                .filter(|a| a.decision == Decision::Approve)
-                .map(|a| a.id.clone())
+                .flat_map(|d| d.reviewed.iter().map(|r| r.approval_id.clone()))
+                .chain(
+                    task.approvals
+                        .iter()
+                        .filter(|a| a.decision == Decision::Approve)
+                        .map(|a| a.id.clone()),
+                )
                 .collect(),
             // A CI job without a client certificate gets an unbound token.
             cnf: (!caller.cert_sha256.is_empty()).then(|| Confirmation {
                 x5t_s256: caller.cert_sha256.clone(),
             }),
             ci: None,
+            act: Actor::chain(&task.actors().iter().map(|w| w.as_str()).collect::<Vec<_>>()),
+            root_task_id: delegated.then(|| task.root_id().to_string()),
+            parent_task_id: task.parent.map(|p| p.to_string()),
         }
     }
 
@@ -226,6 +238,9 @@ impl Broker {
         }
         if let Err(e) = check_issuable(&task, &caller.id, now) {
             return Err(refuse(self.explain_by_lock(&caller.id, e.into()).await));
+        }
+        if task.parent.is_some() {
+            self.check_chain(&task).await.map_err(refuse)?;
         }
         let to_deadline = task.deadline.duration_since(now).unwrap_or_default();
         let ttl_secs = self.lifetime_secs(&task, ttl, to_deadline);

@@ -12,6 +12,7 @@ mod auditor;
 mod authorize;
 mod ci;
 mod crl;
+mod delegate;
 mod epoch;
 mod error;
 mod introspect;
@@ -40,6 +41,7 @@ pub use auditor::{
 };
 pub use ci::{CiCredential, CiExchangeRequest, CiExchanged};
 pub use crl::CRL_REFRESH;
+pub use delegate::TaskTree;
 pub use epoch::{EPOCH_CHECK, STORE_EPOCH_STARTED, STORE_RESETS, StoreReset};
 pub use error::{BrokerError, Denial, Exhaustion, Missing, Precondition};
 pub use introspect::Introspection;
@@ -92,6 +94,8 @@ pub struct BrokerSettings {
     pub public_rate: Option<limits::Rate>,
     /// How long a lock that policy asks for after a failed task lasts.
     pub lock_on_failure: Duration,
+    /// How far tasks may be delegated.
+    pub delegation: crate::task::DelegationLimits,
 }
 
 /// The broker's use cases over a store, a policy engine, an audit log and a clock.

@@ -132,19 +132,34 @@ impl Reaper {
                             .reason("deadline passed")
                     })
                     .await;
-                match ended {
-                    Ok(_) => {
+                // An ended task with children (filed due again when it ended, or past its
+                // deadline): the tasks delegated below it end too, whoever ended it.
+                let below = match ended {
+                    Ok((task, _)) => {
                         metrics::counter!(TASKS_EXPIRED).increment(1);
                         reaped.tasks += 1;
+                        Ok(Some(task))
                     }
-                    // Ended before its deadline, by another replica, or pruned: nothing to do.
-                    Err(UpdateError::Rejected(_) | UpdateError::NotFound) => {}
-                    Err(UpdateError::Store(e)) => {
-                        metrics::counter!(REAPER_FAILURES).increment(1);
-                        tracing::warn!(task = %id, error = %e, "reaper: ending an overdue task failed; it stays due");
-                        failed += 1;
-                        continue;
+                    // Ended before its deadline, by another replica, or pruned.
+                    Err(UpdateError::Rejected(_) | UpdateError::NotFound) => {
+                        self.store.get_task(id).await
                     }
+                    Err(UpdateError::Store(e)) => Err(e),
+                };
+                let below = match below {
+                    Ok(Some(task)) if task.state.is_terminal() && !task.children.is_empty() => self
+                        .revoker
+                        .end_below(&task, "reaper", now)
+                        .await
+                        .map(|_| ()),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = below {
+                    metrics::counter!(REAPER_FAILURES).increment(1);
+                    tracing::warn!(task = %id, error = %e, "reaper: ending an overdue task, or the tasks below it, failed; it stays due");
+                    failed += 1;
+                    continue;
                 }
                 self.store.forget_deadline(id).await?;
                 progressed = true;

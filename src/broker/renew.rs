@@ -97,6 +97,9 @@ impl Broker {
             {
                 return Err(refuse(self.explain_by_lock(&caller.id, e.into()).await));
             }
+            if task.parent.is_some() {
+                self.check_chain(&task).await.map_err(refuse)?;
+            }
             let left = lease.renew_until.duration_since(now).unwrap_or_default();
             if left.as_secs() < 1 {
                 return Err(refuse(BrokerError::Precondition(

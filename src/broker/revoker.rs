@@ -36,17 +36,20 @@ pub(super) enum Cause {
     AuditFailure,
     /// A renewal gave the lease a new credential.
     Renewal,
+    /// A task above theirs in its delegation tree ended.
+    ParentEnd,
 }
 
 impl Cause {
     /// Every cause.
-    pub(super) const ALL: [Self; 6] = [
+    pub(super) const ALL: [Self; 7] = [
         Self::TaskEnd,
         Self::Revoke,
         Self::Lock,
         Self::Deadline,
         Self::AuditFailure,
         Self::Renewal,
+        Self::ParentEnd,
     ];
 
     /// The metric label.
@@ -58,6 +61,7 @@ impl Cause {
             Self::Deadline => "deadline",
             Self::AuditFailure => "audit_failure",
             Self::Renewal => "renewal",
+            Self::ParentEnd => "parent_end",
         }
     }
 }
@@ -104,6 +108,62 @@ impl Revoker {
         tracing::info!(task = %task.id, state = %task.state, cause = cause.label(), revoked = leases.len(), "task ended");
         count(cause, leases.len());
         Ok((task, leases))
+    }
+
+    /// Ends every open task delegated below `ended` (a task that has just ended), with their
+    /// active leases, each in its own atomic store step (each task's keys stay apart, as Redis
+    /// Cluster wants them): children first, then theirs. A child that had ended already is left
+    /// alone: its own end takes care of what is below it. `by` names who ended the parent in
+    /// the audit lines. Returns the tasks ended and how many credentials they held.
+    ///
+    /// # Errors
+    /// The store's, with what was ended so far staying ended: the parent is filed due again
+    /// when it ends (see [`crate::store::CASCADE_GRACE`]) and the reaper ends the rest.
+    pub(super) async fn end_below(
+        &self,
+        ended: &Task,
+        by: &str,
+        at: SystemTime,
+    ) -> Result<(Vec<TaskId>, usize), StoreError> {
+        let mut stack: Vec<(TaskId, TaskId)> = ended
+            .children
+            .iter()
+            .rev()
+            .map(|c| (*c, ended.id))
+            .collect();
+        let (mut tasks, mut credentials) = (Vec::new(), 0);
+        while let Some((id, parent)) = stack.pop() {
+            let why = format!("task {parent} above it ended");
+            let change: TaskChange = Arc::new(move |t: &mut Task| {
+                if t.revoke(&why, at) {
+                    Ok(())
+                } else {
+                    Err(crate::task::TaskError::Precondition(
+                        crate::task::Unmet::Ended(t.state),
+                    ))
+                }
+            });
+            match self
+                .end_task(&id, change, Cause::ParentEnd, |t| {
+                    AuditEvent::new(at, "DelegationEnded", by, true)
+                        .task(t.id)
+                        .reason("a task above it in its delegation tree ended")
+                        .detail("parent", parent.to_string())
+                        .detail("root", t.root_id().to_string())
+                })
+                .await
+            {
+                Ok((child, leases)) => {
+                    credentials += leases.len();
+                    tasks.push(child.id);
+                    stack.extend(child.children.iter().rev().map(|c| (*c, child.id)));
+                }
+                // Ended already (its own end reaches below it), or gone.
+                Err(UpdateError::Rejected(_) | UpdateError::NotFound) => {}
+                Err(UpdateError::Store(e)) => return Err(e),
+            }
+        }
+        Ok((tasks, credentials))
     }
 
     /// Revokes lease `id` for `reason`; `event`, if any, is the decision's audit line (it gets

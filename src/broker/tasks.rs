@@ -217,19 +217,31 @@ impl Broker {
         self.authorize(caller, PolicyAction::CancelTask, &Resource::Task(&task))?;
         let now = self.clock.now();
         let who = caller.clone();
+        // Through the revoker: an approved task that has not run may have delegated children.
         let result = self
-            .store
-            .update_task(
+            .revoker
+            .end_task(
                 id,
                 Arc::new(move |t: &mut Task| t.cancel(&who, now)),
-                self.settings.task_retention,
+                Cause::TaskEnd,
+                |task| {
+                    AuditEvent::new(now, "CancelTask", caller.as_str(), true)
+                        .task(task.id)
+                        .detail("state", task.state.as_str())
+                },
             )
             .await
             .map_err(BrokerError::from);
-        if let Err(e) = &result {
-            self.audit_refusal(PolicyAction::CancelTask, caller, *id, e);
+        match result {
+            Ok((task, _)) => {
+                self.end_tree_below(&task, caller.as_str()).await?;
+                Ok(task)
+            }
+            Err(e) => {
+                self.audit_refusal(PolicyAction::CancelTask, caller, *id, &e);
+                Err(e)
+            }
         }
-        result
     }
 
     /// Ends a task on behalf of its executor or requester, revoking every credential of it in
@@ -256,7 +268,9 @@ impl Broker {
                 .inspect_err(|e| self.audit_refusal(PolicyAction::CompleteTask, caller, *id, e))?;
             // A retry of a completion that took effect: the same answer, not "already ended".
             if retry && retries::ended_as(&task, caller, outcome) {
-                let revoked = self.revoked_by_end(&task).await?;
+                // The first attempt may have been cut off on its way down the tree.
+                let below = self.end_tree_below(&task, caller.as_str()).await?;
+                let revoked = self.revoked_by_end(&task).await? + below;
                 self.audit.record(
                     &AuditEvent::new(now, "CompleteTask", caller.as_str(), true)
                         .task(task.id)
@@ -290,7 +304,8 @@ impl Broker {
                 if task.state == crate::task::TaskState::Failed {
                     self.lock_on_failure(caller, &task).await;
                 }
-                Ok((task, revoked.len()))
+                let below = self.end_tree_below(&task, caller.as_str()).await?;
+                Ok((task, revoked.len() + below))
             }
             Err(e) => {
                 self.audit_refusal(PolicyAction::CompleteTask, caller, *id, &e);

@@ -79,6 +79,7 @@ async fn fixture() -> Fixture {
             ci_rate: None,
             public_rate: None,
             lock_on_failure: Duration::from_secs(3600),
+            delegation: crate::task::DelegationLimits::default(),
         },
     );
     // A broker begins the store's epoch before it issues anything.

@@ -145,14 +145,19 @@ async fn execute(args: &ClientArgs, command: &CertCommand) -> Result<(), ClientE
                 certificate: read("certificate", file)?,
             };
             introspect(&mut client, request, |r| {
-                json!({
+                let mut v = json!({
                     "active": true,
                     "sub": r.sub,
                     "exp": r.exp,
                     "iat": r.iat,
                     "serial": r.serial,
                     "task_id": r.task_id,
-                })
+                });
+                if !r.root_task_id.is_empty() {
+                    v["root_task_id"] = json!(r.root_task_id);
+                    v["parent_task_id"] = json!(r.parent_task_id);
+                }
+                v
             })
             .await?;
         }

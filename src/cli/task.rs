@@ -1,5 +1,7 @@
-//! `taskcred task ...`: request, show, list, approve, deny and cancel tasks.
+//! `taskcred task ...`: request, show, list, approve, deny, cancel, complete, revoke and delegate
+//! tasks, and show the tree delegated below one.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -66,6 +68,40 @@ pub enum TaskCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Hand part of a task you execute to another agent: a child task with grants inside the
+    /// parent's, a deadline and credential ceiling no larger. Prints its id (with --json, the
+    /// task). Ending the parent ends it.
+    Delegate(DelegateArgs),
+    /// Show a task and every task delegated below it (states, executors, grants).
+    Tree {
+        /// The task id.
+        id: String,
+    },
+}
+
+/// `taskcred task delegate`.
+#[derive(Debug, Args)]
+pub struct DelegateArgs {
+    /// The parent task (one you execute, approved).
+    pub parent: String,
+    /// SPIFFE ID of the agent that will do the delegated work.
+    #[arg(long)]
+    pub executor: String,
+    /// AUDIENCE=ACTION[,ACTION...] inside the parent's grants; repeat for more audiences.
+    #[arg(long = "grant", required = true, value_name = "AUDIENCE=ACTIONS")]
+    pub grants: Vec<String>,
+    /// Why the delegated work is needed.
+    #[arg(long)]
+    pub purpose: String,
+    /// Deadline from now [default and latest: the parent's].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub deadline: Option<Duration>,
+    /// Longest lifetime of one credential [default and longest: the parent's].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// KEY=VALUE label added to the parent's; repeat for more.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
 }
 
 /// `taskcred task request`.
@@ -89,9 +125,6 @@ pub struct RequestArgs {
     /// KEY=VALUE label; repeat for more (e.g. --label env=production).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
-    /// The task this one derives from.
-    #[arg(long)]
-    pub parent: Option<String>,
 }
 
 /// `taskcred task list`.
@@ -133,6 +166,21 @@ fn parse_grant(s: &str) -> Result<pb::Grant, ClientError> {
             .map(str::to_owned)
             .collect(),
     })
+}
+
+fn parse_labels(labels: &[String]) -> Result<HashMap<String, String>, ClientError> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| usage(format!("--label {l:?}: expected KEY=VALUE")))
+        })
+        .collect()
+}
+
+fn parse_grants(grants: &[String]) -> Result<Vec<pb::Grant>, ClientError> {
+    grants.iter().map(|g| parse_grant(g)).collect()
 }
 
 fn state_pb(s: &str) -> Result<pb::TaskState, ClientError> {
@@ -181,6 +229,10 @@ pub fn task_json(t: &pb::Task) -> Value {
         "credential_ttl_secs": t.credential_ttl.map(|d| d.seconds),
         "deadline": time(t.deadline.as_ref()),
         "parent_id": (!t.parent_id.is_empty()).then_some(&t.parent_id),
+        "root_id": t.root_id,
+        "depth": t.depth,
+        "chain": t.chain,
+        "children": t.children,
         "request_policies": t.request_policies,
         "created_at": time(t.created_at.as_ref()),
         "started_at": time(t.started_at.as_ref()),
@@ -233,6 +285,14 @@ fn print_task(t: &pb::Task) {
         "  deadline:   {}",
         time(t.deadline.as_ref()).as_str().unwrap_or("?")
     );
+    if !t.parent_id.is_empty() {
+        crate::outln!("  parent:     {} (depth {})", t.parent_id, t.depth);
+        crate::outln!("  root:       {}", t.root_id);
+        crate::outln!("  chain:      {}", t.chain.join(" -> "));
+    }
+    for c in &t.children {
+        crate::outln!("  child:      {c}");
+    }
     if !t.end_reason.is_empty() {
         crate::outln!(
             "  ended:      {} ({})",
@@ -253,23 +313,23 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
         TaskCommand::Request(r) => Some(pb::RequestTaskRequest {
             executor: r.executor.clone(),
             purpose: r.purpose.clone(),
-            grants: r
-                .grants
-                .iter()
-                .map(|g| parse_grant(g))
-                .collect::<Result<_, _>>()?,
-            labels: r
-                .labels
-                .iter()
-                .map(|l| {
-                    l.split_once('=')
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .ok_or_else(|| usage(format!("--label {l:?}: expected KEY=VALUE")))
-                })
-                .collect::<Result<_, _>>()?,
+            grants: parse_grants(&r.grants)?,
+            labels: parse_labels(&r.labels)?,
             deadline: duration_pb(r.deadline),
             credential_ttl: duration_pb(r.ttl),
-            parent_id: r.parent.clone().unwrap_or_default(),
+            parent_id: String::new(),
+        }),
+        _ => None,
+    };
+    let delegation = match command {
+        TaskCommand::Delegate(d) => Some(pb::DelegateTaskRequest {
+            parent_id: d.parent.clone(),
+            executor: d.executor.clone(),
+            purpose: d.purpose.clone(),
+            grants: parse_grants(&d.grants)?,
+            labels: parse_labels(&d.labels)?,
+            deadline: duration_pb(d.deadline),
+            credential_ttl: duration_pb(d.ttl),
         }),
         _ => None,
     };
@@ -285,6 +345,25 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
                 return Ok(());
             }
             t
+        }
+        TaskCommand::Delegate(_) => {
+            let Some(req) = delegation else {
+                return Err(usage("internal: no request"));
+            };
+            let t = answer(client.delegate_task(req)).await?;
+            if !args.json {
+                crate::outln!("{}", t.id);
+                return Ok(());
+            }
+            t
+        }
+        TaskCommand::Tree { id } => {
+            let tree = answer(client.get_task_tree(pb::GetTaskTreeRequest {
+                task_id: id.clone(),
+            }))
+            .await?;
+            print_tree(args, &tree);
+            return Ok(());
         }
         TaskCommand::Show { id } => {
             answer(client.get_task(pb::GetTaskRequest {
@@ -380,6 +459,55 @@ async fn execute(args: &ClientArgs, command: &TaskCommand) -> Result<(), ClientE
         print_task(&task);
     }
     Ok(())
+}
+
+/// Prints a tree of tasks: one line each, indented by depth below the first (or, with --json,
+/// the tasks nested under `children`).
+fn print_tree(args: &ClientArgs, tree: &pb::GetTaskTreeResponse) {
+    let Some(top) = tree.tasks.first() else {
+        return;
+    };
+    if args.json {
+        fn nest(t: &pb::Task, all: &[pb::Task]) -> Value {
+            let mut v = task_json(t);
+            v["children"] = all
+                .iter()
+                .filter(|c| c.parent_id == t.id)
+                .map(|c| nest(c, all))
+                .collect::<Vec<_>>()
+                .into();
+            v
+        }
+        let mut v = nest(top, &tree.tasks);
+        v["hidden"] = json!(tree.hidden);
+        v["truncated"] = json!(tree.truncated);
+        crate::outln!("{v}");
+        return;
+    }
+    for t in &tree.tasks {
+        let indent = "  ".repeat(t.depth.saturating_sub(top.depth) as usize);
+        let grants: Vec<String> = t
+            .grants
+            .iter()
+            .map(|g| format!("{}={}", g.audience, g.actions.join(",")))
+            .collect();
+        crate::outln!(
+            "{indent}{}  {:<16}  {}  {}",
+            t.id,
+            state_name(t.state),
+            t.executor,
+            grants.join(" ")
+        );
+    }
+    if tree.hidden > 0 {
+        crate::outln!(
+            "({} tasks below that you may not read are left out)",
+            tree.hidden
+        );
+    }
+    if tree.truncated {
+        crate::outln!("(cut to fit the message limit)");
+    }
 }
 
 /// Prints a task that ended with the credentials it revoked.

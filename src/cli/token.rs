@@ -101,7 +101,7 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
                 certificate: Vec::new(),
             };
             introspect(&mut client, request, |r| {
-                json!({
+                let mut v = json!({
                     "active": true,
                     "sub": r.sub,
                     "aud": r.aud,
@@ -114,7 +114,14 @@ async fn execute(args: &ClientArgs, command: &TokenCommand) -> Result<(), Client
                     "client_id": r.client_id,
                     "task_id": r.task_id,
                     "cnf": {"x5t#S256": r.cnf_x5t_s256},
-                })
+                });
+                // A delegated task's credential: the chain as RFC 8693 nests it.
+                if let Some(act) = crate::mint::Actor::chain(&r.actors) {
+                    v["act"] = json!(act);
+                    v["root_task_id"] = json!(r.root_task_id);
+                    v["parent_task_id"] = json!(r.parent_task_id);
+                }
+                v
             })
             .await?;
         }

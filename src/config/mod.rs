@@ -53,6 +53,8 @@ pub struct Config {
     pub ci: CiConfig,
     /// Per-identity issuance rate limits.
     pub limits: LimitsConfig,
+    /// How far tasks may be delegated.
+    pub delegation: crate::task::DelegationLimits,
 }
 
 /// Issuance rate limits, per identity and per replica.

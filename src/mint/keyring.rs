@@ -304,6 +304,9 @@ mod tests {
                 x5t_s256: "x".into(),
             }),
             ci: None,
+            act: None,
+            root_task_id: None,
+            parent_task_id: None,
         }
     }
 

@@ -14,7 +14,7 @@ pub use jwk::{PublicKey, jwks, parse_signing_jwk};
 pub(crate) use keyring::JwkVerifier;
 pub use keyring::{KeyRing, MAX_TOKEN_BYTES, PublishedKey};
 pub use keys::{JwtAlgorithm, JwtKey};
-pub use token::{ACCESS_TOKEN_TYP, AccessClaims, Confirmation, hex, random_id, sha256_hex};
+pub use token::{ACCESS_TOKEN_TYP, AccessClaims, Actor, Confirmation, hex, random_id, sha256_hex};
 pub use x509::{
     BACKDATE, CsrError, IssuedCertInfo, IssuingCa, MAX_CSR_BYTES, SvidRequest, TASK_ID_OID,
     VerifiedCsr, random_serial, serial_hex, verify_csr,

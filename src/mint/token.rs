@@ -15,6 +15,41 @@ pub struct Confirmation {
     pub x5t_s256: String,
 }
 
+/// An actor of a delegated credential (RFC 8693 section 4.1): who acts now, with the actors
+/// before it nested in `act`. Only the outermost actor (the current one) is for access
+/// decisions; the nested ones are the record of the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The actor's SPIFFE ID.
+    pub sub: String,
+    /// The actor before it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// The `act` claim of `actors`, the current one first; `None` when there is none.
+    pub fn chain<S: AsRef<str>>(actors: &[S]) -> Option<Self> {
+        actors.iter().rev().fold(None, |inner, sub| {
+            Some(Self {
+                sub: sub.as_ref().to_owned(),
+                act: inner.map(Box::new),
+            })
+        })
+    }
+
+    /// The actors, the current one first.
+    pub fn subjects(&self) -> Vec<&str> {
+        let mut out = vec![self.sub.as_str()];
+        let mut next = self.act.as_deref();
+        while let Some(a) = next {
+            out.push(a.sub.as_str());
+            next = a.act.as_deref();
+        }
+        out
+    }
+}
+
 /// The claims of a task-bound access token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessClaims {
@@ -46,6 +81,16 @@ pub struct AccessClaims {
     /// For a CI job: what its ID token proved (the attributes policy decided on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ci: Option<crate::identity::CiJob>,
+    /// For a delegated task: the actors (RFC 8693), the current executor outermost; `sub` is
+    /// then the executor of the root task, whose approved authority the token carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+    /// For a delegated task: the root of its tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_task_id: Option<String>,
+    /// For a delegated task: the task it was delegated from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_task_id: Option<String>,
 }
 
 /// 128 bits from the system's CSPRNG, as 32 lowercase hex digits.

@@ -26,7 +26,9 @@ use crate::task::TaskId;
 
 /// The OID of the extension binding a certificate to its task: `2.25.2308847322465903446.1`,
 /// under the registration-free UUID arc of ITU-T X.667 (a 63-bit random arc, chosen once for
-/// taskcred). Non-critical; its value is a DER UTF8String holding the task id.
+/// taskcred). Non-critical. Its value is a DER UTF8String holding the task id; for a task
+/// delegated from another, a SEQUENCE of three UTF8Strings: the task id, the root task's id
+/// and the parent task's id.
 pub const TASK_ID_OID: &[u64] = &[2, 25, 2_308_847_322_465_903_446, 1];
 
 /// Largest CSR accepted, in bytes (DER or PEM).
@@ -149,6 +151,8 @@ pub struct SvidRequest<'a> {
     pub id: &'a WorkloadId,
     /// The task: the private extension.
     pub task: &'a TaskId,
+    /// For a delegated task: the root of its tree and its parent (the extension names both).
+    pub delegated: Option<(TaskId, TaskId)>,
     /// From [`random_serial`].
     pub serial: [u8; 16],
     /// When it is issued (notBefore is this, backdated by [`BACKDATE`]).
@@ -248,10 +252,19 @@ impl IssuingCa {
         p.serial_number = Some(SerialNumber::from_slice(&req.serial));
         p.not_before = (req.now - BACKDATE).into();
         p.not_after = req.not_after.into();
-        p.custom_extensions = vec![CustomExtension::from_oid_content(
-            TASK_ID_OID,
-            utf8_string(&req.task.to_string()),
-        )];
+        let task = utf8_string(&req.task.to_string());
+        let value = match req.delegated {
+            None => task,
+            Some((root, parent)) => {
+                let mut items = task;
+                items.extend(utf8_string(&root.to_string()));
+                items.extend(utf8_string(&parent.to_string()));
+                let mut seq = vec![0x30, u8::try_from(items.len()).unwrap_or(0x7f)];
+                seq.extend(items);
+                seq
+            }
+        };
+        p.custom_extensions = vec![CustomExtension::from_oid_content(TASK_ID_OID, value)];
         Ok(p.signed_by(&key, &self.issuer).map_err(fail)?.pem())
     }
 }
@@ -263,6 +276,8 @@ pub struct IssuedCertInfo {
     pub serial: String,
     /// The task id of the private extension.
     pub task: String,
+    /// For a delegated task: its root's and its parent's ids, from the same extension.
+    pub delegated: Option<(String, String)>,
     /// The SPIFFE ID of the SAN.
     pub spiffe_id: String,
     /// notAfter, seconds since the epoch.
@@ -300,9 +315,19 @@ impl IssuingCa {
             .extensions()
             .iter()
             .find(|e| e.oid.to_id_string() == oid)?;
-        let task = match ext.value {
-            [0x0c, len, rest @ ..] if usize::from(*len) == rest.len() => {
-                String::from_utf8(rest.to_vec()).ok()?
+        let (task, delegated) = match ext.value {
+            [0x0c, ..] => match read_utf8(ext.value)? {
+                (task, []) => (task, None),
+                _ => return None,
+            },
+            [0x30, len, items @ ..] if usize::from(*len) == items.len() => {
+                let (task, rest) = read_utf8(items)?;
+                let (root, rest) = read_utf8(rest)?;
+                let (parent, rest) = read_utf8(rest)?;
+                if !rest.is_empty() {
+                    return None;
+                }
+                (task, Some((root, parent)))
             }
             _ => return None,
         };
@@ -320,9 +345,21 @@ impl IssuingCa {
         Some(IssuedCertInfo {
             serial: super::hex(cert.raw_serial()),
             task,
+            delegated,
             spiffe_id,
             not_after: u64::try_from(cert.validity().not_after.timestamp()).ok()?,
         })
+    }
+}
+
+/// The short DER UTF8String that `der` starts with, and what follows it.
+fn read_utf8(der: &[u8]) -> Option<(String, &[u8])> {
+    match der {
+        [0x0c, len, rest @ ..] if usize::from(*len) <= rest.len() && *len < 0x80 => {
+            let (value, rest) = rest.split_at(usize::from(*len));
+            Some((String::from_utf8(value.to_vec()).ok()?, rest))
+        }
+        _ => None,
     }
 }
 

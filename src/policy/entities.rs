@@ -83,6 +83,16 @@ fn task(t: &Task) -> Result<(EntityUid, Entity), String> {
     actions.sort();
     actions.dedup();
     let deadline_in = t.deadline.duration_since(t.created_at).unwrap_or_default();
+    let (delegators, root_requester) = match &t.delegation {
+        Some(d) => (
+            d.chain
+                .iter()
+                .map(|w| uid("Workload", w.as_str()).map(RestrictedExpression::new_entity_uid))
+                .collect::<Result<Vec<_>, _>>()?,
+            uid("Workload", d.root_requester.as_str())?,
+        ),
+        None => (Vec::new(), requester.clone()),
+    };
     let attrs = [
         ("executor", RestrictedExpression::new_entity_uid(executor)),
         ("requester", RestrictedExpression::new_entity_uid(requester)),
@@ -104,6 +114,15 @@ fn task(t: &Task) -> Result<(EntityUid, Entity), String> {
         (
             "deadline_in_secs",
             RestrictedExpression::new_long(secs(deadline_in)),
+        ),
+        (
+            "depth",
+            RestrictedExpression::new_long(i64::try_from(t.depth()).unwrap_or(i64::MAX)),
+        ),
+        ("delegators", RestrictedExpression::new_set(delegators)),
+        (
+            "root_requester",
+            RestrictedExpression::new_entity_uid(root_requester),
         ),
     ]
     .map(|(k, v)| (k.to_owned(), v));
@@ -189,7 +208,11 @@ pub(super) fn build(principal: Principal<'_>, resource: &Resource<'_>) -> Result
         Resource::Task(t) => {
             let (u, e) = task(t)?;
             list.push(e);
-            for w in [&t.executor, &t.requester] {
+            let root_requester = t.delegation.as_ref().map(|d| &d.root_requester);
+            for w in [&t.executor, &t.requester]
+                .into_iter()
+                .chain(root_requester)
+            {
                 // By type and id: a CI job whose `sub` reads like a SPIFFE ID is no Workload.
                 let (wu, we) = workload(w)?;
                 if !list.iter().any(|e| e.uid() == wu) {

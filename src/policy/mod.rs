@@ -82,11 +82,15 @@ pub enum PolicyAction {
     ExchangeCiToken,
     /// A CI job ends its task.
     CompleteCiTask,
+    /// Delegate part of a task to another agent: the resource is the child task as it would
+    /// be made (context: depth, chain, strictly_narrower, the parent's id, labels, audiences
+    /// and actions). A permit's `@quorum` (default 1) is the approvals the step needs.
+    DelegateTask,
 }
 
 impl PolicyAction {
     /// Every action.
-    pub const ALL: [Self; 24] = [
+    pub const ALL: [Self; 25] = [
         Self::RequestTask,
         Self::GetTask,
         Self::ListTasks,
@@ -111,6 +115,7 @@ impl PolicyAction {
         Self::Introspect,
         Self::ExchangeCiToken,
         Self::CompleteCiTask,
+        Self::DelegateTask,
     ];
 
     /// The Cedar action id.
@@ -140,6 +145,7 @@ impl PolicyAction {
             Self::Introspect => "Introspect",
             Self::ExchangeCiToken => "ExchangeCiToken",
             Self::CompleteCiTask => "CompleteCiTask",
+            Self::DelegateTask => "DelegateTask",
         }
     }
 }

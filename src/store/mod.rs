@@ -196,6 +196,12 @@ pub struct Claim<'a> {
     pub until: SystemTime,
 }
 
+/// How long after a task with delegated children ends it is filed due again
+/// ([`TaskStore::end_task`], [`LockStore::sweep_lock`]): the replica that ended it ends the tasks
+/// below it meanwhile, and the reaper then makes sure they ended (a replica may die, or its
+/// store fail, half way down the tree).
+pub const CASCADE_GRACE: Duration = Duration::from_secs(10);
+
 /// Longest wait [`RevocationLog::revocations`] accepts.
 pub const MAX_REVOCATION_WAIT: Duration = Duration::from_secs(10);
 
@@ -235,8 +241,10 @@ pub trait TaskStore: Send + Sync {
 
     /// Ends a task and revokes every active lease of it, atomically: `change` must move the task
     /// to a terminal state. A lease recorded concurrently is either refused (the task changed)
-    /// or revoked with the others; never left active on an ended task. Returns the task and the
-    /// leases revoked.
+    /// or revoked with the others; never left active on an ended task. A task that ends with
+    /// children is filed due again (as by its deadline) at its end plus [`CASCADE_GRACE`], in
+    /// the same step, so that the reaper ends what is below it if its ender could not. Returns
+    /// the task and the leases revoked.
     ///
     /// # Errors
     /// [`UpdateError`]; nothing is changed.
@@ -331,7 +339,9 @@ pub trait LockStore: Send + Sync {
     /// Ends, in one bounded atomic step, up to `limit` open tasks (moved to `revoked`, kept
     /// for `retention`) and up to `limit` live leases (revoked, logged) of the locked `agent`,
     /// with `reason`, at `at`. Only what is open or live is walked, never the agent's history;
-    /// each task or lease is ended once whatever the number of sweepers. Call again while
+    /// each task or lease is ended once whatever the number of sweepers. A task it ends that has
+    /// children is filed due again at `at` plus [`CASCADE_GRACE`], as by
+    /// [`TaskStore::end_task`]. Call again while
     /// [`Swept::remaining`] is not zero.
     ///
     /// # Errors
@@ -376,8 +386,9 @@ pub trait DueStore: Send + Sync {
     async fn expire_leases(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError>;
 
     /// Up to `limit` tasks whose deadline passed at or before `now`, earliest first, as filed
-    /// when created (some may have ended since). The reaper ends the open ones with
-    /// [`TaskStore::end_task`] and then [`DueStore::forget_deadline`]s them.
+    /// when created (some may have ended since), or as filed again when a task with children
+    /// ended. The reaper ends the open ones with [`TaskStore::end_task`], ends what is below
+    /// the ended ones, and then [`DueStore::forget_deadline`]s them.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`].

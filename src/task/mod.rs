@@ -4,8 +4,10 @@
 //! States: `pending_approval -> approved -> completed | failed | cancelled | expired | revoked`, and
 //! `pending_approval -> denied | expired | cancelled`. Terminal states are final.
 
+mod delegation;
 mod model;
 
+pub use delegation::{Delegation, DelegationLimits, Reviewed, remaining};
 pub use model::{Action, Audience, Grant, Labels, RawTaskRequest, TaskId, TaskLimits, TaskRequest};
 
 use std::fmt;
@@ -173,8 +175,17 @@ pub struct Task {
     pub credential_ttl: Duration,
     /// After this the task expires and no credential outlives it.
     pub deadline: SystemTime,
-    /// The task this one was derived from, if any.
+    /// The task this one was delegated from, if any.
     pub parent: Option<TaskId>,
+    /// Where a delegated task sits in its tree; `None` for a root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<Delegation>,
+    /// The tasks delegated from this one, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<TaskId>,
+    /// On a root: how many tasks were delegated below it (the tree's budget).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub descendants: u32,
     /// Where it is.
     pub state: TaskState,
     /// Approvals needed, fixed by policy when requested.
@@ -195,6 +206,10 @@ pub struct Task {
     pub end_reason: Option<String>,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Why a change to a task is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -213,6 +228,9 @@ pub enum TaskError {
     /// The task (or lease) is not in a state that allows this.
     #[error("{0}")]
     Precondition(Unmet),
+    /// A delegation would give the child more than its parent holds (what, in words).
+    #[error("a delegation may only narrow: {0}")]
+    Widens(String),
 }
 
 /// What the rules forbid whoever asks, whatever policy says (`PERMISSION_DENIED`).
@@ -234,6 +252,24 @@ pub enum Forbidden {
     /// Only the executor gets credentials.
     #[error("only the task's executor may get credentials for it")]
     NotExecutor,
+    /// Separation of duties: no one in a delegation chain decides on a step of it.
+    #[error(
+        "separation of duties: an executor of the delegation chain, or the root's requester, may \
+         not decide on a step of it"
+    )]
+    ChainDecides,
+    /// Only the executor delegates its task.
+    #[error("only the task's executor may delegate it")]
+    NotDelegator,
+    /// The chain would be deeper than `delegation.max_depth`.
+    #[error("the delegation chain would be deeper than this broker allows (delegation.max_depth)")]
+    TooDeep,
+    /// An agent may appear once in a chain.
+    #[error("the delegate is already in the delegation chain; an agent appears once in a chain")]
+    AgentTwice,
+    /// A CI job's task is not delegated.
+    #[error("a CI job's task is not delegated")]
+    CiTask,
 }
 
 impl Forbidden {
@@ -244,7 +280,11 @@ impl Forbidden {
             Self::ExecutorDecides => "EXECUTOR_MAY_NOT_DECIDE",
             Self::NotRequester => "NOT_THE_REQUESTER",
             Self::NotParty => "NOT_EXECUTOR_OR_REQUESTER",
-            Self::NotExecutor => "NOT_THE_EXECUTOR",
+            Self::NotExecutor | Self::NotDelegator => "NOT_THE_EXECUTOR",
+            Self::ChainDecides => "CHAIN_MAY_NOT_DECIDE",
+            Self::TooDeep => "DELEGATION_TOO_DEEP",
+            Self::AgentTwice => "AGENT_TWICE_IN_CHAIN",
+            Self::CiTask => "CI_TASK_NOT_DELEGATED",
         }
     }
 }
@@ -292,6 +332,17 @@ pub enum Unmet {
     /// The lease stopped being active while it was being renewed.
     #[error("lease is no longer active")]
     LeaseNoLongerActive,
+    /// The task has delegated as many children as it may.
+    #[error("the task has delegated {0} children, the most one task may (delegation.max_children)")]
+    TooManyChildren(usize),
+    /// The tree holds as many tasks as it may.
+    #[error(
+        "the delegation tree holds {0} tasks below its root, the most it may (delegation.max_tree_tasks)"
+    )]
+    TreeFull(u32),
+    /// A task above this one has ended.
+    #[error("task {0} above this one in its delegation chain has ended")]
+    AncestorEnded(TaskId),
     /// A change a caller composed refused itself (test and tool changes).
     #[error("{0}")]
     Other(String),
@@ -311,6 +362,8 @@ impl Unmet {
             Self::NotAnEnd => "NOT_AN_END",
             Self::LeaseEnded(_) | Self::LeaseExpired => "LEASE_ENDED",
             Self::LeaseNotActive | Self::LeaseNoLongerActive => "LEASE_NOT_ACTIVE",
+            Self::TooManyChildren(_) | Self::TreeFull(_) => "DELEGATION_BUDGET",
+            Self::AncestorEnded(_) => "ANCESTOR_ENDED",
             Self::Other(_) => "TASK_PRECONDITION",
         }
     }
@@ -340,7 +393,10 @@ impl Task {
             labels: request.labels,
             credential_ttl: request.credential_ttl,
             deadline: now + request.deadline_in,
-            parent: request.parent,
+            parent: None,
+            delegation: None,
+            children: Vec::new(),
+            descendants: 0,
             state,
             quorum,
             approvals: Vec::new(),
@@ -376,11 +432,8 @@ impl Task {
         if now >= self.deadline {
             return Err(TaskError::Precondition(Unmet::DeadlinePassed));
         }
-        if approval.approver == self.requester {
-            return Err(TaskError::Forbidden(Forbidden::RequesterDecides));
-        }
-        if approval.approver == self.executor {
-            return Err(TaskError::Forbidden(Forbidden::ExecutorDecides));
+        if let Some(rule) = self.may_not_decide(&approval.approver) {
+            return Err(TaskError::Forbidden(rule));
         }
         if self
             .approvals

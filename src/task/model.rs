@@ -298,8 +298,6 @@ pub struct RawTaskRequest {
     pub deadline_in: Option<Duration>,
     /// Credential lifetime ceiling; `None` for the default.
     pub credential_ttl: Option<Duration>,
-    /// Parent task id; empty for none.
-    pub parent: Option<String>,
 }
 
 /// A task request whose every field is within bounds.
@@ -317,8 +315,6 @@ pub struct TaskRequest {
     pub deadline_in: Duration,
     /// Credential lifetime ceiling.
     pub credential_ttl: Duration,
-    /// Parent task.
-    pub parent: Option<TaskId>,
 }
 
 impl TaskRequest {
@@ -410,10 +406,6 @@ impl TaskRequest {
                 ),
             ));
         }
-        let parent = match raw.parent.filter(|p| !p.is_empty()) {
-            Some(p) => Some(TaskId::parse(&p).map_err(|_| invalid("parent_id", "not a task id"))?),
-            None => None,
-        };
         Ok(Self {
             executor,
             purpose,
@@ -421,7 +413,6 @@ impl TaskRequest {
             labels,
             deadline_in,
             credential_ttl,
-            parent,
         })
     }
 }

@@ -255,10 +255,6 @@ fn request_bounds_name_the_field() {
         field_of(with(&|r| r.credential_ttl = Some(Duration::from_secs(7200)))),
         "credential_ttl"
     );
-    assert_eq!(
-        field_of(with(&|r| r.parent = Some("nope".into()))),
-        "parent_id"
-    );
 }
 
 #[test]
@@ -306,4 +302,181 @@ fn complete_by_executor_or_requester_once() {
         pending.complete(&requester, Outcome::Succeeded, now),
         Err(TaskError::Precondition(_))
     ));
+}
+
+mod delegation {
+    use super::*;
+
+    const AGENT: &str = "spiffe://taskcred.dev/agent/demo";
+    const HELPER: &str = "spiffe://taskcred.dev/agent/helper";
+    const TESTER: &str = "spiffe://taskcred.dev/agent/tester";
+
+    fn child_request(executor: &str, grants: &[(&str, &[&str])]) -> RawTaskRequest {
+        RawTaskRequest {
+            executor: executor.into(),
+            purpose: "part of the work".into(),
+            grants: grants
+                .iter()
+                .map(|(a, acts)| {
+                    (
+                        (*a).to_owned(),
+                        acts.iter().map(|s| (*s).to_owned()).collect(),
+                    )
+                })
+                .collect(),
+            deadline_in: Some(Duration::from_secs(600)),
+            credential_ttl: Some(Duration::from_secs(60)),
+            ..RawTaskRequest::default()
+        }
+    }
+
+    fn delegate(
+        parent: &Task,
+        by: &str,
+        raw: RawTaskRequest,
+        now: SystemTime,
+    ) -> Result<Task, TaskError> {
+        let req = TaskRequest::parse(raw, &TaskLimits::default())?;
+        parent.delegate(
+            TaskId::generate(),
+            &id(by),
+            req,
+            &DelegationLimits::default(),
+            now,
+        )
+    }
+
+    #[test]
+    fn a_chain_narrows_and_carries_who_acted() {
+        let now = SystemTime::now();
+        let root = task(0, now);
+        let child = delegate(
+            &root,
+            AGENT,
+            child_request(HELPER, &[("db.staging", &["read"])]),
+            now,
+        )
+        .unwrap();
+        assert_eq!(child.parent, Some(root.id));
+        assert_eq!(child.requester, id(AGENT));
+        assert_eq!(child.depth(), 1);
+        assert_eq!(child.root_id(), root.id);
+        assert_eq!(
+            child.labels, root.labels,
+            "a child keeps its parent's labels"
+        );
+        assert!(root.strictly_wider_than(&child));
+        let mut child = child;
+        child.state = TaskState::Approved;
+        let grandchild = delegate(
+            &child,
+            HELPER,
+            child_request(TESTER, &[("db.staging", &["read"])]),
+            now,
+        )
+        .unwrap();
+        assert_eq!(grandchild.depth(), 2);
+        assert_eq!(
+            grandchild.subject(),
+            &id(AGENT),
+            "sub is the root's executor"
+        );
+        let actors: Vec<&str> = grandchild.actors().iter().map(|w| w.as_str()).collect();
+        assert_eq!(actors, [TESTER, HELPER], "the current actor first");
+        assert!(!child.strictly_wider_than(&grandchild));
+    }
+
+    #[test]
+    fn every_widening_is_refused() {
+        let now = SystemTime::now();
+        let root = task(0, now);
+        let widens = |raw| matches!(delegate(&root, AGENT, raw, now), Err(TaskError::Widens(_)));
+        assert!(widens(child_request(
+            HELPER,
+            &[("db.production", &["read"])]
+        )));
+        assert!(widens(child_request(HELPER, &[("db.staging", &["drop"])])));
+        let mut later = child_request(HELPER, &[("db.staging", &["read"])]);
+        later.deadline_in = Some(Duration::from_secs(7200));
+        assert!(widens(later));
+        let mut longer = child_request(HELPER, &[("db.staging", &["read"])]);
+        longer.credential_ttl = Some(Duration::from_secs(3600));
+        assert!(widens(longer));
+        let mut relabel = child_request(HELPER, &[("db.staging", &["read"])]);
+        relabel.labels = vec![("env".into(), "dev".into())];
+        assert!(widens(relabel));
+    }
+
+    #[test]
+    fn chains_are_bounded_and_never_loop() {
+        let now = SystemTime::now();
+        let root = task(0, now);
+        let read = &[("db.staging", &["read"][..])];
+        let twice = delegate(&root, AGENT, child_request(AGENT, read), now);
+        assert!(matches!(
+            twice,
+            Err(TaskError::Forbidden(Forbidden::AgentTwice))
+        ));
+        let not_mine = delegate(&root, HELPER, child_request(TESTER, read), now);
+        assert!(matches!(
+            not_mine,
+            Err(TaskError::Forbidden(Forbidden::NotDelegator))
+        ));
+        let req = TaskRequest::parse(child_request(HELPER, read), &TaskLimits::default()).unwrap();
+        let shallow = DelegationLimits {
+            max_depth: 0,
+            ..DelegationLimits::default()
+        };
+        let deep = root.delegate(TaskId::generate(), &id(AGENT), req, &shallow, now);
+        assert!(matches!(
+            deep,
+            Err(TaskError::Forbidden(Forbidden::TooDeep))
+        ));
+        let pending = task(1, now);
+        let refused = delegate(&pending, AGENT, child_request(HELPER, read), now);
+        assert!(matches!(refused, Err(TaskError::Precondition(_))));
+    }
+
+    #[test]
+    fn nobody_in_the_chain_decides_on_a_step() {
+        let now = SystemTime::now();
+        let root = task(0, now);
+        let mut child = delegate(
+            &root,
+            AGENT,
+            child_request(HELPER, &[("db.staging", &["read", "rotate"])]),
+            now,
+        )
+        .unwrap();
+        for who in [AGENT, HELPER, "spiffe://taskcred.dev/human/requester"] {
+            let r = child.decide(approval(who, Decision::Approve, now), now);
+            assert!(matches!(r, Err(TaskError::Forbidden(_))), "{who} decided");
+        }
+        child
+            .decide(approval(A1, Decision::Approve, now), now)
+            .unwrap();
+        assert_eq!(child.state, TaskState::Approved);
+    }
+
+    #[test]
+    fn a_parent_adopts_within_its_budgets() {
+        let now = SystemTime::now();
+        let mut root = task(0, now);
+        let limits = DelegationLimits {
+            max_children: 2,
+            max_tree_tasks: 3,
+            ..DelegationLimits::default()
+        };
+        let (a, b) = (TaskId::generate(), TaskId::generate());
+        root.adopt(a, &limits, now).unwrap();
+        root.adopt(a, &limits, now).unwrap();
+        root.adopt(b, &limits, now).unwrap();
+        assert_eq!(root.children, [a, b]);
+        assert_eq!(root.descendants, 2);
+        assert!(root.adopt(TaskId::generate(), &limits, now).is_err());
+        root.count_descendant(&limits).unwrap();
+        assert!(root.count_descendant(&limits).is_err());
+        root.revoke("done", now);
+        assert!(root.adopt(TaskId::generate(), &limits, now).is_err());
+    }
 }

@@ -352,6 +352,7 @@ impl Broker {
                         &SvidRequest {
                             id: identity,
                             task: &task.id,
+                            delegated: None,
                             serial,
                             now: lease.issued_at,
                             not_after: lease.expires_at,

@@ -226,7 +226,6 @@ impl Broker {
                 labels: vec![("ci".into(), v.issuer.name.clone())],
                 deadline_in: Some(deadline_in),
                 credential_ttl: Some(limits.credential_ttl_max),
-                parent: None,
             },
             limits,
         )?;

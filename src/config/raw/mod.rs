@@ -8,6 +8,7 @@
 
 mod audit;
 mod ci;
+mod delegation;
 mod identity;
 mod issuer;
 mod limits;
@@ -50,6 +51,8 @@ pub(super) struct Raw {
     ci: ci::RawCi,
     #[serde(default)]
     limits: limits::RawLimits,
+    #[serde(default)]
+    delegation: delegation::RawDelegation,
 }
 
 /// `[policy]`: too small for a file of its own.
@@ -110,11 +113,13 @@ impl Raw {
             .unwrap_or_default();
         let ci = self.ci.check(&identity.allowed_trust_domains, &first)?;
         let limits = self.limits.check()?;
+        let delegation = self.delegation.check()?;
         let audit = self.audit.check()?;
 
         Ok(Config {
             ci,
             limits,
+            delegation,
             server,
             tls,
             identity,

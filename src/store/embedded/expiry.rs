@@ -50,14 +50,19 @@ impl DueStore for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_write()?;
             {
-                let deadline = match txn.open_table(TASKS)?.get(id.as_str())? {
-                    Some(v) => Some(decode(v.value())?.deadline),
+                let task = match txn.open_table(TASKS)?.get(id.as_str())? {
+                    Some(v) => Some(decode(v.value())?),
                     None => None,
                 };
                 let mut table = txn.open_table(DEADLINES)?;
-                match deadline {
-                    Some(d) => {
-                        table.remove((unix_ms_ceil(d), id.as_str()))?;
+                match task {
+                    Some(t) => {
+                        table.remove((unix_ms_ceil(t.deadline), id.as_str()))?;
+                        // Where an ended task with children was filed again (`refile_due`).
+                        if let Some(ended) = t.ended_at {
+                            let again = unix_ms_ceil(ended + crate::store::CASCADE_GRACE);
+                            table.remove((again, id.as_str()))?;
+                        }
                     }
                     // Pruned: find it by id (rare; the index is small).
                     None => {

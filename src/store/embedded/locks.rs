@@ -1,6 +1,6 @@
 //! Agent locks, the [`LockStore`] of the embedded store: setting one (locks only grow), the
-//! sweep that ends a locked agent's open tasks and live leases in bounded steps, lifting one, and
-//! reading them.
+//! sweep that ends a locked agent's open tasks and live leases in bounded steps (walking the
+//! agent's open tasks only, through `tasks_open_by_executor`), lifting one, and reading them.
 
 use std::time::SystemTime;
 
@@ -9,7 +9,7 @@ use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
 
 use super::EmbeddedStore;
 use super::leases::revoke_some_active_leases;
-use super::tables::{BY_EXECUTOR, ENDED, LEASES, LOCKS, TASKS, from_json, to_json};
+use super::tables::{ENDED, LEASES, LOCKS, OPEN_BY_EXECUTOR, TASKS, from_json, to_json};
 use crate::identity::WorkloadId;
 use crate::lease::{Lock, Swept};
 use crate::store::{LockStore, LockSweep, StoreError, decode, encode, unix_ms};
@@ -45,20 +45,31 @@ impl LockStore for EmbeddedStore {
     }
 
     /// One bounded step of ending the locked agent's open tasks and live leases, in one
-    /// transaction.
+    /// transaction, walking the agent's entries in `tasks_open_by_executor` only.
     async fn sweep_lock(&self, step: &LockSweep<'_>) -> Result<Swept, StoreError> {
         let (agent, reason, at) = (step.agent, step.reason, step.at);
         let (retention, limit) = (step.retention, step.limit);
-        // One node: the sweep walks the agent's tasks as executor (its history too), ending
-        // up to `limit` tasks and leases per transaction.
+        // One node: the sweep walks the agent's open tasks (never its history), ending up to
+        // `limit` tasks and leases per transaction.
+        //
+        // Every live lease of the agent belongs to one of them, so the walk of their leases
+        // finds them all: a lease is recorded only for an approved task of its executor (checked
+        // in the transaction that records it, which also marks the task started), and no
+        // transaction ends a task that still has an active lease. `end_task` revokes them in
+        // the transaction that ends it (completion, failure, an operator's revoke, the reaper's
+        // expiry); `update_task` ends a task only by a denial (pending: no lease yet) or a
+        // cancellation (not started: no lease yet); and this sweep revokes a task only once its
+        // last active lease is revoked (in this step or an earlier one: the lock stops new
+        // ones, so each step leaves fewer). A file from an earlier version, whose sweep revoked
+        // tasks first, has such leftovers revoked when it is opened (`migrate`).
         let (agent, reason) = (agent.as_str().to_owned(), reason.to_owned());
         let done = self
             .blocking(move |db| {
                 let txn = db.begin_write()?;
                 let mut swept = Swept::default();
                 {
-                    let task_ids: Vec<String> = txn
-                        .open_table(BY_EXECUTOR)?
+                    let mut open = txn.open_table(OPEN_BY_EXECUTOR)?;
+                    let task_ids: Vec<String> = open
                         .range((agent.as_str(), "")..=(agent.as_str(), "~"))?
                         .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
                         .collect::<Result<_, redb::StorageError>>()?;
@@ -66,25 +77,35 @@ impl LockStore for EmbeddedStore {
                     let mut leases = txn.open_table(LEASES)?;
                     let mut ended = txn.open_table(ENDED)?;
                     for id in task_ids {
-                        let Some(mut task) = tasks
-                            .get(id.as_str())?
-                            .map(|v| decode(v.value()))
-                            .transpose()?
-                        else {
-                            continue;
-                        };
-                        if !task.state.is_terminal() && swept.tasks.len() >= limit {
-                            swept.remaining += 1;
-                        } else if task.revoke(&reason, at) {
-                            tasks.insert(id.as_str(), encode(&task)?.as_slice())?;
-                            ended.insert((unix_ms(at + retention), id.as_str()), ())?;
-                            swept.tasks.push(task.id);
-                        }
                         let budget = limit.saturating_sub(swept.leases.len());
                         let (revoked, left) =
                             revoke_some_active_leases(&txn, &mut leases, &id, &reason, at, budget)?;
                         swept.leases.extend(revoked);
                         swept.remaining += left;
+                        let task = tasks
+                            .get(id.as_str())?
+                            .map(|v| decode(v.value()))
+                            .transpose()?;
+                        let Some(mut task) = task.filter(|t| !t.state.is_terminal()) else {
+                            // Not open (the index is kept exact, so never expected): the entry
+                            // goes once its task holds no active lease.
+                            if left == 0 {
+                                open.remove((agent.as_str(), id.as_str()))?;
+                            }
+                            continue;
+                        };
+                        if left > 0 || swept.tasks.len() >= limit {
+                            // Ended in a later step, after its last active lease.
+                            swept.remaining += 1;
+                        } else if task.revoke(&reason, at) {
+                            tasks.insert(id.as_str(), encode(&task)?.as_slice())?;
+                            if !task.children.is_empty() {
+                                super::tasks::refile_due(&txn, &task, at)?;
+                            }
+                            ended.insert((unix_ms(at + retention), id.as_str()), ())?;
+                            open.remove((agent.as_str(), id.as_str()))?;
+                            swept.tasks.push(task.id);
+                        }
                     }
                 }
                 txn.commit()?;

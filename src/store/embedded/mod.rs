@@ -3,6 +3,7 @@
 //! run on tokio's blocking pool.
 //!
 //! Tables: `tasks` (id -> JSON), `tasks_by_executor` and `tasks_by_requester` ((who, id) -> ()),
+//! `tasks_open_by_executor` ((who, id) -> (), the open tasks only, what a lock's sweep walks),
 //! `tasks_ended` ((ended ms, id) -> ()) for retention, `leases` ((task, lease) -> JSON),
 //! `credentials` ((task, jti or serial) -> lease), `lease_tasks` (lease -> task) and `locks`
 //! (agent -> JSON). Task ids are UUIDv7 strings, so key
@@ -15,7 +16,8 @@
 //! revocation log), `meta` ([`MetaStore`](super::MetaStore): epoch marker, signing keys, the
 //! readiness probe) and `claims` ([`ClaimStore`](super::ClaimStore)). `tables` holds the table
 //! definitions and record codec; `errors` turns redb's errors into [`StoreError`]s, so the
-//! bodies use `?`.
+//! bodies use `?`; `migrate` brings a file written by an earlier version up to date when it is
+//! opened.
 
 mod claims;
 mod errors;
@@ -24,6 +26,7 @@ mod leases;
 mod locks;
 mod log;
 mod meta;
+mod migrate;
 mod tables;
 mod tasks;
 #[cfg(test)]
@@ -89,17 +92,20 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store file at `path`; its directory must exist.
+    /// Opens (or creates) the store file at `path`; its directory must exist. A file written by
+    /// an earlier version is brought up to date in the same transaction.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the file cannot be opened (another process holds it, it
-    /// is not a redb file, permissions).
+    /// is not a redb file, permissions); [`StoreError::Corrupt`] when a task record it must read
+    /// to bring the file up to date does not decode.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         private_file(path)?;
         let db = Database::create(path)
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write()?;
         tables::create_tables(&txn)?;
+        migrate::migrate(&txn)?;
         txn.commit()?;
         Ok(Self {
             db: Arc::new(db),

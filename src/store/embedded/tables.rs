@@ -2,6 +2,11 @@
 //! tasks nor leases (those use the codec shared with Redis, in [`crate::store`]).
 //!
 //! Task ids are UUIDv7 strings, so key order is creation order.
+//!
+//! [`OPEN_BY_EXECUTOR`] holds exactly the open tasks (pending approval or approved), so that a
+//! lock's sweep walks what it may end and never the agent's history: every transaction that
+//! creates a task or ends one keeps it so (`tasks`: creating, changing, ending, pruning; `locks`:
+//! the sweep), and a file written before it existed is indexed once when opened (`migrate`).
 
 use std::fmt::Display;
 
@@ -16,6 +21,10 @@ pub(super) const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tas
 /// Tasks by executor: (who, id) -> ().
 pub(super) const BY_EXECUTOR: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("tasks_by_executor");
+/// Open tasks by executor: pending or approved, (who, id) -> (). A task leaves it in the
+/// transaction that ends it.
+pub(super) const OPEN_BY_EXECUTOR: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("tasks_open_by_executor");
 /// Tasks by requester: (who, id) -> ().
 pub(super) const BY_REQUESTER: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("tasks_by_requester");
@@ -38,8 +47,12 @@ pub(super) const EXPIRY: TableDefinition<(u64, &str, &str), ()> =
 /// Tasks by deadline (ms, rounded up), filed when created.
 pub(super) const DEADLINES: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("task_deadlines");
-/// Store-wide markers: `epoch` (the JSON [`Epoch`](crate::store::Epoch)).
+/// Store-wide markers: `epoch` (the JSON [`Epoch`](crate::store::Epoch)), and
+/// [`OPEN_BY_EXECUTOR_V1`] once the open tasks of a file are indexed.
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The [`META`] key set once [`OPEN_BY_EXECUTOR`] holds every open task of the file: absent in
+/// a file written by an earlier version, which is then indexed when opened.
+pub(super) const OPEN_BY_EXECUTOR_V1: &str = "open_by_executor_v1";
 /// Claims: key -> (expiry in ms since the epoch, value).
 pub(super) const CLAIMS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("claims");
 /// The revocation log: key the [`Cursor`](crate::lease::Cursor) (`ms`, `seq`), value the JSON
@@ -51,6 +64,7 @@ pub(super) const REVOCATIONS: TableDefinition<(u64, u64), &[u8]> =
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(TASKS)?;
     txn.open_table(BY_EXECUTOR)?;
+    txn.open_table(OPEN_BY_EXECUTOR)?;
     txn.open_table(BY_REQUESTER)?;
     txn.open_table(ENDED)?;
     txn.open_table(LEASES)?;

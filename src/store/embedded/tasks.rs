@@ -2,6 +2,9 @@
 //! one, listing them through the narrowest index, changing one inside a write transaction, ending
 //! one with its leases, and pruning ended tasks with their history (and claims past their
 //! expiry).
+//!
+//! Each of these keeps `tasks_open_by_executor` exact in its own transaction: a task is in it
+//! from its creation until the change that ends it.
 
 use std::time::{Duration, SystemTime};
 
@@ -11,18 +14,20 @@ use redb::{ReadableDatabase as _, ReadableTable as _, WriteTransaction};
 use super::EmbeddedStore;
 use super::leases::revoke_active_leases;
 use super::tables::{
-    BY_EXECUTOR, BY_REQUESTER, CLAIMS, CREDENTIALS, DEADLINES, ENDED, LEASE_TASKS, LEASES, TASKS,
+    BY_EXECUTOR, BY_REQUESTER, CLAIMS, CREDENTIALS, DEADLINES, ENDED, LEASE_TASKS, LEASES,
+    OPEN_BY_EXECUTOR, TASKS,
 };
 use crate::lease::Lease;
 use crate::store::{
-    StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError, decode, encode,
-    task_ended_reason, unix_ms, unix_ms_ceil,
+    CASCADE_GRACE, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError, decode,
+    encode, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::task::{Task, TaskError, TaskId, Unmet};
 
 #[async_trait]
 impl TaskStore for EmbeddedStore {
-    /// The task, its executor and requester index entries and its deadline, in one transaction.
+    /// The task, its executor (and, while open, open-task) and requester index entries and its
+    /// deadline, in one transaction.
     async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
         let task = task.clone();
         self.blocking(move |db| {
@@ -37,6 +42,10 @@ impl TaskStore for EmbeddedStore {
                 tasks.insert(id.as_str(), bytes.as_slice())?;
                 txn.open_table(BY_EXECUTOR)?
                     .insert((task.executor.as_str(), id.as_str()), ())?;
+                if !task.state.is_terminal() {
+                    txn.open_table(OPEN_BY_EXECUTOR)?
+                        .insert((task.executor.as_str(), id.as_str()), ())?;
+                }
                 txn.open_table(BY_REQUESTER)?
                     .insert((task.requester.as_str(), id.as_str()), ())?;
                 txn.open_table(DEADLINES)?
@@ -168,6 +177,9 @@ impl TaskStore for EmbeddedStore {
                     let reason = task_ended_reason(&next);
                     let mut leases = txn.open_table(LEASES)?;
                     let active = revoke_active_leases(&txn, &mut leases, &key, &reason, ended)?;
+                    if !next.children.is_empty() {
+                        refile_due(&txn, &next, ended)?;
+                    }
                     (next, active)
                 };
                 txn.commit()?;
@@ -191,6 +203,7 @@ impl TaskStore for EmbeddedStore {
                 let mut ended = txn.open_table(ENDED)?;
                 let mut tasks = txn.open_table(TASKS)?;
                 let mut by_executor = txn.open_table(BY_EXECUTOR)?;
+                let mut open = txn.open_table(OPEN_BY_EXECUTOR)?;
                 let mut by_requester = txn.open_table(BY_REQUESTER)?;
                 let mut leases = txn.open_table(LEASES)?;
                 let mut credentials = txn.open_table(CREDENTIALS)?;
@@ -209,6 +222,9 @@ impl TaskStore for EmbeddedStore {
                         continue;
                     };
                     by_executor.remove((task.executor.as_str(), id.as_str()))?;
+                    // An ended task has left it already; this keeps a stray entry from
+                    // outliving its task.
+                    open.remove((task.executor.as_str(), id.as_str()))?;
                     by_requester.remove((task.requester.as_str(), id.as_str()))?;
                     let range = (id.as_str(), "")..=(id.as_str(), "~");
                     let lease_ids: Vec<String> = leases
@@ -235,8 +251,8 @@ impl TaskStore for EmbeddedStore {
 }
 
 /// Applies `change` to task `key` inside write transaction `txn` and writes the result; a task
-/// this change ends is filed to be pruned `retention` after it ended. Returns the task as
-/// changed. Nothing is kept unless the caller commits.
+/// this change ends leaves the open-task index and is filed to be pruned `retention` after it
+/// ended. Returns the task as changed. Nothing is kept unless the caller commits.
 fn change_in(
     txn: &WriteTransaction,
     key: &str,
@@ -251,10 +267,34 @@ fn change_in(
     let mut next = current.clone();
     change(&mut next)?;
     tasks.insert(key, encode(&next)?.as_slice())?;
+    let (was_open, is_open) = (!current.state.is_terminal(), !next.state.is_terminal());
+    if was_open != is_open || current.executor != next.executor {
+        let mut open = txn.open_table(OPEN_BY_EXECUTOR)?;
+        if was_open {
+            open.remove((current.executor.as_str(), key))?;
+        }
+        if is_open {
+            open.insert((next.executor.as_str(), key), ())?;
+        }
+    }
     if let (None, Some(ended)) = (current.ended_at, next.ended_at) {
         // Kept for `retention` after it ends: index by the time it may be pruned.
         txn.open_table(ENDED)?
             .insert((unix_ms(ended + retention), key), ())?;
     }
     Ok(next)
+}
+
+/// Files `task`, which ended at `ended` with delegated children, due again at `ended` plus
+/// [`CASCADE_GRACE`] instead of at its deadline: the reaper then ends what is below it.
+pub(super) fn refile_due(
+    txn: &redb::WriteTransaction,
+    task: &Task,
+    ended: SystemTime,
+) -> Result<(), StoreError> {
+    let id = task.id.to_string();
+    let mut deadlines = txn.open_table(DEADLINES)?;
+    deadlines.remove((unix_ms_ceil(task.deadline), id.as_str()))?;
+    deadlines.insert((unix_ms_ceil(ended + CASCADE_GRACE), id.as_str()), ())?;
+    Ok(())
 }

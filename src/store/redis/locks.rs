@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
 use super::keys::{
-    EXPIRY, LOCKS, REVOCATIONS, lease_prefix_template, live_key, lock_key, lock_key_of, open_key,
-    task_template,
+    DEADLINES, EXPIRY, LOCKS, REVOCATIONS, lease_prefix_template, live_key, lock_key, lock_key_of,
+    open_key, task_template,
 };
 use super::{RedisStore, unavailable, write_failed};
 use crate::identity::WorkloadId;
@@ -56,12 +56,14 @@ impl LockStore for RedisStore {
             .key(live_key(agent.as_str()))
             .key(EXPIRY)
             .key(REVOCATIONS)
+            .key(DEADLINES)
             .arg(unix_ms(at))
             .arg(reason)
             .arg(unix_ms(at + retention))
             .arg(limit.max(1))
             .arg(task_template())
             .arg(lease_prefix_template())
+            .arg(unix_ms(at + crate::store::CASCADE_GRACE))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| write_failed(&e))?;

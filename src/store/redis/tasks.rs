@@ -16,8 +16,8 @@ use super::keys::{
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
 use crate::lease::Lease;
 use crate::store::{
-    StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError, encode, task_ended_reason,
-    unix_ms, unix_ms_ceil,
+    CASCADE_GRACE, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError, encode,
+    task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::task::{Task, TaskError, TaskId, Unmet};
 
@@ -139,6 +139,7 @@ impl TaskStore for RedisStore {
                 .key(live_key(current.executor.as_str()))
                 .key(open_key(current.executor.as_str()))
                 .key(REVOCATIONS)
+                .key(DEADLINES)
                 .arg(&version)
                 .arg(next_version(&key, &version)?)
                 .arg(encode(&next)?)
@@ -148,6 +149,11 @@ impl TaskStore for RedisStore {
                 .arg(lease_prefix(&key))
                 .arg(cred_prefix(&key))
                 .arg(&key)
+                .arg(if next.children.is_empty() || current.ended_at.is_some() {
+                    String::new()
+                } else {
+                    unix_ms(ended + CASCADE_GRACE).to_string()
+                })
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;

@@ -1,9 +1,10 @@
 -- Ends a task and revokes every active lease in its set (revoke.lua's step), atomically. Needs
 -- log_revocation.lua and revoke.lua before it.
 -- KEYS: task, task's lease set, expiry index, the executor's live leases, the executor's open
--- tasks, revocation log.
+-- tasks, revocation log, deadline index.
 -- ARGV: version read, new version, new task data, expire-at ms ('' for none), ended ms, reason,
--- lease key prefix, credential key prefix, task id.
+-- lease key prefix, credential key prefix, task id, due-again ms ('' for none: a task with
+-- delegated children is filed due again, so that the reaper ends what is below it).
 -- Returns `{'missing'}`, `{'conflict'}`, or `{'ok', revoked lease ids...}`.
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {'missing'} end
@@ -27,4 +28,5 @@ if ARGV[4] ~= '' then
   redis.call('PEXPIREAT', KEYS[2], ARGV[4])
 end
 redis.call('SREM', KEYS[5], ARGV[9])
+if ARGV[10] ~= '' then redis.call('ZADD', KEYS[7], ARGV[10], ARGV[9]) end
 return revoked

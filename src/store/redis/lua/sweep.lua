@@ -3,21 +3,27 @@
 -- those still open or active. Task state changes are laid over the task's JSON as hash fields
 -- (`state`, `ended_ms`, `end_reason`) and its version is bumped, so that concurrent
 -- compare-and-sets fail and re-read. Needs log_revocation.lua and revoke.lua before it.
--- KEYS: the agent's open tasks, its live leases, the expiry index, the revocation log.
+-- KEYS: the agent's open tasks, its live leases, the expiry index, the revocation log, the
+-- deadline index.
 -- ARGV: ended ms, reason, expire-at ms for ended tasks, limit, the task key template and the
 -- lease key prefix template (keys.rs `TASK_TEMPLATE`, `LEASE_PREFIX_TEMPLATE`: `%s` is the task
--- id).
+-- id), the due-again ms of an ended task with delegated children (the reaper ends what is
+-- below it).
 -- Returns `{remaining, revoked task ids..., '|', 'task/lease' of revoked leases...}`.
 local tasks, leases = {}, {}
 for _, id in ipairs(redis.call('SPOP', KEYS[1], ARGV[4])) do
   local tk = string.format(ARGV[5], id)
   local data = redis.call('HGET', tk, 'data')
   if data then
-    local st = redis.call('HGET', tk, 'state') or cjson.decode(data).state
+    local task = cjson.decode(data)
+    local st = redis.call('HGET', tk, 'state') or task.state
     if st == 'pending_approval' or st == 'approved' then
       redis.call('HSET', tk, 'state', 'revoked', 'ended_ms', ARGV[1], 'end_reason', ARGV[2])
       redis.call('HINCRBY', tk, 'v', 1)
       redis.call('PEXPIREAT', tk, ARGV[3])
+      if type(task.children) == 'table' and #task.children > 0 then
+        redis.call('ZADD', KEYS[5], ARGV[7], id)
+      end
       table.insert(tasks, id)
     end
   end
