@@ -63,6 +63,11 @@ impl Broker {
             return Err(refuse(TaskError::Forbidden(Forbidden::NotDelegator).into()));
         }
         parent.check_delegable(now).map_err(|e| refuse(e.into()))?;
+        if crate::task::remaining(&parent, now) < std::time::Duration::from_secs(1) {
+            return Err(refuse(BrokerError::Precondition(
+                Precondition::DeadlineTooClose,
+            )));
+        }
         raw.deadline_in = raw
             .deadline_in
             .or_else(|| Some(crate::task::remaining(&parent, now)));
@@ -79,23 +84,49 @@ impl Broker {
         let mut child = parent
             .delegate(TaskId::generate(), caller, request, &limits, now)
             .map_err(|e| refuse(e.into()))?;
-        for (who, agent) in [("delegator", caller), ("delegate", &child.executor)] {
-            if let Some(lock) = self.store.agent_lock(agent, now).await? {
-                return Err(refuse(BrokerError::Denied(Denial::Locked(format!(
-                    "the {who} {agent}: {}",
-                    lock.reason
-                )))));
-            }
-        }
         let verdict = self.decide_delegation(caller, &parent, &child)?;
+        // After policy (a lock is no business of a caller policy refuses), and again once the
+        // child is written (see `attach`). The delegate's lock reason is not the caller's.
+        self.check_unlocked(caller, &child.executor, now)
+            .await
+            .map_err(refuse)?;
         child.quorum = verdict.quorum;
         child.request_policies = verdict.policies;
         if child.quorum == 0 {
             child.state = TaskState::Approved;
         }
-        self.attach(&parent, &child, now).await.map_err(refuse)?;
+        if let Err(e) = self.attach(&parent, &child, now).await {
+            // The decision's line named the child: the record says it was not made.
+            self.audit_refusal(action, caller, child.id, &e);
+            return Err(e);
+        }
         tracing::info!(task = %child.id, parent = %parent.id, executor = %child.executor, depth = child.depth(), quorum = child.quorum, "task delegated");
         Ok(child)
+    }
+
+    /// Refuses a delegation while the delegator or the delegate is locked.
+    async fn check_unlocked(
+        &self,
+        delegator: &WorkloadId,
+        delegate: &WorkloadId,
+        now: std::time::SystemTime,
+    ) -> Result<(), BrokerError> {
+        let (mine, theirs) = tokio::join!(
+            self.store.agent_lock(delegator, now),
+            self.store.agent_lock(delegate, now)
+        );
+        if let Some(lock) = mine? {
+            return Err(BrokerError::Denied(Denial::Locked(format!(
+                "the delegator {delegator}: {}",
+                lock.reason
+            ))));
+        }
+        if theirs?.is_some() {
+            return Err(BrokerError::Denied(Denial::Locked(format!(
+                "the delegate {delegate} is locked"
+            ))));
+        }
+        Ok(())
     }
 
     /// Asks policy about a delegation and writes its one provenance line: the actor (the
@@ -158,7 +189,14 @@ impl Broker {
         .detail("purpose", child.purpose.as_str())
         .detail("executor", child.executor.as_str())
         .detail("grants", grants)
-        .detail("labels", labels)
+        .detail(
+            "labels",
+            child
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+        )
         .detail("depth", child.depth())
         .detail("chain", chain)
         .detail("strictly_narrower", strictly_narrower)
@@ -203,16 +241,34 @@ impl Broker {
         }
         let id = child.id;
         let adopt: TaskChange = Arc::new(move |t: &mut Task| t.adopt(id, &limits, now));
-        self.store.update_task(&parent.id, adopt, retention).await?;
-        self.store.create_task(child).await?;
-        let again = self.load(&parent.id).await;
-        if let Ok(p) = &again
-            && !p.state.is_terminal()
-        {
-            return Ok(());
+        if let Err(e) = self.store.update_task(&parent.id, adopt, retention).await {
+            if root != parent.id {
+                // The root's count back (best effort: a lost one only narrows the tree).
+                let undo: TaskChange = Arc::new(|t: &mut Task| {
+                    t.descendants = t.descendants.saturating_sub(1);
+                    Ok(())
+                });
+                let _ = self.store.update_task(&root, undo, retention).await;
+            }
+            return Err(e.into());
         }
-        // The parent ended while the child was made: end the child before anyone can use it.
-        let why = format!("task {} above it ended while it was delegated", parent.id);
+        self.store.create_task(child).await?;
+        // Read again once the child is written: a parent that ended, or a lock of either agent,
+        // since the checks above. (A lock written after this read sweeps the child: it is among
+        // the delegate's open tasks by now.)
+        let again = self.load(&parent.id).await;
+        let locked = self
+            .check_unlocked(&child.requester, &child.executor, now)
+            .await;
+        let refusal = match (again, locked) {
+            (Ok(p), Ok(())) if !p.state.is_terminal() => return Ok(()),
+            (Ok(p), Ok(())) => {
+                BrokerError::Precondition(Precondition::Task(Unmet::AncestorEnded(p.id)))
+            }
+            (_, Err(e)) | (Err(e), Ok(())) => e,
+        };
+        // The child may not live: end it before anyone can use it.
+        let why = format!("task {} was refused as it was delegated", child.id);
         let end: TaskChange = Arc::new(move |t: &mut Task| {
             if t.revoke(&why, now) {
                 Ok(())
@@ -225,13 +281,11 @@ impl Broker {
             .end_task(&id, end, Cause::ParentEnd, |t| {
                 AuditEvent::new(now, "DelegationEnded", "broker", true)
                     .task(t.id)
-                    .reason("the parent ended while the task was delegated")
+                    .reason("the delegation was refused after the task was written")
                     .detail("parent", parent.id.to_string())
             })
             .await;
-        Err(BrokerError::Precondition(Precondition::Task(
-            Unmet::AncestorEnded(parent.id),
-        )))
+        Err(refusal)
     }
 
     /// Ends the tasks below `ended` (a task the caller `by` has just ended), audited, and
@@ -271,6 +325,17 @@ impl Broker {
     /// Refuses an issuance for a delegated task when a task above it has ended (its end is
     /// ending this one, or will: see the module docs).
     pub(super) async fn check_chain(&self, task: &Task) -> Result<(), BrokerError> {
+        // A lock of anyone above holds from its first step, before its sweep reaches here.
+        if let Some(d) = &task.delegation {
+            let now = self.clock.now();
+            for agent in &d.chain {
+                if self.store.agent_lock(agent, now).await?.is_some() {
+                    return Err(BrokerError::Denied(Denial::Locked(
+                        "an agent above this task in its delegation chain is locked".into(),
+                    )));
+                }
+            }
+        }
         let mut next = task.parent;
         let mut steps = 0;
         while let Some(id) = next {

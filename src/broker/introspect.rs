@@ -58,6 +58,25 @@ impl Broker {
             return Ok(Introspection::Inactive);
         };
         let lease = self.live_lease(&task, &claims.jti, &agent, now).await?;
+        // A delegated credential dies with a lock of anyone in its chain (`sub` and the earlier
+        // actors), from the lock's first step, before its sweep reaches the delegate's task.
+        if lease.is_some()
+            && let Some(act) = &claims.act
+        {
+            for who in act
+                .subjects()
+                .into_iter()
+                .skip(1)
+                .chain([claims.sub.as_str()])
+            {
+                let Ok(id) = WorkloadId::parse(who) else {
+                    return Ok(Introspection::Inactive);
+                };
+                if self.store.agent_lock(&id, now).await?.is_some() {
+                    return Ok(Introspection::Inactive);
+                }
+            }
+        }
         Ok(match lease {
             Some(_) => Introspection::Active(Box::new(claims)),
             None => Introspection::Inactive,

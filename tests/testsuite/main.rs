@@ -19,6 +19,7 @@ mod ci;
 mod cli;
 mod config;
 mod credentials;
+mod delegation;
 mod deploy;
 mod docs;
 mod faults;
