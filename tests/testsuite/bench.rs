@@ -6,8 +6,10 @@ fn bench_reports_every_figure_with_its_floor() {
         "--json",
         "bench",
         "--quick",
+        // Long enough that a CI exchange over a fresh handshake (debug build) completes while
+        // the rest of the suite shares the two cores.
         "--seconds",
-        "0.5",
+        "1.5",
         "--concurrency",
         "8",
         "--channels",
