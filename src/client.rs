@@ -32,7 +32,7 @@ pub struct ClientArgs {
     /// Private key (PEM) of the client certificate.
     #[arg(long, global = true, env = "TASKCRED_KEY", requires = "cert")]
     pub key: Option<PathBuf>,
-    /// Use dev identity NAME from the dev dir (agent, requester, approver, approver2, operator).
+    /// Use dev identity NAME from the dev dir (agent, agent2, agent3, requester, approver, approver2, operator, verifier).
     #[arg(long = "as", global = true, value_name = "NAME", conflicts_with_all = ["cert", "key"])]
     pub as_name: Option<String>,
     /// The dev directory of `dev init` and `serve --dev`.

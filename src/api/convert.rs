@@ -244,11 +244,7 @@ impl TryFrom<pb::RequestTaskRequest> for RawTaskRequest {
         Ok(Self {
             executor: r.executor,
             purpose: r.purpose,
-            grants: r
-                .grants
-                .into_iter()
-                .map(|g| (g.audience, g.actions))
-                .collect(),
+            grants: grants(r.grants),
             labels: r.labels.into_iter().collect(),
             deadline_in: duration("deadline", r.deadline)?,
             credential_ttl: duration("credential_ttl", r.credential_ttl)?,
@@ -256,27 +252,29 @@ impl TryFrom<pb::RequestTaskRequest> for RawTaskRequest {
     }
 }
 
+/// The (audience, actions) pairs of the grants asked for, checked later by `TaskRequest::parse`.
+fn grants(grants: Vec<pb::Grant>) -> Vec<(String, Vec<String>)> {
+    grants
+        .into_iter()
+        .map(|g| (g.audience, g.actions))
+        .collect()
+}
+
 /// The parent and the child asked for of a `DelegateTask` request.
 pub(super) fn delegation(r: pb::DelegateTaskRequest) -> Result<(TaskId, RawTaskRequest), Status> {
-    {
-        let parent = TaskId::parse(&r.parent_id)
-            .map_err(|_| invalid("parent_id", "not a task id (a lowercase UUIDv7)"))?;
-        Ok((
-            parent,
-            RawTaskRequest {
-                executor: r.executor,
-                purpose: r.purpose,
-                grants: r
-                    .grants
-                    .into_iter()
-                    .map(|g| (g.audience, g.actions))
-                    .collect(),
-                labels: r.labels.into_iter().collect(),
-                deadline_in: duration("deadline", r.deadline)?,
-                credential_ttl: duration("credential_ttl", r.credential_ttl)?,
-            },
-        ))
-    }
+    let parent = TaskId::parse(&r.parent_id)
+        .map_err(|_| invalid("parent_id", "not a task id (a lowercase UUIDv7)"))?;
+    Ok((
+        parent,
+        RawTaskRequest {
+            executor: r.executor,
+            purpose: r.purpose,
+            grants: grants(r.grants),
+            labels: r.labels.into_iter().collect(),
+            deadline_in: duration("deadline", r.deadline)?,
+            credential_ttl: duration("credential_ttl", r.credential_ttl)?,
+        },
+    ))
 }
 
 impl TryFrom<pb::ListTasksRequest> for ListRequest {
