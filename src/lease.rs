@@ -10,15 +10,20 @@ use serde::{Deserialize, Serialize};
 use crate::identity::WorkloadId;
 use crate::task::{Forbidden, Task, TaskError, TaskId, TaskState, Unmet};
 
-/// A lease id (UUIDv7, lowercase hyphenated).
+/// A lease id: `<task id>.<16 hex digits>`, so that the id names its task (a store needs no
+/// index from lease to task) and, within a task, sorts in issuance order. Ids of earlier
+/// versions (a bare UUIDv7) still parse; they name no task.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct LeaseId(String);
 
+/// The length of a task id in a lease id (a hyphenated UUID).
+const TASK_LEN: usize = 36;
+
 impl LeaseId {
-    /// A fresh id.
-    pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().hyphenated().to_string())
+    /// A fresh id for a lease of `task`.
+    pub fn generate(task: &TaskId) -> Self {
+        Self(format!("{task}.{:016x}", next_suffix()))
     }
 
     /// Parses a canonical lease id.
@@ -28,8 +33,19 @@ impl LeaseId {
     pub fn parse(s: &str) -> Result<Self, TaskError> {
         let bad = || TaskError::Invalid {
             field: "lease_id",
-            reason: "not a lease id (a lowercase UUIDv7)".into(),
+            reason: "not a lease id (<task id>.<16 lowercase hex digits>)".into(),
         };
+        if let Some((task, suffix)) = s.split_once('.') {
+            TaskId::parse(task).map_err(|_| bad())?;
+            if suffix.len() != 16
+                || !suffix
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                return Err(bad());
+            }
+            return Ok(Self(s.to_owned()));
+        }
         let u = uuid::Uuid::try_parse(s).map_err(|_| bad())?;
         if u.get_version_num() != 7 || u.hyphenated().to_string() != s {
             return Err(bad());
@@ -40,6 +56,46 @@ impl LeaseId {
     /// The text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The task the id names (none for an id of an earlier version).
+    pub fn task(&self) -> Option<TaskId> {
+        self.0
+            .get(..TASK_LEN)
+            .filter(|_| self.0.len() > TASK_LEN)
+            .and_then(|t| TaskId::parse(t).ok())
+    }
+
+    /// What follows the task in the id: its 8 bytes (none for an id of an earlier version).
+    pub fn suffix(&self) -> Option<[u8; 8]> {
+        let hex = self.0.get(TASK_LEN + 1..).filter(|h| h.len() == 16)?;
+        u64::from_str_radix(hex, 16).ok().map(u64::to_be_bytes)
+    }
+
+    /// The id of `task`'s lease with `suffix` (what [`suffix`](Self::suffix) returned).
+    pub fn from_parts(task: &TaskId, suffix: [u8; 8]) -> Self {
+        Self(format!("{task}.{:016x}", u64::from_be_bytes(suffix)))
+    }
+}
+
+/// The next lease id suffix of this process: milliseconds since 2020 in the high 42 bits, a
+/// random start in the low 22, and always above the last one (so a process's ids sort in the
+/// order it issued them, and two replicas' ids of the same millisecond differ but by chance).
+fn next_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    const EPOCH_2020_MS: u64 = 1_577_836_800_000;
+    let ms = crate::store::unix_ms(SystemTime::now()).saturating_sub(EPOCH_2020_MS);
+    // The low bits of a UUIDv7 are random (its counter, if any, sits above them).
+    let random = u64::from(uuid::Uuid::now_v7().as_u128() as u32) & ((1 << 22) - 1);
+    let fresh = (ms << 22) | random;
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = fresh.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
     }
 }
 

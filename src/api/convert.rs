@@ -219,7 +219,12 @@ pub(super) fn ttl(d: Option<prost_types::Duration>) -> Result<Option<Duration>, 
 }
 
 pub(super) fn lease_id(s: &str) -> Result<LeaseId, Status> {
-    LeaseId::parse(s).map_err(|_| invalid("lease_id", "not a lease id (a lowercase UUIDv7)"))
+    LeaseId::parse(s).map_err(|_| {
+        invalid(
+            "lease_id",
+            "not a lease id (<task id>.<16 lowercase hex digits>)",
+        )
+    })
 }
 
 /// The lifetime a lease's credential was granted: the lease's expiry less its issue time.

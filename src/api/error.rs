@@ -64,6 +64,7 @@ fn bare_status(e: BrokerError) -> Status {
             tracing::warn!(%detail, "store unavailable");
             Status::unavailable("the store is unavailable; nothing was changed, retry later")
         }
+        e @ BrokerError::TaskChanged => Status::unavailable(e.to_string()),
         BrokerError::OutcomeUnknown(detail) => {
             tracing::warn!(%detail, "store did not answer a change: outcome unknown");
             let mut s = Status::unavailable(

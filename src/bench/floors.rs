@@ -1,8 +1,10 @@
 //! The floors each figure is compared with, measured in the same run on the same machine: raw
-//! signatures per second on every core (ring, as the broker signs), and raw scripted lease writes
-//! per second on the bench's Redis (one script doing the writes a lease needs, over one
-//! multiplexed connection as the broker uses). The third floor, a no-op authenticated RPC, is a
-//! load run like the others (`noop`).
+//! signatures and signature checks per second on every core (ring, as the broker signs and
+//! checks), raw scripted lease writes per second on the bench's Redis (one script doing the
+//! writes a lease needs, over one multiplexed connection as the broker uses), and the CI path's
+//! floor: a fresh TLS 1.3 handshake without client certificate (both ends, in memory, with the
+//! broker's crypto provider) plus one ES256 ID-token signature check. The no-op authenticated
+//! RPC is a load run like the others (`noop`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +12,8 @@ use std::time::{Duration, Instant};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 
-use super::load::{Shape, Stats, drive};
+use super::cost::Meter;
+use super::load::{Shape, Stats, drive_metered};
 
 /// A message the size of a token's signing input.
 const MESSAGE: [u8; 420] = [b'x'; 420];
@@ -21,7 +24,6 @@ const MESSAGE: [u8; 420] = [b'x'; 420];
 /// When a key cannot be made.
 pub fn signatures_per_sec(alg: &str, time: Duration) -> Result<f64, String> {
     let rng = SystemRandom::new();
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let sign: Arc<dyn Fn() + Send + Sync> = match alg {
         "ed25519" => {
             let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| e.to_string())?;
@@ -41,17 +43,145 @@ pub fn signatures_per_sec(alg: &str, time: Duration) -> Result<f64, String> {
             })
         }
     };
+    Ok(on_every_core(time, &sign))
+}
+
+/// Signature checks per second over all cores (`p256`: ECDSA P-256 with SHA-256, as a CSR or
+/// an ES256 ID token is checked; `ed25519`).
+///
+/// # Errors
+/// When a key cannot be made.
+pub fn verifications_per_sec(alg: &str, time: Duration) -> Result<f64, String> {
+    let check = verifier(alg)?;
+    Ok(on_every_core(time, &check))
+}
+
+/// One signature check of `alg` over a token-sized message, ready to repeat.
+fn verifier(alg: &str) -> Result<Arc<dyn Fn() + Send + Sync>, String> {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED, ED25519, KeyPair as _, UnparsedPublicKey};
+    let rng = SystemRandom::new();
+    Ok(match alg {
+        "ed25519" => {
+            let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| e.to_string())?;
+            let key = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|e| e.to_string())?;
+            let sig = key.sign(&MESSAGE).as_ref().to_vec();
+            let public = UnparsedPublicKey::new(&ED25519, key.public_key().as_ref().to_vec());
+            Arc::new(move || {
+                let _ = std::hint::black_box(public.verify(&MESSAGE, &sig));
+            })
+        }
+        _ => {
+            let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .map_err(|e| e.to_string())?;
+            let key =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref(), &rng)
+                    .map_err(|e| e.to_string())?;
+            let sig = key
+                .sign(&rng, &MESSAGE)
+                .map_err(|e| e.to_string())?
+                .as_ref()
+                .to_vec();
+            let public = UnparsedPublicKey::new(
+                &ECDSA_P256_SHA256_FIXED,
+                key.public_key().as_ref().to_vec(),
+            );
+            Arc::new(move || {
+                let _ = std::hint::black_box(public.verify(&MESSAGE, &sig));
+            })
+        }
+    })
+}
+
+/// The CI path's floor per second over all cores: a full TLS 1.3 handshake without client
+/// certificate and without resumption (client and server in memory, the broker's crypto
+/// provider, a P-256 server certificate as the dev PKI's) plus one ES256 signature check.
+///
+/// # Errors
+/// When the TLS configurations cannot be made.
+pub fn ci_handshakes_per_sec(time: Duration) -> Result<f64, String> {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| e.to_string())?;
+    let provider = crate::tls::provider();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).map_err(|e| e.to_string())?;
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.resumption = rustls::client::Resumption::disabled();
+    let (server, client) = (Arc::new(server), Arc::new(client));
+    let check = verifier("p256")?;
+    // One handshake first: a configuration that cannot complete one is an error, not a floor.
+    handshake(&server, &client)?;
+    let op: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        let _ = std::hint::black_box(handshake(&server, &client));
+        check();
+    });
+    Ok(on_every_core(time, &op))
+}
+
+/// One full handshake between `client` and `server`, in memory.
+fn handshake(
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let mut c =
+        rustls::ClientConnection::new(Arc::clone(client), name).map_err(|e| e.to_string())?;
+    let mut s = rustls::ServerConnection::new(Arc::clone(server)).map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(8192);
+    for _ in 0..8 {
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(());
+        }
+        buf.clear();
+        while c.wants_write() {
+            c.write_tls(&mut buf).map_err(|e| e.to_string())?;
+        }
+        let mut rd = buf.as_slice();
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).map_err(|e| e.to_string())?;
+            s.process_new_packets().map_err(|e| e.to_string())?;
+        }
+        buf.clear();
+        while s.wants_write() {
+            s.write_tls(&mut buf).map_err(|e| e.to_string())?;
+        }
+        let mut rd = buf.as_slice();
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).map_err(|e| e.to_string())?;
+            c.process_new_packets().map_err(|e| e.to_string())?;
+        }
+    }
+    Err("the handshake did not complete".into())
+}
+
+/// Runs `op` on one thread per core for `time`; operations per second over all of them.
+fn on_every_core(time: Duration, op: &Arc<dyn Fn() + Send + Sync>) -> f64 {
     let until = Instant::now() + time;
-    let handles: Vec<_> = (0..threads)
+    let handles: Vec<_> = (0..cores())
         .map(|_| {
-            let sign = Arc::clone(&sign);
+            let op = Arc::clone(op);
             std::thread::spawn(move || {
                 let mut n = 0u64;
                 while Instant::now() < until {
-                    for _ in 0..64 {
-                        sign();
+                    for _ in 0..16 {
+                        op();
                     }
-                    n += 64;
+                    n += 16;
                 }
                 n
             })
@@ -59,7 +189,13 @@ pub fn signatures_per_sec(alg: &str, time: Duration) -> Result<f64, String> {
         .collect();
     let total: u64 = handles.into_iter().filter_map(|h| h.join().ok()).sum();
     #[allow(clippy::cast_precision_loss)]
-    Ok(total as f64 / time.as_secs_f64())
+    let per_sec = total as f64 / time.as_secs_f64();
+    per_sec
+}
+
+/// The cores the floors run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// The writes of one lease (the broker's `ISSUE` script without its checks): the lease hash,
@@ -77,7 +213,7 @@ return 1";
 ///
 /// # Errors
 /// When Redis cannot be reached.
-pub async fn redis_lease_writes(url: &str, shape: Shape) -> Result<Stats, String> {
+pub async fn redis_lease_writes(url: &str, shape: Shape, meter: Meter) -> Result<Stats, String> {
     let client = redis::Client::open(url).map_err(|e| e.to_string())?;
     let conn = client
         .get_multiplexed_async_connection()
@@ -86,7 +222,7 @@ pub async fn redis_lease_writes(url: &str, shape: Shape) -> Result<Stats, String
     let script = Arc::new(redis::Script::new(LEASE_WRITE));
     // A lease record the size of the broker's.
     let data = Arc::new("d".repeat(480));
-    let stats = drive(shape, move |w, n| {
+    let stats = drive_metered(shape, meter, move |w, n| {
         let (mut conn, script, data) = (conn.clone(), Arc::clone(&script), Arc::clone(&data));
         async move {
             let id = format!("{w}-{n}");

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::cost::Meter;
+
 /// What one run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
@@ -27,6 +29,12 @@ pub struct Stats {
     pub first_error: Option<String>,
     /// Workers (calls in flight).
     pub concurrency: usize,
+    /// The broker's CPU per successful call over the measured window, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_us: Option<f64>,
+    /// Redis' CPU per successful call over the measured window, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_cpu_us: Option<f64>,
 }
 
 /// How long and how wide a run is.
@@ -61,10 +69,25 @@ where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
 {
+    drive_metered(shape, Meter::default(), call).await
+}
+
+/// [`drive`], reading the CPU `meter`'s processes spent in the measured window.
+pub async fn drive_metered<F, Fut>(shape: Shape, meter: Meter, call: F) -> Stats
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
     let call = Arc::new(call);
     let start = Instant::now();
     let from = start + shape.warmup;
     let until = from + shape.measure;
+    let sampler = tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let at_start = meter.read();
+        tokio::time::sleep_until(until.into()).await;
+        (at_start, meter.read())
+    });
     let mut workers = Vec::with_capacity(shape.concurrency);
     for w in 0..shape.concurrency {
         let call = Arc::clone(&call);
@@ -114,6 +137,9 @@ where
     }
     all.sort_unstable();
     stats.calls = all.len() as u64;
+    if let Ok((at_start, at_end)) = sampler.await {
+        (stats.broker_cpu_us, stats.redis_cpu_us) = Meter::per_call(at_start, at_end, stats.calls);
+    }
     #[allow(clippy::cast_precision_loss)]
     {
         stats.per_sec = stats.calls as f64 / shape.measure.as_secs_f64();

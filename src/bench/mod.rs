@@ -5,6 +5,7 @@
 //! channels, raw signatures per second, raw scripted Redis lease writes per second. It reports
 //! one JSON object and a table; every figure carries its ratio to its floor.
 
+pub mod cost;
 pub mod floors;
 pub mod load;
 pub mod scale;
@@ -23,7 +24,8 @@ use crate::api::pb::credential_service_client::CredentialServiceClient;
 use crate::api::pb::identity_service_client::IdentityServiceClient;
 use crate::api::pb::task_service_client::TaskServiceClient;
 use crate::mint::{JwtAlgorithm, JwtKey};
-use load::{Shape, Stats, drive};
+use cost::Meter;
+use load::{Shape, Stats, drive_metered};
 use setup::{BrokerProcess, RedisProcess};
 
 /// The dev agent every load run acts as.
@@ -53,10 +55,22 @@ pub struct Options {
     pub revoke_leases: usize,
 }
 
-/// A figure with its floor: `{per_sec, p50_ms, ..., floor, ratio}`.
-fn figure(stats: &Stats, floors: &[(&str, f64)]) -> Value {
+/// A figure with its floors: `{per_sec, p50_ms, ..., broker_cpu_us, overhead_us,
+/// ratio_to_<floor>}`. `unavoidable_us` is the CPU per call of the cryptography the call cannot
+/// avoid (its signature, a CSR's check, a handshake): `overhead_us` is the broker's CPU per call
+/// beyond it.
+fn figure(stats: &Stats, floors: &[(&str, f64)], unavoidable_us: Option<f64>) -> Value {
     let mut v = serde_json::to_value(stats).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
+        for key in ["broker_cpu_us", "redis_cpu_us"] {
+            if let Some(us) = m.get(key).and_then(Value::as_f64) {
+                m.insert(key.into(), json!(round(us, 1)));
+            }
+        }
+        if let (Some(cpu), Some(floor)) = (stats.broker_cpu_us, unavoidable_us) {
+            m.insert("unavoidable_us".into(), json!(round(floor, 1)));
+            m.insert("overhead_us".into(), json!(round(cpu - floor, 1)));
+        }
         for (name, per_sec) in floors {
             let ratio = if *per_sec > 0.0 {
                 stats.per_sec / per_sec
@@ -155,9 +169,14 @@ fn token_request(task: &str) -> pb::IssueTokenRequest {
 }
 
 /// `IssueToken` with `shape` over `channels`.
-async fn issue_tokens(channels: &Arc<Vec<Channel>>, task: &str, shape: Shape) -> Stats {
+async fn issue_tokens(
+    channels: &Arc<Vec<Channel>>,
+    task: &str,
+    shape: Shape,
+    meter: Meter,
+) -> Stats {
     let (channels, request) = (Arc::clone(channels), token_request(task));
-    drive(shape, move |w, _| {
+    drive_metered(shape, meter, move |w, _| {
         let mut c = CredentialServiceClient::new(channels[w % channels.len()].clone());
         let request = request.clone();
         async move {
@@ -171,9 +190,9 @@ async fn issue_tokens(channels: &Arc<Vec<Channel>>, task: &str, shape: Shape) ->
 }
 
 /// The no-op authenticated RPC (`WhoAmI`: the identity check and nothing else).
-async fn noop(channels: &Arc<Vec<Channel>>, shape: Shape) -> Stats {
+async fn noop(channels: &Arc<Vec<Channel>>, shape: Shape, meter: Meter) -> Stats {
     let channels = Arc::clone(channels);
-    drive(shape, move |w, _| {
+    drive_metered(shape, meter, move |w, _| {
         let mut c = IdentityServiceClient::new(channels[w % channels.len()].clone());
         async move {
             c.who_am_i(pb::WhoAmIRequest {})
@@ -191,6 +210,7 @@ async fn issue_certificates(
     channels: &Arc<Vec<Channel>>,
     task: &str,
     shape: Shape,
+    meter: Meter,
 ) -> Result<Stats, String> {
     let mut csrs = Vec::new();
     for _ in 0..64 {
@@ -201,7 +221,7 @@ async fn issue_certificates(
         csrs.push(csr.der().to_vec());
     }
     let (channels, csrs, task) = (Arc::clone(channels), Arc::new(csrs), task.to_owned());
-    Ok(drive(shape, move |w, n| {
+    Ok(drive_metered(shape, meter, move |w, n| {
         let mut c = CredentialServiceClient::new(channels[w % channels.len()].clone());
         #[allow(clippy::cast_possible_truncation)]
         let csr = csrs[(n as usize + w) % csrs.len()].clone();
@@ -226,6 +246,7 @@ async fn introspections(
     channels: &Arc<Vec<Channel>>,
     task: &str,
     shape: Shape,
+    meter: Meter,
 ) -> Result<Stats, String> {
     let mut c = CredentialServiceClient::new(channels[0].clone());
     let mut tokens = Vec::new();
@@ -239,7 +260,7 @@ async fn introspections(
         );
     }
     let (channels, tokens) = (Arc::clone(channels), Arc::new(tokens));
-    Ok(drive(shape, move |w, n| {
+    Ok(drive_metered(shape, meter, move |w, n| {
         let mut c = CredentialServiceClient::new(channels[w % channels.len()].clone());
         #[allow(clippy::cast_possible_truncation)]
         let token = tokens[(n as usize * 7 + w) % tokens.len()].clone();
@@ -302,7 +323,12 @@ impl CiIssuer {
 }
 
 /// `ExchangeCiToken`, each over a fresh TLS connection without a client certificate.
-async fn ci_exchanges(b: &BrokerProcess, issuer: &CiIssuer, shape: Shape) -> Result<Stats, String> {
+async fn ci_exchanges(
+    b: &BrokerProcess,
+    issuer: &CiIssuer,
+    shape: Shape,
+    meter: Meter,
+) -> Result<Stats, String> {
     // Enough ID tokens for any rate this machine reaches (each is exchanged once).
     let secs = (shape.warmup + shape.measure).as_secs_f64();
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -310,7 +336,7 @@ async fn ci_exchanges(b: &BrokerProcess, issuer: &CiIssuer, shape: Shape) -> Res
     let tokens = Arc::new(issuer.tokens(n, &unix_now().to_string())?);
     let next = Arc::new(AtomicUsize::new(0));
     let (grpc, dev) = (b.grpc, b.dev_dir().to_owned());
-    Ok(drive(shape, move |_, _| {
+    Ok(drive_metered(shape, meter, move |_, _| {
         let (tokens, next, dev) = (Arc::clone(&tokens), Arc::clone(&next), dev.clone());
         async move {
             let token = tokens
@@ -404,37 +430,60 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
         "quick": opts.quick,
     });
 
-    eprintln!("bench: floors (raw signatures, raw Redis lease writes)");
+    eprintln!("bench: floors (raw signatures and checks, TLS handshakes, raw Redis lease writes)");
+    let cores = floors::cores();
     let sign_ed25519 = floors::signatures_per_sec("ed25519", sign_time)?;
     let sign_p256 = floors::signatures_per_sec("p256", sign_time)?;
+    let verify_p256 = floors::verifications_per_sec("p256", sign_time)?;
+    let verify_ed25519 = floors::verifications_per_sec("ed25519", sign_time)?;
+    let ci_floor = floors::ci_handshakes_per_sec(sign_time)?;
+    let us = |per_sec| cost::us_per_op(per_sec, cores);
+    let (sign_ed25519_us, sign_p256_us) = (us(sign_ed25519), us(sign_p256));
+    let (verify_p256_us, ci_floor_us) = (us(verify_p256), us(ci_floor));
+    let redis_pid = redis.as_ref().map(RedisProcess::pid);
     let redis_floor = match &redis {
-        Some(r) => Some(floors::redis_lease_writes(&r.url, shape).await?),
+        Some(r) => Some(
+            floors::redis_lease_writes(
+                &r.url,
+                shape,
+                Meter {
+                    broker: None,
+                    redis: redis_pid,
+                },
+            )
+            .await?,
+        ),
         None => None,
     };
     let redis_per_sec = redis_floor.as_ref().map_or(0.0, |s| s.per_sec);
+    let meter = |b: &BrokerProcess, store: &str| Meter {
+        broker: Some(b.pid()),
+        redis: if store == "redis" { redis_pid } else { None },
+    };
 
     eprintln!("bench: broker on {store}, EdDSA");
     let a = BrokerProcess::start(&dev, &env(store, "EdDSA"))?;
+    let ma = meter(&a, store);
     let channels = agent_channels(&a, opts.channels).await?;
     let task = approved_task(&a, "bench: issue tokens").await?;
     eprintln!("bench: noop");
-    let noop = noop(&channels, shape).await;
+    let noop = noop(&channels, shape, ma).await;
     let noop_per_sec = noop.per_sec;
     eprintln!("bench: IssueToken (EdDSA)");
-    let token = issue_tokens(&channels, &task, shape).await;
+    let token = issue_tokens(&channels, &task, shape, ma).await;
     eprintln!("bench: IssueCertificate");
-    let cert = issue_certificates(&channels, &task, shape).await?;
+    let cert = issue_certificates(&channels, &task, shape, ma).await?;
     eprintln!("bench: Introspect");
-    let intro = introspections(&channels, &task, shape).await?;
+    let intro = introspections(&channels, &task, shape, ma).await?;
     eprintln!("bench: ExchangeCiToken over fresh TLS");
-    let ci_fresh = ci_exchanges(&a, &ci, shape).await?;
+    let ci_fresh = ci_exchanges(&a, &ci, shape, ma).await?;
     a.stop();
 
     eprintln!("bench: broker on {store}, ES256");
     let b = BrokerProcess::start(&dev, &env(store, "ES256"))?;
     let channels_b = agent_channels(&b, opts.channels).await?;
     let task_b = approved_task(&b, "bench: issue ES256 tokens").await?;
-    let token_es256 = issue_tokens(&channels_b, &task_b, shape).await;
+    let token_es256 = issue_tokens(&channels_b, &task_b, shape, meter(&b, store)).await;
     b.stop();
 
     // The shipped production setting: Redis fsyncs its AOF before it answers each write.
@@ -445,7 +494,7 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
             let d = BrokerProcess::start(&dev, &env("redis", "EdDSA"))?;
             let channels_d = agent_channels(&d, opts.channels).await?;
             let task_d = approved_task(&d, "bench: issue tokens, appendfsync always").await?;
-            let s = issue_tokens(&channels_d, &task_d, shape).await;
+            let s = issue_tokens(&channels_d, &task_d, shape, meter(&d, "redis")).await;
             d.stop();
             r.config_set("appendfsync", "everysec").await?;
             Some(s)
@@ -458,7 +507,7 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
         let c = BrokerProcess::start(&dev, &env("embedded", "EdDSA"))?;
         let channels_c = agent_channels(&c, opts.channels).await?;
         let task_c = approved_task(&c, "bench: issue tokens, embedded").await?;
-        let s = issue_tokens(&channels_c, &task_c, shape).await;
+        let s = issue_tokens(&channels_c, &task_c, shape, meter(&c, "embedded")).await;
         c.stop();
         s
     } else {
@@ -466,7 +515,7 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
     };
 
     let m = out.as_object_mut().ok_or("report")?;
-    m.insert("noop".into(), figure(&noop, &[]));
+    m.insert("noop".into(), figure(&noop, &[], Some(0.0)));
     m.insert(
         "issue_token".into(),
         figure(
@@ -476,6 +525,7 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
                 ("sign_ed25519", sign_ed25519),
                 ("redis_lease_write", redis_per_sec),
             ],
+            Some(sign_ed25519_us),
         ),
     );
     m.insert(
@@ -487,12 +537,17 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
                 ("sign_p256", sign_p256),
                 ("redis_lease_write", redis_per_sec),
             ],
+            Some(sign_p256_us),
         ),
     );
     if let Some(s) = &token_fsync_always {
         m.insert(
             "issue_token_fsync_always".into(),
-            figure(s, &[("noop", noop_per_sec), ("issue_token", token.per_sec)]),
+            figure(
+                s,
+                &[("noop", noop_per_sec), ("issue_token", token.per_sec)],
+                Some(sign_ed25519_us),
+            ),
         );
     }
     m.insert(
@@ -500,8 +555,10 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
         figure(
             &token_embedded,
             &[("noop", noop_per_sec), ("sign_ed25519", sign_ed25519)],
+            Some(sign_ed25519_us),
         ),
     );
+    // The certificate's P-256 signature by the issuing CA, and the CSR's P-256 check.
     m.insert(
         "issue_certificate".into(),
         figure(
@@ -511,24 +568,41 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
                 ("sign_p256", sign_p256),
                 ("redis_lease_write", redis_per_sec),
             ],
+            Some(sign_p256_us + verify_p256_us),
         ),
     );
+    // Nothing is unavoidable: a token the broker issued can be known by its hash.
     m.insert(
         "introspect".into(),
-        figure(&intro, &[("noop", noop_per_sec)]),
+        figure(&intro, &[("noop", noop_per_sec)], Some(0.0)),
     );
+    // The handshake and the ID token's check (both ends of the handshake are in the floor, as
+    // both run on this machine), and the signature of the token handed out.
     m.insert(
         "ci_exchange_fresh_tls".into(),
-        figure(&ci_fresh, &[("noop", noop_per_sec)]),
+        figure(
+            &ci_fresh,
+            &[("noop", noop_per_sec), ("ci_floor", ci_floor)],
+            Some(ci_floor_us + sign_ed25519_us),
+        ),
     );
     m.insert(
         "floors".into(),
         json!({
+            "cores": cores,
             "noop_per_sec": round(noop_per_sec, 0),
             "sign_ed25519_per_sec": round(sign_ed25519, 0),
             "sign_p256_per_sec": round(sign_p256, 0),
+            "verify_p256_per_sec": round(verify_p256, 0),
+            "verify_ed25519_per_sec": round(verify_ed25519, 0),
+            "sign_ed25519_us": round(sign_ed25519_us, 1),
+            "sign_p256_us": round(sign_p256_us, 1),
+            "verify_p256_us": round(verify_p256_us, 1),
+            "verify_ed25519_us": round(us(verify_ed25519), 1),
+            "ci_floor_per_sec": round(ci_floor, 0),
+            "ci_floor_us": round(ci_floor_us, 1),
             "redis_lease_write_per_sec": round(redis_per_sec, 0),
-            "redis_lease_write": redis_floor.as_ref().map(|s| figure(s, &[])),
+            "redis_lease_write": redis_floor.as_ref().map(|s| figure(s, &[], None)),
         }),
     );
 
@@ -537,8 +611,10 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
             Some(r) => {
                 // A fresh store: the load runs' leases are not part of the scale runs.
                 r.flush().await?;
-                let a = BrokerProcess::start(&dev, &env("redis", "EdDSA"))?;
-                let report = scale::run(&a, r, opts.scale_leases, opts.revoke_leases, shape).await;
+                let env = env("redis", "EdDSA");
+                let a = BrokerProcess::start(&dev, &env)?;
+                let sizes = (opts.scale_leases, opts.revoke_leases);
+                let report = scale::run(&a, r, sizes, shape, &env).await;
                 a.stop();
                 for (k, v) in report? {
                     m.insert(k, v);
@@ -556,8 +632,16 @@ pub fn table(report: &Value) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<24} {:>10} {:>8} {:>8} {:>8} {:>7}  ratios to floors",
-        "figure", "per sec", "p50 ms", "p99 ms", "p999 ms", "errors"
+        "{:<24} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}  ratios to floors",
+        "figure",
+        "per sec",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "errors",
+        "cpu us",
+        "over us",
+        "redis us"
     );
     for name in [
         "noop",
@@ -578,28 +662,43 @@ pub fn table(report: &Value) -> String {
                     .map(|floor| format!("{floor} {:.2}", v.as_f64().unwrap_or_default()))
             })
             .collect();
+        let us = |key: &str| {
+            f[key]
+                .as_f64()
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
+        };
         let _ = writeln!(
             s,
-            "{:<24} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>7}  {}",
+            "{:<24} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7} {:>7} {:>7}  {}",
             name,
             f["per_sec"].as_f64().unwrap_or_default(),
             f["p50_ms"].as_f64().unwrap_or_default(),
             f["p99_ms"].as_f64().unwrap_or_default(),
             f["p999_ms"].as_f64().unwrap_or_default(),
             f["errors"].as_u64().unwrap_or_default(),
+            us("broker_cpu_us"),
+            us("overhead_us"),
+            us("redis_cpu_us"),
             ratios.join(", ")
         );
     }
     let fl = &report["floors"];
     let _ = writeln!(
         s,
-        "floors: noop {:.0}/s, Ed25519 {:.0} sig/s, P-256 {:.0} sig/s, Redis lease writes {:.0}/s",
+        "floors: noop {:.0}/s, Ed25519 {:.0} sig/s ({:.1} us), P-256 {:.0} sig/s ({:.1} us), \
+         P-256 check {:.1} us, CI handshake + check {:.0}/s ({:.0} us), Redis lease writes {:.0}/s",
         fl["noop_per_sec"].as_f64().unwrap_or_default(),
         fl["sign_ed25519_per_sec"].as_f64().unwrap_or_default(),
+        fl["sign_ed25519_us"].as_f64().unwrap_or_default(),
         fl["sign_p256_per_sec"].as_f64().unwrap_or_default(),
+        fl["sign_p256_us"].as_f64().unwrap_or_default(),
+        fl["verify_p256_us"].as_f64().unwrap_or_default(),
+        fl["ci_floor_per_sec"].as_f64().unwrap_or_default(),
+        fl["ci_floor_us"].as_f64().unwrap_or_default(),
         fl["redis_lease_write_per_sec"].as_f64().unwrap_or_default(),
     );
     for key in [
+        "start_ms_1m_leases",
         "force_revoke_10k_ms",
         "force_revoke_10k_verified_ms",
         "reaper_lag_p99_ms",

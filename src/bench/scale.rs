@@ -2,7 +2,8 @@
 //! is inactive in introspection); then a store holding N live leases (1,000,000 by default,
 //! written straight into Redis through the broker's own store code) of which 1,000 a second
 //! expire: the reaper's lag, Redis memory per lease, the broker's RSS before and after (it must
-//! not grow with the count) and its idle CPU.
+//! not grow with the count) and its idle CPU; and a second broker started on that full store,
+//! timed to its first credential.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,7 +54,7 @@ fn bulk_task(executor: &str) -> Result<Task, String> {
 fn bulk_lease(task: &Task, expires_at: SystemTime) -> Result<Lease, String> {
     let now = SystemTime::now();
     Ok(Lease {
-        id: LeaseId::generate(),
+        id: LeaseId::generate(&task.id),
         task: task.id,
         agent: task.executor.clone(),
         kind: CredentialKind::Jwt,
@@ -97,7 +98,7 @@ async fn write_leases(
                     let task = tasks.get(i / 1000).ok_or("no task")?;
                     let lease = bulk_lease(task, expiry(i))?;
                     store
-                        .issue_lease(&lease, SystemTime::now())
+                        .issue_lease(&lease, None, SystemTime::now())
                         .await
                         .map_err(|e| e.to_string())?;
                 }
@@ -117,9 +118,9 @@ async fn write_leases(
 pub async fn run(
     b: &BrokerProcess,
     redis: &RedisProcess,
-    leases: usize,
-    revoke: usize,
+    (leases, revoke): (usize, usize),
     shape: Shape,
+    env: &[(String, String)],
 ) -> Result<Vec<(String, Value)>, String> {
     let mut out = Vec::new();
     let store = Arc::new(RedisStore::new(&redis.url).map_err(|e| e.to_string())?);
@@ -231,6 +232,34 @@ pub async fn run(
         "scale_reaped".into(),
         json!((live_before + leases as u64).saturating_sub(live_after)),
     ));
+
+    // Cold start on the full store: a second broker, timed from its start to its first
+    // credential (no per-lease state is loaded at start).
+    eprintln!("bench: a broker starting on the full store");
+    let t0 = Instant::now();
+    let second = BrokerProcess::start(b.dev_dir(), env)?;
+    let listening_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let first = async {
+        let task = approved_task(&second, "bench: cold start").await?;
+        CredentialServiceClient::new(second.channel(Some("agent")).await?)
+            .issue_token(token_request(&task))
+            .await
+            .map_err(|e| format!("IssueToken after start: {e}"))
+    }
+    .await;
+    let first_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    second.stop();
+    first?;
+    let live = store.live_leases().await.map_err(|e| e.to_string())?;
+    out.push((
+        "start_ms_1m_leases".into(),
+        json!(super::round(first_ms, 1)),
+    ));
+    out.push((
+        "start_ms_listening".into(),
+        json!(super::round(listening_ms, 1)),
+    ));
+    out.push(("start_live_leases".into(), json!(live)));
 
     // Force-revoke: 10,000 live tokens of the agent, then the lock; every one must then
     // introspect inactive.

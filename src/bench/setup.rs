@@ -120,6 +120,11 @@ impl RedisProcess {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `CONFIG SET key value` on the server.
     ///
     /// # Errors
@@ -252,15 +257,15 @@ impl BrokerProcess {
         Some(kb * 1024)
     }
 
-    /// CPU time it has used (user + system), from /proc (clock ticks of 1/100 s).
+    /// CPU time it has used (all threads, user + system), from /proc.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = fields.get(11)?.parse().ok()?;
-        let stime: f64 = fields.get(12)?.parse().ok()?;
-        Some((utime + stime) / 100.0)
+        #[allow(clippy::cast_precision_loss)]
+        super::cost::cpu_ns(self.pid()).map(|ns| ns as f64 / 1e9)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops it (SIGTERM, then SIGKILL after 10 s).

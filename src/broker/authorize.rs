@@ -66,6 +66,10 @@ impl Broker {
         e: BrokerError,
     ) -> BrokerError {
         self.audit_refusal(action, &caller.id, task, &e);
+        if !matches!(e, BrokerError::TaskChanged) {
+            // Whatever refused, the next issuance reads the task afresh.
+            self.tasks.forget(&task);
+        }
         e
     }
 

@@ -34,6 +34,11 @@ pub enum BrokerError {
     /// The store cannot be reached (`UNAVAILABLE`); nothing was changed.
     #[error("store unavailable")]
     Unavailable(String),
+    /// The task changed between the issuance's decision and its record; nothing was issued.
+    /// The broker decides once more on the task as it is; this reaches a caller only when the
+    /// task changed again meanwhile (`UNAVAILABLE`: retry).
+    #[error("the task changed while the credential was being issued; nothing was issued, retry")]
+    TaskChanged,
     /// The store did not answer a change it was sent (`UNAVAILABLE`, said so): it may have
     /// been made. A retry with the same request id is safe.
     #[error("outcome unknown")]
@@ -266,6 +271,7 @@ impl BrokerError {
             Self::NotFound(m) => m.reason(),
             Self::Precondition(p) => p.reason(),
             Self::Unavailable(_) => "STORE_UNAVAILABLE",
+            Self::TaskChanged => "TASK_CHANGED",
             Self::OutcomeUnknown(_) => "OUTCOME_UNKNOWN",
             Self::AuditFailed(_) => "AUDIT_UNWRITABLE",
             Self::Exhausted(_) => "WATCH_LIMIT_REACHED",
@@ -328,6 +334,7 @@ impl From<IssueError> for BrokerError {
                     .into(),
             ),
             IssueError::Exists => Self::Precondition(Precondition::LeaseExists),
+            IssueError::Changed(_) => Self::TaskChanged,
             IssueError::Store(s) => s.into(),
         }
     }

@@ -15,6 +15,9 @@ use crate::mint::{
 };
 use crate::policy::{PolicyAction, Principal, Resource, Verdict};
 use crate::store::IssueError;
+use std::sync::Arc;
+
+use super::task_cache::CachedTask;
 use crate::task::{Decision, Task, TaskId};
 
 use super::{Broker, BrokerError};
@@ -59,7 +62,8 @@ pub(super) fn new_credential_id(
 /// The shared state of one issuance once its checks passed.
 #[derive(Debug)]
 pub(super) struct Issuance {
-    pub(super) task: Task,
+    /// The task as read (or cached) at the revision the issuance is decided on.
+    pub(super) task: Arc<CachedTask>,
     pub(super) now: SystemTime,
     pub(super) now_secs: u64,
     pub(super) ttl_secs: u64,
@@ -226,7 +230,7 @@ impl Broker {
                 reason: "must be at least 1s".into(),
             });
         }
-        let task = self.load(task).await?;
+        let task = self.issuable_task(task).await?;
         let now = self.clock.now();
         let refuse = |e| self.refusal(action, caller, task.id, e);
         // A CI job's credentials come from ExchangeCiToken alone (its identity cannot pass the
@@ -287,12 +291,20 @@ impl Broker {
         mint: &MintRequest<'_>,
     ) -> Result<Verdict, BrokerError> {
         let action = mint.action();
-        let verdict = self.policy.decide_as(
-            principal,
-            action,
-            &Resource::Task(&issuance.task),
-            Some(mint.context(issuance.ttl_secs)),
-        );
+        let context = Some(mint.context(issuance.ttl_secs));
+        let task = &issuance.task;
+        let prepared = match principal {
+            Principal::Workload(_) => task.prepared(|t| self.policy.prepare_task(t).ok()),
+            Principal::CiJob(_) => None,
+        };
+        let verdict = match (principal, prepared) {
+            (Principal::Workload(w), Some(prepared)) => self
+                .policy
+                .decide_prepared(prepared, w, action, task, context),
+            _ => self
+                .policy
+                .decide_as(principal, action, &Resource::Task(task), context),
+        };
         if verdict.allowed {
             return Ok(verdict);
         }
@@ -320,13 +332,13 @@ impl Broker {
         let action = issue_action(new.kind);
         let Some(request) = request else {
             return self
-                .record_lease(caller, issuance, LeaseId::generate(), new)
+                .record_lease(caller, issuance, LeaseId::generate(&issuance.task.id), new)
                 .await;
         };
         let claim = retries::IssueClaim::new(&caller.id, request, fingerprint);
         let refuse = |e| self.refusal(action, caller, issuance.task.id, e);
         let recorded = match self
-            .claim_issuance(&claim, issuance.task.deadline)
+            .claim_issuance(&claim, &issuance.task.id, issuance.task.deadline)
             .await
             .map_err(refuse)?
         {
@@ -376,7 +388,8 @@ impl Broker {
         };
         let action = issue_action(new.kind);
         let mut lease = lease;
-        let mut recorded = self.store.issue_lease(&lease, issuance.now).await;
+        let seen = Some((&**issuance.task, issuance.task.revision()));
+        let mut recorded = self.store.issue_lease(&lease, seen, issuance.now).await;
         if matches!(recorded, Err(IssueError::StoreReset)) {
             // The store lost its data since the last check: begin the new epoch, then issue in
             // it, dated after its start (verifiers accept nothing issued before the epoch).
@@ -387,10 +400,25 @@ impl Broker {
                 .min(issuance.task.deadline)
                 .max(issued);
             lease.issued_at = issued;
-            recorded = self.store.issue_lease(&lease, now).await;
+            recorded = self.store.issue_lease(&lease, seen, now).await;
         }
         match recorded {
-            Ok(()) => {}
+            Ok(started) => {
+                if let Some(started) = started {
+                    self.tasks.put(started);
+                }
+            }
+            Err(IssueError::Changed(current)) => {
+                // Decided on a revision the store no longer holds: nothing was recorded; the
+                // caller decides again on the task as it is.
+                self.tasks.put(*current);
+                return Err(self.refusal(
+                    action,
+                    caller,
+                    issuance.task.id,
+                    BrokerError::TaskChanged,
+                ));
+            }
             Err(IssueError::Exists) => {
                 // Another attempt of the same request recorded it first.
                 return match self.store.get_lease(&lease.id).await {

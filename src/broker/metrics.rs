@@ -60,7 +60,9 @@ pub fn outcome<T>(result: &Result<T, BrokerError>) -> &'static str {
             BrokerError::Precondition(_) => "precondition",
             BrokerError::Pending(_) => "pending",
             BrokerError::Unauthenticated(_) | BrokerError::CertificateExpired => "unauthenticated",
-            BrokerError::Unavailable(_) | BrokerError::Incomplete(_) => "unavailable",
+            BrokerError::Unavailable(_) | BrokerError::Incomplete(_) | BrokerError::TaskChanged => {
+                "unavailable"
+            }
             BrokerError::AuditFailed(_) => "audit_failed",
             BrokerError::OutcomeUnknown(_) => "outcome_unknown",
             BrokerError::Exhausted(_) => "exhausted",

@@ -30,6 +30,7 @@ mod retries;
 mod revocations;
 mod revoke;
 mod revoker;
+mod task_cache;
 mod tasks;
 
 pub use agents::{
@@ -134,6 +135,8 @@ pub struct Broker {
     /// Refusals of callers no proof was verified for, written to the audit log as samples and
     /// counts, so that garbage cannot fill the disk.
     unverified: Arc<crate::audit::Sampler>,
+    /// Approved tasks as last read, for issuances (see [`task_cache`]).
+    tasks: Arc<task_cache::TaskCache>,
     settings: BrokerSettings,
 }
 
@@ -192,6 +195,7 @@ impl Broker {
             source_limiter: Arc::new(limits::RateLimiter::new(settings.public_rate)),
             unverified: Arc::default(),
             page_key: Arc::default(),
+            tasks: Arc::default(),
             settings,
         }
     }

@@ -86,7 +86,9 @@ impl Broker {
                 }
                 (CredentialKind::Jwt, _) => None,
             };
-            let task = self.load(&lease.task).await?;
+            // Read, not cached: the renewal's store step checks the task as it is, so policy
+            // decides on the same.
+            let task = self.read_issuable(&lease.task).await?;
             let now = self.clock.now();
             let refuse = |e| self.refusal(PolicyAction::RenewLease, caller, task.id, e);
             if lease.agent != caller.id {

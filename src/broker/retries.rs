@@ -94,9 +94,10 @@ impl Broker {
     pub(super) async fn claim_issuance(
         &self,
         claim: &IssueClaim,
+        task: &TaskId,
         until: SystemTime,
     ) -> Result<Claimed, BrokerError> {
-        let fresh = LeaseId::generate();
+        let fresh = LeaseId::generate(task);
         let value = format!("{fresh} {}", claim.fingerprint);
         let asked = Claim {
             key: &claim.key,

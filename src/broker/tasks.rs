@@ -9,6 +9,7 @@ use crate::store::TaskQuery;
 use crate::task::{Approval, Decision, Outcome, RawTaskRequest, Task, TaskId, TaskRequest};
 
 use super::revoker::Cause;
+use super::task_cache::CachedTask;
 use super::{Broker, BrokerError, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Missing};
 use super::{RequestId, retries};
 
@@ -80,6 +81,24 @@ impl Broker {
         self.store.create_task(&task).await?;
         tracing::info!(task = %task.id, executor = %task.executor, quorum = task.quorum, state = %task.state, "task requested");
         Ok(task)
+    }
+
+    /// The task `id` for an issuance: as cached if it is, else read (and cached if approved).
+    pub(super) async fn issuable_task(&self, id: &TaskId) -> Result<Arc<CachedTask>, BrokerError> {
+        if let Some(task) = self.tasks.get(id) {
+            return Ok(task);
+        }
+        self.read_issuable(id).await
+    }
+
+    /// The task `id` as the store holds it now (cached if approved).
+    pub(super) async fn read_issuable(&self, id: &TaskId) -> Result<Arc<CachedTask>, BrokerError> {
+        let read = self
+            .store
+            .get_versioned_task(id)
+            .await?
+            .ok_or(BrokerError::NotFound(Missing::Task))?;
+        Ok(self.tasks.put(read))
     }
 
     pub(super) async fn load(&self, id: &TaskId) -> Result<Task, BrokerError> {

@@ -2,8 +2,8 @@
 //! other replicas', as published through the store), and what verifiers are told: the JWK Set and
 //! the issuer's discovery document.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -79,7 +79,18 @@ struct Ring {
 pub struct KeyRing {
     issuer: Arc<str>,
     ring: Arc<RwLock<Ring>>,
+    /// Tokens whose signature and claims were verified, by the SHA-256 of their exact text:
+    /// the `kid` that verified each and its claims. An entry counts only while that key still
+    /// verifies (its `kid` is its RFC 7638 thumbprint: another key cannot take its place), and
+    /// its times are checked on every use. Bounded by [`VERIFIED_CAPACITY`].
+    verified: Arc<Mutex<Verified>>,
 }
+
+/// Verified tokens: SHA-256 of the token -> the `kid` that verified it and its claims.
+type Verified = HashMap<[u8; 32], (String, AccessClaims)>;
+
+/// Most verified tokens remembered (emptied when full).
+const VERIFIED_CAPACITY: usize = 8192;
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,6 +120,7 @@ impl KeyRing {
                 current: Arc::new(current),
                 verifiers,
             })),
+            verified: Arc::default(),
         })
     }
 
@@ -189,6 +201,30 @@ impl KeyRing {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(bad("token too long".into()));
         }
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let in_time = |claims: AccessClaims| {
+            if now < claims.nbf || now >= claims.exp {
+                return Err(bad("outside its validity period".into()));
+            }
+            Ok(claims)
+        };
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .map_err(|_| bad("digest".into()))?;
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&digest)
+            .cloned();
+        if let Some((kid, claims)) = known
+            && self.read().verifiers.contains_key(&kid)
+        {
+            return in_time(claims);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|e| bad(e.to_string()))?;
         if header.typ.as_deref() != Some(ACCESS_TOKEN_TYP) {
             return Err(bad("typ is not at+jwt".into()));
@@ -210,13 +246,14 @@ impl KeyRing {
         let claims = jsonwebtoken::decode::<AccessClaims>(token, &verifier.key, &v)
             .map(|d| d.claims)
             .map_err(|e| bad(e.to_string()))?;
-        let now = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if now < claims.nbf || now >= claims.exp {
-            return Err(bad("outside its validity period".into()));
+        if let Some(kid) = header.kid {
+            let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+            if verified.len() >= VERIFIED_CAPACITY {
+                verified.clear();
+            }
+            verified.insert(digest, (kid, claims.clone()));
         }
-        Ok(claims)
+        in_time(claims)
     }
 
     /// The issuer URL.
@@ -317,6 +354,37 @@ mod tests {
             .iter()
             .map(|k| k["kid"].as_str().unwrap().to_owned())
             .collect()
+    }
+
+    /// A token verified once is known by its exact text: its times are checked on every use,
+    /// a token differing by one byte is verified (and refused) afresh, and one signed by a key
+    /// forgotten since is refused.
+    #[test]
+    fn a_verified_token_is_remembered_only_as_what_it_is() {
+        let secs = 1_800_000_000;
+        let now = UNIX_EPOCH + Duration::from_secs(secs);
+        let ring = KeyRing::new(
+            "https://broker.test".into(),
+            JwtKey::generate(JwtAlgorithm::EdDSA).unwrap(),
+        )
+        .unwrap();
+        let token = ring.sign_access_token(&claims(secs)).unwrap();
+        assert_eq!(ring.verify_access_token(&token, now).unwrap(), claims(secs));
+        assert_eq!(ring.verify_access_token(&token, now).unwrap(), claims(secs));
+        let late = now + Duration::from_secs(60);
+        assert!(ring.verify_access_token(&token, late).is_err());
+        let early = now - Duration::from_secs(1);
+        assert!(ring.verify_access_token(&token, early).is_err());
+        let mut tampered = token.clone().into_bytes();
+        let last = tampered.len() - 2;
+        tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert!(ring.verify_access_token(&tampered, now).is_err());
+        let kid = ring.current().kid().to_owned();
+        ring.rotate(JwtKey::generate(JwtAlgorithm::EdDSA).unwrap())
+            .unwrap();
+        assert!(ring.forget(&kid));
+        assert!(ring.verify_access_token(&token, now).is_err());
     }
 
     #[test]

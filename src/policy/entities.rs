@@ -4,7 +4,9 @@
 use std::str::FromStr as _;
 use std::time::Duration;
 
-use cedar_policy::{Entity, EntityUid, RestrictedExpression};
+use std::sync::LazyLock;
+
+use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 
 use crate::identity::{CiJob, WorkloadId};
 use crate::task::Task;
@@ -22,10 +24,36 @@ pub enum Resource<'a> {
 
 type Built = (EntityUid, EntityUid, Vec<Entity>);
 
+/// The entity types of the schema, parsed once.
+static TYPES: LazyLock<Result<[EntityTypeName; 5], String>> = LazyLock::new(|| {
+    let t = |name: &str| {
+        EntityTypeName::from_str(&format!("Taskcred::{name}")).map_err(|e| e.to_string())
+    };
+    Ok([
+        t("Workload")?,
+        t("Task")?,
+        t("CiJob")?,
+        t("Broker")?,
+        t("Action")?,
+    ])
+});
+
 fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
-    // The id is quoted as a Cedar string literal; escape_debug escapes quotes and backslashes.
-    EntityUid::from_str(&format!("Taskcred::{kind}::\"{}\"", id.escape_debug()))
-        .map_err(|e| format!("entity id: {e}"))
+    let i = ["Workload", "Task", "CiJob", "Broker", "Action"]
+        .iter()
+        .position(|k| *k == kind)
+        .ok_or_else(|| format!("entity type {kind}"))?;
+    let types = TYPES.as_ref().map_err(|e| format!("entity type: {e}"))?;
+    // By type and id: no Cedar text is parsed, so no id can be read as anything but an id.
+    Ok(EntityUid::from_type_name_and_id(
+        types[i].clone(),
+        EntityId::new(id),
+    ))
+}
+
+/// The uid of action `name`.
+pub(super) fn action_uid(name: &str) -> Result<EntityUid, String> {
+    uid("Action", name)
 }
 
 fn workload(id: &WorkloadId) -> Result<(EntityUid, Entity), String> {

@@ -12,6 +12,7 @@ mod entities;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use cedar_policy::{
@@ -23,6 +24,7 @@ use miette::Diagnostic;
 pub use entities::{Principal, Resource};
 
 use crate::identity::WorkloadId;
+use crate::task::Task;
 
 /// The schema every policy is validated against, built into the broker.
 pub const SCHEMA_SOURCE: &str = include_str!("../../config/taskcred.cedarschema");
@@ -117,6 +119,11 @@ impl PolicyAction {
         Self::CompleteCiTask,
         Self::DelegateTask,
     ];
+
+    /// Its position in [`PolicyAction::ALL`].
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|a| *a == self).unwrap_or(0)
+    }
 
     /// The Cedar action id.
     pub fn name(self) -> &'static str {
@@ -223,7 +230,16 @@ pub const MAX_QUORUM: u32 = 16;
 pub struct Policies {
     set: PolicySet,
     files: Vec<PathBuf>,
+    /// Each policy's `@quorum`, read once at load.
+    quorums: std::collections::HashMap<PolicyId, u32>,
+    /// Verdicts on the broker itself without context, by principal and action: they depend on
+    /// nothing else (a workload's entity is made of its id), so they hold as long as these
+    /// policies do. Bounded by [`ON_BROKER_CAPACITY`] (emptied when full).
+    on_broker: std::sync::Mutex<std::collections::HashMap<(String, usize), Verdict>>,
 }
+
+/// Most verdicts on the broker remembered per policy set.
+const ON_BROKER_CAPACITY: usize = 4096;
 
 impl Policies {
     /// Number of policies.
@@ -377,7 +393,29 @@ pub fn load_dir(dir: &Path, schema: &Schema) -> Result<Policies, PolicyError> {
             message: e.to_string(),
         });
     }
-    Ok(Policies { set, files })
+    let quorums = set
+        .policies()
+        .filter_map(|p| {
+            let q = p.annotation("quorum")?.parse::<u32>().ok()?;
+            Some((p.id().clone(), q))
+        })
+        .collect();
+    Ok(Policies {
+        set,
+        files,
+        quorums,
+        on_broker: std::sync::Mutex::default(),
+    })
+}
+
+/// What policy needs of a task to decide its executor's requests on it, built once per version
+/// of the task (see [`PolicyEngine::prepare_task`]).
+#[derive(Debug)]
+pub struct PreparedTask {
+    executor: WorkloadId,
+    principal: EntityUid,
+    resource: EntityUid,
+    entities: Entities,
 }
 
 /// The policies in force and the means to decide and reload.
@@ -387,6 +425,9 @@ pub struct PolicyEngine {
     schema: Schema,
     current: RwLock<Arc<Policies>>,
     authorizer: Authorizer,
+    /// Per action (by [`PolicyAction::index`]): whether a prepared request's context was checked
+    /// against the schema.
+    checked: [AtomicBool; PolicyAction::ALL.len()],
 }
 
 /// `value` as a Cedar value: strings, longs, booleans, sets and records (what the broker puts
@@ -430,6 +471,7 @@ impl PolicyEngine {
             schema,
             current: RwLock::new(Arc::new(policies)),
             authorizer: Authorizer::new(),
+            checked: std::array::from_fn(|_| AtomicBool::new(false)),
         })
     }
 
@@ -461,7 +503,37 @@ impl PolicyEngine {
         action: PolicyAction,
         resource: &Resource<'_>,
     ) -> Verdict {
-        self.decide_in(principal, action, resource, None)
+        if !matches!(resource, Resource::Broker) {
+            return self.decide_in(principal, action, resource, None);
+        }
+        let policies = self.current();
+        let key = (principal.as_str().to_owned(), action.index());
+        let cached = |p: &Policies| {
+            p.on_broker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&key)
+                .cloned()
+        };
+        if let Some(v) = cached(&policies) {
+            return v;
+        }
+        let verdict = self.decide_on(
+            &policies,
+            Principal::Workload(principal),
+            action,
+            resource,
+            None,
+        );
+        let mut remembered = policies
+            .on_broker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if remembered.len() >= ON_BROKER_CAPACITY {
+            remembered.clear();
+        }
+        remembered.insert(key, verdict.clone());
+        verdict
     }
 
     /// Decides with a request context (a JSON object shaped as the schema declares for
@@ -486,60 +558,139 @@ impl PolicyEngine {
         resource: &Resource<'_>,
         context: Option<serde_json::Value>,
     ) -> Verdict {
+        self.decide_on(&self.current(), principal, action, resource, context)
+    }
+
+    /// [`PolicyEngine::decide_as`] by `policies`.
+    fn decide_on(
+        &self,
+        policies: &Policies,
+        principal: Principal<'_>,
+        action: PolicyAction,
+        resource: &Resource<'_>,
+        context: Option<serde_json::Value>,
+    ) -> Verdict {
+        let built = entities::build(principal, resource).and_then(|(p, r, list)| {
+            let entities = Entities::from_entities(list, Some(&self.schema))
+                .map_err(|e| format!("entities: {e}"))?;
+            let request = self.request(p, action, r, context, true)?;
+            Ok((request, entities))
+        });
+        match built {
+            Ok((request, entities)) => self.decide_built(policies, action, &request, &entities),
+            Err(why) => denied(why),
+        }
+    }
+
+    /// Builds what [`PolicyEngine::decide_prepared`] needs of `task`: its entities (the task,
+    /// its executor as principal, the workloads it names), checked against the schema once.
+    ///
+    /// # Errors
+    /// Why the entities cannot be built (every decision on the task is then a denial).
+    pub fn prepare_task(&self, task: &Task) -> Result<PreparedTask, String> {
+        let (principal, resource, list) =
+            entities::build(Principal::Workload(&task.executor), &Resource::Task(task))?;
+        let entities = Entities::from_entities(list, Some(&self.schema))
+            .map_err(|e| format!("entities: {e}"))?;
+        Ok(PreparedTask {
+            executor: task.executor.clone(),
+            principal,
+            resource,
+            entities,
+        })
+    }
+
+    /// [`PolicyEngine::decide_as`] for `task`'s executor on `task`, from what
+    /// [`PolicyEngine::prepare_task`] built of it: the same verdict, without building the
+    /// entities again. Another principal is decided afresh.
+    pub fn decide_prepared(
+        &self,
+        prepared: &PreparedTask,
+        principal: &WorkloadId,
+        action: PolicyAction,
+        task: &Task,
+        context: Option<serde_json::Value>,
+    ) -> Verdict {
+        if *principal != prepared.executor {
+            return self.decide_as(
+                Principal::Workload(principal),
+                action,
+                &Resource::Task(task),
+                context,
+            );
+        }
+        // The context's shape is the broker's code, the same for every request of an action:
+        // checked against the schema on its first request, as every request of decide_as is.
+        let first = !self.checked[action.index()].load(Ordering::Relaxed);
+        let request = self.request(
+            prepared.principal.clone(),
+            action,
+            prepared.resource.clone(),
+            context,
+            first,
+        );
+        match request {
+            Ok(request) => {
+                if first {
+                    self.checked[action.index()].store(true, Ordering::Relaxed);
+                }
+                self.decide_built(&self.current(), action, &request, &prepared.entities)
+            }
+            Err(why) => denied(why),
+        }
+    }
+
+    /// The request of `principal` doing `action` on `resource` in `context` (built as Cedar
+    /// values directly: the JSON context parser costs more than the decision), checked against
+    /// the schema if `check`.
+    fn request(
+        &self,
+        principal: EntityUid,
+        action: PolicyAction,
+        resource: EntityUid,
+        context: Option<serde_json::Value>,
+        check: bool,
+    ) -> Result<Request, String> {
+        let action_uid = entities::action_uid(action.name())?;
+        let context = match context {
+            Some(serde_json::Value::Object(fields)) => Context::from_pairs(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| restricted(v).map(|v| (k, v)))
+                    .collect::<Result<Vec<_>, String>>()?,
+            )
+            .map_err(|e| format!("context: {e}"))?,
+            Some(other) => return Err(format!("context: not a record: {other}")),
+            None => Context::empty(),
+        };
+        Request::new(
+            principal,
+            action_uid,
+            resource,
+            context,
+            check.then_some(&self.schema),
+        )
+        .map_err(|e| format!("request: {e}"))
+    }
+
+    /// The verdict of the policies in force on `request`.
+    fn decide_built(
+        &self,
+        policies: &Policies,
+        action: PolicyAction,
+        request: &Request,
+        entities: &Entities,
+    ) -> Verdict {
         let default_quorum = u32::from(action != PolicyAction::ExchangeCiToken);
-        let policies = self.current();
-        let denied = |why: String| Verdict {
-            allowed: false,
-            policies: Vec::new(),
-            quorum: 0,
-            errors: vec![why],
-        };
-        let built = entities::build(principal, resource)
-            .and_then(|(p, r, list)| {
-                let entities = Entities::from_entities(list, Some(&self.schema))
-                    .map_err(|e| format!("entities: {e}"))?;
-                Ok((p, r, entities))
-            })
-            .and_then(|(p, r, entities)| {
-                let action =
-                    EntityUid::from_str(&format!("Taskcred::Action::\"{}\"", action.name()))
-                        .map_err(|e| format!("action: {e}"))?;
-                // Built as Cedar values directly (the JSON context parser costs more than the
-                // decision); `Request::new` below still checks it against the schema.
-                let context = match context {
-                    Some(serde_json::Value::Object(fields)) => Context::from_pairs(
-                        fields
-                            .into_iter()
-                            .map(|(k, v)| restricted(v).map(|v| (k, v)))
-                            .collect::<Result<Vec<_>, String>>()?,
-                    )
-                    .map_err(|e| format!("context: {e}"))?,
-                    Some(other) => return Err(format!("context: not a record: {other}")),
-                    None => Context::empty(),
-                };
-                let request = Request::new(p, action, r, context, Some(&self.schema))
-                    .map_err(|e| format!("request: {e}"))?;
-                Ok((request, entities))
-            });
-        let (request, entities) = match built {
-            Ok(b) => b,
-            Err(why) => return denied(why),
-        };
         let response = self
             .authorizer
-            .is_authorized(&request, &policies.set, &entities);
+            .is_authorized(request, &policies.set, entities);
         let determining: Vec<&PolicyId> = response.diagnostics().reason().collect();
         let allowed = response.decision() == Decision::Allow;
         let quorum = if allowed {
             determining
                 .iter()
-                .map(|id| {
-                    policies
-                        .set
-                        .annotation(id, "quorum")
-                        .and_then(|q| q.parse::<u32>().ok())
-                        .unwrap_or(default_quorum)
-                })
+                .map(|id| policies.quorums.get(*id).copied().unwrap_or(default_quorum))
                 .max()
                 .unwrap_or(default_quorum)
         } else {
@@ -555,6 +706,16 @@ impl PolicyEngine {
                 .map(ToString::to_string)
                 .collect(),
         }
+    }
+}
+
+/// A denial for a request that could not be built.
+fn denied(why: String) -> Verdict {
+    Verdict {
+        allowed: false,
+        policies: Vec::new(),
+        quorum: 0,
+        errors: vec![why],
     }
 }
 

@@ -302,3 +302,56 @@ fn issue_token_is_decided_with_its_context() {
             .allowed
     );
 }
+
+/// A decision from a prepared task is the decision made afresh, whatever the context, the
+/// task and the principal (another principal than the executor is decided afresh); a context
+/// of the wrong shape is refused on an action's first prepared request.
+#[test]
+fn a_prepared_task_is_decided_as_the_task_itself() {
+    let e = dev_engine();
+    let ctx = |kind: &str, audience: &str, actions: &[&str], ttl: i64| {
+        serde_json::json!({"kind": kind, "audience": audience, "actions": actions,
+            "ttl_secs": ttl, "renewal": false})
+    };
+    let mut approved = task(AGENT, &[("env", "production")]);
+    approved.state = crate::task::TaskState::Approved;
+    for t in [task(AGENT, &[]), approved, task(REQUESTER, &[])] {
+        let prepared = e.prepare_task(&t).unwrap();
+        for who in [AGENT, REQUESTER, "spiffe://taskcred.dev/agent/other"] {
+            for (action, context) in [
+                (PolicyAction::IssueToken, ctx("jwt", "db", &["read"], 60)),
+                (
+                    PolicyAction::IssueToken,
+                    ctx("jwt", "db", &["read"], 100_000),
+                ),
+                (
+                    PolicyAction::IssueToken,
+                    ctx("jwt", "other", &["write"], 60),
+                ),
+                (PolicyAction::IssueCertificate, ctx("x509", "", &[], 60)),
+            ] {
+                let fresh = e.decide_as(
+                    Principal::Workload(&w(who)),
+                    action,
+                    &Resource::Task(&t),
+                    Some(context.clone()),
+                );
+                let from_prepared =
+                    e.decide_prepared(&prepared, &w(who), action, &t, Some(context));
+                assert_eq!(fresh, from_prepared, "{who} {action:?}");
+            }
+        }
+    }
+    // A context the schema does not allow: refused on the first prepared request of an action.
+    let fresh_engine = dev_engine();
+    let t = task(AGENT, &[]);
+    let prepared = fresh_engine.prepare_task(&t).unwrap();
+    let v = fresh_engine.decide_prepared(
+        &prepared,
+        &w(AGENT),
+        PolicyAction::IssueToken,
+        &t,
+        Some(serde_json::json!({"kind": 1})),
+    );
+    assert!(!v.allowed && !v.errors.is_empty(), "{v:?}");
+}

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 
 use super::{
     Claim, ClaimStore, DueStore, Epoch, IssueError, LeaseStore, LockStore, LockSweep, LogRead,
-    MetaStore, Renewal, RevocationLog, Store, StoreError, TaskChange, TaskPage, TaskQuery,
-    TaskStore, UpdateError,
+    MetaStore, Renewal, Revision, RevocationLog, Store, StoreError, TaskChange, TaskPage,
+    TaskQuery, TaskStore, UpdateError, VersionedTask,
 };
 use crate::identity::WorkloadId;
 use crate::lease::{Cursor, Lease, LeaseId, Lock, Revocation, Swept};
@@ -114,7 +114,7 @@ macro_rules! measured_store {
 measured_store! {
     TaskStore {
         create_task(task: &Task) -> Result<(), StoreError>;
-        get_task(id: &TaskId) -> Result<Option<Task>, StoreError>;
+        get_versioned_task(id: &TaskId) -> Result<Option<VersionedTask>, StoreError>;
         update_task(id: &TaskId, change: TaskChange, retention: Duration)
             -> Result<Task, UpdateError>;
         list_tasks(query: &TaskQuery) -> Result<TaskPage, StoreError>;
@@ -123,7 +123,8 @@ measured_store! {
         prune_ended(ended_before: SystemTime) -> Result<usize, StoreError>;
     }
     LeaseStore {
-        issue_lease(lease: &Lease, now: SystemTime) -> Result<(), IssueError>;
+        issue_lease(lease: &Lease, seen: Option<(&Task, Revision)>, now: SystemTime)
+            -> Result<Option<VersionedTask>, IssueError>;
         find_lease(task: &TaskId, credential: &str) -> Result<Option<Lease>, StoreError>;
         get_lease(id: &LeaseId) -> Result<Option<Lease>, StoreError>;
         task_leases(task: &TaskId) -> Result<Vec<Lease>, StoreError>;

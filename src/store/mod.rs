@@ -66,6 +66,20 @@ pub enum UpdateError {
 /// (Redis retries on conflict), so it must be a pure function of the task.
 pub type TaskChange = std::sync::Arc<dyn Fn(&mut Task) -> Result<(), TaskError> + Send + Sync>;
 
+/// The version of a task as its store holds it: it changes whenever the task does (a counter on
+/// Redis, a digest of the record on the embedded store). Opaque outside the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Revision(pub u64);
+
+/// A task with the [`Revision`] it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionedTask {
+    /// The task.
+    pub task: Task,
+    /// Its revision.
+    pub revision: Revision,
+}
+
 /// Why [`LeaseStore::issue_lease`] did not record a lease.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -87,6 +101,10 @@ pub enum IssueError {
     /// nothing is changed.
     #[error("a lease with this id exists")]
     Exists,
+    /// The task changed since the revision the caller decided on; nothing is recorded. Holds
+    /// the task as it is now.
+    #[error("the task changed since it was read")]
+    Changed(Box<VersionedTask>),
     /// The store failed; nothing was recorded.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -219,7 +237,15 @@ pub trait TaskStore: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
-    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        Ok(self.get_versioned_task(id).await?.map(|v| v.task))
+    }
+
+    /// Reads a task with its [`Revision`], for [`LeaseStore::issue_lease`] to check against.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], [`StoreError::Corrupt`].
+    async fn get_versioned_task(&self, id: &TaskId) -> Result<Option<VersionedTask>, StoreError>;
 
     /// Applies `change` to the current version of the task, atomically, and returns the result.
     /// A task that reaches a terminal state is kept for `retention` after it ends.
@@ -271,9 +297,22 @@ pub trait LeaseStore: Send + Sync {
     /// started. Only after this returns may the credential be signed and handed out. A lease
     /// id is recorded once: [`IssueError::Exists`] for a known one (a retried request).
     ///
+    /// `seen` is the task as the caller read it (from [`TaskStore::get_versioned_task`]) and
+    /// decided on, if it did: the lease is recorded only if the store still holds that
+    /// revision (the store may then check `seen` instead of reading the task again: one round
+    /// trip), else nothing is recorded and the answer is [`IssueError::Changed`] with the task
+    /// as it is now, for the caller to decide again. Without `seen`, the store reads the task
+    /// itself. Returns the task as this issuance left it when it changed it (the first
+    /// issuance marks the task started), so a caller keeping tasks can refresh.
+    ///
     /// # Errors
     /// [`IssueError`]; nothing is recorded.
-    async fn issue_lease(&self, lease: &Lease, now: SystemTime) -> Result<(), IssueError>;
+    async fn issue_lease(
+        &self,
+        lease: &Lease,
+        seen: Option<(&Task, Revision)>,
+        now: SystemTime,
+    ) -> Result<Option<VersionedTask>, IssueError>;
 
     /// The lease of task `task` whose current credential is `credential` (a `jti` or serial).
     ///

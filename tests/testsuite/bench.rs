@@ -33,7 +33,30 @@ fn bench_reports_every_figure_with_its_floor() {
         for q in ["p50_ms", "p99_ms", "p999_ms"] {
             assert!(f[q].as_f64().is_some(), "{figure}.{q}");
         }
+        // What the broker spent per call, and beyond the cryptography it cannot avoid.
+        assert!(f["broker_cpu_us"].as_f64().unwrap() > 0.0, "{figure}: {f}");
+        let (cpu, floor) = (
+            f["broker_cpu_us"].as_f64().unwrap(),
+            f["unavoidable_us"].as_f64().unwrap(),
+        );
+        let over = f["overhead_us"].as_f64().unwrap();
+        assert!((cpu - floor - over).abs() < 0.2, "{figure}: {f}");
     }
+    // Redis' CPU where Redis is the store; none where it is not.
+    assert!(report["issue_token"]["redis_cpu_us"].as_f64().unwrap() > 0.0);
+    assert!(report["issue_token_embedded"].get("redis_cpu_us").is_none());
+    assert!(
+        report["floors"]["redis_lease_write"]["redis_cpu_us"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(
+        report["ci_exchange_fresh_tls"]["ratio_to_ci_floor"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     for ratio in [
         "ratio_to_noop",
         "ratio_to_sign_ed25519",
@@ -49,6 +72,12 @@ fn bench_reports_every_figure_with_its_floor() {
         "sign_ed25519_per_sec",
         "sign_p256_per_sec",
         "redis_lease_write_per_sec",
+        "sign_ed25519_us",
+        "sign_p256_us",
+        "verify_p256_us",
+        "verify_ed25519_us",
+        "ci_floor_per_sec",
+        "ci_floor_us",
     ] {
         assert!(report["floors"][floor].as_f64().unwrap() > 0.0, "{floor}");
     }
@@ -93,6 +122,13 @@ fn the_scale_runs_report_their_figures() {
     assert!(r["reaper_lag_p99_ms"].as_f64().is_some());
     assert!(r["broker_rss_bytes_after"].as_u64().unwrap() > 0);
     assert!(r["broker_idle_cpu_percent"].as_f64().is_some());
+    // A second broker started on the full store, to its first credential.
+    let start = r["start_ms_1m_leases"].as_f64().unwrap();
+    assert!(
+        start > 0.0 && start >= r["start_ms_listening"].as_f64().unwrap(),
+        "{r}"
+    );
+    assert!(r["start_live_leases"].as_u64().unwrap() > 0, "{r}");
     // What expired in the window was reaped (every one, and nothing else).
     assert_eq!(r["scale_expiring"], 3000);
     assert_eq!(r["scale_reaped"], r["scale_expiring"], "{r}");

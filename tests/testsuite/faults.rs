@@ -769,7 +769,7 @@ async fn a_replica_killed_inside_a_lock_leaves_nothing_live() {
         writes.spawn(async move {
             for _ in 0..1000 {
                 let l = crate::store::conformance::sample_lease(&t, AGENT);
-                store.issue_lease(&l, now).await.unwrap();
+                store.issue_lease(&l, None, now).await.unwrap();
             }
             // Half the tasks end: their leases are history.
             if i % 2 == 1 {

@@ -340,7 +340,12 @@ impl Broker {
             },
         };
         let (super::Recorded::New(lease) | super::Recorded::Earlier(lease)) = self
-            .record_lease(&caller, &issuance, LeaseId::generate(), new)
+            .record_lease(
+                &caller,
+                &issuance,
+                LeaseId::generate(&issuance.task.id),
+                new,
+            )
             .await?;
         let (identity, csr) = (x.identity, x.csr);
 

@@ -22,6 +22,12 @@ pub(super) fn worker(e: tokio::task::JoinError) -> StoreError {
     backend(format!("worker: {e}"))
 }
 
+/// The writer thread could not be started, or stopped (it panicked): issuances cannot be
+/// recorded, reported as the backend failing.
+pub(super) fn writer(e: impl std::fmt::Display) -> StoreError {
+    backend(format!("writer: {e}"))
+}
+
 /// `From<redb::$error>` for each of the store's error types, all through [`backend`].
 macro_rules! from_redb {
     ($($error:ident),+ $(,)?) => {$(

@@ -14,68 +14,27 @@ use redb::{ReadableDatabase as _, ReadableTable as _, Table, WriteTransaction};
 use super::EmbeddedStore;
 use super::locks::lock_in;
 use super::log::log_in;
-use super::tables::{CREDENTIALS, EXPIRY, LEASE_TASKS, LEASES, META, TASKS};
+use super::tables::{CREDENTIALS, EXPIRY, LEASE_TASKS, LEASES, META, TASKS, revision_of};
 use crate::lease::{Lease, LeaseId, LeaseState, Revocation, SUPERSEDED, check_issuable};
 use crate::store::{
-    IssueError, LeaseStore, Renewal, StoreError, UpdateError, check_renewable, decode,
-    decode_lease, encode, encode_lease, unix_ms_ceil,
+    IssueError, LeaseStore, Renewal, Revision, StoreError, UpdateError, VersionedTask,
+    check_renewable, decode, decode_lease, encode, encode_lease, unix_ms_ceil,
 };
-use crate::task::{TaskError, TaskId, Unmet};
+use crate::task::{Task, TaskError, TaskId, Unmet};
 
 #[async_trait]
 impl LeaseStore for EmbeddedStore {
-    /// Checks the task, the lock and the epoch marker, marks the task started, and files the
-    /// lease, in one transaction.
-    async fn issue_lease(&self, lease: &Lease, now: SystemTime) -> Result<(), IssueError> {
-        let lease = lease.clone();
-        self.blocking(move |db| {
-            let task_id = lease.task.to_string();
-            let txn = db.begin_write()?;
-            has_epoch(&txn)?;
-            {
-                let known = txn
-                    .open_table(LEASE_TASKS)?
-                    .get(lease.id.as_str())?
-                    .is_some();
-                if known {
-                    return Err(IssueError::Exists);
-                }
-                let mut tasks = txn.open_table(TASKS)?;
-                let mut task = match tasks.get(task_id.as_str())? {
-                    Some(v) => decode(v.value())?,
-                    None => return Err(IssueError::NotFound),
-                };
-                check_issuable(&task, &lease.agent, now)?;
-                if let Some(lock) = lock_in(&txn, &lease.agent, now)? {
-                    return Err(IssueError::Locked(lock.reason));
-                }
-                if task.started_at.is_none() {
-                    task.started_at = Some(now);
-                    tasks.insert(task_id.as_str(), encode(&task)?.as_slice())?;
-                }
-                txn.open_table(LEASES)?.insert(
-                    (task_id.as_str(), lease.id.as_str()),
-                    encode_lease(&lease)?.as_slice(),
-                )?;
-                txn.open_table(EXPIRY)?.insert(
-                    (
-                        unix_ms_ceil(lease.expires_at),
-                        task_id.as_str(),
-                        lease.id.as_str(),
-                    ),
-                    (),
-                )?;
-                txn.open_table(CREDENTIALS)?.insert(
-                    (task_id.as_str(), lease.credential.as_str()),
-                    lease.id.as_str(),
-                )?;
-                txn.open_table(LEASE_TASKS)?
-                    .insert(lease.id.as_str(), task_id.as_str())?;
-            }
-            txn.commit()?;
-            Ok(())
-        })
-        .await
+    /// Queued for the writer thread (`writer`), which records it with the issuances queued
+    /// beside it in one durable commit, checked as [`issue_in`] checks it, and answers only
+    /// once that commit is done.
+    async fn issue_lease(
+        &self,
+        lease: &Lease,
+        seen: Option<(&Task, Revision)>,
+        now: SystemTime,
+    ) -> Result<Option<VersionedTask>, IssueError> {
+        let seen = seen.map(|(_, revision)| revision);
+        self.writer.issue(lease.clone(), seen, now).await
     }
 
     /// Found through the lease's task.
@@ -234,6 +193,70 @@ impl LeaseStore for EmbeddedStore {
         })
         .await
     }
+}
+
+/// Checks the epoch marker, that the lease id is new, the task (as stored: a revision other
+/// than `seen` is [`IssueError::Changed`]) and the agent's lock, then marks the task started
+/// and files the lease, in `txn`. Every check comes before the first write: a refused lease
+/// writes nothing. Returns the task if this issuance changed it (started it).
+pub(super) fn issue_in(
+    txn: &WriteTransaction,
+    lease: &Lease,
+    seen: Option<Revision>,
+    now: SystemTime,
+) -> Result<Option<VersionedTask>, IssueError> {
+    let task_id = lease.task.to_string();
+    has_epoch(txn)?;
+    let known = txn
+        .open_table(LEASE_TASKS)?
+        .get(lease.id.as_str())?
+        .is_some();
+    if known {
+        return Err(IssueError::Exists);
+    }
+    let mut tasks = txn.open_table(TASKS)?;
+    let (mut task, revision) = match tasks.get(task_id.as_str())? {
+        Some(v) => (decode(v.value())?, revision_of(v.value())),
+        None => return Err(IssueError::NotFound),
+    };
+    if seen.is_some_and(|seen| seen != revision) {
+        return Err(IssueError::Changed(Box::new(VersionedTask {
+            task,
+            revision,
+        })));
+    }
+    check_issuable(&task, &lease.agent, now)?;
+    if let Some(lock) = lock_in(txn, &lease.agent, now)? {
+        return Err(IssueError::Locked(lock.reason));
+    }
+    let started = if task.started_at.is_none() {
+        task.started_at = Some(now);
+        let bytes = encode(&task)?;
+        let revision = revision_of(&bytes);
+        tasks.insert(task_id.as_str(), bytes.as_slice())?;
+        Some(VersionedTask { task, revision })
+    } else {
+        None
+    };
+    txn.open_table(LEASES)?.insert(
+        (task_id.as_str(), lease.id.as_str()),
+        encode_lease(lease)?.as_slice(),
+    )?;
+    txn.open_table(EXPIRY)?.insert(
+        (
+            unix_ms_ceil(lease.expires_at),
+            task_id.as_str(),
+            lease.id.as_str(),
+        ),
+        (),
+    )?;
+    txn.open_table(CREDENTIALS)?.insert(
+        (task_id.as_str(), lease.credential.as_str()),
+        lease.id.as_str(),
+    )?;
+    txn.open_table(LEASE_TASKS)?
+        .insert(lease.id.as_str(), task_id.as_str())?;
+    Ok(started)
 }
 
 /// A file without its epoch marker was replaced (its data lost) since the broker last looked:

@@ -1,6 +1,7 @@
 //! The embedded store: one redb file on local disk, for a single broker process and for
 //! `serve --dev`. Every operation is one redb transaction (ACID, crash-safe, durable on commit),
-//! run on tokio's blocking pool.
+//! run on tokio's blocking pool; but issuances, the hot path, go to one writer thread that
+//! records those that arrive together in one transaction and one durable commit (`writer`).
 //!
 //! Tables: `tasks` (id -> JSON), `tasks_by_executor` and `tasks_by_requester` ((who, id) -> ()),
 //! `tasks_open_by_executor` ((who, id) -> (), the open tasks only, what a lock's sweep walks),
@@ -17,7 +18,7 @@
 //! readiness probe) and `claims` ([`ClaimStore`](super::ClaimStore)). `tables` holds the table
 //! definitions and record codec; `errors` turns redb's errors into [`StoreError`]s, so the
 //! bodies use `?`; `migrate` brings a file written by an earlier version up to date when it is
-//! opened.
+//! opened; `writer` is the thread that records issuances in batches.
 
 mod claims;
 mod errors;
@@ -31,6 +32,7 @@ mod tables;
 mod tasks;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +40,7 @@ use std::sync::Arc;
 use redb::Database;
 use tokio::sync::watch;
 
+use self::writer::Writer;
 use super::StoreError;
 
 /// The embedded store. Cheap to clone.
@@ -48,6 +51,8 @@ pub struct EmbeddedStore {
     /// Bumped after each commit that logged a revocation; wakes
     /// [`RevocationLog::revocations`](super::RevocationLog::revocations) waiters.
     logged: Arc<watch::Sender<u64>>,
+    /// The thread that records issuances; it ends when the last clone is dropped.
+    writer: Arc<Writer>,
 }
 
 impl super::Store for EmbeddedStore {}
@@ -97,8 +102,9 @@ impl EmbeddedStore {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the file cannot be opened (another process holds it, it
-    /// is not a redb file, permissions); [`StoreError::Corrupt`] when a task record it must read
-    /// to bring the file up to date does not decode.
+    /// is not a redb file, permissions, the writer thread cannot be started);
+    /// [`StoreError::Corrupt`] when a task record it must read to bring the file up to date does
+    /// not decode.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         private_file(path)?;
         let db = Database::create(path)
@@ -107,8 +113,10 @@ impl EmbeddedStore {
         tables::create_tables(&txn)?;
         migrate::migrate(&txn)?;
         txn.commit()?;
+        let db = Arc::new(db);
         Ok(Self {
-            db: Arc::new(db),
+            writer: Arc::new(Writer::start(db.clone())?),
+            db,
             path: path.to_owned(),
             logged: Arc::new(watch::Sender::new(0)),
         })

@@ -97,3 +97,12 @@ pub(super) fn to_json<T: Serialize + ?Sized>(
 ) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
+
+/// The [`Revision`](crate::store::Revision) of a task record: a digest of its bytes (a task's
+/// record changes whenever the task does).
+pub(super) fn revision_of(record: &[u8]) -> crate::store::Revision {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    record.hash(&mut h);
+    crate::store::Revision(h.finish())
+}

@@ -15,12 +15,12 @@ use super::EmbeddedStore;
 use super::leases::revoke_active_leases;
 use super::tables::{
     BY_EXECUTOR, BY_REQUESTER, CLAIMS, CREDENTIALS, DEADLINES, ENDED, LEASE_TASKS, LEASES,
-    OPEN_BY_EXECUTOR, TASKS,
+    OPEN_BY_EXECUTOR, TASKS, revision_of,
 };
 use crate::lease::Lease;
 use crate::store::{
-    CASCADE_GRACE, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError, decode,
-    encode, task_ended_reason, unix_ms, unix_ms_ceil,
+    CASCADE_GRACE, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError,
+    VersionedTask, decode, encode, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::task::{Task, TaskError, TaskId, Unmet};
 
@@ -57,13 +57,19 @@ impl TaskStore for EmbeddedStore {
         .await
     }
 
-    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+    async fn get_versioned_task(&self, id: &TaskId) -> Result<Option<VersionedTask>, StoreError> {
         let id = id.to_string();
         self.blocking(move |db| {
             let txn = db.begin_read()?;
             let tasks = txn.open_table(TASKS)?;
             let got = tasks.get(id.as_str())?;
-            got.map(|v| decode(v.value())).transpose()
+            got.map(|v| {
+                Ok(VersionedTask {
+                    task: decode(v.value())?,
+                    revision: revision_of(v.value()),
+                })
+            })
+            .transpose()
         })
         .await
     }

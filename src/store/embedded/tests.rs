@@ -41,16 +41,16 @@ mod open_tasks {
     const APPROVER: &str = "spiffe://taskcred.dev/human/approver";
     const DAY: Duration = Duration::from_secs(86_400);
 
-    fn w(id: &str) -> WorkloadId {
+    pub(super) fn w(id: &str) -> WorkloadId {
         WorkloadId::parse(id).unwrap()
     }
 
-    fn agent(name: &str) -> String {
+    pub(super) fn agent(name: &str) -> String {
         format!("spiffe://taskcred.dev/agent/{name}")
     }
 
     /// A task of `executor`: approved with quorum 0, pending otherwise.
-    fn task(executor: &str, quorum: u32) -> Task {
+    pub(super) fn task(executor: &str, quorum: u32) -> Task {
         let raw = RawTaskRequest {
             executor: executor.into(),
             purpose: "unit".into(),
@@ -68,14 +68,14 @@ mod open_tasks {
         )
     }
 
-    fn lease(task: &Task) -> Lease {
+    pub(super) fn lease(task: &Task) -> Lease {
         let now = SystemTime::now();
         Lease {
-            id: LeaseId::generate(),
+            id: LeaseId::generate(&task.id),
             task: task.id,
             agent: task.executor.clone(),
             kind: CredentialKind::Jwt,
-            credential: LeaseId::generate().as_str().to_owned(),
+            credential: LeaseId::generate(&task.id).as_str().to_owned(),
             audience: Some("db".into()),
             actions: vec!["read".into()],
             cnf: "thumb".into(),
@@ -89,7 +89,7 @@ mod open_tasks {
     }
 
     /// A store with its epoch made, as a broker begins.
-    async fn begun(path: &std::path::Path) -> EmbeddedStore {
+    pub(super) async fn begun(path: &std::path::Path) -> EmbeddedStore {
         let store = EmbeddedStore::open(path).unwrap();
         store.epoch(&Epoch::new(SystemTime::now())).await.unwrap();
         store
@@ -101,7 +101,10 @@ mod open_tasks {
         let mut ids = Vec::new();
         for _ in 0..leases {
             let l = lease(task);
-            store.issue_lease(&l, SystemTime::now()).await.unwrap();
+            store
+                .issue_lease(&l, None, SystemTime::now())
+                .await
+                .unwrap();
             ids.push(l.id);
         }
         ids
@@ -174,7 +177,7 @@ mod open_tasks {
         (t.executor.as_str().to_owned(), t.id.to_string())
     }
 
-    fn lock(agent: &str) -> Lock {
+    pub(super) fn lock(agent: &str) -> Lock {
         Lock {
             agent: w(agent),
             reason: "unit".into(),
@@ -395,5 +398,272 @@ mod open_tasks {
         let store = EmbeddedStore::open(&path).unwrap();
         assert!(indexed(&store).is_empty());
         assert_eq!(store.live_leases().await.unwrap(), 0);
+    }
+}
+
+/// Issuances recorded together: each answered alone, and only once durable.
+mod group_commit {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use tokio::task::JoinHandle;
+
+    use super::super::EmbeddedStore;
+    use super::super::tables::TASKS;
+    use super::open_tasks::{agent, begun, lease, lock, task};
+    use crate::lease::Lease;
+    use crate::store::{
+        IssueError, LeaseStore as _, LockStore as _, StoreError, TaskStore as _, VersionedTask,
+    };
+    use crate::task::Task;
+
+    type Answer = Result<Option<VersionedTask>, IssueError>;
+
+    /// Waits until `n` issuances wait in the writer's queue.
+    async fn queued(store: &EmbeddedStore, n: usize) {
+        for _ in 0..500 {
+            if store.writer.queued() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} queued, not {n}", store.writer.queued());
+    }
+
+    /// Issues `lease` in a tokio task of its own; it is queued once `queued` counts it.
+    fn issue(
+        store: &Arc<EmbeddedStore>,
+        lease: &Lease,
+        seen: Option<VersionedTask>,
+    ) -> JoinHandle<Answer> {
+        let (store, lease) = (store.clone(), lease.clone());
+        tokio::spawn(async move {
+            let seen = seen.as_ref().map(|v| (&v.task, v.revision));
+            store.issue_lease(&lease, seen, SystemTime::now()).await
+        })
+    }
+
+    /// The answers of `issued`, in order.
+    async fn answered(issued: Vec<JoinHandle<Answer>>) -> Vec<Answer> {
+        let mut out = Vec::new();
+        for done in issued {
+            out.push(done.await.unwrap());
+        }
+        out
+    }
+
+    /// Holds the write lock while the writer takes an issuance of `other`, so that what is
+    /// queued before the returned closure is called (it lets go of the lock) is one batch.
+    async fn hold_the_writer(store: &Arc<EmbeddedStore>, other: &Task) -> impl FnOnce() {
+        let held = store.db.begin_write().unwrap();
+        let before = issue(store, &lease(other), None);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        queued(store, 0).await;
+        move || {
+            drop(held);
+            drop(before);
+        }
+    }
+
+    /// 64 callers at once, each on a task of its own: each lease is recorded and its task
+    /// started.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_issuances_on_distinct_tasks_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(begun(&dir.path().join("taskcred.db")).await);
+        let mut leases = Vec::new();
+        for _ in 0..64 {
+            let t = task(&agent("many"), 0);
+            store.create_task(&t).await.unwrap();
+            leases.push(lease(&t));
+        }
+        let issued: Vec<_> = leases.iter().map(|l| issue(&store, l, None)).collect();
+        for (done, l) in issued.into_iter().zip(&leases) {
+            let started = done
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("the first lease starts its task");
+            assert_eq!(started.task.id, l.task);
+            assert!(started.task.started_at.is_some());
+        }
+        for l in &leases {
+            assert_eq!(store.get_lease(&l.id).await.unwrap().as_ref(), Some(l));
+            let task = store.get_task(&l.task).await.unwrap().unwrap();
+            assert!(task.started_at.is_some());
+        }
+        assert_eq!(store.live_leases().await.unwrap(), 64);
+    }
+
+    /// One batch (the write lock is held while it queues) of good and refused issuances: each
+    /// refused one gets its own error and writes nothing; a later one sees what an earlier one
+    /// wrote.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_issuance_in_a_batch_fails_alone_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(begun(&dir.path().join("taskcred.db")).await);
+        let locked_agent = agent("locked");
+        let (good, locked, other) = (
+            task(&agent("good"), 0),
+            task(&locked_agent, 0),
+            task(&agent("other"), 0),
+        );
+        for t in [&good, &locked, &other] {
+            store.create_task(t).await.unwrap();
+        }
+        store.lock_agent(&lock(&locked_agent)).await.unwrap();
+        let seen = store.get_versioned_task(&good.id).await.unwrap().unwrap();
+        let unknown_task = task(&agent("good"), 0);
+        let first = lease(&good);
+        let unknown = lease(&unknown_task);
+        let of_locked = lease(&locked);
+        let mut again = lease(&good);
+        again.id = first.id.clone();
+        let second = lease(&good);
+        let stale = lease(&good);
+
+        let release = hold_the_writer(&store, &other).await;
+        let mut answers = Vec::new();
+        for (n, l) in [&first, &unknown, &of_locked, &again, &second]
+            .into_iter()
+            .enumerate()
+        {
+            answers.push(issue(&store, l, None));
+            queued(&store, n + 1).await;
+        }
+        // Decided on the task as it was before `first` started it.
+        answers.push(issue(&store, &stale, Some(seen)));
+        queued(&store, 6).await;
+        release();
+
+        let answers = answered(answers).await;
+        assert!(
+            matches!(&answers[0], Ok(Some(_))),
+            "first starts the task: {:?}",
+            answers[0]
+        );
+        assert_eq!(answers[1], Err(IssueError::NotFound), "unknown task");
+        assert_eq!(
+            answers[2],
+            Err(IssueError::Locked("unit".into())),
+            "locked agent"
+        );
+        assert_eq!(
+            answers[3],
+            Err(IssueError::Exists),
+            "the same lease id again"
+        );
+        assert_eq!(answers[4], Ok(None), "second: the task had started");
+        assert!(
+            matches!(answers[5], Err(IssueError::Changed(_))),
+            "{:?}",
+            answers[5]
+        );
+
+        assert_eq!(store.get_lease(&first.id).await.unwrap(), Some(first));
+        assert_eq!(store.get_lease(&second.id).await.unwrap(), Some(second));
+        for refused in [&unknown, &of_locked, &stale] {
+            assert_eq!(store.get_lease(&refused.id).await.unwrap(), None);
+        }
+        let found = store.find_lease(&good.id, &again.credential).await.unwrap();
+        assert_eq!(found, None, "the duplicate's credential");
+        assert_eq!(store.get_task(&unknown_task.id).await.unwrap(), None);
+        let locked = store.get_task(&locked.id).await.unwrap().unwrap();
+        assert_eq!(locked.started_at, None, "the locked agent's task");
+        assert_eq!(store.live_leases().await.unwrap(), 3);
+    }
+
+    /// A lease whose task record does not decode fails the batch's transaction (a store
+    /// error, not a refusal): the batch is run again one by one, and only that lease fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_issuance_in_a_batch_is_retried_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(begun(&dir.path().join("taskcred.db")).await);
+        let tasks: Vec<Task> = (0..4).map(|_| task(&agent("retried"), 0)).collect();
+        for t in &tasks {
+            store.create_task(t).await.unwrap();
+        }
+        let damaged = &tasks[1];
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(TASKS)
+            .unwrap()
+            .insert(damaged.id.to_string().as_str(), b"{".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let leases: Vec<Lease> = tasks[..3].iter().map(lease).collect();
+
+        let release = hold_the_writer(&store, &tasks[3]).await;
+        let mut issued = Vec::new();
+        for (n, l) in leases.iter().enumerate() {
+            issued.push(issue(&store, l, None));
+            queued(&store, n + 1).await;
+        }
+        release();
+
+        let answers = answered(issued).await;
+        assert!(matches!(answers[0], Ok(Some(_))), "{:?}", answers[0]);
+        assert!(
+            matches!(answers[1], Err(IssueError::Store(StoreError::Corrupt(_)))),
+            "{:?}",
+            answers[1]
+        );
+        assert!(matches!(answers[2], Ok(Some(_))), "{:?}", answers[2]);
+        assert_eq!(store.get_lease(&leases[1].id).await.unwrap(), None);
+        for l in [&leases[0], &leases[2]] {
+            assert_eq!(store.get_lease(&l.id).await.unwrap().as_ref(), Some(l));
+        }
+        assert_eq!(
+            store.live_leases().await.unwrap(),
+            3,
+            "with the one that held the writer"
+        );
+    }
+
+    /// An `Ok` is on disk: the lease is there after the store is dropped and opened again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answered_issuance_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("taskcred.db");
+        let store = Arc::new(begun(&path).await);
+        let t = task(&agent("durable"), 0);
+        store.create_task(&t).await.unwrap();
+        let leases: Vec<Lease> = (0..8).map(|_| lease(&t)).collect();
+        let issued: Vec<_> = leases.iter().map(|l| issue(&store, l, None)).collect();
+        for done in answered(issued).await {
+            done.unwrap();
+        }
+        drop(store);
+        let store = EmbeddedStore::open(&path).unwrap();
+        for l in &leases {
+            assert_eq!(store.get_lease(&l.id).await.unwrap().as_ref(), Some(l));
+        }
+    }
+
+    /// Dropping the last handle ends the writer thread (it lets go of the database) before the
+    /// drop returns, so the file opens again at once, time after time.
+    #[tokio::test]
+    async fn dropping_the_store_ends_its_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("taskcred.db");
+        for _ in 0..20 {
+            let store = begun(&path).await;
+            let t = task(&agent("reopened"), 0);
+            store.create_task(&t).await.unwrap();
+            store
+                .issue_lease(&lease(&t), None, SystemTime::now())
+                .await
+                .unwrap();
+            let clone = store.clone();
+            let db = Arc::downgrade(&store.db);
+            drop(store);
+            assert!(db.upgrade().is_some(), "a clone holds it");
+            drop(clone);
+            assert!(
+                db.upgrade().is_none(),
+                "the writer still holds the database"
+            );
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.live_leases().await.unwrap(), 20);
     }
 }

@@ -1,6 +1,7 @@
 //! Leases, the [`LeaseStore`] of the Redis store: recording one as issued, renewing and revoking
 //! it, reading leases by id, by credential and by task, and counting the unrevoked ones.
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -15,32 +16,48 @@ use super::keys::{
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
 use crate::lease::{Lease, LeaseId, check_issuable};
 use crate::store::{
-    IssueError, LeaseStore, Renewal, StoreError, UpdateError, check_renewable, encode,
-    encode_lease, unix_ms, unix_ms_ceil,
+    IssueError, LeaseStore, Renewal, Revision, StoreError, UpdateError, VersionedTask,
+    check_renewable, encode, encode_lease, unix_ms, unix_ms_ceil,
 };
-use crate::task::{TaskError, TaskId, Unmet};
+use crate::task::{Task, TaskError, TaskId, Unmet};
 
 #[async_trait]
 impl LeaseStore for RedisStore {
-    /// Checks the task, then records the lease if the task is unchanged since; else checks
-    /// again, up to `CAS_ATTEMPTS` times.
-    async fn issue_lease(&self, lease: &Lease, now: SystemTime) -> Result<(), IssueError> {
+    /// Checks the task (`seen`, or as read), then records the lease if the task is unchanged
+    /// since. A task changed since `seen` is [`IssueError::Changed`]; one changed since this
+    /// store read it is read and checked again, up to `CAS_ATTEMPTS` times.
+    async fn issue_lease(
+        &self,
+        lease: &Lease,
+        seen: Option<(&Task, Revision)>,
+        now: SystemTime,
+    ) -> Result<Option<VersionedTask>, IssueError> {
         let mut conn = self.conn().await?;
         let task_id = lease.task.to_string();
         let lease_json = encode_lease(lease)?;
+        let mut seen = seen.map(|(task, revision)| (Cow::Borrowed(task), revision));
+        let told = seen.is_some();
         for _ in 0..CAS_ATTEMPTS {
-            let Some((version, mut task)) = self.read(&mut conn, &task_id).await? else {
-                return Err(IssueError::NotFound);
+            let (task, revision) = match seen.take() {
+                Some(seen) => seen,
+                None => match self.read(&mut conn, &task_id).await? {
+                    Some(VersionedTask { task, revision }) => (Cow::Owned(task), revision),
+                    None => return Err(IssueError::NotFound),
+                },
             };
             check_issuable(&task, &lease.agent, now)?;
-            let (next_version, data) = if task.started_at.is_none() {
+            let version = revision.0.to_string();
+            let started = task.started_at.is_none().then(|| {
+                let mut task = task.clone().into_owned();
                 task.started_at = Some(now);
-                let v = version
-                    .parse::<u64>()
-                    .map_err(|_| StoreError::Corrupt(format!("task {task_id}: bad version")))?;
-                ((v + 1).to_string(), encode(&task)?)
-            } else {
-                (String::new(), Vec::new())
+                VersionedTask {
+                    task,
+                    revision: Revision(revision.0 + 1),
+                }
+            });
+            let (next_version, data) = match &started {
+                Some(next) => (next.revision.0.to_string(), encode(&next.task)?),
+                None => (String::new(), Vec::new()),
             };
             let outcome: i64 = self
                 .scripts
@@ -68,7 +85,13 @@ impl LeaseStore for RedisStore {
                 .await
                 .map_err(|e| write_failed(&e))?;
             match outcome {
-                1 => return Ok(()),
+                1 => return Ok(started),
+                0 if told => {
+                    return match self.read(&mut conn, &task_id).await? {
+                        Some(current) => Err(IssueError::Changed(Box::new(current))),
+                        None => Err(IssueError::NotFound),
+                    };
+                }
                 -1 => return Err(IssueError::NotFound),
                 -4 => return Err(IssueError::StoreReset),
                 -5 => return Err(IssueError::Exists),
@@ -112,9 +135,11 @@ impl LeaseStore for RedisStore {
                 return Err(IssueError::NotFound);
             };
             let task_id = lease.task.to_string();
-            let Some((version, task)) = self.read(&mut conn, &task_id).await? else {
+            let Some(VersionedTask { task, revision }) = self.read(&mut conn, &task_id).await?
+            else {
                 return Err(IssueError::NotFound);
             };
+            let version = revision.0.to_string();
             check_issuable(&task, &lease.agent, now)?;
             check_renewable(&lease, now)?;
             let outcome: i64 = self

@@ -16,8 +16,8 @@ use super::keys::{
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
 use crate::lease::Lease;
 use crate::store::{
-    CASCADE_GRACE, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError, encode,
-    task_ended_reason, unix_ms, unix_ms_ceil,
+    CASCADE_GRACE, Revision, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError,
+    VersionedTask, encode, task_ended_reason, unix_ms, unix_ms_ceil,
 };
 use crate::task::{Task, TaskError, TaskId, Unmet};
 
@@ -61,9 +61,9 @@ impl TaskStore for RedisStore {
         }
     }
 
-    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+    async fn get_versioned_task(&self, id: &TaskId) -> Result<Option<VersionedTask>, StoreError> {
         let mut conn = self.conn().await?;
-        Ok(self.read(&mut conn, &id.to_string()).await?.map(|(_, t)| t))
+        self.read(&mut conn, &id.to_string()).await
     }
 
     /// The change applied to the task as read, written if nobody changed it since; else read
@@ -243,7 +243,7 @@ impl RedisStore {
         &self,
         conn: &mut ConnectionManager,
         id: &str,
-    ) -> Result<Option<(String, Task)>, StoreError> {
+    ) -> Result<Option<VersionedTask>, StoreError> {
         let TaskRecord { version, fields }: TaskRecord = redis::cmd("HMGET")
             .arg(task_key(id))
             .arg("v")
@@ -254,7 +254,13 @@ impl RedisStore {
         let Some(version) = version else {
             return Ok(None);
         };
-        Ok(fields.into_task()?.map(|task| (version, task)))
+        let revision = version
+            .parse()
+            .map(Revision)
+            .map_err(|_| StoreError::Corrupt(format!("task {id}: bad version")))?;
+        Ok(fields
+            .into_task()?
+            .map(|task| VersionedTask { task, revision }))
     }
 
     /// Removes index entries whose task no longer exists (pruned, or a create that failed after
@@ -284,9 +290,14 @@ impl RedisStore {
         key: &str,
         change: &TaskChange,
     ) -> Result<Changed, UpdateError> {
-        let Some((version, current)) = self.read(conn, key).await? else {
+        let Some(VersionedTask {
+            task: current,
+            revision,
+        }) = self.read(conn, key).await?
+        else {
             return Err(UpdateError::NotFound);
         };
+        let version = revision.0.to_string();
         let mut next = current.clone();
         change(&mut next)?;
         Ok(Changed {

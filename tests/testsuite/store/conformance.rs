@@ -122,7 +122,7 @@ pub async fn a_lock_holds_at_once_and_is_swept_in_bounded_steps(store: &dyn Stor
     for t in &tasks {
         for _ in 0..3 {
             let l = sample_lease(t, &agent);
-            store.issue_lease(&l, now).await.unwrap();
+            store.issue_lease(&l, None, now).await.unwrap();
             leases.push(l);
         }
     }
@@ -141,7 +141,7 @@ pub async fn a_lock_holds_at_once_and_is_swept_in_bounded_steps(store: &dyn Stor
     assert_eq!(store.lock_agent(&lock).await.unwrap(), lock);
     let late = sample_lease(&tasks[0], &agent);
     assert!(matches!(
-        store.issue_lease(&late, now).await,
+        store.issue_lease(&late, None, now).await,
         Err(IssueError::Locked(_))
     ));
     assert_eq!(
@@ -209,14 +209,17 @@ pub async fn a_store_without_its_epoch_issues_nothing(store: &dyn Store) {
     let t = approved_task(store).await;
     let lease = sample_lease(&t, AGENT);
     assert_eq!(
-        store.issue_lease(&lease, SystemTime::now()).await,
+        store.issue_lease(&lease, None, SystemTime::now()).await,
         Err(IssueError::StoreReset)
     );
     store
         .epoch(&taskcred::store::Epoch::new(SystemTime::now()))
         .await
         .unwrap();
-    store.issue_lease(&lease, SystemTime::now()).await.unwrap();
+    store
+        .issue_lease(&lease, None, SystemTime::now())
+        .await
+        .unwrap();
 }
 
 /// A lease id is recorded once: a second attempt under the same id (a retried request) is
@@ -224,11 +227,14 @@ pub async fn a_store_without_its_epoch_issues_nothing(store: &dyn Store) {
 pub async fn a_lease_id_is_recorded_once(store: &dyn Store) {
     let t = approved_task(store).await;
     let first = sample_lease(&t, AGENT);
-    store.issue_lease(&first, SystemTime::now()).await.unwrap();
+    store
+        .issue_lease(&first, None, SystemTime::now())
+        .await
+        .unwrap();
     let mut again = sample_lease(&t, AGENT);
     again.id = first.id.clone();
     assert_eq!(
-        store.issue_lease(&again, SystemTime::now()).await,
+        store.issue_lease(&again, None, SystemTime::now()).await,
         Err(IssueError::Exists)
     );
     let leases = store.task_leases(&t.id).await.unwrap();
@@ -243,6 +249,115 @@ pub async fn a_lease_id_is_recorded_once(store: &dyn Store) {
     );
 }
 
+/// What one of [`concurrent_issuances_each_get_their_own_answer`]'s issuances must get.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Recorded,
+    NotFound,
+    Forbidden,
+    Precondition,
+    Locked,
+    Exists,
+    /// One of a pair with the same lease id: exactly one of the two is recorded.
+    Racing,
+}
+
+/// Issuances at once, good ones among ones refused for each reason (and pairs racing with one
+/// lease id): each caller gets its own answer, and only the recorded leases are there.
+pub async fn concurrent_issuances_each_get_their_own_answer(store: &dyn Store) {
+    let now = SystemTime::now();
+    let locked_agent = format!(
+        "spiffe://taskcred.dev/agent/locked-{}",
+        uuid::Uuid::now_v7().simple()
+    );
+    let pending = sample_task(AGENT, REQUESTER, 1);
+    store.create_task(&pending).await.unwrap();
+    let of_locked = sample_task(&locked_agent, REQUESTER, 0);
+    store.create_task(&of_locked).await.unwrap();
+    let lock = Lock {
+        agent: w(&locked_agent),
+        reason: "concurrent".into(),
+        operator: w(REQUESTER),
+        at: now,
+        until: None,
+    };
+    store.lock_agent(&lock).await.unwrap();
+    let never_created = sample_task(AGENT, REQUESTER, 0);
+    let shared = approved_task(store).await;
+    let known = sample_lease(&shared, AGENT);
+    store.issue_lease(&known, None, now).await.unwrap();
+
+    let mut calls: Vec<(Lease, Expect)> = Vec::new();
+    for _ in 0..10 {
+        calls.push((
+            sample_lease(&approved_task(store).await, AGENT),
+            Expect::Recorded,
+        ));
+    }
+    for _ in 0..2 {
+        let t = approved_task(store).await;
+        let a = sample_lease(&t, AGENT);
+        let mut b = sample_lease(&t, AGENT);
+        b.id = a.id.clone();
+        calls.push((a, Expect::Racing));
+        calls.push((b, Expect::Racing));
+    }
+    for _ in 0..4 {
+        calls.push((sample_lease(&never_created, AGENT), Expect::NotFound));
+        let other = "spiffe://taskcred.dev/agent/other";
+        calls.push((sample_lease(&shared, other), Expect::Forbidden));
+        calls.push((sample_lease(&pending, AGENT), Expect::Precondition));
+        calls.push((sample_lease(&of_locked, &locked_agent), Expect::Locked));
+    }
+    for _ in 0..2 {
+        let mut again = sample_lease(&shared, AGENT);
+        again.id = known.id.clone();
+        calls.push((again, Expect::Exists));
+    }
+    assert_eq!(calls.len(), 32);
+    // Interleaved, so that the kinds arrive mixed.
+    let calls: Vec<(Lease, Expect)> = (0..4)
+        .flat_map(|k| calls.iter().skip(k).step_by(4).cloned().collect::<Vec<_>>())
+        .collect();
+
+    let answers = futures_join(calls.iter().map(|(l, _)| store.issue_lease(l, None, now))).await;
+
+    let mut racing_won = 0;
+    for ((lease, expect), answer) in calls.iter().zip(answers) {
+        let stored = store
+            .find_lease(&lease.task, &lease.credential)
+            .await
+            .unwrap();
+        match (expect, &answer) {
+            (Expect::Recorded | Expect::Racing, Ok(_)) => {
+                assert_eq!(stored.as_ref(), Some(lease), "{expect:?}");
+                if *expect == Expect::Racing {
+                    racing_won += 1;
+                }
+            }
+            (Expect::Racing, Err(IssueError::Exists)) => assert_eq!(stored, None),
+            (Expect::NotFound, Err(IssueError::NotFound))
+            | (Expect::Forbidden, Err(IssueError::Refused(TaskError::Forbidden(_))))
+            | (Expect::Precondition, Err(IssueError::Refused(TaskError::Precondition(_))))
+            | (Expect::Exists, Err(IssueError::Exists)) => assert_eq!(stored, None, "{expect:?}"),
+            (Expect::Locked, Err(IssueError::Locked(reason))) => {
+                assert_eq!(reason, "concurrent");
+                assert_eq!(stored, None);
+            }
+            _ => panic!("{expect:?} answered {answer:?}"),
+        }
+    }
+    assert_eq!(racing_won, 2, "one of each racing pair");
+    for t in [&pending, &of_locked] {
+        let t = store.get_task(&t.id).await.unwrap().unwrap();
+        assert_eq!(t.started_at, None, "a refused issuance started a task");
+    }
+    assert_eq!(store.get_task(&never_created.id).await.unwrap(), None);
+    let still = store.get_lease(&known.id).await.unwrap().unwrap();
+    assert_eq!(still, known, "the recorded lease is unchanged");
+    assert_eq!(store.task_leases(&shared.id).await.unwrap(), vec![known]);
+}
+
 /// The active-lease gauge's source: issuing adds one, revoking, ending the task and reaping
 /// take them away.
 pub async fn live_leases_counts_the_unrevoked(store: &dyn Store) {
@@ -255,7 +370,7 @@ pub async fn live_leases_counts_the_unrevoked(store: &dyn Store) {
         sample_lease(&t, AGENT),
     );
     for l in [&a, &b, &c] {
-        store.issue_lease(l, now).await.unwrap();
+        store.issue_lease(l, None, now).await.unwrap();
     }
     assert_eq!(store.live_leases().await.unwrap(), before + 3);
     store.revoke_lease(&a.id, "test", now).await.unwrap();
@@ -522,7 +637,7 @@ pub async fn ended_tasks_are_pruned_after_retention(store: &dyn Store) {
 pub fn sample_lease(task: &Task, agent: &str) -> Lease {
     let now = SystemTime::now();
     Lease {
-        id: LeaseId::generate(),
+        id: LeaseId::generate(&task.id),
         task: task.id,
         agent: w(agent),
         kind: CredentialKind::Jwt,
@@ -555,7 +670,7 @@ pub async fn leases_only_for_an_approved_task_of_its_executor(store: &dyn Store)
     let now = SystemTime::now();
     let t = approved_task(store).await;
     let lease = sample_lease(&t, AGENT);
-    store.issue_lease(&lease, now).await.unwrap();
+    store.issue_lease(&lease, None, now).await.unwrap();
     let found = store
         .find_lease(&t.id, &lease.credential)
         .await
@@ -587,14 +702,14 @@ pub async fn leases_only_for_an_approved_task_of_its_executor(store: &dyn Store)
     // Another agent, a pending task, a task past its deadline, an unknown task: nothing recorded.
     let other = sample_lease(&t, "spiffe://taskcred.dev/agent/other");
     assert!(matches!(
-        store.issue_lease(&other, now).await,
+        store.issue_lease(&other, None, now).await,
         Err(IssueError::Refused(TaskError::Forbidden(_)))
     ));
     let pending = sample_task(AGENT, REQUESTER, 1);
     store.create_task(&pending).await.unwrap();
     let l = sample_lease(&pending, AGENT);
     assert!(matches!(
-        store.issue_lease(&l, now).await,
+        store.issue_lease(&l, None, now).await,
         Err(IssueError::Refused(TaskError::Precondition(_)))
     ));
     assert_eq!(
@@ -613,13 +728,15 @@ pub async fn leases_only_for_an_approved_task_of_its_executor(store: &dyn Store)
     let late = t.deadline + Duration::from_secs(1);
     let l = sample_lease(&t, AGENT);
     assert!(matches!(
-        store.issue_lease(&l, late).await,
+        store.issue_lease(&l, None, late).await,
         Err(IssueError::Refused(TaskError::Precondition(_)))
     ));
     let mut ghost = sample_task(AGENT, REQUESTER, 0);
     ghost.id = TaskId::generate();
     assert_eq!(
-        store.issue_lease(&sample_lease(&ghost, AGENT), now).await,
+        store
+            .issue_lease(&sample_lease(&ghost, AGENT), None, now)
+            .await,
         Err(IssueError::NotFound)
     );
 }
@@ -637,11 +754,11 @@ pub async fn ending_a_task_revokes_every_lease_even_concurrent_ones(store: &dyn 
     let now = SystemTime::now();
     let t = approved_task(store).await;
     let first = sample_lease(&t, AGENT);
-    store.issue_lease(&first, now).await.unwrap();
+    store.issue_lease(&first, None, now).await.unwrap();
 
     // Issuances race with the end of the task: each either fails or is revoked with the rest.
     let leases: Vec<Lease> = (0..12).map(|_| sample_lease(&t, AGENT)).collect();
-    let issues = futures_join(leases.iter().map(|l| store.issue_lease(l, now)));
+    let issues = futures_join(leases.iter().map(|l| store.issue_lease(l, None, now)));
     let (issued, ended) = tokio::join!(issues, store.end_task(&t.id, complete(), DAY));
     let (task, revoked) = ended.unwrap();
     assert_eq!(task.state, TaskState::Completed);
@@ -649,7 +766,7 @@ pub async fn ending_a_task_revokes_every_lease_even_concurrent_ones(store: &dyn 
     for (lease, result) in leases.iter().zip(issued) {
         let stored = store.find_lease(&t.id, &lease.credential).await.unwrap();
         match result {
-            Ok(()) => assert_eq!(
+            Ok(_) => assert_eq!(
                 stored.unwrap().state,
                 LeaseState::Revoked,
                 "an issued lease outlived its task"
@@ -672,7 +789,7 @@ pub async fn ending_a_task_revokes_every_lease_even_concurrent_ones(store: &dyn 
     // Nothing more is issued, and ending it again changes nothing.
     let after = sample_lease(&t, AGENT);
     assert!(matches!(
-        store.issue_lease(&after, now).await,
+        store.issue_lease(&after, None, now).await,
         Err(IssueError::Refused(TaskError::Precondition(_)))
     ));
     let again = store
@@ -689,9 +806,12 @@ pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store
     let now = SystemTime::now();
     let t = approved_task(store).await;
     let lease = sample_lease(&t, AGENT);
-    store.issue_lease(&lease, now).await.unwrap();
+    store.issue_lease(&lease, None, now).await.unwrap();
     assert_eq!(store.get_lease(&lease.id).await.unwrap().unwrap(), lease);
-    assert_eq!(store.get_lease(&LeaseId::generate()).await.unwrap(), None);
+    assert_eq!(
+        store.get_lease(&LeaseId::generate(&t.id)).await.unwrap(),
+        None
+    );
 
     let later = now + Duration::from_secs(600);
     let renewed = store
@@ -726,7 +846,7 @@ pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store
 
     // Revocation ends one lease; the others of the task stay.
     let other = sample_lease(&t, AGENT);
-    store.issue_lease(&other, now).await.unwrap();
+    store.issue_lease(&other, None, now).await.unwrap();
     let revoked = store
         .revoke_lease(&lease.id, "revoked by the agent", now)
         .await
@@ -760,7 +880,9 @@ pub async fn renewal_replaces_the_credential_and_revocation_ends_one_lease(store
         Err(IssueError::Refused(_))
     ));
     assert_eq!(
-        store.revoke_lease(&LeaseId::generate(), "x", now).await,
+        store
+            .revoke_lease(&LeaseId::generate(&t.id), "x", now)
+            .await,
         Err(UpdateError::NotFound)
     );
 
@@ -791,7 +913,7 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
     let l2 = sample_lease(&running, &agent);
     let lb = sample_lease(&bystander, &other);
     for l in [&l1, &l2, &lb] {
-        store.issue_lease(l, now).await.unwrap();
+        store.issue_lease(l, None, now).await.unwrap();
     }
     store.end_task(&done.id, complete(), DAY).await.unwrap();
     let live = store.live_leases().await.unwrap();
@@ -863,7 +985,7 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
     store.create_task(&fresh).await.unwrap();
     let l = sample_lease(&fresh, &agent);
     assert!(
-        matches!(store.issue_lease(&l, now).await, Err(IssueError::Locked(r)) if r == "credential leak")
+        matches!(store.issue_lease(&l, None, now).await, Err(IssueError::Locked(r)) if r == "credential leak")
     );
     assert!(
         store
@@ -900,7 +1022,7 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
     );
     assert_eq!(store.unlock_agent(&w(&agent)).await.unwrap(), None);
     assert_eq!(store.agent_lock(&w(&agent), now).await.unwrap(), None);
-    store.issue_lease(&l, now).await.unwrap();
+    store.issue_lease(&l, None, now).await.unwrap();
 
     // A lock with an end lifts by itself.
     let brief = Lock {
@@ -916,7 +1038,7 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
     store.create_task(&later).await.unwrap();
     let l = sample_lease(&later, &agent);
     assert!(matches!(
-        store.issue_lease(&l, SystemTime::now()).await,
+        store.issue_lease(&l, None, SystemTime::now()).await,
         Err(IssueError::Locked(_))
     ));
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -927,7 +1049,10 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
             .unwrap(),
         None
     );
-    store.issue_lease(&l, SystemTime::now()).await.unwrap();
+    store
+        .issue_lease(&l, None, SystemTime::now())
+        .await
+        .unwrap();
     assert!(
         !store
             .list_locks(SystemTime::now())
@@ -1006,7 +1131,7 @@ pub async fn the_reaper_ends_each_due_lease_once(store: &dyn Store) {
     let b = lease_expiring(&t, now, ms(200));
     let c = lease_expiring(&t, now, ms(10_000));
     for l in [&a, &b, &c] {
-        store.issue_lease(l, now).await.unwrap();
+        store.issue_lease(l, None, now).await.unwrap();
     }
     let due = store.next_due().await.unwrap().unwrap();
     assert!(due <= now + ms(101), "the earliest expiry is next");
@@ -1081,7 +1206,7 @@ pub async fn the_reaper_ends_each_due_lease_once(store: &dyn Store) {
         .map(|i| lease_expiring(&t, now, ms(20_000 + i)))
         .collect();
     for l in &many {
-        store.issue_lease(l, now).await.unwrap();
+        store.issue_lease(l, None, now).await.unwrap();
     }
     let later = now + ms(21_000);
     let rounds = futures_join((0..4).map(|_| async move {
@@ -1154,7 +1279,7 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
     // A renewal supersedes the first credential; revoking the lease ends the second.
     let t = approved_task(store).await;
     let renewed = sample_lease(&t, AGENT);
-    store.issue_lease(&renewed, now).await.unwrap();
+    store.issue_lease(&renewed, None, now).await.unwrap();
     let later = now + Duration::from_secs(600);
     store
         .renew_lease(&renewed.id, &renewal("renewed-credential", later, now))
@@ -1166,9 +1291,9 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
         .unwrap();
     // Ending the task revokes its other lease; an expired lease is not logged.
     let ended = sample_lease(&t, AGENT);
-    store.issue_lease(&ended, now).await.unwrap();
+    store.issue_lease(&ended, None, now).await.unwrap();
     let expiring = lease_expiring(&t, now, Duration::from_millis(1));
-    store.issue_lease(&expiring, now).await.unwrap();
+    store.issue_lease(&expiring, None, now).await.unwrap();
     let reaped = store
         .expire_leases(now + Duration::from_secs(1), 1000)
         .await
@@ -1244,7 +1369,7 @@ pub async fn revocations_are_logged_in_order_and_resumable(store: &dyn Store) {
     let task = sample_task(&locked, REQUESTER, 0);
     store.create_task(&task).await.unwrap();
     let lease = sample_lease(&task, &locked);
-    store.issue_lease(&lease, now).await.unwrap();
+    store.issue_lease(&lease, None, now).await.unwrap();
     let waiter = store.revocations(read(Some(log[2].cursor), 100, Duration::from_secs(5)));
     let lock = Lock {
         agent: w(&locked),
@@ -1358,4 +1483,56 @@ pub async fn claims_are_held_once(store: &dyn Store) {
             .await
             .unwrap()
     );
+}
+
+/// A lease is recorded only against the revision of the task its issuance decided on: a task
+/// changed since (here revoked, then a benign change) refuses it with the task as it is, and
+/// nothing is written; the current revision records it, and the first issuance returns the
+/// task it marked started.
+pub async fn a_lease_is_recorded_only_against_the_revision_decided_on(store: &dyn Store) {
+    let now = SystemTime::now();
+    let t = approved_task(store).await;
+    let read = store.get_versioned_task(&t.id).await.unwrap().unwrap();
+    assert_eq!(read.task, t);
+    let first = sample_lease(&t, AGENT);
+    let started = store
+        .issue_lease(&first, Some((&read.task, read.revision)), now)
+        .await
+        .unwrap()
+        .expect("the first issuance marks the task started");
+    assert!(started.task.started_at.is_some());
+    assert_ne!(started.revision, read.revision);
+    assert_eq!(
+        store.get_versioned_task(&t.id).await.unwrap(),
+        Some(started.clone())
+    );
+    // The old revision is refused now, with the task as it is; nothing is recorded.
+    let stale = sample_lease(&t, AGENT);
+    match store
+        .issue_lease(&stale, Some((&read.task, read.revision)), now)
+        .await
+    {
+        Err(IssueError::Changed(current)) => assert_eq!(*current, started),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.get_lease(&stale.id).await.unwrap(), None);
+    // The current one records, and changes nothing of the task.
+    let second = sample_lease(&t, AGENT);
+    let unchanged = store
+        .issue_lease(&second, Some((&started.task, started.revision)), now)
+        .await
+        .unwrap();
+    assert_eq!(unchanged, None);
+    // Revoked since it was read: refused as changed, even though the seen copy is approved.
+    store.end_task(&t.id, complete(), DAY).await.unwrap();
+    let late = sample_lease(&t, AGENT);
+    match store
+        .issue_lease(&late, Some((&started.task, started.revision)), now)
+        .await
+    {
+        Err(IssueError::Changed(current)) => assert_eq!(current.task.state, TaskState::Completed),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.get_lease(&late.id).await.unwrap(), None);
+    assert_eq!(store.task_leases(&t.id).await.unwrap().len(), 2);
 }

@@ -66,6 +66,7 @@ cases! {
     fresh: [a_fresh_store_answers_the_reaper, a_store_without_its_epoch_issues_nothing],
     begun: [
         a_lease_id_is_recorded_once,
+        concurrent_issuances_each_get_their_own_answer,
         create_get_round_trip,
         create_twice_is_refused,
         update_applies_atomically_or_not_at_all,
@@ -84,6 +85,7 @@ cases! {
         the_epoch_is_made_once,
         claims_are_held_once,
         live_leases_counts_the_unrevoked,
+        a_lease_is_recorded_only_against_the_revision_decided_on,
     ],
 }
 
