@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, EntityUid, PolicyId, PolicySet, Request,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision, Entities, EntityUid, PolicyId, PolicySet,
+    Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 
@@ -232,6 +232,11 @@ pub struct Policies {
     files: Vec<PathBuf>,
     /// Each policy's `@quorum`, read once at load.
     quorums: std::collections::HashMap<PolicyId, u32>,
+    /// Per action (by [`PolicyAction::index`]): the policies whose action scope can match it
+    /// (a policy whose scope names other actions only can never apply, so a request is decided
+    /// the same by its action's subset; anything not read as a plain action name counts for
+    /// every action).
+    by_action: Vec<PolicySet>,
     /// Verdicts on the broker itself without context, by principal and action: they depend on
     /// nothing else (a workload's entity is made of its id), so they hold as long as these
     /// policies do. Bounded by [`ON_BROKER_CAPACITY`] (emptied when full).
@@ -400,12 +405,41 @@ pub fn load_dir(dir: &Path, schema: &Schema) -> Result<Policies, PolicyError> {
             Some((p.id().clone(), q))
         })
         .collect();
+    let by_action = by_action(&set)?;
     Ok(Policies {
         set,
         files,
         quorums,
+        by_action,
         on_broker: std::sync::Mutex::default(),
     })
+}
+
+/// The subsets of `set` by the actions their scopes can match (see [`Policies`]).
+fn by_action(set: &PolicySet) -> Result<Vec<PolicySet>, PolicyError> {
+    let index = |uid: &EntityUid| -> Option<usize> {
+        if uid.type_name().to_string() != "Taskcred::Action" {
+            return None;
+        }
+        let name = uid.id().unescaped();
+        PolicyAction::ALL.iter().position(|a| a.name() == name)
+    };
+    let mut subsets: Vec<PolicySet> = PolicyAction::ALL.iter().map(|_| PolicySet::new()).collect();
+    for policy in set.policies() {
+        let named: Option<Vec<usize>> = match policy.action_constraint() {
+            ActionConstraint::Eq(uid) => index(&uid).map(|i| vec![i]),
+            ActionConstraint::In(uids) => uids.iter().map(index).collect(),
+            _ => None,
+        };
+        for (i, subset) in subsets.iter_mut().enumerate() {
+            if named.as_ref().is_none_or(|n| n.contains(&i)) {
+                subset
+                    .add(policy.clone())
+                    .map_err(|e| PolicyError::Schema(format!("policy subset: {e}")))?;
+            }
+        }
+    }
+    Ok(subsets)
 }
 
 /// What policy needs of a task to decide its executor's requests on it, built once per version
@@ -416,7 +450,21 @@ pub struct PreparedTask {
     principal: EntityUid,
     resource: EntityUid,
     entities: Entities,
+    /// Verdicts already reached on this version of the task, by action and context: a
+    /// verdict depends on nothing else (the policies, the entities and the context: no clock,
+    /// no other input), so it is reused while the same policies are in force.
+    verdicts: std::sync::Mutex<Memo>,
 }
+
+/// Verdicts of one policy set: (action index, context as JSON) -> verdict.
+#[derive(Debug, Default)]
+struct Memo {
+    policies: Option<Arc<Policies>>,
+    verdicts: std::collections::HashMap<(usize, String), Verdict>,
+}
+
+/// Most verdicts remembered per prepared task (emptied when full).
+const MEMO_CAPACITY: usize = 32;
 
 /// The policies in force and the means to decide and reload.
 #[derive(Debug)]
@@ -597,6 +645,7 @@ impl PolicyEngine {
             principal,
             resource,
             entities,
+            verdicts: std::sync::Mutex::default(),
         })
     }
 
@@ -619,6 +668,53 @@ impl PolicyEngine {
                 context,
             );
         }
+        let policies = self.current();
+        let key = (
+            action.index(),
+            context
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string),
+        );
+        let memo = |f: &mut dyn FnMut(&mut Memo)| {
+            let mut m = prepared
+                .verdicts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !m
+                .policies
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &policies))
+            {
+                *m = Memo {
+                    policies: Some(Arc::clone(&policies)),
+                    verdicts: std::collections::HashMap::new(),
+                };
+            }
+            f(&mut m);
+        };
+        let mut known = None;
+        memo(&mut |m| known = m.verdicts.get(&key).cloned());
+        if let Some(v) = known {
+            return v;
+        }
+        let verdict = self.decide_prepared_afresh(prepared, &policies, action, context);
+        memo(&mut |m| {
+            if m.verdicts.len() >= MEMO_CAPACITY {
+                m.verdicts.clear();
+            }
+            m.verdicts.insert(key.clone(), verdict.clone());
+        });
+        verdict
+    }
+
+    /// [`PolicyEngine::decide_prepared`] without its memo.
+    fn decide_prepared_afresh(
+        &self,
+        prepared: &PreparedTask,
+        policies: &Policies,
+        action: PolicyAction,
+        context: Option<serde_json::Value>,
+    ) -> Verdict {
         // The context's shape is the broker's code, the same for every request of an action:
         // checked against the schema on its first request, as every request of decide_as is.
         let first = !self.checked[action.index()].load(Ordering::Relaxed);
@@ -634,7 +730,7 @@ impl PolicyEngine {
                 if first {
                     self.checked[action.index()].store(true, Ordering::Relaxed);
                 }
-                self.decide_built(&self.current(), action, &request, &prepared.entities)
+                self.decide_built(policies, action, &request, &prepared.entities)
             }
             Err(why) => denied(why),
         }
@@ -682,9 +778,11 @@ impl PolicyEngine {
         entities: &Entities,
     ) -> Verdict {
         let default_quorum = u32::from(action != PolicyAction::ExchangeCiToken);
-        let response = self
-            .authorizer
-            .is_authorized(request, &policies.set, entities);
+        let set = policies
+            .by_action
+            .get(action.index())
+            .unwrap_or(&policies.set);
+        let response = self.authorizer.is_authorized(request, set, entities);
         let determining: Vec<&PolicyId> = response.diagnostics().reason().collect();
         let allowed = response.decision() == Decision::Allow;
         let quorum = if allowed {

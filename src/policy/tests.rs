@@ -355,3 +355,114 @@ fn a_prepared_task_is_decided_as_the_task_itself() {
     );
     assert!(!v.allowed && !v.errors.is_empty(), "{v:?}");
 }
+
+/// Each action is decided by the policies whose scope can match it: every policy with an open
+/// action scope is in every subset, one naming actions only in theirs; a forbid on any action
+/// still forbids.
+#[test]
+fn each_action_is_decided_by_the_policies_that_can_match_it() {
+    let dir = dir_with(&[(
+        "p.cedar",
+        r#"
+        permit(principal, action == Taskcred::Action::"GetTask", resource);
+        permit(principal, action in [Taskcred::Action::"ListTasks", Taskcred::Action::"GetTask"], resource);
+        forbid(principal is Taskcred::Workload, action, resource) when { principal.path == "/agent/evil" };
+        "#,
+    )]);
+    let e = PolicyEngine::load(dir.path()).unwrap();
+    let p = e.current();
+    let size = |a: PolicyAction| p.by_action[a.index()].policies().count();
+    assert_eq!(size(PolicyAction::GetTask), 3);
+    assert_eq!(size(PolicyAction::ListTasks), 2);
+    assert_eq!(size(PolicyAction::IssueToken), 1);
+    let t = task(AGENT, &[]);
+    assert!(
+        e.decide(&w(AGENT), PolicyAction::GetTask, &Resource::Task(&t))
+            .allowed
+    );
+    assert!(
+        !e.decide(&w(AGENT), PolicyAction::CancelTask, &Resource::Task(&t))
+            .allowed
+    );
+    let evil = e.decide(
+        &w("spiffe://taskcred.dev/agent/evil"),
+        PolicyAction::GetTask,
+        &Resource::Task(&t),
+    );
+    assert!(!evil.allowed, "{evil:?}");
+    // The dev policies: a smaller set per action, and the same verdicts as the whole set.
+    let dev = dev_engine();
+    let all = dev.current();
+    for action in PolicyAction::ALL {
+        assert!(all.by_action[action.index()].policies().count() <= all.len());
+    }
+    assert!(
+        all.by_action[PolicyAction::IssueToken.index()]
+            .policies()
+            .count()
+            < all.len()
+    );
+    let t = task(AGENT, &[("env", "production")]);
+    let ctx = serde_json::json!({"kind": "jwt", "audience": "db", "actions": ["read"],
+        "ttl_secs": 60, "renewal": false});
+    for who in [AGENT, REQUESTER, "spiffe://taskcred.dev/human/approver"] {
+        for (action, context) in [
+            (PolicyAction::IssueToken, Some(ctx.clone())),
+            (PolicyAction::GetTask, None),
+            (PolicyAction::RequestTask, None),
+            (PolicyAction::ApproveTask, None),
+            (PolicyAction::CancelTask, None),
+        ] {
+            let (p, r, list) =
+                entities::build(Principal::Workload(&w(who)), &Resource::Task(&t)).unwrap();
+            let ents = Entities::from_entities(list, Some(&dev.schema)).unwrap();
+            let request = dev.request(p, action, r, context, true).unwrap();
+            let whole = dev.authorizer.is_authorized(&request, &all.set, &ents);
+            let subset = dev.decide_built(&all, action, &request, &ents);
+            assert_eq!(
+                whole.decision() == Decision::Allow,
+                subset.allowed,
+                "{who} {action:?}"
+            );
+            let mut reasons: Vec<String> = whole
+                .diagnostics()
+                .reason()
+                .map(ToString::to_string)
+                .collect();
+            reasons.sort();
+            let mut got = subset.policies.clone();
+            got.sort();
+            assert_eq!(reasons, got, "{who} {action:?}");
+        }
+    }
+}
+
+/// A verdict remembered on a prepared task holds only while the same policies are in force,
+/// and only for the same action and context.
+#[test]
+fn a_remembered_verdict_ends_with_its_policies() {
+    let permit = r#"permit(principal, action == Taskcred::Action::"IssueToken", resource) when { context.ttl_secs <= 60 };"#;
+    let dir = dir_with(&[("p.cedar", permit)]);
+    let e = PolicyEngine::load(dir.path()).unwrap();
+    let t = task(AGENT, &[]);
+    let prepared = e.prepare_task(&t).unwrap();
+    let ctx = |ttl: i64| {
+        Some(
+            serde_json::json!({"kind": "jwt", "audience": "db", "actions": ["read"],
+            "ttl_secs": ttl, "renewal": false}),
+        )
+    };
+    let decide =
+        |ttl| e.decide_prepared(&prepared, &w(AGENT), PolicyAction::IssueToken, &t, ctx(ttl));
+    assert!(decide(60).allowed);
+    assert!(decide(60).allowed);
+    assert!(!decide(61).allowed);
+    std::fs::write(
+        dir.path().join("p.cedar"),
+        r#"permit(principal, action == Taskcred::Action::"IssueToken", resource) when { context.ttl_secs <= 30 };"#,
+    )
+    .unwrap();
+    e.reload().unwrap();
+    assert!(!decide(60).allowed, "a reload ends what was remembered");
+    assert!(decide(30).allowed);
+}
