@@ -378,3 +378,39 @@ impl Revocation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An id names its task and parses back; a process's ids of one task sort in the order it
+    /// made them; ids of other shapes are refused, earlier versions' ids still parse.
+    #[test]
+    fn lease_ids_name_their_task_and_sort_in_issuance_order() {
+        let task = TaskId::generate();
+        let ids: Vec<LeaseId> = (0..1000).map(|_| LeaseId::generate(&task)).collect();
+        for pair in ids.windows(2) {
+            assert!(pair[0] < pair[1], "{} {}", pair[0], pair[1]);
+        }
+        let id = &ids[0];
+        assert_eq!(LeaseId::parse(id.as_str()).unwrap(), *id);
+        assert_eq!(id.task(), Some(task));
+        assert_eq!(LeaseId::from_parts(&task, id.suffix().unwrap()), *id);
+        let text = id.as_str();
+        for bad in [
+            text.to_uppercase(),
+            format!("{text}0"),
+            text[..text.len() - 1].to_owned(),
+            format!("{task}."),
+            format!(".{}", &text[37..]),
+            format!("{task}.+{}", &text[38..]),
+            format!("{text}.x"),
+        ] {
+            assert!(LeaseId::parse(&bad).is_err(), "{bad}");
+        }
+        let old = uuid::Uuid::now_v7().hyphenated().to_string();
+        let old = LeaseId::parse(&old).unwrap();
+        assert_eq!(old.task(), None);
+        assert_eq!(old.suffix(), None);
+    }
+}

@@ -59,6 +59,9 @@ pub(super) fn new_credential_id(
     }
 }
 
+/// Fresh lease ids tried after one that met a recorded id.
+const FRESH_ID_ATTEMPTS: usize = 3;
+
 /// The shared state of one issuance once its checks passed.
 #[derive(Debug)]
 pub(super) struct Issuance {
@@ -331,9 +334,7 @@ impl Broker {
     ) -> Result<Recorded, BrokerError> {
         let action = issue_action(new.kind);
         let Some(request) = request else {
-            return self
-                .record_lease(caller, issuance, LeaseId::generate(&issuance.task.id), new)
-                .await;
+            return self.record_lease(caller, issuance, None, new).await;
         };
         let claim = retries::IssueClaim::new(&caller.id, request, fingerprint);
         let refuse = |e| self.refusal(action, caller, issuance.task.id, e);
@@ -342,7 +343,9 @@ impl Broker {
             .await
             .map_err(refuse)?
         {
-            retries::Claimed::Record(id) => self.record_lease(caller, issuance, id, new).await?,
+            retries::Claimed::Record(id) => {
+                self.record_lease(caller, issuance, Some(id), new).await?
+            }
             retries::Claimed::Recorded(lease) => Recorded::Earlier(*lease),
         };
         if let Recorded::Earlier(lease) = &recorded {
@@ -365,11 +368,12 @@ impl Broker {
         &self,
         caller: &PeerIdentity,
         issuance: &Issuance,
-        id: LeaseId,
+        claimed: Option<LeaseId>,
         new: NewLease,
     ) -> Result<Recorded, BrokerError> {
+        let fresh = claimed.is_none();
         let lease = Lease {
-            id,
+            id: claimed.unwrap_or_else(|| LeaseId::generate(&issuance.task.id)),
             task: issuance.task.id,
             agent: caller.id.clone(),
             kind: new.kind,
@@ -389,7 +393,8 @@ impl Broker {
         let action = issue_action(new.kind);
         let mut lease = lease;
         let seen = Some((&**issuance.task, issuance.task.revision()));
-        let mut recorded = self.store.issue_lease(&lease, seen, issuance.now).await;
+        let mut at = issuance.now;
+        let mut recorded = self.store.issue_lease(&lease, seen, at).await;
         if matches!(recorded, Err(IssueError::StoreReset)) {
             // The store lost its data since the last check: begin the new epoch, then issue in
             // it, dated after its start (verifiers accept nothing issued before the epoch).
@@ -400,7 +405,17 @@ impl Broker {
                 .min(issuance.task.deadline)
                 .max(issued);
             lease.issued_at = issued;
-            recorded = self.store.issue_lease(&lease, seen, now).await;
+            at = now;
+            recorded = self.store.issue_lease(&lease, seen, at).await;
+        }
+        // A fresh id recorded already is another issuance's (two replicas' ids of one task in
+        // the same millisecond may meet, by chance): never that lease, a new id.
+        for _ in 0..FRESH_ID_ATTEMPTS {
+            if !(fresh && matches!(recorded, Err(IssueError::Exists))) {
+                break;
+            }
+            lease.id = LeaseId::generate(&issuance.task.id);
+            recorded = self.store.issue_lease(&lease, seen, at).await;
         }
         match recorded {
             Ok(started) => {
@@ -417,6 +432,14 @@ impl Broker {
                     caller,
                     issuance.task.id,
                     BrokerError::TaskChanged,
+                ));
+            }
+            Err(IssueError::Exists) if fresh => {
+                return Err(self.refusal(
+                    action,
+                    caller,
+                    issuance.task.id,
+                    BrokerError::Internal("fresh lease ids met recorded ones".into()),
                 ));
             }
             Err(IssueError::Exists) => {

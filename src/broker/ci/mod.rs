@@ -17,7 +17,7 @@ use super::{Broker, BrokerError, IssuedCertificate, IssuedToken};
 use crate::audit::AuditEvent;
 use crate::ci::{CiError, CiJob, TrustedIssuer, VerifiedIdToken};
 use crate::identity::{PeerIdentity, WorkloadId};
-use crate::lease::{CredentialKind, LeaseId};
+use crate::lease::CredentialKind;
 use crate::mint::{SvidRequest, random_id, sha256_hex, verify_csr};
 use crate::policy::{PolicyAction, Principal};
 use crate::task::{Action, Audience, TaskId, TaskState};
@@ -339,14 +339,8 @@ impl Broker {
                 Vec::new()
             },
         };
-        let (super::Recorded::New(lease) | super::Recorded::Earlier(lease)) = self
-            .record_lease(
-                &caller,
-                &issuance,
-                LeaseId::generate(&issuance.task.id),
-                new,
-            )
-            .await?;
+        let (super::Recorded::New(lease) | super::Recorded::Earlier(lease)) =
+            self.record_lease(&caller, &issuance, None, new).await?;
         let (identity, csr) = (x.identity, x.csr);
 
         let credential = match (csr, serial, &self.ca) {
