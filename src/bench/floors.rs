@@ -139,34 +139,39 @@ fn handshake(
     client: &Arc<rustls::ClientConfig>,
 ) -> Result<(), String> {
     let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-    let mut c =
-        rustls::ClientConnection::new(Arc::clone(client), name).map_err(|e| e.to_string())?;
-    let mut s = rustls::ServerConnection::new(Arc::clone(server)).map_err(|e| e.to_string())?;
+    let mut c: rustls::Connection = rustls::ClientConnection::new(Arc::clone(client), name)
+        .map_err(|e| e.to_string())?
+        .into();
+    let mut s: rustls::Connection = rustls::ServerConnection::new(Arc::clone(server))
+        .map_err(|e| e.to_string())?
+        .into();
     let mut buf = Vec::with_capacity(8192);
     for _ in 0..8 {
         if !c.is_handshaking() && !s.is_handshaking() {
             return Ok(());
         }
-        buf.clear();
-        while c.wants_write() {
-            c.write_tls(&mut buf).map_err(|e| e.to_string())?;
-        }
-        let mut rd = buf.as_slice();
-        while !rd.is_empty() {
-            s.read_tls(&mut rd).map_err(|e| e.to_string())?;
-            s.process_new_packets().map_err(|e| e.to_string())?;
-        }
-        buf.clear();
-        while s.wants_write() {
-            s.write_tls(&mut buf).map_err(|e| e.to_string())?;
-        }
-        let mut rd = buf.as_slice();
-        while !rd.is_empty() {
-            c.read_tls(&mut rd).map_err(|e| e.to_string())?;
-            c.process_new_packets().map_err(|e| e.to_string())?;
-        }
+        pass(&mut c, &mut s, &mut buf)?;
+        pass(&mut s, &mut c, &mut buf)?;
     }
     Err("the handshake did not complete".into())
+}
+
+/// Hands what `from` has to write to `to`, through `buf`.
+fn pass(
+    from: &mut rustls::Connection,
+    to: &mut rustls::Connection,
+    buf: &mut Vec<u8>,
+) -> Result<(), String> {
+    buf.clear();
+    while from.wants_write() {
+        from.write_tls(buf).map_err(|e| e.to_string())?;
+    }
+    let mut rd = buf.as_slice();
+    while !rd.is_empty() {
+        to.read_tls(&mut rd).map_err(|e| e.to_string())?;
+        to.process_new_packets().map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Runs `op` on one thread per core for `time`; operations per second over all of them.
