@@ -22,7 +22,7 @@ const MESSAGE: [u8; 420] = [b'x'; 420];
 ///
 /// # Errors
 /// When a key cannot be made.
-pub fn signatures_per_sec(alg: &str, time: Duration) -> Result<f64, String> {
+pub fn signatures_per_sec(alg: &str, time: Duration) -> Result<Floor, String> {
     let rng = SystemRandom::new();
     let sign: Arc<dyn Fn() + Send + Sync> = match alg {
         "ed25519" => {
@@ -51,7 +51,7 @@ pub fn signatures_per_sec(alg: &str, time: Duration) -> Result<f64, String> {
 ///
 /// # Errors
 /// When a key cannot be made.
-pub fn verifications_per_sec(alg: &str, time: Duration) -> Result<f64, String> {
+pub fn verifications_per_sec(alg: &str, time: Duration) -> Result<Floor, String> {
     let check = verifier(alg)?;
     Ok(on_every_core(time, &check))
 }
@@ -98,7 +98,7 @@ fn verifier(alg: &str) -> Result<Arc<dyn Fn() + Send + Sync>, String> {
 ///
 /// # Errors
 /// When the TLS configurations cannot be made.
-pub fn ci_handshakes_per_sec(time: Duration) -> Result<f64, String> {
+pub fn ci_handshakes_per_sec(time: Duration) -> Result<Floor, String> {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
@@ -175,12 +175,13 @@ fn pass(
 }
 
 /// Runs `op` on one thread per core for `time`; operations per second over all of them.
-fn on_every_core(time: Duration, op: &Arc<dyn Fn() + Send + Sync>) -> f64 {
+fn on_every_core(time: Duration, op: &Arc<dyn Fn() + Send + Sync>) -> Floor {
     let until = Instant::now() + time;
     let handles: Vec<_> = (0..cores())
         .map(|_| {
             let op = Arc::clone(op);
             std::thread::spawn(move || {
+                let cpu0 = thread_cpu_ns();
                 let mut n = 0u64;
                 while Instant::now() < until {
                     for _ in 0..16 {
@@ -188,14 +189,43 @@ fn on_every_core(time: Duration, op: &Arc<dyn Fn() + Send + Sync>) -> f64 {
                     }
                     n += 16;
                 }
-                n
+                (n, thread_cpu_ns().saturating_sub(cpu0))
             })
         })
         .collect();
-    let total: u64 = handles.into_iter().filter_map(|h| h.join().ok()).sum();
+    let (mut total, mut cpu_ns) = (0u64, 0u64);
+    for (n, ns) in handles.into_iter().filter_map(|h| h.join().ok()) {
+        total += n;
+        cpu_ns += ns;
+    }
     #[allow(clippy::cast_precision_loss)]
-    let per_sec = total as f64 / time.as_secs_f64();
-    per_sec
+    Floor {
+        per_sec: total as f64 / time.as_secs_f64(),
+        us: if total > 0 && cpu_ns > 0 {
+            cpu_ns as f64 / 1000.0 / total as f64
+        } else {
+            super::cost::us_per_op(total as f64 / time.as_secs_f64(), cores())
+        },
+    }
+}
+
+/// A floor: operations per second over all cores (wall time, so what else runs on the machine
+/// lowers it), and CPU per operation on one core (from the threads' own CPU time, so it does not
+/// depend on what else runs).
+#[derive(Debug, Clone, Copy)]
+pub struct Floor {
+    /// Operations per second over all cores.
+    pub per_sec: f64,
+    /// Microseconds of CPU per operation.
+    pub us: f64,
+}
+
+/// CPU time of the calling thread so far, in nanoseconds (0 if /proc cannot say).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
 }
 
 /// The cores the floors run on.

@@ -436,10 +436,11 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
     let sign_p256 = floors::signatures_per_sec("p256", sign_time)?;
     let verify_p256 = floors::verifications_per_sec("p256", sign_time)?;
     let verify_ed25519 = floors::verifications_per_sec("ed25519", sign_time)?;
-    let ci_floor = floors::ci_handshakes_per_sec(sign_time)?;
-    let us = |per_sec| cost::us_per_op(per_sec, cores);
-    let (sign_ed25519_us, sign_p256_us) = (us(sign_ed25519), us(sign_p256));
-    let (verify_p256_us, ci_floor_us) = (us(verify_p256), us(ci_floor));
+    let ci_hs = floors::ci_handshakes_per_sec(sign_time)?;
+    let (sign_ed25519_us, sign_p256_us) = (sign_ed25519.us, sign_p256.us);
+    let (verify_p256_us, ci_floor_us) = (verify_p256.us, ci_hs.us);
+    let (sign_ed25519, sign_p256, ci_floor) =
+        (sign_ed25519.per_sec, sign_p256.per_sec, ci_hs.per_sec);
     let redis_pid = redis.as_ref().map(RedisProcess::pid);
     let redis_floor = match &redis {
         Some(r) => Some(
@@ -593,12 +594,12 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
             "noop_per_sec": round(noop_per_sec, 0),
             "sign_ed25519_per_sec": round(sign_ed25519, 0),
             "sign_p256_per_sec": round(sign_p256, 0),
-            "verify_p256_per_sec": round(verify_p256, 0),
-            "verify_ed25519_per_sec": round(verify_ed25519, 0),
+            "verify_p256_per_sec": round(verify_p256.per_sec, 0),
+            "verify_ed25519_per_sec": round(verify_ed25519.per_sec, 0),
             "sign_ed25519_us": round(sign_ed25519_us, 1),
             "sign_p256_us": round(sign_p256_us, 1),
             "verify_p256_us": round(verify_p256_us, 1),
-            "verify_ed25519_us": round(us(verify_ed25519), 1),
+            "verify_ed25519_us": round(verify_ed25519.us, 1),
             "ci_floor_per_sec": round(ci_floor, 0),
             "ci_floor_us": round(ci_floor_us, 1),
             "redis_lease_write_per_sec": round(redis_per_sec, 0),
