@@ -295,10 +295,12 @@ async fn replicas_write_one_chained_audit_stream() {
 /// bounded lines.
 #[tokio::test]
 async fn locking_a_busy_agent_answers_counts_and_audits_every_credential() {
-    let b = Broker::start_with_env(vec![(
-        "TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(),
-        "0".into(),
-    )])
+    // Issuance is fast enough now that 1,100 calls in a row also meet the per-identity RPC
+    // rate: both budgets off, this test is about the lock.
+    let b = Broker::start_with_env(vec![
+        ("TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(), "0".into()),
+        ("TASKCRED_LIMITS__RPC_PER_SECOND".into(), "0".into()),
+    ])
     .await;
     let task = approved_task(&b, &[("env", "staging")], None).await;
     let mut agent = creds_as(&b, "agent").await;
