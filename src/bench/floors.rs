@@ -233,14 +233,14 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
-/// The writes of one lease (the broker's `ISSUE` script without its checks): the lease hash,
-/// the task's lease set, the credential and lease indexes, the expiry index.
+/// The writes of one lease (the broker's `ISSUE` script, `src/store/redis/lua/issue.lua`,
+/// without its checks): the record in the task's lease hash, the credential in the task's
+/// credential hash, the expiry index (a 24-byte member), the agent's live tasks.
 const LEASE_WRITE: &str = r"
-redis.call('HSET', KEYS[1], 'data', ARGV[1], 'state', 'active', 'cred', ARGV[2], 'exp_ns', ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[3], ARGV[4])
-redis.call('SET', KEYS[4], ARGV[5])
-redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5] .. '/' .. ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+redis.call('SADD', KEYS[4], ARGV[6])
 return 1";
 
 /// Scripted lease writes per second on the Redis at `url`, with `shape`; the keys (under
@@ -255,25 +255,31 @@ pub async fn redis_lease_writes(url: &str, shape: Shape, meter: Meter) -> Result
         .await
         .map_err(|e| e.to_string())?;
     let script = Arc::new(redis::Script::new(LEASE_WRITE));
-    // A lease record the size of the broker's.
-    let data = Arc::new("d".repeat(480));
+    // A lease record the size of the broker's (a 128-bit `jti`, a SHA-256 `cnf`).
+    let data = Arc::new(vec![b'd'; 86]);
     let stats = drive_metered(shape, meter, move |w, n| {
         let (mut conn, script, data) = (conn.clone(), Arc::clone(&script), Arc::clone(&data));
         async move {
-            let id = format!("{w}-{n}");
             let task = format!("t{}", w % 16);
+            // Unique over the workers, as lease ids are.
+            let id = (u64::try_from(w).unwrap_or_default() << 40) | n;
+            let suffix = id.to_be_bytes();
+            let mut credential = vec![0x90];
+            credential.extend_from_slice(&u128::from(id).to_be_bytes());
+            let mut member = vec![0u8; 16];
+            member[0] = u8::try_from(w % 16).unwrap_or_default();
+            member.extend_from_slice(&suffix);
             script
-                .key(format!("bench:lease:{{{task}}}:{id}"))
-                .key(format!("bench:leases:{{{task}}}"))
-                .key(format!("bench:cred:{{{task}}}:{id}"))
-                .key(format!("bench:leaseidx:{id}"))
-                .key("bench:expiry")
-                .arg(data.as_str())
-                .arg(&id)
+                .key(format!("bench:l:{{{task}}}"))
+                .key(format!("bench:c:{{{task}}}"))
+                .key("bench:exp")
+                .key(format!("bench:live:{w}"))
+                .arg(&suffix[..])
+                .arg(data.as_slice())
+                .arg(credential)
                 .arg(n)
-                .arg(&id)
+                .arg(member)
                 .arg(&task)
-                .arg(n)
                 .invoke_async::<i64>(&mut conn)
                 .await
                 .map(|_| ())

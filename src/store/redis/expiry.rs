@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 
-use super::codec::unix_ns;
-use super::keys::{DEADLINES, EXPIRY, lease_key, live_template, member};
+use super::codec::{decode_record, ns_bytes};
+use super::keys::{DEADLINES, EXPIRY, leases_key, parse_member, task_key};
+use super::leases::parse_agent;
 use super::{RedisStore, unavailable};
 use crate::lease::Lease;
 use crate::store::{DueStore, StoreError, from_unix_ms, unix_ms};
@@ -17,53 +18,59 @@ use crate::task::TaskId;
 
 #[async_trait]
 impl DueStore for RedisStore {
-    /// Up to `limit` leases due by `now`, each claimed by its own script, all in one pipelined
-    /// round trip.
+    /// Up to `limit` leases due by `now`, each claimed by its own script (keys of one task's
+    /// slot), all in one pipelined round trip; the leases this call ended come back with it.
     async fn expire_leases(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
         let mut conn = self.conn().await?;
-        let due = due_in(&mut conn, EXPIRY, now, limit).await?;
-        // One round trip claims them all (each claim is its own atomic script), one more reads
-        // the leases this call ended.
-        let (due, malformed): (Vec<&String>, Vec<&String>) =
-            due.iter().partition(|m| m.contains('/'));
-        let due: Vec<(String, String)> = due
-            .iter()
-            .filter_map(|m| m.split_once('/'))
-            .map(|(task, lease)| (task.to_owned(), lease.to_owned()))
-            .collect();
-        if due.is_empty() && malformed.is_empty() {
+        let due: Vec<Vec<u8>> = due_in(&mut conn, EXPIRY, now, limit).await?;
+        if due.is_empty() {
             return Ok(Vec::new());
         }
+        let (due, malformed): (Vec<_>, Vec<_>) = due
+            .iter()
+            .map(|m| (m, parse_member(m)))
+            .partition(|(_, parsed)| parsed.is_some());
+        let due: Vec<(&Vec<u8>, TaskId, [u8; 8])> = due
+            .into_iter()
+            .filter_map(|(m, p)| p.map(|(t, s)| (m, t, s)))
+            .collect();
         let expire = &self.scripts.expire;
-        let live = live_template();
+        let now8 = ns_bytes(now);
         let mut claims = redis::pipe();
         if !malformed.is_empty() {
-            // Never written by the broker; dropped so that they are not due forever.
+            // Never written by this layout's broker; dropped so that they are not due forever.
+            let malformed: Vec<&Vec<u8>> = malformed.into_iter().map(|(m, _)| m).collect();
             claims.zrem(EXPIRY, malformed).ignore();
         }
         claims.load_script(expire).ignore();
-        for (task, lease) in &due {
+        for (m, task, suffix) in &due {
             claims.invoke_script(
                 expire
                     .key(EXPIRY)
-                    .key(lease_key(task, lease))
-                    .arg(member(task, lease))
-                    .arg(unix_ns(now))
-                    .arg(&live),
+                    .key(leases_key(&task.to_string()))
+                    .key(task_key(&task.to_string()))
+                    .arg(m.as_slice())
+                    .arg(&suffix[..])
+                    .arg(&now8[..]),
             );
         }
-        let claimed: Vec<i64> = claims
+        let claimed: Vec<Option<(String, Vec<u8>)>> = claims
             .query_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        let mine: Vec<&(String, String)> = due
-            .iter()
-            .zip(claimed)
-            .filter(|(_, c)| *c == 1)
-            .map(|(d, _)| d)
-            .collect();
-        let mine: Vec<(&str, &str)> = mine.iter().map(|(t, l)| (t.as_str(), l.as_str())).collect();
-        self.read_leases(&mut conn, &mine).await
+        let mut ended = Vec::new();
+        for ((_, task, suffix), c) in due.iter().zip(claimed) {
+            if let Some((agent, rec)) = c {
+                ended.push(decode_record(
+                    *task,
+                    &parse_agent(&agent)?,
+                    *suffix,
+                    &rec,
+                    None,
+                )?);
+            }
+        }
+        Ok(ended)
     }
 
     /// Up to `limit` tasks whose deadline is past at `now`.
@@ -73,7 +80,7 @@ impl DueStore for RedisStore {
         limit: usize,
     ) -> Result<Vec<TaskId>, StoreError> {
         let mut conn = self.conn().await?;
-        let due = due_in(&mut conn, DEADLINES, now, limit).await?;
+        let due: Vec<String> = due_in(&mut conn, DEADLINES, now, limit).await?;
         Ok(due.iter().filter_map(|id| TaskId::parse(id).ok()).collect())
     }
 
@@ -92,7 +99,7 @@ impl DueStore for RedisStore {
             clippy::type_complexity,
             reason = "two `ZRANGE .. WITHSCORES` replies, decoded as redis-rs gives them"
         )]
-        let (lease, task): (Vec<(String, u64)>, Vec<(String, u64)>) = redis::pipe()
+        let (lease, task): (Vec<(Vec<u8>, u64)>, Vec<(Vec<u8>, u64)>) = redis::pipe()
             .zrange_withscores(EXPIRY, 0, 0)
             .zrange_withscores(DEADLINES, 0, 0)
             .query_async(&mut conn)
@@ -108,12 +115,12 @@ impl DueStore for RedisStore {
 }
 
 /// Up to `limit` members of the time index `index` due at `now`, earliest first.
-async fn due_in(
+async fn due_in<T: redis::FromRedisValue>(
     conn: &mut ConnectionManager,
     index: &str,
     now: SystemTime,
     limit: usize,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<T>, StoreError> {
     conn.zrangebyscore_limit(
         index,
         "-inf",

@@ -1,5 +1,7 @@
 //! Leases, the [`LeaseStore`] of the Redis store: recording one as issued, renewing and revoking
-//! it, reading leases by id, by credential and by task, and counting the unrevoked ones.
+//! it, reading leases by id, by credential and by task, and counting the unrevoked ones. A
+//! lease id names its task ([`LeaseId::task`]): every lease read goes straight to the task's
+//! keys, and reads the task's end in the same script (a lease of an ended task is ended).
 
 use std::borrow::Cow;
 use std::time::SystemTime;
@@ -8,18 +10,21 @@ use async_trait::async_trait;
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 
-use super::codec::{LEASE_FIELDS, LeaseFields, lease_from_fields, unix_ns};
+use super::codec::{TaskEnd, credential_field, decode_record, encode_record, ns_bytes, suffix_of};
 use super::keys::{
-    EPOCH, EXPIRY, REVOCATIONS, cred_key, lease_index_key, lease_key, leases_key, live_key,
-    lock_key, member, task_key,
+    EPOCH, EXPIRY, REVOCATIONS, creds_key, leases_key, live_key, lock_key, member, task_key,
 };
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
+use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseId, check_issuable};
 use crate::store::{
     IssueError, LeaseStore, Renewal, Revision, StoreError, UpdateError, VersionedTask,
-    check_renewable, encode, encode_lease, unix_ms, unix_ms_ceil,
+    check_renewable, encode, unix_ms, unix_ms_ceil,
 };
 use crate::task::{Task, TaskError, TaskId, Unmet};
+
+/// A lease as `lua/read_lease.lua` answers: suffix, record, executor, the task's `le`, `lr`.
+type LeaseReply = (Vec<u8>, Vec<u8>, String, Vec<u8>, String);
 
 #[async_trait]
 impl LeaseStore for RedisStore {
@@ -32,9 +37,21 @@ impl LeaseStore for RedisStore {
         seen: Option<(&Task, Revision)>,
         now: SystemTime,
     ) -> Result<Option<VersionedTask>, IssueError> {
+        let Some(suffix) = lease
+            .id
+            .suffix()
+            .filter(|_| lease.id.task() == Some(lease.task))
+        else {
+            return Err(StoreError::Corrupt(format!(
+                "lease id {} does not name its task {}",
+                lease.id, lease.task
+            ))
+            .into());
+        };
         let mut conn = self.conn().await?;
         let task_id = lease.task.to_string();
-        let lease_json = encode_lease(lease)?;
+        let record = encode_record(lease)?;
+        let credential = credential_field(&lease.credential)?;
         let mut seen = seen.map(|(task, revision)| (Cow::Borrowed(task), revision));
         let told = seen.is_some();
         for _ in 0..CAS_ATTEMPTS {
@@ -64,23 +81,21 @@ impl LeaseStore for RedisStore {
                 .issue
                 .key(task_key(&task_id))
                 .key(lock_key(&lease.agent))
-                .key(lease_key(&task_id, lease.id.as_str()))
                 .key(leases_key(&task_id))
-                .key(cred_key(&task_id, &lease.credential))
-                .key(lease_index_key(lease.id.as_str()))
+                .key(creds_key(&task_id))
                 .key(EXPIRY)
                 .key(EPOCH)
                 .key(live_key(lease.agent.as_str()))
                 .arg(&version)
                 .arg(next_version)
                 .arg(data)
-                .arg(lease_json.as_slice())
-                .arg(lease.id.as_str())
-                .arg(&lease.credential)
-                .arg(unix_ns(lease.expires_at))
-                .arg(&task_id)
+                .arg(&suffix[..])
+                .arg(record.as_slice())
+                .arg(credential.as_slice())
                 .arg(unix_ms_ceil(lease.expires_at))
+                .arg(member(&lease.task, suffix))
                 .arg(lease.agent.as_str())
+                .arg(&task_id)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;
@@ -112,65 +127,68 @@ impl LeaseStore for RedisStore {
         Err(StoreError::Contention(lease.task).into())
     }
 
-    /// The lease index names its task.
+    /// The id names its task; an id that names none (an earlier layout's) is not found.
     async fn get_lease(&self, id: &LeaseId) -> Result<Option<Lease>, StoreError> {
+        let (Some(task), Some(suffix)) = (id.task(), id.suffix()) else {
+            return Ok(None);
+        };
         let mut conn = self.conn().await?;
-        let task: Option<String> = conn
-            .get(lease_index_key(id.as_str()))
-            .await
-            .map_err(|e| unavailable(&e))?;
-        match task {
-            Some(task) => self.read_lease(&mut conn, &task, id.as_str()).await,
-            None => Ok(None),
-        }
+        self.read_lease(&mut conn, &task, &suffix[..], &[]).await
     }
 
     /// Checks the task and the lease, then gives the lease its new credential if the task is
     /// unchanged since; else checks again, up to `CAS_ATTEMPTS` times.
     async fn renew_lease(&self, id: &LeaseId, to: &Renewal<'_>) -> Result<Lease, IssueError> {
         let (credential, expires_at, now) = (to.credential, to.expires_at, to.now);
+        let (Some(task_id), Some(suffix)) = (id.task(), id.suffix()) else {
+            return Err(IssueError::NotFound);
+        };
+        let key = task_id.to_string();
+        let field = credential_field(credential)?;
         let mut conn = self.conn().await?;
         for _ in 0..CAS_ATTEMPTS {
-            let Some(lease) = self.get_lease(id).await? else {
+            let Some(lease) = self
+                .read_lease(&mut conn, &task_id, &suffix[..], &[])
+                .await?
+            else {
                 return Err(IssueError::NotFound);
             };
-            let task_id = lease.task.to_string();
-            let Some(VersionedTask { task, revision }) = self.read(&mut conn, &task_id).await?
-            else {
+            let Some(VersionedTask { task, revision }) = self.read(&mut conn, &key).await? else {
                 return Err(IssueError::NotFound);
             };
             let version = revision.0.to_string();
             check_issuable(&task, &lease.agent, now)?;
             check_renewable(&lease, now)?;
-            let outcome: i64 = self
+            let outcome: Vec<Vec<u8>> = self
                 .scripts
                 .renew
-                .key(task_key(&task_id))
+                .key(task_key(&key))
                 .key(lock_key(&lease.agent))
-                .key(lease_key(&task_id, id.as_str()))
-                .key(cred_key(&task_id, credential))
+                .key(leases_key(&key))
+                .key(creds_key(&key))
                 .key(EPOCH)
                 .key(REVOCATIONS)
+                .key(EXPIRY)
                 .arg(&version)
-                .arg(credential)
-                .arg(unix_ns(expires_at))
-                .arg(unix_ns(now))
-                .arg(id.as_str())
+                .arg(&suffix[..])
+                .arg(field.as_slice())
+                .arg(&ns_bytes(expires_at)[..])
+                .arg(&ns_bytes(now)[..])
                 .arg(unix_ms(now))
+                .arg(&key)
+                .arg(unix_ms_ceil(expires_at))
+                .arg(member(&task_id, suffix))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;
-            match outcome {
-                1 => {
-                    return self
-                        .read_lease(&mut conn, &task_id, id.as_str())
-                        .await?
-                        .ok_or(IssueError::NotFound);
+            match outcome.first().map(Vec::as_slice) {
+                Some(b"ok") => {
+                    return Ok(ended_one(task_id, suffix, &outcome, "renewal")?);
                 }
-                -1 => return Err(IssueError::NotFound),
-                -2 => return Err(IssueError::Locked(String::new())),
-                -4 => return Err(IssueError::StoreReset),
-                -3 => {
+                Some(b"-1") => return Err(IssueError::NotFound),
+                Some(b"-2") => return Err(IssueError::Locked(String::new())),
+                Some(b"-4") => return Err(IssueError::StoreReset),
+                Some(b"-3") => {
                     return Err(TaskError::Precondition(Unmet::LeaseNoLongerActive).into());
                 }
                 _ => continue, // the task changed since it was checked: check again
@@ -182,72 +200,92 @@ impl LeaseStore for RedisStore {
         )
     }
 
-    /// One script, which also takes the lease out of the expiry index and the agent's live
-    /// leases and logs the revocation.
+    /// One script, which also takes the lease out of the expiry index and logs the revocation.
     async fn revoke_lease(
         &self,
         id: &LeaseId,
         reason: &str,
         now: SystemTime,
     ) -> Result<Lease, UpdateError> {
-        let mut conn = self.conn().await?;
-        let Some(lease) = self.get_lease(id).await? else {
+        let (Some(task_id), Some(suffix)) = (id.task(), id.suffix()) else {
             return Err(UpdateError::NotFound);
         };
-        let task_id = lease.task.to_string();
-        let outcome: i64 = self
+        let key = task_id.to_string();
+        let mut conn = self.conn().await?;
+        let outcome: Vec<Vec<u8>> = self
             .scripts
             .revoke_lease
-            .key(lease_key(&task_id, id.as_str()))
+            .key(task_key(&key))
+            .key(leases_key(&key))
             .key(EXPIRY)
-            .key(live_key(lease.agent.as_str()))
             .key(REVOCATIONS)
-            .arg(unix_ms(now))
+            .arg(&suffix[..])
+            .arg(&key)
             .arg(reason)
-            .arg(member(&task_id, id.as_str()))
+            .arg(&ns_bytes(now)[..])
+            .arg(unix_ms(now))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| write_failed(&e))?;
-        match outcome {
-            1 => self
-                .read_lease(&mut conn, &task_id, id.as_str())
-                .await?
-                .ok_or(UpdateError::NotFound),
-            -1 => Err(UpdateError::NotFound),
+        match outcome.first().map(Vec::as_slice) {
+            Some(b"ok") => Ok(ended_one(task_id, suffix, &outcome, "revocation")?),
+            Some(b"missing") => Err(UpdateError::NotFound),
             _ => Err(TaskError::Precondition(Unmet::LeaseNotActive).into()),
         }
     }
 
-    /// In issuance order.
+    /// In issuance order (the order of the suffixes), with the task's end laid over them.
     async fn task_leases(&self, task: &TaskId) -> Result<Vec<Lease>, StoreError> {
         let mut conn = self.conn().await?;
-        let task = task.to_string();
-        let mut ids: Vec<String> = conn
-            .smembers(leases_key(&task))
+        let key = task.to_string();
+        #[expect(
+            clippy::type_complexity,
+            reason = "an HMGET and an HGETALL reply, decoded as redis-rs gives them"
+        )]
+        let ((x, le, lr), all): (
+            (Option<String>, Option<Vec<u8>>, Option<String>),
+            Vec<(Vec<u8>, Vec<u8>)>,
+        ) = redis::pipe()
+            .atomic()
+            .cmd("HMGET")
+            .arg(task_key(&key))
+            .arg("x")
+            .arg("le")
+            .arg("lr")
+            .hgetall(leases_key(&key))
+            .query_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        // Lease ids are UUIDv7: their order is issuance order.
-        ids.sort_unstable();
-        let pairs: Vec<(&str, &str)> = ids.iter().map(|id| (task.as_str(), id.as_str())).collect();
-        self.read_leases(&mut conn, &pairs).await
+        if all.is_empty() {
+            return Ok(Vec::new());
+        }
+        let agent = match x {
+            Some(x) => parse_agent(&x)?,
+            // A task of an earlier layout: its JSON names its executor.
+            None => match self.read(&mut conn, &key).await? {
+                Some(v) => v.task.executor,
+                None => return Ok(Vec::new()),
+            },
+        };
+        let end = TaskEnd::from_fields(le, lr);
+        let mut all = all;
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.iter()
+            .map(|(s, rec)| decode_record(*task, &agent, suffix_of(s)?, rec, end.as_ref()))
+            .collect()
     }
 
-    /// The credential index names the lease.
+    /// The task's credential hash names the lease.
     async fn find_lease(
         &self,
         task: &TaskId,
         credential: &str,
     ) -> Result<Option<Lease>, StoreError> {
+        let Ok(field) = credential_field(credential) else {
+            return Ok(None); // longer than any recorded
+        };
         let mut conn = self.conn().await?;
-        let task = task.to_string();
-        let lease: Option<String> = conn
-            .get(cred_key(&task, credential))
-            .await
-            .map_err(|e| unavailable(&e))?;
-        match lease {
-            Some(id) => self.read_lease(&mut conn, &task, &id).await,
-            None => Ok(None),
-        }
+        self.read_lease(&mut conn, task, &[], &field).await
     }
 
     /// The size of the expiry index.
@@ -258,45 +296,70 @@ impl LeaseStore for RedisStore {
 }
 
 impl RedisStore {
-    /// Reads a lease: the JSON as issued, with the fields that change in place laid over it.
+    /// Reads the lease of `task` with `suffix` (or, with an empty suffix, holding the
+    /// credential field `credential`), its task's end laid over it.
     async fn read_lease(
         &self,
         conn: &mut ConnectionManager,
-        task: &str,
-        lease: &str,
+        task: &TaskId,
+        suffix: &[u8],
+        credential: &[u8],
     ) -> Result<Option<Lease>, StoreError> {
-        let fields: LeaseFields = redis::cmd("HMGET")
-            .arg(lease_key(task, lease))
-            .arg(&LEASE_FIELDS)
-            .query_async(conn)
+        let key = task.to_string();
+        let reply: Option<LeaseReply> = self
+            .scripts
+            .read_lease
+            .key(task_key(&key))
+            .key(leases_key(&key))
+            .key(creds_key(&key))
+            .arg(suffix)
+            .arg(credential)
+            .invoke_async(conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        lease_from_fields(lease, fields)
+        let Some((suffix, rec, agent, le, lr)) = reply else {
+            return Ok(None);
+        };
+        let end = TaskEnd::from_fields(Some(le), Some(lr));
+        decode_record(
+            *task,
+            &parse_agent(&agent)?,
+            suffix_of(&suffix)?,
+            &rec,
+            end.as_ref(),
+        )
+        .map(Some)
     }
+}
 
-    /// Reads the leases `(task, lease id)` in one pipelined round trip, in the order given,
-    /// skipping those that do not exist.
-    pub(super) async fn read_leases<T: AsRef<str>, L: AsRef<str>>(
-        &self,
-        conn: &mut ConnectionManager,
-        ids: &[(T, L)],
-    ) -> Result<Vec<Lease>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut reads = redis::pipe();
-        for (task, lease) in ids {
-            reads
-                .cmd("HMGET")
-                .arg(lease_key(task.as_ref(), lease.as_ref()))
-                .arg(&LEASE_FIELDS);
-        }
-        let fields: Vec<LeaseFields> =
-            reads.query_async(conn).await.map_err(|e| unavailable(&e))?;
-        let mut out = Vec::with_capacity(ids.len());
-        for ((_, lease), f) in ids.iter().zip(fields) {
-            out.extend(lease_from_fields(lease.as_ref(), f)?);
-        }
-        Ok(out)
-    }
+/// The executor a script read from a task.
+pub(super) fn parse_agent(agent: &str) -> Result<WorkloadId, StoreError> {
+    WorkloadId::parse(agent).map_err(|_| StoreError::Corrupt(format!("task executor {agent:?}")))
+}
+
+/// The lease of a `{'ok', executor, record}` answer.
+fn ended_one(
+    task: TaskId,
+    suffix: [u8; 8],
+    outcome: &[Vec<u8>],
+    what: &str,
+) -> Result<Lease, StoreError> {
+    let (Some(agent), Some(rec)) = (outcome.get(1), outcome.get(2)) else {
+        return Err(StoreError::Corrupt(format!("{what}: short answer")));
+    };
+    let agent =
+        std::str::from_utf8(agent).map_err(|_| StoreError::Corrupt(format!("{what}: executor")))?;
+    decode_record(task, &parse_agent(agent)?, suffix, rec, None)
+}
+
+/// The leases of `{suffix, record, ...}` (a chunk's answer) of `task`, executed by `agent`.
+pub(super) fn chunk_leases(
+    task: TaskId,
+    agent: &WorkloadId,
+    pairs: &[Vec<u8>],
+) -> Result<Vec<Lease>, StoreError> {
+    pairs
+        .chunks_exact(2)
+        .map(|p| decode_record(task, agent, suffix_of(&p[0])?, &p[1], None))
+        .collect()
 }

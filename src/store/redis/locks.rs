@@ -7,10 +7,12 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
+use super::codec::ns_bytes;
 use super::keys::{
-    DEADLINES, EXPIRY, LOCKS, REVOCATIONS, lease_prefix_template, live_key, lock_key, lock_key_of,
-    open_key, task_template,
+    DEADLINES, EXPIRY, LOCKS, REVOCATIONS, creds_template, leases_template, live_key, lock_key,
+    lock_key_of, open_key, task_template,
 };
+use super::leases::chunk_leases;
 use super::{RedisStore, unavailable, write_failed};
 use crate::identity::WorkloadId;
 use crate::lease::{Lock, Swept};
@@ -44,12 +46,13 @@ impl LockStore for RedisStore {
             .map_err(|e| StoreError::Corrupt(format!("lock of {}: {e}", lock.agent)))
     }
 
-    /// One bounded step, one script.
+    /// One bounded step, one script: at most `limit` tasks ended and `limit` leases revoked,
+    /// whatever one task holds.
     async fn sweep_lock(&self, step: &LockSweep<'_>) -> Result<Swept, StoreError> {
         let (agent, reason, at) = (step.agent, step.reason, step.at);
         let (retention, limit) = (step.retention, step.limit);
         let mut conn = self.conn().await?;
-        let outcome: Vec<String> = self
+        let outcome: Vec<Vec<u8>> = self
             .scripts
             .sweep
             .key(open_key(agent.as_str()))
@@ -62,29 +65,41 @@ impl LockStore for RedisStore {
             .arg(unix_ms(at + retention))
             .arg(limit.max(1))
             .arg(task_template())
-            .arg(lease_prefix_template())
+            .arg(leases_template())
+            .arg(creds_template())
             .arg(unix_ms(at + crate::store::CASCADE_GRACE))
+            .arg(&ns_bytes(at)[..])
+            .arg(agent.as_str())
             .invoke_async(&mut conn)
             .await
             .map_err(|e| write_failed(&e))?;
-        // {remaining, tasks..., '|', 'task/lease'...}
+        // {remaining, tasks..., '|', task, suffix, record, ...}
         let Some((remaining, outcome)) = outcome.split_first() else {
             return Err(StoreError::Corrupt("lock sweep: empty answer".into()));
         };
-        let remaining = remaining
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("lock sweep: {remaining:?} left")))?;
-        let (tasks, leases) = match outcome.iter().position(|i| i == "|") {
+        let remaining = std::str::from_utf8(remaining)
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| StoreError::Corrupt("lock sweep: remaining".into()))?;
+        let (tasks, leases) = match outcome.iter().position(|i| i.as_slice() == b"|") {
             Some(bar) => (&outcome[..bar], &outcome[bar + 1..]),
             None => (outcome, &[][..]),
         };
-        let pairs: Vec<(&str, &str)> = leases
-            .iter()
-            .filter_map(|item| item.split_once('/'))
-            .collect();
+        let mut revoked = Vec::with_capacity(leases.len() / 3);
+        for triple in leases.chunks_exact(3) {
+            let task = std::str::from_utf8(&triple[0])
+                .ok()
+                .and_then(|t| TaskId::parse(t).ok())
+                .ok_or_else(|| StoreError::Corrupt("lock sweep: task id".into()))?;
+            revoked.extend(chunk_leases(task, agent, &triple[1..])?);
+        }
         Ok(Swept {
-            tasks: tasks.iter().filter_map(|t| TaskId::parse(t).ok()).collect(),
-            leases: self.read_leases(&mut conn, &pairs).await?,
+            tasks: tasks
+                .iter()
+                .filter_map(|t| std::str::from_utf8(t).ok())
+                .filter_map(|t| TaskId::parse(t).ok())
+                .collect(),
+            leases: revoked,
             remaining,
         })
     }

@@ -1,18 +1,14 @@
 //! The Lua scripts of the Redis store: every multi-step change, one script each, kept as files in
 //! `lua/` (each opens with what it takes as `KEYS` and `ARGV` and what it returns) and built once
-//! into [`Scripts`]. Helpers (`lua/log_revocation.lua`, `lua/revoke.lua`,
-//! `lua/lease_agent.lua`) are prepended to the scripts that call them, so that the revocation
-//! step is written once. Scripts take every key they can as `KEYS`, and the ones they can only
-//! build from what they read as templates from [`super::keys`].
+//! into [`Scripts`]. The helpers of `lua/lease.lua` (the record's offsets, the revocation step,
+//! its log entry and the bounded chunk of a task's revocation) are prepended to the scripts
+//! that call them, so that each is written once. Scripts take every key they can as `KEYS`, and
+//! the ones they can only build from what they read as templates from [`super::keys`].
 
 use redis::Script;
 
-/// Appends a revocation to the log (`log_revocation`).
-const LOG_REVOCATION: &str = include_str!("lua/log_revocation.lua");
-/// Ends one lease as revoked (`revoke_lease`); needs [`LOG_REVOCATION`] before it.
-const REVOKE: &str = include_str!("lua/revoke.lua");
-/// The agent of a lease (`lease_agent`).
-const LEASE_AGENT: &str = include_str!("lua/lease_agent.lua");
+/// The lease record helpers (`lua/lease.lua`).
+const LEASE: &str = include_str!("lua/lease.lua");
 
 /// The scripts, each loaded by redis-rs on first use (`EVALSHA`, then `EVAL` if the server does
 /// not know it).
@@ -23,8 +19,12 @@ pub(super) struct Scripts {
     pub(super) cas: Script,
     /// Records a lease (`lua/issue.lua`).
     pub(super) issue: Script,
-    /// Ends a task and revokes its active leases (`lua/end_task.lua`).
+    /// Reads a lease with its task's end (`lua/read_lease.lua`).
+    pub(super) read_lease: Script,
+    /// Ends a task and revokes the first chunk of its leases (`lua/end_task.lua`).
     pub(super) end_task: Script,
+    /// Revokes the next chunk of an ended task's leases (`lua/end_chunk.lua`).
+    pub(super) end_chunk: Script,
     /// Gives a lease a new credential (`lua/renew.lua`).
     pub(super) renew: Script,
     /// Revokes one lease (`lua/revoke_lease.lua`).
@@ -48,24 +48,24 @@ impl Scripts {
             create: Script::new(include_str!("lua/create.lua")),
             cas: Script::new(include_str!("lua/compare_and_set.lua")),
             issue: Script::new(include_str!("lua/issue.lua")),
-            end_task: with_helpers(&[LOG_REVOCATION, REVOKE], include_str!("lua/end_task.lua")),
-            renew: with_helpers(&[LOG_REVOCATION], include_str!("lua/renew.lua")),
-            revoke_lease: with_helpers(
-                &[LOG_REVOCATION, REVOKE],
-                include_str!("lua/revoke_lease.lua"),
-            ),
+            read_lease: with_lease(include_str!("lua/read_lease.lua")),
+            end_task: with_lease(include_str!("lua/end_task.lua")),
+            end_chunk: with_lease(include_str!("lua/end_chunk.lua")),
+            renew: with_lease(include_str!("lua/renew.lua")),
+            revoke_lease: with_lease(include_str!("lua/revoke_lease.lua")),
             lock: Script::new(include_str!("lua/lock.lua")),
-            sweep: with_helpers(&[LOG_REVOCATION, REVOKE], include_str!("lua/sweep.lua")),
-            expire: with_helpers(&[LEASE_AGENT], include_str!("lua/expire.lua")),
+            sweep: with_lease(include_str!("lua/sweep.lua")),
+            expire: with_lease(include_str!("lua/expire.lua")),
             release: Script::new(include_str!("lua/release_claim.lua")),
             swap: Script::new(include_str!("lua/swap_claim.lua")),
         }
     }
 }
 
-/// A script that begins with the helper functions it calls.
-fn with_helpers(helpers: &[&str], body: &str) -> Script {
-    let mut code = helpers.concat();
+/// A script that begins with the lease helpers.
+fn with_lease(body: &str) -> Script {
+    let mut code = LEASE.to_owned();
+    code.push('\n');
     code.push_str(body);
     Script::new(&code)
 }

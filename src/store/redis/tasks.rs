@@ -8,12 +8,14 @@ use async_trait::async_trait;
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 
-use super::codec::{TASK_FIELDS, TaskFields, TaskRecord};
+use super::codec::{TASK_FIELDS, TaskFields, TaskRecord, ns_bytes};
 use super::keys::{
-    ALL_TASKS, DEADLINES, EXPIRY, REVOCATIONS, cred_prefix, executor_key, lease_prefix, leases_key,
-    live_key, open_key, requester_key, task_key,
+    ALL_TASKS, DEADLINES, EXPIRY, REVOCATIONS, creds_key, executor_key, leases_key, live_key,
+    open_key, requester_key, task_key,
 };
+use super::leases::{chunk_leases, parse_agent};
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
+use crate::identity::WorkloadId;
 use crate::lease::Lease;
 use crate::store::{
     CASCADE_GRACE, Revision, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError,
@@ -23,6 +25,10 @@ use crate::task::{Task, TaskError, TaskId, Unmet};
 
 /// Ids read from an index per round trip when listing.
 const LIST_BATCH: usize = 64;
+
+/// Leases one script of a task's end revokes at most: each script stays well under 50 ms (a
+/// revocation is a record rewrite, an index removal and a log entry, a few microseconds).
+const END_CHUNK: usize = 1_000;
 
 #[async_trait]
 impl TaskStore for RedisStore {
@@ -51,6 +57,7 @@ impl TaskStore for RedisStore {
             .key(open_key(task.executor.as_str()))
             .arg(data)
             .arg(&id)
+            .arg(task.executor.as_str())
             .invoke_async(&mut conn)
             .await
             .map_err(|e| write_failed(&e))?;
@@ -86,17 +93,23 @@ impl TaskStore for RedisStore {
                 (None, Some(ended)) => unix_ms(ended + retention).to_string(),
                 _ => String::new(),
             };
+            let ended = next.ended_at.unwrap_or(next.updated_at);
             let applied: i64 = self
                 .scripts
                 .cas
                 .key(task_key(&key))
                 .key(open_key(next.executor.as_str()))
+                .key(leases_key(&key))
+                .key(creds_key(&key))
                 .arg(&version)
                 .arg(next_version(&key, &version)?)
                 .arg(encode(&next)?)
                 .arg(expire_at)
                 .arg(if next.state.is_terminal() { "1" } else { "" })
                 .arg(&key)
+                .arg(&ns_bytes(ended)[..])
+                .arg(unix_ms(ended))
+                .arg(task_ended_reason(&next))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;
@@ -109,8 +122,11 @@ impl TaskStore for RedisStore {
         Err(StoreError::Contention(*id).into())
     }
 
-    /// The change, which must end the task, and the revocation of its active leases in one
-    /// script, retried like `update_task`.
+    /// The change, which must end the task, and the first chunk of the revocation of its
+    /// active leases in one script (retried like `update_task`); then the other chunks, one
+    /// script each, until none is left. From the first script on every lease of the task reads
+    /// as ended. A task already ended whose chunks a dead or failed ender left is finished
+    /// first, whatever the change says (a repeated end continues what is left).
     async fn end_task(
         &self,
         id: &TaskId,
@@ -120,7 +136,19 @@ impl TaskStore for RedisStore {
         let mut conn = self.conn().await?;
         let key = id.to_string();
         for _ in 0..CAS_ATTEMPTS {
-            let step = self.changed(&mut conn, &key, &change).await?;
+            let step = match self.changed(&mut conn, &key, &change).await {
+                Ok(step) => step,
+                Err(UpdateError::Rejected(refused)) => {
+                    // Ended already: finish what its end left, then say no.
+                    if let Some(VersionedTask { task, .. }) = self.read(&mut conn, &key).await?
+                        && task.state.is_terminal()
+                    {
+                        self.finish_end(&mut conn, id, &task.executor).await?;
+                    }
+                    return Err(UpdateError::Rejected(refused));
+                }
+                Err(e) => return Err(e),
+            };
             let (version, current, next) = (step.version, step.current, step.next);
             let Some(ended) = next.ended_at.filter(|_| next.state.is_terminal()) else {
                 return Err(TaskError::Precondition(Unmet::NotAnEnd).into());
@@ -130,41 +158,64 @@ impl TaskStore for RedisStore {
             } else {
                 String::new()
             };
-            let outcome: Vec<String> = self
+            let outcome: Vec<Vec<u8>> = self
                 .scripts
                 .end_task
                 .key(task_key(&key))
                 .key(leases_key(&key))
+                .key(creds_key(&key))
                 .key(EXPIRY)
-                .key(live_key(current.executor.as_str()))
                 .key(open_key(current.executor.as_str()))
                 .key(REVOCATIONS)
                 .key(DEADLINES)
+                .key(live_key(current.executor.as_str()))
                 .arg(&version)
                 .arg(next_version(&key, &version)?)
                 .arg(encode(&next)?)
                 .arg(expire_at)
+                .arg(&ns_bytes(ended)[..])
                 .arg(unix_ms(ended))
                 .arg(task_ended_reason(&next))
-                .arg(lease_prefix(&key))
-                .arg(cred_prefix(&key))
                 .arg(&key)
                 .arg(if next.children.is_empty() || current.ended_at.is_some() {
                     String::new()
                 } else {
                     unix_ms(ended + CASCADE_GRACE).to_string()
                 })
+                .arg(END_CHUNK)
+                .arg(current.executor.as_str())
+                .arg(unix_ms(ended + CASCADE_GRACE))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;
-            let revoked = match outcome.split_first() {
-                Some((status, revoked)) if status == "ok" => revoked,
-                Some((status, _)) if status == "missing" => return Err(UpdateError::NotFound),
+            let (done, pairs) = match outcome.split_first() {
+                Some((status, rest)) if status.as_slice() == b"ok" => match rest.split_first() {
+                    Some((done, pairs)) => (done.as_slice() == b"1", pairs),
+                    None => {
+                        return Err(StoreError::Corrupt("end of task: short answer".into()).into());
+                    }
+                },
+                Some((status, _)) if status.as_slice() == b"missing" => {
+                    return Err(UpdateError::NotFound);
+                }
                 _ => continue, // the task changed since it was read: apply the change again
             };
-            let pairs: Vec<(&str, &str)> =
-                revoked.iter().map(|l| (key.as_str(), l.as_str())).collect();
-            return Ok((next, self.read_leases(&mut conn, &pairs).await?));
+            let mut revoked = chunk_leases(*id, &current.executor, pairs)?;
+            if !done {
+                // The task has ended, its leases with it, and it is filed due again: a chunk
+                // that fails leaves the rest to the reaper (their records, index entries and
+                // log entries). The end stands, so the answer is the end with what was revoked.
+                match self.finish_end(&mut conn, id, &current.executor).await {
+                    Ok(rest) => revoked.extend(rest),
+                    Err(e) => tracing::warn!(
+                        task = %id,
+                        revoked = revoked.len(),
+                        error = %e,
+                        "the task ended; the reaper revokes the rest of its leases"
+                    ),
+                }
+            }
+            return Ok((next, revoked));
         }
         Err(StoreError::Contention(*id).into())
     }
@@ -305,6 +356,47 @@ impl RedisStore {
             current,
             next,
         })
+    }
+}
+
+impl RedisStore {
+    /// Revokes what is left of an ended task's leases, [`END_CHUNK`] per script; returns them.
+    async fn finish_end(
+        &self,
+        conn: &mut ConnectionManager,
+        id: &TaskId,
+        executor: &WorkloadId,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let key = id.to_string();
+        let mut revoked = Vec::new();
+        loop {
+            let outcome: Vec<Vec<u8>> = self
+                .scripts
+                .end_chunk
+                .key(task_key(&key))
+                .key(leases_key(&key))
+                .key(EXPIRY)
+                .key(REVOCATIONS)
+                .key(live_key(executor.as_str()))
+                .arg(&key)
+                .arg(END_CHUNK)
+                .invoke_async(conn)
+                .await
+                .map_err(|e| write_failed(&e))?;
+            let [done, agent, pairs @ ..] = outcome.as_slice() else {
+                return Err(StoreError::Corrupt(
+                    "end of task chunk: short answer".into(),
+                ));
+            };
+            if !pairs.is_empty() {
+                let agent = std::str::from_utf8(agent)
+                    .map_err(|_| StoreError::Corrupt("end of task chunk: executor".into()))?;
+                revoked.extend(chunk_leases(*id, &parse_agent(agent)?, pairs)?);
+            }
+            if done.as_slice() == b"1" {
+                return Ok(revoked);
+            }
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use taskcred::store::redis::RedisStore;
 use taskcred::store::{Epoch, MetaStore as _, Store, StoreError, TaskStore as _};
 
 pub mod conformance;
+mod redis_layout;
 
 const AGENT: &str = "spiffe://taskcred.dev/agent/demo";
 const REQUESTER: &str = "spiffe://taskcred.dev/human/requester";

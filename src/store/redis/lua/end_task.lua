@@ -1,32 +1,32 @@
--- Ends a task and revokes every active lease in its set (revoke.lua's step), atomically. Needs
--- log_revocation.lua and revoke.lua before it.
--- KEYS: task, task's lease set, expiry index, the executor's live leases, the executor's open
--- tasks, revocation log, deadline index.
--- ARGV: version read, new version, new task data, expire-at ms ('' for none), ended ms, reason,
--- lease key prefix, credential key prefix, task id, due-again ms ('' for none: a task with
--- delegated children is filed due again, so that the reaper ends what is below it).
--- Returns `{'missing'}`, `{'conflict'}`, or `{'ok', revoked lease ids...}`.
+-- Ends a task and, in the same step, the first chunk of its leases (lease.lua `revoke_chunk`):
+-- from this step on every lease of it reads as ended (`le`); the rest of the records, index
+-- entries and log entries follow in `end_chunk.lua` steps. A task whose chunks are unfinished
+-- after this step is filed due again (ARGV[12]) so that the reaper finishes them if its ender
+-- cannot. Needs lease.lua before it.
+-- KEYS: task, task's leases, task's credentials, expiry index, the executor's open tasks,
+-- revocation log, deadline index, the executor's live tasks.
+-- ARGV: version read, new version, new task data, expire-at ms ('' for none), ended (8 bytes,
+-- ns), ended ms, reason, task id, due-again ms ('' for none: a task with delegated children is
+-- filed due again, so that the reaper ends what is below it), chunk size, the executor,
+-- due-again ms of unfinished chunks.
+-- Returns `{'missing'}`, `{'conflict'}`, or `{'ok', '1' done | '0', suffix, record, ...}`.
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {'missing'} end
 if v ~= ARGV[1] then return {'conflict'} end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'data', ARGV[3])
-local revoked = {'ok'}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local lk = ARGV[7] .. id
-  if redis.call('HGET', lk, 'state') == 'active' then
-    revoke_lease(lk, ARGV[9] .. '/' .. id, ARGV[6], ARGV[5], KEYS[3], KEYS[6], KEYS[4])
-    table.insert(revoked, id)
-  end
-  if ARGV[4] ~= '' then
-    redis.call('PEXPIREAT', lk, ARGV[4])
-    local cred = redis.call('HGET', lk, 'cred')
-    if cred then redis.call('PEXPIREAT', ARGV[8] .. cred, ARGV[4]) end
-  end
+if redis.call('HEXISTS', KEYS[1], 'le') == 0 then
+  redis.call('HSET', KEYS[1], 'le', ARGV[5], 'lm', ARGV[6], 'lr', ARGV[7], 'rc', '0', 'x', ARGV[11])
 end
 if ARGV[4] ~= '' then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-  redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+  for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ARGV[4]) end
 end
-redis.call('SREM', KEYS[5], ARGV[9])
-if ARGV[10] ~= '' then redis.call('ZADD', KEYS[7], ARGV[10], ARGV[9]) end
-return revoked
+redis.call('SREM', KEYS[5], ARGV[8])
+if ARGV[9] ~= '' then redis.call('ZADD', KEYS[7], ARGV[9], ARGV[8]) end
+local out = {'ok', '1'}
+local done = revoke_chunk(KEYS[1], KEYS[2], KEYS[4], KEYS[6], KEYS[8], ARGV[8],
+  tonumber(ARGV[10]), out, false)
+if not done then
+  out[2] = '0'
+  redis.call('ZADD', KEYS[7], ARGV[12], ARGV[8])
+end
+return out

@@ -1,20 +1,27 @@
 -- Gives an active, unexpired lease a new credential if its task is unchanged since it was
--- checked and the agent is not locked, in a store with its epoch marker (see issue.lua).
--- The previous credential is logged as revoked (superseded). Needs log_revocation.lua before it.
--- KEYS: task, lock, lease, new credential index, epoch, revocation log.
--- ARGV: task version read, new credential, new expiry, now (both ns since the epoch), lease id,
--- now (ms).
--- Returns 1 when renewed; 0 when the task changed, -1 missing, -2 locked, -3 lease no longer
--- active, -4 store reset.
-if redis.call('EXISTS', KEYS[5]) == 0 then return -4 end
+-- checked and the agent is not locked, in a store with its epoch marker (see issue.lua), and
+-- files it under its new expiry. The previous credential is logged as revoked (superseded).
+-- Needs lease.lua before it.
+-- KEYS: task, lock, task's leases, task's credentials, epoch, revocation log, expiry index.
+-- ARGV: task version read, lease suffix, new credential field, new expiry (8 bytes), now
+-- (8 bytes), now (ms), task id, new expiry (ms, rounded up), expiry member.
+-- Returns `{'ok', executor, record}`, or `{code}`: 0 the task changed, -1 missing, -2 locked,
+-- -3 lease no longer active, -4 store reset.
+if redis.call('EXISTS', KEYS[5]) == 0 then return {'-4'} end
 local v = redis.call('HGET', KEYS[1], 'v')
-if not v then return -1 end
-if v ~= ARGV[1] then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
-if redis.call('HGET', KEYS[3], 'state') ~= 'active' then return -3 end
-local exp = tonumber(redis.call('HGET', KEYS[3], 'exp_ns'))
-if not exp or exp <= tonumber(ARGV[4]) then return -3 end
-log_revocation(KEYS[6], KEYS[3], 'superseded by renewal', ARGV[6])
-redis.call('HSET', KEYS[3], 'cred', ARGV[2], 'exp_ns', ARGV[3])
-redis.call('SET', KEYS[4], ARGV[5])
-return 1
+if not v then return {'-1'} end
+if v ~= ARGV[1] then return {'0'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'-2'} end
+local rec = redis.call('HGET', KEYS[3], ARGV[2])
+if not rec then return {'-1'} end
+if string.byte(rec, 2) ~= 0 or redis.call('HEXISTS', KEYS[1], 'le') == 1 then return {'-3'} end
+if not later(string.sub(rec, 4, 11), ARGV[5]) then return {'-3'} end
+local agent = task_agent(KEYS[1])
+log_revocation(KEYS[6], rec, ARGV[2], ARGV[7], agent, 'superseded by renewal', ARGV[6])
+local n = string.byte(rec, 28) % 128
+local new = string.sub(rec, 1, 3) .. ARGV[4] .. string.sub(rec, 12, 27) .. ARGV[3] ..
+  string.sub(rec, 29 + n)
+redis.call('HSET', KEYS[3], ARGV[2], new)
+redis.call('HSET', KEYS[4], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[7], ARGV[8], ARGV[9])
+return {'ok', agent, new}

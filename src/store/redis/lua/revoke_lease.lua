@@ -1,10 +1,14 @@
--- Revokes one active lease (revoke.lua's step). Needs log_revocation.lua and revoke.lua before
--- it.
--- KEYS: lease, expiry index, the agent's live leases, revocation log.
--- ARGV: ended ms, reason, member (`task/lease`).
--- Returns 1 when revoked, 0 when the lease is not active, -1 when it is missing.
-local st = redis.call('HGET', KEYS[1], 'state')
-if not st then return -1 end
-if st ~= 'active' then return 0 end
-revoke_lease(KEYS[1], ARGV[3], ARGV[2], ARGV[1], KEYS[2], KEYS[4], KEYS[3])
-return 1
+-- Revokes one active lease (lease.lua `revoke`). A lease of a task that has ended is ended
+-- already (its chunk revokes and logs it). Needs lease.lua before it.
+-- KEYS: task, task's leases, expiry index, revocation log.
+-- ARGV: lease suffix, task id, reason, ended (8 bytes, ns), ended ms.
+-- Returns `{'missing'}`, `{'inactive'}` or `{'ok', executor, record}`.
+local rec = redis.call('HGET', KEYS[2], ARGV[1])
+if not rec or redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+if string.byte(rec, 2) ~= 0 or redis.call('HEXISTS', KEYS[1], 'le') == 1 then
+  return {'inactive'}
+end
+local agent = task_agent(KEYS[1])
+local new = revoke(KEYS[2], KEYS[3], KEYS[4], ARGV[2], uuid_bytes(ARGV[2]), agent, ARGV[1], rec,
+  ARGV[3], ARGV[4], ARGV[5])
+return {'ok', agent, new}
