@@ -272,6 +272,12 @@ pub trait TaskStore: Send + Sync {
     /// the same step, so that the reaper ends what is below it if its ender could not. Returns
     /// the task and the leases revoked.
     ///
+    /// A store may revoke a task with many leases in bounded steps: the end holds at once (no
+    /// lease of the task reads active, renews or issues from the first step on), and the rest
+    /// of its leases are revoked and logged in later steps. A step that fails after the first
+    /// leaves the task filed due as above, and the answer is `Ok` with the leases revoked so
+    /// far (the end itself happened); ending an ended task again finishes what is left.
+    ///
     /// # Errors
     /// [`UpdateError`]; nothing is changed.
     async fn end_task(
