@@ -108,8 +108,10 @@ const CREDENTIAL: usize = 27;
 const CNF_RAW: u8 = 0;
 /// The `cnf` tag of a thumbprint kept as text (anything else).
 const CNF_TEXT: u8 = 1;
-/// An absent audience.
-const NO_AUDIENCE: u8 = 0xff;
+/// The audience tag of a record without one (a certificate's lease).
+const AUDIENCE_NONE: u8 = 0;
+/// The audience tag of a record with one (a 2-byte length and the text follow).
+const AUDIENCE_SOME: u8 = 1;
 
 fn too_long(what: &str) -> StoreError {
     StoreError::Corrupt(format!("lease {what} too long for the record"))
@@ -174,27 +176,28 @@ fn read_credential(rec: &[u8], at: usize) -> Option<(String, usize)> {
     Some((text, at + 1 + n))
 }
 
+/// `s` with a 2-byte big-endian length (names are up to 256 bytes: one byte does not hold
+/// every length).
 fn push_short(out: &mut Vec<u8>, s: &str, what: &str) -> Result<(), StoreError> {
-    let n = u8::try_from(s.len())
-        .ok()
-        .filter(|n| *n != NO_AUDIENCE)
-        .ok_or_else(|| too_long(what))?;
-    out.push(n);
+    let n = u16::try_from(s.len()).map_err(|_| too_long(what))?;
+    out.extend_from_slice(&n.to_be_bytes());
     out.extend_from_slice(s.as_bytes());
     Ok(())
 }
 
 fn read_short(rec: &[u8], at: usize) -> Option<(String, usize)> {
-    let n = usize::from(*rec.get(at)?);
-    let body = rec.get(at + 1..at + 1 + n)?;
-    Some((String::from_utf8(body.to_vec()).ok()?, at + 1 + n))
+    let len = rec.get(at..at + 2)?;
+    let n = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let body = rec.get(at + 2..at + 2 + n)?;
+    Some((String::from_utf8(body.to_vec()).ok()?, at + 2 + n))
 }
 
 /// The record of an active lease as issuance writes it: version [`RECORD_V1`], state 0
 /// (active; 1 revoked, 2 expired), kind (0 JWT, 1 X.509), expiry, issue time and renewal
-/// ceiling (8 bytes each), the credential ([`credential_field`]), the audience (a length byte,
-/// `0xff` for none), the actions (a count, then each with a length byte), the `cnf` (0 and 32
-/// raw bytes for a base64url SHA-256 thumbprint, else 1, a length byte and the text). An ended
+/// ceiling (8 bytes each), the credential ([`credential_field`]), the audience (0 for none,
+/// else 1, a 2-byte length and the text), the actions (a count, then each with a 2-byte
+/// length), the `cnf` (0 and 32 raw bytes for a base64url SHA-256 thumbprint, else 1, a 2-byte
+/// length and the text). An ended
 /// lease has, after these, when it ended (8 bytes, ns) and why (2-byte length, then the text).
 /// Ids, task and agent are not in it: the key and the task say them.
 ///
@@ -214,8 +217,11 @@ pub(super) fn encode_record(lease: &Lease) -> Result<Vec<u8>, StoreError> {
     out.extend_from_slice(&ns_bytes(lease.renew_until));
     out.extend_from_slice(&credential_field(&lease.credential)?);
     match &lease.audience {
-        Some(a) => push_short(&mut out, a, "audience")?,
-        None => out.push(NO_AUDIENCE),
+        Some(a) => {
+            out.push(AUDIENCE_SOME);
+            push_short(&mut out, a, "audience")?;
+        }
+        None => out.push(AUDIENCE_NONE),
     }
     out.push(u8::try_from(lease.actions.len()).map_err(|_| too_long("actions"))?);
     for a in &lease.actions {
@@ -307,16 +313,16 @@ pub(super) fn decode_record(
     let renew_until = time_at(rec, RENEW_UNTIL).ok_or_else(bad)?;
     let (credential, mut at) = read_credential(rec, CREDENTIAL).ok_or_else(bad)?;
     let audience = match rec.get(at) {
-        Some(&NO_AUDIENCE) => {
+        Some(&AUDIENCE_NONE) => {
             at += 1;
             None
         }
-        Some(_) => {
-            let (a, next) = read_short(rec, at).ok_or_else(bad)?;
+        Some(&AUDIENCE_SOME) => {
+            let (a, next) = read_short(rec, at + 1).ok_or_else(bad)?;
             at = next;
             Some(a)
         }
-        None => return Err(bad()),
+        _ => return Err(bad()),
     };
     let count = *rec.get(at).ok_or_else(bad)?;
     at += 1;
@@ -504,6 +510,13 @@ mod tests {
             lease.audience = Some("db".into());
             lease.revoke("task completed", lease.issued_at + Duration::from_nanos(7));
             assert_eq!(round_trip(&lease), lease);
+        }
+        // Names of every length a task allows (1 to 256 bytes), and the empty `cnf` of a CI job.
+        for n in [1, 254, 255, 256] {
+            let mut lease = sample("00ff17ab", "");
+            lease.audience = Some("a".repeat(n));
+            lease.actions = vec!["b".repeat(n), "c".into()];
+            assert_eq!(round_trip(&lease), lease, "{n}");
         }
         assert_eq!(credential_field("00ff").unwrap(), vec![0x82, 0x00, 0xff]);
         assert_eq!(credential_field("ABCD").unwrap(), b"\x04ABCD".to_vec());

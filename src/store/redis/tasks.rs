@@ -23,6 +23,13 @@ use crate::store::{
 };
 use crate::task::{Task, TaskError, TaskId, Unmet};
 
+/// How long after a task's end it is filed due when its leases are not all revoked yet in the
+/// first step: the ender goes on meanwhile; past this any replica's reaper finishes the end
+/// (chunks are atomic and revoke only active leases, so two finishing at once log each lease
+/// once). Short: until its lease is revoked and logged, a verifier that follows only the
+/// revocation log or the CRL does not hear of it (introspection refuses it from the first step).
+const UNFINISHED_END_GRACE: Duration = Duration::from_secs(1);
+
 /// Ids read from an index per round trip when listing.
 const LIST_BATCH: usize = 64;
 
@@ -184,7 +191,7 @@ impl TaskStore for RedisStore {
                 })
                 .arg(END_CHUNK)
                 .arg(current.executor.as_str())
-                .arg(unix_ms(ended + CASCADE_GRACE))
+                .arg(unix_ms(ended + UNFINISHED_END_GRACE))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;

@@ -343,6 +343,16 @@ async fn an_interrupted_end_is_inactive_at_once_and_the_reaper_finishes_it() {
             .contains(&t.id),
         "filed due again"
     );
+    // The expiry reaper leaves them to the end, even past their expiry: they are revoked (and
+    // logged) by it, not expired.
+    let past_expiry = SystemTime::now() + Duration::from_secs(3 * 3600);
+    assert!(
+        store
+            .expire_leases(past_expiry, 10_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A broker's reaper finishes it.
     let broker = Broker::start_on_redis(&redis.url()).await;

@@ -2,7 +2,7 @@
 -- codec.rs `encode_record`: byte 1 the version, 2 the state (0 active, 1 revoked, 2 expired),
 -- 3 the kind (0 jwt, 1 x509), 4..11 the expiry (ns, big-endian), 12..19 issued, 20..27 the
 -- renewal ceiling, 28 the credential's head byte (0x80 | n: n raw bytes of hex; else n bytes
--- of text), then the credential, the audience (a length byte, 255 none), the rest; an ended
+-- of text), then the credential, the audience (0 none, or 1 and a 2-byte length), the rest; an ended
 -- record has its end (8 bytes, ns) and reason (2-byte length, text) after all that.
 
 -- The 16 bytes of a canonical task id.
