@@ -10,7 +10,10 @@
 //!   `le` (8 bytes, ns since the epoch, big-endian), `lm` (the same in ms, decimal), `lr` (the
 //!   reason its leases carry), and `rc` while the revocation of its leases is unfinished (the
 //!   `HSCAN` cursor of `tc:l:{<id>}` where the next chunk starts). Updates compare-and-set on
-//!   `v`. The task key is the one of earlier layouts: tasks stay readable across the upgrade.
+//!   `v`, and every script that changes the task's fields bumps `v`: an issuance is recorded
+//!   against the revision the broker decided on (the broker checked that copy), so a change
+//!   that left `v` alone would let a stale copy through. The task key is the one of earlier
+//!   layouts: tasks stay readable across the upgrade.
 //! - `tc:l:{<task>}`: the task's leases, a hash: field the lease id's 8-byte suffix
 //!   ([`LeaseId::suffix`](crate::lease::LeaseId::suffix)), value the lease record (codec.rs
 //!   `encode_record`: a version byte, state, kind, fixed-width times, the credential, audience,
@@ -36,8 +39,9 @@
 //!   of task ids (score 0, ordered by id, which is creation order). Index entries are written
 //!   before the task, so a failure leaves at most an entry that points nowhere; readers skip and
 //!   remove such entries. Nothing else is ever half-written.
-//! - `tc:deadlines`: tasks by deadline (and, filed again at their end plus `CASCADE_GRACE`,
-//!   tasks whose children or lease revocations are unfinished).
+//! - `tc:deadlines`: tasks by deadline (and, filed again, ended tasks whose children are
+//!   unfinished, at their end plus `CASCADE_GRACE`, or whose lease revocations are, at their
+//!   end plus 1 s).
 //! - `tc:revocations`: the revocation log, a stream appended by the revoking scripts themselves
 //!   (so an entry exists exactly when the revocation happened); its ids are the watchers'
 //!   cursors, read with `XRANGE` and waited for with a blocking `XREAD` on a connection of its
