@@ -15,11 +15,10 @@ use crate::mint::{
 };
 use crate::policy::{PolicyAction, Principal, Resource, Verdict};
 use crate::store::IssueError;
+use crate::task::{Decision, Task, TaskId};
 use std::sync::Arc;
 
 use super::task_cache::CachedTask;
-use crate::task::{Decision, Task, TaskId};
-
 use super::{Broker, BrokerError};
 use super::{RequestId, retries};
 

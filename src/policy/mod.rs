@@ -240,11 +240,59 @@ pub struct Policies {
     /// Verdicts on the broker itself without context, by principal and action: they depend on
     /// nothing else (a workload's entity is made of its id), so they hold as long as these
     /// policies do. Bounded by [`ON_BROKER_CAPACITY`] (emptied when full).
-    on_broker: std::sync::Mutex<std::collections::HashMap<(String, usize), Verdict>>,
+    on_broker: Remembered<(String, usize)>,
 }
 
 /// Most verdicts on the broker remembered per policy set.
 const ON_BROKER_CAPACITY: usize = 4096;
+
+/// Verdicts remembered by key, at most `capacity` (emptied when full), together with the policy
+/// set they were reached under: a lookup under another set finds nothing and starts afresh.
+#[derive(Debug)]
+struct Remembered<K> {
+    capacity: usize,
+    inner: std::sync::Mutex<Generation<K>>,
+}
+
+/// The policy set a [`Remembered`]'s verdicts were reached under, and the verdicts.
+type Generation<K> = (Option<Arc<Policies>>, std::collections::HashMap<K, Verdict>);
+
+impl<K: std::hash::Hash + Eq> Remembered<K> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: std::sync::Mutex::default(),
+        }
+    }
+
+    fn get(&self, under: Option<&Arc<Policies>>, key: &K) -> Option<Verdict> {
+        let m = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let same = match (under, &m.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        same.then(|| m.1.get(key).cloned()).flatten()
+    }
+
+    fn put(&self, under: Option<&Arc<Policies>>, key: K, verdict: Verdict) {
+        let mut m = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stale = under.is_some_and(|a| !m.0.as_ref().is_some_and(|b| Arc::ptr_eq(a, b)));
+        if stale || m.1.len() >= self.capacity {
+            m.1.clear();
+        }
+        if let Some(a) = under {
+            m.0 = Some(Arc::clone(a));
+        }
+        m.1.insert(key, verdict);
+    }
+}
 
 impl Policies {
     /// Number of policies.
@@ -411,7 +459,7 @@ pub fn load_dir(dir: &Path, schema: &Schema) -> Result<Policies, PolicyError> {
         files,
         quorums,
         by_action,
-        on_broker: std::sync::Mutex::default(),
+        on_broker: Remembered::new(ON_BROKER_CAPACITY),
     })
 }
 
@@ -453,14 +501,7 @@ pub struct PreparedTask {
     /// Verdicts already reached on this version of the task, by action and context: a
     /// verdict depends on nothing else (the policies, the entities and the context: no clock,
     /// no other input), so it is reused while the same policies are in force.
-    verdicts: std::sync::Mutex<Memo>,
-}
-
-/// Verdicts of one policy set: (action index, context as JSON) -> verdict.
-#[derive(Debug, Default)]
-struct Memo {
-    policies: Option<Arc<Policies>>,
-    verdicts: std::collections::HashMap<(usize, String), Verdict>,
+    verdicts: Remembered<(usize, String)>,
 }
 
 /// Most verdicts remembered per prepared task (emptied when full).
@@ -556,14 +597,7 @@ impl PolicyEngine {
         }
         let policies = self.current();
         let key = (principal.as_str().to_owned(), action.index());
-        let cached = |p: &Policies| {
-            p.on_broker
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(&key)
-                .cloned()
-        };
-        if let Some(v) = cached(&policies) {
+        if let Some(v) = policies.on_broker.get(None, &key) {
             return v;
         }
         let verdict = self.decide_on(
@@ -573,14 +607,7 @@ impl PolicyEngine {
             resource,
             None,
         );
-        let mut remembered = policies
-            .on_broker
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if remembered.len() >= ON_BROKER_CAPACITY {
-            remembered.clear();
-        }
-        remembered.insert(key, verdict.clone());
+        policies.on_broker.put(None, key, verdict.clone());
         verdict
     }
 
@@ -645,7 +672,7 @@ impl PolicyEngine {
             principal,
             resource,
             entities,
-            verdicts: std::sync::Mutex::default(),
+            verdicts: Remembered::new(MEMO_CAPACITY),
         })
     }
 
@@ -675,35 +702,11 @@ impl PolicyEngine {
                 .as_ref()
                 .map_or_else(String::new, ToString::to_string),
         );
-        let memo = |f: &mut dyn FnMut(&mut Memo)| {
-            let mut m = prepared
-                .verdicts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !m
-                .policies
-                .as_ref()
-                .is_some_and(|p| Arc::ptr_eq(p, &policies))
-            {
-                *m = Memo {
-                    policies: Some(Arc::clone(&policies)),
-                    verdicts: std::collections::HashMap::new(),
-                };
-            }
-            f(&mut m);
-        };
-        let mut known = None;
-        memo(&mut |m| known = m.verdicts.get(&key).cloned());
-        if let Some(v) = known {
+        if let Some(v) = prepared.verdicts.get(Some(&policies), &key) {
             return v;
         }
         let verdict = self.decide_prepared_afresh(prepared, &policies, action, context);
-        memo(&mut |m| {
-            if m.verdicts.len() >= MEMO_CAPACITY {
-                m.verdicts.clear();
-            }
-            m.verdicts.insert(key.clone(), verdict.clone());
-        });
+        prepared.verdicts.put(Some(&policies), key, verdict.clone());
         verdict
     }
 
