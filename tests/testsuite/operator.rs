@@ -446,7 +446,9 @@ async fn failed_tasks(b: &Broker) {
 async fn lists_page_within_their_size_and_the_message_limit() {
     use prost::Message as _;
     let b = Broker::start_with_env(vec![
+        // 600 issuances in a row meet both per-identity budgets: this test is about paging.
         ("TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(), "0".into()),
+        ("TASKCRED_LIMITS__RPC_PER_SECOND".into(), "0".into()),
         ("TASKCRED_SERVER__MAX_MESSAGE_BYTES".into(), "16384".into()),
     ])
     .await;

@@ -124,8 +124,10 @@ async fn two_replicas_end_each_of_1000_leases_exactly_once() {
     let env = |name: &str| {
         let mut e = redis_env(&redis.url());
         e.push(audit_env(logs.path(), name));
-        // One agent issues 1,000 tokens in a burst: this test is about the reaper.
+        // One agent issues 1,000 tokens in a burst, fast enough to meet the per-identity RPC
+        // rate too: both budgets off, this test is about the reaper.
         e.push(("TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(), "0".into()));
+        e.push(("TASKCRED_LIMITS__RPC_PER_SECOND".into(), "0".into()));
         e
     };
     let a = Broker::launch(tempfile::tempdir().unwrap(), env("a.jsonl"), None).await;
