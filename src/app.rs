@@ -313,9 +313,8 @@ impl App {
         let trust = Trust::load(config)?;
         let store = match config.store.backend {
             StoreBackend::Embedded => format!("embedded {}", config.store.path.display()),
-            StoreBackend::Redis => {
-                RedisStore::new(config.store.redis_url.as_deref().unwrap_or_default())
-                    .map_err(AppError::Store)?;
+            StoreBackend::Redis | StoreBackend::RedisCluster | StoreBackend::RedisSentinel => {
+                redis_store(config)?;
                 "redis".to_owned()
             }
         };
@@ -385,9 +384,8 @@ impl App {
             StoreBackend::Embedded => Arc::new(Metered(
                 EmbeddedStore::open(&config.store.path).map_err(AppError::Store)?,
             )),
-            StoreBackend::Redis => {
-                let url = config.store.redis_url.as_deref().unwrap_or_default();
-                Arc::new(Metered(RedisStore::new(url).map_err(AppError::Store)?))
+            StoreBackend::Redis | StoreBackend::RedisCluster | StoreBackend::RedisSentinel => {
+                Arc::new(Metered(redis_store(&config)?))
             }
         };
         let mut audit = AuditLog::open(&config.audit.path)
@@ -627,4 +625,14 @@ impl App {
         tracing::info!("broker stopped");
         Ok(())
     }
+}
+
+/// The Redis store the configuration names (any Redis backend).
+fn redis_store(config: &Config) -> Result<RedisStore, AppError> {
+    let topology = config.store.topology.as_ref().ok_or_else(|| {
+        AppError::Store(crate::store::StoreError::Unavailable(
+            "no Redis is configured".into(),
+        ))
+    })?;
+    RedisStore::with(topology, config.store.durability).map_err(AppError::Store)
 }

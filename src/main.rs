@@ -147,6 +147,7 @@ fn load_config_or(cli: &Cli, args: &ServeArgs) -> Result<taskcred::config::Confi
         http_addr: args.http_addr.clone(),
         log_format: args.log_format.clone(),
         redis_url: args.redis.clone(),
+        redis_cluster: args.redis_cluster.clone(),
     };
     config::load(&source, std::env::vars(), &overrides)
         .map_err(|e| (format!("configuration refused: {e}"), EXIT_BAD_CONFIG))

@@ -317,6 +317,7 @@ impl From<StoreError> for BrokerError {
             StoreError::Contention(id) => {
                 Self::Unavailable(format!("contention on task {id}; retry"))
             }
+            StoreError::Locked(reason) => Self::Denied(Denial::Locked(reason)),
             other => Self::Internal(other.to_string()),
         }
     }

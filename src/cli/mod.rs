@@ -150,8 +150,12 @@ pub struct ServeArgs {
     pub log_format: Option<String>,
     /// Keep tasks and leases in the Redis at URL (redis://) instead of the embedded
     /// store; the same as store.backend = "redis" with store.redis_url.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     pub redis: Option<String>,
+    /// Keep tasks and leases on the Redis Cluster these seed nodes (redis://, comma-separated)
+    /// belong to; the same as store.backend = "redis_cluster" with store.redis_urls.
+    #[arg(long, value_name = "URL,URL")]
+    pub redis_cluster: Option<String>,
 }
 
 /// `taskcred config ...`.

@@ -246,8 +246,13 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     /// The embedded store's file.
     pub path: PathBuf,
-    /// The Redis URL (`redis://`), when the backend is Redis.
+    /// The Redis URL (`redis://`), when the backend is one Redis server (and the audit
+    /// stream's Redis).
     pub redis_url: Option<String>,
+    /// Where the Redis store's Redis is, for every Redis backend.
+    pub topology: Option<crate::store::redis::Topology>,
+    /// What a Redis write must reach before its caller is told.
+    pub durability: crate::store::redis::Durability,
 }
 
 /// Lifetimes.
@@ -346,6 +351,8 @@ pub struct Overrides {
     pub log_format: Option<String>,
     /// `--redis URL`: the Redis store at URL.
     pub redis_url: Option<String>,
+    /// `--redis-cluster URL,URL`: the Redis store on the Cluster these seed nodes belong to.
+    pub redis_cluster: Option<String>,
 }
 
 /// Loads and checks the configuration.
@@ -547,22 +554,37 @@ fn apply_flags(
     origins: &mut BTreeMap<String, String>,
 ) -> Result<(), ConfigError> {
     let redis_backend = flags.redis_url.as_ref().map(|_| "redis".to_owned());
+    let cluster_backend = flags
+        .redis_cluster
+        .as_ref()
+        .map(|_| "redis_cluster".to_owned());
+    let text = |v: &Option<String>| v.clone().map(toml::Value::String);
     let pairs = [
-        ("server.grpc_addr", "--grpc-addr", &flags.grpc_addr),
-        ("server.http_addr", "--http-addr", &flags.http_addr),
-        ("log.format", "--log-format", &flags.log_format),
-        ("store.backend", "--redis", &redis_backend),
-        ("store.redis_url", "--redis", &flags.redis_url),
+        ("server.grpc_addr", "--grpc-addr", text(&flags.grpc_addr)),
+        ("server.http_addr", "--http-addr", text(&flags.http_addr)),
+        ("log.format", "--log-format", text(&flags.log_format)),
+        ("store.backend", "--redis", text(&redis_backend)),
+        ("store.redis_url", "--redis", text(&flags.redis_url)),
+        ("store.backend", "--redis-cluster", text(&cluster_backend)),
+        (
+            "store.redis_urls",
+            "--redis-cluster",
+            flags.redis_cluster.as_ref().map(|urls| {
+                toml::Value::Array(
+                    urls.split(',')
+                        .map(|u| toml::Value::String(u.trim().to_owned()))
+                        .collect(),
+                )
+            }),
+        ),
     ];
     for (key, flag, value) in pairs {
         if let Some(v) = value {
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-            set_path(table, &path, toml::Value::String(v.clone())).map_err(|message| {
-                ConfigError::Key {
-                    origin: format!("flag {flag}"),
-                    key: key.into(),
-                    message,
-                }
+            set_path(table, &path, v).map_err(|message| ConfigError::Key {
+                origin: format!("flag {flag}"),
+                key: key.into(),
+                message,
             })?;
             origins.insert(key.into(), format!("flag {flag}"));
         }

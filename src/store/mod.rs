@@ -45,6 +45,9 @@ pub enum StoreError {
     /// Concurrent writers kept changing the record; the change was not applied.
     #[error("too much contention on task {0}; try again")]
     Contention(TaskId),
+    /// The task's executor is locked (for this reason): a locked agent gets no new task.
+    #[error("the agent is locked: {0}")]
+    Locked(String),
 }
 
 /// Why [`TaskStore::update_task`] did not apply a change.
@@ -227,10 +230,12 @@ pub const MAX_REVOCATION_WAIT: Duration = Duration::from_secs(10);
 /// (with their leases) and pruning them.
 #[async_trait]
 pub trait TaskStore: Send + Sync {
-    /// Writes a new task.
+    /// Writes a new task, unless its executor is locked (at the task's `created_at`): a locked
+    /// agent gets no new task, in the same atomic step as the lock's check.
     ///
     /// # Errors
-    /// [`StoreError::Exists`] for a known id; [`StoreError::Unavailable`].
+    /// [`StoreError::Exists`] for a known id; [`StoreError::Locked`];
+    /// [`StoreError::Unavailable`], [`StoreError::OutcomeUnknown`].
     async fn create_task(&self, task: &Task) -> Result<(), StoreError>;
 
     /// Reads a task.

@@ -1025,16 +1025,22 @@ async fn refusals_scenario(b: &Broker) {
     )
     .await;
     unlock(b, AGENT3).await;
+    // A locked delegator's tasks were ended by its lock, and it gets no new one to delegate
+    // from.
     lock(b, AGENT, "test: the delegator is locked").await;
-    let after_lock = approved_root(b, Root::default()).await;
-    refused(
-        b,
-        &mut agent,
-        &after_lock.id,
-        step(&after_lock.id, AGENT2, vec![grant("db.staging", &["read"])]),
-        denied("a locked delegator", "AGENT_LOCKED", AGENT),
-    )
-    .await;
+    let err = tasks_as(b, "requester")
+        .await
+        .request_task(pb::RequestTaskRequest {
+            executor: AGENT.into(),
+            purpose: "migrate the staging database".into(),
+            grants: vec![grant("db.staging", &["read"])],
+            deadline: secs(600),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(reason_of(&err).as_deref(), Some("AGENT_LOCKED"), "{err:?}");
     unlock(b, AGENT).await;
 }
 

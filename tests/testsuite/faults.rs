@@ -790,13 +790,10 @@ async fn a_replica_killed_inside_a_lock_leaves_nothing_live() {
     }
     writes.join_all().await;
     let live_before = store.live_leases().await.unwrap();
-    let log_before = match redis.command(&["XLEN", "tc:revocations"]) {
-        redis::Value::Int(n) => n,
-        other => panic!("{other:?}"),
-    };
+    let log_before = redis.log_len();
 
     // The lock through A; A killed as soon as its first step is in the store.
-    let lock_key = format!("tc:lock:{AGENT}");
+    let lock_key = format!("tc:{{a:{AGENT}}}:lock");
     let mut admin_a = taskcred::api::pb::admin_service_client::AdminServiceClient::new(
         b.channel_to(a.grpc, Some(&b.dev_identity("operator")))
             .await,
@@ -833,7 +830,8 @@ async fn a_replica_killed_inside_a_lock_leaves_nothing_live() {
         + taskcred::broker::LOCK_SWEEP_GRACE
         + taskcred::broker::LOCK_SWEEP_EVERY
         + Duration::from_secs(30);
-    while redis.command(&["SCARD", &format!("tc:live:{AGENT}")]) != redis::Value::Int(0) {
+    let sweeping = |set: &str| redis.command(&["SCARD", &format!("tc:{{a:{AGENT}}}:{set}")]);
+    while sweeping("open") != redis::Value::Int(0) || sweeping("sweep") != redis::Value::Int(0) {
         assert!(Instant::now() < deadline, "the sweep was not finished");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -847,10 +845,7 @@ async fn a_replica_killed_inside_a_lock_leaves_nothing_live() {
             assert_ne!(l.state, taskcred::lease::LeaseState::Active, "{l:?}");
         }
     }
-    let logged = match redis.command(&["XLEN", "tc:revocations"]) {
-        redis::Value::Int(n) => n - log_before,
-        other => panic!("{other:?}"),
-    };
+    let logged = redis.log_len() - log_before;
     assert_eq!(logged, 4001, "each revocation logged once");
     // And audited, by whichever replica holds the auditor's claim.
     let deadline = Instant::now() + Duration::from_secs(25);

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::common::flows::{
     AGENT, admin_as, approved_task, creds_as, header_of, introspect, issue_as_agent, secs,
-    tasks_as, token_request, verify_independently,
+    task_request_for, tasks_as, token_request, verify_independently,
 };
 use crate::common::{Broker, RedisServer, redis_env};
 use taskcred::api::pb;
@@ -198,11 +198,22 @@ async fn locks(b: &Broker) {
         .into_inner();
     assert_eq!(t.state, pb::TaskState::Revoked as i32);
 
-    // Every issuance or renewal answers PERMISSION_DENIED with the reason: on the revoked
-    // task, on a task approved after the lock, and for the revoked lease.
-    let fresh = approved_task(b, &[], None).await;
+    // A task for the locked agent is refused (a locked agent gets no new task), and every
+    // issuance or renewal answers PERMISSION_DENIED with the reason: on the revoked task and
+    // for the revoked lease.
+    let err = tasks_as(b, "requester")
+        .await
+        .request_task(task_request_for(AGENT))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("credential leak"),
+        "{}",
+        err.message()
+    );
     let mut agent = creds_as(b, "agent").await;
-    for id in [&task.id, &fresh.id] {
+    for id in [&task.id] {
         let err = agent
             .issue_token(token_request(id, "db.staging"))
             .await
@@ -245,7 +256,7 @@ async fn locks(b: &Broker) {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    // Unlocked: the task approved after the lock gets credentials; the revoked one stays so.
+    // Unlocked: a task approved now gets credentials; the revoked one stays so.
     let unlocked = operator
         .unlock_agent(pb::UnlockAgentRequest {
             agent: AGENT.into(),
@@ -271,6 +282,7 @@ async fn locks(b: &Broker) {
             .locks
             .is_empty()
     );
+    let fresh = approved_task(b, &[], None).await;
     issue_as_agent(b, &fresh.id, None).await;
     let err = agent
         .issue_token(token_request(&task.id, "db.staging"))

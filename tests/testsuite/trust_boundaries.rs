@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::common::flows::{
-    AGENT, admin_as, approved_task, creds_as, introspect, issue_as_agent, secs, tasks_as,
-    token_request,
+    AGENT, admin_as, approved_task, creds_as, introspect, issue_as_agent, secs, task_request_for,
+    tasks_as, token_request,
 };
 use crate::common::{Broker, RedisServer};
 use taskcred::api::pb;
@@ -95,10 +95,10 @@ async fn locks_only_grow(b: &Broker) {
         .locks;
     assert_eq!(locks.len(), 1, "{locks:?}");
     assert!(locks[0].until.is_none());
-    let fresh = approved_task(b, &[], None).await;
-    let err = creds_as(b, "agent")
+    // No new task for the agent either, while the indefinite lock holds.
+    let err = tasks_as(b, "requester")
         .await
-        .issue_token(token_request(&fresh.id, "db.staging"))
+        .request_task(task_request_for(AGENT))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -711,9 +711,16 @@ async fn one_damaged_task_does_not_stall_the_reaper() {
     };
     let damaged = short(1).await;
     let healthy = short(2).await;
+    let redis::Value::Array(keys) = redis.command(&["KEYS", &format!("tc:{{*}}:t:{}", damaged.id)])
+    else {
+        panic!("KEYS answers an array")
+    };
+    let [redis::Value::BulkString(key)] = keys.as_slice() else {
+        panic!("one key holds the task: {keys:?}")
+    };
     let out = std::process::Command::new("redis-cli")
         .args(["-p", &redis.port.to_string(), "HSET"])
-        .arg(format!("tc:task:{{{}}}", damaged.id))
+        .arg(std::str::from_utf8(key).unwrap())
         .args(["data", "not json"])
         .output()
         .unwrap();

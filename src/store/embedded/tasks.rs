@@ -39,6 +39,9 @@ impl TaskStore for EmbeddedStore {
                 if tasks.get(id.as_str())?.is_some() {
                     return Err(StoreError::Exists(task.id));
                 }
+                if let Some(lock) = super::locks::lock_in(&txn, &task.executor, task.created_at)? {
+                    return Err(StoreError::Locked(lock.reason));
+                }
                 tasks.insert(id.as_str(), bytes.as_slice())?;
                 txn.open_table(BY_EXECUTOR)?
                     .insert((task.executor.as_str(), id.as_str()), ())?;

@@ -395,9 +395,6 @@ pub(super) fn suffix_of(field: &[u8]) -> Result<[u8; 8], StoreError> {
 /// A tuple: redis-rs decodes stream replies into it directly.
 pub(super) type StreamEntry = (String, Vec<Vec<u8>>);
 
-/// One stream of an `XREAD` reply: its key and its entries.
-pub(super) type StreamReply = (String, Vec<StreamEntry>);
-
 /// A revocation from a log entry: this layout's (`lua/lease.lua` `log_revocation`: `task`, `s`
 /// the lease suffix, `agent`, `r` the lease record as it was, `reason`, `at_ms`), or an earlier
 /// layout's (text fields `lease`, `task`, `agent`, `kind`, `cred`, `aud`, `exp_ns`, `reason`,

@@ -8,12 +8,13 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
-use redis::aio::ConnectionManager;
 
 use super::codec::{TaskEnd, credential_field, decode_record, encode_record, ns_bytes, suffix_of};
 use super::keys::{
-    EPOCH, EXPIRY, REVOCATIONS, creds_key, leases_key, live_key, lock_key, member, task_key,
+    BUCKETS, bucket_of, creds_key, epoch_key, expiry_key, leases_key, lock_key, log_key, member,
+    task_key,
 };
+use super::link::Link;
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
 use crate::identity::WorkloadId;
 use crate::lease::{Lease, LeaseId, check_issuable};
@@ -50,6 +51,7 @@ impl LeaseStore for RedisStore {
         };
         let mut conn = self.conn().await?;
         let task_id = lease.task.to_string();
+        let bucket = bucket_of(&task_id);
         let record = encode_record(lease)?;
         let credential = credential_field(&lease.credential)?;
         let mut seen = seen.map(|(task, revision)| (Cow::Borrowed(task), revision));
@@ -76,16 +78,17 @@ impl LeaseStore for RedisStore {
                 Some(next) => (next.revision.0.to_string(), encode(&next.task)?),
                 None => (String::new(), Vec::new()),
             };
-            let outcome: i64 = self
-                .scripts
-                .issue
-                .key(task_key(&task_id))
-                .key(lock_key(&lease.agent))
+            self.unless_locked(&mut conn, &lease.agent).await?;
+            let mut call = self.scripts.issue.prepare_invoke();
+            call.key(task_key(&task_id))
                 .key(leases_key(&task_id))
                 .key(creds_key(&task_id))
-                .key(EXPIRY)
-                .key(EPOCH)
-                .key(live_key(lease.agent.as_str()))
+                .key(expiry_key(bucket))
+                .key(epoch_key(bucket));
+            if !self.links.is_cluster() {
+                call.key(lock_key(&lease.agent));
+            }
+            let outcome: i64 = call
                 .arg(&version)
                 .arg(next_version)
                 .arg(data)
@@ -95,12 +98,15 @@ impl LeaseStore for RedisStore {
                 .arg(unix_ms_ceil(lease.expires_at))
                 .arg(member(&lease.task, suffix))
                 .arg(lease.agent.as_str())
-                .arg(&task_id)
+                .arg(unix_ms(now))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| write_failed(&e))?;
             match outcome {
-                1 => return Ok(started),
+                1 => {
+                    self.settle(&mut conn, &task_key(&task_id)).await?;
+                    return Ok(started);
+                }
                 0 if told => {
                     return match self.read(&mut conn, &task_id).await? {
                         Some(current) => Err(IssueError::Changed(Box::new(current))),
@@ -110,17 +116,7 @@ impl LeaseStore for RedisStore {
                 -1 => return Err(IssueError::NotFound),
                 -4 => return Err(IssueError::StoreReset),
                 -5 => return Err(IssueError::Exists),
-                -2 => {
-                    let lock: Option<String> = conn
-                        .get(lock_key(&lease.agent))
-                        .await
-                        .map_err(|e| unavailable(&e))?;
-                    let reason = lock
-                        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-                        .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    return Err(IssueError::Locked(reason));
-                }
+                -2 => return Err(self.locked(&mut conn, &lease.agent).await),
                 _ => continue, // the task changed since it was checked: check again
             }
         }
@@ -144,6 +140,7 @@ impl LeaseStore for RedisStore {
             return Err(IssueError::NotFound);
         };
         let key = task_id.to_string();
+        let bucket = bucket_of(&key);
         let field = credential_field(credential)?;
         let mut conn = self.conn().await?;
         for _ in 0..CAS_ATTEMPTS {
@@ -159,16 +156,18 @@ impl LeaseStore for RedisStore {
             let version = revision.0.to_string();
             check_issuable(&task, &lease.agent, now)?;
             check_renewable(&lease, now)?;
-            let outcome: Vec<Vec<u8>> = self
-                .scripts
-                .renew
-                .key(task_key(&key))
-                .key(lock_key(&lease.agent))
+            self.unless_locked(&mut conn, &lease.agent).await?;
+            let mut call = self.scripts.renew.prepare_invoke();
+            call.key(task_key(&key))
                 .key(leases_key(&key))
                 .key(creds_key(&key))
-                .key(EPOCH)
-                .key(REVOCATIONS)
-                .key(EXPIRY)
+                .key(epoch_key(bucket))
+                .key(log_key(bucket))
+                .key(expiry_key(bucket));
+            if !self.links.is_cluster() {
+                call.key(lock_key(&lease.agent));
+            }
+            let outcome: Vec<Vec<u8>> = call
                 .arg(&version)
                 .arg(&suffix[..])
                 .arg(field.as_slice())
@@ -183,10 +182,11 @@ impl LeaseStore for RedisStore {
                 .map_err(|e| write_failed(&e))?;
             match outcome.first().map(Vec::as_slice) {
                 Some(b"ok") => {
+                    self.settle(&mut conn, &task_key(&key)).await?;
                     return Ok(ended_one(task_id, suffix, &outcome, "renewal")?);
                 }
                 Some(b"-1") => return Err(IssueError::NotFound),
-                Some(b"-2") => return Err(IssueError::Locked(String::new())),
+                Some(b"-2") => return Err(self.locked(&mut conn, &lease.agent).await),
                 Some(b"-4") => return Err(IssueError::StoreReset),
                 Some(b"-3") => {
                     return Err(TaskError::Precondition(Unmet::LeaseNoLongerActive).into());
@@ -211,14 +211,15 @@ impl LeaseStore for RedisStore {
             return Err(UpdateError::NotFound);
         };
         let key = task_id.to_string();
+        let bucket = bucket_of(&key);
         let mut conn = self.conn().await?;
         let outcome: Vec<Vec<u8>> = self
             .scripts
             .revoke_lease
             .key(task_key(&key))
             .key(leases_key(&key))
-            .key(EXPIRY)
-            .key(REVOCATIONS)
+            .key(expiry_key(bucket))
+            .key(log_key(bucket))
             .arg(&suffix[..])
             .arg(&key)
             .arg(reason)
@@ -228,7 +229,10 @@ impl LeaseStore for RedisStore {
             .await
             .map_err(|e| write_failed(&e))?;
         match outcome.first().map(Vec::as_slice) {
-            Some(b"ok") => Ok(ended_one(task_id, suffix, &outcome, "revocation")?),
+            Some(b"ok") => {
+                self.settle(&mut conn, &task_key(&key)).await?;
+                Ok(ended_one(task_id, suffix, &outcome, "revocation")?)
+            }
             Some(b"missing") => Err(UpdateError::NotFound),
             _ => Err(TaskError::Precondition(Unmet::LeaseNotActive).into()),
         }
@@ -288,19 +292,49 @@ impl LeaseStore for RedisStore {
         self.read_lease(&mut conn, task, &[], &field).await
     }
 
-    /// The size of the expiry index.
+    /// The sizes of the buckets' expiry indexes.
     async fn live_leases(&self) -> Result<u64, StoreError> {
-        let mut conn = self.conn().await?;
-        conn.zcard(EXPIRY).await.map_err(|e| unavailable(&e))
+        let conn = self.conn().await?;
+        let counts = futures_util::future::try_join_all((0..BUCKETS).map(|b| {
+            let mut conn = conn.clone();
+            async move { conn.zcard::<_, u64>(expiry_key(b)).await }
+        }))
+        .await
+        .map_err(|e| unavailable(&e))?;
+        Ok(counts.iter().sum())
     }
 }
 
 impl RedisStore {
+    /// On a Cluster, where the issuance script cannot read the agent's lock (another slot),
+    /// reads it first: a lock whose marking was cut short (its broker died) holds all the
+    /// same. The marks close the race with a lock being taken meanwhile (see `locks.rs`).
+    async fn unless_locked(&self, conn: &mut Link, agent: &WorkloadId) -> Result<(), IssueError> {
+        if !self.links.is_cluster() {
+            return Ok(());
+        }
+        let lock: Option<String> = conn
+            .get(lock_key(agent))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match lock {
+            Some(l) => Err(IssueError::Locked(super::tasks::lock_reason(Some(&l)))),
+            None => Ok(()),
+        }
+    }
+
+    /// The refusal of an issuance or renewal that found the agent locked, with the lock's
+    /// reason (read after: empty when the lock went meanwhile).
+    async fn locked(&self, conn: &mut Link, agent: &WorkloadId) -> IssueError {
+        let lock: Option<String> = conn.get(lock_key(agent)).await.unwrap_or(None);
+        IssueError::Locked(super::tasks::lock_reason(lock.as_ref()))
+    }
+
     /// Reads the lease of `task` with `suffix` (or, with an empty suffix, holding the
     /// credential field `credential`), its task's end laid over it.
     async fn read_lease(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Link,
         task: &TaskId,
         suffix: &[u8],
         credential: &[u8],

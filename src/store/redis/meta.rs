@@ -1,20 +1,27 @@
 //! Store-wide records, the [`MetaStore`] of the Redis store: what replicas share beside tasks,
 //! leases and claims (those are in `claims.rs`): the store's epoch marker, the published signing
 //! keys, and the readiness probe.
+//!
+//! The epoch marker has a copy in every bucket (keys.rs), checked by issuance in the bucket's
+//! own slot.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
-use super::keys::{EPOCH, READY_PROBE, SIGNING_KEYS};
-use super::{RedisStore, unavailable};
+use super::keys::{BUCKETS, EPOCH, READY_PROBE, SIGNING_KEYS, epoch_key};
+use super::{RedisStore, unavailable, write_failed};
 use crate::mint::PublishedKey;
 use crate::store::{Epoch, MetaStore, StoreError};
 
 #[async_trait]
 impl MetaStore for RedisStore {
-    /// `SET NX GET`, one round trip.
+    /// `SET NX GET` on the store's marker, then every bucket's copy made where it is missing.
+    /// A store whose marker stayed while a bucket's copy went (a Cluster master that came back
+    /// empty: that bucket's leases, revocations and marks are gone) was reset in part, and is
+    /// treated as reset: a new epoch replaces the old one, marker and copies, so that every
+    /// broker notices, as for a store that lost everything.
     async fn epoch(&self, fresh: &Epoch) -> Result<Epoch, StoreError> {
         let mut conn = self.conn().await?;
         let json =
@@ -22,18 +29,54 @@ impl MetaStore for RedisStore {
         // Written only if absent; the old value (if any) comes back: one round trip.
         let old: Option<String> = redis::cmd("SET")
             .arg(EPOCH)
-            .arg(json)
+            .arg(&json)
             .arg("NX")
             .arg("GET")
             .query_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
-        match old {
-            Some(o) => {
-                serde_json::from_str(&o).map_err(|e| StoreError::Corrupt(format!("epoch: {e}")))
-            }
-            None => Ok(fresh.clone()),
+        let copies: Vec<Option<String>> =
+            futures_util::future::try_join_all((0..BUCKETS).map(|b| {
+                let mut conn = conn.clone();
+                async move { conn.get::<_, Option<String>>(epoch_key(b)).await }
+            }))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut current = old.clone().unwrap_or_else(|| json.clone());
+        if let Some(old) = &old
+            && copies.iter().any(Option::is_none)
+            && made_before(old, fresh.started_at)
+        {
+            // Replaced only if no other broker replaced it meanwhile (then that one stands).
+            let _: i64 = self
+                .scripts
+                .replace
+                .key(EPOCH)
+                .arg(old)
+                .arg(&json)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| write_failed(&e))?;
+            current = conn
+                .get::<_, Option<String>>(EPOCH)
+                .await
+                .map_err(|e| unavailable(&e))?
+                .unwrap_or(json);
         }
+        futures_util::future::try_join_all(copies.iter().enumerate().map(|(b, copy)| {
+            let mut conn = conn.clone();
+            let current = current.clone();
+            let stale = copy.as_deref() != Some(current.as_str());
+            async move {
+                if stale {
+                    conn.set::<_, _, ()>(epoch_key(b), current).await?;
+                }
+                Ok::<_, redis::RedisError>(())
+            }
+        }))
+        .await
+        .map_err(|e| write_failed(&e))?;
+        serde_json::from_str(&current).map_err(|e| StoreError::Corrupt(format!("epoch: {e}")))
     }
 
     /// `HSET` under its `kid`.
@@ -86,4 +129,13 @@ impl MetaStore for RedisStore {
             .await
             .map_err(|e| unavailable(&e))
     }
+}
+
+/// How long after a store's epoch was made its bucket copies may still be missing because its
+/// maker is writing them: a copy missing later means the bucket lost its data.
+const COPIES_MADE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Whether epoch `json` was made more than [`COPIES_MADE_WITHIN`] before `now`.
+fn made_before(json: &str, now: SystemTime) -> bool {
+    serde_json::from_str::<Epoch>(json).is_ok_and(|e| e.started_at + COPIES_MADE_WITHIN < now)
 }

@@ -1,9 +1,11 @@
-//! The Redis store, shared by any number of broker replicas. redis-rs async with a connection
-//! manager (reconnects by itself; bounded connection and response timeouts so that a dead Redis
-//! answers `UNAVAILABLE` quickly). Every multi-step change is one Lua script.
+//! The Redis store, shared by any number of broker replicas, on one Redis server, a
+//! Sentinel-managed primary or a Redis Cluster. Every multi-step change is one Lua script on the
+//! keys of one hash slot.
 //!
-//! - `keys.rs`: the key layout, written once, with its documentation (what each key holds, what
-//!   may be left half-written, what Redis Cluster would need). Read it first.
+//! - `keys.rs`: the key layout, written once, with its documentation (what each key holds, which
+//!   share a slot, what may be left half-written). Read it first.
+//! - `link.rs`: the connection to each topology (bounded connection and response timeouts, so
+//!   that a dead Redis answers `UNAVAILABLE` quickly) and the durability setting (`WAIT`).
 //! - `codec.rs`: hash fields and log entries to tasks, leases and revocations.
 //! - `scripts.rs` and `lua/*.lua`: the scripts, one file each, the revocation step written once.
 //! - each concern trait of [`Store`](super::Store) implemented in the file of its topic:
@@ -17,6 +19,7 @@ mod codec;
 mod expiry;
 mod keys;
 mod leases;
+mod link;
 mod locks;
 mod log;
 mod meta;
@@ -25,9 +28,8 @@ mod tasks;
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use tokio::sync::OnceCell;
-
+pub use self::link::{Durability, Topology};
+use self::link::{Link, Links};
 use self::scripts::Scripts;
 use super::StoreError;
 
@@ -57,16 +59,12 @@ fn write_failed(e: &redis::RedisError) -> StoreError {
     }
 }
 
-/// The Redis store. Connects on first use, so a broker starts while Redis is down and answers
-/// `UNAVAILABLE` until it is back.
+/// The Redis store: one server, a Sentinel-managed primary or a Redis Cluster (`link.rs`), the
+/// same key layout and scripts on each. Connects on first use, so a broker starts while Redis
+/// is down and answers `UNAVAILABLE` until it is back.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    links: Links,
     scripts: Scripts,
-    /// The connection that blocks in `XREAD` for
-    /// [`RevocationLog::revocations`](super::RevocationLog::revocations) waits: its own, so that
-    /// a blocked read never delays other commands.
-    watch: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
 impl super::Store for RedisStore {}
@@ -79,36 +77,38 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store for the Redis at `url` (`redis://`).
+    /// A store for the one Redis server at `url` (`redis://`), durability `async`.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the URL does not parse.
     pub fn new(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| {
-            StoreError::Unavailable(format!("redis URL does not parse ({:?})", e.kind()))
-        })?;
+        Self::with(&Topology::Single(url.to_owned()), Durability::Async)
+    }
+
+    /// A store on `topology`, answering writes as `durability` says.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when a URL does not parse.
+    pub fn with(topology: &Topology, durability: Durability) -> Result<Self, StoreError> {
         Ok(Self {
-            client,
-            conn: OnceCell::new(),
+            links: Links::new(topology, durability)?,
             scripts: Scripts::new(),
-            watch: tokio::sync::Mutex::new(None),
         })
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        self.conn
-            .get_or_try_init(|| async {
-                self.client
-                    .get_connection_manager_with_config(config)
-                    .await
-                    .map_err(|e| unavailable(&e))
-            })
-            .await
-            .cloned()
+    async fn conn(&self) -> Result<Link, StoreError> {
+        self.links.get().await
+    }
+
+    /// After a write to `key`'s slot that a caller is about to be told of: with `replicated`
+    /// durability, waits until the write reached a replica (`WAIT`), or fails.
+    ///
+    /// # Errors
+    /// [`StoreError::OutcomeUnknown`]: the write is on the primary but on no replica in time.
+    async fn settle(&self, conn: &mut Link, key: &str) -> Result<(), StoreError> {
+        self.links.settle(conn, key).await
     }
 }
+
+/// How long a command may wait for an answer before the store reports it unavailable.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);

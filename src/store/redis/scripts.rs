@@ -39,6 +39,16 @@ pub(super) struct Scripts {
     pub(super) release: Script,
     /// Replaces a claim still holding a value (`lua/swap_claim.lua`).
     pub(super) swap: Script,
+    /// Replaces a value still holding what it held (`lua/replace.lua`).
+    pub(super) replace: Script,
+    /// Files a task among its executor's open tasks unless locked (`lua/enrol.lua`).
+    pub(super) enrol: Script,
+    /// Copies a lock into tasks (`lua/mark.lua`).
+    pub(super) mark: Script,
+    /// The agent's half of a lock's sweep step (`lua/sweep_take.lua`).
+    pub(super) sweep_take: Script,
+    /// Reads a bucket's revocation log with its server's clock (`lua/log_read.lua`).
+    pub(super) log_read: Script,
 }
 
 impl Scripts {
@@ -47,7 +57,7 @@ impl Scripts {
         Self {
             create: Script::new(include_str!("lua/create.lua")),
             cas: Script::new(include_str!("lua/compare_and_set.lua")),
-            issue: Script::new(include_str!("lua/issue.lua")),
+            issue: with_lease(include_str!("lua/issue.lua")),
             read_lease: with_lease(include_str!("lua/read_lease.lua")),
             end_task: with_lease(include_str!("lua/end_task.lua")),
             end_chunk: with_lease(include_str!("lua/end_chunk.lua")),
@@ -58,6 +68,11 @@ impl Scripts {
             expire: with_lease(include_str!("lua/expire.lua")),
             release: Script::new(include_str!("lua/release_claim.lua")),
             swap: Script::new(include_str!("lua/swap_claim.lua")),
+            replace: Script::new(include_str!("lua/replace.lua")),
+            enrol: Script::new(include_str!("lua/enrol.lua")),
+            mark: Script::new(include_str!("lua/mark.lua")),
+            sweep_take: Script::new(include_str!("lua/sweep_take.lua")),
+            log_read: Script::new(include_str!("lua/log_read.lua")),
         }
     }
 }

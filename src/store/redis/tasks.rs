@@ -6,16 +6,15 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
-use redis::aio::ConnectionManager;
 
 use super::codec::{TASK_FIELDS, TaskFields, TaskRecord, ns_bytes};
 use super::keys::{
-    ALL_TASKS, DEADLINES, EXPIRY, REVOCATIONS, creds_key, executor_key, leases_key, live_key,
-    open_key, requester_key, task_key,
+    ALL_TASKS, bucket_of, creds_key, deadlines_key, executor_key, expiry_key, leases_key, lock_key,
+    log_key, open_key, requester_key, task_key,
 };
 use super::leases::{chunk_leases, parse_agent};
+use super::link::Link;
 use super::{CAS_ATTEMPTS, RedisStore, unavailable, write_failed};
-use crate::identity::WorkloadId;
 use crate::lease::Lease;
 use crate::store::{
     CASCADE_GRACE, Revision, StoreError, TaskChange, TaskPage, TaskQuery, TaskStore, UpdateError,
@@ -37,41 +36,73 @@ const LIST_BATCH: usize = 64;
 /// revocation is a record rewrite, an index removal and a log entry, a few microseconds).
 const END_CHUNK: usize = 1_000;
 
+/// How long after its enrolment among its executor's open tasks a task may still be written
+/// (`create.lua`); well inside [`MARK_TTL`](super::locks::MARK_TTL).
+const CREATE_WITHIN: Duration = Duration::from_secs(60);
+
 #[async_trait]
 impl TaskStore for RedisStore {
-    /// The index entries, then the task.
+    /// The index entries, then the task among its executor's open tasks (refused when the
+    /// executor is locked), then the task itself: in that order, a lock taken at any point
+    /// either refuses the task or marks it (see `locks.rs`).
     async fn create_task(&self, task: &Task) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         let id = task.id.to_string();
         let data = encode(task)?;
-        // Index entries first: if the create below fails they point nowhere and are skipped.
-        redis::pipe()
-            .zadd(ALL_TASKS, &id, 0)
-            .ignore()
-            .zadd(executor_key(task.executor.as_str()), &id, 0)
-            .ignore()
-            .zadd(requester_key(task.requester.as_str()), &id, 0)
-            .ignore()
-            .zadd(DEADLINES, &id, unix_ms_ceil(task.deadline))
-            .ignore()
-            .query_async::<()>(&mut conn)
+        // Index entries first (each its own slot): if the create below fails they point nowhere
+        // and are skipped.
+        for index in [
+            ALL_TASKS.to_owned(),
+            executor_key(task.executor.as_str()),
+            requester_key(task.requester.as_str()),
+        ] {
+            conn.zadd::<_, _, _, ()>(index, &id, 0)
+                .await
+                .map_err(|e| unavailable(&e))?;
+        }
+        let enrolled: Vec<String> = self
+            .scripts
+            .enrol
+            .key(lock_key(&task.executor))
+            .key(open_key(task.executor.as_str()))
+            .arg(&id)
+            .invoke_async(&mut conn)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| write_failed(&e))?;
+        let enrolled_ms = match enrolled.as_slice() {
+            [ok, ms] if ok == "ok" => ms.clone(),
+            [locked, lock] if locked == "locked" => {
+                return Err(StoreError::Locked(lock_reason(Some(lock))));
+            }
+            _ => return Err(StoreError::Corrupt("task enrolment: bad answer".into())),
+        };
         let created: i64 = self
             .scripts
             .create
             .key(task_key(&id))
-            .key(open_key(task.executor.as_str()))
+            .key(deadlines_key(bucket_of(&id)))
             .arg(data)
             .arg(&id)
             .arg(task.executor.as_str())
+            .arg(unix_ms_ceil(task.deadline))
+            .arg(enrolled_ms)
+            .arg(u64::try_from(CREATE_WITHIN.as_millis()).unwrap_or(u64::MAX))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| write_failed(&e))?;
-        if created == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Exists(task.id))
+        match created {
+            1 => self.settle(&mut conn, &task_key(&id)).await,
+            0 => Err(StoreError::Exists(task.id)),
+            -2 => {
+                let lock: Option<String> = conn
+                    .get(lock_key(&task.executor))
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                Err(StoreError::Locked(lock_reason(lock.as_ref())))
+            }
+            _ => Err(StoreError::Unavailable(format!(
+                "task {id}: written too long after it was filed; retry"
+            ))),
         }
     }
 
@@ -105,7 +136,6 @@ impl TaskStore for RedisStore {
                 .scripts
                 .cas
                 .key(task_key(&key))
-                .key(open_key(next.executor.as_str()))
                 .key(leases_key(&key))
                 .key(creds_key(&key))
                 .arg(&version)
@@ -121,7 +151,13 @@ impl TaskStore for RedisStore {
                 .await
                 .map_err(|e| write_failed(&e))?;
             match applied {
-                1 => return Ok(next),
+                1 => {
+                    self.settle(&mut conn, &task_key(&key)).await?;
+                    if next.state.is_terminal() && !current.state.is_terminal() {
+                        self.leave_open(&mut conn, &next).await;
+                    }
+                    return Ok(next);
+                }
                 -1 => return Err(UpdateError::NotFound),
                 _ => continue, // another writer changed it: apply the change to its version
             }
@@ -142,6 +178,7 @@ impl TaskStore for RedisStore {
     ) -> Result<(Task, Vec<Lease>), UpdateError> {
         let mut conn = self.conn().await?;
         let key = id.to_string();
+        let bucket = bucket_of(&key);
         for _ in 0..CAS_ATTEMPTS {
             let step = match self.changed(&mut conn, &key, &change).await {
                 Ok(step) => step,
@@ -150,7 +187,8 @@ impl TaskStore for RedisStore {
                     if let Some(VersionedTask { task, .. }) = self.read(&mut conn, &key).await?
                         && task.state.is_terminal()
                     {
-                        self.finish_end(&mut conn, id, &task.executor).await?;
+                        self.finish_end(&mut conn, id).await?;
+                        self.leave_open(&mut conn, &task).await;
                     }
                     return Err(UpdateError::Rejected(refused));
                 }
@@ -171,11 +209,9 @@ impl TaskStore for RedisStore {
                 .key(task_key(&key))
                 .key(leases_key(&key))
                 .key(creds_key(&key))
-                .key(EXPIRY)
-                .key(open_key(current.executor.as_str()))
-                .key(REVOCATIONS)
-                .key(DEADLINES)
-                .key(live_key(current.executor.as_str()))
+                .key(expiry_key(bucket))
+                .key(log_key(bucket))
+                .key(deadlines_key(bucket))
                 .arg(&version)
                 .arg(next_version(&key, &version)?)
                 .arg(encode(&next)?)
@@ -208,11 +244,13 @@ impl TaskStore for RedisStore {
                 _ => continue, // the task changed since it was read: apply the change again
             };
             let mut revoked = chunk_leases(*id, &current.executor, pairs)?;
+            self.settle(&mut conn, &task_key(&key)).await?;
+            self.leave_open(&mut conn, &next).await;
             if !done {
                 // The task has ended, its leases with it, and it is filed due again: a chunk
                 // that fails leaves the rest to the reaper (their records, index entries and
                 // log entries). The end stands, so the answer is the end with what was revoked.
-                match self.finish_end(&mut conn, id, &current.executor).await {
+                match self.finish_end(&mut conn, id).await {
                     Ok(rest) => revoked.extend(rest),
                     Err(e) => tracing::warn!(
                         task = %id,
@@ -254,14 +292,19 @@ impl TaskStore for RedisStore {
             if ids.is_empty() {
                 return Ok(page);
             }
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.cmd("HMGET").arg(task_key(id)).arg(&TASK_FIELDS);
-            }
-            let data: Vec<TaskFields> = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| unavailable(&e))?;
+            // One HMGET per task (tasks are in different slots), all in flight at once.
+            let data: Vec<TaskFields> = futures_util::future::try_join_all(ids.iter().map(|id| {
+                let mut conn = conn.clone();
+                async move {
+                    redis::cmd("HMGET")
+                        .arg(task_key(id))
+                        .arg(&TASK_FIELDS)
+                        .query_async::<TaskFields>(&mut conn)
+                        .await
+                }
+            }))
+            .await
+            .map_err(|e| unavailable(&e))?;
             let mut dangling = Vec::new();
             for (id, data) in ids.iter().zip(data) {
                 if page.tasks.len() >= query.limit || scanned >= query.max_scan {
@@ -299,7 +342,7 @@ impl RedisStore {
     /// Reads a task and its version; `None` when it does not exist.
     pub(super) async fn read(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Link,
         id: &str,
     ) -> Result<Option<VersionedTask>, StoreError> {
         let TaskRecord { version, fields }: TaskRecord = redis::cmd("HMGET")
@@ -321,9 +364,18 @@ impl RedisStore {
             .map(|task| VersionedTask { task, revision }))
     }
 
+    /// Takes an ended task out of its executor's open tasks (another slot than the task's, so
+    /// after the end). Best effort: a member left behind is an ended task, which a lock's sweep
+    /// skips and drops.
+    async fn leave_open(&self, conn: &mut Link, task: &Task) {
+        let _: Result<i64, _> = conn
+            .srem(open_key(task.executor.as_str()), task.id.to_string())
+            .await;
+    }
+
     /// Removes index entries whose task no longer exists (pruned, or a create that failed after
     /// writing its index entries). Best effort: a failure leaves them for the next reader.
-    async fn drop_dangling(&self, conn: &mut ConnectionManager, key: &str, ids: &[String]) {
+    async fn drop_dangling(&self, conn: &mut Link, key: &str, ids: &[String]) {
         if ids.is_empty() {
             return;
         }
@@ -344,7 +396,7 @@ impl RedisStore {
     /// compare-and-set attempt of `update_task` and `end_task`).
     async fn changed(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Link,
         key: &str,
         change: &TaskChange,
     ) -> Result<Changed, UpdateError> {
@@ -368,13 +420,9 @@ impl RedisStore {
 
 impl RedisStore {
     /// Revokes what is left of an ended task's leases, [`END_CHUNK`] per script; returns them.
-    async fn finish_end(
-        &self,
-        conn: &mut ConnectionManager,
-        id: &TaskId,
-        executor: &WorkloadId,
-    ) -> Result<Vec<Lease>, StoreError> {
+    async fn finish_end(&self, conn: &mut Link, id: &TaskId) -> Result<Vec<Lease>, StoreError> {
         let key = id.to_string();
+        let bucket = bucket_of(&key);
         let mut revoked = Vec::new();
         loop {
             let outcome: Vec<Vec<u8>> = self
@@ -382,9 +430,8 @@ impl RedisStore {
                 .end_chunk
                 .key(task_key(&key))
                 .key(leases_key(&key))
-                .key(EXPIRY)
-                .key(REVOCATIONS)
-                .key(live_key(executor.as_str()))
+                .key(expiry_key(bucket))
+                .key(log_key(bucket))
                 .arg(&key)
                 .arg(END_CHUNK)
                 .invoke_async(conn)
@@ -413,4 +460,11 @@ fn next_version(key: &str, version: &str) -> Result<u64, StoreError> {
         .parse::<u64>()
         .map(|v| v + 1)
         .map_err(|_| StoreError::Corrupt(format!("task {key}: bad version")))
+}
+
+/// The reason of a lock as the store holds it (JSON), or none.
+pub(super) fn lock_reason(lock: Option<&String>) -> String {
+    lock.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

@@ -40,10 +40,10 @@ pub fn secs(s: i64) -> Option<prost_types::Duration> {
     })
 }
 
-/// Requests a task for the demo agent with `labels`, and has `approver` approve it if needed.
-pub async fn approved_task(b: &Broker, labels: &[(&str, &str)], ttl: Option<i64>) -> pb::Task {
-    let request = pb::RequestTaskRequest {
-        executor: AGENT.into(),
+/// The request of the tasks [`approved_task`] makes, for `executor`.
+pub fn task_request_for(executor: &str) -> pb::RequestTaskRequest {
+    pb::RequestTaskRequest {
+        executor: executor.into(),
         purpose: "rotate the staging database password".into(),
         grants: vec![
             pb::Grant {
@@ -55,13 +55,20 @@ pub async fn approved_task(b: &Broker, labels: &[(&str, &str)], ttl: Option<i64>
                 actions: vec!["secret:read".into()],
             },
         ],
+        deadline: secs(3600),
+        ..Default::default()
+    }
+}
+
+/// Requests a task for the demo agent with `labels`, and has `approver` approve it if needed.
+pub async fn approved_task(b: &Broker, labels: &[(&str, &str)], ttl: Option<i64>) -> pb::Task {
+    let request = pb::RequestTaskRequest {
         labels: labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
-        deadline: secs(3600),
         credential_ttl: ttl.and_then(secs),
-        ..Default::default()
+        ..task_request_for(AGENT)
     };
     let t = tasks_as(b, "requester")
         .await

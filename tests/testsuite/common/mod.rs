@@ -2,6 +2,7 @@
 //! clients, and certificates made by rcgen at test time.
 
 pub mod flows;
+pub mod topology;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,7 @@ impl Broker {
             http_addr: Some("127.0.0.1:0".into()),
             log_format: None,
             redis_url: None,
+            redis_cluster: None,
         };
         let config =
             config::load(&Source::Dev(dir.path().to_owned()), env.clone(), &overrides).unwrap();
@@ -501,6 +503,24 @@ impl RedisServer {
             cmd.arg(*a);
         }
         cmd.query(&mut conn).unwrap()
+    }
+
+    /// The entries of the Redis store's revocation log (every bucket's).
+    pub fn log_len(&self) -> i64 {
+        let redis::Value::Array(logs) = self.command(&["KEYS", "tc:{*}:rev"]) else {
+            panic!("KEYS answers an array")
+        };
+        logs.iter()
+            .map(|k| match k {
+                redis::Value::BulkString(k) => {
+                    match self.command(&["XLEN", std::str::from_utf8(k).unwrap()]) {
+                        redis::Value::Int(n) => n,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                other => panic!("{other:?}"),
+            })
+            .sum()
     }
 
     /// Stops the server (its data stays in its directory).

@@ -980,13 +980,12 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
             .is_active(&lb.credential, now)
     );
 
-    // Nothing new for the locked agent, even on a task approved after the lock.
+    // Nothing new for the locked agent: no new task either.
     let fresh = mk(&agent, 0);
-    store.create_task(&fresh).await.unwrap();
-    let l = sample_lease(&fresh, &agent);
     assert!(
-        matches!(store.issue_lease(&l, None, now).await, Err(IssueError::Locked(r)) if r == "credential leak")
+        matches!(store.create_task(&fresh).await, Err(StoreError::Locked(r)) if r == "credential leak")
     );
+    assert_eq!(store.get_task(&fresh.id).await.unwrap(), None);
     assert!(
         store
             .list_locks(now)
@@ -1022,6 +1021,8 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
     );
     assert_eq!(store.unlock_agent(&w(&agent)).await.unwrap(), None);
     assert_eq!(store.agent_lock(&w(&agent), now).await.unwrap(), None);
+    store.create_task(&fresh).await.unwrap();
+    let l = sample_lease(&fresh, &agent);
     store.issue_lease(&l, None, now).await.unwrap();
 
     // A lock with an end lifts by itself.
@@ -1034,14 +1035,15 @@ pub async fn locking_an_agent_ends_its_tasks_and_leases_at_once(store: &dyn Stor
         store.get_lease(&l.id).await.unwrap().unwrap().state == LeaseState::Revoked,
         "swept again"
     );
-    let later = mk(&agent, 0);
-    store.create_task(&later).await.unwrap();
-    let l = sample_lease(&later, &agent);
+    let mut later = mk(&agent, 0);
     assert!(matches!(
-        store.issue_lease(&l, None, SystemTime::now()).await,
-        Err(IssueError::Locked(_))
+        store.create_task(&later).await,
+        Err(StoreError::Locked(_))
     ));
     tokio::time::sleep(Duration::from_millis(600)).await;
+    later.created_at = SystemTime::now();
+    store.create_task(&later).await.unwrap();
+    let l = sample_lease(&later, &agent);
     assert_eq!(
         store
             .agent_lock(&w(&agent), SystemTime::now())

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::common::RedisServer;
 use conformance::sample_task;
 use taskcred::store::embedded::EmbeddedStore;
-use taskcred::store::redis::RedisStore;
+use taskcred::store::redis::{Durability, RedisStore, Topology};
 use taskcred::store::{Epoch, MetaStore as _, Store, StoreError, TaskStore as _};
 
 pub mod conformance;
@@ -39,6 +39,44 @@ macro_rules! cases {
                     store.ping().await.unwrap();
                 }
             )*
+        }
+        /// The whole suite, case by case, on one local Redis Cluster (3 masters, 3 replicas),
+        /// flushed between cases.
+        mod cluster {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn conformance() {
+                let cluster = tokio::task::spawn_blocking(crate::common::topology::RedisCluster::start)
+                    .await
+                    .unwrap();
+                $(
+                    let store = super::on_cluster(&cluster, stringify!($fresh));
+                    super::conformance::$fresh(&store).await;
+                )*
+                $(
+                    let store = super::on_cluster(&cluster, stringify!($begun));
+                    super::begin(&store).await;
+                    super::conformance::$begun(&store).await;
+                )*
+            }
+        }
+        /// The whole suite, case by case, on a local Sentinel setup (a primary, a replica, 3
+        /// sentinels), flushed between cases.
+        mod sentinel {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn conformance() {
+                let sentinel = tokio::task::spawn_blocking(crate::common::topology::RedisSentinel::start)
+                    .await
+                    .unwrap();
+                $(
+                    let store = super::on_sentinel(&sentinel, stringify!($fresh));
+                    super::conformance::$fresh(&store).await;
+                )*
+                $(
+                    let store = super::on_sentinel(&sentinel, stringify!($begun));
+                    super::begin(&store).await;
+                    super::conformance::$begun(&store).await;
+                )*
+            }
         }
         mod redis {
             use taskcred::store::MetaStore as _;
@@ -102,6 +140,26 @@ fn redis() -> (RedisServer, RedisStore) {
     let redis = RedisServer::start();
     let store = RedisStore::new(&redis.url()).unwrap();
     (redis, store)
+}
+
+/// A store on `cluster`, emptied first (every master flushed), for conformance case `case`.
+fn on_cluster(cluster: &crate::common::topology::RedisCluster, case: &str) -> RedisStore {
+    eprintln!("cluster: {case}");
+    for port in cluster.masters() {
+        cluster.cli(port, &["FLUSHALL"]);
+    }
+    RedisStore::with(&Topology::Cluster(cluster.urls()), Durability::Async).unwrap()
+}
+
+/// A store on the primary `sentinel` names, emptied first, for conformance case `case`.
+fn on_sentinel(sentinel: &crate::common::topology::RedisSentinel, case: &str) -> RedisStore {
+    eprintln!("sentinel: {case}");
+    sentinel.cli(sentinel.primary(), &["FLUSHALL"]);
+    let topology = Topology::Sentinel {
+        urls: sentinel.sentinel_urls(),
+        master: crate::common::topology::RedisSentinel::MASTER.into(),
+    };
+    RedisStore::with(&topology, Durability::Async).unwrap()
 }
 
 /// Makes the store's epoch, as the first broker on a store does.

@@ -112,12 +112,22 @@ async fn used_memory(conn: &mut MultiplexedConnection) -> u64 {
         .unwrap()
 }
 
+/// The entries of every bucket's revocation log.
 async fn log_len(conn: &mut MultiplexedConnection) -> u64 {
-    redis::cmd("XLEN")
-        .arg("tc:revocations")
+    let logs: Vec<String> = redis::cmd("KEYS")
+        .arg("tc:{*}:rev")
         .query_async(conn)
         .await
-        .unwrap()
+        .unwrap();
+    let mut n = 0;
+    for log in logs {
+        n += redis::cmd("XLEN")
+            .arg(log)
+            .query_async::<u64>(conn)
+            .await
+            .unwrap();
+    }
+    n
 }
 
 /// The longest call the slow log holds (it logs every call of 1 ms or more), and its name.
@@ -394,13 +404,21 @@ async fn an_interrupted_end_is_inactive_at_once_and_the_reaper_finishes_it() {
     }
 }
 
-/// A lease id of the earlier layout (a bare UUIDv7) names no task: not found, never active;
-/// so is a lease the earlier layout wrote, though its keys are still there.
+/// Nothing of the earlier layouts is read: a lease id of the first (a bare UUIDv7) names no
+/// task; a task, a lease and a credential as the earlier layouts wrote them are not found. The
+/// move shows as a store reset: the earlier layout's epoch marker is there, no bucket holds its
+/// copy, so a new epoch begins (and brokers say the store was reset).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ids_and_leases_of_the_earlier_layout_are_not_found() {
-    let (redis, store, _conn) = redis().await;
+async fn the_earlier_layouts_are_not_read_and_moving_shows_as_a_reset() {
+    let redis = RedisServer::start();
     let agent = "spiffe://taskcred.dev/agent/demo";
-    // A task as the earlier layout wrote it: version and JSON only.
+    let old_epoch = Epoch::new(SystemTime::now() - Duration::from_secs(3600));
+    redis.command(&[
+        "SET",
+        "tc:epoch",
+        &serde_json::to_string(&old_epoch).unwrap(),
+    ]);
+    // A task as the earlier layouts wrote it.
     let t = sample_task(agent, REQUESTER, 0);
     let json = serde_json::to_string(&t).unwrap();
     redis.command(&[
@@ -410,19 +428,26 @@ async fn ids_and_leases_of_the_earlier_layout_are_not_found() {
         "1",
         "data",
         &json,
+        "x",
+        agent,
     ]);
     let old = LeaseId::parse(&uuid::Uuid::now_v7().hyphenated().to_string()).unwrap();
     assert_eq!(old.task(), None);
-    // The earlier layout's records of it, as that broker wrote them.
     let lk = format!("tc:lease:{{{}}}:{old}", t.id);
     redis.command(&["HSET", &lk, "state", "active", "cred", "old-credential"]);
     redis.command(&["SET", &format!("tc:leaseidx:{old}"), &t.id.to_string()]);
-    redis.command(&[
-        "SET",
-        &format!("tc:cred:{{{}}}:old-credential", t.id),
-        old.as_str(),
-    ]);
+
+    let store = RedisStore::new(&redis.url()).unwrap();
+    let fresh = Epoch::new(SystemTime::now());
+    let epoch = store.epoch(&fresh).await.unwrap();
+    assert_eq!(epoch, fresh, "a new epoch replaced the earlier layout's");
+    assert_eq!(
+        store.epoch(&Epoch::new(SystemTime::now())).await.unwrap(),
+        fresh
+    );
+
     let now = SystemTime::now();
+    assert_eq!(store.get_task(&t.id).await.unwrap(), None);
     assert_eq!(store.get_lease(&old).await.unwrap(), None);
     assert_eq!(
         store.find_lease(&t.id, "old-credential").await.unwrap(),
@@ -441,20 +466,37 @@ async fn ids_and_leases_of_the_earlier_layout_are_not_found() {
         store.renew_lease(&old, &renewal).await,
         Err(IssueError::NotFound)
     ));
-    // Its task stays readable, takes new leases, and ends with them.
-    assert_eq!(store.get_task(&t.id).await.unwrap().unwrap(), t);
-    let new = fill(&store, &t, 2).await;
-    let (ended, revoked) = store
-        .end_task(&t.id, complete_at(agent, now), DAY)
+}
+
+/// Buckets that lost their data while the store's marker stayed (a Cluster master that came back
+/// empty) are a store reset: a new epoch, and issuance in them waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_that_lost_its_data_is_a_reset() {
+    let redis = RedisServer::start();
+    let store = RedisStore::new(&redis.url()).unwrap();
+    let first = Epoch::new(SystemTime::now() - Duration::from_secs(3600));
+    assert_eq!(store.epoch(&first).await.unwrap(), first);
+    let t = task_of(&store, "spiffe://taskcred.dev/agent/demo").await;
+    let redis::Value::Array(copies) = redis.command(&["KEYS", "tc:{*}:epoch"]) else {
+        panic!("KEYS answers an array")
+    };
+    assert_eq!(copies.len(), 16, "one copy per bucket");
+    // The buckets' copies gone, the marker kept: issuance refuses until a new epoch began.
+    for k in &copies {
+        let redis::Value::BulkString(k) = k else {
+            panic!("{k:?}")
+        };
+        redis.command(&["DEL", std::str::from_utf8(k).unwrap()]);
+    }
+    let l = lease(&t);
+    assert!(matches!(
+        store.issue_lease(&l, None, SystemTime::now()).await,
+        Err(IssueError::StoreReset)
+    ));
+    let second = store.epoch(&Epoch::new(SystemTime::now())).await.unwrap();
+    assert_ne!(second, first, "a new epoch");
+    store
+        .issue_lease(&l, None, SystemTime::now())
         .await
         .unwrap();
-    assert_eq!(ended.state, TaskState::Completed);
-    assert_eq!(revoked.len(), 2);
-    for l in &new {
-        let read = store.get_lease(&l.id).await.unwrap().unwrap();
-        assert_eq!(
-            (read.state, read.agent.as_str()),
-            (LeaseState::Revoked, agent)
-        );
-    }
 }

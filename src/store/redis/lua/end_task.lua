@@ -3,8 +3,9 @@
 -- entries and log entries follow in `end_chunk.lua` steps. A task whose chunks are unfinished
 -- after this step is filed due again (ARGV[12]) so that the reaper finishes them if its ender
 -- cannot. Needs lease.lua before it.
--- KEYS: task, task's leases, task's credentials, expiry index, the executor's open tasks,
--- revocation log, deadline index, the executor's live tasks.
+-- The caller then takes the task out of its executor's open tasks (another slot).
+-- KEYS: task, task's leases, task's credentials, the bucket's expiry index, revocation log and
+-- deadline index.
 -- ARGV: version read, new version, new task data, expire-at ms ('' for none), ended (8 bytes,
 -- ns), ended ms, reason, task id, due-again ms ('' for none: a task with delegated children is
 -- filed due again, so that the reaper ends what is below it), chunk size, the executor,
@@ -20,13 +21,12 @@ end
 if ARGV[4] ~= '' then
   for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ARGV[4]) end
 end
-redis.call('SREM', KEYS[5], ARGV[8])
-if ARGV[9] ~= '' then redis.call('ZADD', KEYS[7], ARGV[9], ARGV[8]) end
+if ARGV[9] ~= '' then redis.call('ZADD', KEYS[6], ARGV[9], ARGV[8]) end
 local out = {'ok', '1'}
-local done = revoke_chunk(KEYS[1], KEYS[2], KEYS[4], KEYS[6], KEYS[8], ARGV[8],
-  tonumber(ARGV[10]), out, false)
+local done = revoke_chunk(KEYS[1], KEYS[2], KEYS[4], KEYS[5], ARGV[8], tonumber(ARGV[10]), out,
+  false)
 if not done then
   out[2] = '0'
-  redis.call('ZADD', KEYS[7], ARGV[12], ARGV[8])
+  redis.call('ZADD', KEYS[6], ARGV[12], ARGV[8])
 end
 return out

@@ -44,8 +44,15 @@ local function task_agent(tk)
   return ''
 end
 
+-- Whether task hash `tk` carries a lock's mark (keys.rs `lk`: the lock's end in ms, '0' for
+-- none) that holds at `now_ms`.
+local function marked(tk, now_ms)
+  local lk = redis.call('HGET', tk, 'lk')
+  return lk ~= false and (lk == '0' or tonumber(lk) > tonumber(now_ms))
+end
+
 -- Appends the revocation of the credential in record `rec` (as it was, active) of lease
--- `suffix` of `task` to the log `log` (a stream: keys.rs `REVOCATIONS`), in the revoking script
+-- `suffix` of `task` to the log `log` (a stream: the bucket's `rev`, keys.rs), in the revoking script
 -- itself, so that an entry exists exactly when the revocation happened. The entry holds the
 -- record itself (codec.rs reads the credential, kind, audience and expiry from it): nothing is
 -- decoded or formatted per lease here.
@@ -78,22 +85,15 @@ end
 -- cursor (`rc`), revokes at most `budget` of the active leases the scan returns (with the end
 -- `le`, `lm`, `lr` the task holds), appending `suffix, record` (preceded by the task id when
 -- `tagged`) to `out`. The cursor moves on only once every lease of its batch is handled, so a
--- batch cut short by the budget is scanned again (the leases revoked are then skipped). A task
--- with nothing left leaves its executor's live tasks `live` (so does one that no longer exists,
--- or a member of an earlier layout). Returns whether nothing is left (false for a task that has
--- not ended) and how many it revoked.
-local function revoke_chunk(tk, tl, exp, log, live, task, budget, out, tagged)
+-- batch cut short by the budget is scanned again (the leases revoked are then skipped).
+-- Returns whether nothing is left (true for a task that no longer exists, false for one that
+-- has not ended) and how many it revoked.
+local function revoke_chunk(tk, tl, exp, log, task, budget, out, tagged)
   local f = redis.call('HMGET', tk, 'rc', 'le', 'lm', 'lr', 'v')
   local cur, ended, at_ms, reason = f[1], f[2], f[3], f[4] or ''
-  if not f[5] then
-    redis.call('SREM', live, task)
-    return true, 0
-  end
+  if not f[5] then return true, 0 end
   if not ended then return false, 0 end
-  if not cur then
-    redis.call('SREM', live, task)
-    return true, 0
-  end
+  if not cur then return true, 0 end
   local agent = task_agent(tk)
   local task16 = uuid_bytes(task)
   local scan = redis.call('HSCAN', tl, cur, 'COUNT', budget)
@@ -128,7 +128,6 @@ local function revoke_chunk(tk, tl, exp, log, live, task, budget, out, tagged)
   if whole then
     if scan[1] == '0' then
       redis.call('HDEL', tk, 'rc')
-      redis.call('SREM', live, task)
       return true, n
     end
     redis.call('HSET', tk, 'rc', scan[1])

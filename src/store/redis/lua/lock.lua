@@ -1,8 +1,8 @@
--- Locks an agent: one short step (the lock key is what issuance, renewal and introspection
--- check, so it takes effect at once). A lock in force that ends later (or never) stays as it
--- is: locks only grow.
--- KEYS: lock, the set of locked agents.
--- ARGV: lock JSON, now ms, lock expiry ms ('' none), agent.
+-- Locks an agent: the lock key, in the agent's slot (what task creation checks, and
+-- introspection reads). A lock in force that ends later (or never) stays as it is: locks only
+-- grow. The caller then marks the agent's open tasks (`mark.lua`) before it answers.
+-- KEYS: lock.
+-- ARGV: lock JSON, now ms, lock expiry ms ('' none).
 -- Returns the lock in force (JSON).
 local cur = redis.call('GET', KEYS[1])
 local keep = false
@@ -18,5 +18,4 @@ if not keep then
   if ARGV[3] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
   cur = ARGV[1]
 end
-redis.call('SADD', KEYS[2], ARGV[4])
 return cur
