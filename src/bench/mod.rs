@@ -5,6 +5,7 @@
 //! channels, raw signatures per second, raw scripted Redis lease writes per second. It reports
 //! one JSON object and a table; every figure carries its ratio to its floor.
 
+pub mod cluster;
 pub mod cost;
 pub mod floors;
 pub mod load;
@@ -53,6 +54,8 @@ pub struct Options {
     pub scale_leases: usize,
     /// Leases of the force-revoke run.
     pub revoke_leases: usize,
+    /// Run the Redis Cluster figures instead (`--store cluster`: a local 3-master cluster).
+    pub cluster: bool,
 }
 
 /// A figure with its floors: `{per_sec, p50_ms, ..., broker_cpu_us, overhead_us,
@@ -359,6 +362,29 @@ async fn ci_exchanges(
     .await)
 }
 
+/// The environment of every bench broker: budgets off (the load comes from one identity and
+/// one address), warnings only, the bench's CI issuer.
+fn bench_env(ci_config: &str) -> Vec<(String, String)> {
+    vec![
+        ("TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(), "0".into()),
+        ("TASKCRED_LIMITS__CI_PER_SECOND".into(), "0".into()),
+        ("TASKCRED_LIMITS__RPC_PER_SECOND".into(), "0".into()),
+        ("TASKCRED_LIMITS__PUBLIC_PER_SECOND".into(), "0".into()),
+        // Every load client comes from one address: the per-source connection budgets are
+        // for attackers, not for the bench's fresh-TLS clients.
+        (
+            "TASKCRED_SERVER__MAX_ANONYMOUS_CONNECTIONS_PER_SOURCE".into(),
+            "100000".into(),
+        ),
+        (
+            "TASKCRED_SERVER__MAX_HANDSHAKES_PER_SOURCE".into(),
+            "100000".into(),
+        ),
+        ("TASKCRED_LOG__LEVEL".into(), "warn".into()),
+        ("TASKCRED_CI__ISSUERS".into(), ci_config.to_owned()),
+    ]
+}
+
 /// Runs the bench.
 ///
 /// # Errors
@@ -381,6 +407,32 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
         .and_then(|k| k.save(&eddsa_key))
         .map_err(|e| e.to_string())?;
     let (ci, ci_config) = CiIssuer::new(&dev)?;
+    if opts.cluster {
+        let base = bench_env(&ci_config);
+        let mut out = json!({
+            "machine": machine(),
+            "store": "cluster",
+            "concurrency": shape.concurrency,
+            "channels": opts.channels,
+            "measure_secs": secs,
+            "quick": opts.quick,
+        });
+        let figures = cluster::run(
+            scratch.path(),
+            &dev,
+            &base,
+            shape,
+            opts.channels,
+            (
+                opts.scale_leases.min(cluster::MEMORY_LEASES),
+                opts.revoke_leases,
+            ),
+        )
+        .await?;
+        let m = out.as_object_mut().ok_or("report")?;
+        m.extend(figures);
+        return Ok(out);
+    }
     let redis = match RedisProcess::start(&scratch.path().join("redis")) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -389,24 +441,7 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
         }
     };
     let env = |store: &str, alg: &str| -> Vec<(String, String)> {
-        let mut env = vec![
-            ("TASKCRED_LIMITS__ISSUANCE_PER_SECOND".into(), "0".into()),
-            ("TASKCRED_LIMITS__CI_PER_SECOND".into(), "0".into()),
-            ("TASKCRED_LIMITS__RPC_PER_SECOND".into(), "0".into()),
-            ("TASKCRED_LIMITS__PUBLIC_PER_SECOND".into(), "0".into()),
-            // Every load client comes from one address: the per-source connection budgets
-            // are for attackers, not for the bench's fresh-TLS clients.
-            (
-                "TASKCRED_SERVER__MAX_ANONYMOUS_CONNECTIONS_PER_SOURCE".into(),
-                "100000".into(),
-            ),
-            (
-                "TASKCRED_SERVER__MAX_HANDSHAKES_PER_SOURCE".into(),
-                "100000".into(),
-            ),
-            ("TASKCRED_LOG__LEVEL".into(), "warn".into()),
-            ("TASKCRED_CI__ISSUERS".into(), ci_config.clone()),
-        ];
+        let mut env = bench_env(&ci_config);
         if let (Some(r), "redis") = (&redis, store) {
             env.push(("TASKCRED_STORE__BACKEND".into(), "redis".into()));
             env.push(("TASKCRED_STORE__REDIS_URL".into(), r.url.clone()));
@@ -631,6 +666,14 @@ pub async fn run(opts: &Options) -> Result<Value, String> {
 pub fn table(report: &Value) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
+    if report["store"] == "cluster" {
+        for (k, v) in report.as_object().into_iter().flatten() {
+            if let Some(name) = k.strip_prefix("cluster_") {
+                let _ = writeln!(s, "{name:<32} {v}");
+            }
+        }
+        return s;
+    }
     let _ = writeln!(
         s,
         "{:<24} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}  ratios to floors",

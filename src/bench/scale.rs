@@ -28,7 +28,7 @@ const EXPIRING_PER_SEC: usize = 1_000;
 
 /// An approved task of `executor` (no quorum), as the bulk runs write them straight into the
 /// store.
-fn bulk_task(executor: &str) -> Result<Task, String> {
+pub(super) fn bulk_task(executor: &str) -> Result<Task, String> {
     let limits = TaskLimits::default();
     let raw = RawTaskRequest {
         executor: executor.into(),
@@ -72,7 +72,7 @@ fn bulk_lease(task: &Task, expires_at: SystemTime) -> Result<Lease, String> {
 }
 
 /// Writes leases `range` (lease `i` in task `i / 1000`), expiring at `expiry(i)`, 64 at a time.
-async fn write_leases(
+pub(super) async fn write_leases(
     store: &Arc<RedisStore>,
     tasks: &Arc<Vec<Task>>,
     range: std::ops::Range<usize>,
@@ -260,9 +260,20 @@ pub async fn run(
         json!(super::round(listening_ms, 1)),
     ));
     out.push(("start_live_leases".into(), json!(live)));
+    out.extend(force_revoke(b, revoke).await?);
+    Ok(out)
+}
 
-    // Force-revoke: 10,000 live tokens of the agent, then the lock; every one must then
-    // introspect inactive.
+/// Force-revoke: `revoke` live tokens of the agent issued through `b`, then the lock; every one
+/// must then introspect inactive. The figures `force_revoke_10k_*`.
+///
+/// # Errors
+/// When issuing the tokens or the lock fails.
+pub(super) async fn force_revoke(
+    b: &BrokerProcess,
+    revoke: usize,
+) -> Result<Vec<(String, Value)>, String> {
+    let mut out = Vec::new();
     eprintln!("bench: force-revoke of {revoke} leases");
     let task = approved_task(b, "bench: force-revoke").await?;
     let channels = Arc::new(vec![

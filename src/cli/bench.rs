@@ -31,6 +31,11 @@ pub struct BenchArgs {
     /// Leases of the force-revoke run.
     #[arg(long, default_value_t = 10_000)]
     pub revoke_leases: usize,
+    /// Which Redis: `single` (one server, and the embedded store) or `cluster` (a local Redis
+    /// Cluster of 3 masters and 3 replicas the bench starts: issuance with each durability,
+    /// bytes per lease, force-revoke, a failover under load).
+    #[arg(long, value_name = "STORE", default_value = "single", value_parser = ["single", "cluster"])]
+    pub store: String,
 }
 
 /// Runs `taskcred bench`.
@@ -43,6 +48,7 @@ pub async fn run_bench(client: &ClientArgs, args: &BenchArgs) -> ExitCode {
         scale: args.scale.unwrap_or(!args.quick),
         scale_leases: args.scale_leases,
         revoke_leases: args.revoke_leases,
+        cluster: args.store == "cluster",
     };
     match run(&opts).await {
         Ok(report) => {

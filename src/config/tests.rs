@@ -66,3 +66,117 @@ fn flags_win_over_env() {
     .unwrap();
     assert_eq!(c.server.grpc_addr.port(), 9000);
 }
+
+/// The Redis backends from the environment and the flags: a Cluster's seed nodes as a TOML
+/// array or `--redis-cluster a,b`, Sentinel's URLs and master; what each requires; durability.
+#[test]
+fn redis_backends_load_from_the_environment_and_the_flags() {
+    use crate::store::redis::{Durability, Topology};
+    let dir = tempfile::tempdir().unwrap();
+    crate::devpki::init(dir.path()).unwrap();
+    let source = Source::Dev(dir.path().to_owned());
+    let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let load_env = |pairs: &[(&str, &str)]| load(&source, env(pairs), &Overrides::default());
+
+    let c = load_env(&[
+        ("TASKCRED_STORE__BACKEND", "redis_cluster"),
+        (
+            "TASKCRED_STORE__REDIS_URLS",
+            r#"["redis://127.0.0.1:7001/","redis://127.0.0.1:7002/"]"#,
+        ),
+        ("TASKCRED_STORE__DURABILITY", "replicated"),
+        ("TASKCRED_STORE__REPLICATION_TIMEOUT", "250ms"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.store.topology,
+        Some(Topology::Cluster(vec![
+            "redis://127.0.0.1:7001/".into(),
+            "redis://127.0.0.1:7002/".into()
+        ]))
+    );
+    assert_eq!(
+        c.store.durability,
+        Durability::Replicated {
+            timeout: Duration::from_millis(250)
+        }
+    );
+
+    let flags = Overrides {
+        redis_cluster: Some("redis://10.0.0.1:6379/, redis://10.0.0.2:6379/".into()),
+        ..Overrides::default()
+    };
+    let c = load(&source, Vec::new(), &flags).unwrap();
+    assert_eq!(c.store.backend, StoreBackend::RedisCluster);
+    assert_eq!(
+        c.store.topology,
+        Some(Topology::Cluster(vec![
+            "redis://10.0.0.1:6379/".into(),
+            "redis://10.0.0.2:6379/".into()
+        ]))
+    );
+    assert_eq!(c.store.durability, Durability::Async);
+
+    let c = load_env(&[
+        ("TASKCRED_STORE__BACKEND", "redis_sentinel"),
+        (
+            "TASKCRED_STORE__SENTINEL_URLS",
+            r#"["redis://127.0.0.1:26379/"]"#,
+        ),
+        ("TASKCRED_STORE__SENTINEL_MASTER", "taskcred"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.store.topology,
+        Some(Topology::Sentinel {
+            urls: vec!["redis://127.0.0.1:26379/".into()],
+            master: "taskcred".into()
+        })
+    );
+
+    let refused = |pairs: &[(&str, &str)], key: &str| {
+        let err = load_env(pairs).unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
+        // A URL may hold a password: it is never echoed.
+        assert!(!err.contains("secret"), "{err}");
+    };
+    refused(
+        &[("TASKCRED_STORE__BACKEND", "redis_cluster")],
+        "store.redis_urls",
+    );
+    refused(
+        &[
+            ("TASKCRED_STORE__BACKEND", "redis_cluster"),
+            ("TASKCRED_STORE__REDIS_URLS", r#"["rediss://:secret@h:1/"]"#),
+        ],
+        "store.redis_urls",
+    );
+    refused(
+        &[
+            ("TASKCRED_STORE__BACKEND", "redis_sentinel"),
+            (
+                "TASKCRED_STORE__SENTINEL_URLS",
+                r#"["redis://:secret@h:1/"]"#,
+            ),
+        ],
+        "store.sentinel_master",
+    );
+    refused(
+        &[("TASKCRED_STORE__DURABILITY", "replicated")],
+        "store.durability",
+    );
+    refused(
+        &[
+            ("TASKCRED_STORE__BACKEND", "redis"),
+            ("TASKCRED_STORE__REDIS_URL", "redis://h:1/"),
+            ("TASKCRED_STORE__DURABILITY", "replicated"),
+            ("TASKCRED_STORE__REPLICATION_TIMEOUT", "5s"),
+        ],
+        "store.replication_timeout",
+    );
+}

@@ -133,3 +133,50 @@ fn the_scale_runs_report_their_figures() {
     assert_eq!(r["scale_expiring"], 3000);
     assert_eq!(r["scale_reaped"], r["scale_expiring"], "{r}");
 }
+
+/// The Redis Cluster run, small: issuance with each durability, bytes per lease, force-revoke,
+/// and a failover under load; with `replicated` durability no credential answered before the
+/// kill lost its lease.
+#[test]
+fn the_cluster_run_reports_its_figures() {
+    let (code, out, err) = crate::common::run(&[
+        "--json",
+        "bench",
+        "--store",
+        "cluster",
+        "--quick",
+        "--scale-leases",
+        "2000",
+        "--revoke-leases",
+        "300",
+        "--seconds",
+        "0.5",
+        "--concurrency",
+        "4",
+        "--channels",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["store"], "cluster");
+    for f in [
+        "cluster_issue_token_async",
+        "cluster_issue_token_replicated",
+    ] {
+        assert!(r[f]["per_sec"].as_f64().unwrap() > 0.0, "{f}: {r}");
+        assert_eq!(r[f]["errors"], 0, "{f}: {r}");
+    }
+    assert_eq!(r["cluster_force_revoke_10k_inactive"], 300, "{r}");
+    assert_eq!(r["cluster_live_leases_written"], 2000, "{r}");
+    let per_lease = r["cluster_redis_bytes_per_lease"].as_f64().unwrap();
+    assert!(per_lease > 50.0 && per_lease < 10_000.0, "{per_lease}");
+    for d in ["async", "replicated"] {
+        let f = &r[format!("cluster_failover_{d}")];
+        assert!(f["answered_before_kill"].as_u64().unwrap() > 0, "{d}: {r}");
+        assert!(
+            f["all_tasks_issuing_after_s"].as_f64().is_some(),
+            "{d}: {r}"
+        );
+    }
+    assert_eq!(r["cluster_failover_replicated"]["leases_lost"], 0, "{r}");
+}

@@ -1,7 +1,8 @@
 //! deploy/ as CI can check it without a container runtime or a cluster: every YAML file parses;
 //! the Kubernetes manifests run 2+ probed replicas with a disruption budget, keys from Secrets
-//! and the shipped policies; Compose runs Redis with AOF and two replicas; the configurations
-//! they carry build a broker; the Dockerfile builds with the README's command on the crate's
+//! and the shipped policies; Compose runs Redis with AOF and two replicas, and its Cluster
+//! example six AOF cluster nodes and two replicas writing `replicated`; the configurations they
+//! carry build a broker, and so do the `env:` of the Kubernetes Redis notes; the Dockerfile builds with the README's command on the crate's
 //! Rust; the systemd unit passes `systemd-analyze verify` (where systemd is); the Grafana
 //! dashboard only charts series the broker exports.
 use std::path::{Path, PathBuf};
@@ -292,6 +293,271 @@ fn compose_runs_redis_with_aof_and_two_replicas_of_the_image() {
         ],
         &[],
         &[],
+    );
+}
+
+/// A Compose service's command, its arguments as strings (none when it has no list).
+fn command_of(service: &Yaml) -> Vec<&str> {
+    field(service, "command")
+        .as_vec()
+        .map(|c| c.iter().map(|a| str_of(a, "argument")).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn compose_cluster_runs_six_aof_cluster_nodes_a_create_service_and_two_replicated_brokers() {
+    let doc = &yaml("deploy/compose/cluster/docker-compose.yml")[0];
+    let services: Vec<(&str, &Yaml)> = doc["services"]
+        .as_hash()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| (str_of(k, "service name"), s))
+        .collect();
+
+    // Six Redis 7 nodes, each a cluster node with AOF and the settings of redis/redis.conf.
+    let nodes: Vec<&(&str, &Yaml)> = services
+        .iter()
+        .filter(|(_, s)| command_of(s).first() == Some(&"redis-server"))
+        .collect();
+    assert_eq!(nodes.len(), 6, "{} Redis nodes", nodes.len());
+    for (name, node) in &nodes {
+        let args = command_of(node);
+        let flag = |f: &str| args.windows(2).find(|w| w[0] == f).map(|w| w[1]);
+        assert_eq!(flag("--cluster-enabled"), Some("yes"), "{name}: {args:?}");
+        assert_eq!(flag("--appendonly"), Some("yes"), "{name}: {args:?}");
+        assert_eq!(
+            flag("--cluster-node-timeout"),
+            Some("5000"),
+            "{name}: {args:?}"
+        );
+        // Clients reach a node at the name it announces: its own service name.
+        assert_eq!(flag("--cluster-announce-hostname"), Some(*name), "{name}");
+        let image = str_of(field(node, "image"), "image");
+        assert!(image.starts_with("redis:7"), "{name}: {image}");
+        let mounts: Vec<&str> = node["volumes"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|v| str_of(v, "volume"))
+            .collect();
+        let conf = mounts
+            .iter()
+            .find_map(|m| m.strip_prefix("../../redis/redis.conf:"))
+            .unwrap_or_else(|| panic!("{name} does not mount redis/redis.conf: {mounts:?}"));
+        assert_eq!(
+            Some(args[1]),
+            conf.strip_suffix(":ro"),
+            "{name} does not start on redis/redis.conf"
+        );
+        assert!(
+            mounts.iter().any(|m| m.ends_with(":/data")) && flag("--dir") == Some("/data"),
+            "{name} keeps its AOF and nodes.conf in no volume: {mounts:?}"
+        );
+    }
+
+    // One service joins them (3 masters, a replica each), once every node is up.
+    let creates: Vec<&(&str, &Yaml)> = services
+        .iter()
+        .filter(|(_, s)| {
+            command_of(s)
+                .join(" ")
+                .contains("redis-cli --cluster create")
+        })
+        .collect();
+    assert_eq!(creates.len(), 1, "one cluster create service");
+    let (create, create_service) = creates[0];
+    let script = command_of(create_service).join(" ");
+    for piece in ["--cluster-replicas 1", "--cluster-yes"] {
+        assert!(script.contains(piece), "{create} lacks {piece}: {script}");
+    }
+    for (name, _) in &nodes {
+        assert_eq!(
+            create_service["depends_on"][*name]["condition"].as_str(),
+            Some("service_healthy"),
+            "{create} does not wait for {name}"
+        );
+        assert!(
+            script.contains("redis-$$n"),
+            "{create} does not join {name}"
+        );
+    }
+
+    // Two replicas of the image, started once the cluster is made.
+    let brokers: Vec<&(&str, &Yaml)> = services
+        .iter()
+        .filter(|(_, s)| command_of(s).first() == Some(&"serve"))
+        .collect();
+    assert!(brokers.len() >= 2, "{} broker services", brokers.len());
+    for (name, b) in &brokers {
+        assert_eq!(
+            str_of(&field(b, "build")["dockerfile"], "dockerfile"),
+            "deploy/Dockerfile"
+        );
+        assert_eq!(str_of(&field(b, "build")["context"], "context"), "../../..");
+        for (needed, condition) in [
+            (*create, "service_completed_successfully"),
+            ("pki", "service_completed_successfully"),
+        ] {
+            assert_eq!(
+                field(b, "depends_on")[needed]["condition"].as_str(),
+                Some(condition),
+                "{name} does not wait for {needed}"
+            );
+        }
+        let mounts: Vec<&str> = field(b, "volumes")
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|v| str_of(v, "volume"))
+            .collect();
+        assert!(
+            mounts.contains(&"./taskcred.toml:/etc/taskcred/taskcred.toml:ro"),
+            "{name}: {mounts:?}"
+        );
+    }
+
+    // Its configuration: the Cluster backend with every node as a seed, replicated writes.
+    let text = read("deploy/compose/cluster/taskcred.toml");
+    let config: toml::Value = toml::from_str(&text).unwrap();
+    let store = &config["store"];
+    assert_eq!(store["backend"].as_str(), Some("redis_cluster"));
+    assert_eq!(store["durability"].as_str(), Some("replicated"));
+    let mut urls: Vec<&str> = store["redis_urls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    urls.sort_unstable();
+    let mut wanted: Vec<String> = nodes
+        .iter()
+        .map(|(name, _)| format!("redis://{name}:6379/"))
+        .collect();
+    wanted.sort();
+    assert_eq!(urls, wanted, "store.redis_urls are not the six nodes");
+    assert_eq!(
+        config["issuer"]["url"].as_str(),
+        Some("http://127.0.0.1:7480"),
+        "issuer.url is replica a's HTTP port"
+    );
+    builds_a_broker(
+        &text,
+        &[
+            ("/var/lib/taskcred/pki/", ""),
+            ("/var/lib/taskcred/pki/policies", "policies"),
+            ("/var/log/taskcred/", ""),
+        ],
+        &[],
+        &[],
+    );
+}
+
+/// The store variables the Kubernetes Redis notes must name: each is a key of `[store]`.
+const STORE_VARIABLES: [&str; 5] = [
+    "TASKCRED_STORE__BACKEND",
+    "TASKCRED_STORE__REDIS_URLS",
+    "TASKCRED_STORE__SENTINEL_URLS",
+    "TASKCRED_STORE__SENTINEL_MASTER",
+    "TASKCRED_STORE__DURABILITY",
+];
+
+/// The `env` lists of the notes' YAML blocks: (variable, literal value or None for a Secret).
+fn env_blocks(notes: &str) -> Vec<Vec<(String, Option<String>)>> {
+    let mut blocks = Vec::new();
+    for block in notes.split("```yaml\n").skip(1) {
+        let block = block.split("```").next().unwrap();
+        let docs = YamlLoader::load_from_str(block)
+            .unwrap_or_else(|e| panic!("a YAML block of redis.md does not parse: {e}\n{block}"));
+        for doc in docs {
+            let Some(env) = doc["env"].as_vec() else {
+                continue;
+            };
+            blocks.push(
+                env.iter()
+                    .map(|e| {
+                        let name = str_of(&e["name"], "env name").to_owned();
+                        let value = e["value"].as_str().map(str::to_owned);
+                        assert!(
+                            value.is_some() || !e["valueFrom"]["secretKeyRef"].is_badvalue(),
+                            "{name}: neither a value nor a Secret"
+                        );
+                        (name, value)
+                    })
+                    .collect(),
+            );
+        }
+    }
+    blocks
+}
+
+/// deploy/kubernetes/redis.md names the store's variables, and the `env:` it shows for the
+/// Cluster and for Sentinel, set on the shipped Kubernetes configuration (Secrets standing in
+/// as placeholder URLs), build a broker: the notes cannot drift from the configuration keys.
+#[test]
+fn the_kubernetes_redis_notes_name_the_store_variables_and_their_env_builds_a_broker() {
+    let notes = read("deploy/kubernetes/redis.md");
+    for var in STORE_VARIABLES {
+        assert!(
+            notes.contains(var),
+            "deploy/kubernetes/redis.md does not name {var}"
+        );
+    }
+    let docs = yaml("deploy/kubernetes/taskcred.yaml");
+    let toml_text = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|m| m["metadata"]["name"].as_str() == Some("taskcred-config"))
+        .map(|m| str_of(&m["data"]["taskcred.toml"], "toml").to_owned())
+        .unwrap();
+    let blocks = env_blocks(&notes);
+    let mut backends = Vec::new();
+    for env in &blocks {
+        let env: Vec<(&str, String)> = env
+            .iter()
+            .map(|(name, value)| {
+                let value = value.clone().unwrap_or_else(|| {
+                    if name.ends_with("_URLS") {
+                        r#"["redis://taskcred:secret@127.0.0.1:1/"]"#.to_owned()
+                    } else if name.ends_with("_URL") {
+                        "redis://taskcred:secret@127.0.0.1:1/0".to_owned()
+                    } else {
+                        panic!("{name} from a Secret: what would it hold?")
+                    }
+                });
+                (name.as_str(), value)
+            })
+            .collect();
+        for (name, _) in &env {
+            assert!(
+                !name.starts_with("TASKCRED_STORE__") || STORE_VARIABLES.contains(name),
+                "redis.md sets {name}, which this test does not know"
+            );
+        }
+        let value_of = |var: &str| env.iter().find(|(n, _)| *n == var).map(|(_, v)| v.as_str());
+        assert_eq!(
+            value_of("TASKCRED_STORE__DURABILITY"),
+            Some("replicated"),
+            "an env of redis.md without durability replicated: {env:?}"
+        );
+        backends.push(value_of("TASKCRED_STORE__BACKEND").unwrap().to_owned());
+        let env: Vec<(&str, &str)> = env.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        builds_a_broker(
+            &toml_text,
+            &[
+                ("/etc/taskcred/tls/", ""),
+                ("/etc/taskcred/signing/", ""),
+                ("/run/taskcred/keys/", ""),
+                ("/etc/taskcred/policies", "policies"),
+                ("/var/log/taskcred/", ""),
+            ],
+            &env,
+            &[],
+        );
+    }
+    backends.sort();
+    assert_eq!(
+        backends,
+        ["redis_cluster", "redis_sentinel"],
+        "redis.md shows an env for the Cluster and one for Sentinel"
     );
 }
 

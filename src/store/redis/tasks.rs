@@ -51,15 +51,19 @@ impl TaskStore for RedisStore {
         let data = encode(task)?;
         // Index entries first (each its own slot): if the create below fails they point nowhere
         // and are skipped.
-        for index in [
-            ALL_TASKS.to_owned(),
-            executor_key(task.executor.as_str()),
-            requester_key(task.requester.as_str()),
-        ] {
-            conn.zadd::<_, _, _, ()>(index, &id, 0)
-                .await
-                .map_err(|e| unavailable(&e))?;
-        }
+        futures_util::future::try_join_all(
+            [
+                ALL_TASKS.to_owned(),
+                executor_key(task.executor.as_str()),
+                requester_key(task.requester.as_str()),
+            ]
+            .map(|index| {
+                let (mut conn, id) = (conn.clone(), &id);
+                async move { conn.zadd::<_, _, _, ()>(index, id, 0).await }
+            }),
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
         let enrolled: Vec<String> = self
             .scripts
             .enrol
