@@ -213,6 +213,7 @@ pub fn register_at_zero() {
         super::REVOCATION_AUDIT_FAILURES,
         super::STORE_RESETS,
         super::revocations::FED,
+        crate::store::redis::FAILOVERS,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -222,6 +223,7 @@ pub fn register_at_zero() {
         AGENTS_LOCKED,
         REAPER_LAG,
         super::revocations::WATCHERS,
+        crate::store::redis::REPLICATION_LAG,
     ] {
         metrics::gauge!(name).set(0.0);
     }

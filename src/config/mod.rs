@@ -404,7 +404,13 @@ pub fn load(
             let key = e.path().to_string();
             // The toml deserializer appends "\nin `key`"; the key is named already.
             let message = e.inner().to_string();
-            let message = message.lines().next().unwrap_or_default().to_owned();
+            let message = message.lines().next().unwrap_or_default();
+            let message = if key.starts_with("store.") {
+                // A store key may hold a URL with its password: its value is never shown.
+                hide_quoted(message)
+            } else {
+                message.to_owned()
+            };
             ConfigError::Key {
                 origin: origin_of(&key),
                 key,
@@ -520,6 +526,19 @@ fn apply_env(
         origins.insert(path.join("."), format!("environment variable {var}"));
     }
     Ok(())
+}
+
+/// `message` with what it quotes (between its first and last `"`, or backticks) left out.
+fn hide_quoted(message: &str) -> String {
+    let mut out = message.to_owned();
+    for q in ['"', '`'] {
+        if let (Some(a), Some(b)) = (out.find(q), out.rfind(q))
+            && a < b
+        {
+            out.replace_range(a..=b, "(value not shown)");
+        }
+    }
+    out
 }
 
 /// The parser's complaint with its line and column, without the source line the parser quotes:

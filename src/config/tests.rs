@@ -170,6 +170,17 @@ fn redis_backends_load_from_the_environment_and_the_flags() {
         &[("TASKCRED_STORE__DURABILITY", "replicated")],
         "store.durability",
     );
+    // A value of the wrong type is not quoted back either (serde would).
+    for (var, value) in [
+        ("TASKCRED_STORE__REDIS_URLS", r#""redis://:secret@h:1/""#),
+        ("TASKCRED_STORE__REDIS_URLS", r#"["redis://:secret@h:1/", "#),
+        ("TASKCRED_STORE__SENTINEL_URLS", "redis://:secret@h:1/"),
+        ("TASKCRED_STORE__REDIS_URL", "[\"redis://:secret@h:1/\"]"),
+    ] {
+        let err = load_env(&[(var, value)]).unwrap_err().to_string();
+        assert!(err.contains("store."), "{err}");
+        assert!(!err.contains("secret"), "{var}={value}: {err}");
+    }
     refused(
         &[
             ("TASKCRED_STORE__BACKEND", "redis"),

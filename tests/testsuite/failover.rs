@@ -279,6 +279,34 @@ async fn issuance_across_a_failover(
         .await
         .unwrap()
         .into_inner();
+    let mut admin = admin_as(b, "operator").await;
+    let state_of = |lease: String| {
+        let mut admin = admin.clone();
+        let task = tasks[0].clone();
+        async move {
+            admin
+                .list_leases(pb::ListLeasesRequest {
+                    task_id: task,
+                    page_size: 500,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .leases
+                .into_iter()
+                .find(|l| l.lease_id == lease)
+                .map(|l| l.state)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(brief.lease_id.clone()).await.as_deref() != Some("expired") {
+        assert!(
+            Instant::now() < deadline,
+            "{label}: the reaper did not expire a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // ...and a lock revokes all of them.
     lock(b).await;
     for r in answered.iter().take(200) {
@@ -289,7 +317,6 @@ async fn issuance_across_a_failover(
         );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut admin = admin_as(b, "operator").await;
     loop {
         let leases = admin
             .list_leases(pb::ListLeasesRequest {
@@ -367,4 +394,41 @@ async fn a_sentinel_primary_fails_over_under_issuance_and_loses_nothing_replicat
     )
     .await;
     b.stop().await;
+}
+
+/// With `replicated` durability a task is filed among its executor's open tasks durably before
+/// it is written (what a later lock marks and ends relies on that entry): when the agent's
+/// shard has no live replica, a task for the agent is refused (UNAVAILABLE), not created with
+/// an entry a failover could lose; with the replica back, tasks are created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_is_not_created_while_its_agents_shard_has_no_replica_replicated() {
+    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let b = Broker::start_with_env(cluster_env(&cluster, "replicated")).await;
+    approved_task(&b, &[], None).await;
+    let open = format!("tc:{{a:{AGENT}}}:open");
+    let any = cluster.masters()[0];
+    let slot: u16 = cluster
+        .cli(any, &["CLUSTER", "KEYSLOT", &open])
+        .trim()
+        .parse()
+        .unwrap();
+    let replica = cluster.replica_of(cluster.master_of_slot(slot));
+    cluster.kill(replica);
+    let refused = crate::common::flows::tasks_as(&b, "requester")
+        .await
+        .request_task(crate::common::flows::task_request_for(AGENT))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart(replica);
+        cluster
+    })
+    .await
+    .unwrap();
+    approved_task(&b, &[], None).await;
+    b.stop().await;
+    drop(cluster);
 }

@@ -21,8 +21,15 @@ use tokio::sync::OnceCell;
 use super::{RESPONSE_TIMEOUT, unavailable};
 use crate::store::StoreError;
 
-/// How often the sentinels are asked which server is the primary.
+/// How often the sentinels are asked which server is the primary (and the primary how far its
+/// best replica is behind).
 pub const SENTINEL_POLL: Duration = Duration::from_millis(500);
+
+/// Counter: primaries the Sentinel topology moved to after the first (failovers seen).
+pub const FAILOVERS: &str = "taskcred_store_failovers_total";
+/// Gauge: bytes of the replication stream the primary's best replica had not acknowledged at
+/// the last check (what an `async` failover would lose now); Sentinel topology.
+pub const REPLICATION_LAG: &str = "taskcred_store_replication_lag_bytes";
 
 /// Where the store's Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +124,10 @@ struct Sentinel {
     current: RwLock<Option<(String, ConnectionManager)>>,
     /// Whether the task that follows the primary runs.
     following: std::sync::atomic::AtomicBool,
+    /// The last [`REPLICATION_LAG`] read.
+    lag: std::sync::atomic::AtomicU64,
+    /// What writes wait for (said when a failover is seen).
+    durability: Durability,
 }
 
 fn bad_url(what: &str, e: &redis::RedisError) -> StoreError {
@@ -172,6 +183,8 @@ impl Links {
                     client: tokio::sync::Mutex::new(client),
                     current: RwLock::new(None),
                     following: std::sync::atomic::AtomicBool::new(false),
+                    lag: std::sync::atomic::AtomicU64::new(0),
+                    durability,
                 }))
             }
         };
@@ -276,12 +289,59 @@ impl Sentinel {
             .map_err(|e| unavailable(&e))?;
         if let Ok(mut current) = self.current.write() {
             if current.as_ref().is_some_and(|(known, _)| known != &addr) {
-                tracing::warn!(primary = %addr, "redis sentinel: the primary changed; writes go to the new one");
+                metrics::counter!(FAILOVERS).increment(1);
+                let lag = self.lag.load(std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    primary = %addr,
+                    replication_lag_bytes = lag,
+                    durability = ?self.durability,
+                    "redis sentinel: the primary changed (a failover); writes go to the new one. \
+                     With durability async the writes the new primary had not received are lost \
+                     (its replica was this many bytes behind at the last check): re-apply recent \
+                     locks; with replicated nothing acknowledged is lost"
+                );
             }
             *current = Some((addr, conn.clone()));
         }
         Ok(conn)
     }
+
+    /// Reads how far the primary's best replica is behind (`INFO replication`: the primary's
+    /// offset less the largest replica offset) into [`REPLICATION_LAG`].
+    async fn sample_lag(&self) {
+        let Some((_, mut conn)) = self.current.read().ok().and_then(|c| c.clone()) else {
+            return;
+        };
+        let info: Result<String, _> = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await;
+        if let Some(lag) = info.ok().as_deref().and_then(replication_lag) {
+            self.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
+            #[allow(clippy::cast_precision_loss)]
+            metrics::gauge!(REPLICATION_LAG).set(lag as f64);
+        }
+    }
+}
+
+/// The bytes a primary's best replica is behind, from `INFO replication` text; `None` without
+/// a replica (then everything would be lost: reported as the whole offset).
+fn replication_lag(info: &str) -> Option<u64> {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split(',')
+            .find_map(|kv| kv.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let master: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let best = info
+        .lines()
+        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+        .filter_map(|l| field(l.split_once(':')?.1, "offset="))
+        .max();
+    Some(master.saturating_sub(best.unwrap_or(0)))
 }
 
 /// Follows the sentinels' primary while the store lives.
@@ -289,8 +349,29 @@ async fn follow(sentinel: Weak<Sentinel>) {
     loop {
         tokio::time::sleep(SENTINEL_POLL).await;
         let Some(s) = sentinel.upgrade() else { return };
-        if let Err(e) = s.refresh().await {
-            tracing::debug!(error = %e, "redis sentinel: no primary known yet");
+        match s.refresh().await {
+            Ok(_) => s.sample_lag().await,
+            Err(e) => tracing::debug!(error = %e, "redis sentinel: no primary known yet"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replication_lag;
+
+    /// The best online replica's offset counts; a primary without one has nothing safe.
+    #[test]
+    fn replication_lag_is_read_from_info() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+            slave0:ip=127.0.0.1,port=7001,state=online,offset=900,lag=0\r\n\
+            slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=1000,lag=0\r\n\
+            master_repl_offset:1000\r\n";
+        assert_eq!(replication_lag(info), Some(100));
+        assert_eq!(
+            replication_lag("role:master\r\nmaster_repl_offset:42\r\n"),
+            Some(42)
+        );
+        assert_eq!(replication_lag("role:slave\r\n"), None);
     }
 }

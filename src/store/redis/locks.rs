@@ -62,6 +62,8 @@ impl LockStore for RedisStore {
         conn.sadd::<_, _, i64>(LOCKS, agent)
             .await
             .map_err(|e| write_failed(&e))?;
+        // What the reaper finds unfinished sweeps by: it must survive a failover as the lock.
+        self.settle(&mut conn, LOCKS).await?;
         let in_force: String = self
             .scripts
             .lock

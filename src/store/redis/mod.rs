@@ -28,7 +28,7 @@ mod tasks;
 
 use std::time::Duration;
 
-pub use self::link::{Durability, Topology};
+pub use self::link::{Durability, FAILOVERS, REPLICATION_LAG, Topology};
 use self::link::{Link, Links};
 use self::scripts::Scripts;
 use super::StoreError;

@@ -74,7 +74,13 @@ impl TaskStore for RedisStore {
             .await
             .map_err(|e| write_failed(&e))?;
         let enrolled_ms = match enrolled.as_slice() {
-            [ok, ms] if ok == "ok" => ms.clone(),
+            [ok, ms] if ok == "ok" => {
+                // The lock's argument rests on this entry (locks.rs): it must survive a
+                // failover as the task does.
+                self.settle(&mut conn, &open_key(task.executor.as_str()))
+                    .await?;
+                ms.clone()
+            }
             [locked, lock] if locked == "locked" => {
                 return Err(StoreError::Locked(lock_reason(Some(lock))));
             }
@@ -447,6 +453,7 @@ impl RedisStore {
                 ));
             };
             if !pairs.is_empty() {
+                self.settle(conn, &task_key(&key)).await?;
                 let agent = std::str::from_utf8(agent)
                     .map_err(|_| StoreError::Corrupt("end of task chunk: executor".into()))?;
                 revoked.extend(chunk_leases(*id, &parse_agent(agent)?, pairs)?);
