@@ -14,7 +14,7 @@ use tonic::Code;
 
 use crate::common::Broker;
 use crate::common::flows::{
-    AGENT, admin_as, approved_task, creds_as, introspect, secs, token_request,
+    AGENT, admin_as, approved_task, creds_as, introspect, lock, secs, token_request, unlock,
 };
 use crate::common::topology::{RedisCluster, RedisSentinel};
 
@@ -64,30 +64,6 @@ fn sentinel_env(sentinel: &RedisSentinel, durability: &str) -> Vec<(String, Stri
         ],
         durability,
     )
-}
-
-async fn lock(b: &Broker) -> pb::LockAgentResponse {
-    admin_as(b, "operator")
-        .await
-        .lock_agent(pb::LockAgentRequest {
-            agent: AGENT.into(),
-            reason: "race".into(),
-            duration: None,
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn unlock(b: &Broker) {
-    admin_as(b, "operator")
-        .await
-        .unlock_agent(pb::UnlockAgentRequest {
-            agent: AGENT.into(),
-        })
-        .await
-        .unwrap();
 }
 
 /// `n` approved tasks of the demo agent (ids are random: they fall in many buckets).
@@ -155,7 +131,7 @@ async fn no_credential_is_issued_after_a_lock_returns_on_a_cluster() {
         let stop = Arc::new(AtomicBool::new(false));
         let hammering = hammer(clients.clone(), tasks, 8, Arc::clone(&stop));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let locked = lock(if round % 2 == 0 { &b } else { &a }).await;
+        let locked = lock(if round % 2 == 0 { &b } else { &a }, "race").await;
         let returned = Instant::now();
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.store(true, Ordering::Relaxed);
@@ -308,7 +284,7 @@ async fn issuance_across_a_failover(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // ...and a lock revokes all of them.
-    lock(b).await;
+    lock(b, "failover").await;
     for r in answered.iter().take(200) {
         assert!(
             !introspect(b, &r.token).await.active,

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::flows::{AGENT, admin_as, approved_task, creds_as, introspect, issue_as_agent};
+use crate::common::flows::{
+    AGENT, approved_task, creds_as, introspect, issue_as_agent, lock, unlock,
+};
 use crate::common::{Broker, RedisServer, ServeProcess, redis_env, run_as};
 use taskcred::api::pb;
 use taskcred::api::pb::revocation_event::Event;
@@ -65,30 +67,6 @@ async fn revoke_lease(b: &Broker, lease: &str) {
         .await
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: lease.into(),
-        })
-        .await
-        .unwrap();
-}
-
-async fn lock(b: &Broker, reason: &str) -> pb::LockAgentResponse {
-    admin_as(b, "operator")
-        .await
-        .lock_agent(pb::LockAgentRequest {
-            agent: AGENT.into(),
-            reason: reason.into(),
-            duration: None,
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn unlock(b: &Broker) {
-    admin_as(b, "operator")
-        .await
-        .unlock_agent(pb::UnlockAgentRequest {
-            agent: AGENT.into(),
         })
         .await
         .unwrap();

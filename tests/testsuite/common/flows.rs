@@ -181,3 +181,29 @@ pub fn header_of(token: &str) -> serde_json::Value {
     )
     .unwrap()
 }
+
+/// Locks the demo agent as the operator, for `reason`, with no end.
+pub async fn lock(b: &Broker, reason: &str) -> pb::LockAgentResponse {
+    admin_as(b, "operator")
+        .await
+        .lock_agent(pb::LockAgentRequest {
+            agent: AGENT.into(),
+            reason: reason.into(),
+            duration: None,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Lifts the demo agent's lock as the operator.
+pub async fn unlock(b: &Broker) {
+    admin_as(b, "operator")
+        .await
+        .unlock_agent(pb::UnlockAgentRequest {
+            agent: AGENT.into(),
+        })
+        .await
+        .unwrap();
+}
