@@ -396,9 +396,9 @@ impl App {
             .required(config.audit.required)
             .fsync(config.audit.fsync);
         let mut audit_stream = None;
-        if let (true, Some(url)) = (config.audit.redis_stream, &config.store.redis_url) {
+        if let (true, Some(redis)) = (config.audit.redis_stream, config.store.stream_redis()) {
             let (writer, queue) =
-                crate::audit::stream::StreamWriter::new(url, config.audit.redis_stream_max_len)
+                crate::audit::stream::StreamWriter::new(&redis, config.audit.redis_stream_max_len)
                     .map_err(|e| AppError::Store(crate::store::StoreError::Unavailable(e)))?;
             audit = audit.with_stream(queue);
             audit_stream = Some(writer);

@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use crate::store::redis::Topology;
+use crate::store::redis::link::{Link, Links};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -76,7 +77,7 @@ pub(super) fn failed(error: &str) {
 
 /// Writes queued events to the stream until `shutdown`, then for at most a few seconds more.
 pub struct StreamWriter {
-    client: redis::Client,
+    links: Links,
     rx: mpsc::Receiver<Vec<u8>>,
     max_len: u64,
     /// This process's key for its last applied batch (`tc:{audit}:writer:<random id>`).
@@ -91,17 +92,18 @@ impl std::fmt::Debug for StreamWriter {
 }
 
 impl StreamWriter {
-    /// A writer to the Redis at `url` and the queue that feeds it.
+    /// A writer to the Redis of `topology` (one server, Sentinel or a Cluster: the stream's
+    /// keys share one slot) and the queue that feeds it.
     ///
     /// # Errors
-    /// When the URL does not parse (the error names its kind, never the URL).
-    pub fn new(url: &str, max_len: u64) -> Result<(Self, StreamQueue), String> {
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("redis URL does not parse ({:?})", e.kind()))?;
+    /// When a URL does not parse (the error names its kind, never the URL).
+    pub fn new(topology: &Topology, max_len: u64) -> Result<(Self, StreamQueue), String> {
+        let links = Links::new(topology, crate::store::redis::Durability::Async)
+            .map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel(QUEUE);
         Ok((
             Self {
-                client,
+                links,
                 rx,
                 max_len,
                 writer_key: format!("tc:{{audit}}:writer:{}", uuid::Uuid::now_v7().simple()),
@@ -113,7 +115,7 @@ impl StreamWriter {
     /// Runs until `shutdown` is cancelled and the queue is written (or [`DRAIN`] has passed).
     pub async fn run(mut self, shutdown: CancellationToken) {
         let script = redis::Script::new(APPEND);
-        let mut conn: Option<ConnectionManager> = None;
+        let mut conn: Option<Link> = None;
         let mut head = GENESIS.to_owned();
         // Batches this writer has applied: the next one is `seq + 1`.
         let mut seq = 0u64;
@@ -171,24 +173,16 @@ impl StreamWriter {
     async fn append(
         &self,
         script: &redis::Script,
-        conn: &mut Option<ConnectionManager>,
+        conn: &mut Option<Link>,
         head: &mut String,
         batch: &[Vec<u8>],
         seq: u64,
     ) -> redis::RedisResult<()> {
         let c = match conn {
             Some(c) => c,
-            None => {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(5)))
-                    .set_number_of_retries(1);
-                conn.insert(
-                    self.client
-                        .get_connection_manager_with_config(config)
-                        .await?,
-                )
-            }
+            None => conn.insert(self.links.get().await.map_err(|e| {
+                redis::RedisError::from((redis::ErrorKind::Io, "audit stream", e.to_string()))
+            })?),
         };
         // Each try reads the head another replica left; contention ends as soon as one batch
         // lands, so a few tries suffice.
@@ -225,20 +219,18 @@ impl StreamWriter {
     }
 }
 
-/// Reads the whole stream at `url`, oldest first, calling `line` with each line.
+/// Reads the whole stream in the Redis of `topology`, oldest first, calling `line` with each
+/// line.
 ///
 /// # Errors
 /// When Redis cannot be reached or an entry has no `line` field.
 pub async fn export(
-    url: &str,
+    topology: &Topology,
     mut line: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> Result<u64, String> {
-    let client = redis::Client::open(url)
-        .map_err(|e| format!("redis URL does not parse ({:?})", e.kind()))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
+    let links =
+        Links::new(topology, crate::store::redis::Durability::Async).map_err(|e| e.to_string())?;
+    let mut conn = links.get().await.map_err(|e| e.to_string())?;
     let mut after = "-".to_owned();
     let mut n = 0u64;
     loop {

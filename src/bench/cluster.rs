@@ -363,11 +363,15 @@ async fn failover(
     }
     let tasks = Arc::new(tasks);
     let stop = Arc::new(AtomicBool::new(false));
+    // Set once the kill is under way; then each task that issues again sets its bit.
+    let killing = Arc::new(AtomicBool::new(false));
+    let back = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let channel = b.channel(Some("agent")).await?;
     type Attempt = (Instant, usize, Option<String>);
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..16 {
         let (tasks, stop, channel) = (Arc::clone(&tasks), Arc::clone(&stop), channel.clone());
+        let (killing, back) = (Arc::clone(&killing), Arc::clone(&back));
         workers.spawn(async move {
             let mut c = CredentialServiceClient::new(channel);
             let mut seen: Vec<Attempt> = Vec::new();
@@ -376,8 +380,14 @@ async fn failover(
                 let t = i % tasks.len();
                 i += 1;
                 let sent = Instant::now();
+                let after_kill = killing.load(Ordering::Relaxed);
                 match c.issue_token(token_request(&tasks[t])).await {
-                    Ok(r) => seen.push((sent, t, Some(r.into_inner().token))),
+                    Ok(r) => {
+                        if after_kill {
+                            back.fetch_or(1 << t, Ordering::Relaxed);
+                        }
+                        seen.push((sent, t, Some(r.into_inner().token)));
+                    }
                     Err(_) => {
                         seen.push((sent, t, None));
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -390,9 +400,11 @@ async fn failover(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (killed, promoted) = {
         let cluster = Arc::clone(cluster);
+        let killing = Arc::clone(&killing);
         tokio::task::spawn_blocking(move || {
             let mut c = cluster.lock().map_err(|e| e.to_string())?;
             let victim = *c.masters().first().ok_or("no master")?;
+            killing.store(true, Ordering::Relaxed);
             let killed = Instant::now();
             let promoted = c.kill_and_fail_over(victim)?;
             c.restart(victim)?;
@@ -401,11 +413,14 @@ async fn failover(
         .await
         .map_err(|e| e.to_string())??
     };
-    // Load goes on 6 s past the promotion (issuance resumes within that on every task).
-    tokio::time::sleep(
-        (promoted + Duration::from_secs(6)).saturating_duration_since(Instant::now()),
-    )
-    .await;
+    // Load goes on until every task issued again (and a second more), or 20 s past the
+    // promotion.
+    let all = (1u64 << tasks.len()) - 1;
+    while back.load(Ordering::Relaxed) != all && Instant::now() < promoted + Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let attempts: Vec<Attempt> = workers.join_all().await.into_iter().flatten().collect();
     let mut resumed: HashMap<usize, Instant> = HashMap::new();
@@ -440,15 +455,25 @@ async fn failover(
         .unwrap_or_default();
     let mut c = CredentialServiceClient::new(channel);
     let mut lost = 0usize;
+    let settled = Instant::now() + Duration::from_secs(30);
     for token in &answered {
-        let r = c
-            .introspect(pb::IntrospectRequest {
-                token: token.clone(),
-                certificate: Vec::new(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        if !r.get_ref().active {
+        // The store may still be settling (a node rejoining): UNAVAILABLE is asked again.
+        let active = loop {
+            match c
+                .introspect(pb::IntrospectRequest {
+                    token: token.clone(),
+                    certificate: Vec::new(),
+                })
+                .await
+            {
+                Ok(r) => break r.get_ref().active,
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < settled => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(s) => return Err(format!("Introspect after the failover: {s}")),
+            }
+        };
+        if !active {
             lost += 1;
         }
     }

@@ -21,9 +21,16 @@ pub enum AuditCommand {
     /// Print the shared audit stream (`audit.redis_stream`) as JSON lines, oldest first; pipe
     /// it to `taskcred audit verify -` to check the chain of all replicas' events.
     Export {
-        /// The store's Redis URL.
-        #[arg(long, env = "TASKCRED_STORE__REDIS_URL")]
-        redis_url: String,
+        /// The store's Redis URL (one server).
+        #[arg(
+            long,
+            env = "TASKCRED_STORE__REDIS_URL",
+            required_unless_present = "redis_cluster"
+        )]
+        redis_url: Option<String>,
+        /// The store's Redis Cluster: seed node URLs, comma-separated.
+        #[arg(long, value_name = "URL,URL", conflicts_with = "redis_url")]
+        redis_cluster: Option<String>,
     },
 }
 
@@ -31,14 +38,29 @@ pub enum AuditCommand {
 pub async fn run(args: &ClientArgs, command: &AuditCommand) -> ExitCode {
     match command {
         AuditCommand::Verify { file } => verify(args, file),
-        AuditCommand::Export { redis_url } => export(redis_url).await,
+        AuditCommand::Export {
+            redis_url,
+            redis_cluster,
+        } => {
+            let topology = match (redis_cluster, redis_url) {
+                (Some(urls), _) => crate::store::redis::Topology::Cluster(
+                    urls.split(',').map(|u| u.trim().to_owned()).collect(),
+                ),
+                (None, Some(url)) => crate::store::redis::Topology::Single(url.clone()),
+                (None, None) => {
+                    crate::errln!("error: audit export: give --redis-url or --redis-cluster");
+                    return ExitCode::from(2);
+                }
+            };
+            export(&topology).await
+        }
     }
 }
 
-async fn export(url: &str) -> ExitCode {
+async fn export(topology: &crate::store::redis::Topology) -> ExitCode {
     use std::io::Write as _;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let written = crate::audit::stream::export(url, |line| {
+    let written = crate::audit::stream::export(topology, |line| {
         out.write_all(line)?;
         out.write_all(b"\n")
     })

@@ -255,6 +255,18 @@ pub struct StoreConfig {
     pub durability: crate::store::redis::Durability,
 }
 
+impl StoreConfig {
+    /// The Redis the shared audit stream lives in: the store's (any Redis backend), or the
+    /// server `store.redis_url` names beside the embedded store.
+    pub fn stream_redis(&self) -> Option<crate::store::redis::Topology> {
+        self.topology.clone().or_else(|| {
+            self.redis_url
+                .clone()
+                .map(crate::store::redis::Topology::Single)
+        })
+    }
+}
+
 /// Lifetimes.
 #[derive(Debug, Clone)]
 pub struct TtlConfig {

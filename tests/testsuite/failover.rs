@@ -408,3 +408,52 @@ async fn a_task_is_not_created_while_its_agents_shard_has_no_replica_replicated(
     b.stop().await;
     drop(cluster);
 }
+
+/// The shared audit stream on a Cluster: two replicas write one chained stream into it (its
+/// keys share a slot), and `audit export --redis-cluster` reads it back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_write_one_chained_audit_stream_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let mut env = cluster_env(&cluster, "async");
+    env.push(("TASKCRED_AUDIT__REDIS_STREAM".into(), "true".into()));
+    let a = Broker::start_with_env(env.clone()).await;
+    let b_file = a.path("audit-b.jsonl");
+    env.push((
+        "TASKCRED_AUDIT__PATH".into(),
+        b_file.to_str().unwrap().into(),
+    ));
+    let b = a.replica(env).await;
+    let task = approved_task(&a, &[], None).await;
+    for (broker, n) in [(&a, 10), (&b, 10)] {
+        let mut agent = creds_as(broker, "agent").await;
+        for _ in 0..n {
+            agent
+                .issue_token(token_request(&task.id, "db.staging"))
+                .await
+                .unwrap();
+        }
+    }
+    b.stop().await;
+    let dir = a.stop().await;
+    let lines = |path: &std::path::Path| {
+        std::fs::read(path)
+            .unwrap()
+            .iter()
+            .filter(|c| **c == b'\n')
+            .count()
+    };
+    let in_files = lines(&dir.path().join("audit.jsonl")) + lines(&b_file);
+    let urls = cluster.urls().join(",");
+    let (code, out, err) = crate::common::run(&["audit", "export", "--redis-cluster", &urls]);
+    assert_eq!(code, 0, "{err}");
+    let exported = dir.path().join("stream.jsonl");
+    std::fs::write(&exported, &out).unwrap();
+    let (code, report, _) =
+        crate::common::run(&["--json", "audit", "verify", exported.to_str().unwrap()]);
+    assert_eq!(code, 0, "{report}");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["intact"], true);
+    assert_eq!(report["lines"], in_files, "{report}");
+}

@@ -49,10 +49,11 @@ fn yes() -> bool {
 impl RawAudit {
     /// The Redis stream needs the store's Redis: checked as soon as the store is.
     pub(super) fn check_stream(&self, store: &StoreConfig) -> Result<(), CheckError> {
-        if self.redis_stream && store.redis_url.is_none() {
+        if self.redis_stream && store.stream_redis().is_none() {
             return Err((
                 "audit.redis_stream",
-                "needs store.redis_url (the stream lives in the store's Redis)".into(),
+                "needs a Redis store or store.redis_url (the stream lives in the store's Redis)"
+                    .into(),
             ));
         }
         Ok(())

@@ -64,7 +64,7 @@ pub enum Durability {
 
 /// A connection of any topology, as redis-rs commands and scripts take it.
 #[derive(Clone)]
-pub(super) enum Link {
+pub(crate) enum Link {
     /// One server, or the current Sentinel primary.
     Server(ConnectionManager),
     /// A Redis Cluster.
@@ -100,7 +100,7 @@ impl ConnectionLike for Link {
 }
 
 /// The store's connections: made on first use, shared by every call.
-pub(super) struct Links {
+pub(crate) struct Links {
     kind: Kind,
     durability: Durability,
 }
@@ -145,7 +145,7 @@ fn manager_config() -> ConnectionManagerConfig {
 
 impl Links {
     /// Connections for `topology`; nothing is connected yet.
-    pub(super) fn new(topology: &Topology, durability: Durability) -> Result<Self, StoreError> {
+    pub(crate) fn new(topology: &Topology, durability: Durability) -> Result<Self, StoreError> {
         let kind = match topology {
             Topology::Single(url) => Kind::Server {
                 client: redis::Client::open(url.as_str())
@@ -192,7 +192,7 @@ impl Links {
     }
 
     /// A connection (made now if there is none yet).
-    pub(super) async fn get(&self) -> Result<Link, StoreError> {
+    pub(crate) async fn get(&self) -> Result<Link, StoreError> {
         match &self.kind {
             Kind::Server { client, conn } => conn
                 .get_or_try_init(|| async {

@@ -19,7 +19,7 @@ mod codec;
 mod expiry;
 mod keys;
 mod leases;
-mod link;
+pub(crate) mod link;
 mod locks;
 mod log;
 mod meta;
