@@ -437,14 +437,8 @@ async fn replicas_write_one_chained_audit_stream_on_a_cluster() {
     }
     b.stop().await;
     let dir = a.stop().await;
-    let lines = |path: &std::path::Path| {
-        std::fs::read(path)
-            .unwrap()
-            .iter()
-            .filter(|c| **c == b'\n')
-            .count()
-    };
-    let in_files = lines(&dir.path().join("audit.jsonl")) + lines(&b_file);
+    let in_files = crate::common::line_count(&dir.path().join("audit.jsonl"))
+        + crate::common::line_count(&b_file);
     let urls = cluster.urls().join(",");
     let (code, out, err) = crate::common::run(&["audit", "export", "--redis-cluster", &urls]);
     assert_eq!(code, 0, "{err}");

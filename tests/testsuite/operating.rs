@@ -266,14 +266,8 @@ async fn replicas_write_one_chained_audit_stream() {
     );
     b.stop().await;
     let dir = a.stop().await;
-    let count = |path: &std::path::Path| {
-        std::fs::read(path)
-            .unwrap()
-            .iter()
-            .filter(|c| **c == b'\n')
-            .count()
-    };
-    let in_files = count(&dir.path().join("audit.jsonl")) + count(&b_file);
+    let in_files = crate::common::line_count(&dir.path().join("audit.jsonl"))
+        + crate::common::line_count(&b_file);
     assert!(in_files >= 50, "{in_files}");
 
     let (code, out, err) = crate::common::run(&["audit", "export", "--redis-url", &url]);

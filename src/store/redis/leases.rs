@@ -318,7 +318,7 @@ impl RedisStore {
             .await
             .map_err(|e| unavailable(&e))?;
         match lock {
-            Some(l) => Err(IssueError::Locked(super::tasks::lock_reason(Some(&l)))),
+            Some(l) => Err(IssueError::Locked(super::locks::reason_of(&l))),
             None => Ok(()),
         }
     }
@@ -326,8 +326,7 @@ impl RedisStore {
     /// The refusal of an issuance or renewal that found the agent locked, with the lock's
     /// reason (read after: empty when the lock went meanwhile).
     async fn locked(&self, conn: &mut Link, agent: &WorkloadId) -> IssueError {
-        let lock: Option<String> = conn.get(lock_key(agent)).await.unwrap_or(None);
-        IssueError::Locked(super::tasks::lock_reason(lock.as_ref()))
+        IssueError::Locked(self.lock_reason(conn, agent).await)
     }
 
     /// Reads the lease of `task` with `suffix` (or, with an empty suffix, holding the

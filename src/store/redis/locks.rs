@@ -32,8 +32,8 @@ use redis::AsyncCommands as _;
 
 use super::codec::ns_bytes;
 use super::keys::{
-    BUCKETS, LOCKS, bucket_of, creds_key, deadlines_key, expiry_key, leases_key, lock_key,
-    lock_key_of, log_key, open_key, sweep_key, task_key,
+    LOCKS, bucket_of, creds_key, deadlines_key, expiry_key, leases_key, lock_key, lock_key_of,
+    log_key, open_key, sweep_key, task_key,
 };
 use super::leases::chunk_leases;
 use super::link::Link;
@@ -245,6 +245,13 @@ impl LockStore for RedisStore {
 }
 
 impl RedisStore {
+    /// The reason of `agent`'s lock, read now (empty when it went meanwhile or cannot be read):
+    /// what a refusal because of the lock says.
+    pub(super) async fn lock_reason(&self, conn: &mut Link, agent: &WorkloadId) -> String {
+        let lock: Option<String> = conn.get(lock_key(agent)).await.unwrap_or(None);
+        lock.as_deref().map(reason_of).unwrap_or_default()
+    }
+
     /// Marks every task of set `set` (scanned whole) with the lock's end `end`, bucket by
     /// bucket, [`MARK_BATCH`] tasks per script.
     async fn mark_members(&self, conn: &mut Link, set: &str, end: &str) -> Result<(), StoreError> {
@@ -286,8 +293,15 @@ fn by_bucket(ids: &[String]) -> BTreeMap<usize, Vec<String>> {
     for id in ids.iter().filter(|id| TaskId::parse(id).is_ok()) {
         out.entry(bucket_of(id)).or_default().push(id.clone());
     }
-    debug_assert!(out.keys().all(|b| *b < BUCKETS));
     out
+}
+
+/// The reason of a lock as the store holds it (the JSON of a [`Lock`]); empty if it does not
+/// decode.
+pub(super) fn reason_of(json: &str) -> String {
+    serde_json::from_str::<Lock>(json)
+        .map(|l| l.reason)
+        .unwrap_or_default()
 }
 
 /// The task ids among script answer items.

@@ -82,7 +82,7 @@ impl TaskStore for RedisStore {
                 ms.clone()
             }
             [locked, lock] if locked == "locked" => {
-                return Err(StoreError::Locked(lock_reason(Some(lock))));
+                return Err(StoreError::Locked(super::locks::reason_of(lock)));
             }
             _ => return Err(StoreError::Corrupt("task enrolment: bad answer".into())),
         };
@@ -103,13 +103,9 @@ impl TaskStore for RedisStore {
         match created {
             1 => self.settle(&mut conn, &task_key(&id)).await,
             0 => Err(StoreError::Exists(task.id)),
-            -2 => {
-                let lock: Option<String> = conn
-                    .get(lock_key(&task.executor))
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                Err(StoreError::Locked(lock_reason(lock.as_ref())))
-            }
+            -2 => Err(StoreError::Locked(
+                self.lock_reason(&mut conn, &task.executor).await,
+            )),
             _ => Err(StoreError::Unavailable(format!(
                 "task {id}: written too long after it was filed; retry"
             ))),
@@ -471,11 +467,4 @@ fn next_version(key: &str, version: &str) -> Result<u64, StoreError> {
         .parse::<u64>()
         .map(|v| v + 1)
         .map_err(|_| StoreError::Corrupt(format!("task {key}: bad version")))
-}
-
-/// The reason of a lock as the store holds it (JSON), or none.
-pub(super) fn lock_reason(lock: Option<&String>) -> String {
-    lock.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .and_then(|v| v["reason"].as_str().map(str::to_owned))
-        .unwrap_or_default()
 }

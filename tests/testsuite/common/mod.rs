@@ -664,3 +664,12 @@ pub fn config_check_json(path: &Path) -> serde_json::Value {
     assert_eq!(found["ok"], true);
     found
 }
+
+/// The lines of the file at `path` (an audit log).
+pub fn line_count(path: &std::path::Path) -> usize {
+    std::fs::read(path)
+        .unwrap()
+        .iter()
+        .filter(|c| **c == b'\n')
+        .count()
+}
